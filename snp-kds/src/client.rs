@@ -1,0 +1,220 @@
+//! AMD Key Distribution Service client with a persistent cache and one fetch per concurrent miss.
+
+use crate::store::OfflineStore;
+use snp::kds::{crl_path, vcek_path};
+use snp::{Crl, Product, Tcb};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// Why a certificate or CRL could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KdsError {
+    #[error("key server {url} answered HTTP {status}")]
+    Http { url: String, status: u16 },
+    #[error("key server {url} still rate-limits (HTTP 429) after {attempts} attempts")]
+    RateLimited { url: String, attempts: u32 },
+    #[error("cannot reach key server {url}: {why}")]
+    Network { url: String, why: String },
+    #[error("key server {url} sent {len} bytes, more than {max}")]
+    TooLarge { url: String, len: usize, max: usize },
+    #[error("cache: {0}")]
+    Cache(String),
+    #[error("key server sent an unusable CRL: {0}")]
+    BadCrl(String),
+}
+
+/// Retry schedule for HTTP 429 and transient failures. AMD's server allows about one VCEK per
+/// 10 s per address, so the defaults wait long enough to get through.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+    pub attempts: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            first: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+            attempts: 6,
+        }
+    }
+}
+
+const MAX_BODY: usize = 4 << 20;
+
+type Flight = Arc<OnceCell<Result<Vec<u8>, KdsError>>>;
+
+/// A client for AMD's key server (or a mirror), caching everything it fetches on disk.
+pub struct KdsClient {
+    base: String,
+    http: reqwest::Client,
+    cache: OfflineStore,
+    backoff: Backoff,
+    inflight: Mutex<HashMap<String, Flight>>,
+}
+
+impl KdsClient {
+    /// `base`: e.g. [`snp::kds::AMD_KDS_URL`] or a local mirror; `cache_dir`: persistent cache.
+    pub fn new(
+        base: &str,
+        cache_dir: impl Into<std::path::PathBuf>,
+        backoff: Backoff,
+    ) -> Result<KdsClient, KdsError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("attesta/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| KdsError::Network {
+                url: base.to_string(),
+                why: e.to_string(),
+            })?;
+        Ok(KdsClient {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            cache: OfflineStore::new(cache_dir),
+            backoff,
+            inflight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn cache(&self) -> &OfflineStore {
+        &self.cache
+    }
+
+    /// The VCEK for a chip at a TCB: from the cache, else fetched once and cached.
+    pub async fn vcek(
+        &self,
+        product: Product,
+        chip_id: &[u8; 64],
+        tcb: &Tcb,
+    ) -> Result<Vec<u8>, KdsError> {
+        if let Some((_, der)) = self
+            .cache
+            .lookup(product, chip_id, tcb)
+            .map_err(|e| KdsError::Cache(e.to_string()))?
+        {
+            return Ok(der);
+        }
+        let url = format!("{}{}", self.base, vcek_path(product, chip_id, tcb));
+        let der = self.fetch_once(&url).await?;
+        self.cache
+            .put(product, chip_id, tcb, &der)
+            .map_err(|e| KdsError::Cache(e.to_string()))?;
+        Ok(der)
+    }
+
+    /// The product's CRL: the cached one while it is current at `now` (Unix seconds), else a
+    /// fresh fetch (cached until its nextUpdate). The verifier checks its signature.
+    pub async fn crl(&self, product: Product, now: u64) -> Result<Vec<u8>, KdsError> {
+        if let Some(bytes) = self
+            .cache
+            .crl(product)
+            .map_err(|e| KdsError::Cache(e.to_string()))?
+            && Crl::from_der_or_pem(&bytes).is_ok_and(|c| c.fresh_at(now))
+        {
+            return Ok(bytes);
+        }
+        let url = format!("{}{}", self.base, crl_path(product));
+        let der = self.fetch_once(&url).await?;
+        Crl::from_der_or_pem(&der).map_err(|e| KdsError::BadCrl(e.to_string()))?;
+        self.cache
+            .put_crl(product, &der)
+            .map_err(|e| KdsError::Cache(e.to_string()))?;
+        Ok(der)
+    }
+
+    /// Concurrent requests for the same URL share one fetch.
+    async fn fetch_once(&self, url: &str) -> Result<Vec<u8>, KdsError> {
+        let cell = {
+            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(url.to_string()).or_default().clone()
+        };
+        let out = cell
+            .get_or_init(|| self.fetch_with_backoff(url))
+            .await
+            .clone();
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(url).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            map.remove(url);
+        }
+        out
+    }
+
+    async fn fetch_with_backoff(&self, url: &str) -> Result<Vec<u8>, KdsError> {
+        let mut delay = self.backoff.first;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let retry_after = match self.http.get(url).send().await {
+                Err(e) => {
+                    if attempt >= self.backoff.attempts {
+                        return Err(KdsError::Network {
+                            url: url.to_string(),
+                            why: e.to_string(),
+                        });
+                    }
+                    None
+                }
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    match status {
+                        200 => {
+                            let body = resp.bytes().await.map_err(|e| KdsError::Network {
+                                url: url.to_string(),
+                                why: e.to_string(),
+                            })?;
+                            if body.len() > MAX_BODY {
+                                return Err(KdsError::TooLarge {
+                                    url: url.to_string(),
+                                    len: body.len(),
+                                    max: MAX_BODY,
+                                });
+                            }
+                            return Ok(body.to_vec());
+                        }
+                        429 | 500..=599 => {
+                            if attempt >= self.backoff.attempts {
+                                return Err(if status == 429 {
+                                    KdsError::RateLimited {
+                                        url: url.to_string(),
+                                        attempts: attempt,
+                                    }
+                                } else {
+                                    KdsError::Http {
+                                        url: url.to_string(),
+                                        status,
+                                    }
+                                });
+                            }
+                            resp.headers()
+                                .get(reqwest::header::RETRY_AFTER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|s| s.trim().parse::<u64>().ok())
+                                .map(Duration::from_secs)
+                        }
+                        _ => {
+                            return Err(KdsError::Http {
+                                url: url.to_string(),
+                                status,
+                            });
+                        }
+                    }
+                }
+            };
+            let wait = retry_after.unwrap_or(delay).min(self.backoff.max);
+            tracing::warn!(
+                url,
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                "key server busy or unreachable; backing off"
+            );
+            tokio::time::sleep(wait).await;
+            delay = (delay * 2).min(self.backoff.max);
+        }
+    }
+}
