@@ -1,0 +1,12 @@
+//! # simulator — a software SEV-SNP
+//!
+//! The one stand-in of the system: it replaces AMD's hardware and key server, nothing else.
+//! Its certificates follow AMD's profile (names, RSASSA-PSS parameters, extensions) and its
+//! reports are byte-exact in AMD's layout, so what passes here passes the same code on hardware.
+//! The only difference is the root of trust, which verifiers accept only when configured to.
+#![forbid(unsafe_code)]
+
+pub mod der;
+pub mod pki;
+
+pub use pki::{Pki, SimError, Vcek};
