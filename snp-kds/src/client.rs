@@ -101,11 +101,13 @@ impl KdsClient {
             return Ok(der);
         }
         let url = format!("{}{}", self.base, vcek_path(product, chip_id, tcb));
-        let der = self.fetch_once(&url).await?;
-        self.cache
-            .put(product, chip_id, tcb, &der)
-            .map_err(|e| KdsError::Cache(e.to_string()))?;
-        Ok(der)
+        self.fetch_once(&url, |der| {
+            self.cache
+                .put(product, chip_id, tcb, der)
+                .map(|_| ())
+                .map_err(|e| KdsError::Cache(e.to_string()))
+        })
+        .await
     }
 
     /// The product's CRL: the cached one while it is current at `now` (Unix seconds), else a
@@ -120,22 +122,32 @@ impl KdsClient {
             return Ok(bytes);
         }
         let url = format!("{}{}", self.base, crl_path(product));
-        let der = self.fetch_once(&url).await?;
-        Crl::from_der_or_pem(&der).map_err(|e| KdsError::BadCrl(e.to_string()))?;
-        self.cache
-            .put_crl(product, &der)
-            .map_err(|e| KdsError::Cache(e.to_string()))?;
-        Ok(der)
+        self.fetch_once(&url, |der| {
+            Crl::from_der_or_pem(der).map_err(|e| KdsError::BadCrl(e.to_string()))?;
+            self.cache
+                .put_crl(product, der)
+                .map_err(|e| KdsError::Cache(e.to_string()))
+        })
+        .await
     }
 
-    /// Concurrent requests for the same URL share one fetch.
-    async fn fetch_once(&self, url: &str) -> Result<Vec<u8>, KdsError> {
+    /// Concurrent requests for the same URL share one fetch; `keep` (caching) runs once, by the
+    /// caller that fetched.
+    async fn fetch_once(
+        &self,
+        url: &str,
+        keep: impl FnOnce(&[u8]) -> Result<(), KdsError>,
+    ) -> Result<Vec<u8>, KdsError> {
         let cell = {
             let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             map.entry(url.to_string()).or_default().clone()
         };
         let out = cell
-            .get_or_init(|| self.fetch_with_backoff(url))
+            .get_or_init(|| async {
+                let der = self.fetch_with_backoff(url).await?;
+                keep(&der)?;
+                Ok(der)
+            })
             .await
             .clone();
         let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
