@@ -198,7 +198,8 @@ pub struct Policy {
     pub measurements: Option<Vec<HexBytes<48>>>,
     /// Allowed chip ids (64 bytes; Turin: first 8 bytes significant, rest zero). Absent: any.
     pub chip_ids: Option<Vec<HexBytes<64>>>,
-    /// Minimum CURRENT_BUILD of the firmware.
+    /// Minimum CURRENT_BUILD of the firmware; with `minimum_firmware`, it applies only to
+    /// firmware of exactly that major.minor (newer versions pass whatever their build).
     #[serde(default)]
     pub minimum_build: u8,
     /// Minimum CURRENT_MAJOR.CURRENT_MINOR of the firmware.
@@ -327,17 +328,16 @@ impl Policy {
         }
         // Anti-rollback: neither the TCB the VCEK certifies nor the committed TCB may exceed
         // the running firmware's TCB.
-        for (lower, low_tcb) in [
+        for (field, tcb) in [
             (TcbField::Reported, &reported),
             (TcbField::Committed, &committed),
         ] {
-            for (component, high, low) in regressions(&current, low_tcb) {
-                out.push(Reason::TcbRollback {
-                    lower,
-                    higher: TcbField::Current,
+            for (component, current, value) in regressions(&current, tcb) {
+                out.push(Reason::TcbAboveCurrent {
+                    field,
                     component,
-                    low,
-                    high,
+                    value,
+                    current,
                 });
             }
         }
@@ -505,10 +505,16 @@ impl Policy {
                 out.push(Reason::AuthorKeyNotTrusted(HexBytes(r.author_key_digest)));
             }
         } else if self.require_id_block && !(author_trusted || id_trusted) {
-            if self.trusted_id_keys.is_empty() {
-                out.push(Reason::IdBlockRequired);
-            } else {
+            // Name every key that was offered and not trusted; if none was, say an ID block is needed.
+            let before = out.len();
+            if !self.trusted_id_keys.is_empty() {
                 out.push(Reason::IdKeyNotTrusted(HexBytes(r.id_key_digest)));
+            }
+            if r.key_info.author_key_en() && !self.trusted_author_keys.is_empty() {
+                out.push(Reason::AuthorKeyNotTrusted(HexBytes(r.author_key_digest)));
+            }
+            if out.len() == before {
+                out.push(Reason::IdBlockRequired);
             }
         }
         if let Some(allowed) = &self.measurements
@@ -534,7 +540,13 @@ impl Policy {
 
     fn check_firmware(&self, r: &ReportBody, out: &mut Vec<Reason>) {
         let v = r.current_version;
-        if v.build < self.minimum_build {
+        // A build number only means something within one major.minor: with a minimum version,
+        // the minimum build applies to that version only (1.57 build 1 is newer than 1.55 build 21).
+        let build_applies = match self.minimum_firmware {
+            Some(MajorMinor(maj, min)) => (v.major, v.minor) == (maj, min),
+            None => true,
+        };
+        if build_applies && v.build < self.minimum_build {
             out.push(Reason::FirmwareBuildTooOld {
                 have: v.build,
                 need: self.minimum_build,

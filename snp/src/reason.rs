@@ -145,12 +145,11 @@ pub enum Reason {
         have: u8,
         need: u8,
     },
-    TcbRollback {
-        lower: TcbField,
-        higher: TcbField,
+    TcbAboveCurrent {
+        field: TcbField,
         component: Component,
-        low: u8,
-        high: u8,
+        value: u8,
+        current: u8,
     },
     ProvisionalFirmware,
     PolicyReservedBits(u64),
@@ -230,7 +229,7 @@ impl Reason {
             TcbExtensionMissing(_) => "tcb_extension_missing",
             TcbMismatch { .. } => "tcb_mismatch",
             TcbBelowMinimum { .. } => "tcb_below_minimum",
-            TcbRollback { .. } => "tcb_rollback",
+            TcbAboveCurrent { .. } => "tcb_above_current",
             ProvisionalFirmware => "provisional_firmware",
             PolicyReservedBits(_) => "policy_reserved_bits",
             PolicyFlagForbidden(_) => "policy_flag_forbidden",
@@ -301,7 +300,7 @@ impl fmt::Display for Reason {
             TcbExtensionMissing(c) => write!(f, "VCEK/VLEK lacks the {c} SPL extension"),
             TcbMismatch { component, report, cert } => write!(f, "reported TCB {component}={report} but the VCEK/VLEK is for {component}={cert}"),
             TcbBelowMinimum { field, component, have, need } => write!(f, "{field} TCB {component}={have} is below the minimum {need}"),
-            TcbRollback { lower, higher, component, low, high } => write!(f, "{higher} TCB {component}={high} is below {lower} TCB {component}={low}"),
+            TcbAboveCurrent { field, component, value, current } => write!(f, "{field} TCB {component}={value} is above the current TCB {component}={current} (rollback or a VCEK for firmware not running)"),
             ProvisionalFirmware => f.write_str("committed TCB/firmware differs from current: provisional firmware is not permitted"),
             PolicyReservedBits(v) => write!(f, "guest policy {v:#x} has reserved bits wrong (bit 17 must be 1, bits 63:26 must be 0)"),
             PolicyFlagForbidden(n) => write!(f, "guest policy allows {n}, which the appraisal policy forbids"),
@@ -354,6 +353,9 @@ pub fn rfc3339(secs: u64) -> String {
 /// Parses an RFC 3339 timestamp (`2025-01-31T12:00:00Z`, offsets and fractions allowed) to Unix seconds.
 pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid RFC 3339 time {s:?} (expected e.g. 2025-06-01T00:00:00Z)");
+    if !s.is_ascii() {
+        return Err(bad());
+    }
     let b = s.as_bytes();
     if b.len() < 20
         || b[4] != b'-'
@@ -389,16 +391,43 @@ pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
         }
         rest = &frac[n..];
     }
+    let digits = |t: &str| t.len() == 2 && t.bytes().all(|c| c.is_ascii_digit());
     let offset = match rest {
         "Z" | "z" => 0,
-        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+        o if o.len() == 6
+            && (o.starts_with('+') || o.starts_with('-'))
+            && &o[3..4] == ":"
+            && digits(&o[1..3])
+            && digits(&o[4..6]) =>
+        {
             let oh: i64 = o[1..3].parse().map_err(|_| bad())?;
             let om: i64 = o[4..6].parse().map_err(|_| bad())?;
+            if oh > 23 || om > 59 {
+                return Err(bad());
+            }
             let v = oh * 3600 + om * 60;
             if o.starts_with('+') { v } else { -v }
         }
         _ => return Err(bad()),
     };
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if d > month_days[(mo - 1) as usize] {
+        return Err(bad());
+    }
     let yy = if mo <= 2 { y - 1 } else { y };
     let era = yy.div_euclid(400);
     let yoe = yy.rem_euclid(400);
@@ -427,6 +456,11 @@ mod tests {
         assert!(parse_rfc3339("2025-13-10T22:14:21Z").is_err());
         assert!(parse_rfc3339("yesterday").is_err());
         assert!(parse_rfc3339("2025-12-10T22:14:21").is_err());
+        assert!(parse_rfc3339("2025-02-29T00:00:00Z").is_err());
+        assert!(parse_rfc3339("2024-02-29T00:00:00Z").is_ok());
+        assert!(parse_rfc3339("2025-12-10T22:14:21+-1:00").is_err());
+        assert!(parse_rfc3339("2025-12-10T22:14:21+99:00").is_err());
+        assert!(parse_rfc3339("2025-12-10T22:14:21+1\u{e9}:0").is_err());
         for t in [0u64, 951_782_400, 4_102_444_800, 1_709_164_800] {
             assert_eq!(parse_rfc3339(&rfc3339(t)), Ok(t));
         }

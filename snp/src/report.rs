@@ -509,13 +509,17 @@ impl AttestationReport {
         &self.raw[..SIGNED_LEN]
     }
 
-    /// Names of reserved ranges that are not zero.
+    /// Names of reserved ranges and bits that are not zero.
     pub fn reserved_nonzero(&self) -> Vec<&'static str> {
-        reserved_ranges(self.body.version)
+        let mut v: Vec<&'static str> = reserved_ranges(self.body.version)
             .into_iter()
             .filter(|&(s, e, _)| self.raw[s..e].iter().any(|&b| b != 0))
             .map(|(_, _, n)| n)
-            .collect()
+            .collect();
+        if self.body.key_info.0 >> 5 != 0 {
+            v.push("key_info bits 31:5");
+        }
+        v
     }
 }
 
