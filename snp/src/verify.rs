@@ -99,6 +99,8 @@ impl Verdict {
 /// Time-independent results of checking one (VCEK, ASK, ARK) triple; cached.
 struct Chain {
     product: Product,
+    /// SHA-256 of the ARK's DER, to find CRLs held for it.
+    ark_fp: [u8; 32],
     root: Option<Root>,
     signer: Option<SignerKind>,
     reasons: Vec<Reason>,
@@ -218,59 +220,33 @@ impl Verifier {
 
         // Which product: explicit, else what the report says, else what the certificates say.
         let hint = report.product_hint();
+        if let (Some(p), Some(h)) = (self.cfg.product, hint)
+            && p != h
+        {
+            reasons.push(Reason::ProductMismatch {
+                report: h,
+                other: p,
+            });
+        }
         let Some(vcek_bytes) = ev.vcek else {
             reasons.push(Reason::MissingCertificate(CertRole::Vcek));
             v.product = self.cfg.product.or(hint);
             v.report = Some(report);
             return v;
         };
-        let vcek = match AmdCert::from_der_or_pem(vcek_bytes) {
+
+        // The chain: checked once per distinct (VCEK, ASK, ARK) and cached.
+        let chain = match self.chain(vcek_bytes, ev, self.cfg.product.or(hint), wanted_kind) {
             Ok(c) => c,
-            Err(e) => {
-                reasons.push(Reason::CertUnparsable {
-                    role: CertRole::Vcek,
-                    why: e.to_string(),
-                });
+            Err(r) => {
+                reasons.push(r);
                 v.product = self.cfg.product.or(hint);
                 v.report = Some(report);
                 return v;
             }
         };
-        let from_certs = vcek.product().or_else(|| {
-            ev.ark
-                .and_then(|a| crate::certs::to_der(a).ok())
-                .and_then(|d| roots::amd_ark_product(&d))
-        });
-        let product = match (self.cfg.product, hint, from_certs) {
-            (Some(p), Some(h), _) if p != h => {
-                reasons.push(Reason::ProductMismatch {
-                    report: h,
-                    other: p,
-                });
-                p
-            }
-            (Some(p), _, _) | (None, Some(p), _) | (None, None, Some(p)) => p,
-            (None, None, None) => {
-                reasons.push(Reason::ProductUnknown);
-                v.report = Some(report);
-                return v;
-            }
-        };
+        let product = chain.product;
         v.product = Some(product);
-
-        // The chain: checked once per distinct (VCEK, ASK, ARK) and cached.
-        let kind = wanted_kind.or(match vcek.subject_cn.as_deref() {
-            Some("SEV-VLEK") => Some(SignerKind::Vlek),
-            _ => Some(SignerKind::Vcek),
-        });
-        let chain = match self.chain(vcek, ev, product, kind.unwrap_or(SignerKind::Vcek)) {
-            Ok(c) => c,
-            Err(r) => {
-                reasons.push(r);
-                v.report = Some(report);
-                return v;
-            }
-        };
         reasons.extend(chain.reasons.iter().cloned());
         v.root = chain.root;
         v.signer = chain.signer;
@@ -344,13 +320,57 @@ impl Verifier {
         v
     }
 
+    /// The checked chain for these certificates, from the cache when it has been seen before.
+    /// The cache key covers every input the chain's checks depend on, so a hit costs one
+    /// SHA-256 over the supplied certificate bytes.
     fn chain(
         &self,
-        vcek: AmdCert,
+        vcek_bytes: &[u8],
         ev: &Evidence<'_>,
-        product: Product,
-        kind: SignerKind,
+        product_pre: Option<Product>,
+        wanted: Option<SignerKind>,
     ) -> Result<Arc<Chain>, Reason> {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(&[
+            product_pre.map_or(0xff, |p| p as u8),
+            wanted.map_or(0xff, |k| k as u8),
+        ]);
+        for part in [Some(vcek_bytes), ev.ask, ev.ark] {
+            match part {
+                Some(b) => {
+                    ctx.update(&(b.len() as u64).to_le_bytes());
+                    ctx.update(b);
+                }
+                None => ctx.update(&u64::MAX.to_le_bytes()),
+            }
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        if let Some(c) = self
+            .chains
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(c.clone());
+        }
+
+        let vcek = AmdCert::from_der_or_pem(vcek_bytes).map_err(|e| Reason::CertUnparsable {
+            role: CertRole::Vcek,
+            why: e.to_string(),
+        })?;
+        let product = product_pre
+            .or_else(|| vcek.product())
+            .or_else(|| {
+                ev.ark
+                    .and_then(|a| crate::certs::to_der(a).ok())
+                    .and_then(|d| roots::amd_ark_product(&d))
+            })
+            .ok_or(Reason::ProductUnknown)?;
+        let kind = wanted.unwrap_or(match vcek.subject_cn.as_deref() {
+            Some("SEV-VLEK") => SignerKind::Vlek,
+            _ => SignerKind::Vcek,
+        });
         let builtin_ask = if kind == SignerKind::Vlek {
             Builtin::Asvk
         } else {
@@ -370,23 +390,6 @@ impl Verifier {
             })?,
             None => roots::der(product, Builtin::Ark).to_vec(),
         };
-        let mut key_input =
-            Vec::with_capacity(vcek.der().len() + ask_der.len() + ark_der.len() + 2);
-        key_input.extend_from_slice(vcek.der());
-        key_input.push(0);
-        key_input.extend_from_slice(&ask_der);
-        key_input.push(0);
-        key_input.extend_from_slice(&ark_der);
-        key_input.push(product as u8);
-        let key = sha256(&key_input);
-        if let Some(c) = self
-            .chains
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(c.clone());
-        }
         let ask = AmdCert::from_der(ask_der).map_err(|e| Reason::CertUnparsable {
             role: CertRole::Ask,
             why: e.to_string(),
@@ -497,6 +500,7 @@ impl Verifier {
         }
         Chain {
             product,
+            ark_fp: ark.fingerprint(),
             root,
             signer,
             reasons,
@@ -535,7 +539,7 @@ impl Verifier {
             .crls
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&chain.ark.fingerprint())
+            .get(&chain.ark_fp)
         {
             if c.fresh_at(at) {
                 usable.push(c.clone());

@@ -1618,3 +1618,13 @@ fn hex_of_wrong_length_is_rejected_with_a_message() {
         assert!(e.contains(msg), "{doc}: {e}");
     }
 }
+
+#[test]
+fn the_documented_example_policy_parses() {
+    let p = Policy::from_toml(include_str!("../../examples/policy.toml"))
+        .expect("examples/policy.toml");
+    assert_eq!(p.vmpl, Some(0));
+    assert_eq!(p.measurements.as_ref().map(Vec::len), Some(1));
+    assert!(p.strict_reserved);
+    assert!(!p.guest_policy.allow_debug);
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The whole test suite. On a fresh Debian 12 machine, as root: installs what it needs first.
+#   bash scripts/test.sh            # everything CI runs
+#   FUZZ_SECONDS=60 bash scripts/test.sh   # longer fuzz smoke runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+log() { printf '\033[1m[test]\033[0m %s\n' "$*"; }
+
+bash scripts/setup.sh
+
+export ATTESTA_SNP_CORPUS="${ATTESTA_SNP_CORPUS:-$ROOT/../shared/snp-corpus}"
+if [ ! -f "$ATTESTA_SNP_CORPUS/MANIFEST.md" ]; then
+  if [ "${CI:-}" = "true" ]; then
+    echo "SNP corpus not found at $ATTESTA_SNP_CORPUS (required when CI=true)" >&2
+    exit 1
+  fi
+  log "SNP corpus not found at $ATTESTA_SNP_CORPUS: corpus tests will be skipped"
+fi
+export CARGO_TERM_COLOR=never
+start=$(date +%s)
+
+log "format"
+cargo fmt --all -- --check
+
+log "clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "tests"
+cargo test --workspace --locked
+
+log "benchmarks compile and run once"
+cargo bench --workspace --locked -- --test >/dev/null
+
+if [ "${SKIP_FUZZ:-0}" != 1 ] && rustup toolchain list | grep -q nightly; then
+  if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    log "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+  fi
+  secs="${FUZZ_SECONDS:-15}"
+  log "fuzz smoke: ${secs}s per target"
+  for t in $(cd fuzz && cargo +nightly fuzz list); do
+    (cd fuzz && cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 2)
+  done
+else
+  log "fuzz smoke skipped (no nightly toolchain or SKIP_FUZZ=1)"
+fi
+
+log "all checks passed in $(( $(date +%s) - start ))s"
