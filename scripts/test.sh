@@ -39,6 +39,7 @@ if [ "${SKIP_FUZZ:-0}" != 1 ] && rustup toolchain list | grep -q nightly; then
   fi
   secs="${FUZZ_SECONDS:-15}"
   log "fuzz smoke: ${secs}s per target"
+  python3 fuzz/seed.py
   for t in $(cd fuzz && cargo +nightly fuzz list); do
     (cd fuzz && cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 2)
   done
