@@ -19,7 +19,7 @@ enum Cmd {
     ///
     /// Exit status: 0 accepted, 1 rejected (including a malformed report), 2 usage error or
     /// unreadable file.
-    VerifyReport(verify_cmd::VerifyArgs),
+    VerifyReport(Box<verify_cmd::VerifyArgs>),
     /// Verify every evidence bundle in a directory (one subdirectory each: report.bin, a VCEK
     /// or VLEK, optional ask.pem/ark.pem or cert_chain.pem) and print a table.
     VerifyDir(verify_cmd::VerifyDirArgs),
@@ -28,7 +28,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::VerifyReport(a) => verify_cmd::verify_report(a),
+        Cmd::VerifyReport(a) => verify_cmd::verify_report(*a),
         Cmd::VerifyDir(a) => verify_cmd::verify_dir(a),
     }
 }

@@ -83,12 +83,15 @@ async fn serve(server: Arc<Server>) -> (String, tokio::task::JoinHandle<()>) {
 }
 
 /// Key-server paths of every genuine VCEK in the corpus, with the report it belongs to.
-fn corpus_routes(dir: &std::path::Path) -> Vec<(String, Vec<u8>, Vec<u8>, Product, Tcb, [u8; 64])> {
+/// (key-server path, VCEK DER, report, product, reported TCB, chip id).
+type Route = (String, Vec<u8>, Vec<u8>, Product, Tcb, [u8; 64]);
+
+fn corpus_routes(dir: &std::path::Path) -> Vec<Route> {
     let v = Verifier::new(VerifierConfig {
         revocation: Revocation::IfAvailable,
         ..Default::default()
     });
-    let mut out: Vec<(String, Vec<u8>, Vec<u8>, Product, Tcb, [u8; 64])> = Vec::new();
+    let mut out: Vec<Route> = Vec::new();
     for it in common::items(dir)
         .into_iter()
         .filter(|i| !i.expect_fail && !i.name.contains("vlek"))

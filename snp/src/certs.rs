@@ -502,6 +502,6 @@ impl Crl {
 
     /// Whether `cert`'s serial number is listed.
     pub fn revokes(&self, cert: &AmdCert) -> bool {
-        self.revoked.iter().any(|s| *s == cert.serial)
+        self.revoked.contains(&cert.serial)
     }
 }

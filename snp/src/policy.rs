@@ -12,6 +12,9 @@ use crate::tcb::{Tcb, TcbMinimum, regressions};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
+/// A field compared for equality: which, the expected value if any, and the report's.
+type ExactCheck<'a> = (ExactField, Option<&'a [u8]>, &'a [u8]);
+
 /// The only policy document version this build understands.
 pub const POLICY_VERSION: u32 = 1;
 
@@ -452,7 +455,7 @@ impl Policy {
                 need: min,
             });
         }
-        let exact: [(ExactField, Option<&[u8]>, &[u8]); 6] = [
+        let exact: [ExactCheck<'_>; 6] = [
             (
                 ExactField::FamilyId,
                 self.family_id.as_ref().map(|h| &h.0[..]),
