@@ -2,7 +2,7 @@
 
 use crate::store::OfflineStore;
 use snp::kds::{crl_path, vcek_path};
-use snp::{Crl, Product, Tcb};
+use snp::{AmdCert, Crl, Product, Tcb};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +23,8 @@ pub enum KdsError {
     Cache(String),
     #[error("key server sent an unusable CRL: {0}")]
     BadCrl(String),
+    #[error("key server sent a certificate that is not the VCEK asked for: {0}")]
+    BadCertificate(String),
 }
 
 /// Retry schedule for HTTP 429 and transient failures. AMD's server allows about one VCEK per
@@ -95,13 +97,14 @@ impl KdsClient {
     ) -> Result<Vec<u8>, KdsError> {
         if let Some((_, der)) = self
             .cache
-            .lookup(product, chip_id, tcb)
+            .lookup_exact(product, chip_id, tcb)
             .map_err(|e| KdsError::Cache(e.to_string()))?
         {
             return Ok(der);
         }
         let url = format!("{}{}", self.base, vcek_path(product, chip_id, tcb));
         self.fetch_once(&url, |der| {
+            check_vcek(der, product, chip_id, tcb)?;
             self.cache
                 .put(product, chip_id, tcb, der)
                 .map(|_| ())
@@ -175,20 +178,7 @@ impl KdsClient {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     match status {
-                        200 => {
-                            let body = resp.bytes().await.map_err(|e| KdsError::Network {
-                                url: url.to_string(),
-                                why: e.to_string(),
-                            })?;
-                            if body.len() > MAX_BODY {
-                                return Err(KdsError::TooLarge {
-                                    url: url.to_string(),
-                                    len: body.len(),
-                                    max: MAX_BODY,
-                                });
-                            }
-                            return Ok(body.to_vec());
-                        }
+                        200 => return read_limited(url, resp).await,
                         429 | 500..=599 => {
                             if attempt >= self.backoff.attempts {
                                 return Err(if status == 429 {
@@ -226,7 +216,73 @@ impl KdsClient {
                 "key server busy or unreachable; backing off"
             );
             tokio::time::sleep(wait).await;
-            delay = (delay * 2).min(self.backoff.max);
+            delay = delay.saturating_mul(2).min(self.backoff.max);
         }
     }
+}
+
+/// Reads a response body, refusing more than [`MAX_BODY`] bytes without buffering them.
+async fn read_limited(url: &str, mut resp: reqwest::Response) -> Result<Vec<u8>, KdsError> {
+    let too_large = |len: usize| KdsError::TooLarge {
+        url: url.to_string(),
+        len,
+        max: MAX_BODY,
+    };
+    if let Some(n) = resp.content_length()
+        && n > MAX_BODY as u64
+    {
+        return Err(too_large(usize::try_from(n).unwrap_or(usize::MAX)));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| KdsError::Network {
+        url: url.to_string(),
+        why: e.to_string(),
+    })? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(too_large(body.len() + chunk.len()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A fetched VCEK must be the one asked for (product, hwID, SPLs) before it is cached, so a
+/// bad answer from a mirror cannot occupy the cache. Its signature is the verifier's business.
+fn check_vcek(der: &[u8], product: Product, chip_id: &[u8; 64], tcb: &Tcb) -> Result<(), KdsError> {
+    let bad = |why: String| Err(KdsError::BadCertificate(why));
+    let cert = match AmdCert::from_der_or_pem(der) {
+        Ok(c) => c,
+        Err(e) => return bad(e.to_string()),
+    };
+    if cert.product() != Some(product) {
+        return bad(format!(
+            "productName {:?}, expected {product}",
+            cert.amd.product_name
+        ));
+    }
+    let n = product.hwid_len();
+    if cert.hwid(product).as_deref() != Some(&chip_id[..n]) {
+        return bad("hwID is another chip's".into());
+    }
+    let a = &cert.amd;
+    let got = Tcb {
+        fmc: a.fmc_spl.filter(|_| product.has_fmc()),
+        bootloader: a.bl_spl.unwrap_or(0),
+        tee: a.tee_spl.unwrap_or(0),
+        snp: a.snp_spl.unwrap_or(0),
+        microcode: a.ucode_spl.unwrap_or(0),
+    };
+    let want = Tcb {
+        fmc: tcb.fmc.filter(|_| product.has_fmc()),
+        ..*tcb
+    };
+    if got != want
+        || a.bl_spl.is_none()
+        || a.tee_spl.is_none()
+        || a.snp_spl.is_none()
+        || a.ucode_spl.is_none()
+    {
+        return bad(format!("certifies TCB {got}, expected {want}"));
+    }
+    Ok(())
 }

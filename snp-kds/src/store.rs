@@ -77,6 +77,26 @@ impl OfflineStore {
         Ok(None)
     }
 
+    /// Like [`lookup`](Self::lookup) but only under TCB-specific names (never the generic
+    /// `vcek.der`), as a cache must: a VCEK for another TCB would only be rejected.
+    pub fn lookup_exact(
+        &self,
+        product: Product,
+        chip_id: &[u8; 64],
+        tcb: &Tcb,
+    ) -> io::Result<Option<(PathBuf, Vec<u8>)>> {
+        for rel in store_candidates(product, chip_id, tcb)
+            .into_iter()
+            .filter(|r| !r.ends_with("/vcek.der"))
+        {
+            let p = self.root.join(&rel);
+            if let Some(bytes) = read_limited(&p)? {
+                return Ok(Some((p, bytes)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Stores a VCEK under its most specific name.
     pub fn put(
         &self,

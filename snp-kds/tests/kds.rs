@@ -271,3 +271,48 @@ async fn crl_is_cached_until_next_update() {
     v.add_crl(&crl, Product::Genoa).unwrap();
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_oversized_answer_is_refused_and_not_cached() {
+    let Some(dir) = common::corpus_dir() else {
+        return;
+    };
+    let routes = corpus_routes(&dir);
+    let (path, _, _, product, tcb, chip) = routes[0].clone();
+    // The mirror answers with another chip's (genuine) VCEK.
+    let other = routes
+        .iter()
+        .find(|r| r.5 != chip)
+        .expect("a second chip")
+        .1
+        .clone();
+    let server = Arc::new(Server {
+        routes: [(path.clone(), other)].into(),
+        ..Default::default()
+    });
+    let (base, task) = serve(server.clone()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let client = KdsClient::new(&base, cache.path(), fast()).unwrap();
+    for _ in 0..2 {
+        let err = client.vcek(product, &chip, &tcb).await.unwrap_err();
+        assert!(matches!(err, KdsError::BadCertificate(_)), "{err}");
+    }
+    assert_eq!(server.hits(&path), 2, "a refused answer is not cached");
+    assert!(
+        snp_kds::OfflineStore::new(cache.path())
+            .lookup(product, &chip, &tcb)
+            .unwrap()
+            .is_none()
+    );
+    task.abort();
+
+    let server = Arc::new(Server {
+        routes: [(path.clone(), vec![0x30; 5 << 20])].into(),
+        ..Default::default()
+    });
+    let (base, task) = serve(server).await;
+    let client = KdsClient::new(&base, cache.path(), fast()).unwrap();
+    let err = client.vcek(product, &chip, &tcb).await.unwrap_err();
+    assert!(matches!(err, KdsError::TooLarge { .. }), "{err}");
+    task.abort();
+}

@@ -44,6 +44,10 @@ pub fn amd_pss_params() -> &'static [u8] {
     &PSS_SHA384_PARAMS
 }
 
+/// Largest certificate or CRL accepted. AMD's are under 2 KiB; the bound keeps hostile input
+/// from costing memory or time.
+pub const MAX_CERT_LEN: usize = 64 * 1024;
+
 /// Why a certificate or CRL could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CertError {
@@ -55,6 +59,8 @@ pub enum CertError {
     CrlDer(String),
     #[error("unsupported public key: {0}")]
     UnsupportedKey(String),
+    #[error("{0} bytes is larger than any AMD certificate or CRL ({MAX_CERT_LEN} at most)")]
+    TooLarge(usize),
     #[error("malformed AMD extension {oid}: {why}")]
     BadExtension { oid: String, why: &'static str },
 }
@@ -127,7 +133,7 @@ pub struct AmdCert {
     pub issuer_cn: Option<String>,
     subject_name: Vec<u8>,
     issuer_name: Vec<u8>,
-    /// Serial number, big-endian magnitude without leading zeros (empty for 0).
+    /// Serial number: the DER INTEGER's content octets (`[0]` for AMD's VCEKs).
     pub serial: Vec<u8>,
     /// Validity, seconds since the Unix epoch.
     pub not_before: u64,
@@ -145,9 +151,10 @@ fn cn(name: &x509_cert::name::Name) -> Option<String> {
     name.common_name().ok().flatten().map(String::from)
 }
 
+/// The INTEGER's content octets as encoded (DER is minimal, so equal values have equal bytes,
+/// and a negative serial never equals a positive one).
 fn strip_serial(bytes: &[u8]) -> Vec<u8> {
-    let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
-    bytes[start..].to_vec()
+    bytes.to_vec()
 }
 
 /// Returns the TBS range (offsets into `der`) of a SIGNED{...} structure.
@@ -194,6 +201,9 @@ impl AmdCert {
 
     /// Parses a DER certificate.
     pub fn from_der(der: Vec<u8>) -> Result<AmdCert, CertError> {
+        if der.len() > MAX_CERT_LEN {
+            return Err(CertError::TooLarge(der.len()));
+        }
         let cert = Certificate::from_der(&der).map_err(|e| CertError::Der(e.to_string()))?;
         let tbs_r = tbs_range(&der).ok_or_else(|| CertError::Der("no TBS".into()))?;
         let tbs = cert.tbs_certificate();
@@ -375,6 +385,9 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// DER from DER-or-PEM input (the first PEM block when PEM).
 pub fn to_der(bytes: &[u8]) -> Result<Vec<u8>, CertError> {
+    if bytes.len() > 4 * MAX_CERT_LEN {
+        return Err(CertError::TooLarge(bytes.len()));
+    }
     if bytes.first() == Some(&0x30) {
         return Ok(bytes.to_vec());
     }
@@ -432,6 +445,9 @@ impl Crl {
     /// Parses a CRL given as DER or PEM.
     pub fn from_der_or_pem(bytes: &[u8]) -> Result<Crl, CertError> {
         let der = to_der(bytes)?;
+        if der.len() > MAX_CERT_LEN {
+            return Err(CertError::TooLarge(der.len()));
+        }
         let crl = CertificateList::<x509_cert::certificate::Rfc5280>::from_der(&der)
             .map_err(|e| CertError::CrlDer(e.to_string()))?;
         let tbs = tbs_range(&der).ok_or_else(|| CertError::CrlDer("no TBS".into()))?;
@@ -488,6 +504,7 @@ impl Crl {
     /// Whether the CRL is issued and correctly signed by `ark`.
     pub fn signed_by(&self, ark: &AmdCert) -> bool {
         self.issuer_name == ark.subject_name
+            && ark.crl_sign
             && self.sig_alg == SigAlg::RsaPssSha384
             && self.sig_alg_consistent
             && self.unknown_critical.is_empty()

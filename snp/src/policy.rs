@@ -145,7 +145,7 @@ fn default_vmpl() -> Option<u32> {
     Some(0)
 }
 fn default_signing_keys() -> Vec<SigningKeyName> {
-    vec![SigningKeyName::Vcek, SigningKeyName::Vlek]
+    vec![SigningKeyName::Vcek]
 }
 
 /// A signing key kind, as written in a policy.
@@ -211,12 +211,17 @@ pub struct Policy {
     pub required_launch_mitigations: Option<HexU64>,
     /// Bits that must be set in CURRENT_MIT_VECTOR (report v5+).
     pub required_current_mitigations: Option<HexU64>,
-    /// Which report-signing keys are acceptable. VLEK-signed reports cannot be bound to a chip.
+    /// Which report-signing keys are acceptable. Default: VCEK only, because a VLEK-signed
+    /// report cannot be bound to a chip (its chip id may be masked).
     #[serde(default = "default_signing_keys")]
     pub signing_keys: Vec<SigningKeyName>,
     /// Reject reports whose reserved fields are not zero.
     #[serde(default)]
     pub strict_reserved: bool,
+    /// Products this policy is written for (TCB numbers mean different things on each).
+    /// Absent: any.
+    #[serde(default)]
+    pub products: Option<Vec<Product>>,
 }
 
 impl Default for Policy {
@@ -248,6 +253,7 @@ impl Default for Policy {
             required_current_mitigations: None,
             signing_keys: default_signing_keys(),
             strict_reserved: false,
+            products: None,
         }
     }
 }
@@ -282,6 +288,11 @@ impl Policy {
                 "signing_keys is empty: nothing could ever be accepted".into(),
             ));
         }
+        if self.products.as_ref().is_some_and(Vec::is_empty) {
+            return Err(PolicyError::Invalid(
+                "products is empty: nothing could ever be accepted".into(),
+            ));
+        }
         if self.require_author_key && self.trusted_author_keys.is_empty() {
             return Err(PolicyError::Invalid(
                 "require_author_key without trusted_author_keys".into(),
@@ -301,6 +312,11 @@ impl Policy {
     /// Appraises a decoded report from `product` against this policy. Returns every failure.
     pub fn appraise(&self, r: &ReportBody, product: Product) -> Vec<Reason> {
         let mut out = Vec::new();
+        if let Some(allowed) = &self.products
+            && !allowed.contains(&product)
+        {
+            out.push(Reason::ProductNotAllowed(product));
+        }
         self.check_tcb(r, product, &mut out);
         self.check_guest_policy(r.policy, &mut out);
         self.check_platform(r.platform_info, &mut out);

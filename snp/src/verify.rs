@@ -399,11 +399,15 @@ impl Verifier {
             why: e.to_string(),
         })?;
         let chain = Arc::new(self.check_chain(ark, ask, vcek, product));
-        let mut map = self.chains.write().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= CACHE_MAX {
-            map.clear();
+        // Only chains that check out end in a trusted root, so the cache holds a bounded set of
+        // genuine certificates; hostile chains are re-checked each time and never stored.
+        if chain.root.is_some() && chain.reasons.is_empty() {
+            let mut map = self.chains.write().unwrap_or_else(|e| e.into_inner());
+            if map.len() >= CACHE_MAX {
+                map.clear();
+            }
+            map.insert(key, chain.clone());
         }
-        map.insert(key, chain.clone());
         Ok(chain)
     }
 
@@ -432,7 +436,7 @@ impl Verifier {
         if !ark.signature_valid(&ark) {
             reasons.push(Reason::CertSignatureInvalid(CertRole::Ark));
         }
-        if !ark.is_ca {
+        if !(ark.is_ca && ark.key_cert_sign) {
             reasons.push(Reason::NotACa(CertRole::Ark));
         }
 
@@ -459,7 +463,7 @@ impl Verifier {
         if !ask.signature_valid(&ark) {
             reasons.push(Reason::CertSignatureInvalid(CertRole::Ask));
         }
-        if !ask.is_ca {
+        if !(ask.is_ca && ask.key_cert_sign) {
             reasons.push(Reason::NotACa(CertRole::Ask));
         }
         if !vcek.issued_by_name(&ask) {

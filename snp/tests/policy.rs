@@ -1174,9 +1174,19 @@ fn signing_keys() {
         key_info: vcek.key_info.with_signing_key(SigningKey::Vlek),
         ..good()
     };
-    // Both by default.
+    // VCEK only by default: a VLEK-signed report cannot be bound to a chip.
     passes(&Policy::default(), &vcek);
-    passes(&Policy::default(), &vlek);
+    fails(
+        &Policy::default(),
+        &vlek,
+        &[Reason::SigningKeyNotAllowed(SigningKey::Vlek)],
+    );
+    let both = Policy {
+        signing_keys: vec![SigningKeyName::Vcek, SigningKeyName::Vlek],
+        ..Default::default()
+    };
+    passes(&both, &vcek);
+    passes(&both, &vlek);
     let only_vcek = Policy {
         signing_keys: vec![SigningKeyName::Vcek],
         ..Default::default()
@@ -1627,4 +1637,20 @@ fn the_documented_example_policy_parses() {
     assert_eq!(p.measurements.as_ref().map(Vec::len), Some(1));
     assert!(p.strict_reserved);
     assert!(!p.guest_policy.allow_debug);
+}
+
+#[test]
+fn products_allowlist() {
+    let r = good_for(Product::Turin);
+    passes_on(&Policy::default(), &r, Product::Turin);
+    let p = Policy::from_toml("products = [\"milan\", \"genoa\"]\n").unwrap();
+    passes_on(&p, &good_for(Product::Genoa), Product::Genoa);
+    fails_on(
+        &p,
+        &r,
+        Product::Turin,
+        &[Reason::ProductNotAllowed(Product::Turin)],
+    );
+    assert!(Policy::from_toml("products = []\n").is_err());
+    assert!(Policy::from_toml("products = [\"rome\"]\n").is_err());
 }
