@@ -2,6 +2,7 @@
 
 use clap::Args;
 use serde_json::{Value, json};
+use snp::Reason;
 use snp::certs::pem_blocks;
 use snp::reason::{parse_rfc3339, rfc3339};
 use snp::report::{GuestPolicy, PlatformInfo, SigningKey};
@@ -24,6 +25,14 @@ pub struct VerifyArgs {
     /// An offline VCEK store (trustee layout: vcek/{hwid}/bl{n}_tee{n}_snp{n}_ucode{n}[_fmc{n}]_vcek.der).
     #[arg(long, value_name = "DIR")]
     pub vcek_store: Option<PathBuf>,
+    /// With --vcek-store: on a miss, fetch the VCEK from this key server (e.g.
+    /// https://kdsintf.amd.com) and keep it in the store.
+    #[arg(long, value_name = "URL", requires = "vcek_store", conflicts_with_all = ["vcek", "cert_table"])]
+    pub kds_url: Option<String>,
+    /// With --kds-url: also fetch the product's ARK-signed CRL (kept in the store until its
+    /// nextUpdate) and check revocation against it.
+    #[arg(long, requires = "kds_url")]
+    pub fetch_crl: bool,
     /// An extended report's certificate table (AMD GUIDs for VCEK/VLEK, ASK, ARK).
     #[arg(long, value_name = "FILE")]
     pub cert_table: Option<PathBuf>,
@@ -71,6 +80,14 @@ pub struct VerifyDirArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Writes a line to stdout, ignoring a closed pipe (`| head` must not turn a verdict into a panic).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
 }
 
 /// A usage problem or unreadable input: exit status 2.
@@ -142,32 +159,47 @@ fn run_verify(a: &VerifyArgs) -> Result<bool, UsageError> {
         _ => (None, None),
     };
     let mut notes = Vec::new();
+    let mut extra: Vec<Reason> = Vec::new();
+    let mut crls = Vec::new();
     let vcek = if let Some(p) = &a.vcek {
         Some(read(p, "VCEK")?)
     } else if let Some(p) = &a.cert_table {
-        let table = CertTable::parse(&read(p, "certificate table")?)
-            .map_err(|e| UsageError(format!("certificate table {}: {e}", p.display())))?;
-        if ask.is_none() {
-            ask = table.get(&snp::certtable::GUID_ASK).map(<[u8]>::to_vec);
-            ark = table.get(&snp::certtable::GUID_ARK).map(<[u8]>::to_vec);
-            if ask.is_none() != ark.is_none() {
-                return Err(UsageError(
-                    "certificate table holds only one of ASK and ARK".into(),
-                ));
+        // The table is evidence from the host: a malformed one is a rejection, not a usage error.
+        match CertTable::parse(&read(p, "certificate table")?) {
+            Ok(table) => {
+                if ask.is_none() {
+                    ask = table.get(&snp::certtable::GUID_ASK).map(<[u8]>::to_vec);
+                    ark = table.get(&snp::certtable::GUID_ARK).map(<[u8]>::to_vec);
+                    if ask.is_none() != ark.is_none() {
+                        extra.push(Reason::CertTableInvalid(
+                            "holds only one of ASK and ARK".into(),
+                        ));
+                        ask = None;
+                        ark = None;
+                    }
+                }
+                let key = AttestationReport::from_bytes(&report).map(|r| r.key_info.signing_key());
+                let guid = match key {
+                    Ok(SigningKey::Vlek) => snp::certtable::GUID_VLEK,
+                    _ => snp::certtable::GUID_VCEK,
+                };
+                table.get(&guid).map(<[u8]>::to_vec)
+            }
+            Err(e) => {
+                extra.push(Reason::CertTableInvalid(e.to_string()));
+                None
             }
         }
-        table.signing_cert().map(<[u8]>::to_vec)
     } else if let Some(dir) = &a.vcek_store {
-        lookup_store(dir, &report, a.product, &mut notes)?
+        lookup_store(dir, &report, a, &mut notes, &mut crls)?
     } else {
         None
     };
-    let mut crls = Vec::new();
     for p in &a.crl {
         crls.push(read(p, "CRL")?);
     }
     let crl_refs: Vec<&[u8]> = crls.iter().map(Vec::as_slice).collect();
-    let revocation = if a.require_crl {
+    let revocation = if a.require_crl || a.fetch_crl {
         Revocation::Require
     } else {
         Revocation::IfAvailable
@@ -184,16 +216,17 @@ fn run_verify(a: &VerifyArgs) -> Result<bool, UsageError> {
         ark: ark.as_deref(),
         crls: &crl_refs,
     };
-    let verdict = match &policy {
+    let mut verdict = match &policy {
         Some(p) => verifier.verify_with_policy(&ev, p, at),
         None => verifier.verify(&ev, at),
     };
+    verdict.reasons.splice(0..0, extra);
     if a.json {
         let mut j = verdict_json(&verdict, at, policy.is_some());
         if !notes.is_empty() {
             j["notes"] = json!(notes);
         }
-        println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
     } else {
         print_text(&verdict, at, policy.is_some(), &notes);
     }
@@ -203,8 +236,9 @@ fn run_verify(a: &VerifyArgs) -> Result<bool, UsageError> {
 fn lookup_store(
     dir: &Path,
     report: &[u8],
-    product: Option<Product>,
+    a: &VerifyArgs,
     notes: &mut Vec<String>,
+    crls: &mut Vec<Vec<u8>>,
 ) -> Result<Option<Vec<u8>>, UsageError> {
     if !dir.is_dir() {
         return Err(UsageError(format!(
@@ -216,26 +250,75 @@ fn lookup_store(
     let Ok(r) = AttestationReport::from_bytes(report) else {
         return Ok(None);
     };
-    // Milan and Genoa share the hwID length and TCB layout, so either works for the lookup.
-    let p = product.or(r.product_hint()).unwrap_or(Product::Milan);
+    // Milan and Genoa share the hwID length and TCB layout, so either works for the lookup;
+    // a version 2 report does not say which, so a fetch tries both.
+    let candidates: Vec<Product> = match a.product.or(r.product_hint()) {
+        Some(p) => vec![p],
+        None => vec![Product::Milan, Product::Genoa],
+    };
+    let p = candidates[0];
     let tcb = Tcb::decode(r.reported_tcb, p);
     let store = snp_kds::OfflineStore::new(dir);
-    match store.lookup(p, &r.chip_id, &tcb) {
+    let mut found = match store.lookup(p, &r.chip_id, &tcb) {
         Ok(Some((path, der))) => {
             notes.push(format!("VCEK from {}", path.display()));
-            Ok(Some(der))
+            Some((p, der))
         }
-        Ok(None) => {
+        Ok(None) => None,
+        Err(e) => return Err(UsageError(format!("VCEK store {}: {e}", dir.display()))),
+    };
+    let Some(url) = &a.kds_url else {
+        if found.is_none() {
             notes.push(format!(
                 "no VCEK in {} for hwid {} at TCB {tcb} (looked for {})",
                 dir.display(),
                 snp::kds::hwid_hex(p, &r.chip_id),
                 snp::kds::store_candidates(p, &r.chip_id, &tcb).join(", ")
             ));
-            Ok(None)
         }
-        Err(e) => Err(UsageError(format!("VCEK store {}: {e}", dir.display()))),
+        return Ok(found.map(|(_, d)| d));
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| UsageError(format!("cannot start the HTTP client: {e}")))?;
+    let client = snp_kds::KdsClient::new(url, dir, snp_kds::Backoff::default())
+        .map_err(|e| UsageError(e.to_string()))?;
+    if found.is_none() {
+        for &p in &candidates {
+            let tcb = Tcb::decode(r.reported_tcb, p);
+            match rt.block_on(client.vcek(p, &r.chip_id, &tcb)) {
+                Ok(der) => {
+                    notes.push(format!(
+                        "VCEK fetched from {url} ({p}) and kept in {}",
+                        dir.display()
+                    ));
+                    found = Some((p, der));
+                    break;
+                }
+                Err(e) => notes.push(format!("fetching the VCEK ({p}): {e}")),
+            }
+        }
     }
+    if a.fetch_crl
+        && let Some((p, _)) = &found
+    {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match rt.block_on(client.crl(*p, now)) {
+            Ok(crl) => {
+                notes.push(format!(
+                    "CRL for {p} from {url} (cached until its nextUpdate)"
+                ));
+                crls.push(crl);
+            }
+            // Without a CRL the verifier's revocation rule decides (use --require-crl to fail closed).
+            Err(e) => notes.push(format!("fetching the CRL ({p}): {e}")),
+        }
+    }
+    Ok(found.map(|(_, d)| d))
 }
 
 fn tcb_json(t: &Tcb, raw: u64) -> Value {
@@ -364,9 +447,9 @@ fn print_text(v: &Verdict, at: u64, appraised: bool, notes: &[String]) {
         }
         None => "root not trusted".into(),
     };
-    println!("verdict:       {status} ({root})");
-    println!("checked at:    {}", rfc3339(at));
-    println!(
+    outln!("verdict:       {status} ({root})");
+    outln!("checked at:    {}", rfc3339(at));
+    outln!(
         "checks:        authenticity{}",
         if appraised {
             " + appraisal policy"
@@ -374,7 +457,7 @@ fn print_text(v: &Verdict, at: u64, appraised: bool, notes: &[String]) {
             " only (no --policy)"
         }
     );
-    println!(
+    outln!(
         "revocation:    {}",
         if v.revocation_checked {
             "checked against a current CRL"
@@ -387,20 +470,20 @@ fn print_text(v: &Verdict, at: u64, appraised: bool, notes: &[String]) {
             .product
             .map(|p| p.to_string())
             .unwrap_or_else(|| "unknown".into());
-        println!("product:       {p}");
-        println!(
+        outln!("product:       {p}");
+        outln!(
             "report:        version {}, VMPL {}, signed by {}",
             r.version,
             r.vmpl,
             key_name(r.key_info.signing_key()).to_uppercase()
         );
-        println!("measurement:   {}", hex::encode(r.measurement));
-        println!("report_data:   {}", hex::encode(r.report_data));
-        println!("host_data:     {}", hex::encode(r.host_data));
-        println!("chip_id:       {}", hex::encode(r.chip_id));
+        outln!("measurement:   {}", hex::encode(r.measurement));
+        outln!("report_data:   {}", hex::encode(r.report_data));
+        outln!("host_data:     {}", hex::encode(r.host_data));
+        outln!("chip_id:       {}", hex::encode(r.chip_id));
         let pr = v.product.unwrap_or(Product::Milan);
-        println!("reported TCB:  {}", Tcb::decode(r.reported_tcb, pr));
-        println!(
+        outln!("reported TCB:  {}", Tcb::decode(r.reported_tcb, pr));
+        outln!(
             "policy:        {:#x} (debug={}, migrate_ma={}, smt={})",
             r.policy.0,
             r.policy.debug(),
@@ -409,12 +492,12 @@ fn print_text(v: &Verdict, at: u64, appraised: bool, notes: &[String]) {
         );
     }
     for n in notes {
-        println!("note:          {n}");
+        outln!("note:          {n}");
     }
     if !v.reasons.is_empty() {
-        println!("reasons:");
+        outln!("reasons:");
         for r in &v.reasons {
-            println!("  - [{}] {r}", r.code());
+            outln!("  - [{}] {r}", r.code());
         }
     }
 }
@@ -481,9 +564,16 @@ pub fn verify_dir(a: VerifyDirArgs) -> ExitCode {
         ..Default::default()
     });
     if !a.json {
-        println!(
+        outln!(
             "{:<28} {:<6} {:>3} {:>4} {:<5} {:<9} {:<10} {:>9}  first reason",
-            "bundle", "prod", "ver", "vmpl", "key", "verdict", "expected", "µs"
+            "bundle",
+            "prod",
+            "ver",
+            "vmpl",
+            "key",
+            "verdict",
+            "expected",
+            "µs"
         );
     }
     let mut unexpected = 0;
@@ -519,10 +609,10 @@ pub fn verify_dir(a: VerifyDirArgs) -> ExitCode {
             } else {
                 "accepted"
             });
-            println!("{}", serde_json::to_string(&j).unwrap_or_default());
+            outln!("{}", serde_json::to_string(&j).unwrap_or_default());
         } else {
             let r = v.report.as_ref();
-            println!(
+            outln!(
                 "{:<28} {:<6} {:>3} {:>4} {:<5} {:<9} {:<10} {:>9}  {}",
                 name,
                 v.product.map(|p| p.name()).unwrap_or("?"),
@@ -546,7 +636,7 @@ pub fn verify_dir(a: VerifyDirArgs) -> ExitCode {
         }
     }
     if !a.json {
-        println!(
+        outln!(
             "{} bundles, {} as expected, {} unexpected (checked at {})",
             dirs.len(),
             dirs.len() - unexpected,

@@ -487,3 +487,124 @@ fn simulator_root_only_with_trust_root() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("NOT AMD-rooted"));
 }
+
+/// A minimal HTTP/1.1 server on loopback for the key-server tests: path → body, else 404.
+fn http_server(routes: std::collections::HashMap<String, Vec<u8>>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut sock in listener.incoming().flatten() {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&buf)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let path = line.split(' ').nth(1).unwrap_or_default();
+            let (status, body) = match routes.get(path) {
+                Some(b) => ("200 OK", b.clone()),
+                None => ("404 Not Found", b"not here".to_vec()),
+            };
+            let _ = write!(
+                sock,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(&body);
+        }
+    });
+    base
+}
+
+#[test]
+fn fetches_a_missing_vcek_from_the_key_server_and_keeps_it() {
+    let Some(corpus) = common::corpus_dir() else {
+        return;
+    };
+    let d = corpus.join("msft-milan-v3");
+    let report = std::fs::read(d.join("report.bin")).unwrap();
+    let r = snp::AttestationReport::from_bytes(&report).unwrap();
+    let tcb = snp::Tcb::decode(r.reported_tcb, snp::Product::Milan);
+    let path = snp::kds::vcek_path(snp::Product::Milan, &r.chip_id, &tcb);
+    let der = snp::certs::to_der(&std::fs::read(d.join("vcek.pem")).unwrap()).unwrap();
+    let base = http_server([(path, der.clone())].into());
+    let store = tempfile::tempdir().unwrap();
+    let rep = s(&d.join("report.bin"));
+    let st = s(store.path());
+    let at = "2026-06-01T00:00:00Z";
+    let (code, j, e) = run(&[
+        &rep,
+        "--vcek-store",
+        &st,
+        "--kds-url",
+        &base,
+        "--json",
+        "--at",
+        at,
+    ]);
+    assert_eq!(code, 0, "{j} {e}");
+    assert!(j["notes"][0].as_str().unwrap().contains("fetched"), "{j}");
+    // Now in the store: no key server needed.
+    let (code, j, _) = run(&[&rep, "--vcek-store", &st, "--json", "--at", at]);
+    assert_eq!(code, 0, "{j}");
+    // Asking for the CRL, which this server does not have: revocation required, so rejected.
+    let (code, j, _) = run(&[
+        &rep,
+        "--vcek-store",
+        &st,
+        "--kds-url",
+        &base,
+        "--fetch-crl",
+        "--json",
+        "--at",
+        at,
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(j["reason_codes"], serde_json::json!(["crl_unavailable"]));
+    // --kds-url needs a store to keep what it fetches.
+    let (code, _, _) = run(&[&rep, "--vcek", &s(&d.join("vcek.pem")), "--kds-url", &base]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn certificate_table_evidence() {
+    let Some(corpus) = common::corpus_dir() else {
+        return;
+    };
+    let d = corpus.join("azure-milan-v1");
+    let der = |f: &str| snp::certs::to_der(&std::fs::read(d.join(f)).unwrap()).unwrap();
+    use snp::certtable::{CertTable, GUID_ARK, GUID_ASK, GUID_VCEK};
+    let table = CertTable {
+        entries: vec![
+            (GUID_VCEK, der("vcek.der")),
+            (GUID_ASK, der("ask.pem")),
+            (GUID_ARK, der("ark.pem")),
+        ],
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("certs.bin");
+    std::fs::write(&good, table.encode()).unwrap();
+    let rep = s(&d.join("report.bin"));
+    let at = "2026-06-01T00:00:00Z";
+    let (code, j, _) = run(&[&rep, "--cert-table", &s(&good), "--json", "--at", at]);
+    assert_eq!(code, 0, "{j}");
+    // A malformed table from the host is a rejection with its reason, not a usage error.
+    let bad = tmp.path().join("bad.bin");
+    let mut bytes = table.encode();
+    bytes.truncate(30);
+    std::fs::write(&bad, bytes).unwrap();
+    let (code, j, _) = run(&[&rep, "--cert-table", &s(&bad), "--json", "--at", at]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        j["reason_codes"],
+        serde_json::json!(["cert_table_invalid", "missing_certificate"])
+    );
+}

@@ -89,6 +89,7 @@ pub enum Reason {
     },
     ProductNotAllowed(Product),
     // --- certificates
+    CertTableInvalid(String),
     MissingCertificate(CertRole),
     CertUnparsable {
         role: CertRole,
@@ -210,6 +211,7 @@ impl Reason {
             ProductUnknown => "product_unknown",
             ProductMismatch { .. } => "product_mismatch",
             ProductNotAllowed(_) => "product_not_allowed",
+            CertTableInvalid(_) => "cert_table_invalid",
             MissingCertificate(_) => "missing_certificate",
             CertUnparsable { .. } => "certificate_unparsable",
             UnexpectedCertName { .. } => "unexpected_certificate_name",
@@ -279,6 +281,7 @@ impl fmt::Display for Reason {
             ProductUnknown => f.write_str("cannot tell the product (Milan/Genoa/Turin) from the report or certificates; pass it explicitly"),
             ProductMismatch { report, other } => write!(f, "product mismatch: the report is from {report} but the certificates are for {other}"),
             ProductNotAllowed(p) => write!(f, "reports from {p} are not allowed by the policy"),
+            CertTableInvalid(why) => write!(f, "certificate table unusable: {why}"),
             MissingCertificate(r) => write!(f, "missing {r} certificate"),
             CertUnparsable { role, why } => write!(f, "{role} certificate unusable: {why}"),
             UnexpectedCertName { role, found, expected } => write!(f, "{role} certificate is named {found:?}, expected {expected:?}"),
