@@ -68,13 +68,7 @@ impl OfflineStore {
         chip_id: &[u8; 64],
         tcb: &Tcb,
     ) -> io::Result<Option<(PathBuf, Vec<u8>)>> {
-        for rel in store_candidates(product, chip_id, tcb) {
-            let p = self.root.join(&rel);
-            if let Some(bytes) = read_limited(&p)? {
-                return Ok(Some((p, bytes)));
-            }
-        }
-        Ok(None)
+        self.first_of(store_candidates(product, chip_id, tcb))
     }
 
     /// Like [`lookup`](Self::lookup) but only under TCB-specific names (never the generic
@@ -85,10 +79,17 @@ impl OfflineStore {
         chip_id: &[u8; 64],
         tcb: &Tcb,
     ) -> io::Result<Option<(PathBuf, Vec<u8>)>> {
-        for rel in store_candidates(product, chip_id, tcb)
+        let names = store_candidates(product, chip_id, tcb)
             .into_iter()
-            .filter(|r| !r.ends_with("/vcek.der"))
-        {
+            .filter(|r| !r.ends_with("/vcek.der"));
+        self.first_of(names)
+    }
+
+    fn first_of(
+        &self,
+        names: impl IntoIterator<Item = String>,
+    ) -> io::Result<Option<(PathBuf, Vec<u8>)>> {
+        for rel in names {
             let p = self.root.join(&rel);
             if let Some(bytes) = read_limited(&p)? {
                 return Ok(Some((p, bytes)));
