@@ -118,8 +118,13 @@ pub struct Verifier {
     trust_fps: Vec<[u8; 32]>,
     chains: RwLock<HashMap<[u8; 32], Arc<Chain>>>,
     /// Verified CRLs by the fingerprint of the ARK that signed them.
-    crls: RwLock<HashMap<[u8; 32], Arc<Crl>>>,
+    /// Several per issuer (newest first), so a CRL issued "in the future" by a skewed clock does
+    /// not push out the current one. Revocations are permanent, so all current ones apply.
+    crls: RwLock<HashMap<[u8; 32], Vec<Arc<Crl>>>>,
 }
+
+/// CRLs kept per issuer.
+const CRLS_PER_ISSUER: usize = 4;
 
 /// Why a CRL could not be added to the verifier's store.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -168,11 +173,11 @@ impl Verifier {
             if crl.signed_by(&ark) {
                 let fp = ark.fingerprint();
                 let mut map = self.crls.write().unwrap_or_else(|e| e.into_inner());
-                let newer = map
-                    .get(&fp)
-                    .is_none_or(|old| old.this_update <= crl.this_update);
-                if newer {
-                    map.insert(fp, Arc::new(crl));
+                let list = map.entry(fp).or_default();
+                if !list.iter().any(|c| c.der() == crl.der()) {
+                    list.push(Arc::new(crl));
+                    list.sort_by(|a, b| b.this_update.cmp(&a.this_update));
+                    list.truncate(CRLS_PER_ISSUER);
                 }
                 return Ok(());
             }
@@ -539,19 +544,21 @@ impl Verifier {
                 Ok(c) => usable.push(Arc::new(c)),
             }
         }
-        if let Some(c) = self
+        if let Some(held) = self
             .crls
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&chain.ark_fp)
         {
-            if c.fresh_at(at) {
-                usable.push(c.clone());
-            } else if stale.is_none() {
-                stale = Some(Reason::CrlStale {
-                    next_update: c.next_update,
-                    at,
-                });
+            for c in held {
+                if c.fresh_at(at) {
+                    usable.push(c.clone());
+                } else if stale.is_none() {
+                    stale = Some(Reason::CrlStale {
+                        next_update: c.next_update,
+                        at,
+                    });
+                }
             }
         }
         if usable.is_empty() {

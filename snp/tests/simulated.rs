@@ -226,9 +226,25 @@ fn crl_checks() {
         held.verify(&ev(&c, &[]), NOW).reasons,
         vec![Reason::CertRevoked(CertRole::Ask)]
     );
-    // ...until they go stale.
+    // A CRL dated in the future (a skewed clock) does not push out the current one, and every
+    // current CRL's revocations apply.
+    let future = p
+        .ark
+        .sign_crl(&[], NOW + 3 * DAY, Some(NOW + 30 * DAY))
+        .unwrap();
+    held.add_crl(&future, Product::Milan).unwrap();
+    assert_eq!(
+        held.verify(&ev(&c, &[]), NOW).reasons,
+        vec![Reason::CertRevoked(CertRole::Ask)]
+    );
+    // Once the newer CRL is current and the old one stale, the newer one decides (it does not
+    // list the ASK in this test).
+    assert!(held.verify(&ev(&c, &[]), NOW + 8 * DAY).accepted());
+    // A held CRL past its nextUpdate, and nothing newer: stale.
+    let only_old = trusting(Product::Milan, Revocation::Require);
+    only_old.add_crl(&revoked_ask, Product::Milan).unwrap();
     assert!(matches!(
-        held.verify(&ev(&c, &[]), NOW + 8 * DAY).reasons[..],
+        only_old.verify(&ev(&c, &[]), NOW + 8 * DAY).reasons[..],
         [Reason::CrlStale { .. }]
     ));
 }
