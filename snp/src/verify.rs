@@ -176,7 +176,7 @@ impl Verifier {
                 let list = map.entry(fp).or_default();
                 if !list.iter().any(|c| c.der() == crl.der()) {
                     list.push(Arc::new(crl));
-                    list.sort_by(|a, b| b.this_update.cmp(&a.this_update));
+                    list.sort_by_key(|c| std::cmp::Reverse(c.this_update));
                     list.truncate(CRLS_PER_ISSUER);
                 }
                 return Ok(());
