@@ -8,5 +8,7 @@
 
 pub mod der;
 pub mod pki;
+pub mod seed;
 
 pub use pki::{Pki, SimError, Vcek};
+pub use seed::Seed;

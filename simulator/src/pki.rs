@@ -3,14 +3,17 @@
 //! endorsement keys, AMD's names and extensions. Plus ARK-signed CRLs and report signing.
 
 use crate::der::*;
+use crate::seed::{Seed, hash};
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::rsa::{KeyPair as RsaKeyPair, KeySize};
-use aws_lc_rs::signature::{
-    ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RSA_PSS_SHA384,
-};
+use aws_lc_rs::signature::{ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use rsa::PrivateKey as RsaPrivateKey;
+use rsa::pkcs1::EncodeRsaPublicKey;
+use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use rsa::signature::{RandomizedSigner, SignatureEncoding};
 use snp::certs::amd_pss_params;
 use snp::report::{REPORT_LEN, ReportBody, SIGNED_LEN, Signature};
 use snp::{Product, Tcb};
+use std::path::Path;
 
 const OID_RSA_PSS: &str = "1.2.840.113549.1.1.10";
 const OID_RSA: &str = "1.2.840.113549.1.1.1";
@@ -25,6 +28,8 @@ pub enum SimError {
     KeyGen,
     #[error("signing failed")]
     Sign,
+    #[error("simulator state {path}: {why}")]
+    State { path: String, why: String },
 }
 
 /// An X.509 extension: (OID, critical, DER value).
@@ -62,7 +67,9 @@ pub struct CertSpec {
 
 /// An RSA CA key and its certificate.
 pub struct Ca {
-    key: RsaKeyPair,
+    key: RsaPrivateKey,
+    /// Seeds the PSS salts, so the same content always gets the same signature.
+    seed: Seed,
     pub cert: Vec<u8>,
     pub cn: String,
 }
@@ -75,7 +82,7 @@ impl Ca {
 
     /// Signs a certificate described by `spec` with this CA's key (RSASSA-PSS, AMD parameters).
     pub fn sign_cert(&self, spec: &CertSpec) -> Result<Vec<u8>, SimError> {
-        sign_cert(&self.key, spec)
+        sign_cert(&self.key, &self.seed, spec)
     }
 
     /// Signs a CRL listing `revoked` serials (big-endian bytes).
@@ -97,26 +104,35 @@ impl Ca {
             tbs.push(seq(&entries));
         }
         let tbs = seq(&tbs);
-        let sig = rsa_sign(&self.key, &tbs)?;
+        let sig = rsa_sign(&self.key, &self.seed, &tbs)?;
         Ok(seq(&[tbs, pss_alg(), bits(&sig)]))
     }
 }
 
-fn rsa_spki(key: &RsaKeyPair) -> Vec<u8> {
-    seq(&[
-        seq(&[oid(OID_RSA), null()]),
-        bits(key.public_key().as_ref()),
-    ])
+fn rsa_spki(key: &RsaPrivateKey) -> Vec<u8> {
+    let pk = key
+        .to_public_key()
+        .to_pkcs1_der()
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default();
+    seq(&[seq(&[oid(OID_RSA), null()]), bits(&pk)])
 }
 
-fn rsa_sign(key: &RsaKeyPair, msg: &[u8]) -> Result<Vec<u8>, SimError> {
-    let mut sig = vec![0u8; key.public_modulus_len()];
-    key.sign(&RSA_PSS_SHA384, &SystemRandom::new(), msg, &mut sig)
+/// RSASSA-PSS, SHA-384, salt 48 (AMD's parameters), salt drawn from a seeded RNG.
+fn rsa_sign(key: &RsaPrivateKey, seed: &Seed, msg: &[u8]) -> Result<Vec<u8>, SimError> {
+    let signer = rsa::pss::SigningKey::<rsa::sha2::Sha384>::new_with_salt_len(key.clone(), 48);
+    let mut rng = seed.rng(&hash(&[b"pss", msg]));
+    let sig = signer
+        .try_sign_with_rng(&mut rng, msg)
         .map_err(|_| SimError::Sign)?;
-    Ok(sig)
+    Ok(sig.to_vec())
 }
 
-fn sign_cert(key: &RsaKeyPair, spec: &CertSpec) -> Result<Vec<u8>, SimError> {
+fn rsa_generate(seed: &Seed, label: &str) -> Result<RsaPrivateKey, SimError> {
+    RsaPrivateKey::new(&mut seed.rng(label.as_bytes()), 4096).map_err(|_| SimError::KeyGen)
+}
+
+fn sign_cert(key: &RsaPrivateKey, seed: &Seed, spec: &CertSpec) -> Result<Vec<u8>, SimError> {
     let exts: Vec<Vec<u8>> = spec
         .extensions
         .iter()
@@ -142,7 +158,7 @@ fn sign_cert(key: &RsaKeyPair, spec: &CertSpec) -> Result<Vec<u8>, SimError> {
         tbs.push(explicit(3, &seq(&exts)));
     }
     let tbs = seq(&tbs);
-    let sig = rsa_sign(key, &tbs)?;
+    let sig = rsa_sign(key, seed, &tbs)?;
     Ok(seq(&[tbs, pss_alg(), bits(&sig)]))
 }
 
@@ -197,6 +213,7 @@ impl Vcek {
 /// A simulated product key hierarchy.
 pub struct Pki {
     pub product: Product,
+    pub seed: Seed,
     pub ark: Ca,
     pub ask: Ca,
     pub asvk: Ca,
@@ -206,15 +223,55 @@ pub struct Pki {
 const CA_NOT_BEFORE: u64 = 1_577_836_800;
 const CA_NOT_AFTER: u64 = 2_366_841_600;
 
+/// The P-384 group order, big-endian.
+const P384_N: [u8; 48] = [
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xc7, 0x63, 0x4d, 0x81, 0xf4, 0x37, 0x2d, 0xdf,
+    0x58, 0x1a, 0x0d, 0xb2, 0x48, 0xb0, 0xa7, 0x7a, 0xec, 0xec, 0x19, 0x6a, 0xcc, 0xc5, 0x29, 0x73,
+];
+
+/// An ECDSA P-384 key derived from a seed and a label (a scalar in [1, n-1]).
+pub fn p384_key(seed: &Seed, label: &[u8]) -> Result<EcdsaKeyPair, SimError> {
+    for counter in 0u32..64 {
+        let a = hash(&[&seed.0, b"p384", label, &counter.to_be_bytes(), b"a"]);
+        let b = hash(&[&seed.0, b"p384", label, &counter.to_be_bytes(), b"b"]);
+        let mut d = [0u8; 48];
+        d[..32].copy_from_slice(&a);
+        d[32..].copy_from_slice(&b[..16]);
+        if d == [0u8; 48] || d >= P384_N {
+            continue;
+        }
+        // RFC 5915 ECPrivateKey; aws-lc computes the public point.
+        let der = seq(&[uint(1), octets(&d), explicit(0, &oid(OID_P384))]);
+        return EcdsaKeyPair::from_private_key_der(&ECDSA_P384_SHA384_FIXED_SIGNING, &der)
+            .map_err(|_| SimError::KeyGen);
+    }
+    Err(SimError::KeyGen)
+}
+
+fn state_err(path: &Path, e: impl std::fmt::Display) -> SimError {
+    SimError::State {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    }
+}
+
 impl Pki {
-    /// Generates a fresh hierarchy (RSA-4096 ARK, ASK and ASVK).
+    /// A fresh hierarchy from a random seed.
     pub fn generate(product: Product) -> Result<Pki, SimError> {
+        Pki::from_seed(product, Seed::random())
+    }
+
+    /// The hierarchy for a seed: the same seed gives the same keys and certificates, byte for byte.
+    pub fn from_seed(product: Product, seed: Seed) -> Result<Pki, SimError> {
         let p = product.name();
-        let gen_key = || RsaKeyPair::generate(KeySize::Rsa4096).map_err(|_| SimError::KeyGen);
-        let ark_key = gen_key()?;
+        let seed = seed.derive(p.as_bytes());
+        let ark_key = rsa_generate(&seed, "ark")?;
         let ark_cn = format!("ARK-{p}");
+        let ark_seed = seed.derive(b"ark-sign");
         let ark_cert = sign_cert(
             &ark_key,
+            &ark_seed,
             &CertSpec {
                 serial: vec![0x01, 0x00, 0x00],
                 issuer_cn: ark_cn.clone(),
@@ -227,11 +284,12 @@ impl Pki {
         )?;
         let ark = Ca {
             key: ark_key,
+            seed: ark_seed,
             cert: ark_cert,
             cn: ark_cn.clone(),
         };
-        let sub = |cn: String, serial: Vec<u8>, vlek: bool| -> Result<Ca, SimError> {
-            let key = gen_key()?;
+        let sub = |label: &str, cn: String, serial: Vec<u8>, vlek: bool| -> Result<Ca, SimError> {
+            let key = rsa_generate(&seed, label)?;
             let cert = ark.sign_cert(&CertSpec {
                 serial,
                 issuer_cn: ark_cn.clone(),
@@ -241,15 +299,85 @@ impl Pki {
                 spki: rsa_spki(&key),
                 extensions: ca_exts(false, product, vlek),
             })?;
-            Ok(Ca { key, cert, cn })
+            Ok(Ca {
+                key,
+                seed: seed.derive(format!("{label}-sign").as_bytes()),
+                cert,
+                cn,
+            })
         };
-        let ask = sub(format!("SEV-{p}"), vec![0x01, 0x00, 0x01], false)?;
-        let asvk = sub(format!("SEV-VLEK-{p}"), vec![0x01, 0x01, 0x01], true)?;
+        let ask = sub("ask", format!("SEV-{p}"), vec![0x01, 0x00, 0x01], false)?;
+        let asvk = sub(
+            "asvk",
+            format!("SEV-VLEK-{p}"),
+            vec![0x01, 0x01, 0x01],
+            true,
+        )?;
         Ok(Pki {
             product,
+            seed,
             ark,
             ask,
             asvk,
+        })
+    }
+
+    /// Writes the hierarchy to `dir` (private keys as PKCS#8 with mode 0600).
+    pub fn save(&self, dir: &Path) -> Result<(), SimError> {
+        std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+        let write = |name: &str, bytes: &[u8], secret: bool| -> Result<(), SimError> {
+            let path = dir.join(name);
+            write_file(&path, bytes, secret).map_err(|e| state_err(&path, e))
+        };
+        write("seed", hex::encode(self.seed.0).as_bytes(), true)?;
+        for (name, ca) in [("ark", &self.ark), ("ask", &self.ask), ("asvk", &self.asvk)] {
+            let key = ca.key.to_pkcs8_der().map_err(|e| state_err(dir, e))?;
+            write(&format!("{name}.key"), key.as_bytes(), true)?;
+            write(&format!("{name}.der"), &ca.cert, false)?;
+        }
+        write("product", self.product.name().as_bytes(), false)
+    }
+
+    /// Reads a hierarchy written by [`save`](Self::save).
+    pub fn load(dir: &Path) -> Result<Pki, SimError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|e| state_err(&path, e))
+        };
+        let text = |name: &str| -> Result<String, SimError> {
+            String::from_utf8(read(name)?).map_err(|e| state_err(&dir.join(name), e))
+        };
+        let product: Product = text("product")?
+            .trim()
+            .parse()
+            .map_err(|e| state_err(dir, e))?;
+        let seed_bytes = hex::decode(text("seed")?.trim()).map_err(|e| state_err(dir, e))?;
+        let seed = Seed(
+            seed_bytes
+                .try_into()
+                .map_err(|_| state_err(&dir.join("seed"), "not 32 bytes"))?,
+        );
+        let ca = |name: &str| -> Result<Ca, SimError> {
+            let key = RsaPrivateKey::from_pkcs8_der(&read(&format!("{name}.key"))?)
+                .map_err(|e| state_err(&dir.join(format!("{name}.key")), e))?;
+            let cert = read(&format!("{name}.der"))?;
+            let cn = snp::AmdCert::from_der(cert.clone())
+                .ok()
+                .and_then(|c| c.subject_cn)
+                .ok_or_else(|| state_err(&dir.join(format!("{name}.der")), "not a certificate"))?;
+            Ok(Ca {
+                key,
+                seed: seed.derive(format!("{name}-sign").as_bytes()),
+                cert,
+                cn,
+            })
+        };
+        Ok(Pki {
+            product,
+            seed,
+            ark: ca("ark")?,
+            ask: ca("ask")?,
+            asvk: ca("asvk")?,
         })
     }
 
@@ -296,7 +424,15 @@ impl Pki {
     ) -> Result<Vcek, SimError> {
         let hwid = &chip_id[..self.product.hwid_len()];
         let exts = self.endorsement_exts(tcb, Some(hwid), None);
-        self.issue_endorsement(
+        let label = [
+            b"vcek".as_slice(),
+            chip_id,
+            &tcb.encode(self.product).to_le_bytes(),
+        ]
+        .concat();
+        let key = p384_key(&self.seed, &label)?;
+        self.issue_with_key(
+            key,
             &self.ask,
             "SEV-VCEK",
             exts,
@@ -308,7 +444,15 @@ impl Pki {
     /// Issues a VLEK for a cloud provider at `tcb`, valid for one year.
     pub fn issue_vlek(&self, csp_id: &str, tcb: &Tcb, not_before: u64) -> Result<Vcek, SimError> {
         let exts = self.endorsement_exts(tcb, None, Some(csp_id));
-        self.issue_endorsement(
+        let label = [
+            b"vlek".as_slice(),
+            csp_id.as_bytes(),
+            &tcb.encode(self.product).to_le_bytes(),
+        ]
+        .concat();
+        let key = p384_key(&self.seed, &label)?;
+        self.issue_with_key(
+            key,
             &self.asvk,
             "SEV-VLEK",
             exts,
@@ -328,6 +472,19 @@ impl Pki {
     ) -> Result<Vcek, SimError> {
         let key = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING)
             .map_err(|_| SimError::KeyGen)?;
+        self.issue_with_key(key, issuer, cn, extensions, not_before, not_after)
+    }
+
+    /// Issues a certificate for a given endorsement key.
+    pub fn issue_with_key(
+        &self,
+        key: EcdsaKeyPair,
+        issuer: &Ca,
+        cn: &str,
+        extensions: Vec<Ext>,
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<Vcek, SimError> {
         let spki = seq(&[
             seq(&[oid(OID_EC), oid(OID_P384)]),
             bits(key.public_key().as_ref()),
@@ -343,4 +500,19 @@ impl Pki {
         })?;
         Ok(Vcek { key, cert })
     }
+}
+
+/// Writes a file; secrets get mode 0600 from creation on.
+pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut f = o.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
