@@ -20,6 +20,12 @@ fi
 export CARGO_TERM_COLOR=never
 start=$(date +%s)
 
+# An independent verifier, to check the simulator's output against (virtee's snpguest).
+if ! command -v snpguest >/dev/null 2>&1; then
+  log "installing snpguest (independent SEV-SNP verifier, used by the simulator tests)"
+  cargo install snpguest --locked --quiet
+fi
+
 log "format"
 cargo fmt --all -- --check
 

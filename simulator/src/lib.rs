@@ -6,9 +6,11 @@
 //! The only difference is the root of trust, which verifiers accept only when configured to.
 #![forbid(unsafe_code)]
 
+pub mod chip;
 pub mod der;
 pub mod pki;
 pub mod seed;
 
+pub use chip::{Chip, ChipConfig, GuestLaunch, SimGuest};
 pub use pki::{Pki, SimError, Vcek};
 pub use seed::Seed;

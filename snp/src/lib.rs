@@ -26,6 +26,7 @@
 pub mod certs;
 pub mod certtable;
 mod der;
+pub mod device;
 pub mod hexbytes;
 pub mod kds;
 pub mod policy;

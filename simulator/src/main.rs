@@ -1,0 +1,214 @@
+//! `attesta-sim`: the simulated SEV-SNP platform on the command line.
+#![forbid(unsafe_code)]
+
+use clap::{Args, Parser, Subcommand};
+use simulator::der::pem;
+use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
+use snp::Product;
+use snp::device::GuestDevice;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "attesta-sim",
+    version,
+    about = "A software SEV-SNP: AMD-profile certificates and byte-exact signed reports"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a signed attestation report and its certificates (report.bin, vcek.der, ask.pem,
+    /// ark.pem, plus cert_chain.pem and certs.bin, the extended report's certificate table).
+    ///
+    /// The chain ends in the simulator's ARK, never AMD's: verify with
+    /// `attesta-kbs verify-report DIR/report.bin --vcek DIR/vcek.der --ask DIR/ask.pem
+    /// --ark DIR/ark.pem --trust-root DIR/ark.pem`.
+    Report(Box<ReportArgs>),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Processor generation.
+    #[arg(long)]
+    product: Product,
+    /// Report version (2-5). Default: what the product's current firmware produces (3; Turin 5).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=5))]
+    version: Option<u32>,
+    /// REPORT_DATA, up to 64 bytes of hex (zero-padded on the right).
+    #[arg(long, value_name = "HEX64B")]
+    report_data: Option<String>,
+    /// MEASUREMENT, 48 bytes of hex.
+    #[arg(long, value_name = "HEX48B")]
+    measurement: Option<String>,
+    /// Guest policy, hex (default 0x3001f: ABI 0.31, SMT allowed).
+    #[arg(long, value_name = "HEX")]
+    policy: Option<String>,
+    /// VMPL the report is requested at (0-3).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=3))]
+    vmpl: u32,
+    /// CHIP_ID, hex: 64 bytes, or on Turin 8 (the rest is zero). Default: derived from the seed.
+    #[arg(long, value_name = "HEX")]
+    chip_id: Option<String>,
+    /// HOST_DATA, 32 bytes of hex.
+    #[arg(long, value_name = "HEX32B")]
+    host_data: Option<String>,
+    /// Mask the chip id in the report (MASK_CHIP_ID): the report cannot be bound to a chip.
+    #[arg(long)]
+    mask_chip_id: bool,
+    /// Seed of the simulated key hierarchy and chip: the same seed gives the same keys.
+    #[arg(long, default_value = "attesta-sim")]
+    seed: String,
+    /// Where generated key hierarchies are kept between runs (keys 0600). Default:
+    /// $ATTESTA_SIM_STATE, else $XDG_CACHE_HOME/attesta-sim, else ~/.cache/attesta-sim.
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Output directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Report(a) => report(&a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("attesta-sim: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Parses hex of at most `max` bytes (exactly `max` when `exact`), zero-padding on the right.
+fn hex_arg<const N: usize>(name: &str, s: &str, exact: bool) -> Result<[u8; N], String> {
+    let t = s.trim();
+    let t = t.strip_prefix("0x").unwrap_or(t);
+    let v = hex::decode(t).map_err(|e| format!("--{name}: invalid hex: {e}"))?;
+    if v.len() > N || (exact && v.len() != N) {
+        return Err(format!(
+            "--{name}: expected {}{N} bytes, got {}",
+            if exact { "" } else { "at most " },
+            v.len()
+        ));
+    }
+    let mut out = [0u8; N];
+    out[..v.len()].copy_from_slice(&v);
+    Ok(out)
+}
+
+fn state_dir(arg: &Option<PathBuf>) -> PathBuf {
+    if let Some(d) = arg {
+        return d.clone();
+    }
+    if let Some(d) = std::env::var_os("ATTESTA_SIM_STATE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("attesta-sim");
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(".cache/attesta-sim")
+}
+
+/// The hierarchy for (product, seed): loaded from the state directory, else generated
+/// (deterministically) and saved there.
+fn pki_for(product: Product, seed: &Seed, state: &Path) -> Result<Pki, String> {
+    let dir = state.join(seed.id()).join(product.name().to_lowercase());
+    if let Ok(p) = Pki::load(&dir)
+        && p.product == product
+    {
+        return Ok(p);
+    }
+    eprintln!(
+        "attesta-sim: generating the simulated {product} key hierarchy (RSA-4096, a few seconds; kept in {})",
+        dir.display()
+    );
+    let p = Pki::from_seed(product, *seed).map_err(|e| e.to_string())?;
+    if let Err(e) = p.save(&dir) {
+        eprintln!(
+            "attesta-sim: note: could not keep the hierarchy ({e}); it will be generated again next time"
+        );
+    }
+    Ok(p)
+}
+
+fn report(a: &ReportArgs) -> Result<(), String> {
+    let seed = Seed::from_text(&a.seed);
+    let pki = Arc::new(pki_for(a.product, &seed, &state_dir(&a.state))?);
+    let mut cfg = ChipConfig::typical(&pki, 0);
+    if let Some(v) = a.version {
+        cfg.report_version = v;
+    }
+    if let Some(c) = &a.chip_id {
+        let id: [u8; 64] = hex_arg("chip-id", c, false)?;
+        let n = a.product.hwid_len();
+        if id[n..].iter().any(|&b| b != 0) && a.product == Product::Turin {
+            return Err(
+                "--chip-id: a Turin chip id has 8 significant bytes; the rest must be zero".into(),
+            );
+        }
+        cfg.chip_id = id;
+    }
+    cfg.mask_chip_id = a.mask_chip_id;
+    let chip = Chip::new(pki.clone(), cfg).map_err(|e| e.to_string())?;
+    let mut launch = GuestLaunch::default();
+    if let Some(m) = &a.measurement {
+        launch.measurement = hex_arg("measurement", m, true)?;
+    }
+    if let Some(h) = &a.host_data {
+        launch.host_data = hex_arg("host-data", h, true)?;
+    }
+    if let Some(p) = &a.policy {
+        let t = p.trim();
+        launch.policy = u64::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
+            .map_err(|e| format!("--policy: {e}"))?;
+    }
+    let report_data: [u8; 64] = match &a.report_data {
+        Some(r) => hex_arg("report-data", r, false)?,
+        None => [0; 64],
+    };
+    let guest = chip.launch(launch);
+    let (report, table) = guest
+        .get_ext_report(&report_data, a.vmpl)
+        .map_err(|e| e.to_string())?;
+
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let p = a.out.join(name);
+        std::fs::write(&p, bytes).map_err(|e| format!("cannot write {}: {e}", p.display()))
+    };
+    write("report.bin", &report)?;
+    write("vcek.der", &chip.vcek().cert)?;
+    write("ask.pem", pem("CERTIFICATE", &pki.ask.cert).as_bytes())?;
+    write("ark.pem", pem("CERTIFICATE", &pki.ark.cert).as_bytes())?;
+    write(
+        "cert_chain.pem",
+        (pem("CERTIFICATE", &pki.ask.cert) + &pem("CERTIFICATE", &pki.ark.cert)).as_bytes(),
+    )?;
+    write("certs.bin", &table)?;
+    let body = snp::AttestationReport::from_bytes(&report).map_err(|e| e.to_string())?;
+    println!("product:     {}", a.product);
+    println!("version:     {}", body.version);
+    println!("chip_id:     {}", hex::encode(body.chip_id));
+    println!("measurement: {}", hex::encode(body.measurement));
+    println!(
+        "wrote:       {}/{{report.bin,vcek.der,ask.pem,ark.pem,cert_chain.pem,certs.bin}}",
+        a.out.display()
+    );
+    println!(
+        "simulated:   the chain ends in the simulator's ARK; verifiers accept it only with --trust-root {}/ark.pem",
+        a.out.display()
+    );
+    Ok(())
+}

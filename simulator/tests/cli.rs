@@ -1,0 +1,322 @@
+//! `attesta-sim report` as external checks script it: the files it writes, determinism, and
+//! that both our verifier and an independent one (virtee's `snpguest`) accept its output, which
+//! ours does only with the simulator's root configured.
+
+use snp::reason::Reason;
+use snp::{Evidence, Revocation, Verifier, VerifierConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn sim(args: &[&str], state: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_attesta-sim"))
+        .args(args)
+        .env("ATTESTA_SIM_STATE", state)
+        .output()
+        .expect("run attesta-sim");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn state() -> PathBuf {
+    // One state directory shared by test runs (the hierarchies are deterministic from the seed).
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("attesta-sim-state");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn read(dir: &Path, f: &str) -> Vec<u8> {
+    std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"))
+}
+
+fn verify(dir: &Path, trust: bool) -> snp::Verdict {
+    let (report, vcek, ask, ark) = (
+        read(dir, "report.bin"),
+        read(dir, "vcek.der"),
+        read(dir, "ask.pem"),
+        read(dir, "ark.pem"),
+    );
+    let trust_roots = if trust { vec![ark.clone()] } else { vec![] };
+    let v = Verifier::new(VerifierConfig {
+        trust_roots,
+        revocation: Revocation::IfAvailable,
+        ..Default::default()
+    });
+    v.verify(
+        &Evidence {
+            report: &report,
+            vcek: Some(&vcek),
+            ask: Some(&ask),
+            ark: Some(&ark),
+            crls: &[],
+        },
+        1_780_272_000,
+    )
+}
+
+/// `snpguest verify certs` and `verify attestation` on a directory the simulator wrote.
+fn snpguest(dir: &Path, product: &str) -> Option<bool> {
+    let found = Command::new("snpguest").arg("--version").output().is_ok();
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("snpguest not found (cargo install snpguest); required when CI=true");
+        }
+        eprintln!("SKIP: snpguest not installed (cargo install snpguest)");
+        return None;
+    }
+    let certs = dir.join("snpguest-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    for f in ["ark.pem", "ask.pem", "vcek.der"] {
+        std::fs::copy(dir.join(f), certs.join(f)).unwrap();
+    }
+    let ok = |args: &[&str]| {
+        Command::new("snpguest")
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let c = certs.to_string_lossy().into_owned();
+    let r = dir.join("report.bin").to_string_lossy().into_owned();
+    Some(ok(&["verify", "certs", &c]) && ok(&["verify", "attestation", "-p", product, &c, &r]))
+}
+
+#[test]
+fn every_product_verifies_here_and_with_snpguest() {
+    let st = state();
+    for product in ["milan", "genoa", "turin"] {
+        let out = tempfile::tempdir().unwrap();
+        let o = out.path().to_string_lossy().into_owned();
+        let rd = "ab".repeat(64);
+        let (code, stdout, err) = sim(
+            &[
+                "report",
+                "--product",
+                product,
+                "--report-data",
+                &rd,
+                "--out",
+                &o,
+            ],
+            &st,
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(stdout.contains("simulated"), "{stdout}");
+        let report = read(out.path(), "report.bin");
+        assert_eq!(report.len(), 1184);
+        assert_eq!(&report[0x50..0x90], &[0xab; 64]);
+        for f in [
+            "vcek.der",
+            "ask.pem",
+            "ark.pem",
+            "cert_chain.pem",
+            "certs.bin",
+        ] {
+            assert!(out.path().join(f).is_file(), "{f}");
+        }
+        assert_eq!(
+            verify(out.path(), false).reasons,
+            vec![Reason::ArkNotTrusted],
+            "{product}"
+        );
+        let v = verify(out.path(), true);
+        assert!(v.accepted(), "{product}: {:?}", v.reasons);
+        assert_eq!(
+            v.product.map(|p| p.name().to_lowercase()).as_deref(),
+            Some(product)
+        );
+        if let Some(ok) = snpguest(out.path(), product) {
+            assert!(ok, "snpguest rejected the simulated {product} report");
+            // And snpguest is not a rubber stamp: a flipped measurement bit fails it.
+            let mut bad = report.clone();
+            bad[0x90] ^= 1;
+            std::fs::write(out.path().join("report.bin"), bad).unwrap();
+            assert_eq!(snpguest(out.path(), product), Some(false));
+        }
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_bytes() {
+    let st = state();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&a, &b] {
+        let o = d.path().to_string_lossy().into_owned();
+        let (code, _, err) = sim(
+            &[
+                "report",
+                "--product",
+                "genoa",
+                "--seed",
+                "same",
+                "--out",
+                &o,
+            ],
+            &st,
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+    for f in ["vcek.der", "ask.pem", "ark.pem", "certs.bin"] {
+        assert_eq!(read(a.path(), f), read(b.path(), f), "{f}");
+    }
+    // The signed part is identical; the ECDSA signature itself is randomised.
+    assert_eq!(
+        read(a.path(), "report.bin")[..0x2A0],
+        read(b.path(), "report.bin")[..0x2A0]
+    );
+    // Without the cache (another state dir), generation is deterministic too.
+    let other_state = tempfile::tempdir().unwrap();
+    let c = tempfile::tempdir().unwrap();
+    let o = c.path().to_string_lossy().into_owned();
+    assert_eq!(
+        sim(
+            &[
+                "report",
+                "--product",
+                "genoa",
+                "--seed",
+                "same",
+                "--out",
+                &o
+            ],
+            other_state.path()
+        )
+        .0,
+        0
+    );
+    assert_eq!(read(a.path(), "ark.pem"), read(c.path(), "ark.pem"));
+    let d = tempfile::tempdir().unwrap();
+    let o = d.path().to_string_lossy().into_owned();
+    assert_eq!(
+        sim(
+            &[
+                "report",
+                "--product",
+                "genoa",
+                "--seed",
+                "other",
+                "--out",
+                &o
+            ],
+            &st
+        )
+        .0,
+        0
+    );
+    assert_ne!(read(a.path(), "ark.pem"), read(d.path(), "ark.pem"));
+}
+
+#[test]
+fn options_reach_the_report() {
+    let st = state();
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().to_string_lossy().into_owned();
+    let m = "11".repeat(48);
+    let args = [
+        "report",
+        "--product",
+        "milan",
+        "--version",
+        "2",
+        "--measurement",
+        &m,
+        "--policy",
+        "0x3001f",
+        "--vmpl",
+        "2",
+        "--chip-id",
+        &"cd".repeat(64),
+        "--out",
+        &o,
+    ];
+    let (code, _, err) = sim(&args, &st);
+    assert_eq!(code, 0, "{err}");
+    let r = snp::AttestationReport::from_bytes(&read(out.path(), "report.bin")).unwrap();
+    assert_eq!(
+        (r.version, r.vmpl, r.policy.0, r.cpuid),
+        (2, 2, 0x3001f, None)
+    );
+    assert_eq!(r.measurement, [0x11; 48]);
+    assert_eq!(r.chip_id, [0xcd; 64]);
+    assert!(verify(out.path(), true).accepted());
+
+    // Turin: an 8-byte chip id.
+    let (code, _, err) = sim(
+        &[
+            "report",
+            "--product",
+            "turin",
+            "--chip-id",
+            "0102030405060708",
+            "--out",
+            &o,
+        ],
+        &st,
+    );
+    assert_eq!(code, 0, "{err}");
+    let r = snp::AttestationReport::from_bytes(&read(out.path(), "report.bin")).unwrap();
+    assert_eq!(&r.chip_id[..9], &[1, 2, 3, 4, 5, 6, 7, 8, 0]);
+    assert!(verify(out.path(), true).accepted());
+
+    // A masked chip id cannot be bound to the chip.
+    let (code, _, _) = sim(
+        &[
+            "report",
+            "--product",
+            "milan",
+            "--mask-chip-id",
+            "--out",
+            &o,
+        ],
+        &st,
+    );
+    assert_eq!(code, 0);
+    assert_eq!(verify(out.path(), true).reasons, vec![Reason::HwidMismatch]);
+
+    for bad in [
+        vec!["report", "--product", "rome", "--out", &o],
+        vec!["report", "--product", "milan", "--vmpl", "4", "--out", &o],
+        vec![
+            "report",
+            "--product",
+            "milan",
+            "--version",
+            "6",
+            "--out",
+            &o,
+        ],
+        vec![
+            "report",
+            "--product",
+            "milan",
+            "--measurement",
+            "11",
+            "--out",
+            &o,
+        ],
+        vec![
+            "report",
+            "--product",
+            "milan",
+            "--report-data",
+            &"00".repeat(65),
+            "--out",
+            &o,
+        ],
+        vec![
+            "report",
+            "--product",
+            "turin",
+            "--chip-id",
+            &"01".repeat(64),
+            "--out",
+            &o,
+        ],
+        vec!["report", "--product", "milan"],
+    ] {
+        let (code, _, err) = sim(&bad, &st);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+    }
+}
