@@ -135,6 +135,11 @@ impl Chip {
         &self.pki
     }
 
+    /// The hierarchy, shared.
+    pub fn pki_arc(&self) -> Arc<Pki> {
+        self.pki.clone()
+    }
+
     /// The VCEK for the chip's reported TCB.
     pub fn vcek(&self) -> &Vcek {
         &self.vcek

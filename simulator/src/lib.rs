@@ -6,6 +6,7 @@
 //! The only difference is the root of trust, which verifiers accept only when configured to.
 #![forbid(unsafe_code)]
 
+pub mod attacks;
 pub mod chip;
 pub mod der;
 pub mod pki;

@@ -30,6 +30,22 @@ enum Cmd {
     /// `attesta-kbs verify-report DIR/report.bin --vcek DIR/vcek.der --ask DIR/ask.pem
     /// --ark DIR/ark.pem --trust-root DIR/ark.pem`.
     Report(Box<ReportArgs>),
+    /// Run the attack catalogue against the verifier and appraisal policy; exit 1 if any
+    /// scenario is not denied for its expected reason.
+    Attacks(AttacksArgs),
+}
+
+#[derive(Args)]
+struct AttacksArgs {
+    /// Print `[{"name", "denied", "reason"}]` instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Seed of the simulated hierarchies.
+    #[arg(long, default_value = "attesta-sim")]
+    seed: String,
+    /// Where generated key hierarchies are kept between runs (see `report --help`).
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -76,10 +92,12 @@ struct ReportArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Report(a) => report(&a),
+        Cmd::Report(a) => report(&a).map(|()| true),
+        Cmd::Attacks(a) => attacks(&a),
     };
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("attesta-sim: {e}");
             ExitCode::from(2)
@@ -140,6 +158,66 @@ fn pki_for(product: Product, seed: &Seed, state: &Path) -> Result<Pki, String> {
         );
     }
     Ok(p)
+}
+
+fn attacks(a: &AttacksArgs) -> Result<bool, String> {
+    use simulator::attacks::{Lab, catalogue};
+    let seed = Seed::from_text(&a.seed);
+    let state = state_dir(&a.state);
+    let lab = Lab::new(
+        pki_for(Product::Milan, &seed, &state)?,
+        pki_for(Product::Genoa, &seed, &state)?,
+        pki_for(Product::Turin, &seed, &state)?,
+        pki_for(Product::Milan, &seed.derive(b"rogue"), &state)?,
+    )
+    .map_err(|e| e.to_string())?;
+    let control = lab.control();
+    if !control.is_empty() {
+        return Err(format!(
+            "the genuine control case was not accepted: {control:?}"
+        ));
+    }
+    let outcomes = lab.run_all();
+    let all_ok = outcomes.iter().all(|o| o.denied && o.expected_reason);
+    if a.json {
+        let v: Vec<serde_json::Value> = outcomes
+            .iter()
+            .map(|o| serde_json::json!({"name": o.name, "denied": o.denied, "reason": o.reason(), "expected": o.expect, "as_expected": o.denied && o.expected_reason}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        let desc: std::collections::HashMap<_, _> = catalogue()
+            .iter()
+            .map(|s| (s.name, s.description))
+            .collect();
+        println!("{:<30} {:<8} reason", "attack", "verdict");
+        for o in &outcomes {
+            let verdict = match (o.denied, o.expected_reason) {
+                (true, true) => "denied",
+                (true, false) => "DENIED?",
+                (false, _) => "ACCEPTED",
+            };
+            println!("{:<30} {:<8} {}", o.name, verdict, o.reason());
+            if !(o.denied && o.expected_reason) {
+                println!(
+                    "{:<30} {:<8} expected {} ({})",
+                    "",
+                    "",
+                    o.expect,
+                    desc.get(o.name).unwrap_or(&"")
+                );
+            }
+        }
+        let n = outcomes
+            .iter()
+            .filter(|o| o.denied && o.expected_reason)
+            .count();
+        println!(
+            "{n} of {} attacks denied for the expected reason (control case accepted)",
+            outcomes.len()
+        );
+    }
+    Ok(all_ok)
 }
 
 fn report(a: &ReportArgs) -> Result<(), String> {
