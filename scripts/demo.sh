@@ -14,9 +14,10 @@ if [ ! -f "$CORPUS/MANIFEST.md" ]; then
   exit 2
 fi
 
-log "building attesta-kbs (release)"
-cargo build --release --locked -p kbs --quiet
+log "building attesta-kbs and attesta-sim (release)"
+cargo build --release --locked -p kbs -p simulator --quiet
 KBS=target/release/attesta-kbs
+SIM=target/release/attesta-sim
 
 log "verifying every bundle in $CORPUS now (AMD roots built in, no network)"
 "$KBS" verify-dir "$CORPUS" || log "note: the VLEK bundle's certificate expired on 2025-12-10, so it is rejected today"
@@ -28,3 +29,12 @@ V="$CORPUS/trustee-milan-vlek"
 log "one report in full, as JSON (Turin):"
 T="$CORPUS/msft-turin-v5"
 "$KBS" verify-report "$T/report.bin" --vcek "$T/vcek.pem" --json
+
+log "a simulated Genoa report: rejected without the simulator's root, accepted (not AMD-rooted) with it"
+OUT=$(mktemp -d)
+"$SIM" report --product genoa --report-data "$(printf 'ab%.0s' $(seq 64))" --out "$OUT"
+"$KBS" verify-report "$OUT/report.bin" --vcek "$OUT/vcek.der" --ask "$OUT/ask.pem" --ark "$OUT/ark.pem" | head -1 || true
+"$KBS" verify-report "$OUT/report.bin" --vcek "$OUT/vcek.der" --ask "$OUT/ask.pem" --ark "$OUT/ark.pem" --trust-root "$OUT/ark.pem" | head -1
+
+log "the attack catalogue: every scenario must be denied for its reason"
+"$SIM" attacks
