@@ -26,6 +26,12 @@ if ! command -v snpguest >/dev/null 2>&1; then
   cargo install snpguest --locked --quiet
 fi
 
+# The reference launch-measurement tool, to check `attesta-sim measure` against.
+if ! command -v sev-snp-measure >/dev/null 2>&1; then
+  log "installing sev-snp-measure (reference launch-measurement tool) from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check 'sev-snp-measure==0.0.13'
+fi
+
 log "format"
 cargo fmt --all -- --check
 

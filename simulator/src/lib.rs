@@ -9,6 +9,7 @@
 pub mod attacks;
 pub mod chip;
 pub mod der;
+pub mod measure;
 pub mod pki;
 pub mod seed;
 

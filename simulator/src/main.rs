@@ -30,9 +30,52 @@ enum Cmd {
     /// `attesta-kbs verify-report DIR/report.bin --vcek DIR/vcek.der --ask DIR/ask.pem
     /// --ark DIR/ark.pem --trust-root DIR/ark.pem`.
     Report(Box<ReportArgs>),
+    /// Compute the SEV-SNP launch measurement of a guest from its artifacts, as the AMD firmware
+    /// will (the same digest as `sev-snp-measure --mode snp`); printed as hex on the last line.
+    Measure(MeasureArgs),
+    /// Write a synthetic OVMF image carrying SEV metadata, the SEV hashes table and the SEV-ES
+    /// reset block (for cross-checking measurement tools where no such OVMF build is at hand).
+    SynthOvmf(SynthArgs),
     /// Run the attack catalogue against the verifier and appraisal policy; exit 1 if any
     /// scenario is not denied for its expected reason.
     Attacks(AttacksArgs),
+}
+
+#[derive(Args)]
+struct MeasureArgs {
+    /// The OVMF firmware image (must carry SEV metadata).
+    #[arg(long, value_name = "FILE")]
+    ovmf: PathBuf,
+    /// Kernel for direct boot, measured through OVMF's SEV hashes table.
+    #[arg(long, value_name = "F")]
+    kernel: Option<PathBuf>,
+    /// Initrd for direct boot (requires --kernel).
+    #[arg(long, value_name = "F", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for direct boot (requires --kernel).
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    append: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    vcpus: u32,
+    /// vCPU model as QEMU names it (EPYC-Milan, EPYC-Genoa, EPYC-Turin, EPYC-v4, ...).
+    #[arg(long, value_name = "TYPE")]
+    vcpu_type: String,
+    /// SEV features of the VMSAs, hex (default 0x1: SNP active).
+    #[arg(long, value_name = "HEX", default_value = "0x1")]
+    guest_features: String,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Image size in bytes (rounded up to 4096).
+    #[arg(long, default_value_t = 1 << 20)]
+    size: usize,
+    /// Varies the image's filler bytes.
+    #[arg(long, default_value_t = 0)]
+    fill: u8,
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -94,6 +137,12 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Report(a) => report(&a).map(|()| true),
         Cmd::Attacks(a) => attacks(&a),
+        Cmd::Measure(a) => measure(&a).map(|()| true),
+        Cmd::SynthOvmf(a) => {
+            std::fs::write(&a.out, simulator::measure::synthetic_ovmf(a.size, a.fill))
+                .map(|()| true)
+                .map_err(|e| format!("cannot write {}: {e}", a.out.display()))
+        }
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -158,6 +207,31 @@ fn pki_for(product: Product, seed: &Seed, state: &Path) -> Result<Pki, String> {
         );
     }
     Ok(p)
+}
+
+fn measure(a: &MeasureArgs) -> Result<(), String> {
+    use simulator::measure::{LaunchSpec, launch_digest, vcpu_sig};
+    let read = |p: &Path, what: &str| {
+        std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
+    };
+    let ovmf = read(&a.ovmf, "OVMF")?;
+    let kernel = a.kernel.as_deref().map(|p| read(p, "kernel")).transpose()?;
+    let initrd = a.initrd.as_deref().map(|p| read(p, "initrd")).transpose()?;
+    let t = a.guest_features.trim();
+    let guest_features = u64::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
+        .map_err(|e| format!("--guest-features: {e}"))?;
+    let spec = LaunchSpec {
+        ovmf: &ovmf,
+        kernel: kernel.as_deref(),
+        initrd: initrd.as_deref(),
+        cmdline: a.append.as_deref(),
+        vcpus: a.vcpus,
+        vcpu_sig: vcpu_sig(&a.vcpu_type).map_err(|e| e.to_string())?,
+        guest_features,
+    };
+    let d = launch_digest(&spec).map_err(|e| format!("{}: {e}", a.ovmf.display()))?;
+    println!("{}", hex::encode(d));
+    Ok(())
 }
 
 fn attacks(a: &AttacksArgs) -> Result<bool, String> {
