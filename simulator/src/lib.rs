@@ -9,10 +9,12 @@
 pub mod attacks;
 pub mod chip;
 pub mod der;
+pub mod fleet;
 pub mod measure;
 pub mod pki;
 pub mod seed;
 
 pub use chip::{Chip, ChipConfig, GuestLaunch, SimGuest};
+pub use fleet::{Fleet, Vm};
 pub use pki::{Pki, SimError, Vcek};
 pub use seed::Seed;
