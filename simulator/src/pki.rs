@@ -162,17 +162,26 @@ fn sign_cert(key: &RsaPrivateKey, seed: &Seed, spec: &CertSpec) -> Result<Vec<u8
     Ok(seq(&[tbs, pss_alg(), bits(&sig)]))
 }
 
-fn ca_exts(root: bool, product: Product, vlek: bool) -> Vec<Ext> {
-    let ku = if root {
-        vec![0x03, 0x02, 0x01, 0x06]
-    } else {
-        vec![0x03, 0x02, 0x02, 0x04]
-    };
-    let bc = if root {
-        seq(&[boolean(true)])
-    } else {
-        seq(&[boolean(true), uint(0)])
-    };
+/// RFC 5280 key identifier: SHA-1 of the subjectPublicKey bits.
+fn key_id(key: &RsaPrivateKey) -> Vec<u8> {
+    let pk = key
+        .to_public_key()
+        .to_pkcs1_der()
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default();
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &pk)
+        .as_ref()
+        .to_vec()
+}
+
+/// The extensions of AMD's ARK (root) and ASK/ASVK, in AMD's order.
+fn ca_exts(
+    root: bool,
+    product: Product,
+    vlek: bool,
+    subject: &RsaPrivateKey,
+    issuer: &RsaPrivateKey,
+) -> Vec<Ext> {
     let crl = format!(
         "https://kdsintf.amd.com/{}/v1/{}/crl",
         if vlek { "vlek" } else { "vcek" },
@@ -182,11 +191,48 @@ fn ca_exts(root: bool, product: Product, vlek: bool) -> Vec<Ext> {
         0,
         &explicit(0, &tlv(0x86, crl.as_bytes())),
     )])]);
-    vec![
-        ("2.5.29.15".into(), true, ku),
-        ("2.5.29.19".into(), true, bc),
-        ("2.5.29.31".into(), false, dp),
-    ]
+    let ski = ("2.5.29.14".to_string(), false, octets(&key_id(subject)));
+    if root {
+        vec![
+            ("2.5.29.15".into(), true, vec![0x03, 0x02, 0x01, 0x06]), // keyCertSign, cRLSign
+            ski,
+            ("2.5.29.19".into(), true, seq(&[boolean(true)])),
+            ("2.5.29.31".into(), false, dp),
+        ]
+    } else {
+        vec![
+            ski,
+            (
+                "2.5.29.35".into(),
+                false,
+                seq(&[tlv(0x80, &key_id(issuer))]),
+            ),
+            ("2.5.29.19".into(), true, seq(&[boolean(true), uint(0)])),
+            ("2.5.29.15".into(), true, vec![0x03, 0x02, 0x02, 0x04]), // keyCertSign
+            ("2.5.29.31".into(), false, dp),
+        ]
+    }
+}
+
+/// AMD numbers its CA certificates by product: 0x01…… Milan, 0x02…… Genoa, 0x03…… Turin.
+/// (Genoa's ASK in use is the re-issued 0x020002.)
+fn ca_serial(product: Product, vlek: u8, sub: u8) -> Vec<u8> {
+    match (product, vlek, sub) {
+        (Product::Milan, v, s) => vec![1, v, s],
+        (Product::Genoa, 0, 1) => vec![2, 0, 2],
+        (Product::Genoa, v, s) => vec![2, v, s],
+        (Product::Turin, v, s) => vec![3, v, s],
+    }
+}
+
+/// Validity of a product's CA certificates: AMD's 25 years from the product's ARK date.
+fn ca_validity(product: Product) -> (u64, u64) {
+    let start = match product {
+        Product::Milan => 1_603_324_800, // 2020-10-22
+        Product::Genoa => 1_643_155_200, // 2022-01-26
+        Product::Turin => 1_684_108_800, // 2023-05-15
+    };
+    (start, start + 9_131 * 86_400) // 25 years (including 6 leap days)
 }
 
 /// An endorsement key (VCEK or VLEK) and its certificate.
@@ -218,10 +264,6 @@ pub struct Pki {
     pub ask: Ca,
     pub asvk: Ca,
 }
-
-/// 2020-01-01T00:00:00Z and 2045-01-01T00:00:00Z: CA validity like AMD's 25 years.
-const CA_NOT_BEFORE: u64 = 1_577_836_800;
-const CA_NOT_AFTER: u64 = 2_366_841_600;
 
 /// The P-384 group order, big-endian.
 const P384_N: [u8; 48] = [
@@ -266,6 +308,7 @@ impl Pki {
     pub fn from_seed(product: Product, seed: Seed) -> Result<Pki, SimError> {
         let p = product.name();
         let seed = seed.derive(p.as_bytes());
+        let (ca_not_before, ca_not_after) = ca_validity(product);
         let ark_key = rsa_generate(&seed, "ark")?;
         let ark_cn = format!("ARK-{p}");
         let ark_seed = seed.derive(b"ark-sign");
@@ -273,13 +316,13 @@ impl Pki {
             &ark_key,
             &ark_seed,
             &CertSpec {
-                serial: vec![0x01, 0x00, 0x00],
+                serial: ca_serial(product, 0, 0),
                 issuer_cn: ark_cn.clone(),
                 subject_cn: ark_cn.clone(),
-                not_before: CA_NOT_BEFORE,
-                not_after: CA_NOT_AFTER,
+                not_before: ca_not_before,
+                not_after: ca_not_after,
                 spki: rsa_spki(&ark_key),
-                extensions: ca_exts(true, product, false),
+                extensions: ca_exts(true, product, false, &ark_key, &ark_key),
             },
         )?;
         let ark = Ca {
@@ -294,10 +337,10 @@ impl Pki {
                 serial,
                 issuer_cn: ark_cn.clone(),
                 subject_cn: cn.clone(),
-                not_before: CA_NOT_BEFORE,
-                not_after: CA_NOT_AFTER,
+                not_before: ca_not_before,
+                not_after: ca_not_after,
                 spki: rsa_spki(&key),
-                extensions: ca_exts(false, product, vlek),
+                extensions: ca_exts(false, product, vlek, &key, &ark.key),
             })?;
             Ok(Ca {
                 key,
@@ -306,11 +349,11 @@ impl Pki {
                 cn,
             })
         };
-        let ask = sub("ask", format!("SEV-{p}"), vec![0x01, 0x00, 0x01], false)?;
+        let ask = sub("ask", format!("SEV-{p}"), ca_serial(product, 0, 1), false)?;
         let asvk = sub(
             "asvk",
             format!("SEV-VLEK-{p}"),
-            vec![0x01, 0x01, 0x01],
+            ca_serial(product, 1, 1),
             true,
         )?;
         Ok(Pki {

@@ -320,3 +320,28 @@ fn options_reach_the_report() {
         assert_eq!(code, 2, "{bad:?}: {err}");
     }
 }
+
+#[test]
+fn attacks_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_attesta-sim"))
+        .args(["attacks", "--json"])
+        .env("ATTESTA_SIM_STATE", state())
+        .output()
+        .expect("run attesta-sim attacks");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rows = v.as_array().expect("an array");
+    assert!(rows.len() >= 30);
+    for r in rows {
+        assert!(
+            r["name"].is_string() && !r["reason"].as_str().unwrap_or("").is_empty(),
+            "{r}"
+        );
+        assert_eq!(r["denied"], true, "{r}");
+    }
+}

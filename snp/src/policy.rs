@@ -345,11 +345,13 @@ impl Policy {
                 });
             }
         }
-        // Anti-rollback: neither the TCB the VCEK certifies nor the committed TCB may exceed
-        // the running firmware's TCB.
+        // Anti-rollback: neither the TCB the VCEK certifies, nor the committed TCB, nor the TCB
+        // the guest was launched under may exceed the running firmware's TCB (firmware only moves
+        // forward under a running guest; migration is refused by default).
         for (field, tcb) in [
             (TcbField::Reported, &reported),
             (TcbField::Committed, &committed),
+            (TcbField::Launch, &launch),
         ] {
             for (component, current, value) in regressions(&current, tcb) {
                 out.push(Reason::TcbAboveCurrent {

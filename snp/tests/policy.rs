@@ -1654,3 +1654,33 @@ fn products_allowlist() {
     assert!(Policy::from_toml("products = []\n").is_err());
     assert!(Policy::from_toml("products = [\"rome\"]\n").is_err());
 }
+
+#[test]
+fn launch_tcb_above_current_is_a_rollback() {
+    let base = good();
+    let cur = Tcb::decode(base.current_tcb, Product::Milan);
+    let mut r = base.clone();
+    r.launch_tcb = Tcb {
+        snp: cur.snp + 1,
+        ..cur
+    }
+    .encode(Product::Milan);
+    fails(
+        &Policy::default(),
+        &r,
+        &[Reason::TcbAboveCurrent {
+            field: TcbField::Launch,
+            component: Component::Snp,
+            value: cur.snp + 1,
+            current: cur.snp,
+        }],
+    );
+    // An older launch TCB (firmware updated since launch) is fine.
+    let mut r = base;
+    r.launch_tcb = Tcb {
+        snp: cur.snp - 1,
+        ..cur
+    }
+    .encode(Product::Milan);
+    passes(&Policy::default(), &r);
+}
