@@ -473,6 +473,22 @@ pub fn catalogue() -> Vec<Scenario> {
             })
         ),
         s!(
+            "launch-tcb-above-current",
+            "the VM was launched under (uncommitted) firmware newer than what runs now: a rollback after launch",
+            "tcb_above_current",
+            |l| l.signed(&l.chip_a, |b| {
+                let mut t = l.chip_a.config.current_tcb;
+                t.snp += 1;
+                b.launch_tcb = t.encode(Product::Milan);
+            })
+        ),
+        s!(
+            "tcb-rollback-tee-turin",
+            "an old TEE (PSP OS) on Turin",
+            "tcb_below_minimum",
+            |l| with_tcb(l, &l.turin_chip, |t| t.tee = t.tee.saturating_sub(1))
+        ),
+        s!(
             "reported-tcb-above-current",
             "REPORTED_TCB claims firmware newer than what runs",
             "tcb_above_current",
