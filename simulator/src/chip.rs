@@ -278,6 +278,20 @@ impl Default for GuestLaunch {
     }
 }
 
+impl GuestLaunch {
+    /// A launch whose measurement is computed from the artifacts, as the firmware would.
+    pub fn measured(
+        spec: &crate::measure::LaunchSpec<'_>,
+        policy: u64,
+    ) -> Result<GuestLaunch, crate::measure::MeasureError> {
+        Ok(GuestLaunch {
+            measurement: crate::measure::launch_digest(spec)?,
+            policy,
+            ..Default::default()
+        })
+    }
+}
+
 /// A guest running on a simulated chip: its `/dev/sev-guest`.
 pub struct SimGuest<'a> {
     chip: &'a Chip,

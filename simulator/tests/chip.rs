@@ -178,3 +178,27 @@ fn a_firmware_update_reissues_the_vcek() {
         stale.reasons
     );
 }
+
+#[test]
+fn a_launch_is_measured_from_its_artifacts() {
+    use simulator::measure::{LaunchSpec, launch_digest, synthetic_ovmf, vcpu_sig};
+    let ovmf = synthetic_ovmf(64 * 1024, 3);
+    let spec = LaunchSpec {
+        ovmf: &ovmf,
+        kernel: Some(b"kernel"),
+        initrd: Some(b"initrd"),
+        cmdline: Some("console=ttyS0"),
+        vcpus: 2,
+        vcpu_sig: vcpu_sig("EPYC-Genoa").unwrap(),
+        guest_features: 1,
+    };
+    let launch = GuestLaunch::measured(&spec, 0x3_001f).unwrap();
+    assert_eq!(launch.measurement, launch_digest(&spec).unwrap());
+    let pki = pki(Product::Genoa);
+    let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap();
+    let report = chip.launch(launch).get_report(&[0; 64], 0).unwrap();
+    assert_eq!(
+        AttestationReport::from_bytes(&report).unwrap().measurement,
+        launch_digest(&spec).unwrap()
+    );
+}
