@@ -247,6 +247,34 @@ fn with_tcb(l: &Lab, chip: &Chip, f: impl Fn(&mut Tcb)) -> Case {
     }
 }
 
+/// A report signed by a (genuine) VLEK of chip A's TCB; `says_vlek`: whether KEY_INFO says so.
+fn vlek_signed(l: &Lab, says_vlek: bool) -> Case {
+    let vlek = l
+        .milan
+        .issue_vlek("csp", &l.chip_a.config.current_tcb, NOW - DAY)
+        .ok();
+    let mut body = l.chip_a.report_body(
+        &good_launch(),
+        &l.chip_a.config.current_tcb,
+        &EXPECTED_REPORT_DATA,
+        0,
+    );
+    if says_vlek {
+        body.key_info = KeyInfo(0).with_signing_key(SigningKey::Vlek);
+    }
+    let report = vlek
+        .as_ref()
+        .and_then(|v| v.sign_report(&mut body).ok())
+        .map(|b| b.to_vec())
+        .unwrap_or_default();
+    Case {
+        report,
+        vcek: vlek.map(|v| v.cert).unwrap_or_default(),
+        ask: l.milan.asvk.cert.clone(),
+        ..l.genuine()
+    }
+}
+
 /// Every scenario, in order.
 pub fn catalogue() -> Vec<Scenario> {
     macro_rules! s {
@@ -326,29 +354,7 @@ pub fn catalogue() -> Vec<Scenario> {
             "vlek-presented-as-vcek",
             "a VLEK-signed report claims (in KEY_INFO) to be VCEK-signed",
             "signing_key_mismatch",
-            |l| {
-                let vlek = l
-                    .milan
-                    .issue_vlek("csp", &l.chip_a.config.current_tcb, NOW - DAY)
-                    .ok();
-                let mut body = l.chip_a.report_body(
-                    &good_launch(),
-                    &l.chip_a.config.current_tcb,
-                    &EXPECTED_REPORT_DATA,
-                    0,
-                );
-                let report = vlek
-                    .as_ref()
-                    .and_then(|v| v.sign_report(&mut body).ok())
-                    .map(|b| b.to_vec())
-                    .unwrap_or_default();
-                Case {
-                    report,
-                    vcek: vlek.map(|v| v.cert).unwrap_or_default(),
-                    ask: l.milan.asvk.cert.clone(),
-                    ..l.genuine()
-                }
-            }
+            |l| vlek_signed(l, false)
         ),
         s!(
             "vcek-presented-as-vlek",
@@ -361,30 +367,7 @@ pub fn catalogue() -> Vec<Scenario> {
             "vlek-not-allowed",
             "a genuine VLEK-signed report, which cannot be bound to a chip",
             "signing_key_not_allowed",
-            |l| {
-                let vlek = l
-                    .milan
-                    .issue_vlek("csp", &l.chip_a.config.current_tcb, NOW - DAY)
-                    .ok();
-                let mut body = l.chip_a.report_body(
-                    &good_launch(),
-                    &l.chip_a.config.current_tcb,
-                    &EXPECTED_REPORT_DATA,
-                    0,
-                );
-                body.key_info = KeyInfo(0).with_signing_key(SigningKey::Vlek);
-                let report = vlek
-                    .as_ref()
-                    .and_then(|v| v.sign_report(&mut body).ok())
-                    .map(|b| b.to_vec())
-                    .unwrap_or_default();
-                Case {
-                    report,
-                    vcek: vlek.map(|v| v.cert).unwrap_or_default(),
-                    ask: l.milan.asvk.cert.clone(),
-                    ..l.genuine()
-                }
-            }
+            |l| vlek_signed(l, true)
         ),
         s!(
             "unsigned-report",

@@ -103,19 +103,26 @@ impl Ca {
                 .collect();
             tbs.push(seq(&entries));
         }
-        let tbs = seq(&tbs);
-        let sig = rsa_sign(&self.key, &self.seed, &tbs)?;
-        Ok(seq(&[tbs, pss_alg(), bits(&sig)]))
+        signed(&self.key, &self.seed, seq(&tbs))
     }
 }
 
-fn rsa_spki(key: &RsaPrivateKey) -> Vec<u8> {
-    let pk = key
-        .to_public_key()
+/// The RSAPublicKey DER of a key (the subjectPublicKey bits).
+fn rsa_pk(key: &RsaPrivateKey) -> Vec<u8> {
+    key.to_public_key()
         .to_pkcs1_der()
         .map(|d| d.as_bytes().to_vec())
-        .unwrap_or_default();
-    seq(&[seq(&[oid(OID_RSA), null()]), bits(&pk)])
+        .unwrap_or_default()
+}
+
+fn rsa_spki(key: &RsaPrivateKey) -> Vec<u8> {
+    seq(&[seq(&[oid(OID_RSA), null()]), bits(&rsa_pk(key))])
+}
+
+/// SIGNED{tbs}: the TBS, AMD's PSS algorithm identifier and the signature.
+fn signed(key: &RsaPrivateKey, seed: &Seed, tbs: Vec<u8>) -> Result<Vec<u8>, SimError> {
+    let sig = rsa_sign(key, seed, &tbs)?;
+    Ok(seq(&[tbs, pss_alg(), bits(&sig)]))
 }
 
 /// RSASSA-PSS, SHA-384, salt 48 (AMD's parameters), salt drawn from a seeded RNG.
@@ -157,19 +164,12 @@ fn sign_cert(key: &RsaPrivateKey, seed: &Seed, spec: &CertSpec) -> Result<Vec<u8
     if !exts.is_empty() {
         tbs.push(explicit(3, &seq(&exts)));
     }
-    let tbs = seq(&tbs);
-    let sig = rsa_sign(key, seed, &tbs)?;
-    Ok(seq(&[tbs, pss_alg(), bits(&sig)]))
+    signed(key, seed, seq(&tbs))
 }
 
 /// RFC 5280 key identifier: SHA-1 of the subjectPublicKey bits.
 fn key_id(key: &RsaPrivateKey) -> Vec<u8> {
-    let pk = key
-        .to_public_key()
-        .to_pkcs1_der()
-        .map(|d| d.as_bytes().to_vec())
-        .unwrap_or_default();
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &pk)
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &rsa_pk(key))
         .as_ref()
         .to_vec()
 }
