@@ -190,7 +190,10 @@ fn state_dir(arg: &Option<PathBuf>) -> PathBuf {
 /// The hierarchy for (product, seed): loaded from the state directory, else generated
 /// (deterministically) and saved there.
 fn pki_for(product: Product, seed: &Seed, state: &Path) -> Result<Pki, String> {
-    let dir = state.join(seed.id()).join(product.name().to_lowercase());
+    let dir = state
+        .join(format!("v{}", simulator::pki::PROFILE_VERSION))
+        .join(seed.id())
+        .join(product.name().to_lowercase());
     if let Ok(p) = Pki::load(&dir)
         && p.product == product
     {

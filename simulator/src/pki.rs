@@ -32,6 +32,10 @@ pub enum SimError {
     State { path: String, why: String },
 }
 
+/// Version of the certificate profile and key derivation. Saved hierarchies are kept per version,
+/// so a change to either never reuses certificates made by an older simulator.
+pub const PROFILE_VERSION: u32 = 2;
+
 /// An X.509 extension: (OID, critical, DER value).
 pub type Ext = (String, bool, Vec<u8>);
 
