@@ -32,6 +32,10 @@ def table(certs):
 
 put("policy", "example.toml", (root.parent / "examples" / "policy.toml").read_bytes())
 put("cert_table", "empty", b"\0" * 24)
+ovmf = pathlib.Path("/usr/share/ovmf/OVMF.fd")
+if ovmf.is_file():
+    # The last pages carry the footer table and SEV metadata the parser reads.
+    put("ovmf", "debian-ovmf-tail", ovmf.read_bytes()[-8192:])
 if not snp.is_dir():
     print(f"seed: no SNP corpus at {snp}; seeded from examples only", file=sys.stderr)
     sys.exit(0)

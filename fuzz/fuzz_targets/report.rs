@@ -5,7 +5,8 @@ use snp::{AttestationReport, Policy, Product};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(r) = AttestationReport::from_bytes(data) {
-        let again = AttestationReport::from_bytes(&r.body().encode()).expect("re-encoded report parses");
+        let again =
+            AttestationReport::from_bytes(&r.body().encode()).expect("re-encoded report parses");
         assert_eq!(again.body(), r.body());
         let _ = r.product_hint();
         let _ = r.reserved_nonzero();

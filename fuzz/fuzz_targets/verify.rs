@@ -13,7 +13,13 @@ fuzz_target!(|data: &[u8]| {
     let mid = rest.len() / 2;
     let (vcek, crl) = rest.split_at(mid);
     let crls = [crl];
-    let ev = Evidence { report, vcek: Some(vcek), ask: None, ark: None, crls: &crls };
+    let ev = Evidence {
+        report,
+        vcek: Some(vcek),
+        ask: None,
+        ark: None,
+        crls: &crls,
+    };
     let verdict = v.verify(&ev, 1_780_272_000);
     assert!(!verdict.accepted());
 });
