@@ -57,7 +57,16 @@ pub struct KdsClient {
     cache: OfflineStore,
     backoff: Backoff,
     inflight: Mutex<HashMap<String, Flight>>,
+    /// Recent "no such certificate" answers (HTTP 404), so hostile requests for chips AMD does
+    /// not know cannot spend the key server's rate limit again and again.
+    negative: Mutex<HashMap<String, (std::time::Instant, KdsError)>>,
+    negative_ttl: Duration,
 }
+
+/// How long a 404 from the key server is remembered.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(600);
+/// Most 404 answers remembered at once.
+const NEGATIVE_MAX: usize = 10_000;
 
 impl KdsClient {
     /// `base`: e.g. [`snp::kds::AMD_KDS_URL`] or a local mirror; `cache_dir`: persistent cache.
@@ -81,7 +90,15 @@ impl KdsClient {
             cache: OfflineStore::new(cache_dir),
             backoff,
             inflight: Mutex::new(HashMap::new()),
+            negative: Mutex::new(HashMap::new()),
+            negative_ttl: NEGATIVE_TTL,
         })
+    }
+
+    /// Changes how long a 404 is remembered (default [`NEGATIVE_TTL`]; zero disables).
+    pub fn with_negative_ttl(mut self, ttl: Duration) -> KdsClient {
+        self.negative_ttl = ttl;
+        self
     }
 
     pub fn cache(&self) -> &OfflineStore {
@@ -141,6 +158,16 @@ impl KdsClient {
         url: &str,
         keep: impl FnOnce(&[u8]) -> Result<(), KdsError>,
     ) -> Result<Vec<u8>, KdsError> {
+        {
+            let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+            match neg.get(url) {
+                Some((at, err)) if at.elapsed() < self.negative_ttl => return Err(err.clone()),
+                Some(_) => {
+                    neg.remove(url);
+                }
+                None => {}
+            }
+        }
         let cell = {
             let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             map.entry(url.to_string()).or_default().clone()
@@ -156,6 +183,16 @@ impl KdsClient {
         let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if map.get(url).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             map.remove(url);
+        }
+        drop(map);
+        if let Err(e @ KdsError::Http { status: 404, .. }) = &out
+            && !self.negative_ttl.is_zero()
+        {
+            let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+            if neg.len() >= NEGATIVE_MAX {
+                neg.clear();
+            }
+            neg.insert(url.to_string(), (std::time::Instant::now(), e.clone()));
         }
         out
     }

@@ -10,5 +10,5 @@
 mod client;
 mod store;
 
-pub use client::{Backoff, KdsClient, KdsError};
+pub use client::{Backoff, KdsClient, KdsError, NEGATIVE_TTL};
 pub use store::OfflineStore;

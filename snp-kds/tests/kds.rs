@@ -220,11 +220,22 @@ async fn backs_off_on_429_and_gives_up_with_a_clear_error() {
     let client = KdsClient::new(&base, cache.path(), fast()).unwrap();
     assert_eq!(client.vcek(product, &chip, &tcb).await.unwrap(), der);
     assert_eq!(server.hits(&path), 3);
-    // Unknown chip: 404 is final, not retried (after the throttled first two answers).
+    // Unknown chip: 404 is final, not retried (after the throttled first two answers), and
+    // remembered, so asking again does not reach the key server.
     let mut other = chip;
     other[0] ^= 0xff;
+    let other_path = vcek_path(product, &other, &tcb);
     let err = client.vcek(product, &other, &tcb).await.unwrap_err();
     assert!(matches!(err, KdsError::Http { status: 404, .. }), "{err}");
+    let hits = server.hits(&other_path);
+    let err = client.vcek(product, &other, &tcb).await.unwrap_err();
+    assert!(matches!(err, KdsError::Http { status: 404, .. }), "{err}");
+    assert_eq!(server.hits(&other_path), hits, "a 404 is remembered");
+    let forgetful = KdsClient::new(&base, cache.path(), fast())
+        .unwrap()
+        .with_negative_ttl(Duration::ZERO);
+    assert!(forgetful.vcek(product, &other, &tcb).await.is_err());
+    assert_eq!(server.hits(&other_path), hits + 1);
     task.abort();
 
     let server = Arc::new(Server {

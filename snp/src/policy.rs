@@ -218,6 +218,10 @@ pub struct Policy {
     /// Reject reports whose reserved fields are not zero.
     #[serde(default)]
     pub strict_reserved: bool,
+    /// Cloud providers (VLEK CSP_ID) whose VLEK-signed reports are acceptable, when VLEKs are
+    /// allowed at all. Absent: any provider.
+    #[serde(default)]
+    pub vlek_csp_ids: Option<Vec<String>>,
     /// Products this policy is written for (TCB numbers mean different things on each).
     /// Absent: any.
     #[serde(default)]
@@ -254,6 +258,7 @@ impl Default for Policy {
             signing_keys: default_signing_keys(),
             strict_reserved: false,
             products: None,
+            vlek_csp_ids: None,
         }
     }
 }

@@ -192,6 +192,7 @@ pub enum Reason {
     },
     MitigationsUnavailable,
     SigningKeyNotAllowed(SigningKey),
+    VlekCspNotAllowed(String),
     ReportVersionTooOld {
         have: u32,
         need: u32,
@@ -255,6 +256,7 @@ impl Reason {
             MitigationsMissing { .. } => "mitigations_missing",
             MitigationsUnavailable => "mitigations_unavailable",
             SigningKeyNotAllowed(_) => "signing_key_not_allowed",
+            VlekCspNotAllowed(_) => "vlek_csp_not_allowed",
             ReportVersionTooOld { .. } => "report_version_too_old",
             ReservedNonZero(_) => "reserved_nonzero",
         }
@@ -328,6 +330,7 @@ impl fmt::Display for Reason {
             MitigationsMissing { launch, missing } => write!(f, "{} mitigation vector lacks required bits {missing:#x}", if *launch { "launch" } else { "current" }),
             MitigationsUnavailable => f.write_str("mitigation vectors are required but the report (version < 5) has none"),
             SigningKeyNotAllowed(k) => write!(f, "reports signed by a {} are not allowed by the policy", key_name(k)),
+            VlekCspNotAllowed(c) => write!(f, "VLEK of cloud provider {c:?} is not allowed by the policy"),
             ReportVersionTooOld { have, need } => write!(f, "report version {have} is below the minimum {need}"),
             ReservedNonZero(n) => write!(f, "report field {n} must be zero"),
         }

@@ -320,6 +320,15 @@ impl Verifier {
                         .map(Reason::ReservedNonZero),
                 );
             }
+            // Which cloud provider a VLEK belongs to is in its certificate, not the report.
+            if let (Some(allowed), Some(SignerKind::Vlek), Some(cert)) =
+                (&policy.vlek_csp_ids, v.signer, &v.vcek)
+            {
+                let csp = cert.amd.csp_id.clone().unwrap_or_default();
+                if !allowed.contains(&csp) {
+                    extra.push(Reason::VlekCspNotAllowed(csp));
+                }
+            }
             v.reasons.extend(extra);
         }
         v

@@ -481,6 +481,31 @@ fn vlek_chain() {
     let out = v.verify(&ev(&c, &[]), NOW);
     assert!(out.accepted(), "{:?}", out.reasons);
     assert_eq!(out.signer, Some(snp::SignerKind::Vlek));
+    // The policy chooses which cloud providers' VLEKs count (and refuses VLEKs by default).
+    use snp::policy::{Policy, SigningKeyName};
+    let vlek_policy = |csps: Option<Vec<String>>| Policy {
+        signing_keys: vec![SigningKeyName::Vlek],
+        vlek_csp_ids: csps,
+        ..Policy::default()
+    };
+    assert!(
+        v.verify_with_policy(&ev(&c, &[]), &Policy::default(), NOW)
+            .reasons
+            .contains(&Reason::SigningKeyNotAllowed(SigningKey::Vlek))
+    );
+    assert!(
+        v.verify_with_policy(
+            &ev(&c, &[]),
+            &vlek_policy(Some(vec!["acme-cloud".into()])),
+            NOW
+        )
+        .accepted()
+    );
+    assert_eq!(
+        v.verify_with_policy(&ev(&c, &[]), &vlek_policy(Some(vec!["other".into()])), NOW)
+            .reasons,
+        vec![Reason::VlekCspNotAllowed("acme-cloud".into())]
+    );
     // A VLEK under the ASK (not the ASVK) is refused.
     let c2 = Case {
         ask: p.ask.cert.clone(),
