@@ -1,0 +1,11 @@
+//! # guest-agent — Attesta inside the VM
+//!
+//! Runs in the VM's initramfs: attests over the mesh, receives the disk key sealed to a key born
+//! in the guest, formats the LUKS2 disk on first boot and unlocks it on every boot. The key
+//! lives only in guest memory (zeroized, never written, never logged); any failure fails closed.
+//!
+//! This crate so far holds the disk side ([`luks`]); attestation and the key-release client come
+//! with the key broker's protocol.
+#![forbid(unsafe_code)]
+
+pub mod luks;
