@@ -11,6 +11,8 @@
 //!   domain separator, so a guest accepts only what its pinned broker said.
 #![forbid(unsafe_code)]
 
+pub mod msg;
+
 use aws_lc_rs::digest::{SHA512, digest};
 use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use hpke::aead::ChaCha20Poly1305;
