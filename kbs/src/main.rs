@@ -23,6 +23,63 @@ enum Cmd {
     /// Verify every evidence bundle in a directory (one subdirectory each: report.bin, a VCEK
     /// or VLEK, optional ask.pem/ark.pem or cert_chain.pem) and print a table.
     VerifyDir(verify_cmd::VerifyDirArgs),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check a log's hash chain and signed checkpoints offline. Exit 0 intact, 1 tampered or
+    /// unverifiable, 2 usage error or unreadable file.
+    Verify {
+        /// The audit log (JSON Lines).
+        log: std::path::PathBuf,
+        /// The broker's audit public key: 32 bytes raw, or 64 hex digits.
+        #[arg(long, value_name = "FILE")]
+        key: std::path::PathBuf,
+    },
+}
+
+fn audit_verify(log: &std::path::Path, key: &std::path::Path) -> ExitCode {
+    let fail = |m: String| {
+        eprintln!("attesta-kbs audit verify: {m}");
+        ExitCode::from(2)
+    };
+    let text = match std::fs::read_to_string(log) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("cannot read {}: {e}", log.display())),
+    };
+    let raw = match std::fs::read(key) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("cannot read {}: {e}", key.display())),
+    };
+    let pk = if raw.len() == 32 {
+        raw
+    } else {
+        match hex::decode(String::from_utf8_lossy(&raw).trim()) {
+            Ok(k) if k.len() == 32 => k,
+            _ => {
+                return fail(format!(
+                    "{}: expected a 32-byte Ed25519 public key (raw or hex)",
+                    key.display()
+                ));
+            }
+        }
+    };
+    match kbs::audit::verify(&text, &pk) {
+        Ok(v) => {
+            println!(
+                "audit log intact: {} entries, {} signed checkpoints, {} entries after the last checkpoint",
+                v.entries, v.checkpoints, v.unsigned_tail
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("audit log NOT intact: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -30,5 +87,6 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::VerifyReport(a) => verify_cmd::verify_report(*a),
         Cmd::VerifyDir(a) => verify_cmd::verify_dir(a),
+        Cmd::Audit(AuditCmd::Verify { log, key }) => audit_verify(&log, &key),
     }
 }

@@ -1,0 +1,7 @@
+//! # kbs — the Attesta key broker
+//!
+//! The broker's decision logic lives here as pure functions and types (no sockets, files or
+//! clocks passed implicitly); the `attesta-kbs` binary is a thin shell around it.
+#![forbid(unsafe_code)]
+
+pub mod audit;
