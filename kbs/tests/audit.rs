@@ -174,8 +174,10 @@ mod props {
             bytes[i] ^= 1 << bit;
             // Whitespace flips between line breaks and spaces may leave JSON equivalent; anything
             // else must fail or still describe exactly the same log.
-            if let Ok(s) = String::from_utf8(bytes) {
-                if let Ok(v) = kbs::audit::verify(&s, &pk) {
+            if let Ok(s) = String::from_utf8(bytes)
+                && let Ok(v) = kbs::audit::verify(&s, &pk)
+            {
+                {
                     prop_assert_eq!(v.entries, 8);
                     // Accepted: then it says exactly what the original said (hex case aside).
                     let norm = |t: &str| -> Vec<serde_json::Value> {
