@@ -1,0 +1,247 @@
+//! The release decision, as a pure function: given what the store knows about a nonce and a VM,
+//! and what the verifier concluded about the evidence, release the VM's secrets or deny — and say
+//! which state changes must be committed (durably, atomically) before the answer is sent.
+//!
+//! Rules: an unknown, expired or spent nonce is denied; a nonce is spent by its first use,
+//! whatever the outcome, so each nonce yields at most one release; a nonce issued for another
+//! VM is denied; an unknown or terminated VM is denied; REPORT_DATA must bind the nonce, the guest
+//! key and the connection; the evidence must pass the VM's policy. Each release advances the
+//! VM's boot counter.
+
+use snp::Reason;
+
+/// What the store holds about a nonce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NonceState {
+    Issued { vm_id: String, expires_at: u64 },
+    Spent,
+}
+
+/// What the store holds about a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmState {
+    pub vm_id: String,
+    pub generation: u64,
+    pub boot_counter: u64,
+    pub terminated: bool,
+}
+
+/// Why a release was denied (the closed vocabulary of the audit log and metrics).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Denial {
+    UnknownNonce,
+    ExpiredNonce,
+    SpentNonce,
+    NonceForAnotherVm,
+    UnknownVm,
+    Terminated,
+    ReportDataMismatch,
+    Evidence(Reason),
+}
+
+impl Denial {
+    /// Stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Denial::UnknownNonce => "unknown_nonce",
+            Denial::ExpiredNonce => "expired_nonce",
+            Denial::SpentNonce => "spent_nonce",
+            Denial::NonceForAnotherVm => "nonce_for_another_vm",
+            Denial::UnknownVm => "unknown_vm",
+            Denial::Terminated => "vm_terminated",
+            Denial::ReportDataMismatch => "report_data_mismatch",
+            Denial::Evidence(r) => r.code(),
+        }
+    }
+}
+
+/// Everything the decision depends on.
+#[derive(Clone, Debug)]
+pub struct Request<'a> {
+    pub now: u64,
+    pub vm_id: &'a str,
+    pub nonce: Option<&'a NonceState>,
+    pub vm: Option<&'a VmState>,
+    /// REPORT_DATA the evidence carries, and what it must be (from nonce, guest key, exporter).
+    pub report_data: [u8; 64],
+    pub expected_report_data: [u8; 64],
+    /// The verifier's reasons (authenticity and the VM's appraisal policy); empty = accepted.
+    pub evidence: &'a [Reason],
+}
+
+/// The outcome, and the state to commit before answering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// `Ok(new VM state)` to release, `Err(reasons)` to deny.
+    pub outcome: Result<VmState, Vec<Denial>>,
+    /// Whether the nonce must be marked spent (always, if it was a live nonce).
+    pub spend_nonce: bool,
+}
+
+/// Decides a release request.
+pub fn decide(req: &Request<'_>) -> Decision {
+    let mut deny = Vec::new();
+    let mut spend_nonce = false;
+    match req.nonce {
+        None => deny.push(Denial::UnknownNonce),
+        Some(NonceState::Spent) => deny.push(Denial::SpentNonce),
+        Some(NonceState::Issued { vm_id, expires_at }) => {
+            spend_nonce = true; // first use, whatever follows: never a second chance
+            if req.now > *expires_at {
+                deny.push(Denial::ExpiredNonce);
+            }
+            if vm_id != req.vm_id {
+                deny.push(Denial::NonceForAnotherVm);
+            }
+        }
+    }
+    match req.vm {
+        None => deny.push(Denial::UnknownVm),
+        Some(v) if v.terminated => deny.push(Denial::Terminated),
+        Some(v) if v.vm_id != req.vm_id => deny.push(Denial::UnknownVm),
+        Some(_) => {}
+    }
+    if req.report_data != req.expected_report_data {
+        deny.push(Denial::ReportDataMismatch);
+    }
+    deny.extend(req.evidence.iter().cloned().map(Denial::Evidence));
+    let outcome = match (deny.is_empty(), req.vm) {
+        (true, Some(v)) => Ok(VmState {
+            boot_counter: v.boot_counter + 1,
+            ..v.clone()
+        }),
+        _ => Err(deny),
+    };
+    Decision {
+        outcome,
+        spend_nonce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> VmState {
+        VmState {
+            vm_id: "vm-1".into(),
+            generation: 3,
+            boot_counter: 7,
+            terminated: false,
+        }
+    }
+
+    fn issued() -> NonceState {
+        NonceState::Issued {
+            vm_id: "vm-1".into(),
+            expires_at: 100,
+        }
+    }
+
+    fn req<'a>(
+        nonce: Option<&'a NonceState>,
+        vm: Option<&'a VmState>,
+        evidence: &'a [Reason],
+    ) -> Request<'a> {
+        Request {
+            now: 50,
+            vm_id: "vm-1",
+            nonce,
+            vm,
+            report_data: [1; 64],
+            expected_report_data: [1; 64],
+            evidence,
+        }
+    }
+
+    #[test]
+    fn a_good_request_releases_and_advances_the_boot_counter() {
+        let (n, v) = (issued(), vm());
+        let d = decide(&req(Some(&n), Some(&v), &[]));
+        assert_eq!(
+            d.outcome,
+            Ok(VmState {
+                boot_counter: 8,
+                ..vm()
+            })
+        );
+        assert!(d.spend_nonce);
+    }
+
+    #[test]
+    fn every_rule_denies_on_its_own() {
+        let (n, v) = (issued(), vm());
+        let denied = |r: Request<'_>| decide(&r).outcome.unwrap_err();
+        assert_eq!(denied(req(None, Some(&v), &[])), vec![Denial::UnknownNonce]);
+        assert_eq!(
+            denied(req(Some(&NonceState::Spent), Some(&v), &[])),
+            vec![Denial::SpentNonce]
+        );
+        assert_eq!(
+            denied(Request {
+                now: 101,
+                ..req(Some(&n), Some(&v), &[])
+            }),
+            vec![Denial::ExpiredNonce]
+        );
+        let other = NonceState::Issued {
+            vm_id: "vm-2".into(),
+            expires_at: 100,
+        };
+        assert_eq!(
+            denied(req(Some(&other), Some(&v), &[])),
+            vec![Denial::NonceForAnotherVm]
+        );
+        assert_eq!(denied(req(Some(&n), None, &[])), vec![Denial::UnknownVm]);
+        let dead = VmState {
+            terminated: true,
+            ..vm()
+        };
+        assert_eq!(
+            denied(req(Some(&n), Some(&dead), &[])),
+            vec![Denial::Terminated]
+        );
+        assert_eq!(
+            denied(Request {
+                report_data: [2; 64],
+                ..req(Some(&n), Some(&v), &[])
+            }),
+            vec![Denial::ReportDataMismatch]
+        );
+        let ev = [Reason::HwidMismatch];
+        assert_eq!(
+            denied(req(Some(&n), Some(&v), &ev)),
+            vec![Denial::Evidence(Reason::HwidMismatch)]
+        );
+        assert_eq!(
+            Denial::Evidence(Reason::HwidMismatch).code(),
+            "hwid_mismatch"
+        );
+    }
+
+    #[test]
+    fn a_live_nonce_is_spent_even_when_denied_and_all_reasons_are_listed() {
+        let (n, v) = (issued(), vm());
+        let ev = [Reason::ReportSignatureInvalid];
+        let d = decide(&Request {
+            now: 101,
+            report_data: [0; 64],
+            ..req(Some(&n), Some(&v), &ev)
+        });
+        assert!(
+            d.spend_nonce,
+            "a failed attempt must not leave the nonce usable"
+        );
+        assert_eq!(
+            d.outcome.unwrap_err(),
+            vec![
+                Denial::ExpiredNonce,
+                Denial::ReportDataMismatch,
+                Denial::Evidence(Reason::ReportSignatureInvalid)
+            ]
+        );
+        // Unknown or spent nonces have nothing to spend.
+        assert!(!decide(&req(None, Some(&v), &[])).spend_nonce);
+        assert!(!decide(&req(Some(&NonceState::Spent), Some(&v), &[])).spend_nonce);
+    }
+}
