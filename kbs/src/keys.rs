@@ -216,3 +216,143 @@ mod tests {
         assert!(FileKek::load(&path).is_err());
     }
 }
+
+/// A KEK that never leaves a hardware security module: an AES-256 key on a PKCS#11 token,
+/// used with AES-GCM through the token (tested against SoftHSM2).
+pub struct Pkcs11Kek {
+    // Field order: the session closes before the library is finalized.
+    session: std::sync::Mutex<cryptoki::session::Session>,
+    key: cryptoki::object::ObjectHandle,
+    _pkcs11: cryptoki::context::Pkcs11,
+}
+
+impl Pkcs11Kek {
+    /// Opens `module` (e.g. /usr/lib/softhsm/libsofthsm2.so), logs in to the token labelled
+    /// `token` with the user PIN, and finds the AES key labelled `key_label` (or creates it,
+    /// non-extractable, when `create` is set).
+    pub fn open(
+        module: &Path,
+        token: &str,
+        pin: &str,
+        key_label: &str,
+        create: bool,
+    ) -> Result<Pkcs11Kek, KeyError> {
+        use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::{Attribute, KeyType, ObjectClass};
+        use cryptoki::session::UserType;
+        let err = |why: String| KeyError::KekFile {
+            path: format!("pkcs11:{}?token={token}", module.display()),
+            why,
+        };
+        let p = Pkcs11::new(module).map_err(|e| err(e.to_string()))?;
+        p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .map_err(|e| err(e.to_string()))?;
+        let slot = p
+            .get_slots_with_token()
+            .map_err(|e| err(e.to_string()))?
+            .into_iter()
+            .find(|s| {
+                p.get_token_info(*s)
+                    .map(|t| t.label().trim_end() == token)
+                    .unwrap_or(false)
+            })
+            .ok_or_else(|| err("no such token".into()))?;
+        let session = p.open_rw_session(slot).map_err(|e| err(e.to_string()))?;
+        session
+            .login(
+                UserType::User,
+                Some(&cryptoki::types::AuthPin::new(pin.into())),
+            )
+            .map_err(|e| err(format!("login: {e}")))?;
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(key_label.as_bytes().to_vec()),
+        ];
+        let found = session
+            .find_objects(&template)
+            .map_err(|e| err(e.to_string()))?;
+        let key = match (found.first(), create) {
+            (Some(k), _) => *k,
+            (None, true) => session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Label(key_label.as_bytes().to_vec()),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Encrypt(true),
+                        Attribute::Decrypt(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                    ],
+                )
+                .map_err(|e| err(format!("generate the KEK: {e}")))?,
+            (None, false) => {
+                return Err(err(format!("no key labelled {key_label:?} on the token")));
+            }
+        };
+        Ok(Pkcs11Kek {
+            session: std::sync::Mutex::new(session),
+            key,
+            _pkcs11: p,
+        })
+    }
+
+    fn gcm(
+        &self,
+        encrypt: bool,
+        iv: &mut [u8; NONCE_LEN],
+        aad: &[u8],
+        data: &[u8],
+    ) -> Result<Vec<u8>, KeyError> {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::mechanism::aead::GcmParams;
+        let params = GcmParams::new(iv, aad, 128.into()).map_err(|_| KeyError::Wrap)?;
+        let mech = Mechanism::AesGcm(params);
+        let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        if encrypt {
+            s.encrypt(&mech, self.key, data).map_err(|_| KeyError::Wrap)
+        } else {
+            s.decrypt(&mech, self.key, data)
+                .map_err(|_| KeyError::Unwrap)
+        }
+    }
+}
+
+impl Kek for Pkcs11Kek {
+    fn wrap(&self, vm_id: &str, generation: u64, key: &VolumeKey) -> Result<Vec<u8>, KeyError> {
+        let mut iv = [0u8; NONCE_LEN];
+        fill(&mut iv).map_err(|_| KeyError::Random)?;
+        let ct = self.gcm(true, &mut iv, &aad(vm_id, generation), &key.0[..])?;
+        let mut out = iv.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn unwrap_key(
+        &self,
+        vm_id: &str,
+        generation: u64,
+        wrapped: &[u8],
+    ) -> Result<VolumeKey, KeyError> {
+        if wrapped.len() != NONCE_LEN + VOLUME_KEY_LEN + 16 {
+            return Err(KeyError::Malformed);
+        }
+        let mut iv = [0u8; NONCE_LEN];
+        iv.copy_from_slice(&wrapped[..NONCE_LEN]);
+        let plain = Zeroizing::new(self.gcm(
+            false,
+            &mut iv,
+            &aad(vm_id, generation),
+            &wrapped[NONCE_LEN..],
+        )?);
+        let mut k = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
+        if plain.len() != VOLUME_KEY_LEN {
+            return Err(KeyError::Unwrap);
+        }
+        k.copy_from_slice(&plain);
+        Ok(VolumeKey(k))
+    }
+}
