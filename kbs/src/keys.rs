@@ -156,67 +156,6 @@ impl Kek for FileKek {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wrap_unwrap_and_binding() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kek");
-        let kek = FileKek::create(&path).unwrap();
-        assert!(FileKek::create(&path).is_err(), "never overwrites a KEK");
-        let key = VolumeKey::generate().unwrap();
-        let w = kek.wrap("vm-1", 2, &key).unwrap();
-        assert!(
-            !w.windows(16).any(|win| key.0.windows(16).any(|k| k == win)),
-            "no key bytes in the envelope"
-        );
-        let again = FileKek::load(&path).unwrap();
-        assert_eq!(&again.unwrap_key("vm-1", 2, &w).unwrap().0[..], &key.0[..]);
-        assert!(matches!(
-            again.unwrap_key("vm-2", 2, &w),
-            Err(KeyError::Unwrap)
-        ));
-        assert!(matches!(
-            again.unwrap_key("vm-1", 3, &w),
-            Err(KeyError::Unwrap)
-        ));
-        let mut t = w.clone();
-        t[20] ^= 1;
-        assert!(matches!(
-            again.unwrap_key("vm-1", 2, &t),
-            Err(KeyError::Unwrap)
-        ));
-        assert!(matches!(
-            again.unwrap_key("vm-1", 2, &w[..10]),
-            Err(KeyError::Malformed)
-        ));
-        let other = FileKek::create(&dir.path().join("kek2")).unwrap();
-        assert!(matches!(
-            other.unwrap_key("vm-1", 2, &w),
-            Err(KeyError::Unwrap)
-        ));
-        assert_eq!(format!("{key:?}"), "VolumeKey(<redacted>)");
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn a_world_readable_kek_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kek");
-        std::fs::write(&path, [7u8; 32]).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = FileKek::load(&path).err().unwrap();
-        assert!(e.to_string().contains("chmod 600"), "{e}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(FileKek::load(&path).is_ok());
-        std::fs::write(&path, [7u8; 31]).unwrap();
-        assert!(FileKek::load(&path).is_err());
-    }
-}
-
 /// A KEK that never leaves a hardware security module: an AES-256 key on a PKCS#11 token,
 /// used with AES-GCM through the token (tested against SoftHSM2).
 pub struct Pkcs11Kek {
@@ -354,5 +293,66 @@ impl Kek for Pkcs11Kek {
         }
         k.copy_from_slice(&plain);
         Ok(VolumeKey(k))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_unwrap_and_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        let kek = FileKek::create(&path).unwrap();
+        assert!(FileKek::create(&path).is_err(), "never overwrites a KEK");
+        let key = VolumeKey::generate().unwrap();
+        let w = kek.wrap("vm-1", 2, &key).unwrap();
+        assert!(
+            !w.windows(16).any(|win| key.0.windows(16).any(|k| k == win)),
+            "no key bytes in the envelope"
+        );
+        let again = FileKek::load(&path).unwrap();
+        assert_eq!(&again.unwrap_key("vm-1", 2, &w).unwrap().0[..], &key.0[..]);
+        assert!(matches!(
+            again.unwrap_key("vm-2", 2, &w),
+            Err(KeyError::Unwrap)
+        ));
+        assert!(matches!(
+            again.unwrap_key("vm-1", 3, &w),
+            Err(KeyError::Unwrap)
+        ));
+        let mut t = w.clone();
+        t[20] ^= 1;
+        assert!(matches!(
+            again.unwrap_key("vm-1", 2, &t),
+            Err(KeyError::Unwrap)
+        ));
+        assert!(matches!(
+            again.unwrap_key("vm-1", 2, &w[..10]),
+            Err(KeyError::Malformed)
+        ));
+        let other = FileKek::create(&dir.path().join("kek2")).unwrap();
+        assert!(matches!(
+            other.unwrap_key("vm-1", 2, &w),
+            Err(KeyError::Unwrap)
+        ));
+        assert_eq!(format!("{key:?}"), "VolumeKey(<redacted>)");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_world_readable_kek_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = FileKek::load(&path).err().unwrap();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(FileKek::load(&path).is_ok());
+        std::fs::write(&path, [7u8; 31]).unwrap();
+        assert!(FileKek::load(&path).is_err());
     }
 }
