@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod msg;
+pub mod order;
 
 use aws_lc_rs::digest::{SHA512, digest};
 use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};

@@ -1,0 +1,252 @@
+//! Orders and the measurement allowlist: the operator's signed statements of which VM may
+//! exist, for which tenant, running which images on which chips — and, signed by an offline
+//! allowlist key, which images may run at all. A host relays orders but cannot write them.
+//!
+//! Both are CBOR documents carried with an Ed25519 signature over their exact bytes, verified
+//! before they are parsed.
+
+use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+/// Document version this build reads.
+pub const ORDER_VERSION: u32 = 1;
+/// Largest signed document accepted (policies and boot configurations are small).
+pub const MAX_DOCUMENT: usize = 256 * 1024;
+
+/// What an order asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderKind {
+    /// Create the VM's record and its volume key.
+    Register,
+    /// Crypto-shred the VM's key (operator only: a host can stop a VM but not destroy a key).
+    Terminate,
+}
+
+/// A VM order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub v: u32,
+    pub kind: OrderKind,
+    pub vm_id: String,
+    pub tenant: String,
+    /// Launch measurements this VM may boot with (each 48 bytes).
+    #[serde(default)]
+    pub measurements: Vec<serde_bytes::ByteBuf>,
+    /// The appraisal policy (TOML, `snp::Policy`) for this VM's reports.
+    #[serde(default)]
+    pub policy: String,
+    /// Chip ids of the host(s) the VM is placed on (64 bytes each).
+    #[serde(default)]
+    pub chip_ids: Vec<serde_bytes::ByteBuf>,
+    /// Unix seconds after which the order may no longer be used.
+    pub not_after: u64,
+    /// Boot configuration for the guest (e.g. SSH public keys), released sealed with the key.
+    #[serde(default)]
+    pub boot_config: serde_bytes::ByteBuf,
+}
+
+/// The allowlist of images the KBS will release keys to at all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allowlist {
+    pub v: u32,
+    /// Monotonic: the KBS never accepts an older epoch again.
+    pub epoch: u64,
+    pub measurements: Vec<serde_bytes::ByteBuf>,
+}
+
+/// A signed document as stored and transmitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    /// `order` or `allowlist`.
+    pub kind: String,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// Why a signed document was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocumentError {
+    #[error("document is {0} bytes, more than {MAX_DOCUMENT}")]
+    TooLarge(usize),
+    #[error("document is not valid: {0}")]
+    Malformed(String),
+    #[error("document is a {found}, expected a {expected}")]
+    WrongKind {
+        found: String,
+        expected: &'static str,
+    },
+    #[error("signature does not verify with any trusted key")]
+    BadSignature,
+    #[error("document version {0} is not supported (this build reads {ORDER_VERSION})")]
+    Version(u32),
+    #[error("order expired at {not_after} (now {now})")]
+    Expired { not_after: u64, now: u64 },
+    #[error("order is malformed: {0}")]
+    Invalid(&'static str),
+    #[error("allowlist epoch {have} is older than the current epoch {need}")]
+    StaleEpoch { have: u64, need: u64 },
+}
+
+fn message(kind: &str, body: &[u8]) -> Vec<u8> {
+    let mut m = b"attesta-document/1\0".to_vec();
+    m.extend_from_slice(kind.as_bytes());
+    m.push(0);
+    m.extend_from_slice(body);
+    m
+}
+
+fn to_cbor<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = ciborium::into_writer(v, &mut out);
+    out
+}
+
+fn sign(key: &Ed25519KeyPair, kind: &str, body: Vec<u8>) -> Vec<u8> {
+    let signature = key.sign(&message(kind, &body)).as_ref().to_vec();
+    to_cbor(&Signed {
+        kind: kind.to_string(),
+        body,
+        signature,
+    })
+}
+
+/// Checks size, kind and signature (against any of `trusted`), then returns the body bytes.
+fn open_signed<'a>(
+    doc: &[u8],
+    expected: &'static str,
+    trusted: &[[u8; 32]],
+    out: &'a mut Signed,
+) -> Result<&'a [u8], DocumentError> {
+    if doc.len() > MAX_DOCUMENT {
+        return Err(DocumentError::TooLarge(doc.len()));
+    }
+    *out = ciborium::from_reader(doc).map_err(|e| DocumentError::Malformed(e.to_string()))?;
+    if out.kind != expected {
+        return Err(DocumentError::WrongKind {
+            found: out.kind.clone(),
+            expected,
+        });
+    }
+    let m = message(expected, &out.body);
+    if !trusted.iter().any(|pk| {
+        UnparsedPublicKey::new(&ED25519, pk)
+            .verify(&m, &out.signature)
+            .is_ok()
+    }) {
+        return Err(DocumentError::BadSignature);
+    }
+    Ok(&out.body)
+}
+
+impl Order {
+    /// Signs the order with the operator's order key.
+    pub fn sign(&self, key: &Ed25519KeyPair) -> Vec<u8> {
+        sign(key, "order", to_cbor(self))
+    }
+
+    /// Verifies an order signed by one of the operator's order keys and still valid at `now`.
+    pub fn verify(
+        doc: &[u8],
+        operator_keys: &[[u8; 32]],
+        now: u64,
+    ) -> Result<Order, DocumentError> {
+        let mut s = Signed {
+            kind: String::new(),
+            body: Vec::new(),
+            signature: Vec::new(),
+        };
+        let body = open_signed(doc, "order", operator_keys, &mut s)?;
+        let o: Order =
+            ciborium::from_reader(body).map_err(|e| DocumentError::Malformed(e.to_string()))?;
+        if o.v != ORDER_VERSION {
+            return Err(DocumentError::Version(o.v));
+        }
+        if now > o.not_after {
+            return Err(DocumentError::Expired {
+                not_after: o.not_after,
+                now,
+            });
+        }
+        if o.vm_id.is_empty()
+            || o.vm_id.len() > 128
+            || !o
+                .vm_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(DocumentError::Invalid(
+                "vm_id must be 1-128 of [A-Za-z0-9._-]",
+            ));
+        }
+        if o.measurements.iter().any(|m| m.len() != 48) {
+            return Err(DocumentError::Invalid("every measurement must be 48 bytes"));
+        }
+        if o.chip_ids.iter().any(|c| c.len() != 64) {
+            return Err(DocumentError::Invalid("every chip id must be 64 bytes"));
+        }
+        if o.kind == OrderKind::Register && (o.measurements.is_empty() || o.chip_ids.is_empty()) {
+            return Err(DocumentError::Invalid(
+                "a register order names at least one measurement and one chip",
+            ));
+        }
+        Ok(o)
+    }
+
+    /// Measurements of this order that the allowlist does not contain (empty: the order fits).
+    pub fn outside(&self, allowlist: &Allowlist) -> Vec<Vec<u8>> {
+        self.measurements
+            .iter()
+            .filter(|m| {
+                !allowlist
+                    .measurements
+                    .iter()
+                    .any(|a| a.as_slice() == m.as_slice())
+            })
+            .map(|m| m.to_vec())
+            .collect()
+    }
+}
+
+impl Allowlist {
+    /// Signs with the offline allowlist key.
+    pub fn sign(&self, key: &Ed25519KeyPair) -> Vec<u8> {
+        sign(key, "allowlist", to_cbor(self))
+    }
+
+    /// Verifies an allowlist and that its epoch is not older than `current_epoch`.
+    pub fn verify(
+        doc: &[u8],
+        allowlist_key: &[u8; 32],
+        current_epoch: u64,
+    ) -> Result<Allowlist, DocumentError> {
+        let mut s = Signed {
+            kind: String::new(),
+            body: Vec::new(),
+            signature: Vec::new(),
+        };
+        let body = open_signed(
+            doc,
+            "allowlist",
+            std::slice::from_ref(allowlist_key),
+            &mut s,
+        )?;
+        let a: Allowlist =
+            ciborium::from_reader(body).map_err(|e| DocumentError::Malformed(e.to_string()))?;
+        if a.v != ORDER_VERSION {
+            return Err(DocumentError::Version(a.v));
+        }
+        if a.epoch < current_epoch {
+            return Err(DocumentError::StaleEpoch {
+                have: a.epoch,
+                need: current_epoch,
+            });
+        }
+        if a.measurements.iter().any(|m| m.len() != 48) {
+            return Err(DocumentError::Invalid("every measurement must be 48 bytes"));
+        }
+        Ok(a)
+    }
+}
