@@ -7,3 +7,4 @@
 pub mod audit;
 pub mod keys;
 pub mod release;
+pub mod store;

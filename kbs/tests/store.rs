@@ -1,0 +1,169 @@
+//! The SQLite store: records, nonces spent once, crypto-shredding, monotonic allowlist epochs,
+//! persistence across restarts with an audit chain that continues and verifies, and no
+//! volume-key bytes anywhere in the database files.
+
+use kbs::audit::{Chain, Line, verify};
+use kbs::keys::{FileKek, Kek, VolumeKey};
+use kbs::release::{NonceState, VmState};
+use kbs::store::{Commit, SqliteStore, Store, StoreError, VmRecord};
+use serde_json::json;
+
+fn record(vm: &str, wrapped: Vec<u8>) -> VmRecord {
+    VmRecord {
+        state: VmState {
+            vm_id: vm.into(),
+            generation: 1,
+            boot_counter: 0,
+            terminated: false,
+        },
+        tenant: "tenant-a".into(),
+        order: b"signed order bytes".to_vec(),
+        wrapped_key: Some(wrapped),
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kbs.db");
+    let kek = FileKek::create(&dir.path().join("kek")).unwrap();
+    let key = VolumeKey::generate().unwrap();
+    let wrapped = kek.wrap("vm-1", 1, &key).unwrap();
+    {
+        let s = SqliteStore::open(&db).await.unwrap();
+        s.register(
+            &record("vm-1", wrapped.clone()),
+            10,
+            json!({"tenant": "tenant-a"}),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            s.register(&record("vm-1", wrapped.clone()), 11, json!({}))
+                .await,
+            Err(StoreError::Exists(_))
+        ));
+        s.register(
+            &record(
+                "vm-2",
+                kek.wrap("vm-2", 1, &VolumeKey::generate().unwrap())
+                    .unwrap(),
+            ),
+            12,
+            json!({}),
+        )
+        .await
+        .unwrap();
+
+        let n = [7u8; 32];
+        s.issue_nonce(&n, "vm-1", 100).await.unwrap();
+        assert_eq!(
+            s.nonce(&n).await.unwrap(),
+            Some(NonceState::Issued {
+                vm_id: "vm-1".into(),
+                expires_at: 100
+            })
+        );
+        let release = Commit {
+            nonce: n,
+            spend_nonce: true,
+            vm_update: Some(VmState {
+                vm_id: "vm-1".into(),
+                generation: 1,
+                boot_counter: 1,
+                terminated: false,
+            }),
+            audit: (
+                20,
+                "release".into(),
+                "vm-1".into(),
+                json!({"boot_counter": 1}),
+            ),
+        };
+        s.commit(&release).await.unwrap();
+        assert_eq!(s.nonce(&n).await.unwrap(), Some(NonceState::Spent));
+        assert_eq!(s.vm("vm-1").await.unwrap().unwrap().state.boot_counter, 1);
+        // The same nonce can never release again, even if a caller tried.
+        assert!(s.commit(&release).await.is_err());
+        assert_eq!(s.vm("vm-1").await.unwrap().unwrap().state.boot_counter, 1);
+
+        s.terminate("vm-2", 30, json!({"order": "terminate"}))
+            .await
+            .unwrap();
+        let dead = s.vm("vm-2").await.unwrap().unwrap();
+        assert!(
+            dead.state.terminated && dead.wrapped_key.is_none(),
+            "tombstone without key"
+        );
+        assert!(matches!(
+            s.terminate("vm-9", 31, json!({})).await,
+            Err(StoreError::NoSuchVm(_))
+        ));
+
+        s.set_allowlist_epoch(5).await.unwrap();
+        assert!(matches!(
+            s.set_allowlist_epoch(4).await,
+            Err(StoreError::StaleEpoch { have: 4, stored: 5 })
+        ));
+        s.set_allowlist_epoch(5).await.unwrap();
+    }
+    // After a restart: state kept, and the audit chain continues where it stopped.
+    let s = SqliteStore::open(&db).await.unwrap();
+    assert_eq!(s.allowlist_epoch().await.unwrap(), 5);
+    let vm1 = s.vm("vm-1").await.unwrap().unwrap();
+    assert_eq!(
+        &kek.unwrap_key("vm-1", 1, vm1.wrapped_key.as_ref().unwrap())
+            .unwrap()
+            .0[..],
+        &key.0[..]
+    );
+    let n2 = [8u8; 32];
+    s.issue_nonce(&n2, "vm-1", 200).await.unwrap();
+    s.commit(&Commit {
+        nonce: n2,
+        spend_nonce: true,
+        vm_update: None,
+        audit: (
+            40,
+            "denial".into(),
+            "vm-1".into(),
+            json!({"reasons": ["hwid_mismatch"]}),
+        ),
+    })
+    .await
+    .unwrap();
+    let entries = s.audit_entries().await.unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    let audit_key = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
+    let cp = Chain::resume(entries.last().unwrap())
+        .checkpoint(&audit_key)
+        .unwrap();
+    let mut text: String = entries
+        .iter()
+        .map(|e| serde_json::to_string(&Line::Entry(e.clone())).unwrap() + "\n")
+        .collect();
+    text += &(serde_json::to_string(&Line::Checkpoint { checkpoint: cp }).unwrap() + "\n");
+    assert_eq!(
+        verify(&text, &kbs::audit::public_key(&audit_key))
+            .unwrap()
+            .entries,
+        5
+    );
+    drop(s);
+
+    // No 16-byte run of the volume key in any file the store wrote (db, WAL, shm).
+    for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name == "kek" {
+            continue;
+        }
+        let bytes = std::fs::read(f.path()).unwrap();
+        assert!(
+            !bytes.windows(16).any(|w| key.0.windows(16).any(|k| k == w)),
+            "volume-key bytes found in {name}"
+        );
+    }
+}
