@@ -8,4 +8,5 @@
 //! with the key broker's protocol.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod luks;

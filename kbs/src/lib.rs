@@ -7,4 +7,5 @@
 pub mod audit;
 pub mod keys;
 pub mod release;
+pub mod service;
 pub mod store;

@@ -8,6 +8,11 @@
 use crate::{ProtoError, ResponseKey, Sealed, verify_response};
 use serde::{Deserialize, Serialize};
 
+/// ALPN protocol id of the key broker service.
+pub const ALPN: &[u8] = b"attesta-kbs/1";
+/// TLS exporter label whose output binds a report to its connection.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-attesta-kbs/1 report-data";
+
 /// The message format version this build speaks.
 pub const VERSION: u32 = 1;
 /// Largest request frame (a report, a certificate table and a little more).

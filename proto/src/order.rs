@@ -195,6 +195,15 @@ impl Order {
         Ok(o)
     }
 
+    /// Decodes an order the broker verified when it stored it (no signature or expiry check:
+    /// only for documents read back from the broker's own store).
+    pub fn decode_stored(doc: &[u8]) -> Result<Order, DocumentError> {
+        let s: Signed =
+            ciborium::from_reader(doc).map_err(|e| DocumentError::Malformed(e.to_string()))?;
+        ciborium::from_reader(s.body.as_slice())
+            .map_err(|e| DocumentError::Malformed(e.to_string()))
+    }
+
     /// Measurements of this order that the allowlist does not contain (empty: the order fits).
     pub fn outside(&self, allowlist: &Allowlist) -> Vec<Vec<u8>> {
         self.measurements

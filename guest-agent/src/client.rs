@@ -1,0 +1,187 @@
+//! The guest's side of the release protocol: connect to the broker (pinning its CA), get a
+//! nonce, bind it with a fresh guest key and this connection into a report, send the evidence,
+//! verify the broker's signature, and open the sealed secrets. Any failure is an error: the
+//! caller fails closed.
+
+use proto::msg::{
+    ALPN, Decision, EXPORTER_LABEL, MAX_RESPONSE, Request, Response, VERSION, frame, frame_len,
+    verify_decision,
+};
+use proto::{GuestKey, SealContext, open, report_data};
+use snp::device::GuestDevice;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Where the broker is and how the guest recognises it (both from the measured configuration).
+#[derive(Clone, Debug)]
+pub struct Broker {
+    pub addr: SocketAddr,
+    pub server_name: String,
+    /// DER of the CA that issued the broker's TLS certificate.
+    pub ca_der: Vec<u8>,
+    /// The broker's Ed25519 response key.
+    pub response_key: [u8; 32],
+}
+
+/// What the broker released.
+pub struct Released {
+    /// The 64-byte volume key.
+    pub volume_key: Zeroizing<Vec<u8>>,
+    /// The boot configuration (e.g. SSH keys).
+    pub boot_config: Vec<u8>,
+    pub generation: u64,
+    pub boot_counter: u64,
+}
+
+impl std::fmt::Debug for Released {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Released(generation {}, boot {}, <key redacted>)",
+            self.generation, self.boot_counter
+        )
+    }
+}
+
+/// Why no key was obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the key broker: {0}")]
+    Connect(String),
+    #[error("the key broker's answer is malformed: {0}")]
+    Protocol(String),
+    #[error("the key broker refused: {0:?}")]
+    Denied(Vec<String>),
+    #[error("the key broker's answer is not signed by the pinned key")]
+    Signature,
+    #[error("the released secret does not open for this guest")]
+    Open,
+    #[error("the guest device failed: {0}")]
+    Device(String),
+}
+
+fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(b.ca_der.clone()))
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Connect(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+async fn roundtrip(conn: &quinn::Connection, req: &Request) -> Result<Response, ClientError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    send.write_all(&frame(req))
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let _ = send.finish();
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let len = frame_len(header, MAX_RESPONSE).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut framed = header.to_vec();
+    framed.extend_from_slice(&body);
+    Response::decode_frame(&framed).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Obtains the VM's secrets from the broker.
+pub async fn fetch(
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+) -> Result<Released, ClientError> {
+    let mut endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    endpoint.set_default_client_config(client_config(broker)?);
+    let conn = endpoint
+        .connect(broker.addr, &broker.server_name)
+        .map_err(|e| ClientError::Connect(e.to_string()))?
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let mut exporter = [0u8; 32];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .map_err(|_| ClientError::Protocol("no exporter".into()))?;
+
+    let nonce = match roundtrip(
+        &conn,
+        &Request::Challenge {
+            v: VERSION,
+            vm_id: vm_id.into(),
+        },
+    )
+    .await?
+    {
+        Response::Challenge { nonce, .. } => <[u8; 32]>::try_from(nonce.as_slice())
+            .map_err(|_| ClientError::Protocol("nonce".into()))?,
+        Response::Error { code, .. } => return Err(ClientError::Protocol(code)),
+        _ => return Err(ClientError::Protocol("expected a challenge".into())),
+    };
+    let key = GuestKey::generate();
+    let rd = report_data(&nonce, &key.public(), &exporter);
+    let (report, table) = device
+        .get_ext_report(&rd, 0)
+        .map_err(|e| ClientError::Device(e.to_string()))?;
+    let measurement = snp::AttestationReport::from_bytes(&report)
+        .map_err(|e| ClientError::Device(e.to_string()))?
+        .measurement;
+    let req = Request::Evidence {
+        v: VERSION,
+        vm_id: vm_id.into(),
+        nonce: nonce.to_vec(),
+        report,
+        cert_table: table,
+        guest_public_key: key.public().to_vec(),
+    };
+    let resp = roundtrip(&conn, &req).await?;
+    conn.close(0u32.into(), b"done");
+    if let Response::Error { code, .. } = &resp {
+        return Err(ClientError::Protocol(code.clone()));
+    }
+    match verify_decision(&broker.response_key, &resp).map_err(|_| ClientError::Signature)? {
+        Decision::Denial(d) => Err(ClientError::Denied(d.reasons)),
+        Decision::Release(body) => {
+            if body.vm_id != vm_id || body.nonce != nonce || body.measurement != measurement {
+                return Err(ClientError::Protocol(
+                    "the release is for another request".into(),
+                ));
+            }
+            let ctx = SealContext {
+                vm_id,
+                generation: body.generation,
+                nonce,
+                measurement,
+            };
+            let sealed = body.sealed().ok_or(ClientError::Open)?;
+            let mut payload = open(&key, &ctx, &sealed).map_err(|_| ClientError::Open)?;
+            if payload.len() < 64 {
+                return Err(ClientError::Open);
+            }
+            let boot_config = payload[64..].to_vec();
+            payload.truncate(64);
+            Ok(Released {
+                volume_key: payload,
+                boot_config,
+                generation: body.generation,
+                boot_counter: body.boot_counter,
+            })
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! End to end over real QUIC on loopback: a simulated SEV-SNP guest gets its disk key from the
+//! broker, formats a real LUKS2 image on first boot and verifies the key on the second; wrong
+//! images, wrong chips, terminated and unknown VMs are denied, with signed denials.
+
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use guest_agent::client::{Broker, ClientError, fetch};
+use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
+use kbs::keys::FileKek;
+use kbs::service::{Kbs, serve, server_config};
+use kbs::store::{SqliteStore, Store};
+use proto::ResponseKey;
+use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
+use serde_bytes::ByteBuf;
+use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
+use snp::{Product, Revocation, Verifier, VerifierConfig};
+use std::sync::Arc;
+
+const GOOD: [u8; 48] = [0x4d; 48];
+
+fn now() -> u64 {
+    1_780_272_000 // 2026-06-01: inside the simulated VCEKs' validity
+}
+
+fn pk(k: &Ed25519KeyPair) -> [u8; 32] {
+    k.public_key().as_ref().try_into().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attested_release_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    // The simulated platform: one Milan chip where the VM is placed, another where it is not.
+    let pki = Arc::new(Pki::from_seed(Product::Milan, Seed::from_text("e2e")).unwrap());
+    let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap();
+    let elsewhere = Chip::new(pki.clone(), ChipConfig::typical(&pki, 1)).unwrap();
+
+    // Operator and allowlist keys; the broker's keys and store.
+    let (operator, offline) = (
+        Ed25519KeyPair::generate().unwrap(),
+        Ed25519KeyPair::generate().unwrap(),
+    );
+    let response_key = ResponseKey::generate().unwrap();
+    let response_pub = response_key.public();
+    let kbs = Arc::new(Kbs {
+        store: SqliteStore::open(&dir.path().join("kbs.db")).await.unwrap(),
+        verifier: Verifier::new(VerifierConfig {
+            trust_roots: vec![pki.ark.cert.clone()],
+            revocation: Revocation::IfAvailable,
+            ..Default::default()
+        }),
+        response_key,
+        kek: Box::new(FileKek::create(&dir.path().join("kek")).unwrap()),
+        operator_keys: vec![pk(&operator)],
+        allowlist: Default::default(),
+        nonce_ttl: 30,
+    });
+    let allow = Allowlist {
+        v: ORDER_VERSION,
+        epoch: 1,
+        measurements: vec![ByteBuf::from(GOOD.to_vec())],
+    };
+    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline))
+        .await
+        .unwrap();
+    let order = |vm: &str, m: [u8; 48]| Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Register,
+        vm_id: vm.into(),
+        tenant: "tenant-a".into(),
+        measurements: vec![ByteBuf::from(m.to_vec())],
+        policy: String::new(),
+        chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
+        not_after: now() + 3600,
+        boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant".to_vec()),
+    };
+    kbs.register(&order("vm-1", GOOD).sign(&operator), now())
+        .await
+        .unwrap();
+    kbs.register(&order("vm-2", GOOD).sign(&operator), now())
+        .await
+        .unwrap();
+    // A host cannot register with its own key, nor an image outside the allowlist.
+    let host = Ed25519KeyPair::generate().unwrap();
+    assert!(
+        kbs.register(&order("vm-3", GOOD).sign(&host), now())
+            .await
+            .is_err()
+    );
+    assert!(
+        kbs.register(&order("vm-4", [0x66; 48]).sign(&operator), now())
+            .await
+            .is_err()
+    );
+
+    // TLS for the broker, from a CA the guest pins.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let srv_key = rcgen::KeyPair::generate().unwrap();
+    let srv_cert = rcgen::CertificateParams::new(vec!["kbs.attesta.test".to_string()])
+        .unwrap()
+        .signed_by(&srv_key, &issuer)
+        .unwrap();
+    let cfg = server_config(
+        vec![srv_cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
+    )
+    .unwrap();
+    let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(serve(endpoint, kbs.clone(), now));
+    let broker = Broker {
+        addr,
+        server_name: "kbs.attesta.test".into(),
+        ca_der: ca_cert.der().to_vec(),
+        response_key: response_pub,
+    };
+
+    // First boot: the guest gets its key and formats its LUKS2 disk.
+    let guest = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let first = fetch(&broker, "vm-1", &guest).await.unwrap();
+    assert_eq!(first.volume_key.len(), 64);
+    assert_eq!(first.boot_config, b"ssh-ed25519 AAAA tenant");
+    assert_eq!(first.boot_counter, 1);
+    let img = dir.path().join("vm-1.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let disk_key = DiskKey::from_bytes(&first.volume_key).unwrap();
+    luks::format(
+        &img,
+        &disk_key,
+        &DiskLabel {
+            vm_id: "vm-1".into(),
+            generation: first.generation,
+        },
+    )
+    .unwrap();
+    // Second boot: the same key opens the disk; the boot counter moved on.
+    let second = fetch(&broker, "vm-1", &guest).await.unwrap();
+    assert_eq!(second.boot_counter, 2);
+    luks::verify_key(&img, &DiskKey::from_bytes(&second.volume_key).unwrap()).unwrap();
+    // Another VM has another key.
+    let other = fetch(&broker, "vm-2", &guest).await.unwrap();
+    assert_ne!(&other.volume_key[..], &first.volume_key[..]);
+
+    // Denials, each signed and with its reason.
+    let denied = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Denied(reasons)) => reasons,
+        other => panic!("expected a denial, got {other:?}"),
+    };
+    let wrong_image = chip.launch(GuestLaunch {
+        measurement: [0x01; 48],
+        ..Default::default()
+    });
+    assert!(
+        denied(fetch(&broker, "vm-1", &wrong_image).await)
+            .contains(&"measurement_not_allowed".to_string())
+    );
+    let moved = elsewhere.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    assert!(denied(fetch(&broker, "vm-1", &moved).await).contains(&"chip_not_allowed".to_string()));
+    let debug = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        policy: 0x3_001f | (1 << 19),
+        ..Default::default()
+    });
+    assert!(
+        denied(fetch(&broker, "vm-1", &debug).await).contains(&"policy_flag_forbidden".to_string())
+    );
+    assert!(denied(fetch(&broker, "vm-9", &guest).await).contains(&"unknown_vm".to_string()));
+    kbs.store
+        .terminate("vm-2", now(), serde_json::json!({"order": "terminate"}))
+        .await
+        .unwrap();
+    assert!(denied(fetch(&broker, "vm-2", &guest).await).contains(&"vm_terminated".to_string()));
+    // A guest pinning another response key refuses even a genuine release.
+    let wrong_pin = Broker {
+        response_key: [9; 32],
+        ..broker.clone()
+    };
+    assert!(matches!(
+        fetch(&wrong_pin, "vm-1", &guest).await,
+        Err(ClientError::Signature)
+    ));
+
+    // Every decision is in the audit log: 3 registrations... (2 accepted) + releases + denials.
+    let entries = kbs.store.audit_entries().await.unwrap();
+    let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "release").count(),
+        4,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "denial").count(),
+        5,
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"terminate"));
+}
