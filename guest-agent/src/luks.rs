@@ -88,7 +88,23 @@ fn errno(e: &LibcryptErr) -> Option<i32> {
     }
 }
 
+/// libcryptsetup prints its own messages to stderr; our errors already say what went wrong, so
+/// its messages are dropped (they never contain keys, but the console is the operator's).
+#[allow(unsafe_code)]
+mod quiet {
+    use libcryptsetup_rs::consts::vals::CryptLogLevel;
+
+    fn drop_message(_level: CryptLogLevel, _msg: &str, _data: Option<&mut ()>) {}
+    libcryptsetup_rs::c_logging_callback!(callback, (), drop_message);
+
+    pub fn install() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| libcryptsetup_rs::set_log_callback::<()>(Some(callback), None));
+    }
+}
+
 fn init(path: &Path) -> Result<libcryptsetup_rs::CryptDevice, LuksError> {
+    quiet::install();
     CryptInit::init(path).map_err(|e| LuksError::Open {
         path: path.display().to_string(),
         why: e.to_string(),

@@ -83,12 +83,21 @@ fn good_launch() -> GuestLaunch {
 impl Lab {
     /// Builds the lab from a seed (hierarchies can be passed in to reuse cached ones).
     pub fn new(milan: Pki, genoa: Pki, turin: Pki, rogue: Pki) -> Result<Lab, crate::SimError> {
-        let (milan, genoa, turin, rogue) = (
+        Lab::from_shared(
             Arc::new(milan),
             Arc::new(genoa),
             Arc::new(turin),
             Arc::new(rogue),
-        );
+        )
+    }
+
+    /// As [`new`](Self::new), sharing hierarchies the caller also uses.
+    pub fn from_shared(
+        milan: Arc<Pki>,
+        genoa: Arc<Pki>,
+        turin: Arc<Pki>,
+        rogue: Arc<Pki>,
+    ) -> Result<Lab, crate::SimError> {
         let chip_a = Chip::new(milan.clone(), ChipConfig::typical(&milan, 0))?;
         let chip_b = Chip::new(milan.clone(), ChipConfig::typical(&milan, 1))?;
         let turin_chip = Chip::new(turin.clone(), ChipConfig::typical(&turin, 0))?;

@@ -345,3 +345,35 @@ fn attacks_json() {
         assert_eq!(r["denied"], true, "{r}");
     }
 }
+
+#[test]
+fn demo_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_attesta-sim"))
+        .args(["demo", "--vms", "3", "--json"])
+        .env("ATTESTA_SIM_STATE", state())
+        .output()
+        .expect("run attesta-sim demo");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (
+            j["vms"].as_u64(),
+            j["unlocked"].as_u64(),
+            j["denied"].as_u64()
+        ),
+        (Some(3), Some(3), Some(1)),
+        "{j}"
+    );
+    let attacks = j["attacks"].as_array().unwrap();
+    assert!(attacks.len() >= 30 + 7);
+    assert!(attacks.iter().all(|a| a["denied"] == true), "{j}");
+    assert!(attacks.iter().any(|a| a["name"] == "live-moved-to-another-chip" && a["reason"] == "chip_not_allowed"));
+    let p50 = j["release_latency_ms"]["p50"].as_f64().unwrap();
+    let p99 = j["release_latency_ms"]["p99"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p99 >= p50);
+}

@@ -1,0 +1,353 @@
+//! `attesta-sim demo`: the whole system on one machine. A key broker (embedded SQLite, QUIC on
+//! loopback), a simulated miner with N simulated SEV-SNP VMs each with a real LUKS2 image, every
+//! VM booted twice (first boot formats, second unlocks), one terminated and shown denied, and the
+//! attack catalogue run against the live broker.
+
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use guest_agent::client::{Broker, ClientError, fetch};
+use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
+use kbs::keys::FileKek;
+use kbs::service::{Kbs, serve, server_config};
+use kbs::store::{SqliteStore, Store};
+use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
+use serde_bytes::ByteBuf;
+use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
+use snp::{Product, Revocation, Verifier, VerifierConfig};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// The approved image of the demo's VMs.
+const IMAGE: [u8; 48] = [0x4d; 48];
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn pk(k: &Ed25519KeyPair) -> [u8; 32] {
+    let mut p = [0u8; 32];
+    p.copy_from_slice(k.public_key().as_ref());
+    p
+}
+
+/// One live attack and whether the broker denied it.
+pub struct LiveAttack {
+    pub name: &'static str,
+    pub denied: bool,
+    pub reason: String,
+}
+
+/// What the demo observed.
+pub struct Summary {
+    pub vms: usize,
+    pub unlocked: usize,
+    /// Disks actually activated through device-mapper (0 where it is unavailable, as in sandboxes).
+    pub activated: usize,
+    pub denied: usize,
+    pub attacks: Vec<LiveAttack>,
+    pub offline_attacks: Vec<simulator::attacks::Outcome>,
+    pub latencies_ms: Vec<f64>,
+}
+
+impl Summary {
+    pub fn percentile(&self, p: f64) -> f64 {
+        let mut v = self.latencies_ms.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        v[i.min(v.len() - 1)]
+    }
+}
+
+fn progress(quiet: bool, msg: &str) {
+    if !quiet {
+        let mut e = std::io::stderr();
+        let _ = write!(e, "\r\x1b[2K{msg}");
+        let _ = e.flush();
+    }
+}
+
+/// Runs the demo in `dir` with `vms` VMs.
+pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<Summary, String> {
+    let [milan, genoa, turin, rogue] = pkis.map(Arc::new);
+    let chips: Vec<Chip> = (0..vms.div_ceil(4).max(2))
+        .map(|i| Chip::new(milan.clone(), ChipConfig::typical(&milan, i as u64)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+
+    // The operator's keys, and the broker.
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let operator = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
+    let offline = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
+    let kbs = Arc::new(Kbs {
+        store: SqliteStore::open(&dir.join("kbs.db"))
+            .await
+            .map_err(|x| e(&x))?,
+        verifier: Verifier::new(VerifierConfig {
+            trust_roots: vec![milan.ark.cert.clone()],
+            revocation: Revocation::IfAvailable,
+            ..Default::default()
+        }),
+        response_key: proto::ResponseKey::generate().map_err(|x| e(&x))?,
+        kek: Box::new(FileKek::create(&dir.join("kek")).map_err(|x| e(&x))?),
+        operator_keys: vec![pk(&operator)],
+        allowlist: Default::default(),
+        nonce_ttl: 30,
+    });
+    let allow = Allowlist {
+        v: ORDER_VERSION,
+        epoch: 1,
+        measurements: vec![ByteBuf::from(IMAGE.to_vec())],
+    };
+    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline))
+        .await
+        .map_err(|x| e(&x))?;
+
+    // TLS for the broker from a CA the guests pin.
+    let ca_key = rcgen::KeyPair::generate().map_err(|x| e(&x))?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|x| e(&x))?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(|x| e(&x))?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let srv_key = rcgen::KeyPair::generate().map_err(|x| e(&x))?;
+    let srv_cert = rcgen::CertificateParams::new(vec!["kbs.attesta.local".to_string()])
+        .map_err(|x| e(&x))?
+        .signed_by(&srv_key, &issuer)
+        .map_err(|x| e(&x))?;
+    let cfg = server_config(
+        vec![srv_cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
+    )?;
+    let endpoint = quinn::Endpoint::server(cfg, (std::net::Ipv4Addr::LOCALHOST, 0).into())
+        .map_err(|x| e(&x))?;
+    let addr = endpoint.local_addr().map_err(|x| e(&x))?;
+    tokio::spawn(serve(endpoint, kbs.clone(), now));
+    let broker = Broker {
+        addr,
+        server_name: "kbs.attesta.local".into(),
+        ca_der: ca_cert.der().to_vec(),
+        response_key: kbs.response_key.public(),
+    };
+
+    // The miner registers each VM with the operator's signed order and places it on a chip.
+    let chip_of = |i: usize| &chips[i % chips.len()];
+    for i in 0..vms {
+        let order = Order {
+            v: ORDER_VERSION,
+            kind: OrderKind::Register,
+            vm_id: format!("vm-{i}"),
+            tenant: format!("tenant-{}", i % 3),
+            measurements: vec![ByteBuf::from(IMAGE.to_vec())],
+            policy: String::new(),
+            chip_ids: vec![ByteBuf::from(chip_of(i).config.chip_id.to_vec())],
+            not_after: now() + 3600,
+            boot_config: ByteBuf::from(format!("ssh-ed25519 AAAA tenant-{}", i % 3).into_bytes()),
+        };
+        kbs.register(&order.sign(&operator), now())
+            .await
+            .map_err(|x| e(&x))?;
+    }
+
+    // Boot every VM twice: the first boot formats its LUKS2 disk, the second unlocks it.
+    let mut latencies = Vec::new();
+    let mut unlocked = 0;
+    let mut activated = 0;
+    for boot in 1..=2 {
+        for i in 0..vms {
+            progress(quiet, &format!("boot {boot}/2: VM {}/{vms}", i + 1));
+            let vm = format!("vm-{i}");
+            let guest = chip_of(i).launch(GuestLaunch {
+                measurement: IMAGE,
+                ..Default::default()
+            });
+            let t0 = Instant::now();
+            let got = fetch(&broker, &vm, &guest)
+                .await
+                .map_err(|x| format!("{vm}: {x}"))?;
+            latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
+            let key = DiskKey::from_bytes(&got.volume_key).map_err(|x| e(&x))?;
+            let img = dir.join(format!("{vm}.img"));
+            if boot == 1 {
+                std::fs::File::create(&img)
+                    .and_then(|f| f.set_len(32 << 20))
+                    .map_err(|x| e(&x))?;
+                luks::format(
+                    &img,
+                    &key,
+                    &DiskLabel {
+                        vm_id: vm.clone(),
+                        generation: got.generation,
+                    },
+                )
+                .map_err(|x| e(&x))?;
+            } else {
+                luks::verify_key(&img, &key).map_err(|x| format!("{vm}: {x}"))?;
+                match luks::unlock(&img, &format!("attesta-{vm}"), &key) {
+                    Ok(()) => {
+                        unlocked += 1;
+                        activated += 1;
+                        let _ = std::process::Command::new("cryptsetup")
+                            .args(["close", &format!("attesta-{vm}")])
+                            .status();
+                    }
+                    Err(luks::LuksError::DeviceMapperUnavailable) => unlocked += 1,
+                    Err(x) => return Err(format!("{vm}: {x}")),
+                }
+            }
+        }
+    }
+    progress(quiet, "");
+
+    // The operator terminates one VM: its key is crypto-shredded, its next boot denied.
+    let mut denied = 0;
+    kbs.store
+        .terminate("vm-0", now(), serde_json::json!({"order": "terminate"}))
+        .await
+        .map_err(|x| e(&x))?;
+    let guest0 = chip_of(0).launch(GuestLaunch {
+        measurement: IMAGE,
+        ..Default::default()
+    });
+    if matches!(
+        fetch(&broker, "vm-0", &guest0).await,
+        Err(ClientError::Denied(_))
+    ) {
+        denied += 1;
+    }
+
+    // Attacks against the live broker.
+    let live = |name: &'static str, r: Result<guest_agent::client::Released, ClientError>| match r {
+        Err(ClientError::Denied(reasons)) => LiveAttack {
+            name,
+            denied: true,
+            reason: reasons.join(", "),
+        },
+        Err(other) => LiveAttack {
+            name,
+            denied: true,
+            reason: other.to_string(),
+        },
+        Ok(_) => LiveAttack {
+            name,
+            denied: false,
+            reason: "released".into(),
+        },
+    };
+    let vm = if vms > 1 { "vm-1" } else { "vm-0" };
+    let home = chip_of(1);
+    let away = chips
+        .iter()
+        .find(|c| c.config.chip_id != home.config.chip_id)
+        .unwrap_or(home);
+    let mut attacks = vec![
+        live(
+            "live-wrong-image",
+            fetch(
+                &broker,
+                vm,
+                &home.launch(GuestLaunch {
+                    measurement: [1; 48],
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        live(
+            "live-debug-policy",
+            fetch(
+                &broker,
+                vm,
+                &home.launch(GuestLaunch {
+                    measurement: IMAGE,
+                    policy: 0x3_001f | (1 << 19),
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        live(
+            "live-moved-to-another-chip",
+            fetch(
+                &broker,
+                vm,
+                &away.launch(GuestLaunch {
+                    measurement: IMAGE,
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        live(
+            "live-unknown-vm",
+            fetch(
+                &broker,
+                "vm-nobody",
+                &home.launch(GuestLaunch {
+                    measurement: IMAGE,
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        live("live-terminated-vm", fetch(&broker, "vm-0", &guest0).await),
+    ];
+    let rogue_chip = Chip::new(rogue.clone(), home.config.clone()).map_err(|x| e(&x))?;
+    attacks.push(live(
+        "live-non-amd-root",
+        fetch(
+            &broker,
+            vm,
+            &rogue_chip.launch(GuestLaunch {
+                measurement: IMAGE,
+                ..Default::default()
+            }),
+        )
+        .await,
+    ));
+    let wrong_pin = Broker {
+        response_key: [9; 32],
+        ..broker.clone()
+    };
+    attacks.push(live(
+        "live-impostor-broker-key",
+        fetch(
+            &wrong_pin,
+            vm,
+            &home.launch(GuestLaunch {
+                measurement: IMAGE,
+                ..Default::default()
+            }),
+        )
+        .await,
+    ));
+
+    // The full catalogue against the verifier and policy.
+    let lab = simulator::attacks::Lab::from_shared(milan.clone(), genoa, turin, rogue)
+        .map_err(|x| e(&x))?;
+    let offline_attacks = lab.run_all();
+    Ok(Summary {
+        vms,
+        unlocked,
+        activated,
+        denied,
+        attacks,
+        offline_attacks,
+        latencies_ms: latencies,
+    })
+}
+
+/// The seeds the demo's hierarchies come from (the attack catalogue's, so they are shared).
+pub fn seeds(seed: &Seed) -> [(Product, Seed); 4] {
+    [
+        (Product::Milan, *seed),
+        (Product::Genoa, *seed),
+        (Product::Turin, *seed),
+        (Product::Milan, seed.derive(b"rogue")),
+    ]
+}
