@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod config;
 pub mod keys;
 pub mod release;
 pub mod service;

@@ -1,6 +1,7 @@
 //! `attesta-kbs`: the key broker's command line. Today: verify SEV-SNP evidence.
 #![forbid(unsafe_code)]
 
+mod serve_cmd;
 mod verify_cmd;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,16 @@ enum Cmd {
     /// Verify every evidence bundle in a directory (one subdirectory each: report.bin, a VCEK
     /// or VLEK, optional ask.pem/ark.pem or cert_chain.pem) and print a table.
     VerifyDir(verify_cmd::VerifyDirArgs),
+    /// Write a new configuration with fresh keys and TLS certificates.
+    Init(serve_cmd::InitArgs),
+    /// Run the key broker service.
+    Serve(serve_cmd::ServeArgs),
+    /// VM records.
+    #[command(subcommand)]
+    Vm(serve_cmd::VmCmd),
+    /// The signed measurement allowlist.
+    #[command(subcommand)]
+    Allowlist(serve_cmd::AllowlistCmd),
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -88,5 +99,9 @@ fn main() -> ExitCode {
         Cmd::VerifyReport(a) => verify_cmd::verify_report(*a),
         Cmd::VerifyDir(a) => verify_cmd::verify_dir(a),
         Cmd::Audit(AuditCmd::Verify { log, key }) => audit_verify(&log, &key),
+        Cmd::Init(a) => serve_cmd::init(&a),
+        Cmd::Serve(a) => serve_cmd::serve_cmd(&a),
+        Cmd::Vm(c) => serve_cmd::vm_cmd(&c),
+        Cmd::Allowlist(c) => serve_cmd::allowlist_cmd(&c),
     }
 }

@@ -1,0 +1,105 @@
+//! `kbs.toml`: the broker's configuration, and `attesta-kbs init`, which writes a working one
+//! (keys with mode 0600, a TLS CA and server certificate) for a new deployment or a test.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the KEK lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum KekConfig {
+    /// 32 raw bytes, mode 0600.
+    File(PathBuf),
+    /// A non-extractable AES key on a PKCS#11 token.
+    Pkcs11 {
+        module: PathBuf,
+        token: String,
+        pin_file: PathBuf,
+        key_label: String,
+    },
+}
+
+/// The broker's configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// UDP address for QUIC, e.g. "0.0.0.0:7443".
+    pub listen: String,
+    /// SQLite database file.
+    pub database: PathBuf,
+    /// PEM certificate chain and PKCS#8 key of the broker's TLS identity.
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Ed25519 response-signing key (PKCS#8 DER, mode 0600); guests pin its public half.
+    pub response_key: PathBuf,
+    pub kek: KekConfig,
+    /// Operators' order-signing public keys (hex Ed25519).
+    pub operator_keys: Vec<String>,
+    /// The offline allowlist-signing public key (hex Ed25519).
+    pub allowlist_key: String,
+    /// A signed allowlist to load at start (optional; newer ones can be installed later).
+    #[serde(default)]
+    pub allowlist: Option<PathBuf>,
+    /// Non-AMD roots to trust (the simulator's ARK, for test deployments only).
+    #[serde(default)]
+    pub trust_roots: Vec<PathBuf>,
+    /// "require" (default): no release without a current CRL; "if_available".
+    #[serde(default)]
+    pub revocation: snp::Revocation,
+    #[serde(default = "default_ttl")]
+    pub nonce_ttl_secs: u64,
+}
+
+fn default_ttl() -> u64 {
+    30
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut c: Config =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Relative paths are relative to the configuration file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut c.database);
+        fix(&mut c.tls_cert);
+        fix(&mut c.tls_key);
+        fix(&mut c.response_key);
+        if let KekConfig::File(p) = &mut c.kek {
+            fix(p);
+        }
+        if let KekConfig::Pkcs11 { pin_file, .. } = &mut c.kek {
+            fix(pin_file);
+        }
+        if let Some(a) = &mut c.allowlist {
+            fix(a);
+        }
+        c.trust_roots.iter_mut().for_each(fix);
+        Ok(c)
+    }
+
+    /// Parsed operator keys.
+    pub fn operator_keys(&self) -> Result<Vec<[u8; 32]>, String> {
+        self.operator_keys
+            .iter()
+            .map(|k| hex32(k, "operator_keys"))
+            .collect()
+    }
+
+    pub fn allowlist_key(&self) -> Result<[u8; 32], String> {
+        hex32(&self.allowlist_key, "allowlist_key")
+    }
+}
+
+fn hex32(s: &str, what: &str) -> Result<[u8; 32], String> {
+    hex::decode(s.trim())
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+        .ok_or_else(|| format!("{what}: expected 64 hex digits (an Ed25519 public key), got {s:?}"))
+}
