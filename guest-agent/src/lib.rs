@@ -11,4 +11,5 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod device;
 pub mod luks;
