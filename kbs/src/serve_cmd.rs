@@ -4,7 +4,7 @@ use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use clap::{Args, Subcommand};
 use kbs::config::{Config, KekConfig};
 use kbs::keys::{FileKek, Kek, Pkcs11Kek};
-use kbs::service::{Kbs, serve, server_config};
+use kbs::service::{Kbs, TlsIdentity, serve, server_config};
 use kbs::store::SqliteStore;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -114,23 +114,10 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
         ));
     }
     // TLS: a CA the guests pin, and the broker's certificate.
-    let err = |e: rcgen::Error| e.to_string();
-    let ca_key = rcgen::KeyPair::generate().map_err(err)?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Attesta KBS CA");
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let srv_key = rcgen::KeyPair::generate().map_err(err)?;
-    let srv_cert = rcgen::CertificateParams::new(vec![a.server_name.clone()])
-        .map_err(err)?
-        .signed_by(&srv_key, &issuer)
-        .map_err(err)?;
-    write(&d.join("tls-ca.crt"), ca_cert.pem().as_bytes(), false)?;
-    write(&d.join("tls.crt"), srv_cert.pem().as_bytes(), false)?;
-    write(&d.join("tls.key"), srv_key.serialize_pem().as_bytes(), true)?;
+    let tls = TlsIdentity::generate(&a.server_name)?;
+    write(&d.join("tls-ca.crt"), tls.ca_pem.as_bytes(), false)?;
+    write(&d.join("tls.crt"), tls.cert_pem.as_bytes(), false)?;
+    write(&d.join("tls.key"), tls.key_pem.as_bytes(), true)?;
     new_ed25519(d, "response")?;
     let operator = new_ed25519(d, "operator")?;
     let allowlist = new_ed25519(d, "allowlist")?;

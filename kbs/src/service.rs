@@ -311,6 +311,55 @@ impl Kbs {
     }
 }
 
+/// A broker TLS identity: a CA (which guests pin) and a server certificate it issued.
+pub struct TlsIdentity {
+    pub ca_der: Vec<u8>,
+    pub ca_pem: String,
+    pub cert_der: Vec<u8>,
+    pub cert_pem: String,
+    /// PKCS#8 of the server key (secret).
+    pub key_der: Zeroizing<Vec<u8>>,
+    pub key_pem: Zeroizing<String>,
+}
+
+impl TlsIdentity {
+    /// A new CA (path length 0) and a certificate for `server_name` from it.
+    pub fn generate(server_name: &str) -> Result<TlsIdentity, String> {
+        let err = |e: rcgen::Error| e.to_string();
+        let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Attesta KBS CA");
+        let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().map_err(err)?;
+        let cert = rcgen::CertificateParams::new(vec![server_name.to_string()])
+            .map_err(err)?
+            .signed_by(&key, &issuer)
+            .map_err(err)?;
+        Ok(TlsIdentity {
+            ca_der: ca.der().to_vec(),
+            ca_pem: ca.pem(),
+            cert_der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_der: Zeroizing::new(key.serialize_der()),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
+    }
+
+    /// The QUIC server configuration for this identity.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, String> {
+        server_config(
+            vec![rustls::pki_types::CertificateDer::from(
+                self.cert_der.clone(),
+            )],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.to_vec().into()),
+        )
+    }
+}
+
 /// QUIC server configuration: TLS 1.3 only, ALPN `attesta-kbs/1`, no early data.
 pub fn server_config(
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,

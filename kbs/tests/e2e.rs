@@ -6,7 +6,7 @@ use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use guest_agent::client::{Broker, ClientError, fetch};
 use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
 use kbs::keys::FileKek;
-use kbs::service::{Kbs, serve, server_config};
+use kbs::service::{Kbs, TlsIdentity, serve};
 use kbs::store::{SqliteStore, Store};
 use proto::ResponseKey;
 use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
@@ -92,28 +92,15 @@ async fn attested_release_over_quic() {
     );
 
     // TLS for the broker, from a CA the guest pins.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let srv_key = rcgen::KeyPair::generate().unwrap();
-    let srv_cert = rcgen::CertificateParams::new(vec!["kbs.attesta.test".to_string()])
-        .unwrap()
-        .signed_by(&srv_key, &issuer)
-        .unwrap();
-    let cfg = server_config(
-        vec![srv_cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
-    )
-    .unwrap();
+    let tls = TlsIdentity::generate("kbs.attesta.test").unwrap();
+    let cfg = tls.server_config().unwrap();
     let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     tokio::spawn(serve(endpoint, kbs.clone(), now));
     let broker = Broker {
         addr,
         server_name: "kbs.attesta.test".into(),
-        ca_der: ca_cert.der().to_vec(),
+        ca_der: tls.ca_der.clone(),
         response_key: response_pub,
     };
 

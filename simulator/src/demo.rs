@@ -7,7 +7,7 @@ use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use guest_agent::client::{Broker, ClientError, fetch};
 use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
 use kbs::keys::FileKek;
-use kbs::service::{Kbs, serve, server_config};
+use kbs::service::{Kbs, TlsIdentity, serve};
 use kbs::store::{SqliteStore, Store};
 use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
@@ -110,20 +110,8 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         .map_err(|x| e(&x))?;
 
     // TLS for the broker from a CA the guests pin.
-    let ca_key = rcgen::KeyPair::generate().map_err(|x| e(&x))?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|x| e(&x))?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(|x| e(&x))?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let srv_key = rcgen::KeyPair::generate().map_err(|x| e(&x))?;
-    let srv_cert = rcgen::CertificateParams::new(vec!["kbs.attesta.local".to_string()])
-        .map_err(|x| e(&x))?
-        .signed_by(&srv_key, &issuer)
-        .map_err(|x| e(&x))?;
-    let cfg = server_config(
-        vec![srv_cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
-    )?;
+    let tls = TlsIdentity::generate("kbs.attesta.local")?;
+    let cfg = tls.server_config()?;
     let endpoint = quinn::Endpoint::server(cfg, (std::net::Ipv4Addr::LOCALHOST, 0).into())
         .map_err(|x| e(&x))?;
     let addr = endpoint.local_addr().map_err(|x| e(&x))?;
@@ -131,7 +119,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
     let broker = Broker {
         addr,
         server_name: "kbs.attesta.local".into(),
-        ca_der: ca_cert.der().to_vec(),
+        ca_der: tls.ca_der.clone(),
         response_key: kbs.response_key.public(),
     };
 
