@@ -188,32 +188,7 @@ impl Kbs {
             ark: table.get(&snp::certtable::GUID_ARK),
             crls: &[],
         };
-        let mut policy = order
-            .as_ref()
-            .and_then(|o| {
-                if o.policy.is_empty() {
-                    Some(Policy::default())
-                } else {
-                    Policy::from_toml(&o.policy).ok()
-                }
-            })
-            .unwrap_or_default();
-        if let Some(o) = &order {
-            policy.measurements = Some(
-                o.measurements
-                    .iter()
-                    .filter_map(|m| <[u8; 48]>::try_from(m.as_slice()).ok())
-                    .map(snp::hexbytes::HexBytes)
-                    .collect(),
-            );
-            policy.chip_ids = Some(
-                o.chip_ids
-                    .iter()
-                    .filter_map(|c| <[u8; 64]>::try_from(c.as_slice()).ok())
-                    .map(snp::hexbytes::HexBytes)
-                    .collect(),
-            );
-        }
+        let policy = vm_policy(order.as_ref());
         let verdict = self.verifier.verify_with_policy(&ev, &policy, now);
         let parsed = verdict.report.as_ref();
         let decision = release::decide(&release::Request {
@@ -309,6 +284,42 @@ impl Kbs {
             },
         )
     }
+}
+
+/// The appraisal policy for a VM: its order's policy, restricted to the order's measurements and
+/// chips. A VM whose order (or its policy) cannot be read allows nothing: fail closed.
+pub fn vm_policy(order: Option<&Order>) -> Policy {
+    let allow_nothing = || Policy {
+        measurements: Some(Vec::new()),
+        chip_ids: Some(Vec::new()),
+        ..Policy::default()
+    };
+    let Some(o) = order else {
+        return allow_nothing();
+    };
+    let parsed = if o.policy.is_empty() {
+        Ok(Policy::default())
+    } else {
+        Policy::from_toml(&o.policy)
+    };
+    let Ok(mut p) = parsed else {
+        return allow_nothing();
+    };
+    p.measurements = Some(
+        o.measurements
+            .iter()
+            .filter_map(|m| <[u8; 48]>::try_from(m.as_slice()).ok())
+            .map(snp::hexbytes::HexBytes)
+            .collect(),
+    );
+    p.chip_ids = Some(
+        o.chip_ids
+            .iter()
+            .filter_map(|c| <[u8; 64]>::try_from(c.as_slice()).ok())
+            .map(snp::hexbytes::HexBytes)
+            .collect(),
+    );
+    p
 }
 
 /// A broker TLS identity: a CA (which guests pin) and a server certificate it issued.
@@ -425,4 +436,37 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, &'static 
     let mut framed = header.to_vec();
     framed.extend_from_slice(&body);
     Request::decode_frame(&framed).map_err(|_| "bad_request")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::order::ORDER_VERSION;
+    use serde_bytes::ByteBuf;
+
+    fn order(policy: &str) -> Order {
+        Order {
+            v: ORDER_VERSION,
+            kind: OrderKind::Register,
+            vm_id: "vm".into(),
+            tenant: "t".into(),
+            measurements: vec![ByteBuf::from(vec![1; 48])],
+            policy: policy.into(),
+            chip_ids: vec![ByteBuf::from(vec![2; 64])],
+            not_after: 0,
+            boot_config: ByteBuf::new(),
+        }
+    }
+
+    #[test]
+    fn the_vm_policy_follows_the_order_and_fails_closed() {
+        let p = vm_policy(Some(&order("version = 1\nminimum_guest_svn = 3\n")));
+        assert_eq!(p.minimum_guest_svn, 3);
+        assert_eq!(p.measurements.as_ref().map(Vec::len), Some(1));
+        assert_eq!(p.chip_ids.as_ref().map(Vec::len), Some(1));
+        for nothing in [vm_policy(None), vm_policy(Some(&order("not toml ==")))] {
+            assert_eq!(nothing.measurements, Some(vec![]));
+            assert_eq!(nothing.chip_ids, Some(vec![]));
+        }
+    }
 }
