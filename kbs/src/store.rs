@@ -158,23 +158,28 @@ impl SqliteStore {
         })
     }
 
-    async fn append<'c>(
+    /// Appends the decision's audit entry inside `tx`, commits, and only then advances the
+    /// in-memory chain (a failed commit leaves it where the database is).
+    async fn audit_and_commit(
         &self,
-        tx: &mut sqlx::Transaction<'c, sqlx::Sqlite>,
+        mut tx: sqlx::Transaction<'_, sqlx::Sqlite>,
         chain: &mut Chain,
         time: u64,
         kind: &str,
         vm_id: &str,
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError> {
-        let e = chain.append(time, kind, vm_id, detail);
+        let mut next = chain.clone();
+        let e = next.append(time, kind, vm_id, detail);
         let text = serde_json::to_string(&Line::Entry(e.clone()))
             .map_err(|x| StoreError::Audit(x.to_string()))?;
         sqlx::query("INSERT INTO audit (seq, entry) VALUES (?, ?)")
             .bind(i(e.seq))
             .bind(text)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
+        *chain = next;
         Ok(e)
     }
 }
@@ -187,7 +192,6 @@ impl Store for SqliteStore {
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError> {
         let mut chain = self.chain.lock().await;
-        let mut next = chain.clone();
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "INSERT INTO vms (vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc) VALUES (?, ?, ?, ?, 0, ?, ?)",
@@ -208,19 +212,8 @@ impl Store for SqliteStore {
             }
             return Err(e.into());
         }
-        let entry = self
-            .append(
-                &mut tx,
-                &mut next,
-                now,
-                "register",
-                &rec.state.vm_id,
-                detail,
-            )
-            .await?;
-        tx.commit().await?;
-        *chain = next;
-        Ok(entry)
+        self.audit_and_commit(tx, &mut chain, now, "register", &rec.state.vm_id, detail)
+            .await
     }
 
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {
@@ -275,7 +268,6 @@ impl Store for SqliteStore {
 
     async fn commit(&self, c: &Commit) -> Result<Entry, StoreError> {
         let mut chain = self.chain.lock().await;
-        let mut next = chain.clone();
         let mut tx = self.pool.begin().await?;
         if c.spend_nonce {
             // Only an unspent nonce can be spent: a concurrent second use finds nothing to update.
@@ -298,12 +290,8 @@ impl Store for SqliteStore {
                 .await?;
         }
         let (time, kind, vm_id, detail) = c.audit.clone();
-        let entry = self
-            .append(&mut tx, &mut next, time, &kind, &vm_id, detail)
-            .await?;
-        tx.commit().await?;
-        *chain = next;
-        Ok(entry)
+        self.audit_and_commit(tx, &mut chain, time, &kind, &vm_id, detail)
+            .await
     }
 
     async fn terminate(
@@ -313,7 +301,6 @@ impl Store for SqliteStore {
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError> {
         let mut chain = self.chain.lock().await;
-        let mut next = chain.clone();
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query("UPDATE vms SET terminated = 1, wrapped_key = NULL WHERE vm_id = ?")
             .bind(vm_id)
@@ -322,12 +309,8 @@ impl Store for SqliteStore {
         if n.rows_affected() == 0 {
             return Err(StoreError::NoSuchVm(vm_id.to_string()));
         }
-        let entry = self
-            .append(&mut tx, &mut next, now, "terminate", vm_id, detail)
-            .await?;
-        tx.commit().await?;
-        *chain = next;
-        Ok(entry)
+        self.audit_and_commit(tx, &mut chain, now, "terminate", vm_id, detail)
+            .await
     }
 
     async fn allowlist_epoch(&self) -> Result<u64, StoreError> {

@@ -284,6 +284,13 @@ fn vlek_signed(l: &Lab, says_vlek: bool) -> Case {
     }
 }
 
+/// Chip A's current TCB with its SNP component moved by `delta`, encoded.
+fn snp_shifted(l: &Lab, delta: i16) -> u64 {
+    let mut t = l.chip_a.config.current_tcb;
+    t.snp = u8::try_from(i16::from(t.snp) + delta).unwrap_or(0);
+    t.encode(Product::Milan)
+}
+
 /// Every scenario, in order.
 pub fn catalogue() -> Vec<Scenario> {
     macro_rules! s {
@@ -458,21 +465,13 @@ pub fn catalogue() -> Vec<Scenario> {
             "launch-tcb-old",
             "the VM was launched under older firmware than allowed",
             "tcb_below_minimum",
-            |l| l.signed(&l.chip_a, |b| {
-                let mut t = l.chip_a.config.current_tcb;
-                t.snp -= 2;
-                b.launch_tcb = t.encode(Product::Milan);
-            })
+            |l| l.signed(&l.chip_a, |b| b.launch_tcb = snp_shifted(l, -2))
         ),
         s!(
             "launch-tcb-above-current",
             "the VM was launched under (uncommitted) firmware newer than what runs now: a rollback after launch",
             "tcb_above_current",
-            |l| l.signed(&l.chip_a, |b| {
-                let mut t = l.chip_a.config.current_tcb;
-                t.snp += 1;
-                b.launch_tcb = t.encode(Product::Milan);
-            })
+            |l| l.signed(&l.chip_a, |b| b.launch_tcb = snp_shifted(l, 1))
         ),
         s!(
             "tcb-rollback-tee-turin",
@@ -484,21 +483,13 @@ pub fn catalogue() -> Vec<Scenario> {
             "reported-tcb-above-current",
             "REPORTED_TCB claims firmware newer than what runs",
             "tcb_above_current",
-            |l| l.signed(&l.chip_a, |b| {
-                let mut t = l.chip_a.config.current_tcb;
-                t.snp -= 1;
-                b.current_tcb = t.encode(Product::Milan);
-            })
+            |l| l.signed(&l.chip_a, |b| b.current_tcb = snp_shifted(l, -1))
         ),
         s!(
             "uncommitted-firmware",
             "committed TCB below current: firmware that can still be rolled back",
             "provisional_firmware",
-            |l| l.signed(&l.chip_a, |b| {
-                let mut t = l.chip_a.config.current_tcb;
-                t.snp -= 1;
-                b.committed_tcb = t.encode(Product::Milan);
-            })
+            |l| l.signed(&l.chip_a, |b| b.committed_tcb = snp_shifted(l, -1))
         ),
         s!(
             "vmpl-not-zero",
