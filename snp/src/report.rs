@@ -575,6 +575,38 @@ mod tests {
     }
 
     #[test]
+    fn product_from_cpuid_or_chip_id_shape() {
+        let mut b = ReportBody {
+            version: 2,
+            ..Default::default()
+        };
+        assert_eq!(b.product_hint(), None, "all-zero chip id: cannot tell");
+        b.chip_id[..8].copy_from_slice(&[1; 8]);
+        assert_eq!(
+            b.product_hint(),
+            Some(Product::Turin),
+            "only the first 8 bytes set: Turin's shape"
+        );
+        b.chip_id[63] = 1;
+        assert_eq!(
+            b.product_hint(),
+            None,
+            "a full chip id is Milan or Genoa: the certificates decide"
+        );
+        b.version = 3;
+        b.cpuid = Some(Cpuid {
+            family: 0x19,
+            model: 0x11,
+            stepping: 1,
+        });
+        assert_eq!(
+            b.product_hint(),
+            Some(Product::Genoa),
+            "CPUID wins from version 3"
+        );
+    }
+
+    #[test]
     fn key_info_bits() {
         let k = KeyInfo(0b1_0101);
         assert!(k.author_key_en());
