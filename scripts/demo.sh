@@ -17,7 +17,7 @@ if [ ! -f "$CORPUS/MANIFEST.md" ]; then
 fi
 
 log "building attesta-kbs and attesta-sim (release)"
-cargo build --release --locked -p kbs -p simulator --quiet
+cargo build --release --locked -p kbs -p attesta-sim --quiet
 KBS=target/release/attesta-kbs
 SIM=target/release/attesta-sim
 

@@ -108,8 +108,14 @@ pub async fn fetch(
     vm_id: &str,
     device: &impl GuestDevice,
 ) -> Result<Released, ClientError> {
-    let mut endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
-        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    // Any local address of the broker's family: the route decides (loopback in tests).
+    let local: SocketAddr = if broker.addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint =
+        quinn::Endpoint::client(local).map_err(|e| ClientError::Connect(e.to_string()))?;
     endpoint.set_default_client_config(client_config(broker)?);
     let conn = endpoint
         .connect(broker.addr, &broker.server_name)

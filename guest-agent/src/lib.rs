@@ -4,12 +4,15 @@
 //! in the guest, formats the LUKS2 disk on first boot and unlocks it on every boot. The key
 //! lives only in guest memory (zeroized, never written, never logged); any failure fails closed.
 //!
-//! This crate so far holds the disk side ([`luks`]); attestation and the key-release client come
-//! with the key broker's protocol.
+//! Modules: [`client`] (the release protocol over QUIC), [`device`] (`/dev/sev-guest`),
+//! [`luks`] (the disk), [`config`] (`guest.toml`) and [`unlock`] (the whole boot-time run that
+//! the `attesta-guest unlock` binary performs).
 // No unsafe code of our own; the one exception is the C logging callback that libcryptsetup-rs's
 // macro generates (see `luks::quiet_libcryptsetup`).
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod config;
 pub mod device;
 pub mod luks;
+pub mod unlock;

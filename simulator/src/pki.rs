@@ -13,7 +13,7 @@ use rsa::signature::{RandomizedSigner, SignatureEncoding};
 use snp::certs::amd_pss_params;
 use snp::report::{REPORT_LEN, ReportBody, SIGNED_LEN, Signature};
 use snp::{Product, Tcb};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const OID_RSA_PSS: &str = "1.2.840.113549.1.1.10";
 const OID_RSA: &str = "1.2.840.113549.1.1.1";
@@ -546,6 +546,53 @@ impl Pki {
             extensions,
         })?;
         Ok(Vcek { key, cert })
+    }
+}
+
+/// Where simulated hierarchies are kept: `$ATTESTA_SIM_STATE`, else `$XDG_CACHE_HOME/attesta-sim`,
+/// else `~/.cache/attesta-sim`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ATTESTA_SIM_STATE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("attesta-sim");
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(".cache/attesta-sim")
+}
+
+impl Pki {
+    /// The hierarchy for (product, seed): loaded from `state`, else generated (deterministically,
+    /// so every process derives the same one) and saved there. `note` hears about slow work.
+    pub fn cached(
+        product: Product,
+        seed: &Seed,
+        state: &Path,
+        note: impl Fn(&str),
+    ) -> Result<Pki, String> {
+        let dir = state
+            .join(format!("v{PROFILE_VERSION}"))
+            .join(seed.id())
+            .join(product.name().to_lowercase());
+        if let Ok(p) = Pki::load(&dir)
+            && p.product == product
+        {
+            return Ok(p);
+        }
+        note(&format!(
+            "generating the simulated {product} key hierarchy (RSA-4096, a few seconds; kept in {})",
+            dir.display()
+        ));
+        let p = Pki::from_seed(product, *seed).map_err(|e| e.to_string())?;
+        if let Err(e) = p.save(&dir) {
+            note(&format!(
+                "note: could not keep the hierarchy ({e}); it will be generated again next time"
+            ));
+        }
+        Ok(p)
     }
 }
 

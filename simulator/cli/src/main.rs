@@ -198,44 +198,13 @@ fn hex_arg<const N: usize>(name: &str, s: &str, exact: bool) -> Result<[u8; N], 
 }
 
 fn state_dir(arg: &Option<PathBuf>) -> PathBuf {
-    if let Some(d) = arg {
-        return d.clone();
-    }
-    if let Some(d) = std::env::var_os("ATTESTA_SIM_STATE") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("attesta-sim");
-    }
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(".cache/attesta-sim")
+    arg.clone()
+        .unwrap_or_else(simulator::pki::default_state_dir)
 }
 
-/// The hierarchy for (product, seed): loaded from the state directory, else generated
-/// (deterministically) and saved there.
+/// The hierarchy for (product, seed), from the state directory or generated and kept there.
 fn pki_for(product: Product, seed: &Seed, state: &Path) -> Result<Pki, String> {
-    let dir = state
-        .join(format!("v{}", simulator::pki::PROFILE_VERSION))
-        .join(seed.id())
-        .join(product.name().to_lowercase());
-    if let Ok(p) = Pki::load(&dir)
-        && p.product == product
-    {
-        return Ok(p);
-    }
-    eprintln!(
-        "attesta-sim: generating the simulated {product} key hierarchy (RSA-4096, a few seconds; kept in {})",
-        dir.display()
-    );
-    let p = Pki::from_seed(product, *seed).map_err(|e| e.to_string())?;
-    if let Err(e) = p.save(&dir) {
-        eprintln!(
-            "attesta-sim: note: could not keep the hierarchy ({e}); it will be generated again next time"
-        );
-    }
-    Ok(p)
+    Pki::cached(product, seed, state, |m| eprintln!("attesta-sim: {m}"))
 }
 
 fn run_demo(a: &DemoArgs) -> Result<bool, String> {

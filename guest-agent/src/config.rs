@@ -1,0 +1,165 @@
+//! `guest.toml`: what the in-guest agent needs, all of it part of the measured image (the
+//! initramfs is covered by the launch measurement through the kernel hashes), so a miner cannot
+//! point the guest at another broker or make it trust another key.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    /// This VM's id, as in its order.
+    pub vm_id: String,
+    pub broker: BrokerConfig,
+    pub disk: DiskConfig,
+    #[serde(default)]
+    pub boot_config: BootConfig,
+    #[serde(default)]
+    pub device: DeviceConfig,
+    /// Lock all of the agent's memory (mlockall) so key material never reaches swap; refuse to
+    /// run if that fails. Only a test without CAP_IPC_LOCK turns this off.
+    #[serde(default = "yes")]
+    pub require_mlock: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The key broker and how the guest recognises it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// UDP address of the broker (or its mesh address).
+    pub address: SocketAddr,
+    /// The DNS name in the broker's TLS certificate.
+    pub server_name: String,
+    /// PEM of the CA that issued the broker's TLS certificate (pinned: no other root is trusted).
+    pub ca: PathBuf,
+    /// The broker's Ed25519 response key, 64 hex digits (pinned).
+    pub response_key: String,
+    /// How long to keep retrying an unreachable broker before failing closed.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_timeout() -> u64 {
+    60
+}
+
+/// The encrypted disk.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Block device or image file.
+    pub path: PathBuf,
+    /// Name under /dev/mapper.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Format a disk that has no LUKS header (the first boot). With `false` a blank disk is an
+    /// error (for images whose disk is always pre-formatted).
+    #[serde(default = "yes")]
+    pub format_if_blank: bool,
+}
+
+fn default_name() -> String {
+    "attesta-root".into()
+}
+
+/// Where the released boot configuration (e.g. SSH keys) goes: a tmpfs path, never disk.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    #[serde(default = "default_boot_config")]
+    pub path: PathBuf,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        BootConfig {
+            path: default_boot_config(),
+        }
+    }
+}
+
+fn default_boot_config() -> PathBuf {
+    PathBuf::from("/run/attesta/boot-config")
+}
+
+/// Which SEV-SNP guest device produces the report.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum DeviceConfig {
+    /// The real `/dev/sev-guest`.
+    #[default]
+    SevGuest,
+    /// The simulator's device (testing without SNP hardware): a simulated chip of the given
+    /// product, derived from `seed`, running a guest with `measurement`.
+    Simulator {
+        #[serde(default = "default_seed")]
+        seed: String,
+        #[serde(default = "default_product")]
+        product: String,
+        /// Which chip of the simulated fleet (as `attesta-sim` numbers them).
+        #[serde(default)]
+        chip: u64,
+        /// The guest's launch measurement, 96 hex digits.
+        measurement: String,
+        /// The guest policy (default: the simulator's typical non-debug policy).
+        #[serde(default)]
+        policy: Option<u64>,
+        /// Where simulated hierarchies are cached (default: `attesta-sim`'s).
+        #[serde(default)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn default_seed() -> String {
+    "attesta-sim".into()
+}
+
+fn default_product() -> String {
+    "milan".into()
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {why}")]
+    Read { path: String, why: String },
+    #[error("{path}: {why}")]
+    Invalid { path: String, why: String },
+}
+
+impl GuestConfig {
+    /// Reads the file; relative paths are relative to it.
+    pub fn load(path: &Path) -> Result<GuestConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let invalid = |why: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            why,
+        };
+        let mut c: GuestConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.broker.ca, &mut c.disk.path, &mut c.boot_config.path] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        c.response_key().map_err(invalid)?;
+        Ok(c)
+    }
+
+    /// The pinned response key.
+    pub fn response_key(&self) -> Result<[u8; 32], String> {
+        hex::decode(self.broker.response_key.trim())
+            .ok()
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+            .ok_or_else(|| "broker.response_key: expected 64 hex digits".to_string())
+    }
+}

@@ -1,0 +1,295 @@
+//! `attesta-guest unlock`: harden the process, attest, receive the key, format or unlock the disk,
+//! and place the boot configuration on tmpfs. Every step either succeeds or the whole run fails
+//! with a reason; nothing is written anywhere but the LUKS2 header (first boot) and the tmpfs file.
+
+use crate::client::{Broker, ClientError, Released, fetch};
+use crate::config::{DeviceConfig, GuestConfig};
+use crate::luks::{self, DiskLabel, DiskState, LuksError, VolumeKey};
+use snp::device::GuestDevice;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What a successful run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unlocked {
+    pub vm_id: String,
+    pub generation: u64,
+    pub boot_counter: u64,
+    /// The disk was blank and has been formatted (a first boot).
+    pub formatted: bool,
+    /// `/dev/mapper/<name>` exists now. `false` only with [`UnlockError::NoDeviceMapper`].
+    pub activated: bool,
+}
+
+/// Why the disk was not unlocked. Every variant fails the boot.
+#[derive(Debug, thiserror::Error)]
+pub enum UnlockError {
+    #[error("cannot lock memory ({0}); refusing to hold a key that could be swapped out")]
+    Mlock(String),
+    #[error("the boot configuration path {0} is not on tmpfs; refusing to write secrets to disk")]
+    NotTmpfs(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("the guest device: {0}")]
+    Device(String),
+    #[error("no key released: {0}")]
+    Release(#[from] ClientError),
+    #[error("the broker was unreachable for {0} s")]
+    Timeout(u64),
+    #[error("the disk has no LUKS header and format_if_blank is off")]
+    BlankRefused,
+    #[error("the disk belongs to VM {found:?}, not {expected:?}")]
+    ForeignDisk { found: String, expected: String },
+    #[error("the disk: {0}")]
+    Disk(#[from] LuksError),
+    #[error(
+        "the released key opens the disk, but device-mapper is not available here, so it was not activated"
+    )]
+    NoDeviceMapper(Unlocked),
+    #[error("cannot write the boot configuration {path}: {why}")]
+    BootConfig { path: String, why: String },
+}
+
+impl UnlockError {
+    /// The process exit status: 3 when only activation was impossible, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            UnlockError::NoDeviceMapper(_) => 3,
+            UnlockError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Keeps this process's memory out of swap and core dumps, and away from ptrace by other users.
+pub fn harden(require_mlock: bool) -> Result<(), UnlockError> {
+    use nix::sys::mman::{MlockAllFlags, mlockall};
+    // Not dumpable: no core files, and /proc/<pid>/mem only for root.
+    let _ = nix::sys::prctl::set_dumpable(false);
+    match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
+        Ok(()) => Ok(()),
+        Err(e) if require_mlock => Err(UnlockError::Mlock(e.to_string())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Refuses a boot-configuration path whose directory is not on tmpfs or ramfs.
+pub fn check_tmpfs(path: &Path) -> Result<(), UnlockError> {
+    use nix::sys::statfs::{FsType, TMPFS_MAGIC, statfs};
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    // The directory may not exist yet: judge the nearest existing ancestor.
+    let probe = dir
+        .ancestors()
+        .find(|d| d.exists())
+        .unwrap_or(Path::new("/"));
+    let not = || UnlockError::NotTmpfs(path.display().to_string());
+    let fs = statfs(probe).map_err(|_| not())?;
+    let t = fs.filesystem_type();
+    if t == TMPFS_MAGIC || t == RAMFS_MAGIC {
+        Ok(())
+    } else {
+        Err(not())
+    }
+}
+
+fn write_boot_config(path: &Path, bytes: &[u8]) -> Result<(), UnlockError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let err = |e: std::io::Error| UnlockError::BootConfig {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(bytes).map_err(err)
+}
+
+/// Fetches the secrets, retrying only while the broker is unreachable or briefly unavailable; a
+/// denial or a bad signature ends the attempt at once.
+pub async fn fetch_with_retry(
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+    timeout: Duration,
+) -> Result<Released, UnlockError> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        let attempt = tokio::time::timeout(left.max(Duration::from_millis(1)), async {
+            fetch(broker, vm_id, device).await
+        })
+        .await;
+        match attempt {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(ClientError::Connect(why))) => {
+                tracing::warn!(%why, "the key broker is unreachable; retrying");
+            }
+            Ok(Err(ClientError::Protocol(code))) if code == "unavailable" => {
+                tracing::warn!("the key broker is temporarily unavailable; retrying");
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {}
+        }
+        if start.elapsed() + pause >= timeout {
+            return Err(UnlockError::Timeout(timeout.as_secs()));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The broker as the configuration pins it.
+pub fn broker(cfg: &GuestConfig) -> Result<Broker, UnlockError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let ca = CertificateDer::from_pem_file(&cfg.broker.ca)
+        .map_err(|e| UnlockError::Config(format!("{}: {e}", cfg.broker.ca.display())))?;
+    Ok(Broker {
+        addr: cfg.broker.address,
+        server_name: cfg.broker.server_name.clone(),
+        ca_der: ca.to_vec(),
+        response_key: cfg.response_key().map_err(UnlockError::Config)?,
+    })
+}
+
+/// The disk half: format on first boot, otherwise check that the disk is this VM's and that
+/// the key opens it; then activate by volume key.
+pub fn open_disk(cfg: &GuestConfig, released: &Released) -> Result<Unlocked, UnlockError> {
+    let key = VolumeKey::from_bytes(&released.volume_key)?;
+    let path = &cfg.disk.path;
+    let formatted = match luks::probe(path)? {
+        DiskState::Blank if !cfg.disk.format_if_blank => return Err(UnlockError::BlankRefused),
+        DiskState::Blank => {
+            let label = DiskLabel {
+                vm_id: cfg.vm_id.clone(),
+                generation: released.generation,
+            };
+            luks::format(path, &key, &label)?;
+            true
+        }
+        DiskState::Luks2 { .. } => {
+            if let Some(l) = luks::label(path)?
+                && l.vm_id != cfg.vm_id
+            {
+                return Err(UnlockError::ForeignDisk {
+                    found: l.vm_id,
+                    expected: cfg.vm_id.clone(),
+                });
+            }
+            false
+        }
+    };
+    let mut done = Unlocked {
+        vm_id: cfg.vm_id.clone(),
+        generation: released.generation,
+        boot_counter: released.boot_counter,
+        formatted,
+        activated: false,
+    };
+    match luks::unlock(path, &cfg.disk.name, &key) {
+        Ok(()) => {
+            done.activated = true;
+            Ok(done)
+        }
+        Err(LuksError::DeviceMapperUnavailable) => Err(UnlockError::NoDeviceMapper(done)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The whole run with a given device.
+pub async fn run_with(
+    cfg: &GuestConfig,
+    device: &impl GuestDevice,
+) -> Result<Unlocked, UnlockError> {
+    check_tmpfs(&cfg.boot_config.path)?;
+    let broker = broker(cfg)?;
+    // The disk must be readable before anything is asked of the broker.
+    luks::probe(&cfg.disk.path)?;
+    let released = fetch_with_retry(
+        &broker,
+        &cfg.vm_id,
+        device,
+        Duration::from_secs(cfg.broker.timeout_secs),
+    )
+    .await?;
+    tracing::info!(
+        vm_id = %cfg.vm_id,
+        generation = released.generation,
+        boot = released.boot_counter,
+        "key released"
+    );
+    let result = open_disk(cfg, &released);
+    // The boot configuration is placed only once the disk is known to be this VM's.
+    match &result {
+        Ok(_) | Err(UnlockError::NoDeviceMapper(_)) => {
+            write_boot_config(&cfg.boot_config.path, &released.boot_config)?;
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+/// The whole run with the configured device.
+pub async fn run(cfg: &GuestConfig) -> Result<Unlocked, UnlockError> {
+    match &cfg.device {
+        DeviceConfig::SevGuest => {
+            let dev =
+                crate::device::SevGuest::open().map_err(|e| UnlockError::Device(e.to_string()))?;
+            run_with(cfg, &dev).await
+        }
+        #[cfg(feature = "simulator")]
+        DeviceConfig::Simulator {
+            seed,
+            product,
+            chip,
+            measurement,
+            policy,
+            state_dir,
+        } => {
+            use std::sync::Arc;
+            let d = |e: String| UnlockError::Device(format!("simulator: {e}"));
+            let product: snp::Product = product.parse().map_err(|e| d(format!("{e}")))?;
+            let m = hex::decode(measurement.trim())
+                .ok()
+                .and_then(|v| <[u8; 48]>::try_from(v.as_slice()).ok())
+                .ok_or_else(|| d("measurement: expected 96 hex digits".into()))?;
+            let state = state_dir
+                .clone()
+                .unwrap_or_else(simulator::pki::default_state_dir);
+            let pki =
+                simulator::Pki::cached(product, &simulator::Seed::from_text(seed), &state, |n| {
+                    tracing::info!("{n}")
+                })
+                .map(Arc::new)
+                .map_err(d)?;
+            let config = simulator::ChipConfig::typical(&pki, *chip);
+            let chip = simulator::Chip::new(pki, config).map_err(|e| d(e.to_string()))?;
+            let mut launch = simulator::GuestLaunch {
+                measurement: m,
+                ..Default::default()
+            };
+            if let Some(p) = policy {
+                launch.policy = *p;
+            }
+            run_with(cfg, &chip.launch(launch)).await
+        }
+        #[cfg(not(feature = "simulator"))]
+        DeviceConfig::Simulator { .. } => Err(UnlockError::Device(
+            "this build has no simulator (built without the `simulator` feature)".into(),
+        )),
+    }
+}
