@@ -48,6 +48,43 @@ pub struct Config {
     pub revocation: snp::Revocation,
     #[serde(default = "default_ttl")]
     pub nonce_ttl_secs: u64,
+    /// Ed25519 key (PKCS#8, mode 0600) that signs audit checkpoints; `audit verify` checks them
+    /// with its public half. Without it the log is chained but unsigned.
+    #[serde(default)]
+    pub audit_key: Option<PathBuf>,
+    /// A signed checkpoint after this many audit entries…
+    #[serde(default = "default_cp_every")]
+    pub checkpoint_every: u64,
+    /// …or after this many seconds, whichever comes first.
+    #[serde(default = "default_cp_secs")]
+    pub checkpoint_interval_secs: u64,
+    /// CA (PEM) whose client certificates identify hosts and operators (role in a URI SAN);
+    /// without it, orders can only be given on this machine (`vm register --config`).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Local TCP address for `/metrics`, `/readyz`, `/healthz` (none: no HTTP endpoint).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// "text" (default) or "json" log lines on stderr.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_cp_every() -> u64 {
+    1000
+}
+
+fn default_cp_secs() -> u64 {
+    10
 }
 
 fn default_ttl() -> u64 {
@@ -81,6 +118,12 @@ impl Config {
             fix(a);
         }
         c.trust_roots.iter_mut().for_each(fix);
+        if let Some(p) = &mut c.audit_key {
+            fix(p);
+        }
+        if let Some(p) = &mut c.client_ca {
+            fix(p);
+        }
         Ok(c)
     }
 

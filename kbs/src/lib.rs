@@ -5,8 +5,10 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod keys;
+pub mod metrics;
 pub mod release;
 pub mod service;
 pub mod store;

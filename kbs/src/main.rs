@@ -1,6 +1,8 @@
-//! `attesta-kbs`: the key broker's command line. Today: verify SEV-SNP evidence.
+//! `attesta-kbs`: the key broker's command line: verify evidence, run the service, and the
+//! operator's tools (orders, allowlists, client certificates, the audit log).
 #![forbid(unsafe_code)]
 
+mod ops_cmd;
 mod serve_cmd;
 mod verify_cmd;
 
@@ -34,6 +36,12 @@ enum Cmd {
     /// The signed measurement allowlist.
     #[command(subcommand)]
     Allowlist(serve_cmd::AllowlistCmd),
+    /// Sign operator orders (register, terminate) with the operator's order key.
+    #[command(subcommand)]
+    Order(ops_cmd::OrderCmd),
+    /// Client certificates for hosts and operators.
+    #[command(subcommand)]
+    Cert(ops_cmd::CertCmd),
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -49,6 +57,14 @@ enum AuditCmd {
         /// The broker's audit public key: 32 bytes raw, or 64 hex digits.
         #[arg(long, value_name = "FILE")]
         key: std::path::PathBuf,
+    },
+    /// Sign a checkpoint now and write the whole log (JSON Lines) for `audit verify`.
+    Export {
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+        /// Output file (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
     },
 }
 
@@ -99,9 +115,13 @@ fn main() -> ExitCode {
         Cmd::VerifyReport(a) => verify_cmd::verify_report(*a),
         Cmd::VerifyDir(a) => verify_cmd::verify_dir(a),
         Cmd::Audit(AuditCmd::Verify { log, key }) => audit_verify(&log, &key),
+        Cmd::Audit(AuditCmd::Export { config, out }) => serve_cmd::audit_export(&config, out),
+        Cmd::Order(c) => ops_cmd::order_cmd(&c),
+        Cmd::Cert(c) => ops_cmd::cert_cmd(&c),
         Cmd::Init(a) => serve_cmd::init(&a),
         Cmd::Serve(a) => serve_cmd::serve_cmd(&a),
         Cmd::Vm(c) => serve_cmd::vm_cmd(&c),
+        Cmd::Allowlist(serve_cmd::AllowlistCmd::Sign(a)) => ops_cmd::allowlist_sign(&a),
         Cmd::Allowlist(c) => serve_cmd::allowlist_cmd(&c),
     }
 }

@@ -2,10 +2,10 @@
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use clap::{Args, Subcommand};
-use kbs::config::{Config, KekConfig};
+use kbs::config::{Config, KekConfig, LogFormat};
 use kbs::keys::{FileKek, Kek, Pkcs11Kek};
 use kbs::service::{Kbs, TlsIdentity, serve, server_config};
-use kbs::store::SqliteStore;
+use kbs::store::{SqliteStore, Store, StoreOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,6 +22,9 @@ pub struct InitArgs {
     /// DNS name in the broker's TLS certificate (guests connect with it).
     #[arg(long, default_value = "kbs.attesta.local")]
     pub server_name: String,
+    /// Local TCP address for /metrics, /readyz and /healthz ("none" for no endpoint).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_listen: String,
     /// Trust a non-AMD root (the simulator's ark.pem) — test deployments only.
     #[arg(long, value_name = "FILE")]
     pub trust_root: Vec<PathBuf>,
@@ -33,14 +36,45 @@ pub struct ServeArgs {
     pub config: PathBuf,
 }
 
+/// Where an order goes: straight into this machine's store (`--config`), or to a running
+/// broker over QUIC with a host or operator client certificate (`--kbs`).
+#[derive(Args)]
+#[group(required = true, multiple = false, id = "target")]
+pub struct Target {
+    /// The broker's configuration (writes to its database directly; works while it serves).
+    #[arg(long, value_name = "FILE", group = "target")]
+    pub config: Option<PathBuf>,
+    /// A running broker's UDP address.
+    #[arg(long, value_name = "ADDR", group = "target", requires_all = ["ca", "cert", "key"])]
+    pub kbs: Option<String>,
+    /// The broker's TLS CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Our client certificate (PEM, role host or operator) and its key.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The name in the broker's certificate.
+    #[arg(long, default_value = "kbs.attesta.local")]
+    pub server_name: String,
+}
+
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// Register a VM from an operator-signed order (generates and wraps its volume key).
     Register {
-        /// The signed order document.
+        /// The signed order document (`attesta-kbs order register` writes one).
         order: PathBuf,
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Crypto-shred a VM's key with an operator-signed terminate order.
+    Terminate {
+        /// The signed terminate order (`attesta-kbs order terminate`).
+        order: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -52,6 +86,8 @@ pub enum AllowlistCmd {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Sign an allowlist with the offline allowlist key.
+    Sign(crate::ops_cmd::AllowlistSign),
 }
 
 fn now() -> u64 {
@@ -118,7 +154,9 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
     write(&d.join("tls-ca.crt"), tls.ca_pem.as_bytes(), false)?;
     write(&d.join("tls.crt"), tls.cert_pem.as_bytes(), false)?;
     write(&d.join("tls.key"), tls.key_pem.as_bytes(), true)?;
+    write(&d.join("tls-ca.key"), tls.ca_key_pem.as_bytes(), true)?;
     new_ed25519(d, "response")?;
+    new_ed25519(d, "audit")?;
     let operator = new_ed25519(d, "operator")?;
     let allowlist = new_ed25519(d, "allowlist")?;
     FileKek::create(&d.join("kek")).map_err(|e| e.to_string())?;
@@ -147,8 +185,23 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
          trust_roots = [{roots}]\n\
          # \"require\": no release without a current AMD CRL; \"if_available\" for offline tests.\n\
          revocation = {revocation:?}\n\
-         nonce_ttl_secs = 30\n",
+         nonce_ttl_secs = 30\n\
+         # Signs audit checkpoints; `attesta-kbs audit verify --key audit.pub` checks them.\n\
+         audit_key = \"audit.key\"\n\
+         checkpoint_every = 1000\n\
+         checkpoint_interval_secs = 10\n\
+         # Hosts and operators send orders with client certificates from this CA\n\
+         # (`attesta-kbs cert issue`; tls-ca.key issues them: keep it offline in production).\n\
+         client_ca = \"tls-ca.crt\"\n\
+         # /metrics (Prometheus), /readyz, /healthz. Keep it local.\n\
+         {metrics}\n\
+         log_format = \"text\"\n",
         listen = a.listen,
+        metrics = if a.metrics_listen == "none" {
+            "# metrics_listen = \"127.0.0.1:9464\"".to_string()
+        } else {
+            format!("metrics_listen = {:?}", a.metrics_listen)
+        },
         roots = roots.join(", "),
         revocation = if a.trust_root.is_empty() {
             "require"
@@ -172,7 +225,14 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig), String> {
         .map_err(|e| format!("{}: {e}", c.tls_cert.display()))?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&c.tls_key)
         .map_err(|e| format!("{}: {e}", c.tls_key.display()))?;
-    let tls = server_config(chain, key)?;
+    let client_ca = match &c.client_ca {
+        Some(p) => Some(
+            rustls::pki_types::CertificateDer::from_pem_file(p)
+                .map_err(|e| format!("client_ca {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let tls = server_config(chain, key, client_ca)?;
     let rk =
         std::fs::read(&c.response_key).map_err(|e| format!("{}: {e}", c.response_key.display()))?;
     let response_key = proto::ResponseKey::from_pkcs8(&rk)
@@ -202,20 +262,34 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig), String> {
         revocation: c.revocation,
         ..Default::default()
     });
+    let audit_key = match &c.audit_key {
+        Some(p) => {
+            let der = std::fs::read(p).map_err(|e| format!("audit_key {}: {e}", p.display()))?;
+            Some(Arc::new(Ed25519KeyPair::from_pkcs8(&der).map_err(|_| {
+                format!("audit_key {}: not an Ed25519 PKCS#8 key", p.display())
+            })?))
+        }
+        None => None,
+    };
+    let opts = StoreOptions {
+        audit_key,
+        checkpoint_every: c.checkpoint_every.max(1),
+        checkpoint_interval: std::time::Duration::from_secs(c.checkpoint_interval_secs.max(1)),
+        ..Default::default()
+    };
     let rt = tokio::runtime::Handle::current();
     let store = rt
-        .block_on(SqliteStore::open(&c.database))
-        .map_err(|e| e.to_string())?;
+        .block_on(SqliteStore::open_with(&c.database, opts))
+        .map_err(|e| format!("database {}: {e}", c.database.display()))?;
     Ok((
-        Kbs {
+        Kbs::new(
             store,
             verifier,
             response_key,
             kek,
-            operator_keys: c.operator_keys()?,
-            allowlist: Default::default(),
-            nonce_ttl: c.nonce_ttl_secs,
-        },
+            c.operator_keys()?,
+            c.nonce_ttl_secs,
+        ),
         tls,
     ))
 }
@@ -229,18 +303,30 @@ fn fail(cmd: &str, e: String) -> ExitCode {
     ExitCode::from(2)
 }
 
+fn init_logs(c: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATTESTA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match c.log_format {
+        LogFormat::Json => logs.json().try_init(),
+        LogFormat::Text => logs.try_init(),
+    };
+}
+
 pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
     let r = (|| -> Result<(), String> {
         let c = Config::load(&a.config)?;
+        init_logs(&c);
         let rt = runtime()?;
         let _g = rt.enter();
         let (kbs, tls) = build(&c)?;
-        if let Some(p) = &c.allowlist {
-            let doc = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            let epoch = rt
-                .block_on(kbs.set_allowlist(&doc, &c.allowlist_key()?))
-                .map_err(|e| e.to_string())?;
-            eprintln!("attesta-kbs: allowlist epoch {epoch} loaded");
+        if c.allowlist.is_some() {
+            let epoch = load_allowlist(&rt, &kbs, &c)?;
+            tracing::info!(epoch, "allowlist loaded");
+        } else {
+            tracing::warn!("no allowlist configured: registrations will be refused");
         }
         let addr: std::net::SocketAddr = c
             .listen
@@ -248,19 +334,36 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             .map_err(|e| format!("listen {:?}: {e}", c.listen))?;
         let endpoint = quinn::Endpoint::server(tls, addr)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        eprintln!(
-            "attesta-kbs: serving on {} (QUIC, ALPN attesta-kbs/1); response key {}",
-            endpoint
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            hex::encode(kbs.response_key.public())
+        let kbs = Arc::new(kbs);
+        if let Some(m) = &c.metrics_listen {
+            let l = rt
+                .block_on(tokio::net::TcpListener::bind(m))
+                .map_err(|e| format!("metrics_listen {m:?}: {e}"))?;
+            tracing::info!(address = %m, "metrics on /metrics, readiness on /readyz");
+            rt.spawn(kbs::metrics::serve_http(l, kbs.clone()));
+        }
+        tracing::info!(
+            address = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            response_key = %hex::encode(kbs.response_key.public()),
+            "serving (QUIC, ALPN attesta-kbs/1)"
         );
+        let k = kbs.clone();
         rt.block_on(async move {
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
-                () = serve(endpoint, Arc::new(kbs), now) => {}
-                _ = tokio::signal::ctrl_c() => eprintln!("attesta-kbs: stopping"),
+                () = serve(endpoint, k.clone(), now) => {}
+                _ = tokio::signal::ctrl_c() => {}
+                () = term => {}
             }
+            tracing::info!("stopping: signing a final audit checkpoint");
+            let _ = k.store.checkpoint().await;
         });
         Ok(())
     })();
@@ -269,44 +372,116 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
 }
 
 pub fn vm_cmd(c: &VmCmd) -> ExitCode {
-    let VmCmd::Register { order, config } = c;
+    let (order, target, terminate, verb) = match c {
+        VmCmd::Register { order, target } => (order, target, false, "register"),
+        VmCmd::Terminate { order, target } => (order, target, true, "terminate"),
+    };
     let r = (|| -> Result<String, String> {
-        let c = Config::load(config)?;
+        let doc = std::fs::read(order).map_err(|e| format!("{}: {e}", order.display()))?;
         let rt = runtime()?;
         let _g = rt.enter();
-        let (kbs, _) = build(&c)?;
-        if let Some(p) = &c.allowlist {
-            let doc = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            rt.block_on(kbs.set_allowlist(&doc, &c.allowlist_key()?))
-                .map_err(|e| e.to_string())?;
-        } else {
-            return Err("no allowlist configured: set `allowlist` in the configuration".into());
+        if let Some(addr) = &target.kbs {
+            return rt.block_on(kbs::client::send_order(remote(target, addr)?, terminate, doc));
         }
-        let doc = std::fs::read(order).map_err(|e| format!("{}: {e}", order.display()))?;
+        let config = target.config.as_ref().ok_or("--config or --kbs is required")?;
+        let c = Config::load(config)?;
+        let (kbs, _) = build(&c)?;
+        if terminate {
+            return rt
+                .block_on(kbs.terminate(&doc, now()))
+                .map_err(|e| e.to_string());
+        }
+        load_allowlist(&rt, &kbs, &c)?;
         rt.block_on(kbs.register(&doc, now()))
             .map_err(|e| e.to_string())
     })();
     match r {
         Ok(vm) => {
-            println!("registered {vm}");
+            println!("{verb}ed {vm}");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("attesta-kbs vm register: {e}");
+            eprintln!("attesta-kbs vm {verb}: {e}");
             ExitCode::from(1)
         }
     }
 }
 
+fn remote(t: &Target, addr: &str) -> Result<kbs::client::Remote, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let need = |p: &Option<PathBuf>, what: &str| {
+        p.clone()
+            .ok_or_else(|| format!("--{what} is required with --kbs"))
+    };
+    let (ca, cert, key) = (need(&t.ca, "ca")?, need(&t.cert, "cert")?, need(&t.key, "key")?);
+    Ok(kbs::client::Remote {
+        addr: addr
+            .parse()
+            .map_err(|e| format!("--kbs {addr:?}: {e}"))?,
+        server_name: t.server_name.clone(),
+        ca: CertificateDer::from_pem_file(&ca).map_err(|e| format!("{}: {e}", ca.display()))?,
+        client_chain: CertificateDer::pem_file_iter(&cert)
+            .map_err(|e| format!("{}: {e}", cert.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", cert.display()))?,
+        client_key: PrivateKeyDer::from_pem_file(&key)
+            .map_err(|e| format!("{}: {e}", key.display()))?,
+    })
+}
+
+fn load_allowlist(rt: &tokio::runtime::Runtime, kbs: &Kbs, c: &Config) -> Result<u64, String> {
+    let Some(p) = &c.allowlist else {
+        return Err("no allowlist configured: set `allowlist` in the configuration".into());
+    };
+    let doc = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    rt.block_on(kbs.set_allowlist(&doc, &c.allowlist_key()?, now()))
+        .map_err(|e| format!("allowlist {}: {e}", p.display()))
+}
+
+pub fn audit_export(config: &Path, out: Option<PathBuf>) -> ExitCode {
+    let r = (|| -> Result<String, String> {
+        let c = Config::load(config)?;
+        if c.audit_key.is_none() {
+            return Err("no audit_key configured: the log cannot be checkpointed".into());
+        }
+        let rt = runtime()?;
+        let _g = rt.enter();
+        let (kbs, _) = build(&c)?;
+        rt.block_on(async {
+            kbs.store.checkpoint().await.map_err(|e| e.to_string())?;
+            kbs.store.audit_log().await.map_err(|e| e.to_string())
+        })
+    })();
+    match r {
+        Ok(log) => {
+            let w = match &out {
+                Some(p) => std::fs::write(p, &log).map_err(|e| format!("{}: {e}", p.display())),
+                None => {
+                    print!("{log}");
+                    Ok(())
+                }
+            };
+            match w {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail("audit export", e),
+            }
+        }
+        Err(e) => fail("audit export", e),
+    }
+}
+
 pub fn allowlist_cmd(c: &AllowlistCmd) -> ExitCode {
-    let AllowlistCmd::Install { allowlist, config } = c;
+    let AllowlistCmd::Install { allowlist, config } = c else {
+        return ExitCode::from(2);
+    };
     let r = (|| -> Result<u64, String> {
         let c = Config::load(config)?;
         let rt = runtime()?;
         let _g = rt.enter();
         let (kbs, _) = build(&c)?;
         let doc = std::fs::read(allowlist).map_err(|e| format!("{}: {e}", allowlist.display()))?;
-        rt.block_on(kbs.set_allowlist(&doc, &c.allowlist_key()?))
+        rt.block_on(kbs.set_allowlist(&doc, &c.allowlist_key()?, now()))
             .map_err(|e| e.to_string())
     })();
     match r {

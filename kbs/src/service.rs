@@ -4,6 +4,7 @@
 //! first byte of the answer is written.
 
 use crate::keys::{Kek, VolumeKey};
+use crate::metrics::Metrics;
 use crate::release::{self, Denial};
 use crate::store::{Commit, SqliteStore, Store, StoreError, VmRecord};
 use proto::msg::{
@@ -14,7 +15,26 @@ use proto::order::{Allowlist, DocumentError, Order, OrderKind};
 use proto::{ResponseKey, SealContext, report_data, seal};
 use snp::{Evidence, Policy, Verifier};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use zeroize::Zeroizing;
+
+impl RegisterError {
+    /// Stable code for the wire.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RegisterError::Order(DocumentError::BadSignature) => "order_signature",
+            RegisterError::Order(DocumentError::Expired { .. }) => "order_expired",
+            RegisterError::Order(_) => "order_invalid",
+            RegisterError::NotRegister | RegisterError::NotTerminate => "order_kind",
+            RegisterError::NotAllowlisted(_) => "not_allowlisted",
+            RegisterError::Policy(_) => "order_policy",
+            RegisterError::Store(StoreError::Exists(_)) => "vm_exists",
+            RegisterError::Store(StoreError::NoSuchVm(_)) => "no_such_vm",
+            RegisterError::Store(_) => "unavailable",
+            RegisterError::Key(_) => "key_unavailable",
+        }
+    }
+}
 
 /// Why registration failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +43,8 @@ pub enum RegisterError {
     Order(#[from] DocumentError),
     #[error("the order is not a register order")]
     NotRegister,
+    #[error("the order is not a terminate order")]
+    NotTerminate,
     #[error("measurements not in the allowlist: {0:?}")]
     NotAllowlisted(Vec<String>),
     #[error("the order's policy: {0}")]
@@ -31,6 +53,56 @@ pub enum RegisterError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Key(#[from] crate::keys::KeyError),
+}
+
+/// Who is on the other end of a connection, from its TLS client certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// No client certificate: a guest. May ask for nonces and present evidence.
+    Guest,
+    /// A miner's host agent: may relay operator-signed orders.
+    Host,
+    /// An operator: may send operator-signed orders.
+    Operator,
+}
+
+/// The URI SAN that names a client's role in its certificate.
+pub fn role_uri(role: Role) -> &'static str {
+    match role {
+        Role::Guest => "urn:attesta:role:guest",
+        Role::Host => "urn:attesta:role:host",
+        Role::Operator => "urn:attesta:role:operator",
+    }
+}
+
+/// The role a (chain-verified) client certificate claims: host or operator by URI SAN, else
+/// guest (nothing more than any anonymous client).
+pub fn role_of(cert_der: &[u8]) -> Role {
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let Ok(cert) = x509_cert::Certificate::from_der(cert_der) else {
+        return Role::Guest;
+    };
+    let Ok(Some(san)) = cert.tbs_certificate().get_extension::<SubjectAltName>() else {
+        return Role::Guest;
+    };
+    let uris: Vec<String> = san
+        .1
+        .0
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect();
+    if uris.iter().any(|u| u == role_uri(Role::Operator)) {
+        Role::Operator
+    } else if uris.iter().any(|u| u == role_uri(Role::Host)) {
+        Role::Host
+    } else {
+        Role::Guest
+    }
 }
 
 /// The broker: its store, verifier, keys and trust in operators.
@@ -42,18 +114,41 @@ pub struct Kbs {
     pub operator_keys: Vec<[u8; 32]>,
     pub allowlist: tokio::sync::RwLock<Option<Allowlist>>,
     pub nonce_ttl: u64,
+    pub metrics: Metrics,
 }
 
 impl Kbs {
+    /// A broker over `store`, with no allowlist loaded yet.
+    pub fn new(
+        store: SqliteStore,
+        verifier: Verifier,
+        response_key: ResponseKey,
+        kek: Box<dyn Kek>,
+        operator_keys: Vec<[u8; 32]>,
+        nonce_ttl: u64,
+    ) -> Kbs {
+        Kbs {
+            store,
+            verifier,
+            response_key,
+            kek,
+            operator_keys,
+            allowlist: Default::default(),
+            nonce_ttl,
+            metrics: Metrics::default(),
+        }
+    }
+
     /// Installs a newer signed allowlist (older epochs are refused, here and in the store).
     pub async fn set_allowlist(
         &self,
         doc: &[u8],
         allowlist_key: &[u8; 32],
+        now: u64,
     ) -> Result<u64, RegisterError> {
         let epoch = self.store.allowlist_epoch().await?;
         let a = Allowlist::verify(doc, allowlist_key, epoch)?;
-        self.store.set_allowlist_epoch(a.epoch).await?;
+        self.store.set_allowlist_epoch(a.epoch, now).await?;
         let e = a.epoch;
         *self.allowlist.write().await = Some(a);
         Ok(e)
@@ -97,13 +192,61 @@ impl Kbs {
         self.store
             .register(&rec, now, serde_json::json!({"tenant": order.tenant}))
             .await?;
+        self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(vm_id = %order.vm_id, tenant = %order.tenant, "VM registered");
         Ok(order.vm_id)
     }
 
-    /// Answers one request. `exporter` is this connection's TLS exporter value.
-    pub async fn handle(&self, req: Request, exporter: [u8; 32], now: u64) -> Response {
+    /// Crypto-shreds a VM on an operator-signed terminate order: the wrapped key is destroyed,
+    /// the tombstone stays, and every later release is denied.
+    pub async fn terminate(&self, order_doc: &[u8], now: u64) -> Result<String, RegisterError> {
+        let order = Order::verify(order_doc, &self.operator_keys, now)?;
+        if order.kind != OrderKind::Terminate {
+            return Err(RegisterError::NotTerminate);
+        }
+        self.store
+            .terminate(
+                &order.vm_id,
+                now,
+                serde_json::json!({"order": "terminate", "tenant": order.tenant}),
+            )
+            .await?;
+        self.metrics.terminations.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(vm_id = %order.vm_id, "VM terminated: key crypto-shredded");
+        Ok(order.vm_id)
+    }
+
+    /// Answers one request from a peer in `role`. `exporter` is this connection's TLS exporter
+    /// value.
+    pub async fn handle(&self, req: Request, role: Role, exporter: [u8; 32], now: u64) -> Response {
         match req {
             Request::Challenge { vm_id, .. } => self.challenge(&vm_id, now).await,
+            Request::Register { order, .. } | Request::Terminate { order, .. }
+                if role == Role::Guest =>
+            {
+                let _ = order;
+                self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                Response::error(
+                    "forbidden",
+                    "orders are accepted only from hosts and operators (mTLS client certificate)",
+                )
+            }
+            Request::Register { order, .. } => match self.register(&order, now).await {
+                Ok(vm_id) => Response::Done { v: VERSION, vm_id },
+                Err(e) => {
+                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "registration refused");
+                    Response::error(e.code(), e.to_string())
+                }
+            },
+            Request::Terminate { order, .. } => match self.terminate(&order, now).await {
+                Ok(vm_id) => Response::Done { v: VERSION, vm_id },
+                Err(e) => {
+                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "terminate refused");
+                    Response::error(e.code(), e.to_string())
+                }
+            },
             Request::Evidence {
                 vm_id,
                 nonce,
@@ -112,16 +255,20 @@ impl Kbs {
                 guest_public_key,
                 ..
             } => {
-                self.evidence(
-                    &vm_id,
-                    &nonce,
-                    &report,
-                    &cert_table,
-                    &guest_public_key,
-                    exporter,
-                    now,
-                )
-                .await
+                let t0 = std::time::Instant::now();
+                let r = self
+                    .evidence(
+                        &vm_id,
+                        &nonce,
+                        &report,
+                        &cert_table,
+                        &guest_public_key,
+                        exporter,
+                        now,
+                    )
+                    .await;
+                self.metrics.observe(t0.elapsed().as_secs_f64());
+                r
             }
         }
     }
@@ -135,11 +282,10 @@ impl Kbs {
                 .await
                 .is_err()
         {
-            return Response::Error {
-                v: VERSION,
-                code: "unavailable".into(),
-            };
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Response::error("unavailable", "the store cannot issue a nonce now");
         }
+        self.metrics.challenges.fetch_add(1, Ordering::Relaxed);
         Response::Challenge {
             v: VERSION,
             nonce: nonce.to_vec(),
@@ -161,19 +307,15 @@ impl Kbs {
         let (Ok(nonce), Ok(guest_pk)) =
             (<[u8; 32]>::try_from(nonce), <[u8; 32]>::try_from(guest_pk))
         else {
-            return Response::Error {
-                v: VERSION,
-                code: "bad_request".into(),
-            };
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Response::error("bad_request", "nonce and guest key must be 32 bytes");
         };
         let (nonce_state, record) =
             match (self.store.nonce(&nonce).await, self.store.vm(vm_id).await) {
                 (Ok(n), Ok(v)) => (n, v),
                 _ => {
-                    return Response::Error {
-                        v: VERSION,
-                        code: "unavailable".into(),
-                    };
+                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    return Response::error("unavailable", "the store cannot be read now");
                 }
             };
         // The evidence, appraised with this VM's order: its policy, images and chips.
@@ -216,23 +358,32 @@ impl Kbs {
             vm_update: decision.outcome.as_ref().ok().cloned(),
             audit: (now, kind.into(), vm_id.into(), detail),
         };
-        // Commit before emit: nothing is answered that is not durably recorded.
-        if self.store.commit(&commit).await.is_err() {
-            return self.deny(vm_id, &nonce, vec!["storage_unavailable".into()]);
-        }
+        // Commit before emit: nothing is answered that is not durably recorded. A release that
+        // lost a race inside the transaction was recorded as a denial and is answered as one.
+        let committed = match self.store.commit(&commit).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "decision could not be committed; denying");
+                return self.deny(vm_id, &nonce, &["storage_unavailable"]);
+            }
+        };
         match (decision.outcome, record, parsed) {
-            (Ok(state), Some(rec), Some(r)) => {
+            (Ok(state), Some(rec), Some(r)) if committed.released => {
                 match self.seal_release(&rec, &state, &order, &nonce, &guest_pk, &r.measurement) {
-                    Some(body) => Response::release(&self.response_key, &body),
-                    None => self.deny(vm_id, &nonce, vec!["key_unavailable".into()]),
+                    Some(body) => {
+                        self.metrics.releases.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(vm_id, boot = state.boot_counter, "key released");
+                        Response::release(&self.response_key, &body)
+                    }
+                    None => self.deny(vm_id, &nonce, &["key_unavailable"]),
                 }
             }
-            (Err(d), _, _) => self.deny(
-                vm_id,
-                &nonce,
-                d.iter().map(|x| x.code().to_string()).collect(),
-            ),
-            _ => self.deny(vm_id, &nonce, vec!["unknown_vm".into()]),
+            (Err(d), _, _) => {
+                let codes: Vec<&'static str> = d.iter().map(Denial::code).collect();
+                tracing::info!(vm_id, reasons = ?codes, "release denied");
+                self.deny(vm_id, &nonce, &codes)
+            }
+            _ => self.deny(vm_id, &nonce, &[committed.lost_race.unwrap_or("unknown_vm")]),
         }
     }
 
@@ -274,13 +425,14 @@ impl Kbs {
         })
     }
 
-    fn deny(&self, vm_id: &str, nonce: &[u8; 32], reasons: Vec<String>) -> Response {
+    fn deny(&self, vm_id: &str, nonce: &[u8; 32], reasons: &[&'static str]) -> Response {
+        self.metrics.denied(reasons);
         Response::denial(
             &self.response_key,
             &DenialBody {
                 vm_id: vm_id.into(),
                 nonce: nonce.to_vec(),
-                reasons,
+                reasons: reasons.iter().map(|r| r.to_string()).collect(),
             },
         )
     }
@@ -322,10 +474,13 @@ pub fn vm_policy(order: Option<&Order>) -> Policy {
     p
 }
 
-/// A broker TLS identity: a CA (which guests pin) and a server certificate it issued.
+/// A broker TLS identity: a CA (which guests pin, and which issues host and operator client
+/// certificates) and a server certificate it issued.
 pub struct TlsIdentity {
     pub ca_der: Vec<u8>,
     pub ca_pem: String,
+    /// PKCS#8 PEM of the CA key (secret; keep it offline once client certificates are issued).
+    pub ca_key_pem: Zeroizing<String>,
     pub cert_der: Vec<u8>,
     pub cert_pem: String,
     /// PKCS#8 of the server key (secret).
@@ -333,16 +488,41 @@ pub struct TlsIdentity {
     pub key_pem: Zeroizing<String>,
 }
 
+fn ca_params() -> Result<rcgen::CertificateParams, rcgen::Error> {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "Attesta KBS CA");
+    Ok(p)
+}
+
+/// A client certificate for `name` in `role`, issued by the broker's CA (`ca_key_pem`).
+/// Returns the certificate and its key, both PEM.
+pub fn issue_client_cert(
+    ca_key_pem: &str,
+    name: &str,
+    role: Role,
+) -> Result<(String, Zeroizing<String>), String> {
+    let err = |e: rcgen::Error| e.to_string();
+    let ca_key = rcgen::KeyPair::from_pem(ca_key_pem).map_err(err)?;
+    let issuer = rcgen::Issuer::new(ca_params().map_err(err)?, ca_key);
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let uri = rcgen::string::Ia5String::try_from(role_uri(role)).map_err(err)?;
+    p.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, &issuer).map_err(err)?;
+    Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
+}
+
 impl TlsIdentity {
     /// A new CA (path length 0) and a certificate for `server_name` from it.
     pub fn generate(server_name: &str) -> Result<TlsIdentity, String> {
         let err = |e: rcgen::Error| e.to_string();
         let ca_key = rcgen::KeyPair::generate().map_err(err)?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "Attesta KBS CA");
+        let ca_key_pem = Zeroizing::new(ca_key.serialize_pem());
+        let ca_params = ca_params().map_err(err)?;
         let ca = ca_params.self_signed(&ca_key).map_err(err)?;
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let key = rcgen::KeyPair::generate().map_err(err)?;
@@ -353,6 +533,7 @@ impl TlsIdentity {
         Ok(TlsIdentity {
             ca_der: ca.der().to_vec(),
             ca_pem: ca.pem(),
+            ca_key_pem,
             cert_der: cert.der().to_vec(),
             cert_pem: cert.pem(),
             key_der: Zeroizing::new(key.serialize_der()),
@@ -360,27 +541,45 @@ impl TlsIdentity {
         })
     }
 
-    /// The QUIC server configuration for this identity.
+    /// The QUIC server configuration for this identity; its CA also vouches for clients.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, String> {
         server_config(
             vec![rustls::pki_types::CertificateDer::from(
                 self.cert_der.clone(),
             )],
             rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.to_vec().into()),
+            Some(rustls::pki_types::CertificateDer::from(self.ca_der.clone())),
         )
     }
 }
 
-/// QUIC server configuration: TLS 1.3 only, ALPN `attesta-kbs/1`, no early data.
+/// QUIC server configuration: TLS 1.3 only, ALPN `attesta-kbs/1`, no early data. With
+/// `client_ca`, clients may present a certificate from it (hosts, operators); guests present none.
 pub fn server_config(
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
+    client_ca: Option<rustls::pki_types::CertificateDer<'static>>,
 ) -> Result<quinn::ServerConfig, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca).map_err(|e| e.to_string())?;
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| e.to_string())?;
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
         .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -388,6 +587,17 @@ pub fn server_config(
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
+
+/// The role of a connection's peer: from its verified client certificate, else a guest.
+fn peer_role(conn: &quinn::Connection) -> Role {
+    conn.peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().map(|c| role_of(c)))
+        .unwrap_or(Role::Guest)
 }
 
 /// Serves until the endpoint closes. `clock` gives Unix seconds.
@@ -404,15 +614,16 @@ pub async fn serve(endpoint: quinn::Endpoint, kbs: Arc<Kbs>, clock: fn() -> u64)
             {
                 return;
             }
+            let role = peer_role(&conn);
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let kbs = kbs.clone();
                 tokio::spawn(async move {
                     let resp = match read_request(&mut recv).await {
-                        Ok(req) => kbs.handle(req, exporter, clock()).await,
-                        Err(code) => Response::Error {
-                            v: VERSION,
-                            code: code.into(),
-                        },
+                        Ok(req) => kbs.handle(req, role, exporter, clock()).await,
+                        Err(code) => {
+                            kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                            Response::error(code, "the request frame is unusable")
+                        }
                     };
                     let _ = send.write_all(&frame(&resp)).await;
                     let _ = send.finish();

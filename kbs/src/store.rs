@@ -2,15 +2,33 @@
 //! the allowlist epoch and the audit log. Every release or denial commits its nonce, VM and audit
 //! changes in one transaction before any byte of the answer is sent. Embedded SQLite (WAL,
 //! synchronous=FULL) by default; PostgreSQL implements the same trait for several replicas.
+//!
+//! **Group commit.** All writes go through one writer task that drains whatever is queued (up to
+//! [`StoreOptions::max_batch`]) into a single `BEGIN IMMEDIATE` transaction: one fsync for the
+//! whole batch, so durability does not cap throughput. Each write still gets its own answer, and
+//! no caller is answered before the batch is durable.
+//!
+//! **Compare-and-set.** A release is re-checked inside the transaction: its nonce must still be
+//! unspent, and the VM must still be live at the boot counter the decision was made on. If another
+//! release or a terminate got there first, the release is committed as a denial instead (and
+//! audited as one) — the key is never sent for a state that no longer holds.
+//!
+//! **Several processes.** The audit chain's tail is read inside each write transaction, so
+//! `attesta-kbs vm register` (or a second replica) can write while `serve` runs.
 
-use crate::audit::{Chain, Entry, Line};
+use crate::audit::{Chain, Checkpoint, Entry, Line};
 use crate::release::{NonceState, VmState};
+use aws_lc_rs::signature::Ed25519KeyPair;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 
 /// Why the store failed. Never carries key material.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage: {0}")]
     Db(String),
@@ -22,6 +40,10 @@ pub enum StoreError {
     StaleEpoch { have: u64, stored: u64 },
     #[error("the stored audit log is corrupt: {0}")]
     Audit(String),
+    #[error("this nonce was issued before")]
+    DuplicateNonce,
+    #[error("the store has shut down")]
+    Closed,
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -46,8 +68,19 @@ pub struct VmRecord {
 pub struct Commit {
     pub nonce: [u8; 32],
     pub spend_nonce: bool,
+    /// The VM's state after a release (its boot counter one higher than the decision saw).
     pub vm_update: Option<VmState>,
     pub audit: (u64, String, String, serde_json::Value),
+}
+
+/// What a decision's commit became.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Committed {
+    pub entry: Entry,
+    /// The release holds: send the key. `false` for a denial, or for a release that lost a race
+    /// (then `lost_race` says why and the audit entry is a denial).
+    pub released: bool,
+    pub lost_race: Option<&'static str>,
 }
 
 /// The broker's storage.
@@ -68,7 +101,7 @@ pub trait Store {
     ) -> Result<(), StoreError>;
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError>;
     /// Commits a release or denial (nonce, VM state, audit entry) in one transaction.
-    async fn commit(&self, c: &Commit) -> Result<Entry, StoreError>;
+    async fn commit(&self, c: &Commit) -> Result<Committed, StoreError>;
     /// Crypto-shreds a VM: its wrapped key is destroyed, a tombstone remains.
     async fn terminate(
         &self,
@@ -77,13 +110,19 @@ pub trait Store {
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError>;
     async fn allowlist_epoch(&self) -> Result<u64, StoreError>;
-    /// Stores a newer (or equal) allowlist epoch; an older one is refused.
-    async fn set_allowlist_epoch(&self, epoch: u64) -> Result<(), StoreError>;
-    /// The audit log, as JSON Lines entries (checkpoints are kept beside it).
+    /// Stores a newer (or equal) allowlist epoch, audited; an older one is refused.
+    async fn set_allowlist_epoch(&self, epoch: u64, now: u64) -> Result<(), StoreError>;
+    /// The audit entries in order.
     async fn audit_entries(&self) -> Result<Vec<Entry>, StoreError>;
+    /// The audit log as JSON Lines: entries, each signed checkpoint after the entry it covers.
+    async fn audit_log(&self) -> Result<String, StoreError>;
+    /// Signs a checkpoint over the whole log now (if there is an audit key and any entry).
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+    /// Whether the database answers.
+    async fn ready(&self) -> Result<(), StoreError>;
 }
 
-const MIGRATIONS: [&str; 1] = [
+const MIGRATIONS: [&str; 2] = [
     "CREATE TABLE IF NOT EXISTS vms (
         vm_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, generation INTEGER NOT NULL,
         boot_counter INTEGER NOT NULL, terminated INTEGER NOT NULL DEFAULT 0,
@@ -92,12 +131,72 @@ const MIGRATIONS: [&str; 1] = [
         nonce BLOB PRIMARY KEY, vm_id TEXT NOT NULL, expires_at INTEGER NOT NULL, spent INTEGER NOT NULL DEFAULT 0);
      CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, entry TEXT NOT NULL);
      CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+    "CREATE TABLE IF NOT EXISTS checkpoints (seq INTEGER PRIMARY KEY, checkpoint TEXT NOT NULL);
+     CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);",
 ];
 
-/// SQLite in WAL mode with full fsync.
+/// How the writer batches and signs.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// Signs audit checkpoints; without it the log is chained but has no checkpoints.
+    pub audit_key: Option<Arc<Ed25519KeyPair>>,
+    /// A checkpoint after at most this many entries…
+    pub checkpoint_every: u64,
+    /// …or this long after the last one, whichever comes first.
+    pub checkpoint_interval: Duration,
+    /// Writes per transaction, at most.
+    pub max_batch: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            audit_key: None,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(10),
+            max_batch: 512,
+        }
+    }
+}
+
+/// Writer counters (for metrics): transactions and the writes they carried.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub transactions: AtomicU64,
+    pub writes: AtomicU64,
+    pub checkpoints: AtomicU64,
+}
+
+enum Op {
+    Nonce {
+        nonce: [u8; 32],
+        vm_id: String,
+        expires_at: u64,
+    },
+    Register(VmRecord, u64, serde_json::Value),
+    Terminate(String, u64, serde_json::Value),
+    Allowlist(u64, u64),
+    Decision(Commit),
+    Checkpoint,
+}
+
+enum Done {
+    Nothing,
+    Entry(Entry),
+    Decision(Committed),
+    Checkpoint(Option<Checkpoint>),
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Done, StoreError>>,
+}
+
+/// SQLite in WAL mode with full fsync, written by one group-committing task.
 pub struct SqliteStore {
     pool: SqlitePool,
-    chain: tokio::sync::Mutex<Chain>,
+    writer: mpsc::Sender<Job>,
+    pub stats: Arc<StoreStats>,
 }
 
 fn i(v: u64) -> i64 {
@@ -109,79 +208,362 @@ fn u(v: i64) -> u64 {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database and applies migrations.
+    /// Opens (creating if needed) the database and applies migrations; no audit key.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let opts = SqliteConnectOptions::new()
+        Self::open_with(path, StoreOptions::default()).await
+    }
+
+    /// Opens with writer options. Must be called inside a Tokio runtime (the writer is a task).
+    pub async fn open_with(path: &Path, opts: StoreOptions) -> Result<SqliteStore, StoreError> {
+        let conn = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(opts)
+            .connect_with(conn)
             .await?;
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
-            .execute(&pool)
-            .await?;
-        let done: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            .fetch_one(&pool)
-            .await?
-            .get(0);
-        for (n, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(usize::try_from(done).unwrap_or(0))
-        {
-            let mut tx = pool.begin().await?;
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO schema_migrations (version) VALUES (?)")
-                .bind(n as i64 + 1)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-        }
-        let last: Option<String> = sqlx::query("SELECT entry FROM audit ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&pool)
-            .await?
-            .map(|r| r.get(0));
-        let chain = match last {
-            None => Chain::default(),
-            Some(s) => match serde_json::from_str::<Line>(&s) {
-                Ok(Line::Entry(e)) => Chain::resume(&e),
-                _ => return Err(StoreError::Audit("last entry unreadable".into())),
-            },
-        };
+        migrate(&pool).await?;
+        // The log must be readable where it ends, or nothing can be appended to it.
+        tail(&mut *pool.acquire().await?).await?;
+        let (tx, rx) = mpsc::channel(4096);
+        let stats = Arc::new(StoreStats::default());
+        tokio::spawn(writer(pool.clone(), rx, opts, stats.clone()));
         Ok(SqliteStore {
             pool,
-            chain: tokio::sync::Mutex::new(chain),
+            writer: tx,
+            stats,
         })
     }
 
-    /// Appends the decision's audit entry inside `tx`, commits, and only then advances the
-    /// in-memory chain (a failed commit leaves it where the database is).
-    async fn audit_and_commit(
-        &self,
-        mut tx: sqlx::Transaction<'_, sqlx::Sqlite>,
-        chain: &mut Chain,
-        time: u64,
-        kind: &str,
-        vm_id: &str,
-        detail: serde_json::Value,
-    ) -> Result<Entry, StoreError> {
-        let mut next = chain.clone();
-        let e = next.append(time, kind, vm_id, detail);
-        let text = serde_json::to_string(&Line::Entry(e.clone()))
-            .map_err(|x| StoreError::Audit(x.to_string()))?;
-        sqlx::query("INSERT INTO audit (seq, entry) VALUES (?, ?)")
-            .bind(i(e.seq))
-            .bind(text)
+    async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn submit_entry(&self, op: Op) -> Result<Entry, StoreError> {
+        match self.submit(op).await? {
+            Done::Entry(e) => Ok(e),
+            _ => Err(StoreError::Db("unexpected writer answer".into())),
+        }
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+        .execute(&mut *tx)
+        .await?;
+    let done: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+    for (n, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(done).unwrap_or(0))
+    {
+        sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO schema_migrations (version) VALUES (?)")
+            .bind(n as i64 + 1)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        *chain = next;
-        Ok(e)
     }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Where the chain stands, from the database itself (inside the caller's transaction).
+async fn tail(conn: &mut sqlx::SqliteConnection) -> Result<Chain, StoreError> {
+    let last: Option<String> = sqlx::query("SELECT entry FROM audit ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| r.get(0));
+    match last {
+        None => Ok(Chain::default()),
+        Some(s) => match serde_json::from_str::<Line>(&s) {
+            Ok(Line::Entry(e)) => Ok(Chain::resume(&e)),
+            _ => Err(StoreError::Audit("the last entry is unreadable".into())),
+        },
+    }
+}
+
+/// The one writer: drains the queue into transactions until every sender is gone.
+async fn writer(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<Job>,
+    opts: StoreOptions,
+    stats: Arc<StoreStats>,
+) {
+    let mut unsigned = 0u64;
+    let mut last_cp = Instant::now();
+    loop {
+        let first = match tokio::time::timeout(opts.checkpoint_interval, rx.recv()).await {
+            Ok(Some(j)) => Some(j),
+            Ok(None) => {
+                // Shutting down: cover what was written since the last checkpoint.
+                if unsigned > 0 {
+                    let _ = apply(&pool, Vec::new(), opts.audit_key.as_deref(), true).await;
+                }
+                return;
+            }
+            Err(_) => None,
+        };
+        let mut batch: Vec<Job> = first.into_iter().collect();
+        while batch.len() < opts.max_batch {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let due = unsigned >= opts.checkpoint_every
+            || (unsigned > 0 && last_cp.elapsed() >= opts.checkpoint_interval);
+        if batch.is_empty() && !due {
+            continue;
+        }
+        let n = batch.len() as u64;
+        let sign = opts.audit_key.is_some() && due;
+        match apply(&pool, batch, opts.audit_key.as_deref(), sign).await {
+            Ok(appended) => {
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                stats.writes.fetch_add(n, Ordering::Relaxed);
+                unsigned += appended.entries;
+                if appended.checkpointed {
+                    stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                    unsigned = 0;
+                    last_cp = Instant::now();
+                }
+            }
+            Err(()) => {}
+        }
+    }
+}
+
+struct Applied {
+    entries: u64,
+    checkpointed: bool,
+}
+
+/// One transaction for a batch. Answers every job; `Err(())` when the batch did not commit
+/// (every job was then answered with the error).
+async fn apply(
+    pool: &SqlitePool,
+    batch: Vec<Job>,
+    key: Option<&Ed25519KeyPair>,
+    checkpoint: bool,
+) -> Result<Applied, ()> {
+    let mut ops = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for j in batch {
+        ops.push(j.op);
+        replies.push(j.reply);
+    }
+    match apply_ops(pool, &ops, key, checkpoint).await {
+        Ok((results, applied)) => {
+            for (r, reply) in results.into_iter().zip(replies) {
+                let _ = reply.send(r);
+            }
+            Ok(applied)
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Err(())
+        }
+    }
+}
+
+type Results = Vec<Result<Done, StoreError>>;
+
+async fn apply_ops(
+    pool: &SqlitePool,
+    ops: &[Op],
+    key: Option<&Ed25519KeyPair>,
+    mut checkpoint: bool,
+) -> Result<(Results, Applied), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut chain = tail(&mut tx).await?;
+    let start = chain.next_seq;
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        let r = match op {
+            Op::Nonce {
+                nonce,
+                vm_id,
+                expires_at,
+            } => {
+                let n = sqlx::query("INSERT INTO nonces (nonce, vm_id, expires_at, spent) VALUES (?, ?, ?, 0) ON CONFLICT(nonce) DO NOTHING")
+                    .bind(&nonce[..])
+                    .bind(vm_id)
+                    .bind(i(*expires_at))
+                    .execute(&mut *tx)
+                    .await?;
+                if n.rows_affected() == 1 {
+                    Ok(Done::Nothing)
+                } else {
+                    Err(StoreError::DuplicateNonce)
+                }
+            }
+            Op::Register(rec, now, detail) => {
+                let n = sqlx::query(
+                    "INSERT INTO vms (vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc) VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT(vm_id) DO NOTHING",
+                )
+                .bind(&rec.state.vm_id)
+                .bind(&rec.tenant)
+                .bind(i(rec.state.generation))
+                .bind(i(rec.state.boot_counter))
+                .bind(&rec.wrapped_key)
+                .bind(&rec.order)
+                .execute(&mut *tx)
+                .await?;
+                if n.rows_affected() == 1 {
+                    let e = audit(&mut tx, &mut chain, *now, "register", &rec.state.vm_id, detail.clone()).await?;
+                    Ok(Done::Entry(e))
+                } else {
+                    Err(StoreError::Exists(rec.state.vm_id.clone()))
+                }
+            }
+            Op::Terminate(vm_id, now, detail) => {
+                let n = sqlx::query(
+                    "UPDATE vms SET terminated = 1, wrapped_key = NULL WHERE vm_id = ?",
+                )
+                .bind(vm_id)
+                .execute(&mut *tx)
+                .await?;
+                if n.rows_affected() == 0 {
+                    Err(StoreError::NoSuchVm(vm_id.clone()))
+                } else {
+                    let e = audit(&mut tx, &mut chain, *now, "terminate", vm_id, detail.clone()).await?;
+                    Ok(Done::Entry(e))
+                }
+            }
+            Op::Allowlist(epoch, now) => {
+                let stored: Option<i64> =
+                    sqlx::query("SELECT value FROM meta WHERE key = 'allowlist_epoch'")
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|r| r.get(0));
+                let stored = stored.map(u).unwrap_or(0);
+                if *epoch < stored {
+                    Err(StoreError::StaleEpoch {
+                        have: *epoch,
+                        stored,
+                    })
+                } else if *epoch == stored && stored != 0 {
+                    Ok(Done::Nothing)
+                } else {
+                    sqlx::query("INSERT INTO meta (key, value) VALUES ('allowlist_epoch', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+                        .bind(i(*epoch))
+                        .execute(&mut *tx)
+                        .await?;
+                    let e = audit(&mut tx, &mut chain, *now, "allowlist", "", serde_json::json!({"epoch": epoch})).await?;
+                    Ok(Done::Entry(e))
+                }
+            }
+            Op::Decision(c) => decision(&mut tx, &mut chain, c).await.map(Done::Decision),
+            Op::Checkpoint => {
+                checkpoint = true;
+                Ok(Done::Nothing)
+            }
+        };
+        out.push(r);
+    }
+    let mut cp = None;
+    if checkpoint && let Some(k) = key {
+        cp = chain.checkpoint(k);
+        if let Some(c) = &cp {
+            let text = serde_json::to_string(c).map_err(|e| StoreError::Audit(e.to_string()))?;
+            sqlx::query("INSERT INTO checkpoints (seq, checkpoint) VALUES (?, ?) ON CONFLICT(seq) DO UPDATE SET checkpoint = excluded.checkpoint")
+                .bind(i(c.seq))
+                .bind(text)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    for (op, r) in ops.iter().zip(out.iter_mut()) {
+        if matches!(op, Op::Checkpoint) {
+            *r = Ok(Done::Checkpoint(cp.clone()));
+        }
+    }
+    Ok((
+        out,
+        Applied {
+            entries: chain.next_seq - start,
+            checkpointed: cp.is_some(),
+        },
+    ))
+}
+
+async fn audit(
+    tx: &mut sqlx::SqliteConnection,
+    chain: &mut Chain,
+    time: u64,
+    kind: &str,
+    vm_id: &str,
+    detail: serde_json::Value,
+) -> Result<Entry, StoreError> {
+    let e = chain.append(time, kind, vm_id, detail);
+    let text = serde_json::to_string(&Line::Entry(e.clone()))
+        .map_err(|x| StoreError::Audit(x.to_string()))?;
+    sqlx::query("INSERT INTO audit (seq, entry) VALUES (?, ?)")
+        .bind(i(e.seq))
+        .bind(text)
+        .execute(&mut *tx)
+        .await?;
+    Ok(e)
+}
+
+/// A decision, re-checked against the state inside the transaction.
+async fn decision(
+    tx: &mut sqlx::SqliteConnection,
+    chain: &mut Chain,
+    c: &Commit,
+) -> Result<Committed, StoreError> {
+    let (time, mut kind, vm_id, mut detail) = c.audit.clone();
+    let mut lost_race = None;
+    if c.spend_nonce {
+        let n = sqlx::query("UPDATE nonces SET spent = 1 WHERE nonce = ? AND spent = 0")
+            .bind(&c.nonce[..])
+            .execute(&mut *tx)
+            .await?;
+        if n.rows_affected() != 1 && c.vm_update.is_some() {
+            lost_race = Some("spent_nonce");
+        }
+    }
+    if lost_race.is_none()
+        && let Some(v) = &c.vm_update
+    {
+        // Only from the boot counter the decision saw, and only while the VM is live.
+        let n = sqlx::query("UPDATE vms SET boot_counter = ?, generation = ? WHERE vm_id = ? AND terminated = 0 AND boot_counter = ? AND wrapped_key IS NOT NULL")
+            .bind(i(v.boot_counter))
+            .bind(i(v.generation))
+            .bind(&v.vm_id)
+            .bind(i(v.boot_counter.saturating_sub(1)))
+            .execute(&mut *tx)
+            .await?;
+        if n.rows_affected() != 1 {
+            lost_race = Some("vm_changed");
+        }
+    }
+    if let Some(why) = lost_race {
+        kind = "denial".into();
+        detail = serde_json::json!({"nonce": hex::encode(c.nonce), "reasons": [why]});
+    }
+    let entry = audit(tx, chain, time, &kind, &vm_id, detail).await?;
+    Ok(Committed {
+        entry,
+        released: c.vm_update.is_some() && lost_race.is_none(),
+        lost_race,
+    })
 }
 
 impl Store for SqliteStore {
@@ -191,29 +573,7 @@ impl Store for SqliteStore {
         now: u64,
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError> {
-        let mut chain = self.chain.lock().await;
-        let mut tx = self.pool.begin().await?;
-        let r = sqlx::query(
-            "INSERT INTO vms (vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc) VALUES (?, ?, ?, ?, 0, ?, ?)",
-        )
-        .bind(&rec.state.vm_id)
-        .bind(&rec.tenant)
-        .bind(i(rec.state.generation))
-        .bind(i(rec.state.boot_counter))
-        .bind(&rec.wrapped_key)
-        .bind(&rec.order)
-        .execute(&mut *tx)
-        .await;
-        if let Err(e) = r {
-            if e.as_database_error()
-                .is_some_and(|d| d.is_unique_violation())
-            {
-                return Err(StoreError::Exists(rec.state.vm_id.clone()));
-            }
-            return Err(e.into());
-        }
-        self.audit_and_commit(tx, &mut chain, now, "register", &rec.state.vm_id, detail)
-            .await
+        self.submit_entry(Op::Register(rec.clone(), now, detail)).await
     }
 
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {
@@ -240,13 +600,13 @@ impl Store for SqliteStore {
         vm_id: &str,
         expires_at: u64,
     ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO nonces (nonce, vm_id, expires_at, spent) VALUES (?, ?, ?, 0)")
-            .bind(&nonce[..])
-            .bind(vm_id)
-            .bind(i(expires_at))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.submit(Op::Nonce {
+            nonce: *nonce,
+            vm_id: vm_id.to_string(),
+            expires_at,
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError> {
@@ -266,32 +626,11 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn commit(&self, c: &Commit) -> Result<Entry, StoreError> {
-        let mut chain = self.chain.lock().await;
-        let mut tx = self.pool.begin().await?;
-        if c.spend_nonce {
-            // Only an unspent nonce can be spent: a concurrent second use finds nothing to update.
-            let n = sqlx::query("UPDATE nonces SET spent = 1 WHERE nonce = ? AND spent = 0")
-                .bind(&c.nonce[..])
-                .execute(&mut *tx)
-                .await?;
-            if n.rows_affected() != 1 && c.vm_update.is_some() {
-                return Err(StoreError::Db(
-                    "nonce already spent: release refused".into(),
-                ));
-            }
+    async fn commit(&self, c: &Commit) -> Result<Committed, StoreError> {
+        match self.submit(Op::Decision(c.clone())).await? {
+            Done::Decision(d) => Ok(d),
+            _ => Err(StoreError::Db("unexpected writer answer".into())),
         }
-        if let Some(v) = &c.vm_update {
-            sqlx::query("UPDATE vms SET boot_counter = ?, generation = ? WHERE vm_id = ? AND terminated = 0")
-                .bind(i(v.boot_counter))
-                .bind(i(v.generation))
-                .bind(&v.vm_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let (time, kind, vm_id, detail) = c.audit.clone();
-        self.audit_and_commit(tx, &mut chain, time, &kind, &vm_id, detail)
-            .await
     }
 
     async fn terminate(
@@ -300,16 +639,7 @@ impl Store for SqliteStore {
         now: u64,
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError> {
-        let mut chain = self.chain.lock().await;
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query("UPDATE vms SET terminated = 1, wrapped_key = NULL WHERE vm_id = ?")
-            .bind(vm_id)
-            .execute(&mut *tx)
-            .await?;
-        if n.rows_affected() == 0 {
-            return Err(StoreError::NoSuchVm(vm_id.to_string()));
-        }
-        self.audit_and_commit(tx, &mut chain, now, "terminate", vm_id, detail)
+        self.submit_entry(Op::Terminate(vm_id.to_string(), now, detail))
             .await
     }
 
@@ -321,26 +651,8 @@ impl Store for SqliteStore {
         Ok(v.map(u).unwrap_or(0))
     }
 
-    async fn set_allowlist_epoch(&self, epoch: u64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let stored: Option<i64> =
-            sqlx::query("SELECT value FROM meta WHERE key = 'allowlist_epoch'")
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.get(0));
-        let stored = stored.map(u).unwrap_or(0);
-        if epoch < stored {
-            return Err(StoreError::StaleEpoch {
-                have: epoch,
-                stored,
-            });
-        }
-        sqlx::query("INSERT INTO meta (key, value) VALUES ('allowlist_epoch', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-            .bind(i(epoch))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+    async fn set_allowlist_epoch(&self, epoch: u64, now: u64) -> Result<(), StoreError> {
+        self.submit(Op::Allowlist(epoch, now)).await.map(|_| ())
     }
 
     async fn audit_entries(&self) -> Result<Vec<Entry>, StoreError> {
@@ -355,5 +667,47 @@ impl Store for SqliteStore {
                 },
             )
             .collect()
+    }
+
+    async fn audit_log(&self) -> Result<String, StoreError> {
+        // One read transaction, so entries and checkpoints are from the same moment.
+        let mut tx = self.pool.begin().await?;
+        let entries: Vec<String> = sqlx::query("SELECT entry FROM audit ORDER BY seq")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        let cps: Vec<(i64, String)> =
+            sqlx::query("SELECT seq, checkpoint FROM checkpoints ORDER BY seq")
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+        tx.commit().await?;
+        let mut out = String::new();
+        let mut cps = cps.into_iter().peekable();
+        for (seq, e) in entries.iter().enumerate() {
+            out.push_str(e);
+            out.push('\n');
+            while let Some((s, c)) = cps.next_if(|(s, _)| u(*s) <= seq as u64) {
+                let _ = s;
+                out.push_str(&format!("{{\"checkpoint\":{c}}}\n"));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        match self.submit(Op::Checkpoint).await? {
+            Done::Checkpoint(c) => Ok(c),
+            _ => Ok(None),
+        }
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 }

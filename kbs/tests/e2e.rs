@@ -40,25 +40,24 @@ async fn attested_release_over_quic() {
     );
     let response_key = ResponseKey::generate().unwrap();
     let response_pub = response_key.public();
-    let kbs = Arc::new(Kbs {
-        store: SqliteStore::open(&dir.path().join("kbs.db")).await.unwrap(),
-        verifier: Verifier::new(VerifierConfig {
+    let kbs = Arc::new(Kbs::new(
+        SqliteStore::open(&dir.path().join("kbs.db")).await.unwrap(),
+        Verifier::new(VerifierConfig {
             trust_roots: vec![pki.ark.cert.clone()],
             revocation: Revocation::IfAvailable,
             ..Default::default()
         }),
         response_key,
-        kek: Box::new(FileKek::create(&dir.path().join("kek")).unwrap()),
-        operator_keys: vec![pk(&operator)],
-        allowlist: Default::default(),
-        nonce_ttl: 30,
-    });
+        Box::new(FileKek::create(&dir.path().join("kek")).unwrap()),
+        vec![pk(&operator)],
+        30,
+    ));
     let allow = Allowlist {
         v: ORDER_VERSION,
         epoch: 1,
         measurements: vec![ByteBuf::from(GOOD.to_vec())],
     };
-    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline))
+    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), now())
         .await
         .unwrap();
     let order = |vm: &str, m: [u8; 48]| Order {

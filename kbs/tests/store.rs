@@ -80,11 +80,15 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
                 json!({"boot_counter": 1}),
             ),
         };
-        s.commit(&release).await.unwrap();
+        assert!(s.commit(&release).await.unwrap().released);
         assert_eq!(s.nonce(&n).await.unwrap(), Some(NonceState::Spent));
         assert_eq!(s.vm("vm-1").await.unwrap().unwrap().state.boot_counter, 1);
-        // The same nonce can never release again, even if a caller tried.
-        assert!(s.commit(&release).await.is_err());
+        // The same nonce can never release again, even if a caller tried: the commit becomes
+        // an audited denial.
+        let again = s.commit(&release).await.unwrap();
+        assert!(!again.released);
+        assert_eq!(again.lost_race, Some("spent_nonce"));
+        assert_eq!(again.entry.kind, "denial");
         assert_eq!(s.vm("vm-1").await.unwrap().unwrap().state.boot_counter, 1);
 
         s.terminate("vm-2", 30, json!({"order": "terminate"}))
@@ -100,12 +104,12 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
             Err(StoreError::NoSuchVm(_))
         ));
 
-        s.set_allowlist_epoch(5).await.unwrap();
+        s.set_allowlist_epoch(5, 50).await.unwrap();
         assert!(matches!(
-            s.set_allowlist_epoch(4).await,
+            s.set_allowlist_epoch(4, 50).await,
             Err(StoreError::StaleEpoch { have: 4, stored: 5 })
         ));
-        s.set_allowlist_epoch(5).await.unwrap();
+        s.set_allowlist_epoch(5, 50).await.unwrap();
     }
     // After a restart: state kept, and the audit chain continues where it stopped.
     let s = SqliteStore::open(&db).await.unwrap();

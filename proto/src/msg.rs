@@ -41,6 +41,19 @@ pub enum FrameError {
 pub enum Request {
     /// Ask for a single-use nonce.
     Challenge { v: u32, vm_id: String },
+    /// Register a VM from an operator-signed order (hosts and operators only: mTLS).
+    Register {
+        v: u32,
+        #[serde(with = "serde_bytes")]
+        order: Vec<u8>,
+    },
+    /// Crypto-shred a VM's key with an operator-signed terminate order (hosts relay, operators
+    /// send; the order's signature is the authority).
+    Terminate {
+        v: u32,
+        #[serde(with = "serde_bytes")]
+        order: Vec<u8>,
+    },
     /// Present evidence for a nonce.
     Evidence {
         v: u32,
@@ -82,8 +95,16 @@ pub enum Response {
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
     },
-    /// The request itself was unusable (malformed, too large): nothing was decided.
-    Error { v: u32, code: String },
+    /// An order was carried out.
+    Done { v: u32, vm_id: String },
+    /// The request itself was unusable (malformed, too large, not allowed): nothing was decided
+    /// about a key. `detail` says what was wrong, for operators (never secrets).
+    Error {
+        v: u32,
+        code: String,
+        #[serde(default)]
+        detail: String,
+    },
 }
 
 /// What a release says: the VM's secrets sealed to the guest key, and what they are bound to.
@@ -173,7 +194,10 @@ impl Request {
     pub fn decode_frame(bytes: &[u8]) -> Result<Request, FrameError> {
         let r: Request = from_cbor(unframe(bytes, MAX_REQUEST)?)?;
         let v = match &r {
-            Request::Challenge { v, .. } | Request::Evidence { v, .. } => *v,
+            Request::Challenge { v, .. }
+            | Request::Register { v, .. }
+            | Request::Terminate { v, .. }
+            | Request::Evidence { v, .. } => *v,
         };
         check_version(v)?;
         Ok(r)
@@ -181,12 +205,22 @@ impl Request {
 }
 
 impl Response {
+    /// An error answer.
+    pub fn error(code: &str, detail: impl Into<String>) -> Response {
+        Response::Error {
+            v: VERSION,
+            code: code.into(),
+            detail: detail.into(),
+        }
+    }
+
     pub fn decode_frame(bytes: &[u8]) -> Result<Response, FrameError> {
         let r: Response = from_cbor(unframe(bytes, MAX_RESPONSE)?)?;
         let v = match &r {
             Response::Challenge { v, .. }
             | Response::Release { v, .. }
             | Response::Denial { v, .. }
+            | Response::Done { v, .. }
             | Response::Error { v, .. } => *v,
         };
         check_version(v)?;

@@ -58,10 +58,7 @@ fn frames_round_trip_and_limits_hold() {
         Request::decode_frame(&frame(&v2)),
         Err(FrameError::Version(2))
     );
-    let resp = Response::Error {
-        v: VERSION,
-        code: "bad_request".into(),
-    };
+    let resp = Response::error("bad_request", "truncated frame");
     assert!(matches!(
         Request::decode_frame(&frame(&resp)),
         Err(FrameError::Decode(_))

@@ -8,7 +8,7 @@ use guest_agent::client::{Broker, ClientError, fetch};
 use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
 use kbs::keys::FileKek;
 use kbs::service::{Kbs, TlsIdentity, serve};
-use kbs::store::{SqliteStore, Store};
+use kbs::store::SqliteStore;
 use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
@@ -85,27 +85,26 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let operator = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
     let offline = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
-    let kbs = Arc::new(Kbs {
-        store: SqliteStore::open(&dir.join("kbs.db"))
+    let kbs = Arc::new(Kbs::new(
+        SqliteStore::open(&dir.join("kbs.db"))
             .await
             .map_err(|x| e(&x))?,
-        verifier: Verifier::new(VerifierConfig {
+        Verifier::new(VerifierConfig {
             trust_roots: vec![milan.ark.cert.clone()],
             revocation: Revocation::IfAvailable,
             ..Default::default()
         }),
-        response_key: proto::ResponseKey::generate().map_err(|x| e(&x))?,
-        kek: Box::new(FileKek::create(&dir.join("kek")).map_err(|x| e(&x))?),
-        operator_keys: vec![pk(&operator)],
-        allowlist: Default::default(),
-        nonce_ttl: 30,
-    });
+        proto::ResponseKey::generate().map_err(|x| e(&x))?,
+        Box::new(FileKek::create(&dir.join("kek")).map_err(|x| e(&x))?),
+        vec![pk(&operator)],
+        30,
+    ));
     let allow = Allowlist {
         v: ORDER_VERSION,
         epoch: 1,
         measurements: vec![ByteBuf::from(IMAGE.to_vec())],
     };
-    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline))
+    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), now())
         .await
         .map_err(|x| e(&x))?;
 
@@ -194,8 +193,18 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
 
     // The operator terminates one VM: its key is crypto-shredded, its next boot denied.
     let mut denied = 0;
-    kbs.store
-        .terminate("vm-0", now(), serde_json::json!({"order": "terminate"}))
+    let terminate = Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Terminate,
+        vm_id: "vm-0".into(),
+        tenant: "tenant-0".into(),
+        measurements: vec![],
+        policy: String::new(),
+        chip_ids: vec![],
+        not_after: now() + 600,
+        boot_config: ByteBuf::new(),
+    };
+    kbs.terminate(&terminate.sign(&operator), now())
         .await
         .map_err(|x| e(&x))?;
     let guest0 = chip_of(0).launch(GuestLaunch {

@@ -1,0 +1,72 @@
+//! The broker's own client, for hosts and operators: connect with a client certificate (role
+//! host or operator) and send an order. Guests use `guest_agent::client` instead.
+
+use proto::msg::{ALPN, MAX_RESPONSE, Request, Response, VERSION, frame, frame_len};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Where the broker is, how to recognise it, and who we are.
+pub struct Remote {
+    pub addr: SocketAddr,
+    pub server_name: String,
+    pub ca: CertificateDer<'static>,
+    pub client_chain: Vec<CertificateDer<'static>>,
+    pub client_key: PrivateKeyDer<'static>,
+}
+
+/// Sends a register or terminate order; returns the VM id on success, or the broker's error.
+pub async fn send_order(remote: Remote, terminate: bool, order: Vec<u8>) -> Result<String, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(remote.ca).map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(remote.client_chain, remote.client_key)
+        .map_err(|e| format!("client certificate: {e}"))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let local: SocketAddr = if remote.addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut ep = quinn::Endpoint::client(local).map_err(|e| e.to_string())?;
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = ep
+        .connect(remote.addr, &remote.server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("cannot reach the broker at {}: {e}", remote.addr))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = if terminate {
+        Request::Terminate { v: VERSION, order }
+    } else {
+        Request::Register { v: VERSION, order }
+    };
+    send.write_all(&frame(&req))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = frame_len(header, MAX_RESPONSE).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut framed = header.to_vec();
+    framed.extend_from_slice(&body);
+    conn.close(0u32.into(), b"done");
+    match Response::decode_frame(&framed).map_err(|e| e.to_string())? {
+        Response::Done { vm_id, .. } => Ok(vm_id),
+        Response::Error { code, detail, .. } => Err(format!("refused ({code}): {detail}")),
+        _ => Err("unexpected answer".into()),
+    }
+}
