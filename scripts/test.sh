@@ -39,6 +39,7 @@ log "clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "tests"
+cargo build --workspace --bins --locked --quiet
 cargo test --workspace --locked
 
 log "benchmarks compile and run once"

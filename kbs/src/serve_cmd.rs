@@ -39,13 +39,12 @@ pub struct ServeArgs {
 /// Where an order goes: straight into this machine's store (`--config`), or to a running
 /// broker over QUIC with a host or operator client certificate (`--kbs`).
 #[derive(Args)]
-#[group(required = true, multiple = false, id = "target")]
 pub struct Target {
     /// The broker's configuration (writes to its database directly; works while it serves).
-    #[arg(long, value_name = "FILE", group = "target")]
+    #[arg(long, value_name = "FILE", conflicts_with = "kbs", required_unless_present = "kbs")]
     pub config: Option<PathBuf>,
     /// A running broker's UDP address.
-    #[arg(long, value_name = "ADDR", group = "target", requires_all = ["ca", "cert", "key"])]
+    #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
     pub kbs: Option<String>,
     /// The broker's TLS CA (PEM).
     #[arg(long, value_name = "FILE")]

@@ -1,40 +1,122 @@
-//! The real `attesta-kbs` binary: `init` writes a working configuration, `vm register` takes an
-//! operator-signed order, `serve` answers a simulated SEV-SNP guest over QUIC.
+//! The real binaries end to end: `attesta-kbs init` writes a deployment, the operator tools sign
+//! an allowlist and orders and issue a host certificate, `serve` runs, the host registers the VM
+//! over QUIC with mTLS, the real `attesta-guest unlock` (simulator device) formats a real LUKS2
+//! image on the first boot and unlocks it on the second, `/metrics` and `/readyz` answer, a
+//! terminate order crypto-shreds the key and the next boot fails closed, the audit log exported
+//! after a clean stop verifies — and no file or log line carries the volume key.
 
-use aws_lc_rs::signature::Ed25519KeyPair;
 use guest_agent::client::{Broker, fetch};
-use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
-use serde_bytes::ByteBuf;
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 
 fn kbs() -> Command {
     Command::new(env!("CARGO_BIN_EXE_attesta-kbs"))
 }
 
-#[test]
-fn init_register_serve_release() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("kbs");
-    let pki = Arc::new(Pki::from_seed(snp::Product::Genoa, Seed::from_text("serve-test")).unwrap());
-    let ark = dir.path().join("sim-ark.der");
-    std::fs::write(&ark, &pki.ark.cert).unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+/// The guest agent's binary, built beside ours (`cargo build --workspace --bins`, which the
+/// test script runs first; `cargo test --workspace` builds it too).
+fn guest() -> Command {
+    let exe = Path::new(env!("CARGO_BIN_EXE_attesta-kbs")).with_file_name("attesta-guest");
+    assert!(
+        exe.exists(),
+        "{} is missing: run `cargo build -p guest-agent` first",
+        exe.display()
+    );
+    Command::new(exe)
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let st = kbs()
-        .args(["init", "--dir"])
-        .arg(&d)
-        .args(["--listen", &listen, "--trust-root"])
-        .arg(&ark)
-        .status()
+        .port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Starts `serve` and collects its log lines; returns once it is serving.
+fn start(cfg: &Path, log: Arc<Mutex<String>>) -> Child {
+    let mut server = kbs()
+        .arg("serve")
+        .arg("--config")
+        .arg(cfg)
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(st.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = server.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if l.contains("serving") {
+                let _ = tx.send(());
+            }
+            log.lock().unwrap().push_str(&(l + "\n"));
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the broker starts serving");
+    server
+}
+
+#[test]
+fn deployment_from_the_real_binaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("kbs");
+    let state = dir.path().join("sim-state");
+    let pki = Arc::new(
+        Pki::cached(
+            snp::Product::Genoa,
+            &Seed::from_text("serve-test"),
+            &state,
+            |_| {},
+        )
+        .unwrap(),
+    );
+    let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap();
+    let ark = dir.path().join("sim-ark.der");
+    std::fs::write(&ark, &pki.ark.cert).unwrap();
+    let (port, metrics) = (free_port(), free_tcp_port());
+    let listen = format!("127.0.0.1:{port}");
+    ok(
+        kbs()
+            .args(["init", "--dir"])
+            .arg(&d)
+            .args(["--listen", &listen])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .arg("--trust-root")
+            .arg(&ark)
+            .output()
+            .unwrap(),
+        "init",
+    );
     assert_eq!(
         kbs()
             .args(["init", "--dir"])
@@ -45,116 +127,284 @@ fn init_register_serve_release() {
         Some(2),
         "never overwrites keys"
     );
-    #[cfg(unix)]
     for secret in [
         "tls.key",
+        "tls-ca.key",
         "response.key",
+        "audit.key",
         "kek",
         "operator.key",
         "allowlist.key",
     ] {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(d.join(secret))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o600,
-            "{secret}"
-        );
+        let mode = std::fs::metadata(d.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
     }
 
-    // The operator signs an allowlist and an order for a VM on this chip.
-    let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap();
-    let operator =
-        Ed25519KeyPair::from_pkcs8(&std::fs::read(d.join("operator.key")).unwrap()).unwrap();
-    let offline =
-        Ed25519KeyPair::from_pkcs8(&std::fs::read(d.join("allowlist.key")).unwrap()).unwrap();
-    let image = [0x4d; 48];
-    let allow = Allowlist {
-        v: ORDER_VERSION,
-        epoch: 1,
-        measurements: vec![ByteBuf::from(image.to_vec())],
-    };
-    std::fs::write(d.join("allowlist.signed"), allow.sign(&offline)).unwrap();
+    // The operator's tools: an allowlist, an order, a host certificate.
+    let image = hex::encode([0x4d; 48]);
+    let chip_id = hex::encode(chip.config.chip_id);
+    let p = |n: &str| dir.path().join(n);
+    ok(
+        kbs()
+            .args(["allowlist", "sign", "--key"])
+            .arg(d.join("allowlist.key"))
+            .args(["--epoch", "1", "--measurement", &image, "--out"])
+            .arg(d.join("allowlist.signed"))
+            .output()
+            .unwrap(),
+        "allowlist sign",
+    );
     let mut toml = std::fs::read_to_string(d.join("kbs.toml")).unwrap();
     toml.push_str("allowlist = \"allowlist.signed\"\n");
     std::fs::write(d.join("kbs.toml"), toml).unwrap();
-    let order = Order {
-        v: ORDER_VERSION,
-        kind: OrderKind::Register,
-        vm_id: "vm-7".into(),
-        tenant: "tenant-a".into(),
-        measurements: vec![ByteBuf::from(image.to_vec())],
-        policy: String::new(),
-        chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
-        not_after: u64::MAX / 2,
-        boot_config: ByteBuf::from(b"ssh-ed25519 AAAA".to_vec()),
-    };
-    std::fs::write(dir.path().join("order.signed"), order.sign(&operator)).unwrap();
-    let cfg = d.join("kbs.toml");
-    let out = kbs()
-        .args(["vm", "register"])
-        .arg(dir.path().join("order.signed"))
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    std::fs::write(p("ssh.pub"), "ssh-ed25519 AAAA tenant-a").unwrap();
+    ok(
+        kbs()
+            .args(["order", "register", "--key"])
+            .arg(d.join("operator.key"))
+            .args(["--vm-id", "vm-7", "--tenant", "tenant-a"])
+            .args(["--measurement", &image, "--chip-id", &chip_id])
+            .arg("--boot-config")
+            .arg(p("ssh.pub"))
+            .arg("--out")
+            .arg(p("order.signed"))
+            .output()
+            .unwrap(),
+        "order register",
     );
-    let again = kbs()
-        .args(["vm", "register"])
-        .arg(dir.path().join("order.signed"))
-        .arg("--config")
-        .arg(&cfg)
+    ok(
+        kbs()
+            .args(["order", "terminate", "--key"])
+            .arg(d.join("operator.key"))
+            .args(["--vm-id", "vm-7", "--tenant", "tenant-a", "--out"])
+            .arg(p("terminate.signed"))
+            .output()
+            .unwrap(),
+        "order terminate",
+    );
+    let bad = kbs()
+        .args(["order", "register", "--key"])
+        .arg(d.join("operator.key"))
+        .args(["--vm-id", "vm-8", "--tenant", "t", "--measurement", "abcd"])
+        .args(["--chip-id", &chip_id, "--out"])
+        .arg(p("bad.signed"))
         .output()
         .unwrap();
-    assert_eq!(again.status.code(), Some(1), "a VM id is registered once");
+    assert_eq!(bad.status.code(), Some(2), "a short measurement is refused");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("96 hex digits"));
+    ok(
+        kbs()
+            .args(["cert", "issue", "--ca-key"])
+            .arg(d.join("tls-ca.key"))
+            .args(["--name", "miner-1", "--role", "host", "--out-dir"])
+            .arg(p("certs"))
+            .output()
+            .unwrap(),
+        "cert issue",
+    );
 
-    // Serve, and let a simulated guest fetch its key.
-    let mut server = kbs()
-        .arg("serve")
-        .arg("--config")
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
+    let cfg = d.join("kbs.toml");
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut server = start(&cfg, log.clone());
+    let remote = |cmd: &str, order: &str| {
+        kbs()
+            .args(["vm", cmd])
+            .arg(p(order))
+            .args(["--kbs", &listen, "--ca"])
+            .arg(d.join("tls-ca.crt"))
+            .arg("--cert")
+            .arg(p("certs/miner-1.crt"))
+            .arg("--key")
+            .arg(p("certs/miner-1.key"))
+            .output()
+            .unwrap()
+    };
+    // The host relays the operator's order over QUIC with its client certificate; once only.
+    assert!(ok(remote("register", "order.signed"), "vm register").contains("vm-7"));
+    let again = remote("register", "order.signed");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("vm_exists"));
+
+    // The real guest agent, with the simulator's device: first boot formats, second unlocks.
+    let disk = p("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
         .unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    loop {
-        let l = lines.next().expect("server output").unwrap();
-        if l.contains("serving on") {
-            break;
+    let shm = Path::new("/dev/shm").join(format!("attesta-serve-test-{}", std::process::id()));
+    let boot_config = shm.join("boot-config");
+    let response_pub = std::fs::read_to_string(d.join("response.pub")).unwrap();
+    std::fs::write(
+        p("guest.toml"),
+        format!(
+            "vm_id = \"vm-7\"\n\
+             [broker]\naddress = \"{listen}\"\nserver_name = \"kbs.attesta.local\"\nca = {ca:?}\n\
+             response_key = \"{rk}\"\ntimeout_secs = 20\n\
+             [disk]\npath = \"disk.img\"\nname = \"attesta-test-{pid}\"\n\
+             [boot_config]\npath = {bc:?}\n\
+             [device]\nkind = \"simulator\"\nseed = \"serve-test\"\nproduct = \"genoa\"\nchip = 0\n\
+             measurement = \"{image}\"\nstate_dir = {state:?}\n",
+            ca = d.join("tls-ca.crt").display().to_string(),
+            rk = response_pub.trim(),
+            pid = std::process::id(),
+            bc = boot_config.display().to_string(),
+            state = state.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let boot = || {
+        guest()
+            .args(["unlock", "--config"])
+            .arg(p("guest.toml"))
+            .output()
+            .unwrap()
+    };
+    let mut guest_logs = String::new();
+    for (n, word) in [(1, "formatted"), (2, "boot 2")] {
+        let out = boot();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        guest_logs += &text;
+        guest_logs += &String::from_utf8_lossy(&out.stderr);
+        // 0: activated; 3: the key opened the disk but this machine has no device-mapper.
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)),
+            "boot {n}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(word), "boot {n}: {text}");
+        if out.status.code() == Some(0) {
+            let _ = Command::new("cryptsetup")
+                .args(["close", &format!("attesta-test-{}", std::process::id())])
+                .status();
         }
     }
-    let ca_pem = std::fs::read(d.join("tls-ca.crt")).unwrap();
-    let ca_der = snp::certs::pem_blocks(&ca_pem).unwrap().remove(0);
-    let response_key: [u8; 32] = hex::decode(
-        std::fs::read_to_string(d.join("response.pub"))
-            .unwrap()
-            .trim(),
-    )
-    .unwrap()
-    .try_into()
-    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&boot_config).unwrap(),
+        "ssh-ed25519 AAAA tenant-a"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&boot_config).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // The key the guest formatted with is the broker's: the cryptsetup CLI opens the keyslot
+    // with it (read here by a third boot from inside the test, through the library client).
     let broker = Broker {
         addr: listen.parse().unwrap(),
         server_name: "kbs.attesta.local".into(),
-        ca_der,
-        response_key,
+        ca_der: snp::certs::pem_blocks(&std::fs::read(d.join("tls-ca.crt")).unwrap())
+            .unwrap()
+            .remove(0),
+        response_key: hex::decode(response_pub.trim())
+            .unwrap()
+            .try_into()
+            .unwrap(),
     };
-    let guest = chip.launch(GuestLaunch {
-        measurement: image,
+    let sim_guest = chip.launch(GuestLaunch {
+        measurement: [0x4d; 48],
         ..Default::default()
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let released = rt.block_on(fetch(&broker, "vm-7", &guest));
-    let _ = server.kill();
-    let _ = server.wait();
-    let released = released.unwrap();
-    assert_eq!(released.volume_key.len(), 64);
-    assert_eq!(released.boot_config, b"ssh-ed25519 AAAA");
+    let third = rt.block_on(fetch(&broker, "vm-7", &sim_guest)).unwrap();
+    assert_eq!(third.boot_counter, 3);
+    let key: Vec<u8> = third.volume_key.to_vec();
+    let keyfile = shm.join("key");
+    std::fs::write(&keyfile, &key).unwrap();
+    let st = Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(&keyfile)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    std::fs::remove_file(&keyfile).unwrap();
+    assert!(st.success(), "cryptsetup opens the disk with the released key");
+
+    // Operations: readiness and metrics.
+    assert!(http_get(metrics, "/readyz").starts_with("HTTP/1.1 200"));
+    let m = http_get(metrics, "/metrics");
+    assert!(m.contains("attesta_kbs_releases_total 3"), "{m}");
+    assert!(m.contains("attesta_kbs_registrations_total 1"), "{m}");
+    assert!(http_get(metrics, "/nope").starts_with("HTTP/1.1 404"));
+
+    // Terminate: the key is crypto-shredded and the next boot fails closed.
+    assert!(ok(remote("terminate", "terminate.signed"), "vm terminate").contains("vm-7"));
+    let _ = std::fs::remove_file(&boot_config);
+    let denied = boot();
+    assert_eq!(denied.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&denied.stderr).into_owned();
+    assert!(err.contains("vm_terminated"), "{err}");
+    assert!(!boot_config.exists(), "nothing is written on a failed boot");
+    guest_logs += &err;
+    let m = http_get(metrics, "/metrics");
+    assert!(
+        m.contains("attesta_kbs_denials_total{reason=\"vm_terminated\"} 1"),
+        "{m}"
+    );
+
+    // A clean stop signs a final checkpoint; the exported log verifies.
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    assert!(server.wait().unwrap().success());
+    let export = p("audit.jsonl");
+    ok(
+        kbs()
+            .args(["audit", "export", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&export)
+            .output()
+            .unwrap(),
+        "audit export",
+    );
+    let verified = ok(
+        kbs()
+            .args(["audit", "verify"])
+            .arg(&export)
+            .arg("--key")
+            .arg(d.join("audit.pub"))
+            .output()
+            .unwrap(),
+        "audit verify",
+    );
+    assert!(verified.contains("intact"), "{verified}");
+    let text = std::fs::read_to_string(&export).unwrap();
+    for kind in ["register", "release", "denial", "terminate", "allowlist"] {
+        assert!(text.contains(&format!("\"kind\":\"{kind}\"")), "{kind}");
+    }
+
+    // No trace of the volume key in any file the broker or the host side wrote, nor in any log:
+    // raw, hex or base64, nor any 16-byte run of it.
+    let hex_key = hex::encode(&key);
+    let logs = log.lock().unwrap().clone() + &guest_logs;
+    assert!(!logs.contains(&hex_key) && !logs.contains(&hex_key.to_uppercase()));
+    let mut files = vec![];
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.len() > 10);
+    for f in files {
+        // The disk image holds the key only inside its LUKS2 keyslot, encrypted.
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(16).any(|w| key.windows(16).any(|k| k == w)),
+            "volume-key bytes in {}",
+            f.display()
+        );
+        let text = String::from_utf8_lossy(&bytes).to_lowercase();
+        assert!(!text.contains(&hex_key[..32]), "hex key in {}", f.display());
+    }
+    let _ = std::fs::remove_dir_all(&shm);
 }
