@@ -32,6 +32,8 @@ pub struct Released {
     pub boot_config: Vec<u8>,
     pub generation: u64,
     pub boot_counter: u64,
+    /// How long the evidence round trip took (the broker's verify, decide, commit, seal).
+    pub evidence_rtt: std::time::Duration,
 }
 
 impl std::fmt::Debug for Released {
@@ -61,7 +63,8 @@ pub enum ClientError {
     Device(String),
 }
 
-fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
+/// The guest's QUIC client configuration: TLS 1.3, the pinned CA only, ALPN, no early data.
+pub fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(b.ca_der.clone()))
@@ -102,7 +105,7 @@ async fn roundtrip(conn: &quinn::Connection, req: &Request) -> Result<Response, 
     Response::decode_frame(&framed).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
-/// Obtains the VM's secrets from the broker.
+/// Obtains the VM's secrets from the broker (on a fresh local UDP endpoint).
 pub async fn fetch(
     broker: &Broker,
     vm_id: &str,
@@ -114,11 +117,20 @@ pub async fn fetch(
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint =
+    let endpoint =
         quinn::Endpoint::client(local).map_err(|e| ClientError::Connect(e.to_string()))?;
-    endpoint.set_default_client_config(client_config(broker)?);
+    fetch_on(&endpoint, broker, vm_id, device).await
+}
+
+/// [`fetch`] over an existing endpoint (many simulated guests can share one UDP socket).
+pub async fn fetch_on(
+    endpoint: &quinn::Endpoint,
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+) -> Result<Released, ClientError> {
     let conn = endpoint
-        .connect(broker.addr, &broker.server_name)
+        .connect_with(client_config(broker)?, broker.addr, &broker.server_name)
         .map_err(|e| ClientError::Connect(e.to_string()))?
         .await
         .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -156,7 +168,9 @@ pub async fn fetch(
         cert_table: table,
         guest_public_key: key.public().to_vec(),
     };
+    let t0 = std::time::Instant::now();
     let resp = roundtrip(&conn, &req).await?;
+    let evidence_rtt = t0.elapsed();
     conn.close(0u32.into(), b"done");
     if let Response::Error { code, .. } = &resp {
         return Err(ClientError::Protocol(code.clone()));
@@ -187,6 +201,7 @@ pub async fn fetch(
                 boot_config,
                 generation: body.generation,
                 boot_counter: body.boot_counter,
+                evidence_rtt,
             })
         }
     }

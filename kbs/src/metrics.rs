@@ -61,19 +61,64 @@ impl Metrics {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        c(&mut o, "attesta_kbs_challenges_total", "Nonces issued.", g(&self.challenges));
-        c(&mut o, "attesta_kbs_releases_total", "Keys released.", g(&self.releases));
-        c(&mut o, "attesta_kbs_registrations_total", "VMs registered.", g(&self.registrations));
-        c(&mut o, "attesta_kbs_terminations_total", "VMs crypto-shredded.", g(&self.terminations));
-        c(&mut o, "attesta_kbs_request_errors_total", "Requests refused before a decision.", g(&self.errors));
-        c(&mut o, "attesta_kbs_store_transactions_total", "Write transactions (group commits).", g(&store.transactions));
-        c(&mut o, "attesta_kbs_store_writes_total", "Writes carried by those transactions.", g(&store.writes));
-        c(&mut o, "attesta_kbs_audit_checkpoints_total", "Signed audit checkpoints written.", g(&store.checkpoints));
+        c(
+            &mut o,
+            "attesta_kbs_challenges_total",
+            "Nonces issued.",
+            g(&self.challenges),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_releases_total",
+            "Keys released.",
+            g(&self.releases),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_registrations_total",
+            "VMs registered.",
+            g(&self.registrations),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_terminations_total",
+            "VMs crypto-shredded.",
+            g(&self.terminations),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_request_errors_total",
+            "Requests refused before a decision.",
+            g(&self.errors),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_store_transactions_total",
+            "Write transactions (group commits).",
+            g(&store.transactions),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_store_writes_total",
+            "Writes carried by those transactions.",
+            g(&store.writes),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_audit_checkpoints_total",
+            "Signed audit checkpoints written.",
+            g(&store.checkpoints),
+        );
         let _ = writeln!(
             o,
             "# HELP attesta_kbs_denials_total Denial reasons (one denial may carry several).\n# TYPE attesta_kbs_denials_total counter"
         );
-        for (k, v) in self.denials.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (k, v) in self
+            .denials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = writeln!(o, "attesta_kbs_denials_total{{reason=\"{k}\"}} {v}");
         }
         let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
@@ -111,15 +156,13 @@ pub async fn serve_http(
         let kbs = kbs.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                sock.read(&mut buf),
-            )
-            .await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
             let line = String::from_utf8_lossy(&buf[..n]);
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {

@@ -249,11 +249,15 @@ pub fn cert_cmd(c: &CertCmd) -> ExitCode {
         out_dir,
     } = c;
     let r = (|| -> Result<String, String> {
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
             return Err("--name must be 1 or more of [A-Za-z0-9._-]".into());
         }
-        let pem = std::fs::read_to_string(ca_key)
-            .map_err(|e| format!("{}: {e}", ca_key.display()))?;
+        let pem =
+            std::fs::read_to_string(ca_key).map_err(|e| format!("{}: {e}", ca_key.display()))?;
         let role = match role {
             RoleArg::Host => Role::Host,
             RoleArg::Operator => Role::Operator,

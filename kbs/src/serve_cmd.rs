@@ -41,7 +41,12 @@ pub struct ServeArgs {
 #[derive(Args)]
 pub struct Target {
     /// The broker's configuration (writes to its database directly; works while it serves).
-    #[arg(long, value_name = "FILE", conflicts_with = "kbs", required_unless_present = "kbs")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "kbs",
+        required_unless_present = "kbs"
+    )]
     pub config: Option<PathBuf>,
     /// A running broker's UDP address.
     #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
@@ -264,9 +269,9 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig), String> {
     let audit_key = match &c.audit_key {
         Some(p) => {
             let der = std::fs::read(p).map_err(|e| format!("audit_key {}: {e}", p.display()))?;
-            Some(Arc::new(Ed25519KeyPair::from_pkcs8(&der).map_err(|_| {
-                format!("audit_key {}: not an Ed25519 PKCS#8 key", p.display())
-            })?))
+            Some(Arc::new(Ed25519KeyPair::from_pkcs8(&der).map_err(
+                |_| format!("audit_key {}: not an Ed25519 PKCS#8 key", p.display()),
+            )?))
         }
         None => None,
     };
@@ -331,7 +336,7 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             .listen
             .parse()
             .map_err(|e| format!("listen {:?}: {e}", c.listen))?;
-        let endpoint = quinn::Endpoint::server(tls, addr)
+        let endpoint = kbs::service::server_endpoint(tls, addr)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let kbs = Arc::new(kbs);
         if let Some(m) = &c.metrics_listen {
@@ -380,9 +385,16 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
         let rt = runtime()?;
         let _g = rt.enter();
         if let Some(addr) = &target.kbs {
-            return rt.block_on(kbs::client::send_order(remote(target, addr)?, terminate, doc));
+            return rt.block_on(kbs::client::send_order(
+                remote(target, addr)?,
+                terminate,
+                doc,
+            ));
         }
-        let config = target.config.as_ref().ok_or("--config or --kbs is required")?;
+        let config = target
+            .config
+            .as_ref()
+            .ok_or("--config or --kbs is required")?;
         let c = Config::load(config)?;
         let (kbs, _) = build(&c)?;
         if terminate {
@@ -413,11 +425,13 @@ fn remote(t: &Target, addr: &str) -> Result<kbs::client::Remote, String> {
         p.clone()
             .ok_or_else(|| format!("--{what} is required with --kbs"))
     };
-    let (ca, cert, key) = (need(&t.ca, "ca")?, need(&t.cert, "cert")?, need(&t.key, "key")?);
+    let (ca, cert, key) = (
+        need(&t.ca, "ca")?,
+        need(&t.cert, "cert")?,
+        need(&t.key, "key")?,
+    );
     Ok(kbs::client::Remote {
-        addr: addr
-            .parse()
-            .map_err(|e| format!("--kbs {addr:?}: {e}"))?,
+        addr: addr.parse().map_err(|e| format!("--kbs {addr:?}: {e}"))?,
         server_name: t.server_name.clone(),
         ca: CertificateDer::from_pem_file(&ca).map_err(|e| format!("{}: {e}", ca.display()))?,
         client_chain: CertificateDer::pem_file_iter(&cert)

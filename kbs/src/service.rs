@@ -383,7 +383,11 @@ impl Kbs {
                 tracing::info!(vm_id, reasons = ?codes, "release denied");
                 self.deny(vm_id, &nonce, &codes)
             }
-            _ => self.deny(vm_id, &nonce, &[committed.lost_race.unwrap_or("unknown_vm")]),
+            _ => self.deny(
+                vm_id,
+                &nonce,
+                &[committed.lost_race.unwrap_or("unknown_vm")],
+            ),
         }
     }
 
@@ -587,6 +591,33 @@ pub fn server_config(
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
+
+/// Socket buffer we ask for: a boot storm's handshakes arrive in bursts, and a datagram the
+/// kernel drops costs a QUIC retransmission timeout (hundreds of ms) on that boot.
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket with large send and receive buffers (capped by the kernel's rmem_max/wmem_max).
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// The broker's QUIC endpoint on `addr`, on a [`udp_socket`].
+pub fn server_endpoint(
+    config: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        udp_socket(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// The role of a connection's peer: from its verified client certificate, else a guest.

@@ -425,7 +425,15 @@ async fn apply_ops(
                 .execute(&mut *tx)
                 .await?;
                 if n.rows_affected() == 1 {
-                    let e = audit(&mut tx, &mut chain, *now, "register", &rec.state.vm_id, detail.clone()).await?;
+                    let e = audit(
+                        &mut tx,
+                        &mut chain,
+                        *now,
+                        "register",
+                        &rec.state.vm_id,
+                        detail.clone(),
+                    )
+                    .await?;
                     Ok(Done::Entry(e))
                 } else {
                     Err(StoreError::Exists(rec.state.vm_id.clone()))
@@ -441,7 +449,15 @@ async fn apply_ops(
                 if n.rows_affected() == 0 {
                     Err(StoreError::NoSuchVm(vm_id.clone()))
                 } else {
-                    let e = audit(&mut tx, &mut chain, *now, "terminate", vm_id, detail.clone()).await?;
+                    let e = audit(
+                        &mut tx,
+                        &mut chain,
+                        *now,
+                        "terminate",
+                        vm_id,
+                        detail.clone(),
+                    )
+                    .await?;
                     Ok(Done::Entry(e))
                 }
             }
@@ -464,7 +480,15 @@ async fn apply_ops(
                         .bind(i(*epoch))
                         .execute(&mut *tx)
                         .await?;
-                    let e = audit(&mut tx, &mut chain, *now, "allowlist", "", serde_json::json!({"epoch": epoch})).await?;
+                    let e = audit(
+                        &mut tx,
+                        &mut chain,
+                        *now,
+                        "allowlist",
+                        "",
+                        serde_json::json!({"epoch": epoch}),
+                    )
+                    .await?;
                     Ok(Done::Entry(e))
                 }
             }
@@ -573,7 +597,8 @@ impl Store for SqliteStore {
         now: u64,
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError> {
-        self.submit_entry(Op::Register(rec.clone(), now, detail)).await
+        self.submit_entry(Op::Register(rec.clone(), now, detail))
+            .await
     }
 
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {

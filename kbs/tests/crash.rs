@@ -77,7 +77,13 @@ fn sigkill_during_a_release_storm_loses_nothing_and_repeats_nothing() {
     run(kbs()
         .args(["init", "--dir"])
         .arg(&d)
-        .args(["--listen", &listen, "--metrics-listen", "none", "--trust-root"])
+        .args([
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            "none",
+            "--trust-root",
+        ])
         .arg(dir.path().join("ark.der")));
     let image = hex::encode([0x4d; 48]);
     run(kbs()

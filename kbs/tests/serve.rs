@@ -288,7 +288,10 @@ fn deployment_from_the_real_binaries() {
     );
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&boot_config).unwrap().permissions().mode();
+        let mode = std::fs::metadata(&boot_config)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -322,7 +325,10 @@ fn deployment_from_the_real_binaries() {
         .status()
         .unwrap();
     std::fs::remove_file(&keyfile).unwrap();
-    assert!(st.success(), "cryptsetup opens the disk with the released key");
+    assert!(
+        st.success(),
+        "cryptsetup opens the disk with the released key"
+    );
 
     // Operations: readiness and metrics.
     assert!(http_get(metrics, "/readyz").starts_with("HTTP/1.1 200"));

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// The approved image of the demo's VMs.
-const IMAGE: [u8; 48] = [0x4d; 48];
+pub const IMAGE: [u8; 48] = [0x4d; 48];
 
 fn now() -> u64 {
     SystemTime::now()
@@ -73,15 +73,16 @@ fn progress(quiet: bool, msg: &str) {
     }
 }
 
-/// Runs the demo in `dir` with `vms` VMs.
-pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<Summary, String> {
-    let [milan, genoa, turin, rogue] = pkis.map(Arc::new);
-    let chips: Vec<Chip> = (0..vms.div_ceil(4).max(2))
-        .map(|i| Chip::new(milan.clone(), ChipConfig::typical(&milan, i as u64)))
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
+/// A running broker on loopback, and what guests and the operator need to use it.
+pub struct Stack {
+    pub kbs: Arc<Kbs>,
+    pub broker: Broker,
+    pub operator: Ed25519KeyPair,
+}
 
-    // The operator's keys, and the broker.
+/// Starts a broker in `dir` (SQLite, group commit, QUIC on a loopback port) trusting `root`'s
+/// simulated ARK, with an operator key and an allowlist holding the demo image.
+pub async fn stack(dir: &Path, root: &Pki) -> Result<Stack, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let operator = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
     let offline = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
@@ -90,7 +91,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
             .await
             .map_err(|x| e(&x))?,
         Verifier::new(VerifierConfig {
-            trust_roots: vec![milan.ark.cert.clone()],
+            trust_roots: vec![root.ark.cert.clone()],
             revocation: Revocation::IfAvailable,
             ..Default::default()
         }),
@@ -107,12 +108,12 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
     kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), now())
         .await
         .map_err(|x| e(&x))?;
-
-    // TLS for the broker from a CA the guests pin.
     let tls = TlsIdentity::generate("kbs.attesta.local")?;
-    let cfg = tls.server_config()?;
-    let endpoint = quinn::Endpoint::server(cfg, (std::net::Ipv4Addr::LOCALHOST, 0).into())
-        .map_err(|x| e(&x))?;
+    let endpoint = kbs::service::server_endpoint(
+        tls.server_config()?,
+        (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+    )
+    .map_err(|x| e(&x))?;
     let addr = endpoint.local_addr().map_err(|x| e(&x))?;
     tokio::spawn(serve(endpoint, kbs.clone(), now));
     let broker = Broker {
@@ -121,21 +122,47 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         ca_der: tls.ca_der.clone(),
         response_key: kbs.response_key.public(),
     };
+    Ok(Stack {
+        kbs,
+        broker,
+        operator,
+    })
+}
+
+/// The operator's register order for VM number `i` of the demo image on `chip_id`.
+pub fn order(vm_id: &str, i: usize, chip_id: &[u8; 64]) -> Order {
+    Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Register,
+        vm_id: vm_id.into(),
+        tenant: format!("tenant-{}", i % 3),
+        measurements: vec![ByteBuf::from(IMAGE.to_vec())],
+        policy: String::new(),
+        chip_ids: vec![ByteBuf::from(chip_id.to_vec())],
+        not_after: now() + 3600,
+        boot_config: ByteBuf::from(format!("ssh-ed25519 AAAA tenant-{}", i % 3).into_bytes()),
+    }
+}
+
+/// Runs the demo in `dir` with `vms` VMs.
+pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<Summary, String> {
+    let [milan, genoa, turin, rogue] = pkis.map(Arc::new);
+    let chips: Vec<Chip> = (0..vms.div_ceil(4).max(2))
+        .map(|i| Chip::new(milan.clone(), ChipConfig::typical(&milan, i as u64)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+
+    let Stack {
+        kbs,
+        broker,
+        operator,
+    } = stack(dir, &milan).await?;
+    let e = |x: &dyn std::fmt::Display| x.to_string();
 
     // The miner registers each VM with the operator's signed order and places it on a chip.
     let chip_of = |i: usize| &chips[i % chips.len()];
     for i in 0..vms {
-        let order = Order {
-            v: ORDER_VERSION,
-            kind: OrderKind::Register,
-            vm_id: format!("vm-{i}"),
-            tenant: format!("tenant-{}", i % 3),
-            measurements: vec![ByteBuf::from(IMAGE.to_vec())],
-            policy: String::new(),
-            chip_ids: vec![ByteBuf::from(chip_of(i).config.chip_id.to_vec())],
-            not_after: now() + 3600,
-            boot_config: ByteBuf::from(format!("ssh-ed25519 AAAA tenant-{}", i % 3).into_bytes()),
-        };
+        let order = order(&format!("vm-{i}"), i, &chip_of(i).config.chip_id);
         kbs.register(&order.sign(&operator), now())
             .await
             .map_err(|x| e(&x))?;

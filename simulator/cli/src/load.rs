@@ -1,0 +1,333 @@
+//! `attesta-sim load`: the broker under a boot storm. N simulated VMs on M simulated chips all
+//! boot at once against a broker on loopback (durable SQLite, group commit); we measure
+//! releases/s and latency, then the verifier's own rate on the same cores over the same reports,
+//! and a guest's boot-to-unlocked time against a default argon2id passphrase unlock of the same
+//! kind of image. Ratios, not absolute numbers, are what carry from one machine to another.
+
+use crate::demo::{IMAGE, Stack, order, stack};
+use guest_agent::client::fetch_on;
+use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
+use simulator::{Chip, ChipConfig, GuestLaunch, Pki};
+use snp::device::GuestDevice;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// What a load run measured.
+pub struct LoadReport {
+    pub vms: usize,
+    pub chips: usize,
+    pub released: usize,
+    pub failed: usize,
+    pub storm_secs: f64,
+    pub releases_per_sec: f64,
+    /// Whole boot: connect, challenge, report, evidence, release (ms).
+    pub boot_ms: (f64, f64),
+    /// Evidence round trip only: verify, decide, durable commit, seal (ms).
+    pub release_ms: (f64, f64),
+    pub verifier_per_sec: f64,
+    /// QUIC + TLS handshakes per second with the same concurrency, nothing else.
+    pub handshakes_per_sec: f64,
+    pub transactions: u64,
+    pub writes: u64,
+    pub boot_to_unlocked_ms: f64,
+    pub argon2id_unlock_ms: Option<f64>,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    pct(&mut v, 50.0)
+}
+
+/// Runs the storm in `dir`.
+pub async fn run(
+    dir: &Path,
+    vms: usize,
+    chips: usize,
+    milan: Pki,
+    progress: impl Fn(&str),
+) -> Result<LoadReport, String> {
+    let milan = Arc::new(milan);
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let chips: Vec<Arc<Chip>> = (0..chips.max(1))
+        .map(|i| Chip::new(milan.clone(), ChipConfig::typical(&milan, i as u64)).map(Arc::new))
+        .collect::<Result<_, _>>()
+        .map_err(|x| e(&x))?;
+    let Stack {
+        kbs,
+        broker,
+        operator,
+    } = stack(dir, &milan).await?;
+    progress(&format!("registering {vms} VMs"));
+    for i in 0..vms {
+        let o = order(
+            &format!("vm-{i}"),
+            i,
+            &chips[i % chips.len()].config.chip_id,
+        );
+        kbs.register(&o.sign(&operator), now())
+            .await
+            .map_err(|x| e(&x))?;
+    }
+    // Warm-up: one release, so the chain cache and the connection path are warm as in a fleet.
+    // All simulated guests share one client socket (with large buffers, like the broker's).
+    let client = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        kbs::service::udp_socket((std::net::Ipv4Addr::LOCALHOST, 0).into()).map_err(|x| e(&x))?,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|x| e(&x))?;
+    let g0 = chips[0].launch(GuestLaunch {
+        measurement: IMAGE,
+        ..Default::default()
+    });
+    let first = fetch_on(&client, &broker, "vm-0", &g0)
+        .await
+        .map_err(|x| format!("warm-up: {x}"))?;
+
+    // The storm: every VM boots at once.
+    progress(&format!("{vms} VMs booting at once"));
+    let tx0 = kbs
+        .store
+        .stats
+        .transactions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let w0 = kbs
+        .store
+        .stats
+        .writes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..vms)
+        .map(|i| {
+            let (chip, broker, client) = (
+                chips[i % chips.len()].clone(),
+                broker.clone(),
+                client.clone(),
+            );
+            tokio::spawn(async move {
+                let g = chip.launch(GuestLaunch {
+                    measurement: IMAGE,
+                    ..Default::default()
+                });
+                let t = Instant::now();
+                let r = fetch_on(&client, &broker, &format!("vm-{i}"), &g).await;
+                r.map(|r| (t.elapsed(), r.evidence_rtt))
+            })
+        })
+        .collect();
+    let mut boots = Vec::with_capacity(vms);
+    let mut releases = Vec::with_capacity(vms);
+    let mut failed = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Ok((b, r))) => {
+                boots.push(b.as_secs_f64() * 1000.0);
+                releases.push(r.as_secs_f64() * 1000.0);
+            }
+            _ => failed += 1,
+        }
+    }
+    let storm = start.elapsed().as_secs_f64();
+    let transactions = kbs
+        .store
+        .stats
+        .transactions
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - tx0;
+    let writes = kbs
+        .store
+        .stats
+        .writes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - w0;
+
+    // The QUIC + TLS 1.3 handshakes alone, as many at once: the floor under any protocol that
+    // opens one connection per boot.
+    progress("handshakes alone");
+    let t = Instant::now();
+    let hs: Vec<_> = (0..vms)
+        .map(|_| {
+            let (broker, client) = (broker.clone(), client.clone());
+            tokio::spawn(async move {
+                let cfg = guest_agent::client::client_config(&broker).ok()?;
+                let c = client
+                    .connect_with(cfg, broker.addr, &broker.server_name)
+                    .ok()?
+                    .await
+                    .ok()?;
+                c.close(0u32.into(), b"");
+                Some(())
+            })
+        })
+        .collect();
+    let mut handshakes = 0usize;
+    for h in hs {
+        if let Ok(Some(())) = h.await {
+            handshakes += 1;
+        }
+    }
+    let handshakes_per_sec = handshakes as f64 / t.elapsed().as_secs_f64();
+
+    // The verifier alone, on the same cores, over the same kind of evidence.
+    progress("the verifier's own rate");
+    let reports: Vec<(Vec<u8>, Vec<u8>)> = (0..vms)
+        .map(|i| {
+            let g = chips[i % chips.len()].launch(GuestLaunch {
+                measurement: IMAGE,
+                ..Default::default()
+            });
+            g.get_ext_report(&[i as u8; 64], 0)
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|x| e(&x))?;
+    let policy = kbs::service::vm_policy(Some(&order("vm-0", 0, &chips[0].config.chip_id)));
+    let verifier = &kbs.verifier;
+    let t = Instant::now();
+    let at = now();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let ok = std::thread::scope(|s| {
+        let handles: Vec<_> = reports
+            .chunks(vms.div_ceil(threads).max(1))
+            .map(|chunk| {
+                let policy = &policy;
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .filter(|(report, table)| {
+                            let table = snp::CertTable::parse(table).unwrap_or_default();
+                            let ev = snp::Evidence {
+                                report,
+                                vcek: table.signing_cert(),
+                                ask: table.get(&snp::certtable::GUID_ASK),
+                                ark: table.get(&snp::certtable::GUID_ARK),
+                                crls: &[],
+                            };
+                            // Chip binding differs per chip here; authenticity is what is timed.
+                            verifier
+                                .verify_with_policy(&ev, policy, at)
+                                .report
+                                .is_some()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0))
+            .sum::<usize>()
+    });
+    let verifier_per_sec = ok as f64 / t.elapsed().as_secs_f64();
+
+    // Boot to unlocked: a whole attested fetch plus opening the LUKS2 header by volume key,
+    // against cryptsetup's default argon2id passphrase unlock of the same size of image.
+    progress("boot-to-unlocked against argon2id");
+    let img = dir.join("attesta.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(32 << 20))
+        .map_err(|x| e(&x))?;
+    luks::format(
+        &img,
+        &DiskKey::from_bytes(&first.volume_key).map_err(|x| e(&x))?,
+        &DiskLabel {
+            vm_id: "vm-0".into(),
+            generation: first.generation,
+        },
+    )
+    .map_err(|x| e(&x))?;
+    let mut ours = Vec::new();
+    for _ in 0..9 {
+        let t = Instant::now();
+        let r = fetch_on(&client, &broker, "vm-0", &g0)
+            .await
+            .map_err(|x| e(&x))?;
+        let key = DiskKey::from_bytes(&r.volume_key).map_err(|x| e(&x))?;
+        match luks::unlock(&img, "attesta-load", &key) {
+            Ok(()) => {
+                let _ = std::process::Command::new("cryptsetup")
+                    .args(["close", "attesta-load"])
+                    .status();
+            }
+            Err(luks::LuksError::DeviceMapperUnavailable) => {}
+            Err(x) => return Err(x.to_string()),
+        }
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let argon = argon2id_unlock_ms(dir);
+    Ok(LoadReport {
+        vms,
+        chips: chips.len(),
+        released: releases.len(),
+        failed,
+        storm_secs: storm,
+        releases_per_sec: releases.len() as f64 / storm,
+        boot_ms: (pct(&mut boots, 50.0), pct(&mut boots, 99.0)),
+        release_ms: (pct(&mut releases, 50.0), pct(&mut releases, 99.0)),
+        verifier_per_sec,
+        handshakes_per_sec,
+        transactions,
+        writes,
+        boot_to_unlocked_ms: median(ours),
+        argon2id_unlock_ms: argon,
+    })
+}
+
+/// `cryptsetup luksFormat` with its defaults (argon2id, benchmarked to ~2 s) and a passphrase,
+/// then the median of three `cryptsetup open --test-passphrase` (the KDF runs, nothing is
+/// activated). `None` if the cryptsetup CLI is missing or fails.
+fn argon2id_unlock_ms(dir: &Path) -> Option<f64> {
+    use std::process::Command;
+    let img = dir.join("argon2id.img");
+    let pass = dir.join("passphrase");
+    std::fs::File::create(&img).ok()?.set_len(32 << 20).ok()?;
+    std::fs::write(&pass, b"correct horse battery staple").ok()?;
+    let st = Command::new("cryptsetup")
+        .args([
+            "luksFormat",
+            "--type",
+            "luks2",
+            "--batch-mode",
+            "--key-file",
+        ])
+        .arg(&pass)
+        .arg(&img)
+        .status()
+        .ok()?;
+    if !st.success() {
+        return None;
+    }
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let st = Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(&pass)
+            .arg(&img)
+            .status()
+            .ok()?;
+        if !st.success() {
+            return None;
+        }
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Some(median(times))
+}
