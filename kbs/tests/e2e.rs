@@ -6,9 +6,10 @@ use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use guest_agent::client::{Broker, ClientError, fetch};
 use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
 use kbs::keys::FileKek;
-use kbs::service::{Kbs, TlsIdentity, serve};
+use kbs::service::{Kbs, Role, TlsIdentity, serve};
 use kbs::store::{SqliteStore, Store};
 use proto::ResponseKey;
+use proto::msg::{Request, Response, VERSION};
 use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
@@ -162,10 +163,67 @@ async fn attested_release_over_quic() {
         denied(fetch(&broker, "vm-1", &debug).await).contains(&"policy_flag_forbidden".to_string())
     );
     assert!(denied(fetch(&broker, "vm-9", &guest).await).contains(&"unknown_vm".to_string()));
-    kbs.store
-        .terminate("vm-2", now(), serde_json::json!({"order": "terminate"}))
-        .await
-        .unwrap();
+    // Orders over the wire: a guest (no client certificate) may not give any; a host may relay
+    // only what an operator signed, and a terminate needs a terminate order.
+    let terminate = Order {
+        kind: OrderKind::Terminate,
+        measurements: vec![],
+        chip_ids: vec![],
+        ..order("vm-2", GOOD)
+    };
+    let doc = terminate.sign(&operator);
+    let x = [0u8; 32];
+    let refused = |r: Response| match r {
+        Response::Error { code, .. } => code,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    let req = |order: Vec<u8>, terminate: bool| {
+        if terminate {
+            Request::Terminate { v: VERSION, order }
+        } else {
+            Request::Register { v: VERSION, order }
+        }
+    };
+    assert_eq!(
+        refused(
+            kbs.handle(req(doc.clone(), true), Role::Guest, x, now())
+                .await
+        ),
+        "forbidden"
+    );
+    assert_eq!(
+        refused(
+            kbs.handle(req(doc.clone(), false), Role::Host, x, now())
+                .await
+        ),
+        "order_kind"
+    );
+    let forged = terminate.sign(&offline);
+    assert_eq!(
+        refused(
+            kbs.handle(req(forged, true), Role::Operator, x, now())
+                .await
+        ),
+        "order_signature"
+    );
+    let new_vm = order("vm-3", GOOD).sign(&operator);
+    assert!(matches!(
+        kbs.handle(req(new_vm, false), Role::Host, x, now()).await,
+        Response::Done { .. }
+    ));
+    assert!(matches!(
+        kbs.handle(req(doc, true), Role::Host, x, now()).await,
+        Response::Done { .. }
+    ));
+    assert!(
+        kbs.store
+            .vm("vm-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .wrapped_key
+            .is_none()
+    );
     assert!(denied(fetch(&broker, "vm-2", &guest).await).contains(&"vm_terminated".to_string()));
     // A guest pinning another response key refuses even a genuine release.
     let wrong_pin = Broker {
@@ -191,4 +249,5 @@ async fn attested_release_over_quic() {
         "{kinds:?}"
     );
     assert!(kinds.contains(&"terminate"));
+    assert_eq!(kinds.iter().filter(|k| **k == "register").count(), 3);
 }
