@@ -9,6 +9,7 @@ fuzz_target!(|data: &[u8]| {
     framed.extend_from_slice(data);
     let _ = proto::order::Order::verify(data, &[[7u8; 32]], 0);
     let _ = proto::order::Allowlist::verify(data, &[7u8; 32], 0);
+    let _ = proto::order::Order::decode_stored(data);
     for bytes in [data, framed.as_slice()] {
         if let Ok(r) = Request::decode_frame(bytes) {
             assert_eq!(Request::decode_frame(&frame(&r)).ok(), Some(r));

@@ -82,7 +82,8 @@ pub fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
-async fn roundtrip(conn: &quinn::Connection, req: &Request) -> Result<Response, ClientError> {
+/// One request on its own bidirectional stream, and its answer (framed, size-limited).
+pub async fn exchange(conn: &quinn::Connection, req: &Request) -> Result<Response, ClientError> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -138,7 +139,7 @@ pub async fn fetch_on(
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
         .map_err(|_| ClientError::Protocol("no exporter".into()))?;
 
-    let nonce = match roundtrip(
+    let nonce = match exchange(
         &conn,
         &Request::Challenge {
             v: VERSION,
@@ -169,7 +170,7 @@ pub async fn fetch_on(
         guest_public_key: key.public().to_vec(),
     };
     let t0 = std::time::Instant::now();
-    let resp = roundtrip(&conn, &req).await?;
+    let resp = exchange(&conn, &req).await?;
     let evidence_rtt = t0.elapsed();
     conn.close(0u32.into(), b"done");
     if let Response::Error { code, .. } = &resp {

@@ -39,6 +39,15 @@ pub struct LiveAttack {
     pub name: &'static str,
     pub denied: bool,
     pub reason: String,
+    /// The reason code it must be denied for.
+    pub expected: &'static str,
+}
+
+impl LiveAttack {
+    /// Denied, and for the expected reason.
+    pub fn as_expected(&self) -> bool {
+        self.denied && self.reason.contains(self.expected)
+    }
 }
 
 /// What the demo observed.
@@ -246,22 +255,27 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
     }
 
     // Attacks against the live broker.
-    let live = |name: &'static str, r: Result<guest_agent::client::Released, ClientError>| match r {
-        Err(ClientError::Denied(reasons)) => LiveAttack {
+    let live = |name: &'static str, r: Result<guest_agent::client::Released, ClientError>| {
+        let (denied, reason) = match r {
+            Err(ClientError::Denied(reasons)) => (true, reasons.join(", ")),
+            Err(other) => (true, other.to_string()),
+            Ok(_) => (false, "released".into()),
+        };
+        let expected = match name {
+            "live-wrong-image" => "measurement_not_allowed",
+            "live-debug-policy" => "policy_flag_forbidden",
+            "live-moved-to-another-chip" => "chip_not_allowed",
+            "live-unknown-vm" => "unknown_vm",
+            "live-terminated-vm" => "vm_terminated",
+            "live-non-amd-root" => "ark_not_trusted",
+            _ => "not signed by the pinned key",
+        };
+        LiveAttack {
             name,
-            denied: true,
-            reason: reasons.join(", "),
-        },
-        Err(other) => LiveAttack {
-            name,
-            denied: true,
-            reason: other.to_string(),
-        },
-        Ok(_) => LiveAttack {
-            name,
-            denied: false,
-            reason: "released".into(),
-        },
+            denied,
+            reason,
+            expected,
+        }
     };
     let vm = if vms > 1 { "vm-1" } else { "vm-0" };
     let home = chip_of(1);
@@ -321,6 +335,17 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         ),
         live("live-terminated-vm", fetch(&broker, "vm-0", &guest0).await),
     ];
+    attacks.extend(
+        protocol_attacks(
+            &broker,
+            vm,
+            &home.launch(GuestLaunch {
+                measurement: IMAGE,
+                ..Default::default()
+            }),
+        )
+        .await?,
+    );
     let rogue_chip = Chip::new(rogue.clone(), home.config.clone()).map_err(|x| e(&x))?;
     attacks.push(live(
         "live-non-amd-root",
@@ -364,6 +389,129 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         offline_attacks,
         latencies_ms: latencies,
     })
+}
+
+/// Attacks on the protocol itself, by a client that speaks it by hand with a genuine guest's
+/// device: evidence replayed on another connection, a spent nonce used again, a nonce issued for
+/// one VM used for another, and an order sent by a guest.
+async fn protocol_attacks(
+    broker: &Broker,
+    vm: &str,
+    guest: &impl snp::device::GuestDevice,
+) -> Result<Vec<LiveAttack>, String> {
+    use guest_agent::client::{client_config, exchange};
+    use proto::msg::{Decision, EXPORTER_LABEL, Request, Response, VERSION, verify_decision};
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let ep =
+        quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).map_err(|x| e(&x))?;
+    let connect = || async {
+        let c = ep
+            .connect_with(
+                client_config(broker).map_err(|x| e(&x))?,
+                broker.addr,
+                &broker.server_name,
+            )
+            .map_err(|x| e(&x))?
+            .await
+            .map_err(|x| e(&x))?;
+        let mut x = [0u8; 32];
+        c.export_keying_material(&mut x, EXPORTER_LABEL, b"")
+            .map_err(|_| "no exporter".to_string())?;
+        Ok::<_, String>((c, x))
+    };
+    let challenge = |c: quinn::Connection, vm: String| async move {
+        match exchange(
+            &c,
+            &Request::Challenge {
+                v: VERSION,
+                vm_id: vm,
+            },
+        )
+        .await
+        .map_err(|x| e(&x))?
+        {
+            Response::Challenge { nonce, .. } => Ok(nonce),
+            _ => Err("no challenge".to_string()),
+        }
+    };
+    let evidence = |vm: &str, nonce: &[u8], exporter: &[u8; 32]| -> Result<Request, String> {
+        let key = proto::GuestKey::generate();
+        let n: [u8; 32] = nonce.try_into().map_err(|_| "nonce".to_string())?;
+        let (report, cert_table) = guest
+            .get_ext_report(&proto::report_data(&n, &key.public(), exporter), 0)
+            .map_err(|x| e(&x))?;
+        Ok(Request::Evidence {
+            v: VERSION,
+            vm_id: vm.into(),
+            nonce: nonce.to_vec(),
+            report,
+            cert_table,
+            guest_public_key: key.public().to_vec(),
+        })
+    };
+    let judge = |name: &'static str,
+                 expected: &'static str,
+                 r: Result<Response, guest_agent::client::ClientError>| {
+        let (denied, reason) = match r {
+            Ok(Response::Error { code, .. }) => (true, code),
+            Ok(resp) => match verify_decision(&broker.response_key, &resp) {
+                Ok(Decision::Denial(d)) => (true, d.reasons.join(", ")),
+                Ok(Decision::Release(_)) => (false, "released".to_string()),
+                Err(x) => (true, x.to_string()),
+            },
+            Err(x) => (true, x.to_string()),
+        };
+        LiveAttack {
+            name,
+            denied,
+            reason,
+            expected,
+        }
+    };
+    let mut out = Vec::new();
+    // A genuine report captured on one connection, replayed on another.
+    let (a, xa) = connect().await?;
+    let na = challenge(a.clone(), vm.to_string()).await?;
+    let captured = evidence(vm, &na, &xa)?;
+    a.close(0u32.into(), b"");
+    let (b, _) = connect().await?;
+    out.push(judge(
+        "live-evidence-replayed-on-another-connection",
+        "report_data_mismatch",
+        exchange(&b, &captured).await,
+    ));
+    // The same evidence twice on its own connection: the first releases, the second must not.
+    let (c, xc) = connect().await?;
+    let nc = challenge(c.clone(), vm.to_string()).await?;
+    let ev = evidence(vm, &nc, &xc)?;
+    let _first = exchange(&c, &ev).await;
+    out.push(judge(
+        "live-nonce-used-twice",
+        "spent_nonce",
+        exchange(&c, &ev).await,
+    ));
+    // A nonce issued for another VM.
+    let (d, xd) = connect().await?;
+    let nd = challenge(d.clone(), "vm-somebody-else".to_string()).await?;
+    out.push(judge(
+        "live-nonce-for-another-vm",
+        "nonce_for_another_vm",
+        exchange(&d, &evidence(vm, &nd, &xd)?).await,
+    ));
+    // A guest (no client certificate) sending an order.
+    out.push(judge(
+        "live-order-from-a-guest",
+        "forbidden",
+        exchange(
+            &d,
+            &Request::Register {
+                v: VERSION,
+                order: b"anything".to_vec(),
+            },
+        )
+        .await,
+    ));
+    Ok(out)
 }
 
 /// The seeds the demo's hierarchies come from (the attack catalogue's, so they are shared).

@@ -349,7 +349,7 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let s = result?;
-    let all_denied = s.attacks.iter().all(|x| x.denied)
+    let all_denied = s.attacks.iter().all(|x| x.as_expected())
         && s.offline_attacks
             .iter()
             .all(|o| o.denied && o.expected_reason);
