@@ -139,7 +139,20 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
     let entries = s.audit_entries().await.unwrap();
     assert_eq!(
         entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        vec![0, 1, 2, 3, 4]
+        vec![0, 1, 2, 3, 4, 5, 6]
+    );
+    // The refused second use was audited as a denial; an epoch is audited once.
+    assert_eq!(
+        entries.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        vec![
+            "register",
+            "register",
+            "release",
+            "denial",
+            "terminate",
+            "allowlist",
+            "denial"
+        ]
     );
     let audit_key = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
     let cp = Chain::resume(entries.last().unwrap())
@@ -154,7 +167,7 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
         verify(&text, &kbs::audit::public_key(&audit_key))
             .unwrap()
             .entries,
-        5
+        7
     );
     drop(s);
 
