@@ -1,0 +1,536 @@
+//! Mesh certificates: X.509 with the node's claims (overlay IPs with prefix, groups, role, and
+//! for CAs the networks they may hand out) in one critical extension, Ed25519 by default or
+//! ECDSA P-256. A child's groups, networks and validity must lie within its issuer's; that is
+//! enforced when signing and again, independently, when verifying (sans-IO: bytes and an
+//! instant in, a typed verdict out).
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, ED25519, UnparsedPublicKey};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use x509_cert::Certificate;
+use x509_cert::der::{Decode, Encode};
+
+/// The claims extension's OID: under the 2.25 arc, a random 32-bit arc and a sub-arc (parsers
+/// limit arcs to 32 bits). Private, and critical, so no other verifier silently ignores it.
+pub const CLAIMS_OID: &[u64] = &[2, 25, 2_947_116_573, 1];
+/// The same OID as text.
+pub const CLAIMS_OID_TEXT: &str = "2.25.2947116573.1";
+/// Largest certificate or bundle accepted.
+pub const MAX_CERT: usize = 64 * 1024;
+
+/// What a node is for. Services and firewall rules key on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Kbs,
+    Lighthouse,
+    Host,
+    Guest,
+    Operator,
+    /// A certificate authority (only CA certificates carry it).
+    Ca,
+}
+
+/// What a certificate claims, beyond name and validity.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    pub v: u32,
+    /// Overlay addresses with prefix (nodes), e.g. "10.42.0.7/16".
+    #[serde(default)]
+    pub ips: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub role: Option<Role>,
+    /// Networks a CA may hand out (empty: unconstrained).
+    #[serde(default)]
+    pub networks: Vec<String>,
+}
+
+/// Signature algorithm of a new key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Curve {
+    #[default]
+    Ed25519,
+    P256,
+}
+
+/// A parsed certificate with its claims.
+#[derive(Clone, Debug)]
+pub struct MeshCert {
+    pub der: Vec<u8>,
+    pub name: String,
+    pub issuer: String,
+    pub is_ca: bool,
+    pub not_before: u64,
+    pub not_after: u64,
+    pub claims: Claims,
+    pub ips: Vec<IpNet>,
+    pub networks: Vec<IpNet>,
+    pub serial: Vec<u8>,
+    /// SHA-256 of the SubjectPublicKeyInfo (revocation by key).
+    pub key_hash: [u8; 32],
+    spki: Vec<u8>,
+    alg: Alg,
+    subject_der: Vec<u8>,
+    issuer_der: Vec<u8>,
+    tbs: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Alg {
+    Ed25519,
+    P256,
+}
+
+/// Why a certificate is refused. Each says what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    #[error("not a certificate: {0}")]
+    Malformed(String),
+    #[error("certificate {name}: unsupported signature algorithm {alg}")]
+    Algorithm { name: String, alg: String },
+    #[error("certificate {0}: has no mesh claims extension")]
+    NoClaims(String),
+    #[error("certificate {name}: claims are invalid: {why}")]
+    BadClaims { name: String, why: String },
+    #[error("certificate {name}: not valid before {not_before} (now {now})")]
+    NotYetValid {
+        name: String,
+        not_before: u64,
+        now: u64,
+    },
+    #[error("certificate {name}: expired at {not_after} (now {now})")]
+    Expired {
+        name: String,
+        not_after: u64,
+        now: u64,
+    },
+    #[error("certificate {name}: no trusted CA issued it (issuer {issuer})")]
+    UnknownIssuer { name: String, issuer: String },
+    #[error("certificate {name}: the signature does not verify with issuer {issuer}'s key")]
+    Signature { name: String, issuer: String },
+    #[error("certificate {name}: issued by {issuer}, which is not a CA")]
+    IssuerNotCa { name: String, issuer: String },
+    #[error("certificate {name}: group {group:?} is outside issuer {issuer}'s groups")]
+    GroupOutside {
+        name: String,
+        group: String,
+        issuer: String,
+    },
+    #[error("certificate {name}: {ip} is outside issuer {issuer}'s networks")]
+    NetworkOutside {
+        name: String,
+        ip: String,
+        issuer: String,
+    },
+    #[error("certificate {name}: validity extends beyond issuer {issuer}'s")]
+    ValidityOutside { name: String, issuer: String },
+    #[error("certificate {0}: a node certificate needs at least one overlay IP")]
+    NoIp(String),
+    #[error("the chain is longer than {0} certificates")]
+    TooLong(usize),
+    #[error("{0}")]
+    Issue(String),
+}
+
+fn names(n: &x509_cert::name::Name) -> String {
+    n.common_name()
+        .ok()
+        .flatten()
+        .map(|d| d.value().into_owned())
+        .unwrap_or_default()
+}
+
+fn unix(t: &x509_cert::time::Time) -> u64 {
+    t.to_unix_duration().as_secs()
+}
+
+impl MeshCert {
+    /// Parses one DER certificate and its claims. Never panics.
+    pub fn parse(der: &[u8]) -> Result<MeshCert, CertError> {
+        if der.len() > MAX_CERT {
+            return Err(CertError::Malformed(format!("{} bytes", der.len())));
+        }
+        let c = Certificate::from_der(der).map_err(|e| CertError::Malformed(e.to_string()))?;
+        let tbs = c.tbs_certificate();
+        let name = names(tbs.subject());
+        let alg_oid = c.signature_algorithm().oid;
+        let alg = if alg_oid == const_oid::db::rfc8410::ID_ED_25519 {
+            Alg::Ed25519
+        } else if alg_oid == const_oid::db::rfc5912::ECDSA_WITH_SHA_256 {
+            Alg::P256
+        } else {
+            return Err(CertError::Algorithm {
+                name,
+                alg: alg_oid.to_string(),
+            });
+        };
+        let mut claims = None;
+        let mut is_ca = false;
+        for ext in tbs.extensions().map(|e| e.as_slice()).unwrap_or(&[]) {
+            if ext.extn_id.to_string() == CLAIMS_OID_TEXT {
+                let text = std::str::from_utf8(ext.extn_value.as_bytes()).map_err(|_| {
+                    CertError::BadClaims {
+                        name: name.clone(),
+                        why: "not UTF-8".into(),
+                    }
+                })?;
+                claims = Some(serde_json::from_str::<Claims>(text).map_err(|e| {
+                    CertError::BadClaims {
+                        name: name.clone(),
+                        why: e.to_string(),
+                    }
+                })?);
+            } else if ext.extn_id == const_oid::db::rfc5280::ID_CE_BASIC_CONSTRAINTS {
+                let bc =
+                    x509_cert::ext::pkix::BasicConstraints::from_der(ext.extn_value.as_bytes())
+                        .map_err(|e| CertError::Malformed(e.to_string()))?;
+                is_ca = bc.ca;
+            }
+        }
+        let claims = claims.ok_or_else(|| CertError::NoClaims(name.clone()))?;
+        let bad = |why: String| CertError::BadClaims {
+            name: name.clone(),
+            why,
+        };
+        if claims.v != 1 {
+            return Err(bad(format!("version {}", claims.v)));
+        }
+        let parse_nets = |v: &[String]| -> Result<Vec<IpNet>, CertError> {
+            v.iter()
+                .map(|s| {
+                    s.parse::<IpNet>()
+                        .map_err(|_| bad(format!("{s:?} is not a CIDR")))
+                })
+                .collect()
+        };
+        let ips = parse_nets(&claims.ips)?;
+        let networks = parse_nets(&claims.networks)?;
+        if is_ca != (claims.role == Some(Role::Ca)) {
+            return Err(bad(
+                "only CA certificates carry role ca, and they must".into()
+            ));
+        }
+        if !is_ca && ips.is_empty() {
+            return Err(CertError::NoIp(name));
+        }
+        let spki = tbs
+            .subject_public_key_info()
+            .to_der()
+            .map_err(|e| CertError::Malformed(e.to_string()))?;
+        let mut key_hash = [0u8; 32];
+        key_hash
+            .copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki).as_ref());
+        Ok(MeshCert {
+            der: der.to_vec(),
+            issuer: names(tbs.issuer()),
+            is_ca,
+            not_before: unix(&tbs.validity().not_before),
+            not_after: unix(&tbs.validity().not_after),
+            claims,
+            ips,
+            networks,
+            serial: tbs.serial_number().as_bytes().to_vec(),
+            key_hash,
+            spki,
+            alg,
+            subject_der: tbs
+                .subject()
+                .to_der()
+                .map_err(|e| CertError::Malformed(e.to_string()))?,
+            issuer_der: tbs
+                .issuer()
+                .to_der()
+                .map_err(|e| CertError::Malformed(e.to_string()))?,
+            tbs: tbs
+                .to_der()
+                .map_err(|e| CertError::Malformed(e.to_string()))?,
+            signature: c.signature().raw_bytes().to_vec(),
+            name,
+        })
+    }
+
+    /// The raw public key (for signature checks by children).
+    fn public_key(&self) -> Result<Vec<u8>, CertError> {
+        let spki = x509_cert::spki::SubjectPublicKeyInfoOwned::from_der(&self.spki)
+            .map_err(|e| CertError::Malformed(e.to_string()))?;
+        Ok(spki.subject_public_key.raw_bytes().to_vec())
+    }
+
+    /// Whether `issuer` signed this certificate (names and signature; not constraints).
+    fn signed_by(&self, issuer: &MeshCert) -> Result<(), CertError> {
+        let pk = issuer.public_key()?;
+        let ok = match issuer.alg_of_key() {
+            Alg::Ed25519 => {
+                UnparsedPublicKey::new(&ED25519, &pk).verify(&self.tbs, &self.signature)
+            }
+            Alg::P256 => UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &pk)
+                .verify(&self.tbs, &self.signature),
+        };
+        // The algorithm this certificate says it was signed with must be the issuer key's.
+        if ok.is_err() || self.alg != issuer.alg_of_key() {
+            return Err(CertError::Signature {
+                name: self.name.clone(),
+                issuer: issuer.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn alg_of_key(&self) -> Alg {
+        // Ed25519 SPKIs are 44 bytes; P-256 ones are 91.
+        if self.spki.len() < 60 {
+            Alg::Ed25519
+        } else {
+            Alg::P256
+        }
+    }
+
+    /// Checks that this certificate's claims and validity lie within `issuer`'s.
+    pub fn within(&self, issuer: &MeshCert) -> Result<(), CertError> {
+        if !issuer.is_ca {
+            return Err(CertError::IssuerNotCa {
+                name: self.name.clone(),
+                issuer: issuer.name.clone(),
+            });
+        }
+        // A sub-CA of a constrained CA must be constrained too (empty would mean "anything").
+        if self.is_ca && !issuer.claims.groups.is_empty() && self.claims.groups.is_empty() {
+            return Err(CertError::GroupOutside {
+                name: self.name.clone(),
+                group: "(any)".into(),
+                issuer: issuer.name.clone(),
+            });
+        }
+        if self.is_ca && !issuer.networks.is_empty() && self.networks.is_empty() {
+            return Err(CertError::NetworkOutside {
+                name: self.name.clone(),
+                ip: "(any)".into(),
+                issuer: issuer.name.clone(),
+            });
+        }
+        if !issuer.claims.groups.is_empty() {
+            for g in &self.claims.groups {
+                if !issuer.claims.groups.contains(g) {
+                    return Err(CertError::GroupOutside {
+                        name: self.name.clone(),
+                        group: g.clone(),
+                        issuer: issuer.name.clone(),
+                    });
+                }
+            }
+        }
+        if !issuer.networks.is_empty() {
+            for n in self.ips.iter().chain(self.networks.iter()) {
+                if !issuer.networks.iter().any(|p| p.contains(n)) {
+                    return Err(CertError::NetworkOutside {
+                        name: self.name.clone(),
+                        ip: n.to_string(),
+                        issuer: issuer.name.clone(),
+                    });
+                }
+            }
+        }
+        if self.not_before < issuer.not_before || self.not_after > issuer.not_after {
+            return Err(CertError::ValidityOutside {
+                name: self.name.clone(),
+                issuer: issuer.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The overlay addresses (without prefix).
+    pub fn addrs(&self) -> Vec<IpAddr> {
+        self.ips.iter().map(|n| n.addr()).collect()
+    }
+}
+
+/// Verifies `chain` (leaf first, then intermediates) up to one of `roots` at `now` (Unix
+/// seconds): names, signatures, CA flags, validity of every link, and constraints at every link.
+/// Returns the leaf.
+pub fn verify(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCert, CertError> {
+    const MAX_DEPTH: usize = 8;
+    if chain.len() > MAX_DEPTH {
+        return Err(CertError::TooLong(MAX_DEPTH));
+    }
+    let Some(leaf) = chain.first() else {
+        return Err(CertError::Malformed("empty chain".into()));
+    };
+    let mut cur = leaf;
+    let mut rest = &chain[1..];
+    for _ in 0..=MAX_DEPTH {
+        time_ok(cur, now)?;
+        // A trusted root that issued it ends the walk.
+        if let Some(root) = roots
+            .iter()
+            .find(|r| r.subject_der == cur.issuer_der && cur.signed_by(r).is_ok())
+        {
+            time_ok(root, now)?;
+            cur.within(root)?;
+            return Ok(leaf.clone());
+        }
+        let Some((next, more)) = rest.split_first() else {
+            return Err(CertError::UnknownIssuer {
+                name: cur.name.clone(),
+                issuer: cur.issuer.clone(),
+            });
+        };
+        if next.subject_der != cur.issuer_der {
+            return Err(CertError::UnknownIssuer {
+                name: cur.name.clone(),
+                issuer: cur.issuer.clone(),
+            });
+        }
+        cur.signed_by(next)?;
+        cur.within(next)?;
+        cur = next;
+        rest = more;
+    }
+    Err(CertError::TooLong(MAX_DEPTH))
+}
+
+fn time_ok(c: &MeshCert, now: u64) -> Result<(), CertError> {
+    if now < c.not_before {
+        return Err(CertError::NotYetValid {
+            name: c.name.clone(),
+            not_before: c.not_before,
+            now,
+        });
+    }
+    if now > c.not_after {
+        return Err(CertError::Expired {
+            name: c.name.clone(),
+            not_after: c.not_after,
+            now,
+        });
+    }
+    Ok(())
+}
+
+/// Parses every certificate in a PEM (or single DER) file's bytes.
+pub fn parse_bundle(bytes: &[u8]) -> Result<Vec<MeshCert>, CertError> {
+    if bytes.len() > MAX_CERT * 8 {
+        return Err(CertError::Malformed("bundle too large".into()));
+    }
+    if bytes.first() == Some(&0x30) {
+        return Ok(vec![MeshCert::parse(bytes)?]);
+    }
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let ders = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::Malformed(e.to_string()))?;
+    if ders.is_empty() {
+        return Err(CertError::Malformed("no certificate in the file".into()));
+    }
+    ders.iter().map(|d| MeshCert::parse(d)).collect()
+}
+
+/// A new certificate to sign.
+pub struct Request<'a> {
+    pub name: &'a str,
+    pub claims: Claims,
+    pub is_ca: bool,
+    pub not_before: u64,
+    pub not_after: u64,
+    pub curve: Curve,
+}
+
+/// A signed certificate and its new key (PKCS#8 PEM: secret).
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: zeroize::Zeroizing<String>,
+}
+
+fn params(req: &Request<'_>) -> Result<rcgen::CertificateParams, CertError> {
+    let e = |x: rcgen::Error| CertError::Issue(x.to_string());
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, req.name);
+    let t = |s: u64| rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(s);
+    p.not_before = t(req.not_before);
+    p.not_after = t(req.not_after);
+    p.is_ca = if req.is_ca {
+        rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)
+    } else {
+        rcgen::IsCa::ExplicitNoCa
+    };
+    if req.is_ca {
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+    } else {
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+    }
+    let json = serde_json::to_vec(&req.claims).map_err(|x| CertError::Issue(x.to_string()))?;
+    let mut ext = rcgen::CustomExtension::from_oid_content(CLAIMS_OID, json);
+    ext.set_criticality(true);
+    p.custom_extensions = vec![ext];
+    let mut serial = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut serial).map_err(|_| CertError::Issue("no randomness".into()))?;
+    serial[0] &= 0x7f;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    Ok(p)
+}
+
+fn new_key(curve: Curve) -> Result<rcgen::KeyPair, CertError> {
+    let alg = match curve {
+        Curve::Ed25519 => &rcgen::PKCS_ED25519,
+        Curve::P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+    };
+    rcgen::KeyPair::generate_for(alg).map_err(|e| CertError::Issue(e.to_string()))
+}
+
+/// A new self-signed root CA.
+pub fn new_root(req: &Request<'_>) -> Result<Issued, CertError> {
+    let key = new_key(req.curve)?;
+    let cert = params(req)?
+        .self_signed(&key)
+        .map_err(|e| CertError::Issue(e.to_string()))?;
+    let issued = Issued {
+        cert_pem: cert.pem(),
+        key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
+    };
+    // Refuse to write what verification would refuse.
+    let c = MeshCert::parse(cert.der())?;
+    c.within(&c)?;
+    Ok(issued)
+}
+
+/// A certificate signed by the CA `ca` (with key `ca_key_pem`). Refused if its claims or
+/// validity do not lie within the CA's.
+pub fn sign(ca: &MeshCert, ca_key_pem: &str, req: &Request<'_>) -> Result<Issued, CertError> {
+    let e = |x: rcgen::Error| CertError::Issue(x.to_string());
+    let ca_key = rcgen::KeyPair::from_pem(ca_key_pem).map_err(e)?;
+    if rcgen::PublicKeyData::subject_public_key_info(&ca_key) != ca.spki {
+        return Err(CertError::Issue(
+            "the CA key does not belong to the CA certificate".into(),
+        ));
+    }
+    // Rebuild the issuer from the CA's own name (rcgen encodes it as it did when creating it).
+    let mut ip = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ip.distinguished_name = rcgen::DistinguishedName::new();
+    ip.distinguished_name
+        .push(rcgen::DnType::CommonName, ca.name.as_str());
+    let issuer = rcgen::Issuer::new(ip, ca_key);
+    let key = new_key(req.curve)?;
+    let cert = params(req)?.signed_by(&key, &issuer).map_err(e)?;
+    let c = MeshCert::parse(cert.der())?;
+    c.within(ca)?;
+    c.signed_by(ca)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
+    })
+}
