@@ -1,5 +1,5 @@
 //! Mesh certificates: X.509 with the node's claims (overlay IPs with prefix, groups, role, and
-//! for CAs the networks they may hand out) in one critical extension, Ed25519 by default or
+//! for CAs the networks they may hand out) in one private extension, Ed25519 by default or
 //! ECDSA P-256. A child's groups, networks and validity must lie within its issuer's; that is
 //! enforced when signing and again, independently, when verifying (sans-IO: bytes and an
 //! instant in, a typed verdict out).
@@ -12,7 +12,9 @@ use x509_cert::Certificate;
 use x509_cert::der::{Decode, Encode};
 
 /// The claims extension's OID: under the 2.25 arc, a random 32-bit arc and a sub-arc (parsers
-/// limit arcs to 32 bits). Private, and critical, so no other verifier silently ignores it.
+/// limit arcs to 32 bits). Not marked critical: rustls parses a node's own certificate with
+/// WebPKI (to match it to its key), which refuses unknown critical extensions. Only the mesh
+/// verifier trusts the mesh CA, and it refuses a certificate without the claims.
 pub const CLAIMS_OID: &[u64] = &[2, 25, 2_947_116_573, 1];
 /// The same OID as text.
 pub const CLAIMS_OID_TEXT: &str = "2.25.2947116573.1";
@@ -280,6 +282,23 @@ impl MeshCert {
         Ok(())
     }
 
+    /// Checks a signature made with this certificate's key (TLS handshake signatures):
+    /// Ed25519, or ECDSA P-256 with SHA-256 (ASN.1 signature).
+    pub fn verify_with_key(&self, ed25519: bool, message: &[u8], signature: &[u8]) -> bool {
+        let Ok(pk) = self.public_key() else {
+            return false;
+        };
+        match (self.alg_of_key(), ed25519) {
+            (Alg::Ed25519, true) => UnparsedPublicKey::new(&ED25519, &pk)
+                .verify(message, signature)
+                .is_ok(),
+            (Alg::P256, false) => UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &pk)
+                .verify(message, signature)
+                .is_ok(),
+            _ => false,
+        }
+    }
+
     fn alg_of_key(&self) -> Alg {
         // Ed25519 SPKIs are 44 bytes; P-256 ones are 91.
         if self.spki.len() < 60 {
@@ -474,9 +493,7 @@ fn params(req: &Request<'_>) -> Result<rcgen::CertificateParams, CertError> {
         ];
     }
     let json = serde_json::to_vec(&req.claims).map_err(|x| CertError::Issue(x.to_string()))?;
-    let mut ext = rcgen::CustomExtension::from_oid_content(CLAIMS_OID, json);
-    ext.set_criticality(true);
-    p.custom_extensions = vec![ext];
+    p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(CLAIMS_OID, json)];
     let mut serial = [0u8; 16];
     aws_lc_rs::rand::fill(&mut serial).map_err(|_| CertError::Issue("no randomness".into()))?;
     serial[0] &= 0x7f;

@@ -10,3 +10,4 @@
 
 pub mod cert;
 pub mod firewall;
+pub mod transport;

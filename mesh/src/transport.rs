@@ -1,0 +1,287 @@
+//! Mutual TLS for the mesh: rustls verifiers that accept exactly the certificates the mesh CA
+//! vouches for (chain, validity, constraints, revocation — `cert::verify`, not WebPKI), the
+//! peer's identity read from the connection, and services chosen by ALPN. QUIC endpoints are
+//! built on these configs by the IO shell; nothing here opens a socket.
+
+use crate::cert::{MeshCert, parse_bundle, verify};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+/// Revoked certificates, by (issuer name, serial) and by public-key hash. Shared with the
+/// verifiers, so an update applies to the next handshake without a restart.
+#[derive(Debug, Default)]
+pub struct Revoked {
+    pub serials: HashSet<(String, Vec<u8>)>,
+    pub keys: HashSet<[u8; 32]>,
+}
+
+impl Revoked {
+    pub fn contains(&self, c: &MeshCert) -> bool {
+        self.serials.contains(&(c.issuer.clone(), c.serial.clone()))
+            || self.keys.contains(&c.key_hash)
+    }
+}
+
+/// What a node trusts: CA roots (two during a rollover) and the revocation set. Swappable.
+#[derive(Debug, Default)]
+pub struct Trust {
+    pub roots: RwLock<Vec<MeshCert>>,
+    pub revoked: RwLock<Revoked>,
+}
+
+impl Trust {
+    pub fn new(roots: Vec<MeshCert>) -> Arc<Trust> {
+        Arc::new(Trust {
+            roots: RwLock::new(roots),
+            revoked: RwLock::default(),
+        })
+    }
+
+    /// Verifies a presented chain at `now`: the mesh chain rules, then revocation of every link.
+    pub fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: u64,
+    ) -> Result<MeshCert, String> {
+        let mut chain = vec![MeshCert::parse(end_entity).map_err(|e| e.to_string())?];
+        for i in intermediates {
+            chain.push(MeshCert::parse(i).map_err(|e| e.to_string())?);
+        }
+        let roots = self.roots.read().unwrap_or_else(|e| e.into_inner());
+        let leaf = verify(&chain, &roots, now).map_err(|e| e.to_string())?;
+        let revoked = self.revoked.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = chain.iter().find(|c| revoked.contains(c)) {
+            return Err(format!("certificate {} is revoked", c.name));
+        }
+        Ok(leaf)
+    }
+}
+
+fn tls_err(why: String) -> rustls::Error {
+    rustls::Error::General(why)
+}
+
+fn handshake_signature(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    let c = MeshCert::parse(cert).map_err(|e| tls_err(e.to_string()))?;
+    let ed25519 = match dss.scheme {
+        SignatureScheme::ED25519 => true,
+        SignatureScheme::ECDSA_NISTP256_SHA256 => false,
+        _ => {
+            return Err(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::NoSignatureSchemesInCommon,
+            ));
+        }
+    };
+    if c.verify_with_key(ed25519, message, dss.signature()) {
+        Ok(HandshakeSignatureValid::assertion())
+    } else {
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadSignature,
+        ))
+    }
+}
+
+const SCHEMES: [SignatureScheme; 2] = [
+    SignatureScheme::ED25519,
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+];
+
+/// Verifies a server's mesh certificate; its name must be the one we dialled.
+#[derive(Debug)]
+pub struct MeshServerVerifier(pub Arc<Trust>);
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let leaf = self
+            .0
+            .check(end_entity, intermediates, now.as_secs())
+            .map_err(tls_err)?;
+        let want = server_name.to_str();
+        if leaf.name != want {
+            return Err(tls_err(format!(
+                "the peer is {:?}, not {want:?}",
+                leaf.name
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        handshake_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        SCHEMES.to_vec()
+    }
+}
+
+/// Verifies a client's mesh certificate. `mandatory = false` lets certificate-less clients
+/// through (the KBS admits guests for attestation only; their role is then "none").
+#[derive(Debug)]
+pub struct MeshClientVerifier {
+    pub trust: Arc<Trust>,
+    pub mandatory: bool,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.trust
+            .check(end_entity, intermediates, now.as_secs())
+            .map_err(tls_err)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        handshake_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        SCHEMES.to_vec()
+    }
+}
+
+/// A node's own identity: its certificate chain (leaf first) and key.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// From `node.crt` and `node.key` as `attesta-mesh cert sign` writes them.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Identity, String> {
+        use rustls::pki_types::pem::PemObject;
+        parse_bundle(cert_pem).map_err(|e| e.to_string())?;
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| e.to_string())?;
+        Ok(Identity { chain, key })
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Server side: TLS 1.3, mesh client verification, the given ALPN services, no early data.
+pub fn server_tls(
+    id: Identity,
+    trust: Arc<Trust>,
+    client_cert_required: bool,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, String> {
+    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(Arc::new(MeshClientVerifier {
+            trust,
+            mandatory: client_cert_required,
+        }))
+        .with_single_cert(id.chain, id.key)
+        .map_err(|e| e.to_string())?;
+    c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    c.max_early_data_size = 0;
+    Ok(c)
+}
+
+/// Client side: TLS 1.3, mesh server verification, our certificate, one ALPN service.
+pub fn client_tls(
+    id: Identity,
+    trust: Arc<Trust>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, String> {
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous() // the mesh verifier replaces WebPKI; it is not a switch-off
+        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier(trust)))
+        .with_client_auth_cert(id.chain, id.key)
+        .map_err(|e| e.to_string())?;
+    c.alpn_protocols = vec![alpn.to_vec()];
+    c.enable_early_data = false;
+    Ok(c)
+}
+
+/// Client side without a certificate (a guest before it has one), still verifying the server.
+pub fn client_tls_anonymous(
+    trust: Arc<Trust>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, String> {
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous() // the mesh verifier replaces WebPKI; it is not a switch-off
+        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier(trust)))
+        .with_no_client_auth();
+    c.alpn_protocols = vec![alpn.to_vec()];
+    c.enable_early_data = false;
+    Ok(c)
+}
+
+/// The verified peer certificate of a finished handshake (None: the peer presented none).
+pub fn peer(certs: Option<&[CertificateDer<'static>]>) -> Option<MeshCert> {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|c| MeshCert::parse(c).ok())
+}
