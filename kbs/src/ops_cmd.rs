@@ -127,17 +127,7 @@ fn read_opt(p: &Option<PathBuf>) -> Result<Vec<u8>, String> {
 }
 
 fn out(path: &Path, bytes: &[u8], secret: bool) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    f.write_all(bytes)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    crate::serve_cmd::write_file(path, bytes, secret, true)
 }
 
 fn finish(cmd: &str, r: Result<String, String>) -> ExitCode {

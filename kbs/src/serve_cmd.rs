@@ -102,13 +102,20 @@ fn now() -> u64 {
 }
 
 fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), String> {
+    write_file(path, bytes, secret, false)
+}
+
+/// Writes a file, mode 0600 for secrets from creation on; `overwrite` false refuses an existing
+/// file (keys are never replaced by accident).
+pub fn write_file(path: &Path, bytes: &[u8], secret: bool, overwrite: bool) -> Result<(), String> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(if secret { 0o600 } else { 0o644 });
+    o.write(true).mode(if secret { 0o600 } else { 0o644 });
+    if overwrite {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
     }
     let mut f = o
         .open(path)

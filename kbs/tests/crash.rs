@@ -3,21 +3,18 @@
 //! received is in the audit log (commit before emit), that no VM lost its key, and that the
 //! audit log still verifies.
 
+mod common;
+
+use common::{free_port, kbs};
 use guest_agent::client::{Broker, fetch};
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const VMS: usize = 12;
 const ROUNDS: usize = 6;
-
-fn kbs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_attesta-kbs"))
-}
 
 fn run(c: &mut Command) -> String {
     let out = c.output().unwrap();
@@ -29,29 +26,13 @@ fn run(c: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn start(cfg: &Path) -> Child {
-    let mut server = kbs()
-        .arg("serve")
-        .arg("--config")
-        .arg(cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = server.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if l.contains("serving") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("serving");
-    server
-}
-
 /// What guests received: (vm, boot counter) → volume key.
 type Received = Arc<Mutex<Vec<(String, u64, Vec<u8>)>>>;
+
+/// Starts `serve`; its log is not examined here.
+fn start(cfg: &std::path::Path) -> std::process::Child {
+    common::start(cfg, Arc::default())
+}
 
 #[test]
 fn sigkill_during_a_release_storm_loses_nothing_and_repeats_nothing() {
@@ -68,11 +49,7 @@ fn sigkill_during_a_release_storm_loses_nothing_and_repeats_nothing() {
     );
     let chip = Arc::new(Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap());
     std::fs::write(dir.path().join("ark.der"), &pki.ark.cert).unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     run(kbs()
         .args(["init", "--dir"])

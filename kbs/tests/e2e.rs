@@ -226,6 +226,16 @@ async fn attested_release_over_quic() {
     );
     assert!(denied(fetch(&broker, "vm-2", &guest).await).contains(&"vm_terminated".to_string()));
     // A guest pinning another response key refuses even a genuine release.
+    // A guest pinning another CA does not even finish the handshake.
+    let other_ca = TlsIdentity::generate("kbs.attesta.local").unwrap();
+    let wrong_ca = Broker {
+        ca_der: other_ca.ca_der.clone(),
+        ..broker.clone()
+    };
+    assert!(matches!(
+        fetch(&wrong_ca, "vm-1", &guest).await,
+        Err(ClientError::Connect(_))
+    ));
     let wrong_pin = Broker {
         response_key: [9; 32],
         ..broker.clone()

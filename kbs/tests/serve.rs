@@ -5,16 +5,15 @@
 //! terminate order crypto-shreds the key and the next boot fails closed, the audit log exported
 //! after a clean stop verifies — and no file or log line carries the volume key.
 
+mod common;
+
+use common::{free_port, kbs, start};
 use guest_agent::client::{Broker, fetch};
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
-
-fn kbs() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_attesta-kbs"))
-}
 
 /// The guest agent's binary, built beside ours (`cargo build --workspace --bins`, which the
 /// test script runs first; `cargo test --workspace` builds it too).
@@ -26,14 +25,6 @@ fn guest() -> Command {
         exe.display()
     );
     Command::new(exe)
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn free_tcp_port() -> u16 {
@@ -71,30 +62,6 @@ fn http_get(port: u16, path: &str) -> String {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     panic!("GET {path} on port {port}: {last:?}")
-}
-
-/// Starts `serve` and collects its log lines; returns once it is serving.
-fn start(cfg: &Path, log: Arc<Mutex<String>>) -> Child {
-    let mut server = kbs()
-        .arg("serve")
-        .arg("--config")
-        .arg(cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = server.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if l.contains("serving") {
-                let _ = tx.send(());
-            }
-            log.lock().unwrap().push_str(&(l + "\n"));
-        }
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the broker starts serving");
-    server
 }
 
 #[test]
@@ -171,6 +138,7 @@ fn deployment_from_the_real_binaries() {
     );
     let mut toml = std::fs::read_to_string(d.join("kbs.toml")).unwrap();
     toml.push_str("allowlist = \"allowlist.signed\"\n");
+    toml = toml.replace("log_format = \"text\"", "log_format = \"json\"");
     std::fs::write(d.join("kbs.toml"), toml).unwrap();
     std::fs::write(p("ssh.pub"), "ssh-ed25519 AAAA tenant-a").unwrap();
     ok(
@@ -398,6 +366,11 @@ fn deployment_from_the_real_binaries() {
     // No trace of the volume key in any file the broker or the host side wrote, nor in any log:
     // raw, hex or base64, nor any 16-byte run of it.
     let hex_key = hex::encode(&key);
+    // log_format = "json": every line the broker logged is a JSON object.
+    for line in log.lock().unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("{line}"));
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
     let logs = log.lock().unwrap().clone() + &guest_logs;
     assert!(!logs.contains(&hex_key) && !logs.contains(&hex_key.to_uppercase()));
     let mut files = vec![];

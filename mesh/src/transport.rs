@@ -245,22 +245,33 @@ pub fn server_tls(
     Ok(c)
 }
 
+/// TLS 1.3 with the mesh verifier in place of WebPKI (a replacement, not a switch-off).
+fn client_builder(
+    trust: Arc<Trust>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier(trust))))
+}
+
+fn finish_client(mut c: rustls::ClientConfig, alpn: &[u8]) -> rustls::ClientConfig {
+    c.alpn_protocols = vec![alpn.to_vec()];
+    c.enable_early_data = false;
+    c
+}
+
 /// Client side: TLS 1.3, mesh server verification, our certificate, one ALPN service.
 pub fn client_tls(
     id: Identity,
     trust: Arc<Trust>,
     alpn: &[u8],
 ) -> Result<rustls::ClientConfig, String> {
-    let mut c = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .dangerous() // the mesh verifier replaces WebPKI; it is not a switch-off
-        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier(trust)))
+    let c = client_builder(trust)?
         .with_client_auth_cert(id.chain, id.key)
         .map_err(|e| e.to_string())?;
-    c.alpn_protocols = vec![alpn.to_vec()];
-    c.enable_early_data = false;
-    Ok(c)
+    Ok(finish_client(c, alpn))
 }
 
 /// Client side without a certificate (a guest before it has one), still verifying the server.
@@ -268,15 +279,10 @@ pub fn client_tls_anonymous(
     trust: Arc<Trust>,
     alpn: &[u8],
 ) -> Result<rustls::ClientConfig, String> {
-    let mut c = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .dangerous() // the mesh verifier replaces WebPKI; it is not a switch-off
-        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier(trust)))
-        .with_no_client_auth();
-    c.alpn_protocols = vec![alpn.to_vec()];
-    c.enable_early_data = false;
-    Ok(c)
+    Ok(finish_client(
+        client_builder(trust)?.with_no_client_auth(),
+        alpn,
+    ))
 }
 
 /// The verified peer certificate of a finished handshake (None: the peer presented none).

@@ -103,16 +103,9 @@ pub async fn run(
 
     // The storm: every VM boots at once.
     progress(&format!("{vms} VMs booting at once"));
-    let tx0 = kbs
-        .store
-        .stats
-        .transactions
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let w0 = kbs
-        .store
-        .stats
-        .writes
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let stat = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let tx0 = stat(&kbs.store.stats.transactions);
+    let w0 = stat(&kbs.store.stats.writes);
     let start = Instant::now();
     let tasks: Vec<_> = (0..vms)
         .map(|i| {
@@ -145,18 +138,8 @@ pub async fn run(
         }
     }
     let storm = start.elapsed().as_secs_f64();
-    let transactions = kbs
-        .store
-        .stats
-        .transactions
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - tx0;
-    let writes = kbs
-        .store
-        .stats
-        .writes
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - w0;
+    let transactions = stat(&kbs.store.stats.transactions) - tx0;
+    let writes = stat(&kbs.store.stats.writes) - w0;
 
     // The QUIC + TLS 1.3 handshakes alone, as many at once: the floor under any protocol that
     // opens one connection per boot.
