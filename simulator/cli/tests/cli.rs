@@ -373,6 +373,22 @@ fn demo_json() {
     assert!(attacks.len() >= 30 + 7);
     assert!(attacks.iter().all(|a| a["denied"] == true), "{j}");
     assert!(attacks.iter().any(|a| a["name"] == "live-moved-to-another-chip" && a["reason"] == "chip_not_allowed"));
+    for (name, reason) in [
+        (
+            "live-evidence-replayed-on-another-connection",
+            "report_data_mismatch",
+        ),
+        ("live-nonce-used-twice", "spent_nonce"),
+        ("live-nonce-for-another-vm", "nonce_for_another_vm"),
+        ("live-order-from-a-guest", "forbidden"),
+    ] {
+        assert!(
+            attacks
+                .iter()
+                .any(|a| a["name"] == name && a["reason"] == reason),
+            "{name}: {j}"
+        );
+    }
     let p50 = j["release_latency_ms"]["p50"].as_f64().unwrap();
     let p99 = j["release_latency_ms"]["p99"].as_f64().unwrap();
     assert!(p50 > 0.0 && p99 >= p50);
