@@ -46,6 +46,13 @@ pub struct Config {
     /// "require" (default): no release without a current CRL; "if_available".
     #[serde(default)]
     pub revocation: snp::Revocation,
+    /// AMD CRLs (DER or PEM, one per product, e.g. from `https://kdsintf.amd.com/vcek/v1/Milan/crl`).
+    /// Each must verify against its ARK when the broker starts; they are re-read every
+    /// `crl_reload_secs`, so a cron job that refreshes the files needs no restart.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    #[serde(default = "default_crl_reload")]
+    pub crl_reload_secs: u64,
     #[serde(default = "default_ttl")]
     pub nonce_ttl_secs: u64,
     /// Ed25519 key (PKCS#8, mode 0600) that signs audit checkpoints; `audit verify` checks them
@@ -91,6 +98,10 @@ fn default_ttl() -> u64 {
     30
 }
 
+fn default_crl_reload() -> u64 {
+    600
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
@@ -118,6 +129,7 @@ impl Config {
             fix(a);
         }
         c.trust_roots.iter_mut().for_each(fix);
+        c.crls.iter_mut().for_each(fix);
         if let Some(p) = &mut c.audit_key {
             fix(p);
         }

@@ -196,6 +196,10 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
          trust_roots = [{roots}]\n\
          # \"require\": no release without a current AMD CRL; \"if_available\" for offline tests.\n\
          revocation = {revocation:?}\n\
+         # AMD CRLs (DER or PEM), verified at start and re-read every crl_reload_secs; refresh\n\
+         # them daily, e.g. curl -o milan.crl https://kdsintf.amd.com/vcek/v1/Milan/crl\n\
+         # crls = [\"milan.crl\", \"genoa.crl\", \"turin.crl\"]\n\
+         crl_reload_secs = 600\n\
          nonce_ttl_secs = 30\n\
          # Signs audit checkpoints; `attesta-kbs audit verify --key audit.pub` checks them.\n\
          audit_key = \"audit.key\"\n\
@@ -273,6 +277,19 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig), String> {
         revocation: c.revocation,
         ..Default::default()
     });
+    // A configured CRL that cannot be read or does not verify stops the start: it is either a
+    // mistake or tampering, and either way revocation would be checked against less than meant.
+    for p in &c.crls {
+        let bytes = std::fs::read(p).map_err(|e| format!("crl {}: {e}", p.display()))?;
+        let product = kbs::service::add_crl(&verifier, &bytes)
+            .map_err(|e| format!("crl {}: {e}", p.display()))?;
+        tracing::info!(path = %p.display(), product = %product, "CRL loaded");
+    }
+    if c.crls.is_empty() && c.revocation == snp::Revocation::Require {
+        tracing::warn!(
+            "revocation = \"require\" but no `crls` configured: every release will be denied (crl_unavailable)"
+        );
+    }
     let audit_key = match &c.audit_key {
         Some(p) => {
             let der = std::fs::read(p).map_err(|e| format!("audit_key {}: {e}", p.display()))?;
@@ -358,6 +375,13 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             response_key = %hex::encode(kbs.response_key.public()),
             "serving (QUIC, ALPN attesta-kbs/1)"
         );
+        if !c.crls.is_empty() {
+            rt.spawn(reload_crls(
+                kbs.clone(),
+                c.crls.clone(),
+                std::time::Duration::from_secs(c.crl_reload_secs.max(1)),
+            ));
+        }
         let k = kbs.clone();
         rt.block_on(async move {
             let term = async {
@@ -448,6 +472,24 @@ fn remote(t: &Target, addr: &str) -> Result<kbs::client::Remote, String> {
         client_key: PrivateKeyDer::from_pem_file(&key)
             .map_err(|e| format!("{}: {e}", key.display()))?,
     })
+}
+
+/// Re-reads the configured CRLs every `every`: a refreshed file is verified and added; a file
+/// that fails is logged and the CRLs already held stay (revocations are permanent).
+async fn reload_crls(kbs: Arc<Kbs>, paths: Vec<std::path::PathBuf>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for p in &paths {
+            let r = std::fs::read(p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| kbs::service::add_crl(&kbs.verifier, &b).map_err(|e| e.to_string()));
+            if let Err(e) = r {
+                tracing::error!(path = %p.display(), error = %e, "CRL reload failed; keeping the CRLs held");
+            }
+        }
+    }
 }
 
 fn load_allowlist(rt: &tokio::runtime::Runtime, kbs: &Kbs, c: &Config) -> Result<u64, String> {

@@ -398,3 +398,86 @@ fn deployment_from_the_real_binaries() {
     }
     let _ = std::fs::remove_dir_all(&shm);
 }
+
+/// `crls` in kbs.toml: with `revocation = "require"` and none configured the broker warns that
+/// every release will be denied; a configured CRL not signed by an ARK stops the start; a
+/// genuine one is verified and loaded.
+#[test]
+fn configured_crls_are_verified_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("kbs");
+    let pki = Pki::cached(
+        snp::Product::Milan,
+        &Seed::from_text("serve-crl-test"),
+        &dir.path().join("sim-state"),
+        |_| {},
+    )
+    .unwrap();
+    let ark = dir.path().join("sim-ark.der");
+    std::fs::write(&ark, &pki.ark.cert).unwrap();
+    let now = 1_780_272_000;
+    let day = 86_400;
+    let genuine = pki
+        .ark
+        .sign_crl(&[], now - day, Some(now + 7 * day))
+        .unwrap();
+    let forged = pki
+        .ask
+        .sign_crl(&[], now - day, Some(now + 7 * day))
+        .unwrap();
+    std::fs::write(d.with_file_name("genuine.crl"), &genuine).unwrap();
+    std::fs::write(d.with_file_name("forged.crl"), &forged).unwrap();
+    ok(
+        kbs()
+            .args(["init", "--dir"])
+            .arg(&d)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-listen", "none"])
+            .arg("--trust-root")
+            .arg(&ark)
+            .output()
+            .unwrap(),
+        "init",
+    );
+    let base = std::fs::read_to_string(d.join("kbs.toml"))
+        .unwrap()
+        .replace("revocation = \"if_available\"", "revocation = \"require\"");
+    assert!(base.contains("revocation = \"require\""), "{base}");
+    let cfg = d.join("kbs.toml");
+
+    // Required but none configured: it serves, and says what that means.
+    std::fs::write(&cfg, &base).unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut server = start(&cfg, log.clone());
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        log.lock().unwrap().contains("every release will be denied"),
+        "{}",
+        log.lock().unwrap()
+    );
+
+    // A CRL no ARK signed: the broker refuses to start and names the file.
+    std::fs::write(&cfg, format!("{base}crls = [\"../forged.crl\"]\n")).unwrap();
+    let out = kbs()
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("forged.crl") && err.contains("not signed"),
+        "{err}"
+    );
+
+    // A genuine one is loaded.
+    std::fs::write(&cfg, format!("{base}crls = [\"../genuine.crl\"]\n")).unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut server = start(&cfg, log.clone());
+    let _ = server.kill();
+    let _ = server.wait();
+    let l = log.lock().unwrap();
+    assert!(l.contains("CRL loaded") && l.contains("genuine.crl"), "{l}");
+}

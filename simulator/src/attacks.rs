@@ -61,14 +61,18 @@ struct Case {
 
 /// The simulated world the attacks run in: three products, two chips of the tenant's product,
 /// and a rogue hierarchy nobody trusts.
+#[derive(Clone)]
 pub struct Lab {
     milan: Arc<Pki>,
     genoa: Arc<Pki>,
     turin: Arc<Pki>,
     rogue: Arc<Pki>,
-    chip_a: Chip,
-    chip_b: Chip,
-    turin_chip: Chip,
+    chip_a: Arc<Chip>,
+    chip_b: Arc<Chip>,
+    turin_chip: Arc<Chip>,
+    /// What genuine reports carry in REPORT_DATA: [`EXPECTED_REPORT_DATA`] offline, the live
+    /// session's binding when the catalogue runs against a broker.
+    report_data: [u8; 64],
 }
 
 fn good_launch() -> GuestLaunch {
@@ -106,9 +110,10 @@ impl Lab {
             genoa,
             turin,
             rogue,
-            chip_a,
-            chip_b,
-            turin_chip,
+            chip_a: Arc::new(chip_a),
+            chip_b: Arc::new(chip_b),
+            turin_chip: Arc::new(turin_chip),
+            report_data: EXPECTED_REPORT_DATA,
         })
     }
 
@@ -129,7 +134,7 @@ impl Lab {
             measurements: Some(vec![HexBytes(GOOD_MEASUREMENT)]),
             chip_ids: Some(vec![HexBytes(chip.config.chip_id)]),
             host_data: Some(HexBytes(HOST_DATA)),
-            report_data: Some(HexBytes(EXPECTED_REPORT_DATA)),
+            report_data: Some(HexBytes(self.report_data)),
             require_id_block: true,
             trusted_id_keys: vec![HexBytes(TRUSTED_ID_KEY)],
             products: Some(vec![chip.product()]),
@@ -154,7 +159,7 @@ impl Lab {
     /// A genuine report from `chip`, with the body adjusted by `f` before signing.
     fn signed(&self, chip: &Chip, f: impl Fn(&mut ReportBody)) -> Case {
         let g = good_launch();
-        let mut body = chip.report_body(&g, &chip.config.current_tcb, &EXPECTED_REPORT_DATA, 0);
+        let mut body = chip.report_body(&g, &chip.config.current_tcb, &self.report_data, 0);
         f(&mut body);
         let report = chip.sign(&mut body).map(|b| b.to_vec()).unwrap_or_default();
         Case {
@@ -173,13 +178,8 @@ impl Lab {
     }
 
     fn judge(&self, c: &Case) -> Vec<Reason> {
-        let trust_roots = vec![
-            self.milan.ark.cert.clone(),
-            self.genoa.ark.cert.clone(),
-            self.turin.ark.cert.clone(),
-        ];
         let v = Verifier::new(VerifierConfig {
-            trust_roots,
+            trust_roots: self.trust_roots(),
             revocation: c.revocation,
             ..Default::default()
         });
@@ -229,7 +229,80 @@ pub struct Scenario {
     pub name: &'static str,
     pub description: &'static str,
     pub expect: &'static str,
+    /// The reason a key broker gives when it differs from the verifier's: the broker checks
+    /// REPORT_DATA against the session itself (`report_data_mismatch`), not through the policy.
+    pub expect_live: Option<&'static str>,
     build: fn(&Lab) -> Case,
+}
+
+/// One scenario's evidence as a hostile host would send it to a live key broker, and how that
+/// broker must be configured for the scenario to mean what it says.
+#[derive(Clone, Debug)]
+pub struct LiveCase {
+    /// The attestation report (possibly malformed: that is the attack).
+    pub report: Vec<u8>,
+    /// The extended report's certificate table: the signing certificate under the VCEK GUID,
+    /// the ASK and the ARK, as the host supplies them.
+    pub cert_table: Vec<u8>,
+    /// The VM's appraisal policy; its measurements and chip ids belong in the VM's order.
+    /// REPORT_DATA is left out: a broker binds it to the session itself.
+    pub policy: Policy,
+    /// The broker-wide revocation rule and the CRLs it holds.
+    pub revocation: Revocation,
+    pub crls: Vec<Vec<u8>>,
+}
+
+impl LiveCase {
+    fn from_case(c: Case) -> LiveCase {
+        let mut entries = Vec::new();
+        for (guid, der) in [(GUID_VCEK, c.vcek), (GUID_ASK, c.ask), (GUID_ARK, c.ark)] {
+            if !der.is_empty() {
+                entries.push((guid, der));
+            }
+        }
+        let mut policy = c.policy;
+        policy.report_data = None;
+        LiveCase {
+            report: c.report,
+            cert_table: CertTable { entries }.encode(),
+            policy,
+            revocation: c.revocation,
+            crls: c.crls,
+        }
+    }
+}
+
+impl Scenario {
+    /// This scenario's evidence bound to a live session's REPORT_DATA.
+    pub fn live(&self, lab: &Lab, report_data: [u8; 64]) -> LiveCase {
+        let mut l = lab.clone();
+        l.report_data = report_data;
+        LiveCase::from_case((self.build)(&l))
+    }
+
+    /// The reason a live broker must deny this scenario for.
+    pub fn expected_live(&self) -> &'static str {
+        self.expect_live.unwrap_or(self.expect)
+    }
+}
+
+impl Lab {
+    /// The live control: genuine evidence bound to `report_data`, which a correctly configured
+    /// broker must release (or the live catalogue proves nothing).
+    pub fn control_live(&self, report_data: [u8; 64]) -> LiveCase {
+        let mut l = self.clone();
+        l.report_data = report_data;
+        LiveCase::from_case(l.genuine())
+    }
+
+    /// The roots a broker judging the catalogue trusts: the three simulated products' ARKs.
+    pub fn trust_roots(&self) -> Vec<Vec<u8>> {
+        vec![
+            self.milan.ark.cert.clone(),
+            self.genoa.ark.cert.clone(),
+            self.turin.ark.cert.clone(),
+        ]
+    }
 }
 
 fn flip(mut c: Case, at: usize) -> Case {
@@ -265,7 +338,7 @@ fn vlek_signed(l: &Lab, says_vlek: bool) -> Case {
     let mut body = l.chip_a.report_body(
         &good_launch(),
         &l.chip_a.config.current_tcb,
-        &EXPECTED_REPORT_DATA,
+        &l.report_data,
         0,
     );
     if says_vlek {
@@ -294,11 +367,21 @@ fn snp_shifted(l: &Lab, delta: i16) -> u64 {
 /// Every scenario, in order.
 pub fn catalogue() -> Vec<Scenario> {
     macro_rules! s {
+        ($name:literal, $desc:literal, $expect:literal, live: $live:literal, $build:expr) => {
+            Scenario {
+                name: $name,
+                description: $desc,
+                expect: $expect,
+                expect_live: Some($live),
+                build: $build,
+            }
+        };
         ($name:literal, $desc:literal, $expect:literal, $build:expr) => {
             Scenario {
                 name: $name,
                 description: $desc,
                 expect: $expect,
+                expect_live: None,
                 build: $build,
             }
         };
@@ -507,12 +590,14 @@ pub fn catalogue() -> Vec<Scenario> {
             "report-data-unbound",
             "REPORT_DATA does not bind this session's nonce and guest key",
             "field_mismatch",
+            live: "report_data_mismatch",
             |l| l.signed(&l.chip_a, |b| b.report_data = [0; 64])
         ),
         s!(
             "replayed-report",
             "a genuine report from an earlier session (older nonce) is replayed",
             "field_mismatch",
+            live: "report_data_mismatch",
             |l| l.signed(&l.chip_a, |b| b.report_data = [0xe0; 64])
         ),
         s!(
@@ -559,7 +644,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 let mut body = l.chip_a.report_body(
                     &good_launch(),
                     &l.chip_a.config.current_tcb,
-                    &EXPECTED_REPORT_DATA,
+                    &l.report_data,
                     0,
                 );
                 let report = v
@@ -626,8 +711,10 @@ pub fn catalogue() -> Vec<Scenario> {
         ),
         s!(
             "forged-crl",
-            "a CRL not signed by the ARK is offered",
+            "revocation must be checked and the only CRL offered is not signed by the ARK (a \
+             broker refuses to hold it)",
             "crl_invalid",
+            live: "crl_unavailable",
             |l| Case {
                 crls: l
                     .rogue
@@ -635,6 +722,7 @@ pub fn catalogue() -> Vec<Scenario> {
                     .sign_crl(&[], NOW - DAY, Some(NOW + 7 * DAY))
                     .into_iter()
                     .collect(),
+                revocation: Revocation::Require,
                 ..l.genuine()
             }
         ),

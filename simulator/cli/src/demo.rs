@@ -57,8 +57,9 @@ pub struct Summary {
     /// Disks actually activated through device-mapper (0 where it is unavailable, as in sandboxes).
     pub activated: usize,
     pub denied: usize,
+    /// Every attack, each against a live broker over QUIC: the system's own, the protocol
+    /// attacks and the whole catalogue.
     pub attacks: Vec<LiveAttack>,
-    pub offline_attacks: Vec<simulator::attacks::Outcome>,
     pub latencies_ms: Vec<f64>,
 }
 
@@ -89,21 +90,54 @@ pub struct Stack {
     pub operator: Ed25519KeyPair,
 }
 
+/// How to start a broker for [`stack_with`].
+pub struct StackOptions {
+    /// The (simulated) ARKs the broker trusts.
+    pub trust_roots: Vec<Vec<u8>>,
+    pub revocation: Revocation,
+    /// CRLs the broker holds; one that does not verify is refused, as `serve` refuses it.
+    pub crls: Vec<Vec<u8>>,
+    /// The image the offline allowlist approves.
+    pub image: [u8; 48],
+    /// The broker's clock.
+    pub clock: fn() -> u64,
+}
+
 /// Starts a broker in `dir` (SQLite, group commit, QUIC on a loopback port) trusting `root`'s
 /// simulated ARK, with an operator key and an allowlist holding the demo image.
 pub async fn stack(dir: &Path, root: &Pki) -> Result<Stack, String> {
+    stack_with(
+        dir,
+        StackOptions {
+            trust_roots: vec![root.ark.cert.clone()],
+            revocation: Revocation::IfAvailable,
+            crls: Vec::new(),
+            image: IMAGE,
+            clock: now,
+        },
+    )
+    .await
+}
+
+/// Starts a broker in `dir` as `o` says.
+pub async fn stack_with(dir: &Path, o: StackOptions) -> Result<Stack, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let operator = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
     let offline = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
+    let verifier = Verifier::new(VerifierConfig {
+        trust_roots: o.trust_roots,
+        revocation: o.revocation,
+        ..Default::default()
+    });
+    for crl in &o.crls {
+        // A forged CRL is refused here, as `attesta-kbs serve` refuses to start with one.
+        let _ = kbs::service::add_crl(&verifier, crl);
+    }
     let kbs = Arc::new(Kbs::new(
         SqliteStore::open(&dir.join("kbs.db"))
             .await
             .map_err(|x| e(&x))?,
-        Verifier::new(VerifierConfig {
-            trust_roots: vec![root.ark.cert.clone()],
-            revocation: Revocation::IfAvailable,
-            ..Default::default()
-        }),
+        verifier,
         proto::ResponseKey::generate().map_err(|x| e(&x))?,
         Box::new(FileKek::create(&dir.join("kek")).map_err(|x| e(&x))?),
         vec![pk(&operator)],
@@ -112,9 +146,9 @@ pub async fn stack(dir: &Path, root: &Pki) -> Result<Stack, String> {
     let allow = Allowlist {
         v: ORDER_VERSION,
         epoch: 1,
-        measurements: vec![ByteBuf::from(IMAGE.to_vec())],
+        measurements: vec![ByteBuf::from(o.image.to_vec())],
     };
-    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), now())
+    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), (o.clock)())
         .await
         .map_err(|x| e(&x))?;
     let tls = TlsIdentity::generate("kbs.attesta.local")?;
@@ -124,7 +158,7 @@ pub async fn stack(dir: &Path, root: &Pki) -> Result<Stack, String> {
     )
     .map_err(|x| e(&x))?;
     let addr = endpoint.local_addr().map_err(|x| e(&x))?;
-    tokio::spawn(serve(endpoint, kbs.clone(), now));
+    tokio::spawn(serve(endpoint, kbs.clone(), o.clock));
     let broker = Broker {
         addr,
         server_name: "kbs.attesta.local".into(),
@@ -376,85 +410,85 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         .await,
     ));
 
-    // The full catalogue against the verifier and policy.
+    // The whole catalogue, over the wire, against live brokers.
     let lab = simulator::attacks::Lab::from_shared(milan.clone(), genoa, turin, rogue)
         .map_err(|x| e(&x))?;
-    let offline_attacks = lab.run_all();
+    attacks.extend(catalogue_live(dir, &lab).await?);
     Ok(Summary {
         vms,
         unlocked,
         activated,
         denied,
         attacks,
-        offline_attacks,
         latencies_ms: latencies,
     })
 }
 
-/// Attacks on the protocol itself, by a client that speaks it by hand with a genuine guest's
-/// device: evidence replayed on another connection, a spent nonce used again, a nonce issued for
-/// one VM used for another, and an order sent by a guest.
-async fn protocol_attacks(
-    broker: &Broker,
-    vm: &str,
-    guest: &impl snp::device::GuestDevice,
-) -> Result<Vec<LiveAttack>, String> {
-    use guest_agent::client::{client_config, exchange};
-    use proto::msg::{Decision, EXPORTER_LABEL, Request, Response, VERSION, verify_decision};
-    let e = |x: &dyn std::fmt::Display| x.to_string();
-    let ep =
-        quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).map_err(|x| e(&x))?;
-    let connect = || async {
-        let c = ep
+/// A client that speaks the release protocol by hand, as an attacker would: it chooses what
+/// to put in each message instead of following the guest agent's script.
+struct HandClient<'a> {
+    ep: quinn::Endpoint,
+    broker: &'a Broker,
+}
+
+impl<'a> HandClient<'a> {
+    fn new(broker: &'a Broker) -> Result<HandClient<'a>, String> {
+        let ep = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+            .map_err(|x| x.to_string())?;
+        Ok(HandClient { ep, broker })
+    }
+
+    /// A fresh connection and its TLS exporter value.
+    async fn connect(&self) -> Result<(quinn::Connection, [u8; 32]), String> {
+        let e = |x: &dyn std::fmt::Display| x.to_string();
+        let c = self
+            .ep
             .connect_with(
-                client_config(broker).map_err(|x| e(&x))?,
-                broker.addr,
-                &broker.server_name,
+                guest_agent::client::client_config(self.broker).map_err(|x| e(&x))?,
+                self.broker.addr,
+                &self.broker.server_name,
             )
             .map_err(|x| e(&x))?
             .await
             .map_err(|x| e(&x))?;
         let mut x = [0u8; 32];
-        c.export_keying_material(&mut x, EXPORTER_LABEL, b"")
+        c.export_keying_material(&mut x, proto::msg::EXPORTER_LABEL, b"")
             .map_err(|_| "no exporter".to_string())?;
-        Ok::<_, String>((c, x))
-    };
-    let challenge = |c: quinn::Connection, vm: String| async move {
-        match exchange(
-            &c,
+        Ok((c, x))
+    }
+
+    /// A challenge nonce for `vm` on `c`.
+    async fn challenge(&self, c: &quinn::Connection, vm: &str) -> Result<[u8; 32], String> {
+        use proto::msg::{Request, Response, VERSION};
+        let r = guest_agent::client::exchange(
+            c,
             &Request::Challenge {
                 v: VERSION,
-                vm_id: vm,
+                vm_id: vm.into(),
             },
         )
         .await
-        .map_err(|x| e(&x))?
-        {
-            Response::Challenge { nonce, .. } => Ok(nonce),
-            _ => Err("no challenge".to_string()),
+        .map_err(|x| x.to_string())?;
+        match r {
+            Response::Challenge { nonce, .. } => nonce
+                .try_into()
+                .map_err(|_| "nonce of the wrong size".to_string()),
+            _ => Err(format!("{vm}: no challenge")),
         }
-    };
-    let evidence = |vm: &str, nonce: &[u8], exporter: &[u8; 32]| -> Result<Request, String> {
-        let key = proto::GuestKey::generate();
-        let n: [u8; 32] = nonce.try_into().map_err(|_| "nonce".to_string())?;
-        let (report, cert_table) = guest
-            .get_ext_report(&proto::report_data(&n, &key.public(), exporter), 0)
-            .map_err(|x| e(&x))?;
-        Ok(Request::Evidence {
-            v: VERSION,
-            vm_id: vm.into(),
-            nonce: nonce.to_vec(),
-            report,
-            cert_table,
-            guest_public_key: key.public().to_vec(),
-        })
-    };
-    let judge = |name: &'static str,
-                 expected: &'static str,
-                 r: Result<Response, guest_agent::client::ClientError>| {
+    }
+
+    /// What the broker's answer means: denied (and why) or released. A release or denial
+    /// that is not signed by the pinned response key counts as a denial.
+    fn judge(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+        r: Result<proto::msg::Response, ClientError>,
+    ) -> LiveAttack {
+        use proto::msg::{Decision, Response, verify_decision};
         let (denied, reason) = match r {
             Ok(Response::Error { code, .. }) => (true, code),
-            Ok(resp) => match verify_decision(&broker.response_key, &resp) {
+            Ok(resp) => match verify_decision(&self.broker.response_key, &resp) {
                 Ok(Decision::Denial(d)) => (true, d.reasons.join(", ")),
                 Ok(Decision::Release(_)) => (false, "released".to_string()),
                 Err(x) => (true, x.to_string()),
@@ -467,50 +501,203 @@ async fn protocol_attacks(
             reason,
             expected,
         }
+    }
+}
+
+/// Evidence in the protocol's message: `report` and `cert_table` as given, for `vm` and `nonce`,
+/// under the guest key `key`.
+fn evidence_request(
+    vm: &str,
+    nonce: &[u8; 32],
+    key: &proto::GuestKey,
+    report: Vec<u8>,
+    cert_table: Vec<u8>,
+) -> proto::msg::Request {
+    proto::msg::Request::Evidence {
+        v: proto::msg::VERSION,
+        vm_id: vm.into(),
+        nonce: nonce.to_vec(),
+        report,
+        cert_table,
+        guest_public_key: key.public().to_vec(),
+    }
+}
+
+/// Attacks on the protocol itself, by a client that speaks it by hand with a genuine guest's
+/// device: evidence replayed on another connection, a spent nonce used again, a nonce issued for
+/// one VM used for another, and an order sent by a guest.
+async fn protocol_attacks(
+    broker: &Broker,
+    vm: &str,
+    guest: &impl snp::device::GuestDevice,
+) -> Result<Vec<LiveAttack>, String> {
+    use guest_agent::client::exchange;
+    use proto::msg::{Request, VERSION};
+    let hand = HandClient::new(broker)?;
+    let evidence = |vm: &str, nonce: &[u8; 32], exporter: &[u8; 32]| -> Result<Request, String> {
+        let key = proto::GuestKey::generate();
+        let (report, cert_table) = guest
+            .get_ext_report(&proto::report_data(nonce, &key.public(), exporter), 0)
+            .map_err(|x| x.to_string())?;
+        Ok(evidence_request(vm, nonce, &key, report, cert_table))
     };
     let mut out = Vec::new();
     // A genuine report captured on one connection, replayed on another.
-    let (a, xa) = connect().await?;
-    let na = challenge(a.clone(), vm.to_string()).await?;
+    let (a, xa) = hand.connect().await?;
+    let na = hand.challenge(&a, vm).await?;
     let captured = evidence(vm, &na, &xa)?;
     a.close(0u32.into(), b"");
-    let (b, _) = connect().await?;
-    out.push(judge(
+    let (b, _) = hand.connect().await?;
+    out.push(hand.judge(
         "live-evidence-replayed-on-another-connection",
         "report_data_mismatch",
         exchange(&b, &captured).await,
     ));
     // The same evidence twice on its own connection: the first releases, the second must not.
-    let (c, xc) = connect().await?;
-    let nc = challenge(c.clone(), vm.to_string()).await?;
+    let (c, xc) = hand.connect().await?;
+    let nc = hand.challenge(&c, vm).await?;
     let ev = evidence(vm, &nc, &xc)?;
     let _first = exchange(&c, &ev).await;
-    out.push(judge(
+    out.push(hand.judge(
         "live-nonce-used-twice",
         "spent_nonce",
         exchange(&c, &ev).await,
     ));
     // A nonce issued for another VM.
-    let (d, xd) = connect().await?;
-    let nd = challenge(d.clone(), "vm-somebody-else".to_string()).await?;
-    out.push(judge(
+    let (d, xd) = hand.connect().await?;
+    let nd = hand.challenge(&d, "vm-somebody-else").await?;
+    out.push(hand.judge(
         "live-nonce-for-another-vm",
         "nonce_for_another_vm",
         exchange(&d, &evidence(vm, &nd, &xd)?).await,
     ));
     // A guest (no client certificate) sending an order.
-    out.push(judge(
-        "live-order-from-a-guest",
-        "forbidden",
-        exchange(
+    out.push(
+        hand.judge(
+            "live-order-from-a-guest",
+            "forbidden",
+            exchange(
+                &d,
+                &Request::Register {
+                    v: VERSION,
+                    order: b"anything".to_vec(),
+                },
+            )
+            .await,
+        ),
+    );
+    Ok(out)
+}
+
+/// A register order for `vm` carrying `policy`: its measurements and chips as the order's, the
+/// rest as the order's policy document.
+fn order_with_policy(vm: &str, policy: &snp::Policy, now: u64) -> Order {
+    let mut rest = policy.clone();
+    let measurements = rest.measurements.take().unwrap_or_default();
+    let chips = rest.chip_ids.take().unwrap_or_default();
+    Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Register,
+        vm_id: vm.into(),
+        tenant: "tenant-catalogue".into(),
+        measurements: measurements
+            .iter()
+            .map(|m| ByteBuf::from(m.0.to_vec()))
+            .collect(),
+        policy: rest.to_toml(),
+        chip_ids: chips.iter().map(|c| ByteBuf::from(c.0.to_vec())).collect(),
+        not_after: now + 3600,
+        boot_config: ByteBuf::new(),
+    }
+}
+
+/// One catalogue session: registers `vm` with the policy `build` gives, then sends what `build`
+/// makes of the session's REPORT_DATA on a fresh connection.
+async fn session(
+    st: &Stack,
+    hand: &HandClient<'_>,
+    vm: &str,
+    build: impl Fn([u8; 64]) -> simulator::attacks::LiveCase,
+) -> Result<Result<proto::msg::Response, ClientError>, String> {
+    use simulator::attacks::NOW;
+    let order = order_with_policy(vm, &build([0; 64]).policy, NOW).sign(&st.operator);
+    st.kbs
+        .register(&order, NOW)
+        .await
+        .map_err(|x| format!("{vm}: {x}"))?;
+    let (c, x) = hand.connect().await?;
+    let nonce = hand.challenge(&c, vm).await?;
+    let key = proto::GuestKey::generate();
+    let live = build(proto::report_data(&nonce, &key.public(), &x));
+    let r = guest_agent::client::exchange(
+        &c,
+        &evidence_request(vm, &nonce, &key, live.report, live.cert_table),
+    )
+    .await;
+    c.close(0u32.into(), b"");
+    Ok(r)
+}
+
+/// The whole attack catalogue against live brokers. Each scenario's evidence is bound to a real
+/// session (the broker's nonce, a fresh guest key, this connection's TLS exporter) and sent
+/// over QUIC by a hand-driven client, for a VM registered with the scenario's policy, to a
+/// broker configured as the scenario needs (trust roots, revocation rule, CRLs held: one
+/// broker per distinct setting). The brokers run at the catalogue's instant, so its
+/// certificates and CRLs mean what they say. A genuine report must be released first by the
+/// broker most scenarios use, or the denials would prove nothing.
+pub async fn catalogue_live(
+    dir: &Path,
+    lab: &simulator::attacks::Lab,
+) -> Result<Vec<LiveAttack>, String> {
+    use simulator::attacks::{GOOD_MEASUREMENT, NOW, Scenario, catalogue};
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let scenarios = catalogue();
+    type Setting = (Revocation, Vec<Vec<u8>>);
+    let mut groups: Vec<(Setting, Vec<&Scenario>)> = Vec::new();
+    for s in &scenarios {
+        let c = s.live(lab, [0; 64]);
+        let key = (c.revocation, c.crls);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(s),
+            None => groups.push((key, vec![s])),
+        }
+    }
+    let mut out = Vec::new();
+    let mut controlled = false;
+    for (n, ((revocation, crls), members)) in groups.iter().enumerate() {
+        let d = dir.join(format!("catalogue-{n}"));
+        std::fs::create_dir_all(&d).map_err(|x| e(&x))?;
+        let st = stack_with(
             &d,
-            &Request::Register {
-                v: VERSION,
-                order: b"anything".to_vec(),
+            StackOptions {
+                trust_roots: lab.trust_roots(),
+                revocation: *revocation,
+                crls: crls.clone(),
+                image: GOOD_MEASUREMENT,
+                clock: || NOW,
             },
         )
-        .await,
-    ));
+        .await?;
+        let hand = HandClient::new(&st.broker)?;
+        if *revocation == Revocation::IfAvailable && crls.is_empty() {
+            let r = session(&st, &hand, "catalogue-control", |rd| lab.control_live(rd)).await?;
+            let control = hand.judge("catalogue-control", "", r);
+            if control.denied {
+                return Err(format!(
+                    "attack catalogue: the broker denied a genuine report ({}), so its denials prove nothing",
+                    control.reason
+                ));
+            }
+            controlled = true;
+        }
+        for s in members {
+            let r = session(&st, &hand, s.name, |rd| s.live(lab, rd)).await?;
+            out.push(hand.judge(s.name, s.expected_live(), r));
+        }
+    }
+    if !controlled {
+        return Err("attack catalogue: no control case was run".into());
+    }
     Ok(out)
 }
 

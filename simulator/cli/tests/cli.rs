@@ -370,8 +370,41 @@ fn demo_json() {
         "{j}"
     );
     let attacks = j["attacks"].as_array().unwrap();
-    assert!(attacks.len() >= 30 + 7);
+    assert_eq!(j["ok"], true, "{j}");
     assert!(attacks.iter().all(|a| a["denied"] == true), "{j}");
+    // Every attack is denied for the reason it names…
+    for a in attacks {
+        let (reason, expected) = (
+            a["reason"].as_str().unwrap(),
+            a["expected"].as_str().unwrap(),
+        );
+        assert!(!expected.is_empty() && reason.contains(expected), "{a}");
+    }
+    // …and the whole catalogue ran against the live brokers, for the live reasons.
+    let catalogue = simulator::attacks::catalogue();
+    assert!(catalogue.len() >= 46);
+    for s in &catalogue {
+        assert!(
+            attacks
+                .iter()
+                .any(|a| a["name"] == s.name && a["expected"] == s.expected_live()),
+            "{} missing from the live run: {j}",
+            s.name
+        );
+    }
+    for (name, reason) in [
+        ("report-data-unbound", "report_data_mismatch"),
+        ("forged-crl", "crl_unavailable"),
+        ("revoked-vcek", "certificate_revoked"),
+        ("guest-svn-too-low", "guest_svn_too_low"),
+    ] {
+        assert!(
+            attacks
+                .iter()
+                .any(|a| a["name"] == name && a["reason"] == reason),
+            "{name}: {j}"
+        );
+    }
     assert!(attacks.iter().any(|a| a["name"] == "live-moved-to-another-chip" && a["reason"] == "chip_not_allowed"));
     for (name, reason) in [
         (
