@@ -607,6 +607,9 @@ pub fn server_config(
         .map_err(|e| e.to_string())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0; // no 0-RTT on key release
+    // No resumption tickets: each boot is a fresh guest with nothing to resume, and minting two
+    // tickets per connection cost the broker CPU and packets in a boot storm.
+    tls.send_tls13_tickets = 0;
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))

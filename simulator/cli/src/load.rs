@@ -17,6 +17,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 pub struct LoadReport {
     pub vms: usize,
     pub chips: usize,
+    /// Where the broker and the guests ran (empty: shared, unpinned).
+    pub broker_cpus: Vec<usize>,
+    pub guest_cpus: Vec<usize>,
     pub released: usize,
     pub failed: usize,
     pub storm_secs: f64,
@@ -54,25 +57,91 @@ fn median(mut v: Vec<f64>) -> f64 {
     pct(&mut v, 50.0)
 }
 
-/// Runs the storm in `dir`.
-pub async fn run(
+/// Which CPUs the broker and the simulated guests run on. Empty: no pinning (everything shares
+/// every core, the load generator competing with the broker it measures).
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    pub broker: Vec<usize>,
+    pub guests: Vec<usize>,
+}
+
+impl Placement {
+    /// The broker on `broker`, the guests on every other online CPU; `None` when that leaves
+    /// the guests nothing (one CPU): then everything shares.
+    pub fn split(broker: Vec<usize>) -> Result<Placement, String> {
+        let online = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        if let Some(c) = broker.iter().find(|c| **c >= online) {
+            return Err(format!(
+                "--broker-cpus: CPU {c} is not online (0..{online})"
+            ));
+        }
+        let guests: Vec<usize> = (0..online).filter(|c| !broker.contains(c)).collect();
+        if broker.is_empty() || guests.is_empty() {
+            return Ok(Placement::default());
+        }
+        Ok(Placement { broker, guests })
+    }
+
+    pub fn pinned(&self) -> bool {
+        !self.broker.is_empty()
+    }
+}
+
+/// Pins the calling thread to `cpus` (nothing if empty). Threads it creates inherit the mask.
+fn pin(cpus: &[usize]) {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    if cpus.is_empty() {
+        return;
+    }
+    let mut set = CpuSet::new();
+    for c in cpus {
+        let _ = set.set(*c);
+    }
+    let _ = sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+}
+
+/// A multi-threaded runtime whose threads (workers and blocking) run on `cpus`.
+fn runtime(name: &str, cpus: &[usize]) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if !cpus.is_empty() {
+        let cpus = cpus.to_vec();
+        b.worker_threads(cpus.len());
+        b.on_thread_start(move || pin(&cpus));
+    }
+    b.thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Runs the storm in `dir`: the broker's runtime on `place.broker`, the guests' on
+/// `place.guests`, the verifier alone on the broker's CPUs (as many threads as it has).
+pub fn run(
     dir: &Path,
     vms: usize,
     chips: usize,
     milan: Pki,
+    place: &Placement,
     progress: impl Fn(&str),
 ) -> Result<LoadReport, String> {
     let milan = Arc::new(milan);
     let e = |x: &dyn std::fmt::Display| x.to_string();
+    let broker_rt = runtime("kbs", &place.broker)?;
+    let guest_rt = runtime("guest", &place.guests)?;
     let chips: Vec<Arc<Chip>> = (0..chips.max(1))
         .map(|i| Chip::new(milan.clone(), ChipConfig::typical(&milan, i as u64)).map(Arc::new))
         .collect::<Result<_, _>>()
         .map_err(|x| e(&x))?;
+    // The store is opened from this thread while it is on the broker's CPUs, so the SQLite
+    // worker thread it starts inherits them; then this thread moves to drive the guests.
+    pin(&place.broker);
     let Stack {
         kbs,
         broker,
         operator,
-    } = stack(dir, &milan).await?;
+    } = broker_rt.block_on(stack(dir, &milan))?;
     progress(&format!("registering {vms} VMs"));
     for i in 0..vms {
         let o = order(
@@ -80,10 +149,12 @@ pub async fn run(
             i,
             &chips[i % chips.len()].config.chip_id,
         );
-        kbs.register(&o.sign(&operator), now())
-            .await
+        broker_rt
+            .block_on(kbs.register(&o.sign(&operator), now()))
             .map_err(|x| e(&x))?;
     }
+    pin(&place.guests);
+    let _guard = guest_rt.enter();
     // Warm-up: one release, so the chain cache and the connection path are warm as in a fleet.
     // All simulated guests share one client socket (with large buffers, like the broker's).
     let client = quinn::Endpoint::new(
@@ -97,8 +168,8 @@ pub async fn run(
         measurement: IMAGE,
         ..Default::default()
     });
-    let first = fetch_on(&client, &broker, "vm-0", &g0)
-        .await
+    let first = guest_rt
+        .block_on(fetch_on(&client, &broker, "vm-0", &g0))
         .map_err(|x| format!("warm-up: {x}"))?;
 
     // The storm: every VM boots at once.
@@ -114,7 +185,7 @@ pub async fn run(
                 broker.clone(),
                 client.clone(),
             );
-            tokio::spawn(async move {
+            guest_rt.spawn(async move {
                 let g = chip.launch(GuestLaunch {
                     measurement: IMAGE,
                     ..Default::default()
@@ -129,7 +200,7 @@ pub async fn run(
     let mut releases = Vec::with_capacity(vms);
     let mut failed = 0;
     for t in tasks {
-        match t.await {
+        match guest_rt.block_on(t) {
             Ok(Ok((b, r))) => {
                 boots.push(b.as_secs_f64() * 1000.0);
                 releases.push(r.as_secs_f64() * 1000.0);
@@ -148,7 +219,7 @@ pub async fn run(
     let hs: Vec<_> = (0..vms)
         .map(|_| {
             let (broker, client) = (broker.clone(), client.clone());
-            tokio::spawn(async move {
+            guest_rt.spawn(async move {
                 let cfg = guest_agent::client::client_config(&broker).ok()?;
                 let c = client
                     .connect_with(cfg, broker.addr, &broker.server_name)
@@ -162,13 +233,13 @@ pub async fn run(
         .collect();
     let mut handshakes = 0usize;
     for h in hs {
-        if let Ok(Some(())) = h.await {
+        if let Ok(Some(())) = guest_rt.block_on(h) {
             handshakes += 1;
         }
     }
     let handshakes_per_sec = handshakes as f64 / t.elapsed().as_secs_f64();
 
-    // The verifier alone, on the same cores, over the same kind of evidence.
+    // The verifier alone, on the broker's cores, over the same kind of evidence.
     progress("the verifier's own rate");
     let reports: Vec<(Vec<u8>, Vec<u8>)> = (0..vms)
         .map(|i| {
@@ -182,17 +253,22 @@ pub async fn run(
         .map_err(|x| e(&x))?;
     let policy = kbs::service::vm_policy(Some(&order("vm-0", 0, &chips[0].config.chip_id)));
     let verifier = &kbs.verifier;
-    let t = Instant::now();
     let at = now();
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = if place.pinned() {
+        place.broker.len()
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    };
+    let t = Instant::now();
     let ok = std::thread::scope(|s| {
         let handles: Vec<_> = reports
             .chunks(vms.div_ceil(threads).max(1))
             .map(|chunk| {
                 let policy = &policy;
                 s.spawn(move || {
+                    pin(&place.broker);
                     chunk
                         .iter()
                         .filter(|(report, table)| {
@@ -240,8 +316,8 @@ pub async fn run(
     let mut ours = Vec::new();
     for _ in 0..9 {
         let t = Instant::now();
-        let r = fetch_on(&client, &broker, "vm-0", &g0)
-            .await
+        let r = guest_rt
+            .block_on(fetch_on(&client, &broker, "vm-0", &g0))
             .map_err(|x| e(&x))?;
         let key = DiskKey::from_bytes(&r.volume_key).map_err(|x| e(&x))?;
         match luks::unlock(&img, "attesta-load", &key) {
@@ -259,6 +335,8 @@ pub async fn run(
     Ok(LoadReport {
         vms,
         chips: chips.len(),
+        broker_cpus: place.broker.clone(),
+        guest_cpus: place.guests.clone(),
         released: releases.len(),
         failed,
         storm_secs: storm,

@@ -426,3 +426,32 @@ fn demo_json() {
     let p99 = j["release_latency_ms"]["p99"].as_f64().unwrap();
     assert!(p50 > 0.0 && p99 >= p50);
 }
+
+/// `load`: a small storm completes with every VM released, the broker pinned to the CPUs asked
+/// for (guests on the others) when there are two or more, and a CPU that is not online refused.
+#[test]
+fn load_json_places_broker_and_guests() {
+    let (code, out, err) = sim(&["load", "--vms", "20", "--chips", "2", "--json"], &state());
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        (j["released"].as_u64(), j["failed"].as_u64()),
+        (Some(20), Some(0)),
+        "{j}"
+    );
+    assert!(j["releases_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(j["verifier_per_sec"].as_f64().unwrap() > 0.0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if cpus >= 2 {
+        assert_eq!(j["broker_cpus"], serde_json::json!([0]), "{j}");
+        let guests: Vec<u64> = (1..cpus as u64).collect();
+        assert_eq!(j["guest_cpus"], serde_json::json!(guests), "{j}");
+    } else {
+        assert_eq!(j["broker_cpus"], serde_json::json!([]), "{j}");
+    }
+    let (code, _, err) = sim(&["load", "--vms", "2", "--broker-cpus", "4096"], &state());
+    assert_ne!(code, 0);
+    assert!(err.contains("not online"), "{err}");
+}
