@@ -383,6 +383,41 @@ pub struct LaunchSpec<'a> {
     pub guest_features: u64,
 }
 
+/// What a measurement command line names: files, the VM shape, and the guest features as hex.
+pub struct LaunchFiles<'a> {
+    pub ovmf: &'a std::path::Path,
+    pub kernel: Option<&'a std::path::Path>,
+    pub initrd: Option<&'a std::path::Path>,
+    pub append: Option<&'a str>,
+    pub vcpus: u32,
+    pub vcpu_type: &'a str,
+    pub guest_features: &'a str,
+}
+
+/// Reads the files and computes their launch digest; errors say which input was wrong. Shared
+/// by `attesta-sim measure` and `attesta-host measure`, whose output must be identical.
+pub fn digest_of_files(f: &LaunchFiles<'_>) -> Result<[u8; 48], String> {
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
+    };
+    let ovmf = read(f.ovmf, "OVMF")?;
+    let kernel = f.kernel.map(|p| read(p, "kernel")).transpose()?;
+    let initrd = f.initrd.map(|p| read(p, "initrd")).transpose()?;
+    let t = f.guest_features.trim();
+    let guest_features = u64::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
+        .map_err(|e| format!("--guest-features {:?}: {e}", f.guest_features))?;
+    let spec = LaunchSpec {
+        ovmf: &ovmf,
+        kernel: kernel.as_deref(),
+        initrd: initrd.as_deref(),
+        cmdline: f.append,
+        vcpus: f.vcpus,
+        vcpu_sig: vcpu_sig(f.vcpu_type).map_err(|e| format!("--vcpu-type: {e}"))?,
+        guest_features,
+    };
+    launch_digest(&spec).map_err(|e| format!("{}: {e}", f.ovmf.display()))
+}
+
 /// The launch digest (MEASUREMENT) the firmware will report for this launch.
 pub fn launch_digest(spec: &LaunchSpec<'_>) -> Result<[u8; 48], MeasureError> {
     if spec.vcpus == 0 {

@@ -453,26 +453,15 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
 }
 
 fn measure(a: &MeasureArgs) -> Result<(), String> {
-    use simulator::measure::{LaunchSpec, launch_digest, vcpu_sig};
-    let read = |p: &Path, what: &str| {
-        std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
-    };
-    let ovmf = read(&a.ovmf, "OVMF")?;
-    let kernel = a.kernel.as_deref().map(|p| read(p, "kernel")).transpose()?;
-    let initrd = a.initrd.as_deref().map(|p| read(p, "initrd")).transpose()?;
-    let t = a.guest_features.trim();
-    let guest_features = u64::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
-        .map_err(|e| format!("--guest-features: {e}"))?;
-    let spec = LaunchSpec {
-        ovmf: &ovmf,
-        kernel: kernel.as_deref(),
-        initrd: initrd.as_deref(),
-        cmdline: a.append.as_deref(),
+    let d = simulator::measure::digest_of_files(&simulator::measure::LaunchFiles {
+        ovmf: &a.ovmf,
+        kernel: a.kernel.as_deref(),
+        initrd: a.initrd.as_deref(),
+        append: a.append.as_deref(),
         vcpus: a.vcpus,
-        vcpu_sig: vcpu_sig(&a.vcpu_type).map_err(|e| e.to_string())?,
-        guest_features,
-    };
-    let d = launch_digest(&spec).map_err(|e| format!("{}: {e}", a.ovmf.display()))?;
+        vcpu_type: &a.vcpu_type,
+        guest_features: &a.guest_features,
+    })?;
     println!("{}", hex::encode(d));
     Ok(())
 }

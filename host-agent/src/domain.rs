@@ -1,0 +1,297 @@
+//! The libvirt domain XML of an SEV-SNP VM, as a pure function of a checked spec and the
+//! platform's SEV parameters. Every value is escaped; nothing is read from the machine here.
+
+use crate::spec::Checked;
+use base64::Engine;
+use std::fmt::Write;
+
+/// The XML namespace of the agent's metadata element: how it finds its own domains again.
+pub const METADATA_NS: &str = "urn:attesta:host:1";
+
+/// Where the C-bit sits in a page-table entry and how many physical address bits SEV takes:
+/// from the driver's domain capabilities, or configured where the driver cannot tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SevParams {
+    pub cbitpos: u32,
+    pub reduced_phys_bits: u32,
+}
+
+/// Escapes text for XML element content and single- or double-quoted attributes.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn path(p: &std::path::Path) -> String {
+    escape(&p.to_string_lossy())
+}
+
+/// The domain XML `attesta-host` defines for `c`.
+pub fn domain_xml(c: &Checked, sev: SevParams) -> String {
+    let s = &c.spec;
+    let mut x = String::new();
+    // `write!` to a String cannot fail.
+    let _ = writeln!(x, "<domain type='kvm'>");
+    let _ = writeln!(x, "  <name>{}</name>", escape(&c.domain_name()));
+    let _ = writeln!(x, "  <metadata>");
+    let _ = writeln!(
+        x,
+        "    <attesta:vm xmlns:attesta='{METADATA_NS}'><attesta:id>{}</attesta:id></attesta:vm>",
+        escape(&s.vm_id)
+    );
+    let _ = writeln!(x, "  </metadata>");
+    let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", s.memory_mib);
+    // SEV-SNP guest memory comes from memfd (guest_memfd for the private part).
+    let _ = writeln!(
+        x,
+        "  <memoryBacking>\n    <source type='memfd'/>\n  </memoryBacking>"
+    );
+    let _ = writeln!(x, "  <vcpu placement='static'>{}</vcpu>", s.vcpus);
+    if let Some(p) = s.limits.cpu_percent {
+        let period: u64 = 100_000;
+        let _ = writeln!(
+            x,
+            "  <cputune>\n    <global_period>{period}</global_period>\n    <global_quota>{}</global_quota>\n  </cputune>",
+            period * u64::from(p) / 100
+        );
+    }
+    let _ = writeln!(x, "  <os>");
+    let _ = writeln!(x, "    <type arch='x86_64' machine='q35'>hvm</type>");
+    let _ = writeln!(
+        x,
+        "    <loader type='rom' stateless='yes'>{}</loader>",
+        path(&s.boot.ovmf)
+    );
+    if let Some(k) = &s.boot.kernel {
+        let _ = writeln!(x, "    <kernel>{}</kernel>", path(k));
+        if let Some(i) = &s.boot.initrd {
+            let _ = writeln!(x, "    <initrd>{}</initrd>", path(i));
+        }
+        if let Some(cmd) = &s.boot.cmdline {
+            let _ = writeln!(x, "    <cmdline>{}</cmdline>", escape(cmd));
+        }
+    }
+    let _ = writeln!(x, "  </os>");
+    let _ = writeln!(x, "  <features>\n    <acpi/>\n    <apic/>\n  </features>");
+    let _ = writeln!(
+        x,
+        "  <cpu mode='custom' match='exact' check='none'>\n    <model fallback='forbid'>{}</model>\n  </cpu>",
+        escape(&s.vcpu_type)
+    );
+    let _ = writeln!(x, "  <clock offset='utc'/>");
+    let _ = writeln!(x, "  <on_poweroff>destroy</on_poweroff>");
+    let _ = writeln!(x, "  <on_reboot>restart</on_reboot>");
+    let _ = writeln!(x, "  <on_crash>destroy</on_crash>");
+    let _ = writeln!(x, "  <devices>");
+    // virtio devices of an SEV guest DMA through bounce buffers: iommu='on'.
+    let _ = writeln!(x, "    <disk type='file' device='disk'>");
+    let _ = writeln!(
+        x,
+        "      <driver name='qemu' type='raw' cache='none' iommu='on'/>"
+    );
+    let _ = writeln!(x, "      <source file='{}'/>", path(&s.disk.path));
+    let _ = writeln!(x, "      <target dev='vda' bus='virtio'/>");
+    if s.limits.disk_iops.is_some() || s.limits.disk_bytes_per_sec.is_some() {
+        let _ = writeln!(x, "      <iotune>");
+        if let Some(b) = s.limits.disk_bytes_per_sec {
+            let _ = writeln!(x, "        <total_bytes_sec>{b}</total_bytes_sec>");
+        }
+        if let Some(i) = s.limits.disk_iops {
+            let _ = writeln!(x, "        <total_iops_sec>{i}</total_iops_sec>");
+        }
+        let _ = writeln!(x, "      </iotune>");
+    }
+    let _ = writeln!(x, "    </disk>");
+    if let Some(n) = &s.network {
+        let _ = writeln!(x, "    <interface type='network'>");
+        let _ = writeln!(x, "      <source network='{}'/>", escape(n));
+        let _ = writeln!(x, "      <model type='virtio'/>");
+        let _ = writeln!(x, "      <driver iommu='on'/>");
+        if let Some(k) = s.limits.net_kib_per_sec {
+            let _ = writeln!(
+                x,
+                "      <bandwidth>\n        <inbound average='{k}'/>\n        <outbound average='{k}'/>\n      </bandwidth>"
+            );
+        }
+        let _ = writeln!(x, "    </interface>");
+    }
+    let _ = writeln!(
+        x,
+        "    <serial type='pty'>\n      <target port='0'/>\n    </serial>"
+    );
+    let _ = writeln!(
+        x,
+        "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>"
+    );
+    if let Some(cid) = s.vsock_cid {
+        let _ = writeln!(
+            x,
+            "    <vsock model='virtio'>\n      <cid auto='no' address='{cid}'/>\n      <driver iommu='on'/>\n    </vsock>"
+        );
+    }
+    // No balloon: an SEV-SNP guest's memory cannot be shared back to the host that way.
+    let _ = writeln!(x, "    <memballoon model='none'/>");
+    let _ = writeln!(x, "  </devices>");
+    let _ = writeln!(
+        x,
+        "  <launchSecurity type='sev-snp'{}>",
+        if s.boot.kernel.is_some() {
+            " kernelHashes='yes'"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(x, "    <cbitpos>{}</cbitpos>", sev.cbitpos);
+    let _ = writeln!(
+        x,
+        "    <reducedPhysBits>{}</reducedPhysBits>",
+        sev.reduced_phys_bits
+    );
+    let _ = writeln!(x, "    <policy>0x{:08x}</policy>", c.policy);
+    if let Some(h) = &c.host_data {
+        let _ = writeln!(
+            x,
+            "    <hostData>{}</hostData>",
+            base64::engine::general_purpose::STANDARD.encode(h)
+        );
+    }
+    let _ = writeln!(x, "  </launchSecurity>");
+    let _ = writeln!(x, "</domain>");
+    x
+}
+
+/// The VM id in a domain's metadata element, if it is one of ours. `virDomainGetMetadata`
+/// selects the element by [`METADATA_NS`] and returns it with the namespace stripped; an
+/// element still carrying a namespace must carry ours.
+pub fn vm_id_from_metadata(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let root = doc.root_element();
+    let ns = root.tag_name().namespace();
+    if !matches!(ns, None | Some(METADATA_NS)) || root.tag_name().name() != "vm" {
+        return None;
+    }
+    root.children()
+        .find(|n| n.tag_name().name() == "id" && n.tag_name().namespace() == ns)
+        .and_then(|n| n.text())
+        .map(str::to_string)
+        .filter(|id| crate::spec::valid_vm_id(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::VmSpec;
+    use proptest::prelude::*;
+
+    const SEV: SevParams = SevParams {
+        cbitpos: 51,
+        reduced_phys_bits: 1,
+    };
+
+    fn example() -> Checked {
+        VmSpec::parse(include_str!("../../examples/vm.toml")).unwrap()
+    }
+
+    #[test]
+    fn the_example_has_every_part() {
+        let x = domain_xml(&example(), SEV);
+        let doc = roxmltree::Document::parse(&x).unwrap();
+        let find = |name: &str| {
+            doc.descendants()
+                .find(|n| n.tag_name().name() == name)
+                .unwrap_or_else(|| panic!("no <{name}> in {x}"))
+        };
+        let ls = find("launchSecurity");
+        assert_eq!(ls.attribute("type"), Some("sev-snp"));
+        assert_eq!(ls.attribute("kernelHashes"), Some("yes"));
+        assert_eq!(find("policy").text(), Some("0x00030000"));
+        assert_eq!(find("cbitpos").text(), Some("51"));
+        assert_eq!(
+            find("hostData").text(),
+            Some(
+                base64::engine::general_purpose::STANDARD
+                    .encode([0x4a; 32])
+                    .as_str()
+            )
+        );
+        assert_eq!(
+            find("cmdline").text(),
+            Some("console=ttyS0 root=/dev/mapper/attesta-root ro")
+        );
+        assert_eq!(find("source").attribute("type"), Some("memfd"));
+        assert_eq!(find("global_quota").text(), Some("200000"));
+        assert_eq!(find("total_iops_sec").text(), Some("5000"));
+        assert_eq!(find("cid").attribute("address"), Some("107"));
+        assert_eq!(find("memballoon").attribute("model"), Some("none"));
+        assert_eq!(find("model").text(), Some("EPYC-Milan"));
+    }
+
+    #[test]
+    fn without_a_kernel_there_are_no_kernel_hashes() {
+        let mut c = example();
+        c.spec.boot.kernel = None;
+        c.spec.boot.initrd = None;
+        c.spec.boot.cmdline = None;
+        let x = domain_xml(&c, SEV);
+        assert!(
+            !x.contains("kernelHashes") && !x.contains("<kernel>"),
+            "{x}"
+        );
+    }
+
+    #[test]
+    fn metadata_is_found_only_in_our_namespace() {
+        let ours = format!(
+            "<attesta:vm xmlns:attesta='{METADATA_NS}'><attesta:id>vm-7</attesta:id></attesta:vm>"
+        );
+        assert_eq!(vm_id_from_metadata(&ours).as_deref(), Some("vm-7"));
+        // As libvirt returns it: namespace stripped.
+        assert_eq!(
+            vm_id_from_metadata("<vm>\n  <id>vm-7</id>\n</vm>").as_deref(),
+            Some("vm-7")
+        );
+        assert_eq!(vm_id_from_metadata("<other><id>vm-7</id></other>"), None);
+        let theirs = "<x:vm xmlns:x='urn:other'><x:id>vm-7</x:id></x:vm>";
+        assert_eq!(vm_id_from_metadata(theirs), None);
+        let bad = format!(
+            "<attesta:vm xmlns:attesta='{METADATA_NS}'><attesta:id>../x</attesta:id></attesta:vm>"
+        );
+        assert_eq!(vm_id_from_metadata(&bad), None);
+        assert_eq!(vm_id_from_metadata("<not xml"), None);
+    }
+
+    proptest! {
+        /// Whatever a command line, path or network name holds (XML metacharacters, quotes,
+        /// any non-control text), the XML parses and carries it back unchanged.
+        #[test]
+        fn values_are_escaped(
+            cmdline in "[^\\p{Cc}]{0,80}",
+            net in "[^\\p{Cc}]{1,30}",
+            file in "[^\\p{Cc}/]{1,30}",
+        ) {
+            let mut c = example();
+            c.spec.boot.cmdline = Some(cmdline.clone());
+            c.spec.network = Some(net.clone());
+            c.spec.disk.path = std::path::PathBuf::from(format!("/d/{file}"));
+            let c = c.spec.check().unwrap();
+            let x = domain_xml(&c, SEV);
+            let doc = roxmltree::Document::parse(&x).unwrap();
+            let text = |name: &str| doc.descendants().find(|n| n.tag_name().name() == name).and_then(|n| n.text()).unwrap_or("").to_string();
+            prop_assert_eq!(text("cmdline"), cmdline);
+            let src = doc.descendants().filter(|n| n.tag_name().name() == "source").filter_map(|n| n.attribute("network")).next().unwrap_or("");
+            prop_assert_eq!(src, net.as_str());
+            let disk = doc.descendants().filter(|n| n.tag_name().name() == "source").filter_map(|n| n.attribute("file")).next().unwrap_or("");
+            prop_assert_eq!(disk, format!("/d/{file}"));
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The IO shell over libvirt (the `virt` crate): defines, starts, stops, reboots and
+//! terminates SEV-SNP domains, asking [`crate::lifecycle`] first; finds its own domains again
+//! after a restart by the metadata element it writes into each.
+
+use crate::caps::{self, CapsError};
+use crate::domain::{self, METADATA_NS, SevParams};
+use crate::lifecycle::{self, Action, InvalidTransition, State};
+use crate::spec::{Checked, SpecError, domain_name};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+/// Why a host operation failed. Nothing was changed unless the variant says so.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("libvirt {op}: {why}")]
+    Libvirt { op: &'static str, why: String },
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Caps(#[from] CapsError),
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
+    #[error("VM {0} is already defined on this host")]
+    Exists(String),
+    #[error("no VM {0} on this host")]
+    Unknown(String),
+    #[error("disk {path}: {why}")]
+    Disk { path: PathBuf, why: String },
+}
+
+fn lv(op: &'static str) -> impl Fn(virt::error::Error) -> HostError {
+    move |e| HostError::Libvirt {
+        op,
+        why: e.to_string(),
+    }
+}
+
+/// One of the agent's VMs as libvirt has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vm {
+    pub vm_id: String,
+    pub domain: String,
+    pub state: State,
+}
+
+/// A libvirt connection and the platform's SEV parameters.
+pub struct Host {
+    conn: Connect,
+    sev: SevParams,
+    /// How long a graceful shutdown may take before the domain is destroyed.
+    pub stop_grace: Duration,
+}
+
+/// The first bytes of a disk overwritten at terminate: the whole LUKS2 header and keyslot
+/// area at cryptsetup's defaults, so no keyslot survives even before the file is removed.
+const WIPE_BYTES: u64 = 16 << 20;
+
+impl Host {
+    /// Connects to `uri` (`qemu:///system` on a miner; `test:///default` in tests) and settles
+    /// the SEV parameters from the driver's domain capabilities and `configured`.
+    pub fn open(uri: &str, configured: Option<SevParams>) -> Result<Host, HostError> {
+        // Errors are returned as values; libvirt's default handler would also print them.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(lv("connect"))?;
+        let caps_xml = conn
+            .domain_capabilities(None, Some("x86_64"), None, None, 0)
+            .or_else(|_| conn.domain_capabilities(None, None, None, None, 0))
+            .map_err(lv("domain capabilities"))?;
+        let sev = caps::settle(caps::reported(&caps_xml)?, configured)?;
+        Ok(Host {
+            conn,
+            sev,
+            stop_grace: Duration::from_secs(60),
+        })
+    }
+
+    pub fn sev(&self) -> SevParams {
+        self.sev
+    }
+
+    fn lookup(&self, vm_id: &str) -> Result<Domain, HostError> {
+        let d = self
+            .conn
+            .lookup_domain_by_name(&domain_name(vm_id))
+            .map_err(|_| HostError::Unknown(vm_id.into()))?;
+        // Only a domain carrying our metadata for this id is ours to touch.
+        match self.vm_id_of(&d) {
+            Some(id) if id == vm_id => Ok(d),
+            _ => Err(HostError::Unknown(vm_id.into())),
+        }
+    }
+
+    fn vm_id_of(&self, d: &Domain) -> Option<String> {
+        d.metadata(
+            virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(METADATA_NS),
+            0,
+        )
+        .ok()
+        .and_then(|x| domain::vm_id_from_metadata(&x))
+    }
+
+    fn state_of(d: &Domain) -> Result<State, HostError> {
+        Ok(if d.is_active().map_err(lv("state"))? {
+            State::Running
+        } else {
+            State::Stopped
+        })
+    }
+
+    /// Defines the VM (blank disk created first); it is then stopped.
+    pub fn create(&self, c: &Checked) -> Result<Vm, HostError> {
+        let name = c.domain_name();
+        if self.conn.lookup_domain_by_name(&name).is_ok() {
+            return Err(HostError::Exists(c.spec.vm_id.clone()));
+        }
+        blank_disk(&c.spec.disk.path, c.spec.disk.size_gib)?;
+        let xml = domain::domain_xml(c, self.sev);
+        if let Err(e) = self.conn.define_domain_xml(&xml) {
+            let _ = std::fs::remove_file(&c.spec.disk.path);
+            return Err(lv("define")(e));
+        }
+        Ok(Vm {
+            vm_id: c.spec.vm_id.clone(),
+            domain: name,
+            state: State::Stopped,
+        })
+    }
+
+    /// Every VM of the agent's on this connection (how it re-adopts them after a restart).
+    pub fn list(&self) -> Result<Vec<Vm>, HostError> {
+        let mut out = Vec::new();
+        for d in self.conn.list_all_domains(0).map_err(lv("list"))? {
+            if let Some(vm_id) = self.vm_id_of(&d) {
+                out.push(Vm {
+                    domain: d.name().map_err(lv("name"))?,
+                    state: Host::state_of(&d)?,
+                    vm_id,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        Ok(out)
+    }
+
+    pub fn state(&self, vm_id: &str) -> Result<State, HostError> {
+        Host::state_of(&self.lookup(vm_id)?)
+    }
+
+    /// Applies `action` if the lifecycle allows it from the domain's current state.
+    pub fn act(&self, vm_id: &str, action: Action) -> Result<State, HostError> {
+        let d = self.lookup(vm_id)?;
+        let now = Host::state_of(&d)?;
+        let next = lifecycle::next(now, action)?;
+        match action {
+            Action::Start => d.create().map(|_| ()).map_err(lv("start"))?,
+            Action::Reboot => d.reboot(0).map_err(lv("reboot"))?,
+            Action::Stop => self.stop(&d)?,
+            Action::Terminate => self.terminate(&d, now)?,
+        }
+        Ok(next)
+    }
+
+    fn stop(&self, d: &Domain) -> Result<(), HostError> {
+        d.shutdown().map_err(lv("shutdown"))?;
+        let t = Instant::now();
+        while d.is_active().map_err(lv("state"))? {
+            if t.elapsed() >= self.stop_grace {
+                return d.destroy().map_err(lv("destroy"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Destroy, undefine, wipe the disk. The caller has checked the operator's terminate order
+    /// and relays it to the broker, which shreds the key.
+    fn terminate(&self, d: &Domain, now: State) -> Result<(), HostError> {
+        let xml = d.xml_desc(0).map_err(lv("dumpxml"))?;
+        if now == State::Running {
+            d.destroy().map_err(lv("destroy"))?;
+        }
+        d.undefine().map_err(lv("undefine"))?;
+        if let Some(disk) = disk_path(&xml) {
+            wipe(&disk)?;
+        }
+        Ok(())
+    }
+}
+
+/// The file of the domain's first disk.
+fn disk_path(domain_xml: &str) -> Option<PathBuf> {
+    let doc = roxmltree::Document::parse(domain_xml).ok()?;
+    doc.descendants()
+        .find(|n| n.tag_name().name() == "disk" && n.attribute("device") == Some("disk"))?
+        .children()
+        .find(|n| n.tag_name().name() == "source")?
+        .attribute("file")
+        .map(PathBuf::from)
+}
+
+/// A blank raw image of `gib` GiB by `qemu-img create` (sparse), mode 0600; refuses to reuse
+/// an existing file (it may hold another VM's data).
+fn blank_disk(path: &Path, gib: u64) -> Result<(), HostError> {
+    let err = |why: String| HostError::Disk {
+        path: path.into(),
+        why,
+    };
+    if path.exists() {
+        return Err(err(
+            "already exists (refusing to reuse another VM's disk)".into()
+        ));
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg(format!("{gib}G"))
+        .output()
+        .map_err(|e| err(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(err(format!(
+            "qemu-img create: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(e.to_string()))
+}
+
+/// Overwrites the LUKS2 header area with zeros, syncs, removes the file.
+fn wipe(path: &Path) -> Result<(), HostError> {
+    use std::io::{Seek, Write};
+    let err = |why: String| HostError::Disk {
+        path: path.into(),
+        why,
+    };
+    let mut f = match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(e.to_string())),
+    };
+    let len = f.metadata().map_err(|e| err(e.to_string()))?.len();
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = len.min(WIPE_BYTES);
+    f.seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| err(e.to_string()))?;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n]).map_err(|e| err(e.to_string()))?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(|e| err(e.to_string()))?;
+    std::fs::remove_file(path).map_err(|e| err(e.to_string()))
+}
