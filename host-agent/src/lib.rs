@@ -20,3 +20,4 @@ pub mod domain;
 pub mod host;
 pub mod lifecycle;
 pub mod spec;
+pub mod usage;
