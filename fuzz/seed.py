@@ -32,6 +32,7 @@ def table(certs):
 
 put("policy", "example.toml", (root.parent / "examples" / "policy.toml").read_bytes())
 put("cert_table", "empty", b"\0" * 24)
+put("host_spec", "vm.toml", (root.parent / "examples" / "vm.toml").read_bytes())
 ovmf = pathlib.Path("/usr/share/ovmf/OVMF.fd")
 if ovmf.is_file():
     # The last pages carry the footer table and SEV metadata the parser reads.
