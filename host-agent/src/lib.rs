@@ -15,6 +15,7 @@
 //! launch, metering and billing to the chain.
 #![forbid(unsafe_code)]
 
+pub mod billing;
 pub mod caps;
 pub mod domain;
 pub mod host;

@@ -1,0 +1,296 @@
+//! Billing against a real Substrate runtime, offline: Chopsticks serves Rococo Asset Hub's
+//! chain spec on loopback (see ../shared/CHAIN-TESTING.md and tests/chain/). That runtime has no
+//! billing pallet, so records go as `System.remark_with_event(document)` and the chain's
+//! `System.Remarked` hash (blake2_256 of the document) is checked — exactly once per
+//! (period, account), across a crash before sending and a crash after sending.
+
+use host_agent::billing::{BillingError, CallKind, Enqueued, Outbox, State, Submitter};
+use host_agent::usage::{Event, HOUR, Meter, Terms, UsageDoc};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Chopsticks process on a free loopback port, killed on drop.
+struct Chain {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn chain_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/chain")
+}
+
+fn rpc_ready(port: u16) -> bool {
+    let body = r#"{"id":1,"jsonrpc":"2.0","method":"system_chain","params":[]}"#;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains("\"result\"")
+}
+
+impl Chain {
+    /// Starts Chopsticks, or `None` (skip) where it is not installed and CI is not set.
+    fn start() -> Option<Chain> {
+        let dir = chain_dir();
+        let bin = dir.join("node_modules/.bin/chopsticks");
+        if !bin.exists() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "Chopsticks is required when CI=true (cd tests/chain && npm ci --ignore-scripts)"
+            );
+            eprintln!("SKIP: Chopsticks not installed (cd tests/chain && npm ci --ignore-scripts)");
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = tmp.path().join("rah.json");
+        let st = Command::new("node")
+            .current_dir(&dir)
+            .args([
+                "-e",
+                "const {chainSpec}=require('@substrate/connect-known-chains/rococo_v2_2_asset_hub');\
+                 require('fs').writeFileSync(process.argv[1], chainSpec)",
+            ])
+            .arg(&spec)
+            .status()
+            .unwrap();
+        assert!(st.success(), "writing the chain spec");
+        let accounts = tmp.path().join("accounts.yml");
+        std::fs::write(
+            &accounts,
+            "System:\n  Account:\n    - - - 5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY\n      - providers: 1\n        data:\n          free: '1000000000000000000'\n",
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&bin)
+            .current_dir(&dir)
+            .arg("--genesis")
+            .arg(&spec)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--build-block-mode", "Instant", "--import-storage"])
+            .arg(&accounts)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let chain = Chain {
+            child,
+            port,
+            _dir: tmp,
+        };
+        let t = Instant::now();
+        while !rpc_ready(port) {
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "Chopsticks did not start"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Some(chain)
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Two hours of two accounts' VMs: four documents.
+fn documents() -> Vec<UsageDoc> {
+    let mut m = Meter::new();
+    let h = 495_000 * HOUR;
+    for (vm, account, rate, at) in [
+        (
+            "vm-1",
+            "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY",
+            1_200u128,
+            h + 100,
+        ),
+        (
+            "vm-2",
+            "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty",
+            9_000u128,
+            h + 1_800,
+        ),
+    ] {
+        m.record(&Event::Started {
+            vm_id: vm.into(),
+            terms: Terms {
+                account: account.into(),
+                rate_per_hour: rate,
+            },
+            at,
+        })
+        .unwrap();
+    }
+    let mut docs = m.close_hour();
+    docs.extend(m.close_hour());
+    assert_eq!(docs.len(), 4);
+    docs
+}
+
+/// Every `System.Remarked` hash on the chain, in order.
+async fn remarked_hashes(url: &str) -> Vec<[u8; 32]> {
+    let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(url)
+        .await
+        .unwrap();
+    let latest = api.at_current_block().await.unwrap().block_number();
+    let mut out = Vec::new();
+    for n in 1..=latest {
+        let at = api.at_block(n).await.unwrap();
+        let events = at.events().fetch().await.unwrap();
+        for ev in events.iter() {
+            let ev = ev.unwrap();
+            if ev.pallet_name() == "System" && ev.event_name() == "Remarked" {
+                // Remarked { sender: AccountId32, hash: H256 }
+                let f = ev.field_bytes();
+                assert_eq!(f.len(), 64);
+                out.push(f[32..].try_into().unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reaches_the_chain_exactly_once_across_crashes() {
+    let Some(chain) = Chain::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let docs = documents();
+
+    let outbox = Outbox::open(&db).await.unwrap();
+    for d in &docs {
+        assert_eq!(outbox.enqueue(d).await.unwrap(), Enqueued::New);
+        assert_eq!(outbox.enqueue(d).await.unwrap(), Enqueued::AlreadyRecorded);
+    }
+    // Never a different hash for a period already recorded.
+    let mut forged = docs[0].clone();
+    forged.json.push(' ');
+    forged.hash = [7; 32];
+    assert!(matches!(
+        outbox.enqueue(&forged).await,
+        Err(BillingError::HashConflict { .. })
+    ));
+
+    // Crash 1: the first record is signed and committed, then the agent dies before sending.
+    let sub = Submitter::connect(&chain.url(), "//Alice", CallKind::Remark)
+        .await
+        .unwrap();
+    let first = sub.sign_next(&outbox).await.unwrap().unwrap();
+    drop(sub);
+    drop(outbox);
+
+    // Crash 2: after a restart the second record is signed, sent and finalized, and the agent
+    // dies before marking it done.
+    let outbox = Outbox::open(&db).await.unwrap();
+    let sub = Submitter::connect(&chain.url(), "//Alice", CallKind::Remark)
+        .await
+        .unwrap();
+    assert!(matches!(
+        outbox.records().await.unwrap()[0].state,
+        State::Signed { .. }
+    ));
+    // (The first record's stored transaction is sent first, as a drain would.)
+    assert_eq!(
+        sub.send_signed(&outbox, first.0, &first.1).await.unwrap(),
+        State::Done
+    );
+    let second = sub.sign_next(&outbox).await.unwrap().unwrap();
+    let tx = outbox
+        .stored_tx(second.0, &second.1)
+        .await
+        .unwrap()
+        .unwrap();
+    let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(chain.url())
+        .await
+        .unwrap();
+    api.at_current_block()
+        .await
+        .unwrap()
+        .transactions()
+        .from_bytes(tx)
+        .submit_and_watch()
+        .await
+        .unwrap()
+        .wait_for_finalized_success()
+        .await
+        .unwrap();
+    drop(sub);
+    drop(outbox);
+
+    // Restart: the drain confirms the second by its consumed nonce (not sent again) and
+    // submits the other two.
+    let outbox = Outbox::open(&db).await.unwrap();
+    let sub = Submitter::connect(&chain.url(), "//Alice", CallKind::Remark)
+        .await
+        .unwrap();
+    let d = sub.drain(&outbox).await.unwrap();
+    assert_eq!(
+        (d.confirmed, d.submitted, d.failed, d.deferred),
+        (1, 2, 0, 0),
+        "{d:?}"
+    );
+    assert!(
+        outbox
+            .records()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.state == State::Done)
+    );
+    assert_eq!(
+        sub.drain(&outbox).await.unwrap(),
+        Default::default(),
+        "nothing left"
+    );
+
+    // On chain: each document's hash exactly once, nothing else.
+    let mut on_chain = remarked_hashes(&chain.url()).await;
+    let mut expected: Vec<[u8; 32]> = docs
+        .iter()
+        .map(|d| sp_crypto_hashing::blake2_256(d.json.as_bytes()))
+        .collect();
+    on_chain.sort();
+    expected.sort();
+    assert_eq!(on_chain, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_runtime_lacks_is_refused_before_signing() {
+    let Some(chain) = Chain::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&dir.path().join("outbox.db")).await.unwrap();
+    outbox.enqueue(&documents()[0]).await.unwrap();
+    let sub = Submitter::connect(&chain.url(), "//Alice", CallKind::default())
+        .await
+        .unwrap();
+    let e = sub.sign_next(&outbox).await.unwrap_err();
+    assert!(
+        matches!(&e, BillingError::Call(name, _) if name == "Marketplace.submit_compute_usage"),
+        "{e}"
+    );
+    assert_eq!(outbox.records().await.unwrap()[0].state, State::Pending);
+}
