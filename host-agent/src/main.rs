@@ -23,6 +23,9 @@ enum Cmd {
     /// VM specs and their libvirt domains.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// The billing outbox: usage records and their submission to the chain.
+    #[command(subcommand)]
+    Billing(BillingCmd),
     /// Compute the SEV-SNP launch measurement of the artifacts and VM shape about to be
     /// launched (the same digest as `sev-snp-measure --mode snp`); lowercase hex, last line.
     Measure(MeasureArgs),
@@ -32,6 +35,35 @@ enum Cmd {
 enum VmCmd {
     /// Check a VM spec and print the domain XML the agent would define for it.
     Xml(XmlArgs),
+}
+
+#[derive(Subcommand)]
+enum BillingCmd {
+    /// Show every usage record: period, account, total, usage hash, state, attempts, last error.
+    Status {
+        /// The outbox database.
+        #[arg(long, value_name = "FILE")]
+        outbox: PathBuf,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send every unfinished record to the chain once (exactly once per period and account).
+    Drain {
+        #[arg(long, value_name = "FILE")]
+        outbox: PathBuf,
+        /// The node's WebSocket RPC, e.g. ws://127.0.0.1:9944.
+        #[arg(long, value_name = "URL")]
+        chain: String,
+        /// A file (mode 0600) holding the billing key's secret URI or phrase; the key must be
+        /// used by this outbox only.
+        #[arg(long, value_name = "FILE")]
+        signer_file: PathBuf,
+        /// `Pallet.call` taking (period, account, amount, usage_hash), or
+        /// `System.remark_with_event` to record the document itself.
+        #[arg(long, default_value = "Marketplace.submit_compute_usage")]
+        call: String,
+    },
 }
 
 #[derive(Args)]
@@ -103,11 +135,94 @@ fn measure(a: &MeasureArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn billing(c: &BillingCmd) -> Result<(), String> {
+    use host_agent::billing::{CallKind, Outbox, State, Submitter};
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        match c {
+            BillingCmd::Status { outbox, json } => {
+                if !outbox.exists() {
+                    return Err(format!("no outbox at {}", outbox.display()));
+                }
+                let o = Outbox::open(outbox).await.map_err(|e| e.to_string())?;
+                let records = o.records().await.map_err(|e| e.to_string())?;
+                let state = |s: &State| match s {
+                    State::Pending => "pending".to_string(),
+                    State::Signed { nonce } => format!("signed (nonce {nonce})"),
+                    State::Done => "done".into(),
+                    State::Failed => "FAILED".into(),
+                };
+                if *json {
+                    let v: Vec<_> = records
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                                "period": r.period, "account": r.account,
+                                "total": r.total.to_string(), "usage_hash": hex::encode(r.hash),
+                                "state": state(&r.state), "attempts": r.attempts,
+                                "last_error": r.last_error, "tx_hash": r.tx_hash,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    println!("{:<10} {:<50} {:>20} {:<18} {:>8}  usage hash", "period", "account", "total", "state", "attempts");
+                    for r in &records {
+                        println!(
+                            "{:<10} {:<50} {:>20} {:<18} {:>8}  {}{}",
+                            r.period,
+                            r.account,
+                            r.total,
+                            state(&r.state),
+                            r.attempts,
+                            hex::encode(r.hash),
+                            r.last_error.as_deref().map(|e| format!("\n           last error: {e}")).unwrap_or_default()
+                        );
+                    }
+                    println!("{} records", records.len());
+                }
+                Ok(())
+            }
+            BillingCmd::Drain {
+                outbox,
+                chain,
+                signer_file,
+                call,
+            } => {
+                let secret = std::fs::read_to_string(signer_file)
+                    .map_err(|e| format!("signer file {}: {e}", signer_file.display()))?;
+                let kind = match call.split_once('.') {
+                    Some(("System", "remark_with_event")) => CallKind::Remark,
+                    Some((pallet, call)) if !pallet.is_empty() && !call.is_empty() => CallKind::Usage {
+                        pallet: pallet.into(),
+                        call: call.into(),
+                    },
+                    _ => return Err(format!("--call {call:?}: expected Pallet.call")),
+                };
+                let o = Outbox::open(outbox).await.map_err(|e| e.to_string())?;
+                let s = Submitter::connect(chain, secret.trim(), kind)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let d = s.drain(&o).await.map_err(|e| e.to_string())?;
+                println!(
+                    "submitted {}, confirmed already on chain {}, failed at dispatch {}, deferred {}",
+                    d.submitted, d.confirmed, d.failed, d.deferred
+                );
+                if d.failed > 0 || d.deferred > 0 {
+                    return Err("some records did not reach the chain (see billing status)".into());
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::Vm(VmCmd::Xml(a)) => xml(a),
         Cmd::Measure(a) => measure(a),
+        Cmd::Billing(c) => billing(c),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -293,4 +293,43 @@ async fn a_call_the_runtime_lacks_is_refused_before_signing() {
         "{e}"
     );
     assert_eq!(outbox.records().await.unwrap()[0].state, State::Pending);
+    drop(outbox);
+
+    // The same record through the binary, with the call this runtime has.
+    let db = dir.path().join("outbox.db");
+    let signer = dir.path().join("billing.secret");
+    std::fs::write(&signer, "//Alice\n").unwrap();
+    let host = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_attesta-host"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let db_s = db.to_string_lossy().to_string();
+    let out = host(&[
+        "billing",
+        "drain",
+        "--outbox",
+        &db_s,
+        "--chain",
+        &chain.url(),
+        "--signer-file",
+        &signer.to_string_lossy(),
+        "--call",
+        "System.remark_with_event",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("submitted 1,"), "{text}");
+    let out = host(&["billing", "status", "--outbox", &db_s, "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["state"], "done", "{v}");
+    assert_eq!(v[0]["usage_hash"], hex::encode(documents()[0].hash), "{v}");
+    let out = host(&["billing", "status", "--outbox", &db_s]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 records"));
 }
