@@ -18,6 +18,7 @@
 pub mod billing;
 pub mod caps;
 pub mod domain;
+pub mod gate;
 pub mod host;
 pub mod lifecycle;
 pub mod spec;

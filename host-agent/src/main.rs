@@ -35,6 +35,21 @@ enum Cmd {
 enum VmCmd {
     /// Check a VM spec and print the domain XML the agent would define for it.
     Xml(XmlArgs),
+    /// The launch gate, as a pre-flight: verify the operator-signed register order and measure
+    /// what the spec would start; exit 0 and print the digest only if the order allows it.
+    Admit(AdmitArgs),
+}
+
+#[derive(Args)]
+struct AdmitArgs {
+    #[arg(long, value_name = "FILE")]
+    spec: PathBuf,
+    /// The signed register order (as `attesta-kbs order register` writes it).
+    #[arg(long, value_name = "FILE")]
+    order: PathBuf,
+    /// An operator's order-signing public key (hex Ed25519); repeat for several.
+    #[arg(long = "operator-key", value_name = "HEX", required = true)]
+    operator_keys: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +150,32 @@ fn measure(a: &MeasureArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn admit(a: &AdmitArgs) -> Result<(), String> {
+    let text = std::fs::read_to_string(&a.spec)
+        .map_err(|e| format!("cannot read {}: {e}", a.spec.display()))?;
+    let c = VmSpec::parse(&text).map_err(|e| format!("{}: {e}", a.spec.display()))?;
+    let doc =
+        std::fs::read(&a.order).map_err(|e| format!("cannot read {}: {e}", a.order.display()))?;
+    let keys = a
+        .operator_keys
+        .iter()
+        .map(|k| {
+            hex::decode(k.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| format!("--operator-key {k:?}: expected 64 hex digits"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let ok = host_agent::gate::admit(&c, &doc, &keys, now).map_err(|e| e.to_string())?;
+    println!("admitted: {} may launch with measurement", ok.order.vm_id);
+    println!("{}", hex::encode(ok.digest));
+    Ok(())
+}
+
 fn billing(c: &BillingCmd) -> Result<(), String> {
     use host_agent::billing::{CallKind, Outbox, State, Submitter};
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
@@ -221,6 +262,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::Vm(VmCmd::Xml(a)) => xml(a),
+        Cmd::Vm(VmCmd::Admit(a)) => admit(a),
         Cmd::Measure(a) => measure(a),
         Cmd::Billing(c) => billing(c),
     };
