@@ -333,3 +333,69 @@ async fn a_call_the_runtime_lacks_is_refused_before_signing() {
     let out = host(&["billing", "status", "--outbox", &db_s]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 records"));
 }
+
+/// Billing records submitted per second through the outbox (sign, commit, send, wait for
+/// finalization, mark done), against plain subxt `sign_and_submit_then_watch_default` of the
+/// same calls, in the same run. A load run, not a timed test: it asserts nothing about speed.
+///
+/// `cargo test --release -p host-agent --test chain -- --ignored --nocapture billing_throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load run for BENCHMARKS.md"]
+async fn billing_throughput() {
+    let Some(chain) = Chain::start() else { return };
+    let n = 20usize;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&dir.path().join("outbox.db")).await.unwrap();
+    let mut docs = Vec::new();
+    for i in 0..n {
+        let mut m = Meter::new();
+        m.record(&Event::Started {
+            vm_id: format!("vm-{i}"),
+            terms: Terms {
+                account: format!("tenant-{i}"),
+                rate_per_hour: 1000,
+            },
+            at: 496_000 * HOUR,
+        })
+        .unwrap();
+        docs.extend(m.close_hour());
+    }
+    for d in &docs {
+        outbox.enqueue(d).await.unwrap();
+    }
+    let sub = Submitter::connect(&chain.url(), "//Alice", CallKind::Remark)
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let d = sub.drain(&outbox).await.unwrap();
+    let ours = d.submitted as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(d.submitted, n);
+
+    let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(chain.url())
+        .await
+        .unwrap();
+    let alice = subxt_signer::sr25519::dev::alice();
+    let t = std::time::Instant::now();
+    for d in &docs {
+        let call = subxt::dynamic::transaction(
+            "System",
+            "remark_with_event",
+            vec![subxt::dynamic::Value::from_bytes(d.json.as_bytes())],
+        );
+        api.at_current_block()
+            .await
+            .unwrap()
+            .transactions()
+            .sign_and_submit_then_watch_default(&call, &alice)
+            .await
+            .unwrap()
+            .wait_for_finalized_success()
+            .await
+            .unwrap();
+    }
+    let raw = n as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "billing: {n} records; outbox {ours:.2}/s, plain subxt {raw:.2}/s, ratio {:.2}",
+        ours / raw
+    );
+}
