@@ -356,21 +356,22 @@ impl Submitter {
             .map_err(|e| BillingError::Chain(e.to_string()))
     }
 
-    fn payload(&self, doc: &UsageDoc) -> subxt::transactions::DynamicPayload<Vec<Value>> {
+    /// The call carrying record `r`, whose canonical document is `json`.
+    fn payload(&self, r: &Record, json: &str) -> subxt::transactions::DynamicPayload<Vec<Value>> {
         match &self.call {
             CallKind::Remark => dynamic::transaction(
                 "System",
                 "remark_with_event",
-                vec![Value::from_bytes(doc.json.as_bytes())],
+                vec![Value::from_bytes(json.as_bytes())],
             ),
             CallKind::Usage { pallet, call } => dynamic::transaction(
                 pallet.as_str(),
                 call.as_str(),
                 vec![
-                    Value::u128(u128::from(doc.period)),
-                    Value::string(doc.account.clone()),
-                    Value::u128(doc.total),
-                    Value::from_bytes(doc.hash),
+                    Value::u128(u128::from(r.period)),
+                    Value::string(r.account.clone()),
+                    Value::u128(r.total),
+                    Value::from_bytes(r.hash),
                 ],
             ),
         }
@@ -393,21 +394,13 @@ impl Submitter {
             .unwrap_or(0);
         let nonce = self.chain_nonce().await?.max(highest_signed);
         let (json, _) = outbox.doc_and_tx(r.period, &r.account).await?;
-        let doc = crate::usage::UsageDoc {
-            period: r.period,
-            account: r.account.clone(),
-            total: r.total,
-            lines: Vec::new(),
-            json,
-            hash: r.hash,
-        };
         let at = self
             .client
             .at_current_block()
             .await
             .map_err(|e| BillingError::Chain(e.to_string()))?;
         let mut txs = at.transactions();
-        let payload = self.payload(&doc);
+        let payload = self.payload(r, &json);
         let name = match &self.call {
             CallKind::Remark => "System.remark_with_event".to_string(),
             CallKind::Usage { pallet, call } => format!("{pallet}.{call}"),

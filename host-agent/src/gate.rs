@@ -38,7 +38,6 @@ fn kind(k: OrderKind) -> &'static str {
 /// The launch digest of what `spec` would start.
 pub fn launch_digest(c: &Checked) -> Result<[u8; 48], GateError> {
     let s = &c.spec;
-    let features = format!("{:#x}", c.guest_features);
     digest_of_files(&LaunchFiles {
         ovmf: &s.boot.ovmf,
         kernel: s.boot.kernel.as_deref(),
@@ -46,7 +45,7 @@ pub fn launch_digest(c: &Checked) -> Result<[u8; 48], GateError> {
         append: s.boot.cmdline.as_deref(),
         vcpus: s.vcpus,
         vcpu_type: &s.vcpu_type,
-        guest_features: &features,
+        guest_features: c.guest_features,
     })
     .map_err(GateError::Measure)
 }

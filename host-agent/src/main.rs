@@ -144,7 +144,7 @@ fn measure(a: &MeasureArgs) -> Result<(), String> {
         append: a.append.as_deref(),
         vcpus: a.vcpus,
         vcpu_type: &a.vcpu_type,
-        guest_features: &a.guest_features,
+        guest_features: simulator::measure::parse_guest_features(&a.guest_features)?,
     })?;
     println!("{}", hex::encode(d));
     Ok(())

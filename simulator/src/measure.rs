@@ -383,7 +383,7 @@ pub struct LaunchSpec<'a> {
     pub guest_features: u64,
 }
 
-/// What a measurement command line names: files, the VM shape, and the guest features as hex.
+/// What a measurement names: files and the VM shape.
 pub struct LaunchFiles<'a> {
     pub ovmf: &'a std::path::Path,
     pub kernel: Option<&'a std::path::Path>,
@@ -391,7 +391,14 @@ pub struct LaunchFiles<'a> {
     pub append: Option<&'a str>,
     pub vcpus: u32,
     pub vcpu_type: &'a str,
-    pub guest_features: &'a str,
+    pub guest_features: u64,
+}
+
+/// Guest features as the command lines take them: hex, with or without `0x`.
+pub fn parse_guest_features(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    u64::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
+        .map_err(|e| format!("--guest-features {s:?}: {e}"))
 }
 
 /// Reads the files and computes their launch digest; errors say which input was wrong. Shared
@@ -403,9 +410,6 @@ pub fn digest_of_files(f: &LaunchFiles<'_>) -> Result<[u8; 48], String> {
     let ovmf = read(f.ovmf, "OVMF")?;
     let kernel = f.kernel.map(|p| read(p, "kernel")).transpose()?;
     let initrd = f.initrd.map(|p| read(p, "initrd")).transpose()?;
-    let t = f.guest_features.trim();
-    let guest_features = u64::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
-        .map_err(|e| format!("--guest-features {:?}: {e}", f.guest_features))?;
     let spec = LaunchSpec {
         ovmf: &ovmf,
         kernel: kernel.as_deref(),
@@ -413,7 +417,7 @@ pub fn digest_of_files(f: &LaunchFiles<'_>) -> Result<[u8; 48], String> {
         cmdline: f.append,
         vcpus: f.vcpus,
         vcpu_sig: vcpu_sig(f.vcpu_type).map_err(|e| format!("--vcpu-type: {e}"))?,
-        guest_features,
+        guest_features: f.guest_features,
     };
     launch_digest(&spec).map_err(|e| format!("{}: {e}", f.ovmf.display()))
 }

@@ -66,8 +66,8 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// The broker on `broker`, the guests on every other online CPU; `None` when that leaves
-    /// the guests nothing (one CPU): then everything shares.
+    /// The broker on `broker`, the guests on every other online CPU; unpinned (everything
+    /// shares) when that leaves either side nothing, as on one CPU.
     pub fn split(broker: Vec<usize>) -> Result<Placement, String> {
         let online = std::thread::available_parallelism()
             .map(|n| n.get())
