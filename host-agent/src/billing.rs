@@ -293,6 +293,24 @@ pub enum CallKind {
     Remark,
 }
 
+impl CallKind {
+    /// `Pallet.call`, or `System.remark_with_event` for [`CallKind::Remark`].
+    pub fn parse(s: &str) -> Result<CallKind, String> {
+        match s.split_once('.') {
+            Some(("System", "remark_with_event")) => Ok(CallKind::Remark),
+            Some((pallet, call))
+                if !pallet.is_empty() && !call.is_empty() && !call.contains('.') =>
+            {
+                Ok(CallKind::Usage {
+                    pallet: pallet.into(),
+                    call: call.into(),
+                })
+            }
+            _ => Err(format!("{s:?}: expected Pallet.call")),
+        }
+    }
+}
+
 impl Default for CallKind {
     fn default() -> CallKind {
         CallKind::Usage {

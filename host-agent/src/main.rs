@@ -20,9 +20,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// VM specs and their libvirt domains.
+    /// Run the agent: control socket, lifecycle polling, hourly usage, credit check, billing.
+    Serve {
+        /// The agent's configuration (see examples/host.toml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Log lines as JSON.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// VM specs and their libvirt domains; lifecycle through the running agent.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// This host's chip id and TCB, for the operator placing VMs (orders name chip ids).
+    Platform {
+        /// Read the platform source from this configuration (default: /dev/sev).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The billing outbox: usage records and their submission to the chain.
     #[command(subcommand)]
     Billing(BillingCmd),
@@ -38,6 +55,74 @@ enum VmCmd {
     /// The launch gate, as a pre-flight: verify the operator-signed register order and measure
     /// what the spec would start; exit 0 and print the digest only if the order allows it.
     Admit(AdmitArgs),
+    /// Admit a VM (launch gate), register it with the broker and define it; `--start` boots it.
+    Create {
+        #[arg(long, value_name = "FILE")]
+        spec: PathBuf,
+        /// The operator-signed register order.
+        #[arg(long, value_name = "FILE")]
+        order: PathBuf,
+        #[arg(long)]
+        start: bool,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Start a stopped VM (the launch gate runs again first).
+    Start {
+        vm_id: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Shut a VM down (destroyed after the configured grace period).
+    Stop {
+        vm_id: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    Reboot {
+        vm_id: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// On an operator-signed terminate order: the broker shreds the key, then the domain is
+    /// destroyed and undefined and its disk wiped.
+    Terminate {
+        vm_id: String,
+        #[arg(long, value_name = "FILE")]
+        order: PathBuf,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// The agent's VMs and their state.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+}
+
+/// How to reach the running agent.
+#[derive(Args)]
+struct AgentArgs {
+    /// The agent's control socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    socket: Option<PathBuf>,
+    /// Take the socket from the agent's configuration.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    fn socket(&self) -> Result<PathBuf, String> {
+        match (&self.socket, &self.config) {
+            (Some(s), _) => Ok(s.clone()),
+            (None, Some(c)) => Ok(host_agent::config::HostConfig::load(c)
+                .map_err(|e| e.to_string())?
+                .control_socket),
+            (None, None) => Ok(PathBuf::from("/run/attesta-host/control.sock")),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -57,8 +142,11 @@ enum BillingCmd {
     /// Show every usage record: period, account, total, usage hash, state, attempts, last error.
     Status {
         /// The outbox database.
-        #[arg(long, value_name = "FILE")]
-        outbox: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "config")]
+        outbox: Option<PathBuf>,
+        /// Take the outbox from the agent's configuration.
+        #[arg(long, value_name = "FILE", conflicts_with = "outbox")]
+        config: Option<PathBuf>,
         /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -181,7 +269,19 @@ fn billing(c: &BillingCmd) -> Result<(), String> {
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async {
         match c {
-            BillingCmd::Status { outbox, json } => {
+            BillingCmd::Status {
+                outbox,
+                config,
+                json,
+            } => {
+                let outbox = match (outbox, config) {
+                    (Some(o), _) => o.clone(),
+                    (None, Some(c)) => host_agent::config::HostConfig::load(c)
+                        .map_err(|e| e.to_string())?
+                        .outbox(),
+                    (None, None) => return Err("--outbox or --config is required".into()),
+                };
+                let outbox = &outbox;
                 if !outbox.exists() {
                     return Err(format!("no outbox at {}", outbox.display()));
                 }
@@ -232,14 +332,7 @@ fn billing(c: &BillingCmd) -> Result<(), String> {
             } => {
                 let secret = std::fs::read_to_string(signer_file)
                     .map_err(|e| format!("signer file {}: {e}", signer_file.display()))?;
-                let kind = match call.split_once('.') {
-                    Some(("System", "remark_with_event")) => CallKind::Remark,
-                    Some((pallet, call)) if !pallet.is_empty() && !call.is_empty() => CallKind::Usage {
-                        pallet: pallet.into(),
-                        call: call.into(),
-                    },
-                    _ => return Err(format!("--call {call:?}: expected Pallet.call")),
-                };
+                let kind = CallKind::parse(call).map_err(|e| format!("--call {e}"))?;
                 let o = Outbox::open(outbox).await.map_err(|e| e.to_string())?;
                 let s = Submitter::connect(chain, secret.trim(), kind)
                     .await
@@ -258,11 +351,170 @@ fn billing(c: &BillingCmd) -> Result<(), String> {
     })
 }
 
+fn serve(config: &std::path::Path, json: bool) -> Result<(), String> {
+    let c = host_agent::config::HostConfig::load(config).map_err(|e| e.to_string())?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let d = host_agent::daemon::Daemon::open(c, host_agent::daemon::system_clock()).await?;
+        d.serve().await
+    })
+}
+
+fn file_b64(p: &std::path::Path) -> Result<String, String> {
+    use base64::Engine as _;
+    let b = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(b))
+}
+
+fn vm_op(c: &VmCmd) -> Result<(), String> {
+    use host_agent::control::{ControlRequest as R, call};
+    let (agent, req, json) = match c {
+        VmCmd::Create {
+            spec,
+            order,
+            start,
+            agent,
+        } => (
+            agent,
+            R::Create {
+                spec: std::fs::read_to_string(spec)
+                    .map_err(|e| format!("cannot read {}: {e}", spec.display()))?,
+                order: file_b64(order)?,
+                start: *start,
+            },
+            false,
+        ),
+        VmCmd::Start { vm_id, agent } => (
+            agent,
+            R::Start {
+                vm_id: vm_id.clone(),
+            },
+            false,
+        ),
+        VmCmd::Stop { vm_id, agent } => (
+            agent,
+            R::Stop {
+                vm_id: vm_id.clone(),
+            },
+            false,
+        ),
+        VmCmd::Reboot { vm_id, agent } => (
+            agent,
+            R::Reboot {
+                vm_id: vm_id.clone(),
+            },
+            false,
+        ),
+        VmCmd::Terminate {
+            vm_id,
+            order,
+            agent,
+        } => (
+            agent,
+            R::Terminate {
+                vm_id: vm_id.clone(),
+                order: file_b64(order)?,
+            },
+            false,
+        ),
+        VmCmd::List { json, agent } => (agent, R::List, *json),
+        VmCmd::Xml(_) | VmCmd::Admit(_) => return Err("not an agent operation".into()),
+    };
+    let v = call(&agent.socket()?, &req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    match (&req, v.as_array()) {
+        (R::List, Some(rows)) => {
+            println!(
+                "{:<24} {:<10} {:<8} {:<24} {:>12}  note",
+                "vm", "state", "managed", "account", "rate/hour"
+            );
+            for r in rows {
+                let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+                println!(
+                    "{:<24} {:<10} {:<8} {:<24} {:>12}  {}",
+                    s("vm_id"),
+                    s("state"),
+                    r.get("managed").and_then(|v| v.as_bool()).unwrap_or(false),
+                    s("account"),
+                    r.get("rate_per_hour")
+                        .and_then(|v| v.as_u64())
+                        .map(|v| v.to_string())
+                        .unwrap_or("-".into()),
+                    r.get("stop_reason").and_then(|v| v.as_str()).unwrap_or("")
+                );
+            }
+        }
+        _ => {
+            let s = |k: &str| v.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            println!(
+                "{}: {}{}{}",
+                s("vm_id").unwrap_or_default(),
+                s("state").unwrap_or_default(),
+                s("measurement")
+                    .map(|m| format!(" (measurement {m})"))
+                    .unwrap_or_default(),
+                s("broker").map(|b| format!("; {b}")).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn platform(config: Option<&std::path::Path>, json: bool) -> Result<(), String> {
+    let source = match config {
+        Some(c) => {
+            host_agent::config::HostConfig::load(c)
+                .map_err(|e| e.to_string())?
+                .platform
+        }
+        None => host_agent::config::PlatformConfig::Sev,
+    };
+    let p = host_agent::platform::read(&source)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&p.to_json()).unwrap_or_default()
+        );
+    } else {
+        println!("product       {}", p.product);
+        println!(
+            "reported TCB  {} (raw {:016x})",
+            p.reported_tcb,
+            p.reported_tcb.encode(p.product)
+        );
+        println!(
+            "current TCB   {} (raw {:016x})",
+            p.current_tcb,
+            p.current_tcb.encode(p.product)
+        );
+        println!("source        {}", p.source);
+        println!("chip id (for `attesta-kbs order register --chip-id`):");
+        println!("{}", hex::encode(&p.chip_id));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.cmd {
+        Cmd::Serve { config, log_json } => serve(config, *log_json),
+        Cmd::Platform { config, json } => platform(config.as_deref(), *json),
         Cmd::Vm(VmCmd::Xml(a)) => xml(a),
         Cmd::Vm(VmCmd::Admit(a)) => admit(a),
+        Cmd::Vm(c) => vm_op(c),
         Cmd::Measure(a) => measure(a),
         Cmd::Billing(c) => billing(c),
     };

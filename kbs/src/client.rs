@@ -15,34 +15,55 @@ pub struct Remote {
     pub client_key: PrivateKeyDer<'static>,
 }
 
+/// Why an order did not go through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    /// The broker answered and refused; `code` is its closed-vocabulary error code
+    /// (e.g. `vm_exists`, `order_signature`, `no_such_vm`).
+    #[error("refused ({code}): {detail}")]
+    Refused { code: String, detail: String },
+    /// No answer (unreachable, TLS failure, broken stream).
+    #[error("{0}")]
+    Transport(String),
+}
+
 /// Sends a register or terminate order; returns the VM id on success, or the broker's error.
-pub async fn send_order(remote: Remote, terminate: bool, order: Vec<u8>) -> Result<String, String> {
+pub async fn send_order(
+    remote: Remote,
+    terminate: bool,
+    order: Vec<u8>,
+) -> Result<String, OrderError> {
+    send(remote, terminate, order).await
+}
+
+async fn send(remote: Remote, terminate: bool, order: Vec<u8>) -> Result<String, OrderError> {
+    use OrderError::Transport as T;
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(remote.ca).map_err(|e| e.to_string())?;
+    roots.add(remote.ca).map_err(|e| T(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .map_err(|e| T(e.to_string()))?
         .with_root_certificates(roots)
         .with_client_auth_cert(remote.client_chain, remote.client_key)
-        .map_err(|e| format!("client certificate: {e}"))?;
+        .map_err(|e| T(format!("client certificate: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;
     let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| T(e.to_string()))?;
     let local: SocketAddr = if remote.addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let mut ep = quinn::Endpoint::client(local).map_err(|e| e.to_string())?;
+    let mut ep = quinn::Endpoint::client(local).map_err(|e| T(e.to_string()))?;
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let conn = ep
         .connect(remote.addr, &remote.server_name)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| T(e.to_string()))?
         .await
-        .map_err(|e| format!("cannot reach the broker at {}: {e}", remote.addr))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        .map_err(|e| T(format!("cannot reach the broker at {}: {e}", remote.addr)))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| T(e.to_string()))?;
     let req = if terminate {
         Request::Terminate { v: VERSION, order }
     } else {
@@ -50,23 +71,26 @@ pub async fn send_order(remote: Remote, terminate: bool, order: Vec<u8>) -> Resu
     };
     send.write_all(&frame(&req))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| T(e.to_string()))?;
     let _ = send.finish();
     let mut header = [0u8; 4];
     recv.read_exact(&mut header)
         .await
-        .map_err(|e| e.to_string())?;
-    let len = frame_len(header, MAX_RESPONSE).map_err(|e| e.to_string())?;
+        .map_err(|e| T(e.to_string()))?;
+    let len = frame_len(header, MAX_RESPONSE).map_err(|e| T(e.to_string()))?;
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| T(e.to_string()))?;
     let mut framed = header.to_vec();
     framed.extend_from_slice(&body);
     conn.close(0u32.into(), b"done");
-    match Response::decode_frame(&framed).map_err(|e| e.to_string())? {
+    match Response::decode_frame(&framed).map_err(|e| T(e.to_string()))? {
         Response::Done { vm_id, .. } => Ok(vm_id),
-        Response::Error { code, detail, .. } => Err(format!("refused ({code}): {detail}")),
-        _ => Err("unexpected answer".into()),
+        Response::Error { code, detail, .. } => Err(OrderError::Refused {
+            code: code.to_string(),
+            detail: detail.to_string(),
+        }),
+        _ => Err(T("unexpected answer".into())),
     }
 }

@@ -39,6 +39,13 @@ pub struct RegisterOrder {
     /// Boot configuration released with the key (e.g. SSH public keys).
     #[arg(long, value_name = "FILE")]
     pub boot_config: Option<PathBuf>,
+    /// The account (SS58) that pays for the VM's running time; with --rate-per-hour.
+    /// Without them the host agent does not bill the VM.
+    #[arg(long, value_name = "SS58", requires = "rate_per_hour")]
+    pub account: Option<String>,
+    /// Price per running hour in the chain's smallest unit; with --account.
+    #[arg(long, value_name = "N", requires = "account")]
+    pub rate_per_hour: Option<u64>,
     /// How long the order may be used, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub valid_for: u64,
@@ -170,6 +177,13 @@ pub fn order_cmd(c: &OrderCmd) -> ExitCode {
                         .collect::<Result<_, _>>()?,
                     not_after: now() + a.valid_for,
                     boot_config: ByteBuf::from(read_opt(&a.boot_config)?),
+                    billing: match (&a.account, a.rate_per_hour) {
+                        (Some(account), Some(rate_per_hour)) => Some(proto::order::Billing {
+                            account: account.clone(),
+                            rate_per_hour,
+                        }),
+                        _ => None,
+                    },
                 };
                 (key(&a.key)?, order, &a.out)
             }
@@ -185,6 +199,7 @@ pub fn order_cmd(c: &OrderCmd) -> ExitCode {
                     chip_ids: vec![],
                     not_after: now() + a.valid_for,
                     boot_config: ByteBuf::new(),
+                    billing: None,
                 },
                 &a.out,
             ),

@@ -416,11 +416,13 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
         let rt = runtime()?;
         let _g = rt.enter();
         if let Some(addr) = &target.kbs {
-            return rt.block_on(kbs::client::send_order(
-                remote(target, addr)?,
-                terminate,
-                doc,
-            ));
+            return rt
+                .block_on(kbs::client::send_order(
+                    remote(target, addr)?,
+                    terminate,
+                    doc,
+                ))
+                .map_err(|e| e.to_string());
         }
         let config = target
             .config

@@ -719,6 +719,7 @@ mod tests {
             chip_ids: vec![ByteBuf::from(vec![2; 64])],
             not_after: 0,
             boot_config: ByteBuf::new(),
+            billing: None,
         }
     }
 

@@ -71,6 +71,7 @@ async fn attested_release_over_quic() {
         chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
         not_after: now() + 3600,
         boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant".to_vec()),
+        billing: None,
     };
     kbs.register(&order("vm-1", GOOD).sign(&operator), now())
         .await

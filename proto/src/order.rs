@@ -44,6 +44,20 @@ pub struct Order {
     /// Boot configuration for the guest (e.g. SSH public keys), released sealed with the key.
     #[serde(default)]
     pub boot_config: serde_bytes::ByteBuf,
+    /// Who pays for the VM's running time, and at what rate. Signed by the operator, so a host
+    /// can bill only the account and price the order names. Absent: the VM is not billed.
+    /// (Left out of the encoding when absent: orders signed before it existed keep their bytes.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing: Option<Billing>,
+}
+
+/// The billing terms of a VM, part of its register order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Billing {
+    /// The paying account on the billing chain (SS58).
+    pub account: String,
+    /// Price per running hour, in the chain's smallest unit.
+    pub rate_per_hour: u64,
 }
 
 /// The allowlist of images the KBS will release keys to at all.

@@ -25,6 +25,7 @@ fn order() -> Order {
         chip_ids: vec![ByteBuf::from(vec![0xc1; 64])],
         not_after: 2_000_000_000,
         boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant@laptop".to_vec()),
+        billing: None,
     }
 }
 

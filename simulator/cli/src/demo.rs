@@ -184,6 +184,7 @@ pub fn order(vm_id: &str, i: usize, chip_id: &[u8; 64]) -> Order {
         chip_ids: vec![ByteBuf::from(chip_id.to_vec())],
         not_after: now() + 3600,
         boot_config: ByteBuf::from(format!("ssh-ed25519 AAAA tenant-{}", i % 3).into_bytes()),
+        billing: None,
     }
 }
 
@@ -273,6 +274,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         chip_ids: vec![],
         not_after: now() + 600,
         boot_config: ByteBuf::new(),
+        billing: None,
     };
     kbs.terminate(&terminate.sign(&operator), now())
         .await
@@ -608,6 +610,7 @@ fn order_with_policy(vm: &str, policy: &snp::Policy, now: u64) -> Order {
         chip_ids: chips.iter().map(|c| ByteBuf::from(c.0.to_vec())).collect(),
         not_after: now + 3600,
         boot_config: ByteBuf::new(),
+        billing: None,
     }
 }
 

@@ -1,0 +1,257 @@
+//! `host.toml`: the daemon's configuration (`attesta-host serve --config`). Every field is
+//! documented in `examples/host.toml`; relative paths are relative to the file.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The host agent's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// libvirt URI: `qemu:///system` on a miner, `test:///default` for tests.
+    #[serde(default = "default_uri")]
+    pub libvirt_uri: String,
+    /// The agent's database (VMs it manages, their orders, lifecycle events).
+    pub state_dir: PathBuf,
+    /// Unix socket for `attesta-host vm …` (mode 0600 unless `control_group` is set).
+    #[serde(default = "default_socket")]
+    pub control_socket: PathBuf,
+    /// A group allowed to use the control socket (mode 0660); none: root only.
+    #[serde(default)]
+    pub control_group: Option<u32>,
+    /// Operators' order-signing public keys (hex Ed25519): the launch gate's trust.
+    pub operator_keys: Vec<String>,
+    /// C-bit position and reduced physical bits where the driver cannot tell.
+    #[serde(default)]
+    pub sev: Option<SevOverride>,
+    /// How long a graceful shutdown may take before the domain is destroyed.
+    #[serde(default = "default_grace")]
+    pub stop_grace_secs: u64,
+    /// How often libvirt is polled for state changes the agent did not make (a guest that
+    /// powered itself off, a crash).
+    #[serde(default = "default_poll")]
+    pub poll_secs: u64,
+    /// Where this host's chip id and TCB come from.
+    #[serde(default)]
+    pub platform: PlatformConfig,
+    /// The key broker the agent registers VMs with (and relays terminate orders to).
+    pub kbs: Option<KbsConfig>,
+    /// Billing to the chain; none: usage is metered and kept, nothing is submitted.
+    pub billing: Option<BillingConfig>,
+    /// The credit check before each hour; none: no VM is stopped for credit.
+    pub credit: Option<CreditConfig>,
+}
+
+/// Overrides for the platform's SEV parameters.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SevOverride {
+    pub cbitpos: u32,
+    pub reduced_phys_bits: u32,
+}
+
+/// The source of the chip id and TCB.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum PlatformConfig {
+    /// The real `/dev/sev` (SNP_PLATFORM_STATUS and GET_ID).
+    #[default]
+    Sev,
+    /// A simulated chip (as `attesta-sim` numbers them), for test fleets.
+    Simulator {
+        #[serde(default = "default_seed")]
+        seed: String,
+        #[serde(default = "default_product")]
+        product: String,
+        #[serde(default)]
+        chip: u64,
+        #[serde(default)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// How to reach the broker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KbsConfig {
+    /// `host:port` (UDP, QUIC).
+    pub address: String,
+    /// The name in the broker's certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The broker's TLS CA (PEM).
+    pub ca: PathBuf,
+    /// This host's client certificate (role host, from `attesta-kbs cert issue`) and key.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// Where usage records go.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingConfig {
+    /// The node's WebSocket RPC, e.g. `ws://127.0.0.1:9944`.
+    pub chain: String,
+    /// A file (mode 0600) holding the billing key's secret URI or phrase (used by this outbox
+    /// only: the outbox owns the key's nonces).
+    pub signer_file: PathBuf,
+    /// `Pallet.call` taking (period, account, amount, usage_hash), or
+    /// `System.remark_with_event` to record the document itself.
+    #[serde(default = "default_call")]
+    pub call: String,
+    /// The longest wait between retries after the chain could not be reached.
+    #[serde(default = "default_backoff")]
+    pub max_backoff_secs: u64,
+}
+
+/// How to decide that an account can pay for its next hour.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum CreditConfig {
+    /// The account's free balance on the billing chain (`System.Account`) must cover the next
+    /// hour of all its running VMs.
+    ChainBalance {
+        /// What to do when the chain cannot be asked: "keep" (default) or "stop".
+        #[serde(default)]
+        on_error: OnError,
+    },
+    /// Run `argv` with the account and the next hour's amount appended; exit 0: can pay;
+    /// otherwise the first line of its output is the reason.
+    Command {
+        argv: Vec<String>,
+        #[serde(default = "default_command_timeout")]
+        timeout_secs: u64,
+        #[serde(default)]
+        on_error: OnError,
+    },
+}
+
+/// A credit check that could not be made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Keep the account's VMs running (the miner's outage is not the tenant's fault).
+    #[default]
+    Keep,
+    /// Stop them.
+    Stop,
+}
+
+fn default_uri() -> String {
+    "qemu:///system".into()
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/attesta-host/control.sock")
+}
+fn default_grace() -> u64 {
+    60
+}
+fn default_poll() -> u64 {
+    5
+}
+fn default_seed() -> String {
+    "attesta-sim".into()
+}
+fn default_product() -> String {
+    "milan".into()
+}
+fn default_server_name() -> String {
+    "kbs".into()
+}
+fn default_call() -> String {
+    "Marketplace.submit_compute_usage".into()
+}
+fn default_backoff() -> u64 {
+    600
+}
+fn default_command_timeout() -> u64 {
+    30
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {why}")]
+pub struct ConfigError {
+    pub path: String,
+    pub why: String,
+}
+
+impl HostConfig {
+    /// Reads and checks the file; relative paths become relative to it.
+    pub fn load(path: &Path) -> Result<HostConfig, ConfigError> {
+        let err = |why: String| ConfigError {
+            path: path.display().to_string(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut c: HostConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        c.operator_keys()
+            .map_err(|e| err(format!("operator_keys: {e}")))?;
+        if c.operator_keys.is_empty() {
+            return Err(err(
+                "operator_keys: at least one operator key is needed to launch anything".into(),
+            ));
+        }
+        if let Some(b) = &c.billing {
+            crate::billing::CallKind::parse(&b.call)
+                .map_err(|e| err(format!("billing.call: {e}")))?;
+        }
+        if let Some(CreditConfig::Command { argv, .. }) = &c.credit {
+            if argv.is_empty() {
+                return Err(err("credit.argv: give the command to run".into()));
+            }
+        }
+        if matches!(c.credit, Some(CreditConfig::ChainBalance { .. })) && c.billing.is_none() {
+            return Err(err(
+                "credit: kind = \"chain-balance\" asks the billing chain; configure [billing]"
+                    .into(),
+            ));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        rel(&mut c.state_dir);
+        rel(&mut c.control_socket);
+        if let Some(k) = &mut c.kbs {
+            rel(&mut k.ca);
+            rel(&mut k.client_cert);
+            rel(&mut k.client_key);
+        }
+        if let Some(b) = &mut c.billing {
+            rel(&mut b.signer_file);
+        }
+        if let PlatformConfig::Simulator {
+            state_dir: Some(d), ..
+        } = &mut c.platform
+        {
+            rel(d);
+        }
+        Ok(c)
+    }
+
+    /// The operator keys as raw Ed25519 public keys.
+    pub fn operator_keys(&self) -> Result<Vec<[u8; 32]>, String> {
+        self.operator_keys
+            .iter()
+            .map(|k| {
+                hex::decode(k.trim())
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                    .ok_or_else(|| format!("{k:?}: expected 64 hex digits"))
+            })
+            .collect()
+    }
+
+    /// The agent's database.
+    pub fn state_db(&self) -> PathBuf {
+        self.state_dir.join("host.db")
+    }
+
+    /// The billing outbox.
+    pub fn outbox(&self) -> PathBuf {
+        self.state_dir.join("outbox.db")
+    }
+}

@@ -1,0 +1,174 @@
+//! The agent's own durable state (SQLite, WAL, synchronous=FULL): the VMs it manages with the
+//! spec and signed order each was admitted on, the lifecycle events metering is computed from,
+//! the last hour closed and a heartbeat. Lost with the host, but never needed by anyone else:
+//! the broker holds the keys, the chain the bills.
+
+use crate::agent::Ev;
+use sqlx::Row as _;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
+use std::path::Path;
+
+/// A VM the agent manages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmRecord {
+    pub vm_id: String,
+    /// The spec (TOML) as admitted.
+    pub spec: String,
+    /// The operator-signed register order.
+    pub order: Vec<u8>,
+    /// When the order was admitted (its expiry is judged at that instant on later launches).
+    pub admitted_at: u64,
+    /// Set once terminated: the record stays for the open hour's bill.
+    pub terminated_at: Option<u64>,
+    /// Why the agent last stopped it on its own (credit), if it did.
+    pub stop_reason: Option<String>,
+}
+
+/// The agent's database.
+#[derive(Clone)]
+pub struct StateDb {
+    pool: SqlitePool,
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS vms (
+        vm_id TEXT PRIMARY KEY, spec TEXT NOT NULL, order_doc BLOB NOT NULL,
+        admitted_at INTEGER NOT NULL, stop_reason TEXT, terminated_at INTEGER);
+    CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, vm_id TEXT NOT NULL, running INTEGER NOT NULL,
+        at INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);";
+
+fn e(err: sqlx::Error) -> String {
+    format!("agent database: {err}")
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl StateDb {
+    /// Opens (creating) the database.
+    pub async fn open(path: &Path) -> Result<StateDb, String> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .map_err(e)?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(e)?;
+        Ok(StateDb { pool })
+    }
+
+    pub async fn add_vm(&self, r: &VmRecord) -> Result<(), String> {
+        sqlx::query("INSERT INTO vms (vm_id, spec, order_doc, admitted_at) VALUES (?, ?, ?, ?)")
+            .bind(&r.vm_id)
+            .bind(&r.spec)
+            .bind(&r.order)
+            .bind(i(r.admitted_at))
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    /// Kept (its usage in the open hour is still billed), no longer managed.
+    pub async fn mark_terminated(&self, vm_id: &str, at: u64) -> Result<(), String> {
+        sqlx::query("UPDATE vms SET terminated_at = ? WHERE vm_id = ?")
+            .bind(i(at))
+            .bind(vm_id)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    pub async fn set_stop_reason(&self, vm_id: &str, why: Option<&str>) -> Result<(), String> {
+        sqlx::query("UPDATE vms SET stop_reason = ? WHERE vm_id = ?")
+            .bind(why)
+            .bind(vm_id)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    pub async fn vms(&self) -> Result<Vec<VmRecord>, String> {
+        let rows = sqlx::query(
+            "SELECT vm_id, spec, order_doc, admitted_at, stop_reason, terminated_at FROM vms ORDER BY vm_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(rows
+            .iter()
+            .map(|r| VmRecord {
+                vm_id: r.get(0),
+                spec: r.get(1),
+                order: r.get(2),
+                admitted_at: r.get::<i64, _>(3).max(0) as u64,
+                stop_reason: r.get(4),
+                terminated_at: r.get::<Option<i64>, _>(5).map(|v| v.max(0) as u64),
+            })
+            .collect())
+    }
+
+    /// Appends lifecycle events in one transaction.
+    pub async fn record(&self, evs: &[Ev]) -> Result<(), String> {
+        if evs.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        for ev in evs {
+            sqlx::query("INSERT INTO events (vm_id, running, at) VALUES (?, ?, ?)")
+                .bind(&ev.vm_id)
+                .bind(ev.running)
+                .bind(i(ev.at))
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+        }
+        tx.commit().await.map_err(e)
+    }
+
+    /// Every event, in the order recorded.
+    pub async fn events(&self) -> Result<Vec<Ev>, String> {
+        let rows = sqlx::query("SELECT vm_id, running, at FROM events ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(rows
+            .iter()
+            .map(|r| Ev {
+                vm_id: r.get(0),
+                running: r.get(1),
+                at: r.get::<i64, _>(2).max(0) as u64,
+            })
+            .collect())
+    }
+
+    pub async fn meta(&self, key: &str) -> Result<Option<u64>, String> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(v.map(|v| v.max(0) as u64))
+    }
+
+    pub async fn set_meta(&self, key: &str, value: u64) -> Result<(), String> {
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES (?, ?)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(i(value))
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+}
