@@ -353,7 +353,7 @@ fn billing(c: &BillingCmd) -> Result<(), String> {
 
 fn serve(config: &std::path::Path, json: bool) -> Result<(), String> {
     let c = host_agent::config::HostConfig::load(config).map_err(|e| e.to_string())?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATTESTA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
