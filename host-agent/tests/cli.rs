@@ -137,3 +137,197 @@ fn measure_matches_sev_snp_measure_for_direct_boot() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent"));
 }
+
+/// The daemon as miners run it: `serve --config` on the test driver; `vm create/list/stop/
+/// terminate` and `platform` through its control socket (mode 0600); a second agent on the
+/// same socket is refused; SIGTERM stops the agent and removes the socket.
+#[test]
+fn serve_and_drive_it_through_the_control_socket() {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+    use proto::order::{ORDER_VERSION, Order, OrderKind};
+    use serde_bytes::ByteBuf;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("ovmf.fd"),
+        simulator::measure::synthetic_ovmf(262_144, 4),
+    )
+    .unwrap();
+    let spec = include_str!("../../examples/vm.toml")
+        .replace("vm_id = \"vm-7\"", "vm_id = \"vm-cli\"")
+        .replace(
+            "/usr/share/ovmf/OVMF.amdsev.fd",
+            &d.join("ovmf.fd").display().to_string(),
+        )
+        .replace("kernel = \"/var/lib/attesta/images/vmlinuz\"\n", "")
+        .replace("initrd = \"/var/lib/attesta/images/initrd.img\"\n", "")
+        .replace(
+            "cmdline = \"console=ttyS0 root=/dev/mapper/attesta-root ro\"\n",
+            "",
+        )
+        .replace(
+            "/var/lib/attesta/disks/vm-7.img",
+            &d.join("vm-cli.img").display().to_string(),
+        )
+        .replace("size_gib = 20", "size_gib = 1")
+        .replace("vsock_cid = 107\n", "");
+    std::fs::write(d.join("vm.toml"), &spec).unwrap();
+    let digest =
+        host_agent::gate::launch_digest(&host_agent::spec::VmSpec::parse(&spec).unwrap()).unwrap();
+    let op = Ed25519KeyPair::generate().unwrap();
+    let platform = host_agent::platform::read(&host_agent::config::PlatformConfig::Simulator {
+        seed: "attesta-sim".into(),
+        product: "genoa".into(),
+        chip: 1,
+        state_dir: None,
+    })
+    .unwrap();
+    let order = |kind| Order {
+        v: ORDER_VERSION,
+        kind,
+        vm_id: "vm-cli".into(),
+        tenant: "t".into(),
+        measurements: vec![ByteBuf::from(digest.to_vec())],
+        policy: String::new(),
+        chip_ids: vec![ByteBuf::from(platform.chip_id.clone())],
+        not_after: u64::MAX / 2,
+        boot_config: ByteBuf::new(),
+        billing: None,
+    };
+    std::fs::write(
+        d.join("register.order"),
+        order(OrderKind::Register).sign(&op),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("terminate.order"),
+        order(OrderKind::Terminate).sign(&op),
+    )
+    .unwrap();
+    let config = d.join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "libvirt_uri = \"test:///default\"\nstate_dir = \"state\"\ncontrol_socket = \"run/control.sock\"\n\
+             operator_keys = [\"{}\"]\nstop_grace_secs = 1\npoll_secs = 1\n\
+             [sev]\ncbitpos = 51\nreduced_phys_bits = 1\n\
+             [platform]\nkind = \"simulator\"\nproduct = \"genoa\"\nchip = 1\n",
+            hex::encode(op.public_key().as_ref())
+        ),
+    )
+    .unwrap();
+
+    let mut agent = host()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = d.join("run/control.sock");
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "the agent did not open its socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let m = std::fs::metadata(&sock).unwrap();
+    assert!(m.file_type().is_socket());
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+
+    let run = |args: &[&str]| {
+        let out = host()
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = run(&[
+        "vm",
+        "create",
+        "--start",
+        "--spec",
+        d.join("vm.toml").to_str().unwrap(),
+        "--order",
+        d.join("register.order").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("vm-cli: running") && out.contains(&hex::encode(digest)),
+        "{out}"
+    );
+    assert!(out.contains("no [kbs] configured"), "{out}");
+    let (code, out, _) = run(&["vm", "list", "--json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["vm_id"] == "vm-cli")
+        .unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["managed"].as_bool()),
+        (Some("running"), Some(true))
+    );
+    // A terminate needs a terminate order.
+    let (code, _, err) = run(&[
+        "vm",
+        "terminate",
+        "vm-cli",
+        "--order",
+        d.join("register.order").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("expected a terminate order"), "{err}");
+    let (code, out, err) = run(&["vm", "stop", "vm-cli"]);
+    assert_eq!((code, out.trim()), (Some(0), "vm-cli: stopped"), "{err}");
+    let (code, _, err) = run(&["vm", "stop", "vm-cli"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("already stopped"), "{err}");
+    let (code, out, _) = run(&["platform", "--json"]);
+    assert_eq!(code, Some(0));
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(p["chip_id"], hex::encode(&platform.chip_id));
+    assert_eq!(p["product"], "Genoa");
+    let (code, out, _) = run(&["billing", "status", "--json"]);
+    assert_eq!((code, out.trim()), (Some(0), "[]"));
+
+    // A second agent on the same socket is refused.
+    let second = host()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another agent is listening"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+
+    let (code, out, err) = run(&[
+        "vm",
+        "terminate",
+        "vm-cli",
+        "--order",
+        d.join("terminate.order").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("vm-cli: terminated"), "{out}");
+    assert!(!d.join("vm-cli.img").exists());
+
+    let _ = Command::new("kill").arg(agent.id().to_string()).status();
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "socket removed on SIGTERM");
+}
