@@ -187,7 +187,7 @@ impl Outbox {
         Ok(self.doc_and_tx(period, account).await?.1)
     }
 
-    async fn doc_and_tx(
+    pub async fn doc_and_tx(
         &self,
         period: u64,
         account: &str,

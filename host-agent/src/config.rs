@@ -196,10 +196,10 @@ impl HostConfig {
             crate::billing::CallKind::parse(&b.call)
                 .map_err(|e| err(format!("billing.call: {e}")))?;
         }
-        if let Some(CreditConfig::Command { argv, .. }) = &c.credit {
-            if argv.is_empty() {
-                return Err(err("credit.argv: give the command to run".into()));
-            }
+        if let Some(CreditConfig::Command { argv, .. }) = &c.credit
+            && argv.is_empty()
+        {
+            return Err(err("credit.argv: give the command to run".into()));
         }
         if matches!(c.credit, Some(CreditConfig::ChainBalance { .. })) && c.billing.is_none() {
             return Err(err(

@@ -202,10 +202,11 @@ impl Daemon {
     async fn terms(&self) -> Result<BTreeMap<String, Terms>, String> {
         let mut out = BTreeMap::new();
         for v in self.db.vms().await? {
-            if let Ok(o) = Order::decode_stored(&v.order) {
-                if let Some(b) = &o.billing {
-                    out.insert(v.vm_id, agent::terms_of(b));
-                }
+            if let Ok(Order {
+                billing: Some(b), ..
+            }) = Order::decode_stored(&v.order)
+            {
+                out.insert(v.vm_id, agent::terms_of(&b));
             }
         }
         Ok(out)
@@ -406,19 +407,18 @@ impl Daemon {
             let _g = self.ops.lock().await;
             let ok = gate::admit(&c, &order, &self.keys, now)
                 .map_err(|e| format!("launch gate: {e}"))?;
-            if let Some(p) = &self.platform {
-                if !ok
+            if let Some(p) = &self.platform
+                && !ok
                     .order
                     .chip_ids
                     .iter()
                     .any(|id| id.as_slice() == p.chip_id.as_slice())
-                {
-                    return Err(format!(
-                        "this host's chip ({}) is not among the order's {} chip id(s): the broker would deny every release",
-                        hex::encode(&p.chip_id),
-                        ok.order.chip_ids.len()
-                    ));
-                }
+            {
+                return Err(format!(
+                    "this host's chip ({}) is not among the order's {} chip id(s): the broker would deny every release",
+                    hex::encode(&p.chip_id),
+                    ok.order.chip_ids.len()
+                ));
             }
             if self.db.vms().await?.iter().any(|v| v.vm_id == c.spec.vm_id) {
                 return Err(format!(
@@ -724,15 +724,15 @@ fn make_private_dir(p: &Path) -> Result<(), String> {
 fn bind_socket(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixListener, String> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let err = |e: std::io::Error| format!("control_socket {}: {e}", path.display());
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            // A directory of our own: nobody else can reach the socket even before its mode is set.
-            std::fs::create_dir_all(dir).map_err(err)?;
-            let mode = if group.is_some() { 0o750 } else { 0o700 };
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-            if let Some(gid) = group {
-                std::os::unix::fs::chown(dir, None, Some(gid)).map_err(err)?;
-            }
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        // A directory of our own: nobody else can reach the socket even before its mode is set.
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let mode = if group.is_some() { 0o750 } else { 0o700 };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(dir, None, Some(gid)).map_err(err)?;
         }
     }
     match std::fs::symlink_metadata(path) {

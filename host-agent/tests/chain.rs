@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 /// A Chopsticks process on a free loopback port, killed on drop.
 struct Chain {
     child: Child,
@@ -339,6 +341,152 @@ async fn a_call_the_runtime_lacks_is_refused_before_signing() {
 /// same calls, in the same run. A load run, not a timed test: it asserts nothing about speed.
 ///
 /// `cargo test --release -p host-agent --test chain -- --ignored --nocapture billing_throughput`
+/// The daemon against the chain: the credit check reads each account's free balance from
+/// `System.Account` (an unfunded account's VM is not started; a funded one runs), and the hour's
+/// usage, closed by the agent itself, is drained to the chain once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_checks_credit_on_chain_and_bills_the_hour() {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+    use base64::Engine as _;
+    use host_agent::control::ControlRequest as R;
+    use proto::order::{Billing, ORDER_VERSION, Order, OrderKind};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let Some(chain) = Chain::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let alice = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
+    let unfunded = subxt_signer::sr25519::Keypair::from_uri(&"//Attesta-unfunded".parse().unwrap())
+        .unwrap()
+        .public_key()
+        .to_account_id()
+        .to_string();
+    let op = Ed25519KeyPair::generate().unwrap();
+    let signer = d.join("billing.secret");
+    std::fs::write(&signer, "//Alice\n").unwrap();
+    let config = d.join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "libvirt_uri = \"test:///default\"\nstate_dir = \"state\"\ncontrol_socket = \"c.sock\"\n\
+             operator_keys = [\"{}\"]\nstop_grace_secs = 1\n\
+             [sev]\ncbitpos = 51\nreduced_phys_bits = 1\n\
+             [platform]\nkind = \"simulator\"\nchip = 5\n\
+             [billing]\nchain = \"{}\"\nsigner_file = \"billing.secret\"\ncall = \"System.remark_with_event\"\n\
+             [credit]\nkind = \"chain-balance\"\n",
+            hex::encode(op.public_key().as_ref()),
+            chain.url()
+        ),
+    )
+    .unwrap();
+    let chip = host_agent::platform::read(&host_agent::config::PlatformConfig::Simulator {
+        seed: "attesta-sim".into(),
+        product: "milan".into(),
+        chip: 5,
+        state_dir: None,
+    })
+    .unwrap()
+    .chip_id;
+    let h0 = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / HOUR
+        + 1)
+        * HOUR;
+    let clock = Arc::new(AtomicU64::new(h0 + 1_200));
+    let c = clock.clone();
+    let agent = host_agent::daemon::Daemon::open(
+        host_agent::config::HostConfig::load(&config).unwrap(),
+        Arc::new(move || c.load(Ordering::SeqCst)),
+    )
+    .await
+    .unwrap();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut results = Vec::new();
+    for (vm, account) in [("vm-ch1", alice.to_string()), ("vm-ch2", unfunded.clone())] {
+        let spec = common::spec(d, vm);
+        let order = Order {
+            v: ORDER_VERSION,
+            kind: OrderKind::Register,
+            vm_id: vm.into(),
+            tenant: "t".into(),
+            measurements: vec![serde_bytes::ByteBuf::from(common::digest(&spec).to_vec())],
+            policy: String::new(),
+            chip_ids: vec![serde_bytes::ByteBuf::from(chip.clone())],
+            not_after: u64::MAX / 2,
+            boot_config: serde_bytes::ByteBuf::new(),
+            billing: Some(Billing {
+                account,
+                rate_per_hour: 1_800,
+            }),
+        }
+        .sign(&op);
+        results.push(
+            agent
+                .handle(R::Create {
+                    spec,
+                    order: b64(&order),
+                    start: true,
+                })
+                .await,
+        );
+    }
+    assert!(results[0].ok, "{:?}", results[0].error);
+    let e = results[1].error.clone().unwrap_or_default();
+    assert!(
+        e.contains(&format!(
+            "account {unfunded} cannot pay: free balance 0 is less than 1800"
+        )),
+        "{e}"
+    );
+
+    // The hour closes (2400 s at 1800/h = 1200) and the agent drains it to the chain.
+    clock.store(h0 + HOUR + 2, Ordering::SeqCst);
+    let t = agent.tick().await.unwrap();
+    assert_eq!(t.closed, vec![h0 / HOUR]);
+    assert!(t.stopped.is_empty(), "alice can pay: {t:?}");
+    let drained = agent.drain_if_due().await.unwrap().unwrap();
+    assert_eq!((drained.submitted, drained.failed), (1, 0));
+    let recs = agent.outbox().records().await.unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!((recs[0].total, &recs[0].state), (1_200, &State::Done));
+    let (json, _) = agent
+        .outbox()
+        .doc_and_tx(recs[0].period, &recs[0].account)
+        .await
+        .unwrap();
+    assert_eq!(
+        remarked_hashes(&chain.url()).await,
+        vec![sp_crypto_hashing::blake2_256(json.as_bytes())]
+    );
+    // Nothing left: the next drain does nothing.
+    assert!(agent.drain_if_due().await.unwrap().is_none());
+    for vm in ["vm-ch1", "vm-ch2"] {
+        let order = Order {
+            v: ORDER_VERSION,
+            kind: OrderKind::Terminate,
+            vm_id: vm.into(),
+            tenant: "t".into(),
+            measurements: vec![],
+            policy: String::new(),
+            chip_ids: vec![],
+            not_after: u64::MAX / 2,
+            boot_config: serde_bytes::ByteBuf::new(),
+            billing: None,
+        }
+        .sign(&op);
+        let r = agent
+            .handle(R::Terminate {
+                vm_id: vm.into(),
+                order: b64(&order),
+            })
+            .await;
+        assert!(r.ok, "{:?}", r.error);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "load run for BENCHMARKS.md"]
 async fn billing_throughput() {

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+mod common;
+
 fn host() -> Command {
     Command::new(env!("CARGO_BIN_EXE_attesta-host"))
 }
@@ -150,32 +152,9 @@ fn serve_and_drive_it_through_the_control_socket() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(
-        d.join("ovmf.fd"),
-        simulator::measure::synthetic_ovmf(262_144, 4),
-    )
-    .unwrap();
-    let spec = include_str!("../../examples/vm.toml")
-        .replace("vm_id = \"vm-7\"", "vm_id = \"vm-cli\"")
-        .replace(
-            "/usr/share/ovmf/OVMF.amdsev.fd",
-            &d.join("ovmf.fd").display().to_string(),
-        )
-        .replace("kernel = \"/var/lib/attesta/images/vmlinuz\"\n", "")
-        .replace("initrd = \"/var/lib/attesta/images/initrd.img\"\n", "")
-        .replace(
-            "cmdline = \"console=ttyS0 root=/dev/mapper/attesta-root ro\"\n",
-            "",
-        )
-        .replace(
-            "/var/lib/attesta/disks/vm-7.img",
-            &d.join("vm-cli.img").display().to_string(),
-        )
-        .replace("size_gib = 20", "size_gib = 1")
-        .replace("vsock_cid = 107\n", "");
+    let spec = common::spec(d, "vm-cli");
     std::fs::write(d.join("vm.toml"), &spec).unwrap();
-    let digest =
-        host_agent::gate::launch_digest(&host_agent::spec::VmSpec::parse(&spec).unwrap()).unwrap();
+    let digest = common::digest(&spec);
     let op = Ed25519KeyPair::generate().unwrap();
     let platform = host_agent::platform::read(&host_agent::config::PlatformConfig::Simulator {
         seed: "attesta-sim".into(),

@@ -14,9 +14,12 @@ use kbs::store::{SqliteStore, Store as _};
 use proto::order::{Allowlist, Billing, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
 use snp::{Verifier, VerifierConfig};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+mod common;
+use common::{digest, spec};
 
 fn real_now() -> u64 {
     std::time::SystemTime::now()
@@ -32,40 +35,6 @@ fn pk(k: &Ed25519KeyPair) -> [u8; 32] {
 fn b64(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
-}
-
-/// Boot artifacts and a spec for `vm_id` in `dir`.
-fn spec(dir: &Path, vm_id: &str) -> String {
-    let ovmf = dir.join("ovmf.fd");
-    if !ovmf.exists() {
-        std::fs::write(&ovmf, simulator::measure::synthetic_ovmf(262_144, 9)).unwrap();
-        std::fs::write(dir.join("vmlinuz"), vec![0x5a; 100_000]).unwrap();
-        std::fs::write(dir.join("initrd.img"), vec![0xa5; 50_000]).unwrap();
-    }
-    include_str!("../../examples/vm.toml")
-        .replace("vm_id = \"vm-7\"", &format!("vm_id = \"{vm_id}\""))
-        .replace(
-            "/usr/share/ovmf/OVMF.amdsev.fd",
-            &ovmf.display().to_string(),
-        )
-        .replace(
-            "/var/lib/attesta/images/vmlinuz",
-            &dir.join("vmlinuz").display().to_string(),
-        )
-        .replace(
-            "/var/lib/attesta/images/initrd.img",
-            &dir.join("initrd.img").display().to_string(),
-        )
-        .replace(
-            "/var/lib/attesta/disks/vm-7.img",
-            &dir.join(format!("{vm_id}.img")).display().to_string(),
-        )
-        .replace("size_gib = 20", "size_gib = 1")
-        .replace("vsock_cid = 107\n", "")
-}
-
-fn digest(spec: &str) -> [u8; 48] {
-    host_agent::gate::launch_digest(&host_agent::spec::VmSpec::parse(spec).unwrap()).unwrap()
 }
 
 struct Fixture {
@@ -480,4 +449,56 @@ async fn credit_check_stops_accounts_that_cannot_pay() {
             .await);
     }
     let _ = std::fs::remove_file(&script);
+}
+
+/// With the chain unreachable: the credit check cannot be made and `on_error = "keep"` keeps
+/// the VM running; the hour's usage waits in the outbox and retries back off (5 s, then 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_chain_keeps_vms_and_backs_off() {
+    let secret = "[billing]\nchain = \"ws://127.0.0.1:1\"\nsigner_file = \"billing.secret\"\n\
+                  [credit]\nkind = \"chain-balance\"\non_error = \"keep\"\n";
+    let f = fixture(secret).await;
+    let d = f.dir.path();
+    std::fs::write(d.join("billing.secret"), "//Alice\n").unwrap();
+    let h0 = hour(2);
+    f.set(h0 + 60);
+    let agent = f.open().await;
+    let s = spec(d, "vm-b1");
+    let billing = Some(Billing {
+        account: "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY".into(),
+        rate_per_hour: 60,
+    });
+    let v = ok(agent
+        .handle(R::Create {
+            spec: s.clone(),
+            order: b64(&f.register("vm-b1", &s, &f.chip_id, billing)),
+            start: true,
+        })
+        .await);
+    assert_eq!(v["state"], "running");
+    f.set(h0 + HOUR);
+    let t = agent.tick().await.unwrap();
+    assert_eq!((t.closed.len(), t.stopped.len()), (1, 0), "{t:?}");
+    assert!(agent.drain_if_due().await.is_err(), "chain unreachable");
+    assert!(agent.drain_if_due().await.unwrap().is_none(), "backing off");
+    f.set(h0 + HOUR + 5);
+    assert!(agent.drain_if_due().await.is_err(), "retried after 5 s");
+    f.set(h0 + HOUR + 10);
+    assert!(
+        agent.drain_if_due().await.unwrap().is_none(),
+        "then waits 10 s"
+    );
+    f.set(h0 + HOUR + 15);
+    assert!(agent.drain_if_due().await.is_err(), "retried after 10 s");
+    let recs = agent.outbox().records().await.unwrap();
+    assert_eq!(
+        (recs.len(), recs[0].total, &recs[0].state),
+        (1, 59, &host_agent::billing::State::Pending)
+    );
+    ok(agent
+        .handle(R::Terminate {
+            vm_id: "vm-b1".into(),
+            order: b64(&f.terminate("vm-b1")),
+        })
+        .await);
 }
