@@ -33,6 +33,9 @@ def table(certs):
 put("policy", "example.toml", (root.parent / "examples" / "policy.toml").read_bytes())
 put("cert_table", "empty", b"\0" * 24)
 put("host_spec", "vm.toml", (root.parent / "examples" / "vm.toml").read_bytes())
+put("host_spec", "host.toml", (root.parent / "examples" / "host.toml").read_bytes())
+put("host_spec", "control-create.json", b'{"op":"create","spec":"vm_id = \\"a\\"","order":"AAAA","start":true}')
+put("host_spec", "control-list.json", b'{"op":"list"}')
 ovmf = pathlib.Path("/usr/share/ovmf/OVMF.fd")
 if ovmf.is_file():
     # The last pages carry the footer table and SEV metadata the parser reads.

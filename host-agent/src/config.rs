@@ -179,12 +179,20 @@ pub struct ConfigError {
 impl HostConfig {
     /// Reads and checks the file; relative paths become relative to it.
     pub fn load(path: &Path) -> Result<HostConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        HostConfig::parse(&text, path)
+    }
+
+    /// Parses and checks `text`, the contents of `path` (never read here).
+    pub fn parse(text: &str, path: &Path) -> Result<HostConfig, ConfigError> {
         let err = |why: String| ConfigError {
             path: path.display().to_string(),
             why,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut c: HostConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let mut c: HostConfig = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         c.operator_keys()
             .map_err(|e| err(format!("operator_keys: {e}")))?;
         if c.operator_keys.is_empty() {
