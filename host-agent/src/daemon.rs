@@ -81,6 +81,16 @@ impl Daemon {
     /// that happened while it was down are recorded (a stop it did not see is dated at its
     /// last heartbeat, so nobody is billed for time no one observed).
     pub async fn open(cfg: HostConfig, clock: Clock) -> Result<Arc<Daemon>, String> {
+        let platform = platform::read(&cfg.platform);
+        Daemon::open_with(cfg, clock, platform).await
+    }
+
+    /// As [`Daemon::open`], with the platform given (a simulated fleet's chip, read elsewhere).
+    pub async fn open_with(
+        cfg: HostConfig,
+        clock: Clock,
+        platform: Result<Platform, String>,
+    ) -> Result<Arc<Daemon>, String> {
         make_private_dir(&cfg.state_dir)?;
         let keys = cfg.operator_keys()?;
         let uri = cfg.libvirt_uri.clone();
@@ -98,7 +108,7 @@ impl Daemon {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", cfg.libvirt_uri))?;
-        let platform = match platform::read(&cfg.platform) {
+        let platform = match platform {
             Ok(p) => {
                 tracing::info!(chip_id = %hex::encode(&p.chip_id), reported_tcb = %p.reported_tcb, product = %p.product, source = p.source, "platform");
                 Some(p)

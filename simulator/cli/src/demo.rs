@@ -7,7 +7,7 @@ use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use guest_agent::client::{Broker, ClientError, fetch};
 use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
 use kbs::keys::FileKek;
-use kbs::service::{Kbs, TlsIdentity, serve};
+use kbs::service::{Kbs, Role, TlsIdentity, serve};
 use kbs::store::SqliteStore;
 use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
@@ -53,6 +53,9 @@ impl LiveAttack {
 /// What the demo observed.
 pub struct Summary {
     pub vms: usize,
+    /// Host agents (one per simulated machine) and the libvirt domains they created.
+    pub hosts: usize,
+    pub domains: usize,
     pub unlocked: usize,
     /// Disks actually activated through device-mapper (0 where it is unavailable, as in sandboxes).
     pub activated: usize,
@@ -88,6 +91,8 @@ pub struct Stack {
     pub kbs: Arc<Kbs>,
     pub broker: Broker,
     pub operator: Ed25519KeyPair,
+    /// The broker's TLS CA (it also issues the host agents' client certificates).
+    pub tls: TlsIdentity,
 }
 
 /// How to start a broker for [`stack_with`].
@@ -169,17 +174,18 @@ pub async fn stack_with(dir: &Path, o: StackOptions) -> Result<Stack, String> {
         kbs,
         broker,
         operator,
+        tls,
     })
 }
 
 /// The operator's register order for VM number `i` of the demo image on `chip_id`.
-pub fn order(vm_id: &str, i: usize, chip_id: &[u8; 64]) -> Order {
+pub fn order(vm_id: &str, i: usize, chip_id: &[u8; 64], image: &[u8; 48]) -> Order {
     Order {
         v: ORDER_VERSION,
         kind: OrderKind::Register,
         vm_id: vm_id.into(),
         tenant: format!("tenant-{}", i % 3),
-        measurements: vec![ByteBuf::from(IMAGE.to_vec())],
+        measurements: vec![ByteBuf::from(image.to_vec())],
         policy: String::new(),
         chip_ids: vec![ByteBuf::from(chip_id.to_vec())],
         not_after: now() + 3600,
@@ -196,20 +202,73 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
 
+    // The image every VM runs: synthetic firmware, kernel and initrd; its launch digest is what
+    // the host agents compute before launching, the allowlist approves and the orders name.
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).map_err(|x| x.to_string())?;
+    std::fs::write(
+        images.join("ovmf.fd"),
+        simulator::measure::synthetic_ovmf(262_144, 9),
+    )
+    .map_err(|x| x.to_string())?;
+    std::fs::write(images.join("vmlinuz"), vec![0x5a; 1 << 20]).map_err(|x| x.to_string())?;
+    std::fs::write(images.join("initrd.img"), vec![0xa5; 1 << 19]).map_err(|x| x.to_string())?;
+    let spec_of = |vm: &str| vm_spec(dir, &images, vm);
+    let image = host_agent::gate::launch_digest(
+        &host_agent::spec::VmSpec::parse(&spec_of("vm-0")).map_err(|x| x.to_string())?,
+    )
+    .map_err(|x| x.to_string())?;
+
     let Stack {
-        kbs,
+        kbs: _,
         broker,
         operator,
-    } = stack(dir, &milan).await?;
+        tls,
+    } = stack_with(
+        dir,
+        StackOptions {
+            trust_roots: vec![milan.ark.cert.clone()],
+            revocation: Revocation::IfAvailable,
+            crls: Vec::new(),
+            image,
+            clock: now,
+        },
+    )
+    .await?;
     let e = |x: &dyn std::fmt::Display| x.to_string();
 
-    // The miner registers each VM with the operator's signed order and places it on a chip.
+    // The miners: one host agent per machine (chip), each on its own libvirt (the test driver),
+    // with a host client certificate from the broker's CA. Each VM is created through its
+    // miner's agent: the launch gate, the order relayed to the broker, a blank disk, a domain.
     let chip_of = |i: usize| &chips[i % chips.len()];
+    let mut agents = Vec::new();
+    for (m, chip) in chips.iter().enumerate() {
+        progress(
+            quiet,
+            &format!("starting host agent {}/{}", m + 1, chips.len()),
+        );
+        agents.push(host_agent_for(dir, m, chip, &broker, &tls, &operator).await?);
+    }
+    let b64 = |b: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(b)
+    };
+    let mut domains = 0;
     for i in 0..vms {
-        let order = order(&format!("vm-{i}"), i, &chip_of(i).config.chip_id);
-        kbs.register(&order.sign(&operator), now())
-            .await
-            .map_err(|x| e(&x))?;
+        let vm = format!("vm-{i}");
+        progress(quiet, &format!("host agents: creating VM {}/{vms}", i + 1));
+        let o = order(&vm, i, &chip_of(i).config.chip_id, &image);
+        let r = agents[i % chips.len()]
+            .handle(host_agent::control::ControlRequest::Create {
+                spec: spec_of(&vm),
+                order: b64(&o.sign(&operator)),
+                start: true,
+            })
+            .await;
+        match (r.ok, r.error) {
+            (true, _) => domains += 1,
+            (false, why) => return Err(format!("{vm}: host agent: {}", why.unwrap_or_default())),
+        }
     }
 
     // Boot every VM twice: the first boot formats its LUKS2 disk, the second unlocks it.
@@ -221,7 +280,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
             progress(quiet, &format!("boot {boot}/2: VM {}/{vms}", i + 1));
             let vm = format!("vm-{i}");
             let guest = chip_of(i).launch(GuestLaunch {
-                measurement: IMAGE,
+                measurement: image,
                 ..Default::default()
             });
             let t0 = Instant::now();
@@ -230,11 +289,9 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
                 .map_err(|x| format!("{vm}: {x}"))?;
             latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
             let key = DiskKey::from_bytes(&got.volume_key).map_err(|x| e(&x))?;
+            // The blank disk the host agent created; the guest formats it with its released key.
             let img = dir.join(format!("{vm}.img"));
             if boot == 1 {
-                std::fs::File::create(&img)
-                    .and_then(|f| f.set_len(32 << 20))
-                    .map_err(|x| e(&x))?;
                 luks::format(
                     &img,
                     &key,
@@ -276,11 +333,20 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         boot_config: ByteBuf::new(),
         billing: None,
     };
-    kbs.terminate(&terminate.sign(&operator), now())
-        .await
-        .map_err(|x| e(&x))?;
+    let r = agents[0]
+        .handle(host_agent::control::ControlRequest::Terminate {
+            vm_id: "vm-0".into(),
+            order: b64(&terminate.sign(&operator)),
+        })
+        .await;
+    if !r.ok {
+        return Err(format!("vm-0: terminate: {}", r.error.unwrap_or_default()));
+    }
+    if dir.join("vm-0.img").exists() {
+        return Err("vm-0: terminated, but its disk was not wiped".into());
+    }
     let guest0 = chip_of(0).launch(GuestLaunch {
-        measurement: IMAGE,
+        measurement: image,
         ..Default::default()
     });
     if matches!(
@@ -338,7 +404,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
                 &broker,
                 vm,
                 &home.launch(GuestLaunch {
-                    measurement: IMAGE,
+                    measurement: image,
                     policy: 0x3_001f | (1 << 19),
                     ..Default::default()
                 }),
@@ -351,7 +417,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
                 &broker,
                 vm,
                 &away.launch(GuestLaunch {
-                    measurement: IMAGE,
+                    measurement: image,
                     ..Default::default()
                 }),
             )
@@ -363,7 +429,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
                 &broker,
                 "vm-nobody",
                 &home.launch(GuestLaunch {
-                    measurement: IMAGE,
+                    measurement: image,
                     ..Default::default()
                 }),
             )
@@ -376,7 +442,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
             &broker,
             vm,
             &home.launch(GuestLaunch {
-                measurement: IMAGE,
+                measurement: image,
                 ..Default::default()
             }),
         )
@@ -389,7 +455,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
             &broker,
             vm,
             &rogue_chip.launch(GuestLaunch {
-                measurement: IMAGE,
+                measurement: image,
                 ..Default::default()
             }),
         )
@@ -405,7 +471,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
             &wrong_pin,
             vm,
             &home.launch(GuestLaunch {
-                measurement: IMAGE,
+                measurement: image,
                 ..Default::default()
             }),
         )
@@ -418,12 +484,76 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
     attacks.extend(catalogue_live(dir, &lab).await?);
     Ok(Summary {
         vms,
+        hosts: agents.len(),
+        domains,
         unlocked,
         activated,
         denied,
         attacks,
         latencies_ms: latencies,
     })
+}
+
+/// The VM spec the demo's host agents launch `vm` with.
+fn vm_spec(dir: &Path, images: &Path, vm: &str) -> String {
+    format!(
+        "vm_id = \"{vm}\"\nvcpus = 2\nmemory_mib = 2048\nvcpu_type = \"EPYC-Milan\"\n\
+         [boot]\novmf = \"{ovmf}\"\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\n\
+         cmdline = \"console=ttyS0 root=/dev/mapper/attesta-root ro\"\n\
+         [disk]\npath = \"{disk}\"\nsize_gib = 1\n\
+         [snp]\npolicy = \"0x30000\"\nguest_features = \"0x1\"\n",
+        ovmf = images.join("ovmf.fd").display(),
+        kernel = images.join("vmlinuz").display(),
+        initrd = images.join("initrd.img").display(),
+        disk = dir.join(format!("{vm}.img")).display(),
+    )
+}
+
+/// A host agent for simulated machine `m` (its own libvirt test driver, configuration and
+/// state under `dir/miners/miner-m`, a host certificate from the broker's CA).
+async fn host_agent_for(
+    dir: &Path,
+    m: usize,
+    chip: &Chip,
+    broker: &Broker,
+    tls: &TlsIdentity,
+    operator: &Ed25519KeyPair,
+) -> Result<Arc<host_agent::daemon::Daemon>, String> {
+    let home = dir.join("miners").join(format!("miner-{m}"));
+    std::fs::create_dir_all(&home).map_err(|x| x.to_string())?;
+    let w = |name: &str, data: &[u8]| {
+        std::fs::write(home.join(name), data).map_err(|x| format!("{name}: {x}"))
+    };
+    w("node.xml", b"<node/>\n")?;
+    w("tls-ca.crt", tls.ca_pem.as_bytes())?;
+    let (cert, key) =
+        kbs::service::issue_client_cert(&tls.ca_key_pem, &format!("miner-{m}"), Role::Host)?;
+    w("host.crt", cert.as_bytes())?;
+    w("host.key", key.as_bytes())?;
+    let config = home.join("host.toml");
+    let text = format!(
+        "libvirt_uri = \"test://{node}\"\nstate_dir = \"state\"\ncontrol_socket = \"control.sock\"\n\
+         operator_keys = [\"{op}\"]\nstop_grace_secs = 1\n\
+         [sev]\ncbitpos = 51\nreduced_phys_bits = 1\n\
+         [kbs]\naddress = \"{addr}\"\nserver_name = \"{name}\"\nca = \"tls-ca.crt\"\n\
+         client_cert = \"host.crt\"\nclient_key = \"host.key\"\n",
+        node = home.join("node.xml").display(),
+        op = hex::encode(pk(operator)),
+        addr = broker.addr,
+        name = broker.server_name,
+    );
+    w("host.toml", text.as_bytes())?;
+    let cfg = host_agent::config::HostConfig::parse(&text, &config).map_err(|x| x.to_string())?;
+    let platform = host_agent::platform::Platform {
+        product: chip.product(),
+        chip_id: chip.config.chip_id.to_vec(),
+        reported_tcb: chip.config.reported_tcb.unwrap_or(chip.config.current_tcb),
+        current_tcb: chip.config.current_tcb,
+        source: "simulator",
+    };
+    host_agent::daemon::Daemon::open_with(cfg, host_agent::daemon::system_clock(), Ok(platform))
+        .await
+        .map_err(|x| format!("host agent {m}: {x}"))
 }
 
 /// A client that speaks the release protocol by hand, as an attacker would: it chooses what

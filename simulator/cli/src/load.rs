@@ -141,6 +141,7 @@ pub fn run(
         kbs,
         broker,
         operator,
+        ..
     } = broker_rt.block_on(stack(dir, &milan))?;
     progress(&format!("registering {vms} VMs"));
     for i in 0..vms {
@@ -148,6 +149,7 @@ pub fn run(
             &format!("vm-{i}"),
             i,
             &chips[i % chips.len()].config.chip_id,
+            &IMAGE,
         );
         broker_rt
             .block_on(kbs.register(&o.sign(&operator), now()))
@@ -251,7 +253,7 @@ pub fn run(
         })
         .collect::<Result<_, _>>()
         .map_err(|x| e(&x))?;
-    let policy = kbs::service::vm_policy(Some(&order("vm-0", 0, &chips[0].config.chip_id)));
+    let policy = kbs::service::vm_policy(Some(&order("vm-0", 0, &chips[0].config.chip_id, &IMAGE)));
     let verifier = &kbs.verifier;
     let at = now();
     let threads = if place.pinned() {

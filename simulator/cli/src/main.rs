@@ -374,7 +374,7 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
     }
     let s = result?;
     let all_denied = s.attacks.iter().all(|x| x.as_expected());
-    let ok = s.unlocked == s.vms && s.denied == 1 && all_denied;
+    let ok = s.unlocked == s.vms && s.domains == s.vms && s.denied == 1 && all_denied;
     if a.json {
         let attacks: Vec<serde_json::Value> = s
             .attacks
@@ -390,6 +390,8 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
             .collect();
         let j = serde_json::json!({
             "vms": s.vms,
+            "hosts": s.hosts,
+            "domains": s.domains,
             "unlocked": s.unlocked,
             "activated": s.activated,
             "denied": s.denied,
@@ -402,6 +404,10 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
         println!(
             "attesta demo: {} simulated SEV-SNP VMs, key broker on QUIC loopback, real LUKS2 images",
             s.vms
+        );
+        println!(
+            "  host agents (one per machine, libvirt test driver): {} created {} SEV-SNP domains via signed orders",
+            s.hosts, s.domains
         );
         println!(
             "  first boot (format) and second boot (unlock): {} of {} VMs unlocked",

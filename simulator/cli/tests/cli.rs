@@ -369,6 +369,13 @@ fn demo_json() {
         (Some(3), Some(3), Some(1)),
         "{j}"
     );
+    // Every VM was created by a host agent (two simulated machines), through the launch gate
+    // and the broker.
+    assert_eq!(
+        (j["hosts"].as_u64(), j["domains"].as_u64()),
+        (Some(2), Some(3)),
+        "{j}"
+    );
     let attacks = j["attacks"].as_array().unwrap();
     assert_eq!(j["ok"], true, "{j}");
     assert!(attacks.iter().all(|a| a["denied"] == true), "{j}");
