@@ -260,23 +260,20 @@ pub async fn run(cfg: &GuestConfig) -> Result<Unlocked, UnlockError> {
             policy,
             state_dir,
         } => {
-            use std::sync::Arc;
             let d = |e: String| UnlockError::Device(format!("simulator: {e}"));
             let product: snp::Product = product.parse().map_err(|e| d(format!("{e}")))?;
             let m = hex::decode(measurement.trim())
                 .ok()
                 .and_then(|v| <[u8; 48]>::try_from(v.as_slice()).ok())
                 .ok_or_else(|| d("measurement: expected 96 hex digits".into()))?;
-            let state = state_dir
-                .clone()
-                .unwrap_or_else(simulator::pki::default_state_dir);
-            let pki =
-                simulator::Pki::cached(product, &simulator::Seed::from_text(seed), &state, |n| {
-                    tracing::info!("{n}")
-                })
-                .map(Arc::new)
-                .map_err(d)?;
-            let config = simulator::ChipConfig::typical(&pki, *chip);
+            let (pki, config) = simulator::ChipConfig::typical_cached(
+                product,
+                seed,
+                *chip,
+                state_dir.as_deref(),
+                |n| tracing::info!("{n}"),
+            )
+            .map_err(d)?;
             let chip = simulator::Chip::new(pki, config).map_err(|e| d(e.to_string()))?;
             let mut launch = simulator::GuestLaunch {
                 measurement: m,

@@ -12,7 +12,7 @@
 
 use crate::usage::UsageDoc;
 use sqlx::Row as _;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
+use sqlx::sqlite::SqlitePool;
 use std::path::Path;
 use subxt::config::polkadot::PolkadotExtrinsicParamsBuilder as Params;
 use subxt::dynamic::{self, Value};
@@ -92,17 +92,9 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
 impl Outbox {
     /// Opens (creating) the outbox database: WAL, synchronous=FULL.
     pub async fn open(path: &Path) -> Result<Outbox, BillingError> {
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full);
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts)
+        let pool = crate::state::durable_pool(path, SCHEMA)
             .await
             .map_err(store)?;
-        sqlx::query(SCHEMA).execute(&pool).await.map_err(store)?;
         Ok(Outbox { pool })
     }
 

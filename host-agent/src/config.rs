@@ -168,6 +168,18 @@ fn default_command_timeout() -> u64 {
     30
 }
 
+/// Operator order-signing public keys given as hex (configuration or command line).
+pub fn parse_operator_keys(keys: &[String]) -> Result<Vec<[u8; 32]>, String> {
+    keys.iter()
+        .map(|k| {
+            hex::decode(k.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| format!("{k:?}: expected 64 hex digits"))
+        })
+        .collect()
+}
+
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {why}")]
@@ -242,15 +254,7 @@ impl HostConfig {
 
     /// The operator keys as raw Ed25519 public keys.
     pub fn operator_keys(&self) -> Result<Vec<[u8; 32]>, String> {
-        self.operator_keys
-            .iter()
-            .map(|k| {
-                hex::decode(k.trim())
-                    .ok()
-                    .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-                    .ok_or_else(|| format!("{k:?}: expected 64 hex digits"))
-            })
-            .collect()
+        parse_operator_keys(&self.operator_keys)
     }
 
     /// The agent's database.

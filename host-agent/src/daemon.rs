@@ -612,25 +612,18 @@ impl Daemon {
         let Some(k) = &self.cfg.kbs else {
             return Ok(Relayed::NoBroker);
         };
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let addr = tokio::net::lookup_host(&k.address)
             .await
             .map_err(|e| format!("kbs.address {}: {e}", k.address))?
             .next()
             .ok_or_else(|| format!("kbs.address {}: no address", k.address))?;
-        let remote = kbs::client::Remote {
+        let remote = kbs::client::Remote::from_pem_files(
             addr,
-            server_name: k.server_name.clone(),
-            ca: CertificateDer::from_pem_file(&k.ca)
-                .map_err(|e| format!("{}: {e}", k.ca.display()))?,
-            client_chain: CertificateDer::pem_file_iter(&k.client_cert)
-                .map_err(|e| format!("{}: {e}", k.client_cert.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{}: {e}", k.client_cert.display()))?,
-            client_key: PrivateKeyDer::from_pem_file(&k.client_key)
-                .map_err(|e| format!("{}: {e}", k.client_key.display()))?,
-        };
+            k.server_name.clone(),
+            &k.ca,
+            &k.client_cert,
+            &k.client_key,
+        )?;
         match kbs::client::send_order(remote, terminate, doc).await {
             Ok(_) => Ok(Relayed::Done),
             Err(kbs::client::OrderError::Refused { code, .. })

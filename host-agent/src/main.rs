@@ -244,16 +244,8 @@ fn admit(a: &AdmitArgs) -> Result<(), String> {
     let c = VmSpec::parse(&text).map_err(|e| format!("{}: {e}", a.spec.display()))?;
     let doc =
         std::fs::read(&a.order).map_err(|e| format!("cannot read {}: {e}", a.order.display()))?;
-    let keys = a
-        .operator_keys
-        .iter()
-        .map(|k| {
-            hex::decode(k.trim())
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-                .ok_or_else(|| format!("--operator-key {k:?}: expected 64 hex digits"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let keys = host_agent::config::parse_operator_keys(&a.operator_keys)
+        .map_err(|e| format!("--operator-key {e}"))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

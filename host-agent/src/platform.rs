@@ -51,13 +51,14 @@ pub fn read(c: &PlatformConfig) -> Result<Platform, String> {
             let product: Product = product
                 .parse()
                 .map_err(|e| format!("platform.product: {e}"))?;
-            let state = state_dir
-                .clone()
-                .unwrap_or_else(simulator::pki::default_state_dir);
-            let pki =
-                simulator::Pki::cached(product, &simulator::Seed::from_text(seed), &state, |_| {})
-                    .map_err(|e| format!("simulated platform: {e}"))?;
-            let cfg = simulator::ChipConfig::typical(&pki, *chip);
+            let (_, cfg) = simulator::ChipConfig::typical_cached(
+                product,
+                seed,
+                *chip,
+                state_dir.as_deref(),
+                |_| {},
+            )
+            .map_err(|e| format!("simulated platform: {e}"))?;
             Ok(Platform {
                 product,
                 chip_id: cfg.chip_id.to_vec(),

@@ -38,6 +38,22 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS vms (
         at INTEGER NOT NULL);
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);";
 
+/// One connection to a SQLite file (created if missing) that survives power loss — WAL,
+/// synchronous=FULL — with `schema` applied: the agent's database and the billing outbox.
+pub(crate) async fn durable_pool(path: &Path, schema: &str) -> Result<SqlitePool, sqlx::Error> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await?;
+    sqlx::raw_sql(schema).execute(&pool).await?;
+    Ok(pool)
+}
+
 fn e(err: sqlx::Error) -> String {
     format!("agent database: {err}")
 }
@@ -49,18 +65,9 @@ fn i(v: u64) -> i64 {
 impl StateDb {
     /// Opens (creating) the database.
     pub async fn open(path: &Path) -> Result<StateDb, String> {
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full);
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts)
-            .await
-            .map_err(e)?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(e)?;
-        Ok(StateDb { pool })
+        Ok(StateDb {
+            pool: durable_pool(path, SCHEMA).await.map_err(e)?,
+        })
     }
 
     pub async fn add_vm(&self, r: &VmRecord) -> Result<(), String> {

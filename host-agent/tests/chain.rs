@@ -336,20 +336,15 @@ async fn a_call_the_runtime_lacks_is_refused_before_signing() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 records"));
 }
 
-/// Billing records submitted per second through the outbox (sign, commit, send, wait for
-/// finalization, mark done), against plain subxt `sign_and_submit_then_watch_default` of the
-/// same calls, in the same run. A load run, not a timed test: it asserts nothing about speed.
-///
-/// `cargo test --release -p host-agent --test chain -- --ignored --nocapture billing_throughput`
 /// The daemon against the chain: the credit check reads each account's free balance from
 /// `System.Account` (an unfunded account's VM is not started; a funded one runs), and the hour's
 /// usage, closed by the agent itself, is drained to the chain once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_checks_credit_on_chain_and_bills_the_hour() {
-    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+    use aws_lc_rs::signature::Ed25519KeyPair;
     use base64::Engine as _;
     use host_agent::control::ControlRequest as R;
-    use proto::order::{Billing, ORDER_VERSION, Order, OrderKind};
+    use proto::order::Billing;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -366,28 +361,14 @@ async fn daemon_checks_credit_on_chain_and_bills_the_hour() {
     let signer = d.join("billing.secret");
     std::fs::write(&signer, "//Alice\n").unwrap();
     let config = d.join("host.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "libvirt_uri = \"test:///default\"\nstate_dir = \"state\"\ncontrol_socket = \"c.sock\"\n\
-             operator_keys = [\"{}\"]\nstop_grace_secs = 1\n\
-             [sev]\ncbitpos = 51\nreduced_phys_bits = 1\n\
-             [platform]\nkind = \"simulator\"\nchip = 5\n\
-             [billing]\nchain = \"{}\"\nsigner_file = \"billing.secret\"\ncall = \"System.remark_with_event\"\n\
-             [credit]\nkind = \"chain-balance\"\n",
-            hex::encode(op.public_key().as_ref()),
-            chain.url()
-        ),
-    )
-    .unwrap();
-    let chip = host_agent::platform::read(&host_agent::config::PlatformConfig::Simulator {
-        seed: "attesta-sim".into(),
-        product: "milan".into(),
-        chip: 5,
-        state_dir: None,
-    })
-    .unwrap()
-    .chip_id;
+    let billing = format!(
+        "[platform]\nkind = \"simulator\"\nchip = 5\n\
+         [billing]\nchain = \"{}\"\nsigner_file = \"billing.secret\"\ncall = \"System.remark_with_event\"\n\
+         [credit]\nkind = \"chain-balance\"\n",
+        chain.url()
+    );
+    std::fs::write(&config, common::host_toml(&op, &billing)).unwrap();
+    let chip = common::chip_id("milan", 5);
     let h0 = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -407,22 +388,16 @@ async fn daemon_checks_credit_on_chain_and_bills_the_hour() {
     let mut results = Vec::new();
     for (vm, account) in [("vm-ch1", alice.to_string()), ("vm-ch2", unfunded.clone())] {
         let spec = common::spec(d, vm);
-        let order = Order {
-            v: ORDER_VERSION,
-            kind: OrderKind::Register,
-            vm_id: vm.into(),
-            tenant: "t".into(),
-            measurements: vec![serde_bytes::ByteBuf::from(common::digest(&spec).to_vec())],
-            policy: String::new(),
-            chip_ids: vec![serde_bytes::ByteBuf::from(chip.clone())],
-            not_after: u64::MAX / 2,
-            boot_config: serde_bytes::ByteBuf::new(),
-            billing: Some(Billing {
+        let order = common::register_order(
+            &op,
+            vm,
+            &spec,
+            &chip,
+            Some(Billing {
                 account,
                 rate_per_hour: 1_800,
             }),
-        }
-        .sign(&op);
+        );
         results.push(
             agent
                 .handle(R::Create {
@@ -464,19 +439,7 @@ async fn daemon_checks_credit_on_chain_and_bills_the_hour() {
     // Nothing left: the next drain does nothing.
     assert!(agent.drain_if_due().await.unwrap().is_none());
     for vm in ["vm-ch1", "vm-ch2"] {
-        let order = Order {
-            v: ORDER_VERSION,
-            kind: OrderKind::Terminate,
-            vm_id: vm.into(),
-            tenant: "t".into(),
-            measurements: vec![],
-            policy: String::new(),
-            chip_ids: vec![],
-            not_after: u64::MAX / 2,
-            boot_config: serde_bytes::ByteBuf::new(),
-            billing: None,
-        }
-        .sign(&op);
+        let order = common::terminate_order(&op, vm);
         let r = agent
             .handle(R::Terminate {
                 vm_id: vm.into(),
@@ -487,6 +450,11 @@ async fn daemon_checks_credit_on_chain_and_bills_the_hour() {
     }
 }
 
+/// Billing records submitted per second through the outbox (sign, commit, send, wait for
+/// finalization, mark done), against plain subxt `sign_and_submit_then_watch_default` of the
+/// same calls, in the same run. A load run, not a timed test: it asserts nothing about speed.
+///
+/// `cargo test --release -p host-agent --test chain -- --ignored --nocapture billing_throughput`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "load run for BENCHMARKS.md"]
 async fn billing_throughput() {

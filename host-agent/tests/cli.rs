@@ -145,9 +145,7 @@ fn measure_matches_sev_snp_measure_for_direct_boot() {
 /// same socket is refused; SIGTERM stops the agent and removes the socket.
 #[test]
 fn serve_and_drive_it_through_the_control_socket() {
-    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-    use proto::order::{ORDER_VERSION, Order, OrderKind};
-    use serde_bytes::ByteBuf;
+    use aws_lc_rs::signature::Ed25519KeyPair;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
     let dir = tempfile::tempdir().unwrap();
@@ -156,44 +154,23 @@ fn serve_and_drive_it_through_the_control_socket() {
     std::fs::write(d.join("vm.toml"), &spec).unwrap();
     let digest = common::digest(&spec);
     let op = Ed25519KeyPair::generate().unwrap();
-    let platform = host_agent::platform::read(&host_agent::config::PlatformConfig::Simulator {
-        seed: "attesta-sim".into(),
-        product: "genoa".into(),
-        chip: 1,
-        state_dir: None,
-    })
-    .unwrap();
-    let order = |kind| Order {
-        v: ORDER_VERSION,
-        kind,
-        vm_id: "vm-cli".into(),
-        tenant: "t".into(),
-        measurements: vec![ByteBuf::from(digest.to_vec())],
-        policy: String::new(),
-        chip_ids: vec![ByteBuf::from(platform.chip_id.clone())],
-        not_after: u64::MAX / 2,
-        boot_config: ByteBuf::new(),
-        billing: None,
-    };
+    let chip_id = common::chip_id("genoa", 1);
     std::fs::write(
         d.join("register.order"),
-        order(OrderKind::Register).sign(&op),
+        common::register_order(&op, "vm-cli", &spec, &chip_id, None),
     )
     .unwrap();
     std::fs::write(
         d.join("terminate.order"),
-        order(OrderKind::Terminate).sign(&op),
+        common::terminate_order(&op, "vm-cli"),
     )
     .unwrap();
     let config = d.join("host.toml");
     std::fs::write(
         &config,
-        format!(
-            "libvirt_uri = \"test:///default\"\nstate_dir = \"state\"\ncontrol_socket = \"run/control.sock\"\n\
-             operator_keys = [\"{}\"]\nstop_grace_secs = 1\npoll_secs = 1\n\
-             [sev]\ncbitpos = 51\nreduced_phys_bits = 1\n\
-             [platform]\nkind = \"simulator\"\nproduct = \"genoa\"\nchip = 1\n",
-            hex::encode(op.public_key().as_ref())
+        common::host_toml(
+            &op,
+            "[platform]\nkind = \"simulator\"\nproduct = \"genoa\"\nchip = 1\n",
         ),
     )
     .unwrap();
@@ -201,7 +178,7 @@ fn serve_and_drive_it_through_the_control_socket() {
     let mut agent = host()
         .args(["serve", "--config"])
         .arg(&config)
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let sock = d.join("run/control.sock");
@@ -268,6 +245,8 @@ fn serve_and_drive_it_through_the_control_socket() {
     ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("expected a terminate order"), "{err}");
+    let (code, out, err) = run(&["vm", "reboot", "vm-cli"]);
+    assert_eq!((code, out.trim()), (Some(0), "vm-cli: running"), "{err}");
     let (code, out, err) = run(&["vm", "stop", "vm-cli"]);
     assert_eq!((code, out.trim()), (Some(0), "vm-cli: stopped"), "{err}");
     let (code, _, err) = run(&["vm", "stop", "vm-cli"]);
@@ -276,7 +255,7 @@ fn serve_and_drive_it_through_the_control_socket() {
     let (code, out, _) = run(&["platform", "--json"]);
     assert_eq!(code, Some(0));
     let p: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(p["chip_id"], hex::encode(&platform.chip_id));
+    assert_eq!(p["chip_id"], hex::encode(&chip_id));
     assert_eq!(p["product"], "Genoa");
     let (code, out, _) = run(&["billing", "status", "--json"]);
     assert_eq!((code, out.trim()), (Some(0), "[]"));

@@ -11,7 +11,7 @@ use host_agent::usage::HOUR;
 use kbs::keys::FileKek;
 use kbs::service::{Kbs, Role, TlsIdentity, issue_client_cert, serve};
 use kbs::store::{SqliteStore, Store as _};
-use proto::order::{Allowlist, Billing, ORDER_VERSION, Order, OrderKind};
+use proto::order::{Allowlist, Billing, ORDER_VERSION};
 use serde_bytes::ByteBuf;
 use snp::{Verifier, VerifierConfig};
 use std::path::PathBuf;
@@ -57,35 +57,11 @@ impl Fixture {
     }
 
     fn register(&self, vm_id: &str, spec: &str, chip: &[u8], billing: Option<Billing>) -> Vec<u8> {
-        Order {
-            v: ORDER_VERSION,
-            kind: OrderKind::Register,
-            vm_id: vm_id.into(),
-            tenant: "tenant-a".into(),
-            measurements: vec![ByteBuf::from(digest(spec).to_vec())],
-            policy: String::new(),
-            chip_ids: vec![ByteBuf::from(chip.to_vec())],
-            not_after: real_now() + 30 * 86_400,
-            boot_config: ByteBuf::new(),
-            billing,
-        }
-        .sign(&self.operator)
+        common::register_order(&self.operator, vm_id, spec, chip, billing)
     }
 
     fn terminate(&self, vm_id: &str) -> Vec<u8> {
-        Order {
-            v: ORDER_VERSION,
-            kind: OrderKind::Terminate,
-            vm_id: vm_id.into(),
-            tenant: "tenant-a".into(),
-            measurements: vec![],
-            policy: String::new(),
-            chip_ids: vec![],
-            not_after: real_now() + 30 * 86_400,
-            boot_config: ByteBuf::new(),
-            billing: None,
-        }
-        .sign(&self.operator)
+        common::terminate_order(&self.operator, vm_id)
     }
 
     async fn open(&self) -> Arc<Daemon> {
@@ -131,31 +107,17 @@ async fn fixture(extra: &str) -> Fixture {
     std::fs::write(d.join("tls-ca.crt"), &tls.ca_pem).unwrap();
     std::fs::write(d.join("host.crt"), cert).unwrap();
     std::fs::write(d.join("host.key"), key.as_bytes()).unwrap();
-    let platform = host_agent::platform::read(&host_agent::config::PlatformConfig::Simulator {
-        seed: "attesta-sim".into(),
-        product: "milan".into(),
-        chip: 3,
-        state_dir: None,
-    })
-    .unwrap();
     let config = d.join("host.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "libvirt_uri = \"test:///default\"\nstate_dir = \"state\"\ncontrol_socket = \"control.sock\"\n\
-             operator_keys = [\"{}\"]\nstop_grace_secs = 1\n\
-             [sev]\ncbitpos = 51\nreduced_phys_bits = 1\n\
-             [platform]\nkind = \"simulator\"\nchip = 3\n\
-             [kbs]\naddress = \"{addr}\"\nserver_name = \"kbs.test\"\nca = \"tls-ca.crt\"\n\
-             client_cert = \"host.crt\"\nclient_key = \"host.key\"\n{extra}",
-            hex::encode(pk(&operator))
-        ),
-    )
-    .unwrap();
+    let broker = format!(
+        "[platform]\nkind = \"simulator\"\nchip = 3\n\
+         [kbs]\naddress = \"{addr}\"\nserver_name = \"kbs.test\"\nca = \"tls-ca.crt\"\n\
+         client_cert = \"host.crt\"\nclient_key = \"host.key\"\n{extra}"
+    );
+    std::fs::write(&config, common::host_toml(&operator, &broker)).unwrap();
     Fixture {
         dir,
         operator,
-        chip_id: platform.chip_id,
+        chip_id: common::chip_id("milan", 3),
         clock: Arc::new(AtomicU64::new(0)),
         kbs,
         config,

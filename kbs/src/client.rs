@@ -15,6 +15,33 @@ pub struct Remote {
     pub client_key: PrivateKeyDer<'static>,
 }
 
+impl Remote {
+    /// Loads the broker's CA and our client chain and key from PEM files, naming a file that
+    /// cannot be read or parsed.
+    pub fn from_pem_files(
+        addr: SocketAddr,
+        server_name: String,
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Remote, String> {
+        use rustls::pki_types::pem::PemObject;
+        fn at(p: &std::path::Path) -> impl Fn(rustls::pki_types::pem::Error) -> String + '_ {
+            move |e| format!("{}: {e}", p.display())
+        }
+        Ok(Remote {
+            addr,
+            server_name,
+            ca: CertificateDer::from_pem_file(ca).map_err(at(ca))?,
+            client_chain: CertificateDer::pem_file_iter(cert)
+                .map_err(at(cert))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(at(cert))?,
+            client_key: PrivateKeyDer::from_pem_file(key).map_err(at(key))?,
+        })
+    }
+}
+
 /// Why an order did not go through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OrderError {

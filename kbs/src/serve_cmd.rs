@@ -452,28 +452,17 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
 }
 
 fn remote(t: &Target, addr: &str) -> Result<kbs::client::Remote, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let need = |p: &Option<PathBuf>, what: &str| {
         p.clone()
             .ok_or_else(|| format!("--{what} is required with --kbs"))
     };
-    let (ca, cert, key) = (
-        need(&t.ca, "ca")?,
-        need(&t.cert, "cert")?,
-        need(&t.key, "key")?,
-    );
-    Ok(kbs::client::Remote {
-        addr: addr.parse().map_err(|e| format!("--kbs {addr:?}: {e}"))?,
-        server_name: t.server_name.clone(),
-        ca: CertificateDer::from_pem_file(&ca).map_err(|e| format!("{}: {e}", ca.display()))?,
-        client_chain: CertificateDer::pem_file_iter(&cert)
-            .map_err(|e| format!("{}: {e}", cert.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", cert.display()))?,
-        client_key: PrivateKeyDer::from_pem_file(&key)
-            .map_err(|e| format!("{}: {e}", key.display()))?,
-    })
+    kbs::client::Remote::from_pem_files(
+        addr.parse().map_err(|e| format!("--kbs {addr:?}: {e}"))?,
+        t.server_name.clone(),
+        &need(&t.ca, "ca")?,
+        &need(&t.cert, "cert")?,
+        &need(&t.key, "key")?,
+    )
 }
 
 /// Re-reads the configured CRLs every `every`: a refreshed file is verified and added; a file

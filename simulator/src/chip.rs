@@ -37,6 +37,29 @@ pub struct ChipConfig {
 }
 
 impl ChipConfig {
+    /// Chip `index` of the fleet `attesta-sim` derives from the text `seed` for `product`, with
+    /// its key hierarchy (cached under `state_dir`, default `attesta-sim`'s): what the guest
+    /// and host agents' simulated devices stand on.
+    pub fn typical_cached(
+        product: Product,
+        seed: &str,
+        index: u64,
+        state_dir: Option<&std::path::Path>,
+        note: impl Fn(&str),
+    ) -> Result<(Arc<Pki>, ChipConfig), String> {
+        let state = state_dir
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(crate::pki::default_state_dir);
+        let pki = Arc::new(Pki::cached(
+            product,
+            &crate::Seed::from_text(seed),
+            &state,
+            note,
+        )?);
+        let config = ChipConfig::typical(&pki, index);
+        Ok((pki, config))
+    }
+
     /// A chip like the ones in the real corpus, with its id derived from `index`.
     pub fn typical(pki: &Pki, index: u64) -> ChipConfig {
         let product = pki.product;

@@ -109,15 +109,15 @@ pub struct StackOptions {
 }
 
 /// Starts a broker in `dir` (SQLite, group commit, QUIC on a loopback port) trusting `root`'s
-/// simulated ARK, with an operator key and an allowlist holding the demo image.
-pub async fn stack(dir: &Path, root: &Pki) -> Result<Stack, String> {
+/// simulated ARK, with an operator key and an allowlist holding `image`.
+pub async fn stack(dir: &Path, root: &Pki, image: [u8; 48]) -> Result<Stack, String> {
     stack_with(
         dir,
         StackOptions {
             trust_roots: vec![root.ark.cert.clone()],
             revocation: Revocation::IfAvailable,
             crls: Vec::new(),
-            image: IMAGE,
+            image,
             clock: now,
         },
     )
@@ -224,17 +224,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         broker,
         operator,
         tls,
-    } = stack_with(
-        dir,
-        StackOptions {
-            trust_roots: vec![milan.ark.cert.clone()],
-            revocation: Revocation::IfAvailable,
-            crls: Vec::new(),
-            image,
-            clock: now,
-        },
-    )
-    .await?;
+    } = stack(dir, &milan, image).await?;
     let e = |x: &dyn std::fmt::Display| x.to_string();
 
     // The miners: one host agent per machine (chip), each on its own libvirt (the test driver),

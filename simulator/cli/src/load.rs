@@ -142,7 +142,7 @@ pub fn run(
         broker,
         operator,
         ..
-    } = broker_rt.block_on(stack(dir, &milan))?;
+    } = broker_rt.block_on(stack(dir, &milan, IMAGE))?;
     progress(&format!("registering {vms} VMs"));
     for i in 0..vms {
         let o = order(
