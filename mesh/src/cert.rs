@@ -299,6 +299,12 @@ impl MeshCert {
         }
     }
 
+    /// Checks a signature made with this certificate's key, in the key's own algorithm
+    /// (signed mesh documents: revocation lists, announcements).
+    pub fn verify_signed(&self, message: &[u8], signature: &[u8]) -> bool {
+        self.verify_with_key(self.alg_of_key() == Alg::Ed25519, message, signature)
+    }
+
     fn alg_of_key(&self) -> Alg {
         // Ed25519 SPKIs are 44 bytes; P-256 ones are 91.
         if self.spki.len() < 60 {
@@ -550,4 +556,19 @@ pub fn sign(ca: &MeshCert, ca_key_pem: &str, req: &Request<'_>) -> Result<Issued
         cert_pem: cert.pem(),
         key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
     })
+}
+
+/// Signs `message` with a PEM key that must belong to `cert` (Ed25519, or ECDSA P-256 SHA-256
+/// ASN.1): what [`MeshCert::verify_signed`] checks.
+pub fn sign_with(cert: &MeshCert, key_pem: &str, message: &[u8]) -> Result<Vec<u8>, CertError> {
+    use rcgen::SigningKey;
+    let e = |x: rcgen::Error| CertError::Issue(x.to_string());
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(e)?;
+    if rcgen::PublicKeyData::subject_public_key_info(&key) != cert.spki {
+        return Err(CertError::Issue(format!(
+            "the key does not belong to certificate {}",
+            cert.name
+        )));
+    }
+    key.sign(message).map_err(e)
 }

@@ -155,12 +155,14 @@ fn parse_service(s: &str) -> Result<Pattern, String> {
     if s == "icmp" {
         return Ok(Pattern::Icmp);
     }
-    if let Some((proto, ports)) = s.split_once('/') {
-        let proto = match proto {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            _ => return Err(format!("service {s:?}: protocol must be tcp or udp")),
-        };
+    // "tcp/…" and "udp/…" are ports; any other name (an ALPN such as "attesta-kbs/1") is a
+    // mesh service.
+    let ports = s.split_once('/').and_then(|(proto, ports)| match proto {
+        "tcp" => Some((Proto::Tcp, ports)),
+        "udp" => Some((Proto::Udp, ports)),
+        _ => None,
+    });
+    if let Some((proto, ports)) = ports {
         let (lo, hi) = match ports.split_once('-') {
             Some((a, b)) => (a, b),
             None => (ports, ports),
@@ -409,10 +411,36 @@ expect = "deny"
             "version = 1\n[[inbound]]\nfrom = { any = true, role = \"kbs\" }\nservice = \"any\"",
             "version = 1\n[[inbound]]\nfrom = { cidr = \"10.0.0.0/33\" }\nservice = \"any\"",
             "version = 1\n[[inbound]]\nfrom = { any = true }\nservice = \"tcp/9-1\"",
-            "version = 1\n[[inbound]]\nfrom = { any = true }\nservice = \"sctp/1\"",
+            "version = 1\n[[inbound]]\nfrom = { any = true }\nservice = \"udp/http\"",
+            "version = 1\n[[inbound]]\nfrom = { any = true }\nservice = \"bad name\"",
             "version = 1\n[[inbound]]\nfrom = { any = true }\nservice = \"any\"\nextra = 1",
         ] {
             assert!(Firewall::load(bad).is_err(), "{bad}");
         }
+        // Any other "x/y" is a mesh service named by its ALPN, never a port range.
+        let fw = Firewall::load(
+            "version = 1\n[[inbound]]\nfrom = { role = \"guest\" }\nservice = \"attesta-kbs/1\"",
+        )
+        .unwrap();
+        let guest = Peer {
+            name: "g".into(),
+            groups: vec![],
+            role: Some(Role::Guest),
+            ip: None,
+        };
+        assert!(matches!(
+            fw.decide(&guest, &Service::Named("attesta-kbs/1".into())),
+            Verdict::Allow { .. }
+        ));
+        assert_eq!(
+            fw.decide(
+                &guest,
+                &Service::Packet {
+                    proto: Proto::Tcp,
+                    port: 1
+                }
+            ),
+            Verdict::Deny
+        );
     }
 }

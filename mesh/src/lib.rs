@@ -10,4 +10,87 @@
 
 pub mod cert;
 pub mod firewall;
+pub mod lighthouse;
+pub mod node;
+pub mod revocation;
 pub mod transport;
+
+/// "8760h", "30d", "90m", "3600s" or plain seconds, as the CLI and node.toml take them.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'd')) => (&s[..i], 86_400),
+        Some((i, 'h')) => (&s[..i], 3_600),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 's')) => (&s[..i], 1),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("duration {s:?}: expected e.g. 8760h, 30d, 90m or 3600s"))
+}
+
+/// A CA and nodes for the unit tests.
+#[cfg(test)]
+pub(crate) mod test_pki {
+    use crate::cert::{Claims, Curve, MeshCert, Request, Role, new_root, parse_bundle, sign};
+    use rustls::pki_types::CertificateDer;
+
+    pub const NOW: u64 = 1_800_000_000;
+
+    pub struct Ca {
+        pub cert: MeshCert,
+        pub key: String,
+    }
+
+    pub fn ca(name: &str, curve: Curve) -> Ca {
+        let i = new_root(&Request {
+            name,
+            claims: Claims {
+                v: 1,
+                role: Some(Role::Ca),
+                ..Default::default()
+            },
+            is_ca: true,
+            not_before: NOW - 86_400,
+            not_after: NOW + 86_400,
+            curve,
+        })
+        .unwrap();
+        Ca {
+            cert: parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
+            key: i.key_pem.to_string(),
+        }
+    }
+
+    /// A node: (chain DER, key PEM, leaf).
+    pub fn node(ca: &Ca, name: &str, ip: &str) -> (Vec<CertificateDer<'static>>, String, MeshCert) {
+        let i = sign(
+            &ca.cert,
+            &ca.key,
+            &Request {
+                name,
+                claims: Claims {
+                    v: 1,
+                    ips: vec![ip.into()],
+                    groups: vec!["tenant:a".into()],
+                    role: Some(Role::Guest),
+                    networks: vec![],
+                },
+                is_ca: false,
+                not_before: NOW - 3600,
+                not_after: NOW + 3600,
+                curve: Curve::Ed25519,
+            },
+        )
+        .unwrap();
+        let leaf = parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0);
+        (
+            vec![CertificateDer::from(leaf.der.clone())],
+            i.key_pem.to_string(),
+            leaf,
+        )
+    }
+}

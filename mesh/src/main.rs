@@ -1,4 +1,4 @@
-//! `attesta-mesh`: the mesh CA and node certificates on the command line.
+//! `attesta-mesh`: the mesh CA and node certificates, revocation lists, and the node daemon.
 #![forbid(unsafe_code)]
 
 use clap::{Args, Parser, Subcommand};
@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 #[command(
     name = "attesta-mesh",
     version,
-    about = "Attesta's mesh: certificate authority and node certificates"
+    about = "Attesta's mesh: certificate authority, node certificates, revocation lists and the node daemon"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,6 +26,53 @@ enum Cmd {
     /// Node certificates.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Sign a numbered revocation list with a root CA. Copy it to a lighthouse's `revocation`
+    /// file: the lighthouses push it to every node, which closes live connections to the
+    /// revoked within seconds. Reissue it (number + 1) more often than nodes'
+    /// `revocation_max_age`, or they fail closed.
+    Revoke(Revoke),
+    /// Run a mesh node (or a lighthouse) from its configuration file, until SIGINT/SIGTERM.
+    Node {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Log as JSON lines.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Reach a node's echo service through the mesh, as the node of CONFIG, and print the
+    /// round-trip time (exit 0 reached, 1 refused or unreachable).
+    Ping {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The target's overlay address.
+        ip: std::net::IpAddr,
+        #[arg(long, default_value_t = 3)]
+        count: u32,
+    },
+}
+
+#[derive(Args)]
+struct Revoke {
+    /// The root CA directory (ca.crt, ca.key).
+    #[arg(long, value_name = "DIR")]
+    ca: PathBuf,
+    /// The list's number: higher than every list this CA issued before.
+    #[arg(long)]
+    number: u64,
+    /// Certificates to revoke, by issuer and serial and by key (repeatable).
+    #[arg(long, value_name = "FILE")]
+    cert: Vec<PathBuf>,
+    /// A serial to revoke, as ISSUER:HEX (repeatable).
+    #[arg(long, value_name = "ISSUER:HEX")]
+    serial: Vec<String>,
+    /// A public key to revoke, as the SHA-256 of its SubjectPublicKeyInfo in hex (repeatable).
+    #[arg(long, value_name = "HEX")]
+    key: Vec<String>,
+    /// Carry over every entry of a previous list (its signature is checked).
+    #[arg(long, value_name = "FILE")]
+    previous: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -110,21 +157,8 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// "8760h", "30d", "90m", "3600s" or plain seconds.
 fn duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'd')) => (&s[..i], 86_400),
-        Some((i, 'h')) => (&s[..i], 3_600),
-        Some((i, 'm')) => (&s[..i], 60),
-        Some((i, 's')) => (&s[..i], 1),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("duration {s:?}: expected e.g. 8760h, 30d, 90m or 3600s"))
+    mesh::parse_duration(s)
 }
 
 fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), String> {
@@ -344,6 +378,160 @@ fn print(file: &Path, json: bool) -> Result<String, String> {
     ))
 }
 
+fn revoke(a: &Revoke) -> Result<String, String> {
+    use mesh::revocation::{Body, RevocationList, SerialEntry, sign};
+    let (certs, key) = load_ca(&a.ca)?;
+    let ca = certs.first().ok_or("ca.crt holds no certificate")?;
+    if !ca.is_ca || ca.issuer != ca.name {
+        return Err(format!("{} is not a root CA", ca.name));
+    }
+    let mut body = Body {
+        v: 1,
+        ca: ca.name.clone(),
+        number: a.number,
+        issued_at: now(),
+        serials: Vec::new(),
+        keys: Vec::new(),
+    };
+    if let Some(p) = &a.previous {
+        let prev = RevocationList::verify(&read(p)?, &certs[..1], now())
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        if prev.body.number >= a.number {
+            return Err(format!(
+                "--number {} must be higher than the previous list's {}",
+                a.number, prev.body.number
+            ));
+        }
+        body.serials = prev.body.serials;
+        body.keys = prev.body.keys;
+    }
+    for f in &a.cert {
+        let c = parse_bundle(&read(f)?).map_err(|e| format!("{}: {e}", f.display()))?;
+        let c = c.first().ok_or("no certificate")?;
+        body.serials.push(SerialEntry {
+            issuer: c.issuer.clone(),
+            serial: hex::encode(&c.serial),
+        });
+        body.keys.push(hex::encode(c.key_hash));
+    }
+    for s in &a.serial {
+        let (issuer, serial) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--serial {s:?}: expected ISSUER:HEX"))?;
+        hex::decode(serial).map_err(|_| format!("--serial {s:?}: the serial is not hex"))?;
+        body.serials.push(SerialEntry {
+            issuer: issuer.into(),
+            serial: serial.to_lowercase(),
+        });
+    }
+    for k in &a.key {
+        if hex::decode(k).map(|v| v.len()) != Ok(32) {
+            return Err(format!("--key {k:?}: expected 64 hex digits"));
+        }
+        body.keys.push(k.to_lowercase());
+    }
+    body.serials
+        .sort_by(|x, y| (&x.issuer, &x.serial).cmp(&(&y.issuer, &y.serial)));
+    body.serials.dedup();
+    body.keys.sort();
+    body.keys.dedup();
+    let bytes = sign(ca, &key, &body).map_err(|e| e.to_string())?;
+    // Replacing the previous list in place is the normal workflow.
+    std::fs::write(&a.out, &bytes).map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
+    Ok(format!(
+        "revocation list {} by {}: {} serial(s), {} key(s) → {}",
+        body.number,
+        body.ca,
+        body.serials.len(),
+        body.keys.len(),
+        a.out.display()
+    ))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn run_node(config: &Path, json_logs: bool) -> Result<String, String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json_logs {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    let cfg = mesh::node::NodeConfig::load(config).map_err(|e| e.to_string())?;
+    runtime()?.block_on(async move {
+        let node = mesh::node::Node::start(cfg, Vec::new())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        node.shutdown().await;
+        Ok("stopped".into())
+    })
+}
+
+fn ping(config: &Path, ip: std::net::IpAddr, count: u32) -> Result<String, String> {
+    let mut cfg = mesh::node::NodeConfig::load(config).map_err(|e| e.to_string())?;
+    // A one-shot client: any free port, no lighthouse duties, no echo.
+    cfg.listen = std::net::SocketAddr::new(cfg.listen.ip(), 0);
+    cfg.lighthouse = false;
+    cfg.echo = false;
+    cfg.announce = false;
+    cfg.advertise.clear();
+    runtime()?.block_on(async move {
+        let node = mesh::node::Node::start(cfg, Vec::new())
+            .await
+            .map_err(|e| e.to_string())?;
+        // Give the lighthouse connections a moment to come up.
+        for _ in 0..20 {
+            if !node.peers().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let conn = node
+            .connect(ip, mesh::node::ECHO_ALPN)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut lines = Vec::new();
+        for i in 0..count.max(1) {
+            let t = std::time::Instant::now();
+            let (mut s, mut r) = conn.open_bi().await.map_err(|e| format!("refused: {e}"))?;
+            let probe = format!("attesta ping {i}");
+            s.write_all(probe.as_bytes())
+                .await
+                .map_err(|e| format!("refused: {e}"))?;
+            let _ = s.finish();
+            let back = r
+                .read_to_end(1024)
+                .await
+                .map_err(|e| format!("refused: {e}"))?;
+            if back != probe.as_bytes() {
+                return Err("the echo did not match".into());
+            }
+            lines.push(format!(
+                "reply from {ip}: seq={i} time={:.2} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            ));
+        }
+        conn.close(0u32.into(), b"done");
+        node.shutdown().await;
+        Ok(lines.join("\n"))
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = |r: Result<String, String>, cmd: &str| match r {
@@ -353,17 +541,31 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("attesta-mesh {cmd}: {e}");
-            ExitCode::from(if cmd == "cert sign" || cmd == "ca new" {
-                1
-            } else {
-                2
-            })
+            ExitCode::from(
+                if cmd == "cert sign" || cmd == "ca new" || cmd == "revoke" {
+                    1
+                } else {
+                    2
+                },
+            )
         }
     };
     match cli.cmd {
         Cmd::Ca(CaCmd::New(a)) => done(ca_new(&a), "ca new"),
         Cmd::Cert(CertCmd::Sign(a)) => done(cert_sign(&a), "cert sign"),
         Cmd::Cert(CertCmd::Print { file, json }) => done(print(&file, json), "cert print"),
+        Cmd::Revoke(a) => done(revoke(&a), "revoke"),
+        Cmd::Node { config, json_logs } => done(run_node(&config, json_logs), "node"),
+        Cmd::Ping { config, ip, count } => match ping(&config, ip, count) {
+            Ok(m) => {
+                println!("{m}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("attesta-mesh ping: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Cert(CertCmd::Verify { ca, cert, at }) => {
             let inputs = (|| -> Result<_, String> {
                 let roots =

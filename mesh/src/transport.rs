@@ -4,11 +4,13 @@
 //! built on these configs by the IO shell; nothing here opens a socket.
 
 use crate::cert::{MeshCert, parse_bundle, verify};
+use crate::revocation::{RevocationError, RevocationList};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Revoked certificates, by (issuer name, serial) and by public-key hash. Shared with the
@@ -26,18 +28,27 @@ impl Revoked {
     }
 }
 
-/// What a node trusts: CA roots (two during a rollover) and the revocation set. Swappable.
+/// What a node trusts: CA roots (two during a rollover), the CA-signed revocation lists (the
+/// newest per CA) and a local blocklist. Shared with the verifiers and swapped in place, so an
+/// update applies to the next handshake and the next sweep of live connections, without a
+/// restart.
 #[derive(Debug, Default)]
 pub struct Trust {
     pub roots: RwLock<Vec<MeshCert>>,
+    /// Local additions (an operator's emergency blocklist); never distributed.
     pub revoked: RwLock<Revoked>,
+    lists: RwLock<HashMap<String, RevocationList>>,
+    /// Fail closed when the newest list is older than this (seconds); None: no limit.
+    max_age: RwLock<Option<u64>>,
+    /// Bumped on every change, so watchers know to re-check live connections.
+    generation: AtomicU64,
 }
 
 impl Trust {
     pub fn new(roots: Vec<MeshCert>) -> Arc<Trust> {
         Arc::new(Trust {
             roots: RwLock::new(roots),
-            revoked: RwLock::default(),
+            ..Default::default()
         })
     }
 
@@ -52,14 +63,113 @@ impl Trust {
         for i in intermediates {
             chain.push(MeshCert::parse(i).map_err(|e| e.to_string())?);
         }
-        let roots = self.roots.read().unwrap_or_else(|e| e.into_inner());
-        let leaf = verify(&chain, &roots, now).map_err(|e| e.to_string())?;
-        let revoked = self.revoked.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = chain.iter().find(|c| revoked.contains(c)) {
+        let leaf = {
+            let roots = read(&self.roots);
+            verify(&chain, &roots, now).map_err(|e| e.to_string())?
+        };
+        if let Some(c) = chain.iter().find(|c| self.is_revoked(c)) {
             return Err(format!("certificate {} is revoked", c.name));
         }
         Ok(leaf)
     }
+
+    /// Whether any held list, or the local blocklist, revokes `c`.
+    pub fn is_revoked(&self, c: &MeshCert) -> bool {
+        read(&self.revoked).contains(c) || read(&self.lists).values().any(|l| l.revokes(c))
+    }
+
+    /// Replaces the roots (a CA bundle reloaded from disk).
+    pub fn set_roots(&self, roots: Vec<MeshCert>) {
+        *self.roots.write().unwrap_or_else(|e| e.into_inner()) = roots;
+        self.bump();
+    }
+
+    /// Adds to the local blocklist.
+    pub fn revoke_locally(&self, f: impl FnOnce(&mut Revoked)) {
+        f(&mut self.revoked.write().unwrap_or_else(|e| e.into_inner()));
+        self.bump();
+    }
+
+    /// Installs a signed list if it verifies against the roots and is newer than the one held
+    /// for its CA. Ok(false): the same number again (relays repeat themselves; not an error).
+    pub fn install(&self, bytes: &[u8], now: u64) -> Result<bool, RevocationError> {
+        let list = RevocationList::verify(bytes, &read(&self.roots), now)?;
+        let mut lists = self.lists.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(have) = lists.get(&list.body.ca) {
+            if have.body.number == list.body.number {
+                return Ok(false);
+            }
+            if have.body.number > list.body.number {
+                return Err(RevocationError::NotNewer {
+                    number: list.body.number,
+                    have: have.body.number,
+                });
+            }
+        }
+        lists.insert(list.body.ca.clone(), list);
+        drop(lists);
+        self.bump();
+        Ok(true)
+    }
+
+    /// The held lists, as signed, to relay.
+    pub fn lists(&self) -> Vec<Vec<u8>> {
+        read(&self.lists)
+            .values()
+            .map(|l| l.bytes.clone())
+            .collect()
+    }
+
+    /// (CA, number, issued_at, entries) of each held list.
+    pub fn list_summary(&self) -> Vec<(String, u64, u64, usize)> {
+        let mut v: Vec<_> = read(&self.lists)
+            .values()
+            .map(|l| {
+                (
+                    l.body.ca.clone(),
+                    l.body.number,
+                    l.body.issued_at,
+                    l.entries(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn set_max_age(&self, secs: Option<u64>) {
+        *self.max_age.write().unwrap_or_else(|e| e.into_inner()) = secs;
+        self.bump();
+    }
+
+    /// Err when a maximum age is configured and no list newer than it is held: the node then
+    /// fails closed for everything but fetching a new list.
+    pub fn fresh(&self, now: u64) -> Result<(), String> {
+        let Some(max) = *read(&self.max_age) else {
+            return Ok(());
+        };
+        let newest = read(&self.lists).values().map(|l| l.body.issued_at).max();
+        match newest {
+            Some(t) if now.saturating_sub(t) <= max => Ok(()),
+            Some(t) => Err(format!(
+                "the newest revocation list was issued {}s ago, more than the {max}s allowed",
+                now.saturating_sub(t)
+            )),
+            None => Err("no revocation list is held and a maximum age is configured".into()),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
 }
 
 fn tls_err(why: String) -> rustls::Error {
@@ -112,12 +222,26 @@ impl ServerCertVerifier for MeshServerVerifier {
             .0
             .check(end_entity, intermediates, now.as_secs())
             .map_err(tls_err)?;
-        let want = server_name.to_str();
-        if leaf.name != want {
-            return Err(tls_err(format!(
-                "the peer is {:?}, not {want:?}",
-                leaf.name
-            )));
+        // Dialled by name: the certificate's name; by overlay address: one of its addresses.
+        match server_name {
+            ServerName::IpAddress(ip) => {
+                let ip = std::net::IpAddr::from(*ip);
+                if !leaf.addrs().contains(&ip) {
+                    return Err(tls_err(format!(
+                        "the peer {:?} does not hold overlay address {ip}",
+                        leaf.name
+                    )));
+                }
+            }
+            _ => {
+                let want = server_name.to_str();
+                if leaf.name != want {
+                    return Err(tls_err(format!(
+                        "the peer is {:?}, not {want:?}",
+                        leaf.name
+                    )));
+                }
+            }
         }
         Ok(ServerCertVerified::assertion())
     }

@@ -1,0 +1,1126 @@
+//! The mesh node: the thin IO shell (tokio, quinn) around the sans-IO cores — certificates,
+//! firewall, revocation lists, announcements. One QUIC endpoint per node serves the control
+//! protocol (lighthouse duties, revocation distribution) and the services registered by ALPN,
+//! and dials other nodes by overlay address.
+//!
+//! What it does on its own, without restarts:
+//! - every `reload_ms` it re-reads changed files: certificate and key (rotation), the CA bundle
+//!   (two roots during a rollover), the firewall rules (a file whose tests fail is refused and
+//!   the old rules stay) and the revocation list;
+//! - after any change of trust or rules, and every second for expiry, it re-checks every live
+//!   connection and closes those whose peer is now revoked, expired or no longer allowed, and
+//!   everything but the control service when its revocation list is older than the maximum age;
+//! - it keeps a connection to each lighthouse, announces its underlay addresses there, fetches
+//!   revocation lists, and takes pushed ones; a lighthouse replicates announcements and lists to
+//!   the other lighthouses and pushes lists to every node connected to it.
+
+use crate::cert::{MeshCert, parse_bundle, sign_with};
+use crate::firewall::{Firewall, Peer, Service as FwService, Verdict};
+use crate::lighthouse::{self, CONTROL_ALPN, Directory, Msg};
+use crate::transport::{Identity, Trust, client_tls, server_tls};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use zeroize::Zeroizing;
+
+/// QUIC close codes a peer sees.
+pub mod close {
+    pub const DENIED: u32 = 0x10;
+    pub const REVOKED: u32 = 0x11;
+    pub const STALE: u32 = 0x12;
+    pub const SHUTDOWN: u32 = 0x13;
+    pub const ANONYMOUS: u32 = 0x14;
+}
+
+/// The node's configuration file (TOML). Relative paths are relative to the file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's certificate chain (leaf first) and key, as `cert sign` writes them.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Trusted CA roots; two during a rollover.
+    pub ca: PathBuf,
+    /// Firewall rules (default deny; see `firewall`).
+    pub rules: PathBuf,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Underlay addresses to announce (default: the bound listen address).
+    #[serde(default)]
+    pub advertise: Vec<SocketAddr>,
+    /// Serve as a lighthouse (the certificate's role must be lighthouse).
+    #[serde(default)]
+    pub lighthouse: bool,
+    /// Overlay addresses of the lighthouses; their underlay addresses come from `static_hosts`.
+    #[serde(default)]
+    pub lighthouses: Vec<IpAddr>,
+    /// Overlay address → underlay addresses: the lighthouses', and a fallback for any node.
+    #[serde(default)]
+    pub static_hosts: BTreeMap<IpAddr, Vec<SocketAddr>>,
+    /// Where the newest revocation list is kept: read at start and when it changes (an
+    /// operator drops a new list on a lighthouse here), written when one arrives from the mesh.
+    pub revocation: Option<PathBuf>,
+    /// Fail closed when the newest revocation list is older than this ("2h", "1d").
+    pub revocation_max_age: Option<String>,
+    /// Seconds between announcements.
+    #[serde(default = "default_announce")]
+    pub announce_secs: u64,
+    /// Milliseconds between checks of the files and of live connections.
+    #[serde(default = "default_reload")]
+    pub reload_ms: u64,
+    /// Announce this node's underlay addresses to the lighthouses (off for one-shot clients
+    /// such as `attesta-mesh ping`, which must not displace the node's own entry).
+    #[serde(default = "yes")]
+    pub announce: bool,
+    /// Serve the echo service (`attesta-echo/1`) to peers the rules allow: `attesta-mesh ping`.
+    #[serde(default)]
+    pub echo: bool,
+}
+
+fn default_announce() -> u64 {
+    30
+}
+fn default_reload() -> u64 {
+    1000
+}
+fn yes() -> bool {
+    true
+}
+
+/// Why a node could not start or act.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("{path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no underlay address is known for {0} (no lighthouse knows it, no static host)")]
+    Unresolved(IpAddr),
+    #[error("connect to {addr}: {why}")]
+    Connect { addr: SocketAddr, why: String },
+    #[error("control: {0}")]
+    Control(String),
+}
+
+impl NodeConfig {
+    /// Reads a configuration file; relative paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<NodeConfig, NodeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| NodeError::File {
+            path: path.into(),
+            why: e.to_string(),
+        })?;
+        let mut c: NodeConfig = toml::from_str(&text).map_err(|e| NodeError::File {
+            path: path.into(),
+            why: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.cert, &mut c.key, &mut c.ca, &mut c.rules] {
+            *p = base.join(&*p);
+        }
+        if let Some(r) = &mut c.revocation {
+            *r = base.join(&*r);
+        }
+        Ok(c)
+    }
+}
+
+/// Who is on the other end of a connection, from the verified handshake.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// None: an anonymous client (only services that allow it).
+    pub cert: Option<MeshCert>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub remote: SocketAddr,
+    pub service: Vec<u8>,
+    pub inbound: bool,
+}
+
+impl PeerInfo {
+    fn firewall_peer(&self) -> Option<Peer> {
+        self.cert.as_ref().map(|c| Peer {
+            name: c.name.clone(),
+            groups: c.claims.groups.clone(),
+            role: c.claims.role,
+            ip: c.addrs().first().copied(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.cert
+            .as_ref()
+            .map_or("(anonymous)", |c| c.name.as_str())
+    }
+}
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Serves one admitted bidirectional stream.
+pub type Handler = Arc<dyn Fn(Arc<PeerInfo>, SendStream, RecvStream) -> BoxFuture + Send + Sync>;
+
+/// A service offered on the mesh, selected by ALPN and admitted by the firewall.
+#[derive(Clone)]
+pub struct Service {
+    pub alpn: Vec<u8>,
+    pub handler: Handler,
+    /// Admit clients without a mesh certificate (the KBS's attestation service only).
+    pub anonymous: bool,
+}
+
+pub const ECHO_ALPN: &[u8] = b"attesta-echo/1";
+
+/// Copies each stream back to its sender: connectivity checks and benchmarks.
+pub fn echo_service() -> Service {
+    Service {
+        alpn: ECHO_ALPN.to_vec(),
+        anonymous: false,
+        handler: Arc::new(|_peer, mut send, mut recv| {
+            Box::pin(async move {
+                let _ = tokio::io::copy(&mut recv, &mut send).await;
+                let _ = send.finish();
+            })
+        }),
+    }
+}
+
+struct Me {
+    chain: Vec<CertificateDer<'static>>,
+    key_pem: Zeroizing<String>,
+    leaf: MeshCert,
+}
+
+impl Me {
+    fn identity(&self) -> Result<Identity, NodeError> {
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| NodeError::Identity(e.to_string()))?;
+        Ok(Identity {
+            chain: self.chain.clone(),
+            key,
+        })
+    }
+}
+
+struct Live {
+    conn: Connection,
+    peer: Arc<PeerInfo>,
+}
+
+struct Inner {
+    cfg: NodeConfig,
+    endpoint: Endpoint,
+    trust: Arc<Trust>,
+    firewall: RwLock<Arc<Firewall>>,
+    me: RwLock<Arc<Me>>,
+    services: HashMap<Vec<u8>, Service>,
+    live: Mutex<HashMap<usize, Live>>,
+    directory: Mutex<Directory>,
+    /// Our connections to lighthouses, by overlay address.
+    lighthouse_conns: Mutex<HashMap<IpAddr, Connection>>,
+    stamps: Mutex<HashMap<PathBuf, (SystemTime, u64)>>,
+    /// Set when trust or rules change: re-check every live connection.
+    changed: tokio::sync::Notify,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    advertise: Vec<SocketAddr>,
+    max_age: Option<u64>,
+}
+
+/// A running node. Dropping it does not stop it: call [`Node::shutdown`].
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, NodeError> {
+    std::fs::read(path).map_err(|e| NodeError::File {
+        path: path.into(),
+        why: e.to_string(),
+    })
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Reads and checks the CA bundle, certificate and key as one unit: the certificate must
+/// verify under the bundle and the key must be the certificate's.
+fn load_identity(cfg: &NodeConfig) -> Result<(Vec<MeshCert>, Me), NodeError> {
+    let ca_bytes = read_file(&cfg.ca)?;
+    let roots = parse_bundle(&ca_bytes).map_err(|e| NodeError::File {
+        path: cfg.ca.clone(),
+        why: e.to_string(),
+    })?;
+    if let Some(r) = roots.iter().find(|r| !r.is_ca) {
+        return Err(NodeError::File {
+            path: cfg.ca.clone(),
+            why: format!("{} is not a CA certificate", r.name),
+        });
+    }
+    let cert_pem = read_file(&cfg.cert)?;
+    let key_pem =
+        Zeroizing::new(
+            String::from_utf8(read_file(&cfg.key)?).map_err(|_| NodeError::File {
+                path: cfg.key.clone(),
+                why: "not PEM".into(),
+            })?,
+        );
+    let id = Identity::from_pem(&cert_pem, key_pem.as_bytes()).map_err(NodeError::Identity)?;
+    let chain = parse_bundle(&cert_pem).map_err(|e| NodeError::Identity(e.to_string()))?;
+    let leaf = crate::cert::verify(&chain, &roots, now())
+        .map_err(|e| NodeError::Identity(format!("this node's certificate: {e}")))?;
+    sign_with(&leaf, &key_pem, b"attesta-mesh key check")
+        .map_err(|e| NodeError::Identity(e.to_string()))?;
+    if cfg.lighthouse && leaf.claims.role != Some(crate::cert::Role::Lighthouse) {
+        return Err(NodeError::Identity(format!(
+            "lighthouse = true needs a certificate with role lighthouse; {} has {:?}",
+            leaf.name, leaf.claims.role
+        )));
+    }
+    Ok((
+        roots,
+        Me {
+            chain: id.chain,
+            key_pem,
+            leaf,
+        },
+    ))
+}
+
+fn load_rules(path: &Path) -> Result<Firewall, NodeError> {
+    let text = String::from_utf8(read_file(path)?).map_err(|_| NodeError::File {
+        path: path.into(),
+        why: "not UTF-8".into(),
+    })?;
+    Firewall::load(&text).map_err(|e| NodeError::File {
+        path: path.into(),
+        why: e.to_string(),
+    })
+}
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+impl Node {
+    /// Loads the identity, rules and revocation list, binds the endpoint and starts the
+    /// node's tasks. Must be called inside a tokio runtime.
+    pub async fn start(cfg: NodeConfig, services: Vec<Service>) -> Result<Node, NodeError> {
+        let (roots, me) = load_identity(&cfg)?;
+        let firewall = load_rules(&cfg.rules)?;
+        let trust = Trust::new(roots);
+        let max_age = match &cfg.revocation_max_age {
+            Some(s) => Some(crate::parse_duration(s).map_err(NodeError::Config)?),
+            None => None,
+        };
+        trust.set_max_age(max_age);
+        if let Some(p) = &cfg.revocation
+            && p.exists()
+        {
+            let bytes = read_file(p)?;
+            trust.install(&bytes, now()).map_err(|e| NodeError::File {
+                path: p.clone(),
+                why: e.to_string(),
+            })?;
+        }
+        let mut services: HashMap<Vec<u8>, Service> =
+            services.into_iter().map(|s| (s.alpn.clone(), s)).collect();
+        if cfg.echo {
+            services.insert(ECHO_ALPN.to_vec(), echo_service());
+        }
+        let server = Self::server_config(&me, &trust, &services)?;
+        let endpoint = Endpoint::server(server, cfg.listen)?;
+        let bound = endpoint.local_addr()?;
+        let advertise = if cfg.advertise.is_empty() {
+            vec![bound]
+        } else {
+            cfg.advertise.clone()
+        };
+        let mut stamps = HashMap::new();
+        for p in [&cfg.cert, &cfg.key, &cfg.ca, &cfg.rules]
+            .into_iter()
+            .chain(cfg.revocation.as_ref())
+        {
+            if let Some(s) = stamp(p) {
+                stamps.insert(p.clone(), s);
+            }
+        }
+        let inner = Arc::new(Inner {
+            cfg,
+            endpoint,
+            trust,
+            firewall: RwLock::new(Arc::new(firewall)),
+            me: RwLock::new(Arc::new(me)),
+            services,
+            live: Mutex::new(HashMap::new()),
+            directory: Mutex::new(Directory::new(600)),
+            lighthouse_conns: Mutex::new(HashMap::new()),
+            stamps: Mutex::new(stamps),
+            changed: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+            advertise,
+            max_age,
+        });
+        let node = Node { inner };
+        let mut tasks = vec![
+            tokio::spawn(node.clone().accept_loop()),
+            tokio::spawn(node.clone().watch_loop()),
+        ];
+        let own = node.me().leaf.addrs();
+        for lh in node.inner.cfg.lighthouses.clone() {
+            if !own.contains(&lh) {
+                tasks.push(tokio::spawn(node.clone().lighthouse_loop(lh)));
+            }
+        }
+        *node.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        tracing::info!(
+            name = %node.me().leaf.name,
+            addr = %bound,
+            lighthouse = node.inner.cfg.lighthouse,
+            "mesh node up"
+        );
+        Ok(node)
+    }
+
+    fn server_config(
+        me: &Me,
+        trust: &Arc<Trust>,
+        services: &HashMap<Vec<u8>, Service>,
+    ) -> Result<quinn::ServerConfig, NodeError> {
+        let mut alpn: Vec<&[u8]> = vec![CONTROL_ALPN];
+        alpn.extend(services.keys().map(|k| k.as_slice()));
+        let anonymous = services.values().any(|s| s.anonymous);
+        let tls = server_tls(me.identity()?, trust.clone(), !anonymous, &alpn)
+            .map_err(NodeError::Identity)?;
+        let q = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| NodeError::Identity(e.to_string()))?;
+        let mut c = quinn::ServerConfig::with_crypto(Arc::new(q));
+        c.transport_config(Arc::new(transport()));
+        Ok(c)
+    }
+
+    fn me(&self) -> Arc<Me> {
+        self.inner
+            .me
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn rules(&self) -> Arc<Firewall> {
+        self.inner
+            .firewall
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
+        Ok(self.inner.endpoint.local_addr()?)
+    }
+
+    /// This node's current certificate.
+    pub fn cert(&self) -> MeshCert {
+        self.me().leaf.clone()
+    }
+
+    pub fn trust(&self) -> Arc<Trust> {
+        self.inner.trust.clone()
+    }
+
+    /// Live connections: (peer name, service, inbound).
+    pub fn peers(&self) -> Vec<(String, String, bool)> {
+        let live = self.inner.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = live
+            .values()
+            .map(|l| {
+                (
+                    l.peer.name().to_string(),
+                    String::from_utf8_lossy(&l.peer.service).into_owned(),
+                    l.peer.inbound,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Names in this lighthouse's directory.
+    pub fn directory_len(&self) -> usize {
+        self.inner
+            .directory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Closes every connection and the endpoint.
+    pub async fn shutdown(&self) {
+        for t in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        self.inner
+            .endpoint
+            .close(close::SHUTDOWN.into(), b"shutting down");
+        self.inner.endpoint.wait_idle().await;
+    }
+
+    /// Admission of a connection or stream: control needs a certificate and nothing else
+    /// (so a node whose list is stale can still fetch a new one); an anonymous client only
+    /// reaches services that allow it; everything else needs a fresh revocation list and a
+    /// firewall rule.
+    fn admit(&self, peer: &PeerInfo) -> Result<(), (u32, String)> {
+        if peer.service == CONTROL_ALPN {
+            return if peer.cert.is_some() {
+                Ok(())
+            } else {
+                Err((
+                    close::ANONYMOUS,
+                    "the control service needs a certificate".into(),
+                ))
+            };
+        }
+        if !peer.inbound {
+            return self
+                .inner
+                .trust
+                .fresh(now())
+                .map_err(|why| (close::STALE, why));
+        }
+        let Some(fw_peer) = peer.firewall_peer() else {
+            return match self.inner.services.get(&peer.service) {
+                Some(s) if s.anonymous => Ok(()),
+                _ => Err((close::ANONYMOUS, "this service needs a certificate".into())),
+            };
+        };
+        self.inner
+            .trust
+            .fresh(now())
+            .map_err(|why| (close::STALE, why))?;
+        let service = FwService::Named(String::from_utf8_lossy(&peer.service).into_owned());
+        match self.rules().decide(&fw_peer, &service) {
+            Verdict::Allow { .. } => Ok(()),
+            Verdict::Deny => Err((
+                close::DENIED,
+                format!(
+                    "the firewall denies {} access to {}",
+                    fw_peer.name,
+                    String::from_utf8_lossy(&peer.service)
+                ),
+            )),
+        }
+    }
+
+    fn register(&self, conn: &Connection, peer: Arc<PeerInfo>) {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                conn.stable_id(),
+                Live {
+                    conn: conn.clone(),
+                    peer,
+                },
+            );
+    }
+
+    fn unregister(&self, conn: &Connection) {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn.stable_id());
+    }
+
+    fn peer_info(conn: &Connection, inbound: bool) -> PeerInfo {
+        let service = conn
+            .handshake_data()
+            .and_then(|h| {
+                h.downcast::<quinn::crypto::rustls::HandshakeData>()
+                    .ok()
+                    .and_then(|h| h.protocol)
+            })
+            .unwrap_or_default();
+        let chain: Vec<CertificateDer<'static>> = conn
+            .peer_identity()
+            .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .map(|b| *b)
+            .unwrap_or_default();
+        PeerInfo {
+            cert: chain.first().and_then(|c| MeshCert::parse(c).ok()),
+            chain,
+            remote: conn.remote_address(),
+            service,
+            inbound,
+        }
+    }
+
+    async fn accept_loop(self) {
+        while let Some(incoming) = self.inner.endpoint.accept().await {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                node.serve(conn).await;
+            });
+        }
+    }
+
+    async fn serve(self, conn: Connection) {
+        let peer = Arc::new(Self::peer_info(&conn, true));
+        if let Err((code, why)) = self.admit(&peer) {
+            tracing::info!(peer = peer.name(), %why, "connection refused");
+            conn.close(code.into(), why.as_bytes());
+            return;
+        }
+        self.register(&conn, peer.clone());
+        if peer.service == CONTROL_ALPN {
+            tokio::spawn(self.clone().take_pushes(conn.clone()));
+        }
+        loop {
+            let Ok((send, recv)) = conn.accept_bi().await else {
+                break;
+            };
+            if peer.service == CONTROL_ALPN {
+                tokio::spawn(self.clone().control(peer.clone(), send, recv));
+                continue;
+            }
+            // The rules may have changed since the connection was admitted.
+            if let Err((code, why)) = self.admit(&peer) {
+                tracing::info!(peer = peer.name(), %why, "stream refused");
+                let mut send = send;
+                let mut recv = recv;
+                let _ = send.reset(code.into());
+                let _ = recv.stop(code.into());
+                continue;
+            }
+            if let Some(s) = self.inner.services.get(&peer.service) {
+                tokio::spawn((s.handler)(peer.clone(), send, recv));
+            }
+        }
+        self.unregister(&conn);
+    }
+
+    /// Dials the node holding overlay address `ip` for `alpn`, verifying that its certificate
+    /// holds that address. Underlay addresses come from the lighthouses (each answer checked
+    /// here: its announcement is signed by the node itself), then the static host map.
+    pub async fn connect(&self, ip: IpAddr, alpn: &[u8]) -> Result<Connection, NodeError> {
+        self.inner
+            .trust
+            .fresh(now())
+            .map_err(|why| NodeError::Control(format!("failing closed: {why}")))?;
+        let mut addrs = self.resolve(ip).await;
+        if addrs.is_empty() {
+            addrs = self
+                .inner
+                .cfg
+                .static_hosts
+                .get(&ip)
+                .cloned()
+                .unwrap_or_default();
+        }
+        if addrs.is_empty() {
+            return Err(NodeError::Unresolved(ip));
+        }
+        let mut last = NodeError::Unresolved(ip);
+        for addr in addrs {
+            match self.dial(addr, ip, alpn).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        ip: IpAddr,
+        alpn: &[u8],
+    ) -> Result<Connection, NodeError> {
+        let me = self.me();
+        let tls = client_tls(me.identity()?, self.inner.trust.clone(), alpn)
+            .map_err(NodeError::Identity)?;
+        let q = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| NodeError::Identity(e.to_string()))?;
+        let mut cc = quinn::ClientConfig::new(Arc::new(q));
+        cc.transport_config(Arc::new(transport()));
+        let err = |why: String| NodeError::Connect { addr, why };
+        let conn = self
+            .inner
+            .endpoint
+            .connect_with(cc, addr, &ip.to_string())
+            .map_err(|e| err(e.to_string()))?
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let peer = Arc::new(Self::peer_info(&conn, false));
+        self.register(&conn, peer);
+        let node = self.clone();
+        let c2 = conn.clone();
+        tokio::spawn(async move {
+            c2.closed().await;
+            node.unregister(&c2);
+        });
+        Ok(conn)
+    }
+
+    async fn resolve(&self, ip: IpAddr) -> Vec<SocketAddr> {
+        if self.inner.cfg.lighthouse {
+            let dir = self
+                .inner
+                .directory
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(a) = dir.by_ip(ip, now()) {
+                return a.addrs.clone();
+            }
+        }
+        let conns: Vec<Connection> = self
+            .inner
+            .lighthouse_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in conns {
+            let Ok(Msg::Found { doc }) = request(&c, &Msg::Query { ip }).await else {
+                continue;
+            };
+            match lighthouse::verify(&doc, &self.inner.trust, now()) {
+                Ok(a) if a.overlay.contains(&ip) => return a.addrs,
+                Ok(_) => tracing::warn!(%ip, "a lighthouse answered with another node"),
+                Err(e) => tracing::warn!(%ip, error = %e, "a lighthouse's answer is refused"),
+            }
+        }
+        Vec::new()
+    }
+
+    /// Serves one control request.
+    async fn control(self, peer: Arc<PeerInfo>, mut send: SendStream, mut recv: RecvStream) {
+        let reply = match read_msg(&mut recv).await {
+            Ok(m) => self.handle(&peer, m).await,
+            Err(e) => Msg::Error { why: e },
+        };
+        if let Ok(b) = reply.encode() {
+            let _ = send.write_all(&b).await;
+        }
+        let _ = send.finish();
+    }
+
+    async fn handle(&self, peer: &PeerInfo, m: Msg) -> Msg {
+        let lighthouse = self.inner.cfg.lighthouse;
+        match m {
+            Msg::Announce { doc } if lighthouse => {
+                match lighthouse::verify(&doc, &self.inner.trust, now()) {
+                    Ok(a) => {
+                        let name = a.name.clone();
+                        let changed = self
+                            .inner
+                            .directory
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(a);
+                        if changed {
+                            tracing::debug!(node = %name, via = peer.name(), "announcement");
+                            self.relay_to_lighthouses(Msg::Announce { doc });
+                        }
+                        Msg::Ok
+                    }
+                    Err(e) => Msg::Error { why: e.to_string() },
+                }
+            }
+            Msg::Query { ip } if lighthouse => {
+                let dir = self
+                    .inner
+                    .directory
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                match dir.by_ip(ip, now()) {
+                    Some(a) => Msg::Found { doc: a.doc.clone() },
+                    None => Msg::NotFound,
+                }
+            }
+            Msg::Dump if lighthouse => Msg::Entries {
+                docs: self
+                    .inner
+                    .directory
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .docs(now()),
+            },
+            Msg::GetRevocations => Msg::Revocations {
+                docs: self
+                    .inner
+                    .trust
+                    .lists()
+                    .into_iter()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect(),
+            },
+            Msg::Revocations { docs } => {
+                self.take_lists(&docs);
+                Msg::Ok
+            }
+            _ => Msg::Error {
+                why: "not served here".into(),
+            },
+        }
+    }
+
+    /// Installs lists that verify and are newer; keeps them on disk, re-checks live
+    /// connections, and (a lighthouse) pushes them on.
+    fn take_lists(&self, docs: &[String]) {
+        let mut newer = false;
+        for d in docs {
+            match self.inner.trust.install(d.as_bytes(), now()) {
+                Ok(true) => {
+                    newer = true;
+                    if let Some(p) = &self.inner.cfg.revocation {
+                        persist(p, d.as_bytes());
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "revocation list refused"),
+            }
+        }
+        if newer {
+            tracing::info!(lists = ?self.inner.trust.list_summary(), "revocation list installed");
+            self.inner.changed.notify_one();
+            if self.inner.cfg.lighthouse {
+                self.push_lists();
+            }
+        }
+    }
+
+    /// A lighthouse pushes its lists to every node connected for control (both directions).
+    fn push_lists(&self) {
+        let docs: Vec<String> = self
+            .inner
+            .trust
+            .lists()
+            .into_iter()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect();
+        let Ok(frame) = (Msg::Revocations { docs }).encode() else {
+            return;
+        };
+        for conn in self.control_conns(|_| true) {
+            let frame = frame.clone();
+            tokio::spawn(async move {
+                if let Ok(mut s) = conn.open_uni().await {
+                    let _ = s.write_all(&frame).await;
+                    let _ = s.finish();
+                }
+            });
+        }
+    }
+
+    fn control_conns(&self, f: impl Fn(&PeerInfo) -> bool) -> Vec<Connection> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|l| l.peer.service == CONTROL_ALPN && f(&l.peer))
+            .map(|l| l.conn.clone())
+            .collect()
+    }
+
+    fn relay_to_lighthouses(&self, m: Msg) {
+        let conns = self.control_conns(|p| {
+            p.cert
+                .as_ref()
+                .is_some_and(|c| c.claims.role == Some(crate::cert::Role::Lighthouse))
+        });
+        for c in conns {
+            let m = m.clone();
+            tokio::spawn(async move {
+                let _ = request(&c, &m).await;
+            });
+        }
+    }
+
+    /// Pushed messages (revocation lists) on a control connection.
+    async fn take_pushes(self, conn: Connection) {
+        while let Ok(mut recv) = conn.accept_uni().await {
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Ok(Msg::Revocations { docs }) = read_msg(&mut recv).await {
+                    node.take_lists(&docs);
+                }
+            });
+        }
+    }
+
+    /// Keeps a control connection to one lighthouse: announce, fetch lists, take pushes;
+    /// reconnects with backoff when it drops.
+    async fn lighthouse_loop(self, lh: IpAddr) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let addrs = self
+                .inner
+                .cfg
+                .static_hosts
+                .get(&lh)
+                .cloned()
+                .unwrap_or_default();
+            let mut conn = None;
+            for a in addrs {
+                match self.dial(a, lh, CONTROL_ALPN).await {
+                    Ok(c) => {
+                        conn = Some(c);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(lighthouse = %lh, error = %e, "lighthouse unreachable")
+                    }
+                }
+            }
+            let Some(conn) = conn else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            };
+            backoff = Duration::from_millis(500);
+            self.inner
+                .lighthouse_conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(lh, conn.clone());
+            tokio::spawn(self.clone().take_pushes(conn.clone()));
+            if let Ok(Msg::Revocations { docs }) = request(&conn, &Msg::GetRevocations).await {
+                self.take_lists(&docs);
+            }
+            if self.inner.cfg.lighthouse
+                && let Ok(Msg::Entries { docs }) = request(&conn, &Msg::Dump).await
+            {
+                let mut dir = self
+                    .inner
+                    .directory
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for d in docs {
+                    if let Ok(a) = lighthouse::verify(&d, &self.inner.trust, now()) {
+                        dir.insert(a);
+                    }
+                }
+            }
+            loop {
+                if self.inner.cfg.announce {
+                    self.announce_to(&conn, lh).await;
+                }
+                tokio::select! {
+                    _ = conn.closed() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(self.inner.cfg.announce_secs.max(1))) => {}
+                }
+                // Pull as well as push: a list pushed while this connection was down arrives here.
+                if let Ok(Msg::Revocations { docs }) = request(&conn, &Msg::GetRevocations).await {
+                    self.take_lists(&docs);
+                }
+            }
+            self.inner
+                .lighthouse_conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&lh);
+            tracing::info!(lighthouse = %lh, "lighthouse connection lost; reconnecting");
+        }
+    }
+
+    async fn announce_to(&self, conn: &Connection, lh: IpAddr) {
+        let me = self.me();
+        match lighthouse::announce(&me.chain, &me.key_pem, &self.inner.advertise, now()) {
+            Ok(doc) => {
+                if let Ok(Msg::Error { why }) = request(conn, &Msg::Announce { doc }).await {
+                    tracing::warn!(lighthouse = %lh, %why, "announcement refused");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot sign an announcement"),
+        }
+    }
+
+    /// Reloads changed files and re-checks live connections, every `reload_ms` and whenever
+    /// trust changes.
+    async fn watch_loop(self) {
+        let every = Duration::from_millis(self.inner.cfg.reload_ms.max(50));
+        let mut seen = self.inner.trust.generation();
+        let mut last_full = 0u64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.inner.changed.notified() => {}
+            }
+            let rules_changed = self.reload();
+            let g = self.inner.trust.generation();
+            let t = now();
+            // Everything on change; expiry and staleness at least once a second.
+            if g != seen || rules_changed || t != last_full {
+                self.sweep();
+                seen = g;
+                last_full = t;
+            }
+        }
+    }
+
+    fn changed_files(&self, paths: &[&PathBuf]) -> bool {
+        let mut stamps = self.inner.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut any = false;
+        for p in paths {
+            let s = stamp(p);
+            if s != stamps.get(*p).copied() {
+                any = true;
+                match s {
+                    Some(s) => stamps.insert((*p).clone(), s),
+                    None => stamps.remove(*p),
+                };
+            }
+        }
+        any
+    }
+
+    /// Returns whether the rules changed.
+    fn reload(&self) -> bool {
+        let cfg = &self.inner.cfg;
+        if self.changed_files(&[&cfg.cert, &cfg.key, &cfg.ca]) {
+            match load_identity(cfg).and_then(|(roots, me)| {
+                let server = Self::server_config(&me, &self.inner.trust, &self.inner.services)?;
+                Ok((roots, me, server))
+            }) {
+                Ok((roots, me, server)) => {
+                    tracing::info!(
+                        name = %me.leaf.name,
+                        roots = roots.len(),
+                        "identity and CA bundle reloaded"
+                    );
+                    self.inner.trust.set_roots(roots);
+                    self.inner.endpoint.set_server_config(Some(server));
+                    *self.inner.me.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(me);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload refused; keeping the current identity")
+                }
+            }
+        }
+        if let Some(p) = cfg.revocation.as_ref()
+            && self.changed_files(&[p])
+            && let Ok(b) = std::fs::read(p)
+        {
+            self.take_lists(&[String::from_utf8_lossy(&b).into_owned()]);
+        }
+        if self.changed_files(&[&cfg.rules]) {
+            match load_rules(&cfg.rules) {
+                Ok(fw) => {
+                    tracing::info!(rules = fw.rules(), "firewall rules reloaded");
+                    *self
+                        .inner
+                        .firewall
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner()) = Arc::new(fw);
+                    return true;
+                }
+                Err(e) => tracing::error!(error = %e, "rules refused; keeping the current rules"),
+            }
+        }
+        false
+    }
+
+    /// Closes live connections that would not be admitted now.
+    fn sweep(&self) {
+        let t = now();
+        let live: Vec<(Connection, Arc<PeerInfo>)> = self
+            .inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|l| (l.conn.clone(), l.peer.clone()))
+            .collect();
+        for (conn, peer) in live {
+            let verdict = match peer.chain.split_first() {
+                Some((leaf, rest)) => self
+                    .inner
+                    .trust
+                    .check(leaf, rest, t)
+                    .map(|_| ())
+                    .map_err(|why| (close::REVOKED, why))
+                    .and_then(|_| self.admit(&peer)),
+                None => self.admit(&peer),
+            };
+            if let Err((code, why)) = verdict {
+                tracing::info!(peer = peer.name(), %why, "closing a live connection");
+                conn.close(code.into(), why.as_bytes());
+                self.unregister(&conn);
+            }
+        }
+    }
+
+    /// The configured maximum age of revocation lists, in seconds.
+    pub fn max_age(&self) -> Option<u64> {
+        self.inner.max_age
+    }
+}
+
+fn persist(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    let r = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        tracing::warn!(path = %path.display(), error = %e, "cannot keep the revocation list");
+    }
+}
+
+async fn read_msg(recv: &mut RecvStream) -> Result<Msg, String> {
+    let mut h = [0u8; 4];
+    recv.read_exact(&mut h).await.map_err(|e| e.to_string())?;
+    let n = Msg::frame_len(h).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; n];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Msg::decode(&body).map_err(|e| e.to_string())
+}
+
+/// One control request and its response.
+pub async fn request(conn: &Connection, m: &Msg) -> Result<Msg, NodeError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| NodeError::Control(e.to_string()))?;
+    let frame = m.encode().map_err(|e| NodeError::Control(e.to_string()))?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| NodeError::Control(e.to_string()))?;
+    let _ = send.finish();
+    tokio::time::timeout(Duration::from_secs(10), read_msg(&mut recv))
+        .await
+        .map_err(|_| NodeError::Control("no answer within 10 s".into()))?
+        .map_err(NodeError::Control)
+}

@@ -1,0 +1,633 @@
+//! Mesh nodes over real QUIC on loopback, each with its own files as an operator writes them:
+//! lighthouses that replicate (two nodes that share no lighthouse still find each other, and a
+//! lighthouse that dies and comes back recovers its directory from the other), the firewall on
+//! each connection with hot-reloaded rules (a file whose tests fail is refused, the old rules
+//! stay), a revocation list dropped on a lighthouse closing a live connection to the revoked
+//! node within 5 s, failing closed on a stale list, and rotation of the CA bundle, certificate
+//! and key without a restart.
+
+use mesh::cert::{Claims, Curve, MeshCert, Request, Role, new_root, parse_bundle, sign};
+use mesh::node::{ECHO_ALPN, Node, NodeConfig, close};
+use mesh::revocation::{Body, SerialEntry};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct Ca {
+    cert: MeshCert,
+    pem: String,
+    key: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let i = new_root(&Request {
+        name,
+        claims: Claims {
+            v: 1,
+            role: Some(Role::Ca),
+            networks: vec!["10.42.0.0/16".into()],
+            ..Default::default()
+        },
+        is_ca: true,
+        not_before: now() - 86_400,
+        not_after: now() + 86_400,
+        curve: Curve::Ed25519,
+    })
+    .unwrap();
+    Ca {
+        cert: parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
+        pem: i.cert_pem.clone(),
+        key: i.key_pem.to_string(),
+    }
+}
+
+/// A free UDP port on loopback (bound and released; the node binds it right after).
+fn free_port() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap()
+}
+
+const RULES: &str = r#"version = 1
+[[inbound]]
+from = { groups = ["tenant:a"] }
+service = "attesta-echo/1"
+[[tests]]
+from = { name = "x", groups = ["tenant:b"] }
+service = "attesta-echo/1"
+expect = "deny"
+"#;
+
+struct Spec<'a> {
+    name: &'a str,
+    ip: &'a str,
+    group: &'a str,
+    role: Role,
+    lighthouses: &'a [(&'a str, SocketAddr)],
+    extra: &'a str,
+}
+
+/// Writes a node's folder (certificate, key, CA bundle, rules, node.toml) and returns it.
+fn write_node(dir: &Path, ca: &Ca, s: &Spec<'_>, listen: SocketAddr) -> PathBuf {
+    let d = dir.join(s.name);
+    std::fs::create_dir_all(&d).unwrap();
+    issue(&d, ca, s.name, s.ip, s.group, s.role);
+    std::fs::write(d.join("ca.crt"), &ca.pem).unwrap();
+    std::fs::write(d.join("rules.toml"), RULES).unwrap();
+    let mut toml = format!(
+        "cert = \"node.crt\"\nkey = \"node.key\"\nca = \"ca.crt\"\nrules = \"rules.toml\"\n\
+         listen = \"{listen}\"\nreload_ms = 200\nannounce_secs = 1\nrevocation = \"revocation.json\"\n\
+         lighthouse = {}\necho = true\n{}\n",
+        s.role == Role::Lighthouse,
+        s.extra
+    );
+    let ips: Vec<String> = s
+        .lighthouses
+        .iter()
+        .map(|(ip, _)| format!("\"{ip}\""))
+        .collect();
+    toml += &format!("lighthouses = [{}]\n[static_hosts]\n", ips.join(", "));
+    for (ip, addr) in s.lighthouses {
+        toml += &format!("\"{ip}\" = [\"{addr}\"]\n");
+    }
+    std::fs::write(d.join("node.toml"), toml).unwrap();
+    d
+}
+
+fn issue(d: &Path, ca: &Ca, name: &str, ip: &str, group: &str, role: Role) {
+    let i = sign(
+        &ca.cert,
+        &ca.key,
+        &Request {
+            name,
+            claims: Claims {
+                v: 1,
+                ips: vec![format!("{ip}/16")],
+                groups: vec![group.into()],
+                role: Some(role),
+                networks: vec![],
+            },
+            is_ca: false,
+            not_before: now() - 60,
+            not_after: now() + 3600,
+            curve: Curve::Ed25519,
+        },
+    )
+    .unwrap();
+    std::fs::write(d.join("node.crt"), &i.cert_pem).unwrap();
+    std::fs::write(d.join("node.key"), i.key_pem.as_bytes()).unwrap();
+}
+
+async fn start(dir: &Path) -> Node {
+    // A restarted node may find its old socket not yet released: retry briefly.
+    let mut tries = 0;
+    loop {
+        match Node::start(NodeConfig::load(&dir.join("node.toml")).unwrap(), vec![]).await {
+            Ok(n) => return n,
+            Err(mesh::node::NodeError::Io(e)) if tries < 20 => {
+                eprintln!("retrying start: {e}");
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Waits for `cond`, polling.
+async fn eventually(what: &str, within: Duration, cond: impl Fn() -> bool) {
+    let end = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// One echo round trip on a new stream.
+async fn echo(conn: &quinn::Connection) -> Result<(), String> {
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    s.write_all(b"hello").await.map_err(|e| e.to_string())?;
+    let _ = s.finish();
+    let back = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(64))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    if back == b"hello" {
+        Ok(())
+    } else {
+        Err("mismatch".into())
+    }
+}
+
+/// Connect to `target`'s echo service and round-trip once, retrying until `deadline`.
+async fn reach(node: &Node, target: &str, within: Duration) -> Result<quinn::Connection, String> {
+    let end = Instant::now() + within;
+    let mut last = String::new();
+    while Instant::now() < end {
+        match node.connect(ip(target), ECHO_ALPN).await {
+            Ok(c) => match echo(&c).await {
+                Ok(()) => return Ok(c),
+                Err(e) => last = e,
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last)
+}
+
+/// The application close code a connection ended with.
+async fn closed_with(conn: &quinn::Connection, within: Duration) -> Option<u32> {
+    match tokio::time::timeout(within, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            u32::try_from(c.error_code.into_inner()).ok()
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lighthouses_replicate_so_peers_need_not_share_one_and_a_dead_one_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = ca("mesh-ca");
+    let (l1, l2) = (free_port(), free_port());
+    let lhs = [("10.42.0.1", l1), ("10.42.0.2", l2)];
+    let lh1_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "lh1",
+            ip: "10.42.0.1",
+            group: "infra",
+            role: Role::Lighthouse,
+            lighthouses: &lhs,
+            extra: "",
+        },
+        l1,
+    );
+    let lh2_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "lh2",
+            ip: "10.42.0.2",
+            group: "infra",
+            role: Role::Lighthouse,
+            lighthouses: &lhs,
+            extra: "",
+        },
+        l2,
+    );
+    let a_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "a",
+            ip: "10.42.1.1",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &lhs[..1],
+            extra: "",
+        },
+        free_port(),
+    );
+    let b_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "b",
+            ip: "10.42.1.2",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &lhs[1..],
+            extra: "",
+        },
+        free_port(),
+    );
+    let lh1 = start(&lh1_dir).await;
+    let lh2 = start(&lh2_dir).await;
+    let a = start(&a_dir).await;
+    let b = start(&b_dir).await;
+
+    // a announces only to lh1, b asks only lh2: replication carries a's entry across.
+    let conn = reach(&b, "10.42.1.1", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(conn.remote_address(), a.local_addr().unwrap());
+    eventually("lh2 to know a, lh1 and b", Duration::from_secs(5), || {
+        lh2.directory_len() >= 3
+    })
+    .await;
+
+    // lh1 dies: its directory is gone. A new lh1 on the same address recovers every entry
+    // from lh2 (Dump), so c — who knows only lh1 — finds b, who never spoke to lh1.
+    lh1.shutdown().await;
+    drop(lh1);
+    let t = Instant::now();
+    let lh1 = start(&lh1_dir).await;
+    let c_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "c",
+            ip: "10.42.1.3",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &lhs[..1],
+            extra: "",
+        },
+        free_port(),
+    );
+    let c = start(&c_dir).await;
+    reach(&c, "10.42.1.2", Duration::from_secs(10))
+        .await
+        .unwrap();
+    eprintln!("lighthouse recovered and answered in {:?}", t.elapsed());
+    eventually("lh1 to hold the mesh again", Duration::from_secs(5), || {
+        lh1.directory_len() >= 3
+    })
+    .await;
+
+    // An address nobody announced is not resolved (and there is no static entry for it).
+    assert!(matches!(
+        c.connect(ip("10.42.9.9"), ECHO_ALPN).await,
+        Err(mesh::node::NodeError::Unresolved(_))
+    ));
+    for n in [a, b, c, lh1, lh2] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firewall_admits_by_rule_and_reloads_without_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = ca("mesh-ca");
+    let a_addr = free_port();
+    let statics = [("10.42.1.1", a_addr)];
+    let extra = "";
+    let mk = |name: &str, ipa: &str, group: &str, listen| {
+        write_node(
+            tmp.path(),
+            &root,
+            &Spec {
+                name,
+                ip: ipa,
+                group,
+                role: Role::Guest,
+                lighthouses: &[],
+                extra,
+            },
+            listen,
+        )
+    };
+    let a_dir = mk("a", "10.42.1.1", "tenant:a", a_addr);
+    let b_dir = mk("b", "10.42.1.2", "tenant:a", free_port());
+    let c_dir = mk("c", "10.42.1.3", "tenant:b", free_port());
+    for d in [&b_dir, &c_dir] {
+        let t = std::fs::read_to_string(d.join("node.toml")).unwrap();
+        let (k, v) = statics[0];
+        std::fs::write(d.join("node.toml"), format!("{t}\"{k}\" = [\"{v}\"]\n")).unwrap();
+    }
+    let a = start(&a_dir).await;
+    let b = start(&b_dir).await;
+    let c = start(&c_dir).await;
+
+    let kept = reach(&b, "10.42.1.1", Duration::from_secs(5))
+        .await
+        .unwrap();
+    // c (tenant:b) completes the handshake but the firewall closes the connection.
+    let refused = c.connect(ip("10.42.1.1"), ECHO_ALPN).await.unwrap();
+    assert_eq!(
+        closed_with(&refused, Duration::from_secs(5)).await,
+        Some(close::DENIED)
+    );
+
+    // A rules file whose own tests fail is refused: the old rules stay, b still gets through.
+    let failing = RULES.replace("expect = \"deny\"", "expect = \"allow\"");
+    std::fs::write(a_dir.join("rules.toml"), failing).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    echo(&kept).await.unwrap();
+
+    // Rules that admit tenant:b instead: b's live connection is closed, c gets in.
+    let swapped = RULES
+        .replace("groups = [\"tenant:a\"]", "groups = [\"tenant:b\"]")
+        .replace("expect = \"deny\"", "expect = \"allow\"");
+    std::fs::write(a_dir.join("rules.toml"), swapped).unwrap();
+    assert_eq!(
+        closed_with(&kept, Duration::from_secs(5)).await,
+        Some(close::DENIED)
+    );
+    reach(&c, "10.42.1.1", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let again = b.connect(ip("10.42.1.1"), ECHO_ALPN).await.unwrap();
+    assert_eq!(
+        closed_with(&again, Duration::from_secs(5)).await,
+        Some(close::DENIED)
+    );
+    assert!(a.peers().iter().all(|(n, _, _)| n != "b"));
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+fn revocation_list(root: &Ca, number: u64, issued_at: u64, revoked: &[&MeshCert]) -> Vec<u8> {
+    let body = Body {
+        v: 1,
+        ca: root.cert.name.clone(),
+        number,
+        issued_at,
+        serials: revoked
+            .iter()
+            .map(|c| SerialEntry {
+                issuer: c.issuer.clone(),
+                serial: hex::encode(&c.serial),
+            })
+            .collect(),
+        keys: vec![],
+    };
+    mesh::revocation::sign(&root.cert, &root.key, &body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_dropped_on_a_lighthouse_cuts_the_revoked_off_within_five_seconds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = ca("mesh-ca");
+    let l1 = free_port();
+    let lhs = [("10.42.0.1", l1)];
+    let lh_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "lh1",
+            ip: "10.42.0.1",
+            group: "infra",
+            role: Role::Lighthouse,
+            lighthouses: &lhs,
+            extra: "",
+        },
+        l1,
+    );
+    let a_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "a",
+            ip: "10.42.1.1",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &lhs,
+            extra: "",
+        },
+        free_port(),
+    );
+    let b_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "b",
+            ip: "10.42.1.2",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &lhs,
+            extra: "",
+        },
+        free_port(),
+    );
+    std::fs::write(
+        lh_dir.join("revocation.json"),
+        revocation_list(&root, 1, now(), &[]),
+    )
+    .unwrap();
+    let lh = start(&lh_dir).await;
+    let a = start(&a_dir).await;
+    let b = start(&b_dir).await;
+    let live = reach(&b, "10.42.1.1", Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let b_cert = b.cert();
+    let t = Instant::now();
+    std::fs::write(
+        lh_dir.join("revocation.json"),
+        revocation_list(&root, 2, now(), &[&b_cert]),
+    )
+    .unwrap();
+    let code = closed_with(&live, Duration::from_secs(5)).await;
+    let took = t.elapsed();
+    assert_eq!(code, Some(close::REVOKED), "closed by a, as revoked");
+    eprintln!("revocation propagated and closed the connection in {took:?}");
+    // a kept the list (it survives a restart) and refuses b from now on.
+    let kept = std::fs::read(a_dir.join("revocation.json")).unwrap();
+    assert!(String::from_utf8_lossy(&kept).contains("\\\"number\\\":2"));
+    assert!(a.trust().is_revoked(&b_cert));
+    assert!(
+        b.connect(ip("10.42.1.1"), ECHO_ALPN).await.is_err() || {
+            let c = b.connect(ip("10.42.1.1"), ECHO_ALPN).await.unwrap();
+            echo(&c).await.is_err()
+        }
+    );
+    // An older list dropped on the lighthouse does not roll anyone back.
+    std::fs::write(
+        lh_dir.join("revocation.json"),
+        revocation_list(&root, 1, now(), &[]),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(lh.trust().is_revoked(&b_cert) && a.trust().is_revoked(&b_cert));
+    for n in [a, b, lh] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_list_fails_closed_until_a_fresh_one_arrives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = ca("mesh-ca");
+    let a_addr = free_port();
+    let statics = [("10.42.1.1", a_addr)];
+    let extra = "revocation_max_age = \"10m\"";
+    let a_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "a",
+            ip: "10.42.1.1",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &[],
+            extra,
+        },
+        a_addr,
+    );
+    let b_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec {
+            name: "b",
+            ip: "10.42.1.2",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &statics,
+            extra: "",
+        },
+        free_port(),
+    );
+    // b lists a as a "lighthouse" only to get its static address; a is not one, which is fine.
+    std::fs::write(
+        a_dir.join("revocation.json"),
+        revocation_list(&root, 1, now() - 3600, &[]),
+    )
+    .unwrap();
+    let a = start(&a_dir).await;
+    let b = start(&b_dir).await;
+    let c = b.connect(ip("10.42.1.1"), ECHO_ALPN).await.unwrap();
+    assert_eq!(
+        closed_with(&c, Duration::from_secs(5)).await,
+        Some(close::STALE)
+    );
+    // a's own outbound connections fail closed too.
+    assert!(a.connect(ip("10.42.1.2"), ECHO_ALPN).await.is_err());
+    std::fs::write(
+        a_dir.join("revocation.json"),
+        revocation_list(&root, 2, now(), &[]),
+    )
+    .unwrap();
+    reach(&b, "10.42.1.1", Duration::from_secs(5))
+        .await
+        .unwrap();
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rollover_and_certificate_rotation_need_no_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let old = ca("mesh-ca-2026");
+    let new = ca("mesh-ca-2027");
+    let a_addr = free_port();
+    let statics = [("10.42.1.1", a_addr)];
+    let a_dir = write_node(
+        tmp.path(),
+        &old,
+        &Spec {
+            name: "a",
+            ip: "10.42.1.1",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &[],
+            extra: "",
+        },
+        a_addr,
+    );
+    let b_dir = write_node(
+        tmp.path(),
+        &new,
+        &Spec {
+            name: "b",
+            ip: "10.42.1.2",
+            group: "tenant:a",
+            role: Role::Guest,
+            lighthouses: &statics,
+            extra: "",
+        },
+        free_port(),
+    );
+    // b already trusts both roots; a only the old one.
+    std::fs::write(b_dir.join("ca.crt"), format!("{}{}", old.pem, new.pem)).unwrap();
+    let a = start(&a_dir).await;
+    let b = start(&b_dir).await;
+    let c = b.connect(ip("10.42.1.1"), ECHO_ALPN).await;
+    assert!(
+        c.is_err() || echo(&c.unwrap()).await.is_err(),
+        "a does not trust the new root yet"
+    );
+
+    // Step 1: a's bundle gets the new root (two roots) — b is admitted, nothing restarted.
+    std::fs::write(a_dir.join("ca.crt"), format!("{}{}", old.pem, new.pem)).unwrap();
+    reach(&b, "10.42.1.1", Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    // Step 2: a rotates to a certificate and key from the new root; new handshakes show it.
+    let before = a.cert();
+    issue(&a_dir, &new, "a", "10.42.1.1", "tenant:a", Role::Guest);
+    let end = Instant::now() + Duration::from_secs(5);
+    while a.cert().serial == before.serial && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.cert().issuer, "mesh-ca-2027");
+    let c = reach(&b, "10.42.1.1", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let presented = c
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .unwrap();
+    assert_eq!(
+        MeshCert::parse(&presented[0]).unwrap().issuer,
+        "mesh-ca-2027"
+    );
+
+    // Step 3: a bundle that no longer covers a's own certificate is refused; a keeps working.
+    std::fs::write(a_dir.join("ca.crt"), &old.pem).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    reach(&b, "10.42.1.1", Duration::from_secs(5))
+        .await
+        .unwrap();
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
