@@ -27,7 +27,8 @@ fi
 
 STAMP=/var/lib/attesta-setup.stamp
 PKGS=(pkg-config libssl-dev clang libclang-dev libcryptsetup-dev cryptsetup-bin
-      libxml2-utils qemu-utils ovmf postgresql softhsm2 opensc python3-pip ca-certificates curl)
+      libxml2-utils qemu-utils ovmf postgresql softhsm2 opensc python3-pip ca-certificates curl
+      iproute2 iputils-ping)
 BPO_PKGS=(libvirt-dev libvirt-clients)
 
 need_install=0

@@ -46,7 +46,7 @@ pub enum Service {
     Packet { proto: Proto, port: u16 },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Proto {
     Tcp,
     Udp,

@@ -12,6 +12,7 @@ pub mod cert;
 pub mod firewall;
 pub mod lighthouse;
 pub mod node;
+pub mod packet;
 pub mod revocation;
 pub mod transport;
 

@@ -489,6 +489,7 @@ fn ping(config: &Path, ip: std::net::IpAddr, count: u32) -> Result<String, Strin
     cfg.lighthouse = false;
     cfg.echo = false;
     cfg.announce = false;
+    cfg.tun = None;
     cfg.advertise.clear();
     runtime()?.block_on(async move {
         let node = mesh::node::Node::start(cfg, Vec::new())

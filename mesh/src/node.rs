@@ -79,9 +79,30 @@ pub struct NodeConfig {
     /// such as `attesta-mesh ping`, which must not displace the node's own entry).
     #[serde(default = "yes")]
     pub announce: bool,
+    /// Carry IP packets: a tun device with this node's overlay address, packets in QUIC
+    /// datagrams to the peer holding the destination, judged packet by packet by the rules.
+    pub tun: Option<TunConfig>,
     /// Serve the echo service (`attesta-echo/1`) to peers the rules allow: `attesta-mesh ping`.
     #[serde(default)]
     pub echo: bool,
+}
+
+/// The overlay's tun device.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunConfig {
+    #[serde(default = "default_tun_name")]
+    pub name: String,
+    /// Must fit in one QUIC datagram (the transport starts at 1400-byte UDP payloads).
+    #[serde(default = "default_tun_mtu")]
+    pub mtu: u16,
+}
+
+fn default_tun_name() -> String {
+    "mesh0".into()
+}
+fn default_tun_mtu() -> u16 {
+    1300
 }
 
 fn default_announce() -> u64 {
@@ -177,6 +198,8 @@ pub struct Service {
 }
 
 pub const ECHO_ALPN: &[u8] = b"attesta-echo/1";
+/// Overlay IP packets, in QUIC datagrams.
+pub const OVERLAY_ALPN: &[u8] = b"attesta-overlay/1";
 
 /// Copies each stream back to its sender: connectivity checks and benchmarks.
 pub fn echo_service() -> Service {
@@ -231,6 +254,11 @@ struct Inner {
     /// Set when trust or rules change: re-check every live connection.
     changed: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    tun: Option<Arc<tokio_tun::Tun>>,
+    /// Overlay connections by the peer's overlay address.
+    overlay: Mutex<HashMap<IpAddr, Connection>>,
+    dialing: Mutex<std::collections::HashSet<IpAddr>>,
+    flows: Mutex<crate::packet::Flows>,
     advertise: Vec<SocketAddr>,
     max_age: Option<u64>,
 }
@@ -315,8 +343,33 @@ fn load_rules(path: &Path) -> Result<Firewall, NodeError> {
     })
 }
 
+fn open_tun(t: &TunConfig, leaf: &MeshCert) -> Result<tokio_tun::Tun, NodeError> {
+    let net = leaf
+        .ips
+        .iter()
+        .find(|n| n.addr().is_ipv4())
+        .ok_or_else(|| NodeError::Config("the tun overlay needs an IPv4 overlay address".into()))?;
+    let (IpAddr::V4(addr), IpAddr::V4(mask)) = (net.addr(), net.netmask()) else {
+        return Err(NodeError::Config(
+            "the tun overlay needs an IPv4 overlay address".into(),
+        ));
+    };
+    let mut tuns = tokio_tun::Tun::builder()
+        .name(&t.name)
+        .mtu(i32::from(t.mtu))
+        .address(addr)
+        .netmask(mask)
+        .up()
+        .build()
+        .map_err(|e| NodeError::Config(format!("cannot create tun device {:?}: {e}", t.name)))?;
+    tuns.pop()
+        .ok_or_else(|| NodeError::Config("no tun device was created".into()))
+}
+
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    // Room for a 1300-byte overlay packet in one datagram from the first flight.
+    t.initial_mtu(1400);
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
         t.max_idle_timeout(Some(idle));
@@ -350,7 +403,11 @@ impl Node {
         if cfg.echo {
             services.insert(ECHO_ALPN.to_vec(), echo_service());
         }
-        let server = Self::server_config(&me, &trust, &services)?;
+        let tun = match &cfg.tun {
+            Some(t) => Some(Arc::new(open_tun(t, &me.leaf)?)),
+            None => None,
+        };
+        let server = Self::server_config(&me, &trust, &services, tun.is_some())?;
         let endpoint = Endpoint::server(server, cfg.listen)?;
         let bound = endpoint.local_addr()?;
         let advertise = if cfg.advertise.is_empty() {
@@ -380,6 +437,10 @@ impl Node {
             stamps: Mutex::new(stamps),
             changed: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
+            tun,
+            overlay: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(Default::default()),
+            flows: Mutex::new(crate::packet::Flows::new(120, 65_536)),
             advertise,
             max_age,
         });
@@ -390,9 +451,13 @@ impl Node {
         ];
         let own = node.me().leaf.addrs();
         for lh in node.inner.cfg.lighthouses.clone() {
-            if !own.contains(&lh) {
+            // A lighthouse does not dial itself (a one-shot client with its files does).
+            if !(node.inner.cfg.lighthouse && own.contains(&lh)) {
                 tasks.push(tokio::spawn(node.clone().lighthouse_loop(lh)));
             }
+        }
+        if let Some(t) = node.inner.tun.clone() {
+            tasks.push(tokio::spawn(node.clone().overlay_out(t)));
         }
         *node.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         tracing::info!(
@@ -408,8 +473,12 @@ impl Node {
         me: &Me,
         trust: &Arc<Trust>,
         services: &HashMap<Vec<u8>, Service>,
+        overlay: bool,
     ) -> Result<quinn::ServerConfig, NodeError> {
         let mut alpn: Vec<&[u8]> = vec![CONTROL_ALPN];
+        if overlay {
+            alpn.push(OVERLAY_ALPN);
+        }
         alpn.extend(services.keys().map(|k| k.as_slice()));
         let anonymous = services.values().any(|s| s.anonymous);
         let tls = server_tls(me.identity()?, trust.clone(), !anonymous, &alpn)
@@ -508,7 +577,11 @@ impl Node {
                 ))
             };
         }
-        if !peer.inbound {
+        // Overlay connections are judged packet by packet.
+        if !peer.inbound || peer.service == OVERLAY_ALPN {
+            if peer.cert.is_none() {
+                return Err((close::ANONYMOUS, "the overlay needs a certificate".into()));
+            }
             return self
                 .inner
                 .trust
@@ -602,6 +675,11 @@ impl Node {
             return;
         }
         self.register(&conn, peer.clone());
+        if peer.service == OVERLAY_ALPN {
+            self.clone().overlay_in(conn.clone(), peer).await;
+            self.unregister(&conn);
+            return;
+        }
         if peer.service == CONTROL_ALPN {
             tokio::spawn(self.clone().take_pushes(conn.clone()));
         }
@@ -627,6 +705,115 @@ impl Node {
             }
         }
         self.unregister(&conn);
+    }
+
+    /// Packets from the tun device: to the peer holding the destination, dialling it first
+    /// (the packet that caused the dial is sent once the connection is up).
+    async fn overlay_out(self, tun: Arc<tokio_tun::Tun>) {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let n = match tun.recv(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "tun read failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let pkt = bytes::Bytes::copy_from_slice(&buf[..n]);
+            let Ok(info) = crate::packet::parse(&pkt) else {
+                continue;
+            };
+            self.inner
+                .flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .outbound(&info, now());
+            let conn = self
+                .inner
+                .overlay
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&info.dst)
+                .cloned();
+            if let Some(c) = conn {
+                if let Err(e) = c.send_datagram(pkt) {
+                    tracing::debug!(dst = %info.dst, error = %e, "overlay packet dropped");
+                }
+                continue;
+            }
+            let first = self
+                .inner
+                .dialing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(info.dst);
+            if first {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    tracing::debug!(dst = %info.dst, "dialling an overlay peer");
+                    match node.connect(info.dst, OVERLAY_ALPN).await {
+                        Ok(c) => {
+                            tracing::debug!(dst = %info.dst, max = ?c.max_datagram_size(), "overlay peer connected");
+                            let _ = c.send_datagram(pkt);
+                            let peer = Arc::new(Self::peer_info(&c, false));
+                            tokio::spawn(node.clone().overlay_in(c, peer));
+                        }
+                        Err(e) => {
+                            tracing::info!(dst = %info.dst, error = %e, "overlay peer unreachable")
+                        }
+                    }
+                    node.inner
+                        .dialing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&info.dst);
+                });
+            }
+        }
+    }
+
+    /// Packets from a peer: its source must be one of the peer's own overlay addresses and the
+    /// destination ours; the rules judge each one before it reaches the tun device.
+    async fn overlay_in(self, conn: Connection, peer: Arc<PeerInfo>) {
+        let (Some(tun), Some(cert), Some(fw_peer)) = (
+            self.inner.tun.clone(),
+            peer.cert.clone(),
+            peer.firewall_peer(),
+        ) else {
+            return;
+        };
+        let theirs = cert.addrs();
+        {
+            let mut o = self.inner.overlay.lock().unwrap_or_else(|e| e.into_inner());
+            for ip in &theirs {
+                o.insert(*ip, conn.clone());
+            }
+        }
+        while let Ok(d) = conn.read_datagram().await {
+            let Ok(info) = crate::packet::parse(&d) else {
+                continue;
+            };
+            if !theirs.contains(&info.src) || !self.me().leaf.addrs().contains(&info.dst) {
+                tracing::debug!(peer = peer.name(), src = %info.src, "spoofed overlay packet dropped");
+                continue;
+            }
+            let reply = self
+                .inner
+                .flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_reply(&info, now());
+            if !reply && self.rules().decide(&fw_peer, &info.service()) == Verdict::Deny {
+                tracing::debug!(peer = peer.name(), ?info, "overlay packet denied");
+                continue;
+            }
+            if let Err(e) = tun.send(&d).await {
+                tracing::debug!(error = %e, "tun write failed");
+            }
+        }
+        let mut o = self.inner.overlay.lock().unwrap_or_else(|e| e.into_inner());
+        o.retain(|_, c| c.stable_id() != conn.stable_id());
     }
 
     /// Dials the node holding overlay address `ip` for `alpn`, verifying that its certificate
@@ -1012,7 +1199,12 @@ impl Node {
         let cfg = &self.inner.cfg;
         if self.changed_files(&[&cfg.cert, &cfg.key, &cfg.ca]) {
             match load_identity(cfg).and_then(|(roots, me)| {
-                let server = Self::server_config(&me, &self.inner.trust, &self.inner.services)?;
+                let server = Self::server_config(
+                    &me,
+                    &self.inner.trust,
+                    &self.inner.services,
+                    self.inner.tun.is_some(),
+                )?;
                 Ok((roots, me, server))
             }) {
                 Ok((roots, me, server)) => {
