@@ -289,14 +289,15 @@ fn ping_and_tcp_through_the_overlay_other_tenants_denied_revoked_node_cut_off() 
         );
     }
     assert!(ping(&net, 2, "10.42.0.1"), "ping a2 → lh1");
-    let secs = tcp_transfer(&net, 1, 2, "10.42.1.2", 8 << 20);
+    let secs = tcp_transfer(&net, 1, 2, "10.42.1.2", 32 << 20);
     eprintln!(
-        "overlay TCP: 8 MiB in {secs:.2}s = {:.1} Mbit/s",
-        8.0 * 8.0 * 1.048_576 / secs
+        "overlay TCP: 32 MiB in {secs:.2}s = {:.1} Mbit/s",
+        32.0 * 8.0 * 1.048_576 / secs
     );
-    let base = tcp_transfer(&net, 1, 2, "192.168.77.2", 8 << 20);
+    let base = tcp_transfer(&net, 1, 2, "192.168.77.2", 32 << 20);
     eprintln!(
-        "underlay TCP: 8 MiB in {base:.2}s; overlay/underlay = {:.3}",
+        "underlay TCP: 32 MiB in {base:.2}s = {:.1} Mbit/s; overlay/underlay = {:.3}",
+        32.0 * 8.0 * 1.048_576 / base,
         base / secs
     );
     // The echo service through the mesh, with the CLI.
