@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const ALPN: &[u8] = b"attesta-bench/1";
-const RULES: &str = "version = 1\n[[inbound]]\nfrom = { groups = [\"tenant:a\"] }\nservice = \"attesta-bench/1\"\n";
+const RULES: &str =
+    "version = 1\n[[inbound]]\nfrom = { groups = [\"tenant:a\"] }\nservice = \"attesta-bench/1\"\n";
 
 struct Pki {
     ca: MeshCert,
@@ -95,12 +96,10 @@ fn configs(p: &Pki, mesh: bool) -> (rustls::ServerConfig, rustls::ClientConfig) 
         let mut roots = rustls::RootCertStore::empty();
         roots.add(p.ca_der.clone()).expect("root");
         let roots = Arc::new(roots);
-        let cv = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            provider(),
-        )
-        .build()
-        .expect("client verifier");
+        let cv =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .expect("client verifier");
         let s = id(&p.server);
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -280,7 +279,12 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.finish();
-    drop((mesh_pair.server, mesh_pair.client, plain_pair.server, plain_pair.client));
+    drop((
+        mesh_pair.server,
+        mesh_pair.client,
+        plain_pair.server,
+        plain_pair.client,
+    ));
 }
 
 criterion_group!(benches, bench);

@@ -90,7 +90,14 @@ async fn send(remote: Remote, terminate: bool, order: Vec<u8>) -> Result<String,
         .map_err(|e| T(e.to_string()))?
         .await
         .map_err(|e| T(format!("cannot reach the broker at {}: {e}", remote.addr)))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| T(e.to_string()))?;
+    // A refused connection (the mesh firewall, a revoked certificate) says why in its close.
+    let lost = |e: String| {
+        T(match conn.close_reason() {
+            Some(r) => format!("the broker closed the connection: {r}"),
+            None => e,
+        })
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
     let req = if terminate {
         Request::Terminate { v: VERSION, order }
     } else {
@@ -98,17 +105,17 @@ async fn send(remote: Remote, terminate: bool, order: Vec<u8>) -> Result<String,
     };
     send.write_all(&frame(&req))
         .await
-        .map_err(|e| T(e.to_string()))?;
+        .map_err(|e| lost(e.to_string()))?;
     let _ = send.finish();
     let mut header = [0u8; 4];
     recv.read_exact(&mut header)
         .await
-        .map_err(|e| T(e.to_string()))?;
+        .map_err(|e| lost(e.to_string()))?;
     let len = frame_len(header, MAX_RESPONSE).map_err(|e| T(e.to_string()))?;
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body)
         .await
-        .map_err(|e| T(e.to_string()))?;
+        .map_err(|e| lost(e.to_string()))?;
     let mut framed = header.to_vec();
     framed.extend_from_slice(&body);
     conn.close(0u32.into(), b"done");

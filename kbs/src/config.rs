@@ -69,12 +69,40 @@ pub struct Config {
     /// without it, orders can only be given on this machine (`vm register --config`).
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// Put the broker on the mesh (then `tls_cert`/`tls_key` are its mesh certificate, role kbs,
+    /// and `client_ca` is not used): hosts and operators present mesh certificates, guests none.
+    #[serde(default)]
+    pub mesh: Option<MeshSection>,
     /// Local TCP address for `/metrics`, `/readyz`, `/healthz` (none: no HTTP endpoint).
     #[serde(default)]
     pub metrics_listen: Option<String>,
     /// "text" (default) or "json" log lines on stderr.
     #[serde(default)]
     pub log_format: LogFormat,
+}
+
+/// The broker on the mesh. Files are re-read every `reload_secs` when they change: the CA
+/// bundle (rollover), the rules (a file whose tests fail is refused, the old rules stay) and the
+/// revocation list (only a newer one replaces the one held).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// Mesh CA roots (PEM; two during a rollover).
+    pub ca: PathBuf,
+    /// Mesh firewall rules: which certified peers may use `attesta-kbs/1` (e.g. role host).
+    pub rules: PathBuf,
+    /// The mesh's signed revocation list (`attesta-mesh revoke`), if any.
+    #[serde(default)]
+    pub revocation: Option<PathBuf>,
+    /// Refuse certified peers when the newest list is older than this ("2d").
+    #[serde(default)]
+    pub revocation_max_age: Option<String>,
+    #[serde(default = "default_mesh_reload")]
+    pub reload_secs: u64,
+}
+
+fn default_mesh_reload() -> u64 {
+    2
 }
 
 /// How log lines look.
@@ -132,6 +160,13 @@ impl Config {
         c.crls.iter_mut().for_each(fix);
         if let Some(p) = &mut c.audit_key {
             fix(p);
+        }
+        if let Some(m) = &mut c.mesh {
+            fix(&mut m.ca);
+            fix(&mut m.rules);
+            if let Some(r) = &mut m.revocation {
+                fix(r);
+            }
         }
         if let Some(p) = &mut c.client_ca {
             fix(p);

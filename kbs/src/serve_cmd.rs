@@ -2,9 +2,10 @@
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use clap::{Args, Subcommand};
+use kbs::config::MeshSection;
 use kbs::config::{Config, KekConfig, LogFormat};
 use kbs::keys::{FileKek, Kek, Pkcs11Kek};
-use kbs::service::{Kbs, TlsIdentity, serve, server_config};
+use kbs::service::{Kbs, MeshGate, TlsIdentity, mesh_server_config, serve_with, server_config};
 use kbs::store::{SqliteStore, Store, StoreOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -232,7 +233,15 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig), String> {
+fn read_pem_identity(
+    c: &Config,
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
     use rustls::pki_types::pem::PemObject;
     let chain = rustls::pki_types::CertificateDer::pem_file_iter(&c.tls_cert)
         .map_err(|e| format!("{}: {e}", c.tls_cert.display()))?
@@ -240,6 +249,149 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig), String> {
         .map_err(|e| format!("{}: {e}", c.tls_cert.display()))?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&c.tls_key)
         .map_err(|e| format!("{}: {e}", c.tls_key.display()))?;
+    Ok((chain, key))
+}
+
+fn mesh_roots(m: &MeshSection) -> Result<Vec<mesh::cert::MeshCert>, String> {
+    let bytes = std::fs::read(&m.ca).map_err(|e| format!("mesh ca {}: {e}", m.ca.display()))?;
+    mesh::cert::parse_bundle(&bytes).map_err(|e| format!("mesh ca {}: {e}", m.ca.display()))
+}
+
+fn mesh_rules(m: &MeshSection) -> Result<mesh::firewall::Firewall, String> {
+    let text = std::fs::read_to_string(&m.rules)
+        .map_err(|e| format!("mesh rules {}: {e}", m.rules.display()))?;
+    mesh::firewall::Firewall::load(&text)
+        .map_err(|e| format!("mesh rules {}: {e}", m.rules.display()))
+}
+
+/// The broker's own certificate must be a mesh certificate with role kbs under `roots`.
+fn check_own_mesh_cert(
+    c: &Config,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    roots: &[mesh::cert::MeshCert],
+) -> Result<(), String> {
+    let own = chain
+        .iter()
+        .map(|d| mesh::cert::MeshCert::parse(d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "tls_cert {}: not a mesh certificate: {e}",
+                c.tls_cert.display()
+            )
+        })?;
+    let leaf = mesh::cert::verify(&own, roots, now())
+        .map_err(|e| format!("tls_cert {}: {e}", c.tls_cert.display()))?;
+    if leaf.claims.role != Some(mesh::cert::Role::Kbs) {
+        return Err(format!(
+            "tls_cert {}: on the mesh the broker's certificate needs role kbs, not {:?}",
+            c.tls_cert.display(),
+            leaf.claims.role
+        ));
+    }
+    Ok(())
+}
+
+/// On the mesh: the gate and the server configuration.
+fn build_mesh(c: &Config, m: &MeshSection) -> Result<(quinn::ServerConfig, Arc<MeshGate>), String> {
+    if c.client_ca.is_some() {
+        return Err(
+            "client_ca and [mesh] are alternatives: on the mesh, hosts and operators present mesh certificates"
+                .into(),
+        );
+    }
+    let roots = mesh_roots(m)?;
+    let (chain, key) = read_pem_identity(c)?;
+    check_own_mesh_cert(c, &chain, &roots)?;
+    let trust = mesh::transport::Trust::new(roots);
+    if let Some(a) = &m.revocation_max_age {
+        trust.set_max_age(Some(
+            mesh::parse_duration(a).map_err(|e| format!("revocation_max_age: {e}"))?,
+        ));
+    }
+    if let Some(r) = &m.revocation
+        && r.exists()
+    {
+        let bytes = std::fs::read(r).map_err(|e| format!("{}: {e}", r.display()))?;
+        trust
+            .install(&bytes, now())
+            .map_err(|e| format!("{}: {e}", r.display()))?;
+    }
+    let gate = Arc::new(MeshGate::new(trust.clone(), mesh_rules(m)?));
+    Ok((mesh_server_config(chain, key, trust)?, gate))
+}
+
+/// Re-reads the mesh files when they change: the broker's certificate and key (rotation),
+/// the CA bundle, the rules and the revocation list. A file that does not load is logged and
+/// the current one stays.
+async fn reload_mesh(c: Config, m: MeshSection, gate: Arc<MeshGate>, endpoint: quinn::Endpoint) {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())))
+    };
+    let files = |c: &Config, m: &MeshSection| {
+        let mut v = vec![
+            c.tls_cert.clone(),
+            c.tls_key.clone(),
+            m.ca.clone(),
+            m.rules.clone(),
+        ];
+        v.extend(m.revocation.clone());
+        v
+    };
+    let mut seen: Vec<_> = files(&c, &m).iter().map(|p| stamp(p)).collect();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(m.reload_secs.max(1))).await;
+        let now_stamps: Vec<_> = files(&c, &m).iter().map(|p| stamp(p)).collect();
+        let changed = |i: usize| now_stamps.get(i) != seen.get(i);
+        if changed(0) || changed(1) || changed(2) {
+            let r = mesh_roots(&m).and_then(|roots| {
+                let (chain, key) = read_pem_identity(&c)?;
+                check_own_mesh_cert(&c, &chain, &roots)?;
+                gate.trust.set_roots(roots);
+                mesh_server_config(chain, key, gate.trust.clone())
+            });
+            match r {
+                Ok(cfg) => {
+                    endpoint.set_server_config(Some(cfg));
+                    tracing::info!("mesh certificate and CA bundle reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "mesh reload refused; keeping the current identity")
+                }
+            }
+        }
+        if changed(3) {
+            match mesh_rules(&m) {
+                Ok(fw) => {
+                    tracing::info!(rules = fw.rules(), "mesh rules reloaded");
+                    gate.set_rules(fw);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "mesh rules refused; keeping the current rules")
+                }
+            }
+        }
+        if changed(4)
+            && let Some(r) = &m.revocation
+            && let Ok(bytes) = std::fs::read(r)
+        {
+            match gate.trust.install(&bytes, now()) {
+                Ok(true) => {
+                    tracing::info!(lists = ?gate.trust.list_summary(), "mesh revocation list installed")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "mesh revocation list refused"),
+            }
+        }
+        seen = now_stamps;
+    }
+}
+
+fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig, Option<Arc<MeshGate>>), String> {
+    use rustls::pki_types::pem::PemObject;
+    let (chain, key) = read_pem_identity(c)?;
     let client_ca = match &c.client_ca {
         Some(p) => Some(
             rustls::pki_types::CertificateDer::from_pem_file(p)
@@ -247,7 +399,13 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig), String> {
         ),
         None => None,
     };
-    let tls = server_config(chain, key, client_ca)?;
+    let (tls, gate) = match &c.mesh {
+        Some(m) => {
+            let (tls, gate) = build_mesh(c, m)?;
+            (tls, Some(gate))
+        }
+        None => (server_config(chain, key, client_ca)?, None),
+    };
     let rk =
         std::fs::read(&c.response_key).map_err(|e| format!("{}: {e}", c.response_key.display()))?;
     let response_key = proto::ResponseKey::from_pkcs8(&rk)
@@ -319,6 +477,7 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig), String> {
             c.nonce_ttl_secs,
         ),
         tls,
+        gate,
     ))
 }
 
@@ -349,7 +508,7 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
         init_logs(&c);
         let rt = runtime()?;
         let _g = rt.enter();
-        let (kbs, tls) = build(&c)?;
+        let (kbs, tls, gate) = build(&c)?;
         if c.allowlist.is_some() {
             let epoch = load_allowlist(&rt, &kbs, &c)?;
             tracing::info!(epoch, "allowlist loaded");
@@ -382,6 +541,17 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
                 std::time::Duration::from_secs(c.crl_reload_secs.max(1)),
             ));
         }
+        if let (Some(g), Some(m)) = (&gate, &c.mesh) {
+            tracing::info!(
+                "on the mesh: clients verified by the mesh CA, hosts and operators by role, guests for attestation only"
+            );
+            rt.spawn(reload_mesh(
+                c.clone(),
+                m.clone(),
+                g.clone(),
+                endpoint.clone(),
+            ));
+        }
         let k = kbs.clone();
         rt.block_on(async move {
             let term = async {
@@ -393,7 +563,7 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
                 }
             };
             tokio::select! {
-                () = serve(endpoint, k.clone(), now) => {}
+                () = serve_with(endpoint, k.clone(), now, gate) => {}
                 _ = tokio::signal::ctrl_c() => {}
                 () = term => {}
             }
@@ -429,7 +599,7 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
             .as_ref()
             .ok_or("--config or --kbs is required")?;
         let c = Config::load(config)?;
-        let (kbs, _) = build(&c)?;
+        let (kbs, ..) = build(&c)?;
         if terminate {
             return rt
                 .block_on(kbs.terminate(&doc, now()))
@@ -500,7 +670,7 @@ pub fn audit_export(config: &Path, out: Option<PathBuf>) -> ExitCode {
         }
         let rt = runtime()?;
         let _g = rt.enter();
-        let (kbs, _) = build(&c)?;
+        let (kbs, ..) = build(&c)?;
         rt.block_on(async {
             kbs.store.checkpoint().await.map_err(|e| e.to_string())?;
             kbs.store.audit_log().await.map_err(|e| e.to_string())
@@ -532,7 +702,7 @@ pub fn allowlist_cmd(c: &AllowlistCmd) -> ExitCode {
         let c = Config::load(config)?;
         let rt = runtime()?;
         let _g = rt.enter();
-        let (kbs, _) = build(&c)?;
+        let (kbs, ..) = build(&c)?;
         let doc = std::fs::read(allowlist).map_err(|e| format!("{}: {e}", allowlist.display()))?;
         rt.block_on(kbs.set_allowlist(&doc, &c.allowlist_key()?, now()))
             .map_err(|e| e.to_string())

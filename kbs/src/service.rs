@@ -576,6 +576,78 @@ impl TlsIdentity {
     }
 }
 
+/// The mesh in front of the broker: clients are verified by the mesh CA (chain, constraints,
+/// revocation lists), a certified client's role comes from its mesh certificate and the mesh
+/// firewall must allow it the service `attesta-kbs/1`; a client without a certificate is a
+/// guest, admitted for attestation only (nonces and evidence).
+pub struct MeshGate {
+    pub trust: Arc<mesh::transport::Trust>,
+    rules: std::sync::RwLock<Arc<mesh::firewall::Firewall>>,
+}
+
+impl MeshGate {
+    pub fn new(trust: Arc<mesh::transport::Trust>, rules: mesh::firewall::Firewall) -> MeshGate {
+        MeshGate {
+            trust,
+            rules: std::sync::RwLock::new(Arc::new(rules)),
+        }
+    }
+
+    /// Swaps in reloaded rules (already parsed and self-tested).
+    pub fn set_rules(&self, rules: mesh::firewall::Firewall) {
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
+    }
+
+    /// The role of a connection's peer, or why it is refused. `chain` is what the TLS
+    /// verifier (the mesh's) already accepted.
+    pub fn admit(
+        &self,
+        chain: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+        now: u64,
+    ) -> Result<Role, String> {
+        let Some(leaf) = chain.and_then(|c| c.first()) else {
+            return Ok(Role::Guest);
+        };
+        let cert = mesh::cert::MeshCert::parse(leaf).map_err(|e| e.to_string())?;
+        self.trust.fresh(now)?;
+        let peer = mesh::firewall::Peer {
+            name: cert.name.clone(),
+            groups: cert.claims.groups.clone(),
+            role: cert.claims.role,
+            ip: cert.addrs().first().copied(),
+        };
+        let service = mesh::firewall::Service::Named(String::from_utf8_lossy(ALPN).into_owned());
+        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if rules.decide(&peer, &service) == mesh::firewall::Verdict::Deny {
+            return Err(format!(
+                "the mesh firewall denies {} the broker's service",
+                cert.name
+            ));
+        }
+        Ok(match cert.claims.role {
+            Some(mesh::cert::Role::Host) => Role::Host,
+            Some(mesh::cert::Role::Operator) => Role::Operator,
+            _ => Role::Guest,
+        })
+    }
+}
+
+/// The broker's QUIC server configuration on the mesh: its mesh certificate (role kbs), the
+/// mesh verifier for clients (optional: guests have none yet).
+pub fn mesh_server_config(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    trust: Arc<mesh::transport::Trust>,
+) -> Result<quinn::ServerConfig, String> {
+    let tls = mesh::transport::server_tls(
+        mesh::transport::Identity { chain, key },
+        trust,
+        false,
+        &[ALPN],
+    )?;
+    finish_server(tls)
+}
+
 /// QUIC server configuration: TLS 1.3 only, ALPN `attesta-kbs/1`, no early data. With
 /// `client_ca`, clients may present a certificate from it (hosts, operators); guests present none.
 pub fn server_config(
@@ -602,9 +674,13 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut tls = builder
+    let tls = builder
         .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
+    finish_server(tls)
+}
+
+fn finish_server(mut tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, String> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0; // no 0-RTT on key release
     // No resumption tickets: each boot is a fresh guest with nothing to resume, and minting two
@@ -655,8 +731,19 @@ fn peer_role(conn: &quinn::Connection) -> Role {
 
 /// Serves until the endpoint closes. `clock` gives Unix seconds.
 pub async fn serve(endpoint: quinn::Endpoint, kbs: Arc<Kbs>, clock: fn() -> u64) {
+    serve_with(endpoint, kbs, clock, None).await
+}
+
+/// [`serve`], with the mesh's admission when the broker is on the mesh.
+pub async fn serve_with(
+    endpoint: quinn::Endpoint,
+    kbs: Arc<Kbs>,
+    clock: fn() -> u64,
+    gate: Option<Arc<MeshGate>>,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let kbs = kbs.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
             // The whole handshake completes before anything is read: no 0-RTT, no 0.5-RTT answers.
             let Ok(conn) = incoming.await else { return };
@@ -667,7 +754,23 @@ pub async fn serve(endpoint: quinn::Endpoint, kbs: Arc<Kbs>, clock: fn() -> u64)
             {
                 return;
             }
-            let role = peer_role(&conn);
+            let role = match &gate {
+                None => peer_role(&conn),
+                Some(g) => {
+                    let chain = conn.peer_identity().and_then(|id| {
+                        id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                            .ok()
+                    });
+                    match g.admit(chain.as_deref().map(|c| c.as_slice()), clock()) {
+                        Ok(r) => r,
+                        Err(why) => {
+                            tracing::info!(%why, "connection refused");
+                            conn.close(0x10u32.into(), why.as_bytes());
+                            return;
+                        }
+                    }
+                }
+            };
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let kbs = kbs.clone();
                 tokio::spawn(async move {

@@ -496,15 +496,17 @@ fn params(req: &Request<'_>) -> Result<rcgen::CertificateParams, CertError> {
         // certificate by name or overlay address; the mesh verifier itself reads the claims.
         for ip in &req.claims.ips {
             if let Ok(n) = ip.parse::<IpNet>() {
-                p.subject_alt_names.push(rcgen::SanType::IpAddress(n.addr()));
+                p.subject_alt_names
+                    .push(rcgen::SanType::IpAddress(n.addr()));
             }
         }
         let dns_ok = !req.name.is_empty()
             && req.name.len() <= 253
-            && req
-                .name
-                .split('.')
-                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            && req.name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
         if dns_ok && let Ok(n) = rcgen::string::Ia5String::try_from(req.name) {
             p.subject_alt_names.push(rcgen::SanType::DnsName(n));
         }

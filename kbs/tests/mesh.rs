@@ -1,0 +1,308 @@
+//! The real `attesta-kbs serve` on the mesh: its TLS identity is a mesh certificate (role kbs),
+//! hosts relay orders with their mesh certificates and are admitted by role through the mesh
+//! firewall, a guest-role certificate cannot register, certificates of a foreign CA are refused
+//! at the handshake, a hot-reloaded rules file and a revocation list dropped beside the broker
+//! each shut a host out without a restart, and a guest without any certificate still reaches
+//! attestation (its evidence gets a signed answer).
+
+mod common;
+
+use common::{free_port, kbs, start};
+use mesh::cert::{Claims, Curve, MeshCert, Request, Role, new_root, parse_bundle, sign};
+use std::path::Path;
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct Ca {
+    cert: MeshCert,
+    pem: String,
+    key: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let i = new_root(&Request {
+        name,
+        claims: Claims {
+            v: 1,
+            role: Some(Role::Ca),
+            ..Default::default()
+        },
+        is_ca: true,
+        not_before: now() - 3600,
+        not_after: now() + 86_400,
+        curve: Curve::Ed25519,
+    })
+    .unwrap();
+    Ca {
+        cert: parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
+        pem: i.cert_pem.clone(),
+        key: i.key_pem.to_string(),
+    }
+}
+
+/// Writes NAME.crt and NAME.key into `dir`; returns the certificate.
+fn issue(dir: &Path, ca: &Ca, name: &str, ip: &str, role: Role) -> MeshCert {
+    let i = sign(
+        &ca.cert,
+        &ca.key,
+        &Request {
+            name,
+            claims: Claims {
+                v: 1,
+                ips: vec![ip.into()],
+                groups: vec!["infra".into()],
+                role: Some(role),
+                networks: vec![],
+            },
+            is_ca: false,
+            not_before: now() - 60,
+            not_after: now() + 3600,
+            curve: Curve::Ed25519,
+        },
+    )
+    .unwrap();
+    std::fs::write(dir.join(format!("{name}.crt")), &i.cert_pem).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), i.key_pem.as_bytes()).unwrap();
+    parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0)
+}
+
+const RULES: &str = r#"version = 1
+[[inbound]]
+from = { role = "host" }
+service = "attesta-kbs/1"
+[[inbound]]
+from = { role = "guest" }
+service = "attesta-kbs/1"
+[[tests]]
+from = { name = "op", role = "operator" }
+service = "attesta-kbs/1"
+expect = "deny"
+"#;
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_broker_on_the_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("kbs");
+    let p = |n: &str| dir.path().join(n);
+    let listen = format!("127.0.0.1:{}", free_port());
+    ok(
+        kbs()
+            .args(["init", "--dir"])
+            .arg(&d)
+            .args(["--listen", &listen])
+            .output()
+            .unwrap(),
+        "init",
+    );
+    let image = hex::encode([0x4d; 48]);
+    ok(
+        kbs()
+            .args(["allowlist", "sign", "--key"])
+            .arg(d.join("allowlist.key"))
+            .args(["--epoch", "1", "--measurement", &image, "--out"])
+            .arg(d.join("allowlist.signed"))
+            .output()
+            .unwrap(),
+        "allowlist sign",
+    );
+    for vm in ["vm-1", "vm-2"] {
+        ok(
+            kbs()
+                .args(["order", "register", "--key"])
+                .arg(d.join("operator.key"))
+                .args(["--vm-id", vm, "--tenant", "tenant-a"])
+                .args([
+                    "--measurement",
+                    &image,
+                    "--chip-id",
+                    &hex::encode([7u8; 64]),
+                ])
+                .arg("--out")
+                .arg(p(&format!("{vm}.signed")))
+                .output()
+                .unwrap(),
+            "order register",
+        );
+    }
+
+    // The mesh: a CA, the broker's certificate (role kbs, named as guests dial it), a host,
+    // a guest-role node, and a host of another CA.
+    let root = ca("mesh-ca");
+    let other = ca("mesh-ca");
+    std::fs::write(d.join("mesh-ca.crt"), &root.pem).unwrap();
+    issue(&d, &root, "kbs.attesta.local", "10.42.0.10/16", Role::Kbs);
+    let host = issue(dir.path(), &root, "miner-1", "10.42.2.1/16", Role::Host);
+    issue(dir.path(), &root, "guest-1", "10.42.3.1/16", Role::Guest);
+    issue(dir.path(), &other, "rogue", "10.42.2.9/16", Role::Host);
+    std::fs::write(d.join("mesh-rules.toml"), RULES).unwrap();
+    let toml = std::fs::read_to_string(d.join("kbs.toml"))
+        .unwrap()
+        .replace(
+            "tls_cert = \"tls.crt\"",
+            "tls_cert = \"kbs.attesta.local.crt\"",
+        )
+        .replace(
+            "tls_key = \"tls.key\"",
+            "tls_key = \"kbs.attesta.local.key\"",
+        )
+        .replace("client_ca = \"tls-ca.crt\"\n", "");
+    assert!(toml.contains("kbs.attesta.local.crt") && !toml.contains("client_ca"));
+    std::fs::write(
+        d.join("kbs.toml"),
+        format!(
+            "{toml}allowlist = \"allowlist.signed\"\n[mesh]\nca = \"mesh-ca.crt\"\n\
+             rules = \"mesh-rules.toml\"\nrevocation = \"mesh-revocation.json\"\nreload_secs = 1\n"
+        ),
+    )
+    .unwrap();
+
+    let log = Arc::new(Mutex::new(String::new()));
+    // Stopped even when an assertion fails (an orphan would hold the test's output open).
+    let _server = KillOnDrop(start(&d.join("kbs.toml"), log.clone()));
+    let register = |vm: &str, who: &str| {
+        kbs()
+            .args(["vm", "register"])
+            .arg(p(&format!("{vm}.signed")))
+            .args(["--kbs", &listen, "--ca"])
+            .arg(d.join("mesh-ca.crt"))
+            .arg("--cert")
+            .arg(p(&format!("{who}.crt")))
+            .arg("--key")
+            .arg(p(&format!("{who}.key")))
+            .output()
+            .unwrap()
+    };
+    // A host, by its mesh role: accepted.
+    assert!(ok(register("vm-1", "miner-1"), "host registers").contains("vm-1"));
+    // A guest-role certificate passes the firewall but may not register.
+    let g = register("vm-2", "guest-1");
+    assert_eq!(g.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&g.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&g.stderr)
+    );
+    // Another CA's host is refused at the handshake.
+    let r = register("vm-2", "rogue");
+    assert_ne!(r.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&r.stdout).contains("vm-2"));
+
+    // A guest with no certificate reaches attestation: an unknown VM gets a signed denial.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let response_pub = std::fs::read_to_string(d.join("response.pub")).unwrap();
+    let mut rk = [0u8; 32];
+    hex::decode_to_slice(response_pub.trim(), &mut rk).unwrap();
+    let broker = guest_agent::client::Broker {
+        addr: listen.parse().unwrap(),
+        server_name: "kbs.attesta.local".into(),
+        ca_der: root.cert.der.clone(),
+        response_key: rk,
+    };
+    let state = dir.path().join("sim");
+    let pki = Arc::new(
+        simulator::Pki::cached(
+            snp::Product::Genoa,
+            &simulator::Seed::from_text("mesh-test"),
+            &state,
+            |_| {},
+        )
+        .unwrap(),
+    );
+    let chip = simulator::Chip::new(pki.clone(), simulator::ChipConfig::typical(&pki, 0)).unwrap();
+    let guest = chip.launch(simulator::GuestLaunch::default());
+    let denied = rt.block_on(guest_agent::client::fetch(&broker, "vm-unknown", &guest));
+    let why = denied.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        why.contains("unknown_vm"),
+        "a signed denial for an unknown VM, got {why:?}"
+    );
+
+    // From here, vm-1 again is the probe: an admitted host hears `vm_exists`, a refused one
+    // never reaches the broker's order handling.
+    let admitted = || {
+        let out = register("vm-1", "miner-1");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (err.contains("vm_exists"), err)
+    };
+    let until = |want: bool, what: &str| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (got, err) = admitted();
+            if got == want {
+                return err;
+            }
+            assert!(Instant::now() < end, "{what}: {err}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    assert!(admitted().0);
+    // Rules reloaded without the host role: the host is shut out, no restart.
+    std::fs::write(
+        d.join("mesh-rules.toml"),
+        RULES.replace(
+            "from = { role = \"host\" }",
+            "from = { role = \"lighthouse\" }",
+        ),
+    )
+    .unwrap();
+    let why = until(false, "the rules were not reloaded");
+    assert!(why.contains("firewall"), "{why}");
+    // A rules file whose own tests fail is refused; the current rules stay.
+    std::fs::write(
+        d.join("mesh-rules.toml"),
+        RULES.replace("expect = \"deny\"", "expect = \"allow\""),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!admitted().0, "a failing rules file must not be loaded");
+    std::fs::write(d.join("mesh-rules.toml"), RULES).unwrap();
+    until(true, "the rules were not restored");
+
+    // The mesh CA revokes the host: the broker refuses it from the next handshake on.
+    let body = mesh::revocation::Body {
+        v: 1,
+        ca: "mesh-ca".into(),
+        number: 1,
+        issued_at: now(),
+        serials: vec![],
+        keys: vec![hex::encode(host.key_hash)],
+    };
+    std::fs::write(
+        d.join("mesh-revocation.json"),
+        mesh::revocation::sign(&root.cert, &root.key, &body).unwrap(),
+    )
+    .unwrap();
+    until(false, "the revocation list was not installed");
+    assert!(
+        log.lock()
+            .unwrap()
+            .contains("mesh revocation list installed")
+    );
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
