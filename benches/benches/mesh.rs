@@ -6,7 +6,7 @@
 //! Run: `cargo bench -p attesta-benches --bench mesh`
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use mesh::cert::{Claims, Curve, MeshCert, Request, Role, new_root, parse_bundle, sign};
+use mesh::cert::{LocalCa, MeshCert, Role};
 use mesh::firewall::{Firewall, Peer, Service, Verdict};
 use mesh::transport::{Identity, Trust, client_tls, peer, server_tls};
 use rustls::pki_types::CertificateDer;
@@ -30,44 +30,14 @@ fn pki() -> Pki {
         .duration_since(UNIX_EPOCH)
         .expect("clock")
         .as_secs();
-    let root = new_root(&Request {
-        name: "bench-ca",
-        claims: Claims {
-            v: 1,
-            role: Some(Role::Ca),
-            ..Default::default()
-        },
-        is_ca: true,
-        not_before: now - 3600,
-        not_after: now + 86_400,
-        curve: Curve::Ed25519,
-    })
-    .expect("root");
-    let ca = parse_bundle(root.cert_pem.as_bytes())
-        .expect("parse")
-        .remove(0);
+    let root = LocalCa::root("bench-ca", &[], now - 3600, now + 86_400).expect("root");
     let node = |name: &str, ip: &str, role: Role| {
-        let i = sign(
-            &ca,
-            &root.key_pem,
-            &Request {
-                name,
-                claims: Claims {
-                    v: 1,
-                    ips: vec![ip.into()],
-                    groups: vec!["tenant:a".into()],
-                    role: Some(role),
-                    networks: vec![],
-                },
-                is_ca: false,
-                not_before: now - 60,
-                not_after: now + 3600,
-                curve: Curve::Ed25519,
-            },
-        )
-        .expect("sign");
-        (i.cert_pem, i.key_pem.to_string())
+        let n = root
+            .issue(name, ip, &["tenant:a"], role, now - 60, now + 3600)
+            .expect("sign");
+        (n.issued.cert_pem, n.issued.key_pem.to_string())
     };
+    let ca = root.cert.clone();
     Pki {
         ca_der: CertificateDer::from(ca.der.clone()),
         server: node("srv", "10.42.0.1/16", Role::Kbs),

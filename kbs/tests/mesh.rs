@@ -8,7 +8,7 @@
 mod common;
 
 use common::{free_port, kbs, start};
-use mesh::cert::{Claims, Curve, MeshCert, Request, Role, new_root, parse_bundle, sign};
+use mesh::cert::{LocalCa, MeshCert, Role};
 use std::path::Path;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -21,57 +21,18 @@ fn now() -> u64 {
         .as_secs()
 }
 
-struct Ca {
-    cert: MeshCert,
-    pem: String,
-    key: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let i = new_root(&Request {
-        name,
-        claims: Claims {
-            v: 1,
-            role: Some(Role::Ca),
-            ..Default::default()
-        },
-        is_ca: true,
-        not_before: now() - 3600,
-        not_after: now() + 86_400,
-        curve: Curve::Ed25519,
-    })
-    .unwrap();
-    Ca {
-        cert: parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
-        pem: i.cert_pem.clone(),
-        key: i.key_pem.to_string(),
-    }
+fn ca(name: &str) -> LocalCa {
+    LocalCa::root(name, &[], now() - 3600, now() + 86_400).unwrap()
 }
 
 /// Writes NAME.crt and NAME.key into `dir`; returns the certificate.
-fn issue(dir: &Path, ca: &Ca, name: &str, ip: &str, role: Role) -> MeshCert {
-    let i = sign(
-        &ca.cert,
-        &ca.key,
-        &Request {
-            name,
-            claims: Claims {
-                v: 1,
-                ips: vec![ip.into()],
-                groups: vec!["infra".into()],
-                role: Some(role),
-                networks: vec![],
-            },
-            is_ca: false,
-            not_before: now() - 60,
-            not_after: now() + 3600,
-            curve: Curve::Ed25519,
-        },
-    )
-    .unwrap();
-    std::fs::write(dir.join(format!("{name}.crt")), &i.cert_pem).unwrap();
-    std::fs::write(dir.join(format!("{name}.key")), i.key_pem.as_bytes()).unwrap();
-    parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0)
+fn issue(dir: &Path, ca: &LocalCa, name: &str, ip: &str, role: Role) -> MeshCert {
+    let n = ca
+        .issue(name, ip, &["infra"], role, now() - 60, now() + 3600)
+        .unwrap();
+    std::fs::write(dir.join(format!("{name}.crt")), &n.issued.cert_pem).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), n.issued.key_pem.as_bytes()).unwrap();
+    n.cert
 }
 
 const RULES: &str = r#"version = 1

@@ -590,3 +590,79 @@ pub fn sign_with(cert: &MeshCert, key_pem: &str, message: &[u8]) -> Result<Vec<u
     }
     key.sign(message).map_err(e)
 }
+
+/// A CA held in memory, with what tests, benchmarks and demos need to stand up a mesh: a root
+/// (Ed25519) and node certificates from it. Production CAs live in files (`attesta-mesh ca new`).
+pub struct LocalCa {
+    pub cert: MeshCert,
+    pub pem: String,
+    pub key: zeroize::Zeroizing<String>,
+}
+
+/// A node certificate issued by a [`LocalCa`], parsed.
+pub struct LocalNode {
+    pub issued: Issued,
+    pub cert: MeshCert,
+}
+
+impl LocalCa {
+    /// A new root valid over `[not_before, not_after]`; `networks` constrain what it hands out.
+    pub fn root(
+        name: &str,
+        networks: &[&str],
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<LocalCa, CertError> {
+        let i = new_root(&Request {
+            name,
+            claims: Claims {
+                v: 1,
+                role: Some(Role::Ca),
+                networks: networks.iter().map(|n| n.to_string()).collect(),
+                ..Default::default()
+            },
+            is_ca: true,
+            not_before,
+            not_after,
+            curve: Curve::Ed25519,
+        })?;
+        let cert = parse_bundle(i.cert_pem.as_bytes())?.remove(0);
+        Ok(LocalCa {
+            cert,
+            pem: i.cert_pem,
+            key: i.key_pem,
+        })
+    }
+
+    /// A node certificate (Ed25519) for `name` at overlay address `ip` (with prefix).
+    pub fn issue(
+        &self,
+        name: &str,
+        ip: &str,
+        groups: &[&str],
+        role: Role,
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<LocalNode, CertError> {
+        let issued = sign(
+            &self.cert,
+            &self.key,
+            &Request {
+                name,
+                claims: Claims {
+                    v: 1,
+                    ips: vec![ip.into()],
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
+                    role: Some(role),
+                    networks: vec![],
+                },
+                is_ca: false,
+                not_before,
+                not_after,
+                curve: Curve::Ed25519,
+            },
+        )?;
+        let cert = parse_bundle(issued.cert_pem.as_bytes())?.remove(0);
+        Ok(LocalNode { issued, cert })
+    }
+}

@@ -36,7 +36,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
 /// A CA and nodes for the unit tests.
 #[cfg(test)]
 pub(crate) mod test_pki {
-    use crate::cert::{Claims, Curve, MeshCert, Request, Role, new_root, parse_bundle, sign};
+    use crate::cert::{Curve, LocalCa, MeshCert, Role};
     use rustls::pki_types::CertificateDer;
 
     pub const NOW: u64 = 1_800_000_000;
@@ -47,9 +47,16 @@ pub(crate) mod test_pki {
     }
 
     pub fn ca(name: &str, curve: Curve) -> Ca {
-        let i = new_root(&Request {
+        if curve == Curve::Ed25519 {
+            let c = LocalCa::root(name, &[], NOW - 86_400, NOW + 86_400).unwrap();
+            return Ca {
+                cert: c.cert,
+                key: c.key.to_string(),
+            };
+        }
+        let i = crate::cert::new_root(&crate::cert::Request {
             name,
-            claims: Claims {
+            claims: crate::cert::Claims {
                 v: 1,
                 role: Some(Role::Ca),
                 ..Default::default()
@@ -61,37 +68,27 @@ pub(crate) mod test_pki {
         })
         .unwrap();
         Ca {
-            cert: parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
+            cert: crate::cert::parse_bundle(i.cert_pem.as_bytes())
+                .unwrap()
+                .remove(0),
             key: i.key_pem.to_string(),
         }
     }
 
     /// A node: (chain DER, key PEM, leaf).
     pub fn node(ca: &Ca, name: &str, ip: &str) -> (Vec<CertificateDer<'static>>, String, MeshCert) {
-        let i = sign(
-            &ca.cert,
-            &ca.key,
-            &Request {
-                name,
-                claims: Claims {
-                    v: 1,
-                    ips: vec![ip.into()],
-                    groups: vec!["tenant:a".into()],
-                    role: Some(Role::Guest),
-                    networks: vec![],
-                },
-                is_ca: false,
-                not_before: NOW - 3600,
-                not_after: NOW + 3600,
-                curve: Curve::Ed25519,
-            },
-        )
-        .unwrap();
-        let leaf = parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0);
+        let local = LocalCa {
+            cert: ca.cert.clone(),
+            pem: String::new(),
+            key: zeroize::Zeroizing::new(ca.key.clone()),
+        };
+        let n = local
+            .issue(name, ip, &["tenant:a"], Role::Guest, NOW - 3600, NOW + 3600)
+            .unwrap();
         (
-            vec![CertificateDer::from(leaf.der.clone())],
-            i.key_pem.to_string(),
-            leaf,
+            vec![CertificateDer::from(n.cert.der.clone())],
+            n.issued.key_pem.to_string(),
+            n.cert,
         )
     }
 }

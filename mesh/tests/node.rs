@@ -6,7 +6,9 @@
 //! node within 5 s, failing closed on a stale list, and rotation of the CA bundle, certificate
 //! and key without a restart.
 
-use mesh::cert::{Claims, Curve, MeshCert, Request, Role, new_root, parse_bundle, sign};
+use mesh::cert::{LocalCa, MeshCert, Role};
+
+type Ca = LocalCa;
 use mesh::node::{ECHO_ALPN, Node, NodeConfig, close};
 use mesh::revocation::{Body, SerialEntry};
 use std::net::{IpAddr, SocketAddr};
@@ -20,32 +22,8 @@ fn now() -> u64 {
         .as_secs()
 }
 
-struct Ca {
-    cert: MeshCert,
-    pem: String,
-    key: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let i = new_root(&Request {
-        name,
-        claims: Claims {
-            v: 1,
-            role: Some(Role::Ca),
-            networks: vec!["10.42.0.0/16".into()],
-            ..Default::default()
-        },
-        is_ca: true,
-        not_before: now() - 86_400,
-        not_after: now() + 86_400,
-        curve: Curve::Ed25519,
-    })
-    .unwrap();
-    Ca {
-        cert: parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
-        pem: i.cert_pem.clone(),
-        key: i.key_pem.to_string(),
-    }
+fn ca(name: &str) -> LocalCa {
+    LocalCa::root(name, &["10.42.0.0/16"], now() - 86_400, now() + 86_400).unwrap()
 }
 
 /// A free UDP port on loopback (bound and released; the node binds it right after).
@@ -71,6 +49,26 @@ struct Spec<'a> {
     role: Role,
     lighthouses: &'a [(&'a str, SocketAddr)],
     extra: &'a str,
+}
+
+impl<'a> Spec<'a> {
+    fn new(
+        name: &'a str,
+        ip: &'a str,
+        group: &'a str,
+        role: Role,
+        lighthouses: &'a [(&'a str, SocketAddr)],
+        extra: &'a str,
+    ) -> Spec<'a> {
+        Spec {
+            name,
+            ip,
+            group,
+            role,
+            lighthouses,
+            extra,
+        }
+    }
 }
 
 /// Writes a node's folder (certificate, key, CA bundle, rules, node.toml) and returns it.
@@ -101,27 +99,18 @@ fn write_node(dir: &Path, ca: &Ca, s: &Spec<'_>, listen: SocketAddr) -> PathBuf 
 }
 
 fn issue(d: &Path, ca: &Ca, name: &str, ip: &str, group: &str, role: Role) {
-    let i = sign(
-        &ca.cert,
-        &ca.key,
-        &Request {
+    let n = ca
+        .issue(
             name,
-            claims: Claims {
-                v: 1,
-                ips: vec![format!("{ip}/16")],
-                groups: vec![group.into()],
-                role: Some(role),
-                networks: vec![],
-            },
-            is_ca: false,
-            not_before: now() - 60,
-            not_after: now() + 3600,
-            curve: Curve::Ed25519,
-        },
-    )
-    .unwrap();
-    std::fs::write(d.join("node.crt"), &i.cert_pem).unwrap();
-    std::fs::write(d.join("node.key"), i.key_pem.as_bytes()).unwrap();
+            &format!("{ip}/16"),
+            &[group],
+            role,
+            now() - 60,
+            now() + 3600,
+        )
+        .unwrap();
+    std::fs::write(d.join("node.crt"), &n.issued.cert_pem).unwrap();
+    std::fs::write(d.join("node.key"), n.issued.key_pem.as_bytes()).unwrap();
 }
 
 async fn start(dir: &Path) -> Node {
@@ -205,53 +194,25 @@ async fn lighthouses_replicate_so_peers_need_not_share_one_and_a_dead_one_recove
     let lh1_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "lh1",
-            ip: "10.42.0.1",
-            group: "infra",
-            role: Role::Lighthouse,
-            lighthouses: &lhs,
-            extra: "",
-        },
+        &Spec::new("lh1", "10.42.0.1", "infra", Role::Lighthouse, &lhs, ""),
         l1,
     );
     let lh2_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "lh2",
-            ip: "10.42.0.2",
-            group: "infra",
-            role: Role::Lighthouse,
-            lighthouses: &lhs,
-            extra: "",
-        },
+        &Spec::new("lh2", "10.42.0.2", "infra", Role::Lighthouse, &lhs, ""),
         l2,
     );
     let a_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "a",
-            ip: "10.42.1.1",
-            group: "tenant:a",
-            role: Role::Guest,
-            lighthouses: &lhs[..1],
-            extra: "",
-        },
+        &Spec::new("a", "10.42.1.1", "tenant:a", Role::Guest, &lhs[..1], ""),
         free_port(),
     );
     let b_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "b",
-            ip: "10.42.1.2",
-            group: "tenant:a",
-            role: Role::Guest,
-            lighthouses: &lhs[1..],
-            extra: "",
-        },
+        &Spec::new("b", "10.42.1.2", "tenant:a", Role::Guest, &lhs[1..], ""),
         free_port(),
     );
     let lh1 = start(&lh1_dir).await;
@@ -278,14 +239,7 @@ async fn lighthouses_replicate_so_peers_need_not_share_one_and_a_dead_one_recove
     let c_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "c",
-            ip: "10.42.1.3",
-            group: "tenant:a",
-            role: Role::Guest,
-            lighthouses: &lhs[..1],
-            extra: "",
-        },
+        &Spec::new("c", "10.42.1.3", "tenant:a", Role::Guest, &lhs[..1], ""),
         free_port(),
     );
     let c = start(&c_dir).await;
@@ -408,40 +362,19 @@ async fn a_list_dropped_on_a_lighthouse_cuts_the_revoked_off_within_five_seconds
     let lh_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "lh1",
-            ip: "10.42.0.1",
-            group: "infra",
-            role: Role::Lighthouse,
-            lighthouses: &lhs,
-            extra: "",
-        },
+        &Spec::new("lh1", "10.42.0.1", "infra", Role::Lighthouse, &lhs, ""),
         l1,
     );
     let a_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "a",
-            ip: "10.42.1.1",
-            group: "tenant:a",
-            role: Role::Guest,
-            lighthouses: &lhs,
-            extra: "",
-        },
+        &Spec::new("a", "10.42.1.1", "tenant:a", Role::Guest, &lhs, ""),
         free_port(),
     );
     let b_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "b",
-            ip: "10.42.1.2",
-            group: "tenant:a",
-            role: Role::Guest,
-            lighthouses: &lhs,
-            extra: "",
-        },
+        &Spec::new("b", "10.42.1.2", "tenant:a", Role::Guest, &lhs, ""),
         free_port(),
     );
     std::fs::write(
@@ -513,14 +446,7 @@ async fn a_stale_list_fails_closed_until_a_fresh_one_arrives() {
     let b_dir = write_node(
         tmp.path(),
         &root,
-        &Spec {
-            name: "b",
-            ip: "10.42.1.2",
-            group: "tenant:a",
-            role: Role::Guest,
-            lighthouses: &statics,
-            extra: "",
-        },
+        &Spec::new("b", "10.42.1.2", "tenant:a", Role::Guest, &statics, ""),
         free_port(),
     );
     // b lists a as a "lighthouse" only to get its static address; a is not one, which is fine.
@@ -561,27 +487,13 @@ async fn ca_rollover_and_certificate_rotation_need_no_restart() {
     let a_dir = write_node(
         tmp.path(),
         &old,
-        &Spec {
-            name: "a",
-            ip: "10.42.1.1",
-            group: "tenant:a",
-            role: Role::Guest,
-            lighthouses: &[],
-            extra: "",
-        },
+        &Spec::new("a", "10.42.1.1", "tenant:a", Role::Guest, &[], ""),
         a_addr,
     );
     let b_dir = write_node(
         tmp.path(),
         &new,
-        &Spec {
-            name: "b",
-            ip: "10.42.1.2",
-            group: "tenant:a",
-            role: Role::Guest,
-            lighthouses: &statics,
-            extra: "",
-        },
+        &Spec::new("b", "10.42.1.2", "tenant:a", Role::Guest, &statics, ""),
         free_port(),
     );
     // b already trusts both roots; a only the old one.

@@ -3,7 +3,7 @@
 //! certificate and a revoked key (revoked while running, no restart) are all refused, and a
 //! certificate-less client is admitted only where the server allows it.
 
-use mesh::cert::{Claims, Curve, MeshCert, Request, Role, new_root, sign};
+use mesh::cert::{LocalCa, MeshCert, Role};
 use mesh::transport::{Identity, Trust, client_tls, client_tls_anonymous, peer, server_tls};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,60 +17,17 @@ fn now() -> u64 {
         .as_secs()
 }
 
-struct Ca {
-    cert: MeshCert,
-    key: String,
-}
+type Ca = LocalCa;
 
 fn ca(name: &str) -> Ca {
-    let i = new_root(&Request {
-        name,
-        claims: Claims {
-            v: 1,
-            role: Some(Role::Ca),
-            networks: vec!["10.42.0.0/16".into()],
-            ..Default::default()
-        },
-        is_ca: true,
-        not_before: now() - 86_400,
-        not_after: now() + 86_400,
-        curve: Curve::Ed25519,
-    })
-    .unwrap();
-    Ca {
-        cert: mesh::cert::parse_bundle(i.cert_pem.as_bytes())
-            .unwrap()
-            .remove(0),
-        key: i.key_pem.to_string(),
-    }
+    LocalCa::root(name, &["10.42.0.0/16"], now() - 86_400, now() + 86_400).unwrap()
 }
 
 fn node(ca: &Ca, name: &str, ip: &str, role: Role, from: u64, to: u64) -> (Identity, MeshCert) {
-    let i = sign(
-        &ca.cert,
-        &ca.key,
-        &Request {
-            name,
-            claims: Claims {
-                v: 1,
-                ips: vec![ip.into()],
-                groups: vec!["tenant:a".into()],
-                role: Some(role),
-                networks: vec![],
-            },
-            is_ca: false,
-            not_before: from,
-            not_after: to,
-            curve: Curve::Ed25519,
-        },
-    )
-    .unwrap();
-    let c = mesh::cert::parse_bundle(i.cert_pem.as_bytes())
-        .unwrap()
-        .remove(0);
+    let n = ca.issue(name, ip, &["tenant:a"], role, from, to).unwrap();
     (
-        Identity::from_pem(i.cert_pem.as_bytes(), i.key_pem.as_bytes()).unwrap(),
-        c,
+        Identity::from_pem(n.issued.cert_pem.as_bytes(), n.issued.key_pem.as_bytes()).unwrap(),
+        n.cert,
     )
 }
 
