@@ -404,12 +404,11 @@ async fn a_list_dropped_on_a_lighthouse_cuts_the_revoked_off_within_five_seconds
     let kept = std::fs::read(a_dir.join("revocation.json")).unwrap();
     assert!(String::from_utf8_lossy(&kept).contains("\\\"number\\\":2"));
     assert!(a.trust().is_revoked(&b_cert));
-    assert!(
-        b.connect(ip("10.42.1.1"), ECHO_ALPN).await.is_err() || {
-            let c = b.connect(ip("10.42.1.1"), ECHO_ALPN).await.unwrap();
-            echo(&c).await.is_err()
-        }
-    );
+    // b cannot get through: no address (its lighthouse connection is cut too), or a
+    // connection that carries nothing.
+    if let Ok(c) = b.connect(ip("10.42.1.1"), ECHO_ALPN).await {
+        assert!(echo(&c).await.is_err(), "a revoked node got through");
+    }
     // An older list dropped on the lighthouse does not roll anyone back.
     std::fs::write(
         lh_dir.join("revocation.json"),
