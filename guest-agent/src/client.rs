@@ -34,6 +34,8 @@ pub struct Released {
     pub boot_counter: u64,
     /// How long the evidence round trip took (the broker's verify, decide, commit, seal).
     pub evidence_rtt: std::time::Duration,
+    /// The guest's mesh certificate (DER), when a mesh key was bound and the broker issued one.
+    pub mesh_cert: Vec<u8>,
 }
 
 impl std::fmt::Debug for Released {
@@ -130,6 +132,34 @@ pub async fn fetch_on(
     vm_id: &str,
     device: &impl GuestDevice,
 ) -> Result<Released, ClientError> {
+    fetch_on_with(endpoint, broker, vm_id, device, None).await
+}
+
+/// [`fetch`], also binding the guest's Ed25519 mesh public key in the report so the broker can
+/// certify it (the certificate comes back in [`Released::mesh_cert`]).
+pub async fn fetch_with_mesh_key(
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+    mesh_key: &[u8; 32],
+) -> Result<Released, ClientError> {
+    let local: SocketAddr = if broker.addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint =
+        quinn::Endpoint::client(local).map_err(|e| ClientError::Connect(e.to_string()))?;
+    fetch_on_with(&endpoint, broker, vm_id, device, Some(mesh_key)).await
+}
+
+async fn fetch_on_with(
+    endpoint: &quinn::Endpoint,
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+    mesh_key: Option<&[u8; 32]>,
+) -> Result<Released, ClientError> {
     let conn = endpoint
         .connect_with(client_config(broker)?, broker.addr, &broker.server_name)
         .map_err(|e| ClientError::Connect(e.to_string()))?
@@ -154,7 +184,10 @@ pub async fn fetch_on(
         _ => return Err(ClientError::Protocol("expected a challenge".into())),
     };
     let key = GuestKey::generate();
-    let rd = report_data(&nonce, &key.public(), &exporter);
+    let rd = match mesh_key {
+        Some(m) => proto::report_data_with_mesh_key(&nonce, &key.public(), &exporter, m),
+        None => report_data(&nonce, &key.public(), &exporter),
+    };
     let (report, table) = device
         .get_ext_report(&rd, 0)
         .map_err(|e| ClientError::Device(e.to_string()))?;
@@ -168,6 +201,7 @@ pub async fn fetch_on(
         report,
         cert_table: table,
         guest_public_key: key.public().to_vec(),
+        mesh_key: mesh_key.map(|m| m.to_vec()).unwrap_or_default(),
     };
     let t0 = std::time::Instant::now();
     let resp = exchange(&conn, &req).await?;
@@ -203,6 +237,7 @@ pub async fn fetch_on(
                 generation: body.generation,
                 boot_counter: body.boot_counter,
                 evidence_rtt,
+                mesh_cert: body.mesh_cert,
             })
         }
     }

@@ -22,6 +22,23 @@ pub struct GuestConfig {
     /// run if that fails. Only a test without CAP_IPC_LOCK turns this off.
     #[serde(default = "yes")]
     pub require_mlock: bool,
+    /// Ask the broker for a mesh identity: a key born here, bound in the report, certified by
+    /// the broker after the release; certificate and key go to `dir` (tmpfs only).
+    #[serde(default)]
+    pub mesh: Option<MeshIdentity>,
+}
+
+/// Where the guest's attestation-bound mesh identity is placed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshIdentity {
+    /// A tmpfs folder: `node.crt` and `node.key` (mode 0600) are written there.
+    #[serde(default = "default_mesh_dir")]
+    pub dir: PathBuf,
+}
+
+fn default_mesh_dir() -> PathBuf {
+    PathBuf::from("/run/attesta/mesh")
 }
 
 fn yes() -> bool {

@@ -117,6 +117,40 @@ fn write_boot_config(path: &Path, bytes: &[u8]) -> Result<(), UnlockError> {
     f.write_all(bytes).map_err(err)
 }
 
+/// The guest's mesh key: Ed25519, generated in memory; its PKCS#8 PEM is zeroized on drop.
+struct MeshKey {
+    public: [u8; 32],
+    pem: zeroize::Zeroizing<String>,
+}
+
+impl MeshKey {
+    fn generate() -> Result<MeshKey, UnlockError> {
+        use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+        let bad = || UnlockError::Config("cannot generate the mesh key".into());
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+            .map_err(|_| bad())?;
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| bad())?;
+        let public = pair.public_key().as_ref().try_into().map_err(|_| bad())?;
+        Ok(MeshKey {
+            public,
+            pem: zeroize::Zeroizing::new(pem("PRIVATE KEY", pkcs8.as_ref())),
+        })
+    }
+}
+
+/// PEM armour (RFC 7468) around DER.
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut s = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        s.push_str(&String::from_utf8_lossy(line));
+        s.push('\n');
+    }
+    s.push_str(&format!("-----END {label}-----\n"));
+    s
+}
+
 /// Fetches the secrets, retrying only while the broker is unreachable or briefly unavailable; a
 /// denial or a bad signature ends the attempt at once.
 pub async fn fetch_with_retry(
@@ -124,13 +158,17 @@ pub async fn fetch_with_retry(
     vm_id: &str,
     device: &impl GuestDevice,
     timeout: Duration,
+    mesh_key: Option<&[u8; 32]>,
 ) -> Result<Released, UnlockError> {
     let start = Instant::now();
     let mut pause = Duration::from_millis(200);
     loop {
         let left = timeout.saturating_sub(start.elapsed());
         let attempt = tokio::time::timeout(left.max(Duration::from_millis(1)), async {
-            fetch(broker, vm_id, device).await
+            match mesh_key {
+                Some(m) => crate::client::fetch_with_mesh_key(broker, vm_id, device, m).await,
+                None => fetch(broker, vm_id, device).await,
+            }
         })
         .await;
         match attempt {
@@ -216,6 +254,14 @@ pub async fn run_with(
     device: &impl GuestDevice,
 ) -> Result<Unlocked, UnlockError> {
     check_tmpfs(&cfg.boot_config.path)?;
+    // The mesh key is born here, in memory, and bound in the report.
+    let mesh = match &cfg.mesh {
+        Some(m) => {
+            check_tmpfs(&m.dir.join("node.key"))?;
+            Some((m.dir.clone(), MeshKey::generate()?))
+        }
+        None => None,
+    };
     let broker = broker(cfg)?;
     // The disk must be readable before anything is asked of the broker.
     luks::probe(&cfg.disk.path)?;
@@ -224,6 +270,7 @@ pub async fn run_with(
         &cfg.vm_id,
         device,
         Duration::from_secs(cfg.broker.timeout_secs),
+        mesh.as_ref().map(|(_, k)| &k.public),
     )
     .await?;
     tracing::info!(
@@ -237,6 +284,20 @@ pub async fn run_with(
     match &result {
         Ok(_) | Err(UnlockError::NoDeviceMapper(_)) => {
             write_boot_config(&cfg.boot_config.path, &released.boot_config)?;
+            if let Some((dir, key)) = &mesh {
+                if released.mesh_cert.is_empty() {
+                    tracing::warn!(
+                        "the broker issued no mesh certificate (the order names no mesh_ip, or the broker has no guest_ca)"
+                    );
+                } else {
+                    write_boot_config(&dir.join("node.key"), key.pem.as_bytes())?;
+                    write_boot_config(
+                        &dir.join("node.crt"),
+                        pem("CERTIFICATE", &released.mesh_cert).as_bytes(),
+                    )?;
+                    tracing::info!(dir = %dir.display(), "mesh identity placed");
+                }
+            }
         }
         Err(_) => {}
     }

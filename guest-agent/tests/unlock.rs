@@ -52,6 +52,7 @@ fn released(key: &[u8]) -> Released {
         generation: 1,
         boot_counter: 1,
         evidence_rtt: std::time::Duration::ZERO,
+        mesh_cert: vec![],
     }
 }
 

@@ -99,6 +99,17 @@ pub struct MeshSection {
     pub revocation_max_age: Option<String>,
     #[serde(default = "default_mesh_reload")]
     pub reload_secs: u64,
+    /// A mesh CA folder (`ca.crt`, `ca.key`; an intermediate limited to the guests' network is
+    /// the sensible choice) with which the broker certifies each attested guest's mesh key.
+    #[serde(default)]
+    pub guest_ca: Option<PathBuf>,
+    /// Validity of a guest's mesh certificate, seconds (default a day; each boot gets a new one).
+    #[serde(default = "default_guest_cert_secs")]
+    pub guest_cert_secs: u64,
+}
+
+fn default_guest_cert_secs() -> u64 {
+    86_400
 }
 
 fn default_mesh_reload() -> u64 {
@@ -164,6 +175,9 @@ impl Config {
         if let Some(m) = &mut c.mesh {
             fix(&mut m.ca);
             fix(&mut m.rules);
+            if let Some(g) = &mut m.guest_ca {
+                fix(g);
+            }
             if let Some(r) = &mut m.revocation {
                 fix(r);
             }

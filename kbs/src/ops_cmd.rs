@@ -39,6 +39,10 @@ pub struct RegisterOrder {
     /// Boot configuration released with the key (e.g. SSH public keys).
     #[arg(long, value_name = "FILE")]
     pub boot_config: Option<PathBuf>,
+    /// The VM's mesh overlay address with prefix (e.g. 10.42.7.9/16): the broker certifies it
+    /// for the key the attested guest binds in its report (needs `guest_ca` in `[mesh]`).
+    #[arg(long, value_name = "CIDR")]
+    pub mesh_ip: Option<String>,
     /// The account (SS58) that pays for the VM's running time; with --rate-per-hour.
     /// Without them the host agent does not bill the VM.
     #[arg(long, value_name = "SS58", requires = "rate_per_hour")]
@@ -184,6 +188,10 @@ pub fn order_cmd(c: &OrderCmd) -> ExitCode {
                         }),
                         _ => None,
                     },
+                    mesh_ip: match &a.mesh_ip {
+                        Some(ip) => Some(mesh_ip(ip)?),
+                        None => None,
+                    },
                 };
                 (key(&a.key)?, order, &a.out)
             }
@@ -200,6 +208,7 @@ pub fn order_cmd(c: &OrderCmd) -> ExitCode {
                     not_after: now() + a.valid_for,
                     boot_config: ByteBuf::new(),
                     billing: None,
+                    mesh_ip: None,
                 },
                 &a.out,
             ),
@@ -277,4 +286,16 @@ pub fn cert_cmd(c: &CertCmd) -> ExitCode {
         ))
     })();
     finish("cert issue", r)
+}
+
+/// An overlay address with prefix, as the mesh's certificates carry them.
+fn mesh_ip(s: &str) -> Result<String, String> {
+    let bad = || format!("--mesh-ip {s:?}: expected an address with prefix, e.g. 10.42.7.9/16");
+    let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if prefix > if ip.is_ipv4() { 32 } else { 128 } {
+        return Err(bad());
+    }
+    Ok(format!("{ip}/{prefix}"))
 }

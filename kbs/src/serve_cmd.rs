@@ -509,6 +509,30 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
         let rt = runtime()?;
         let _g = rt.enter();
         let (kbs, tls, gate) = build(&c)?;
+        if let Some(dir) = c.mesh.as_ref().and_then(|m| m.guest_ca.as_ref()) {
+            let certs = std::fs::read(dir.join("ca.crt"))
+                .map_err(|e| format!("guest_ca {}: {e}", dir.display()))
+                .and_then(|b| {
+                    mesh::cert::parse_bundle(&b)
+                        .map_err(|e| format!("guest_ca {}: {e}", dir.display()))
+                })?;
+            let ca = certs.into_iter().next().ok_or("guest_ca: no certificate")?;
+            let key = zeroize::Zeroizing::new(
+                std::fs::read_to_string(dir.join("ca.key"))
+                    .map_err(|e| format!("guest_ca {}: {e}", dir.display()))?,
+            );
+            // Refuse a key that is not the CA's now, not at the first boot.
+            mesh::cert::sign_with(&ca, &key, b"attesta guest_ca check")
+                .map_err(|e| format!("guest_ca {}: {e}", dir.display()))?;
+            tracing::info!(ca = %ca.name, "issuing attested guests their mesh certificates");
+            let ttl = c
+                .mesh
+                .as_ref()
+                .map_or(86_400, |m| m.guest_cert_secs.max(60));
+            let _ = kbs
+                .guest_issuer
+                .set(kbs::service::GuestIssuer::new(ca, key, ttl));
+        }
         if c.allowlist.is_some() {
             let epoch = load_allowlist(&rt, &kbs, &c)?;
             tracing::info!(epoch, "allowlist loaded");

@@ -12,7 +12,7 @@ use proto::msg::{
     frame_len,
 };
 use proto::order::{Allowlist, DocumentError, Order, OrderKind};
-use proto::{ResponseKey, SealContext, report_data, seal};
+use proto::{ResponseKey, SealContext, seal};
 use snp::{Evidence, Policy, Verifier};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -115,6 +115,46 @@ pub struct Kbs {
     pub allowlist: tokio::sync::RwLock<Option<Allowlist>>,
     pub nonce_ttl: u64,
     pub metrics: Metrics,
+    /// Certifies attested guests' mesh keys (`[mesh] guest_ca`); unset: no guest identities.
+    pub guest_issuer: std::sync::OnceLock<GuestIssuer>,
+}
+
+/// Issues an attested guest its mesh certificate: name = VM id, the order's `mesh_ip`, group
+/// `tenant:<tenant>`, role guest, short-lived; for the key bound in the guest's report only.
+pub struct GuestIssuer {
+    ca: mesh::cert::MeshCert,
+    key: Zeroizing<String>,
+    /// Validity of a guest certificate, seconds (each boot gets a new one).
+    ttl: u64,
+}
+
+impl GuestIssuer {
+    pub fn new(ca: mesh::cert::MeshCert, key: Zeroizing<String>, ttl: u64) -> GuestIssuer {
+        GuestIssuer { ca, key, ttl }
+    }
+
+    /// The certificate (DER), or why none.
+    pub fn issue(&self, order: &Order, mesh_key: &[u8; 32], now: u64) -> Result<Vec<u8>, String> {
+        let ip = order
+            .mesh_ip
+            .as_deref()
+            .ok_or("the order names no mesh_ip")?;
+        let req = mesh::cert::Request {
+            name: &order.vm_id,
+            claims: mesh::cert::Claims {
+                v: 1,
+                ips: vec![ip.to_string()],
+                groups: vec![format!("tenant:{}", order.tenant)],
+                role: Some(mesh::cert::Role::Guest),
+                networks: vec![],
+            },
+            is_ca: false,
+            not_before: now.saturating_sub(60).max(self.ca.not_before),
+            not_after: now.saturating_add(self.ttl).min(self.ca.not_after),
+            curve: mesh::cert::Curve::Ed25519,
+        };
+        mesh::cert::sign_for_key(&self.ca, &self.key, &req, mesh_key).map_err(|e| e.to_string())
+    }
 }
 
 impl Kbs {
@@ -136,6 +176,7 @@ impl Kbs {
             allowlist: Default::default(),
             nonce_ttl,
             metrics: Metrics::default(),
+            guest_issuer: std::sync::OnceLock::new(),
         }
     }
 
@@ -253,6 +294,7 @@ impl Kbs {
                 report,
                 cert_table,
                 guest_public_key,
+                mesh_key,
                 ..
             } => {
                 let t0 = std::time::Instant::now();
@@ -262,7 +304,7 @@ impl Kbs {
                         &nonce,
                         &report,
                         &cert_table,
-                        &guest_public_key,
+                        (&guest_public_key, &mesh_key),
                         exporter,
                         now,
                     )
@@ -300,7 +342,7 @@ impl Kbs {
         nonce: &[u8],
         report: &[u8],
         cert_table: &[u8],
-        guest_pk: &[u8],
+        (guest_pk, mesh_key): (&[u8], &[u8]),
         exporter: [u8; 32],
         now: u64,
     ) -> Response {
@@ -309,6 +351,13 @@ impl Kbs {
         else {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
             return Response::error("bad_request", "nonce and guest key must be 32 bytes");
+        };
+        // What REPORT_DATA must say: with a mesh key, that key is bound too.
+        let Some(expected_report_data) =
+            proto::expected_report_data(&nonce, &guest_pk, &exporter, mesh_key)
+        else {
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Response::error("bad_request", "a mesh key must be 32 bytes");
         };
         let (nonce_state, record) =
             match (self.store.nonce(&nonce).await, self.store.vm(vm_id).await) {
@@ -339,7 +388,7 @@ impl Kbs {
             nonce: nonce_state.as_ref(),
             vm: record.as_ref().map(|r| &r.state),
             report_data: parsed.map(|r| r.report_data).unwrap_or([0; 64]),
-            expected_report_data: report_data(&nonce, &guest_pk, &exporter),
+            expected_report_data,
             evidence: &verdict.reasons,
         });
         let (kind, detail) = match &decision.outcome {
@@ -370,7 +419,20 @@ impl Kbs {
         match (decision.outcome, record, parsed) {
             (Ok(state), Some(rec), Some(r)) if committed.released => {
                 match self.seal_release(&rec, &state, &order, &nonce, &guest_pk, &r.measurement) {
-                    Some(body) => {
+                    Some(mut body) => {
+                        // The report bound this mesh key: certify it for this VM.
+                        if let (Ok(mk), Some(o), Some(issuer)) = (
+                            <[u8; 32]>::try_from(mesh_key),
+                            order.as_ref(),
+                            self.guest_issuer.get(),
+                        ) {
+                            match issuer.issue(o, &mk, now) {
+                                Ok(der) => body.mesh_cert = der,
+                                Err(e) => {
+                                    tracing::warn!(vm_id, error = %e, "no mesh certificate issued")
+                                }
+                            }
+                        }
                         self.metrics.releases.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(vm_id, boot = state.boot_counter, "key released");
                         Response::release(&self.response_key, &body)
@@ -426,6 +488,7 @@ impl Kbs {
             measurement: measurement.to_vec(),
             enc: sealed.enc.to_vec(),
             sealed: sealed.ciphertext,
+            mesh_cert: Vec::new(),
         })
     }
 
@@ -823,6 +886,7 @@ mod tests {
             not_after: 0,
             boot_config: ByteBuf::new(),
             billing: None,
+            mesh_ip: None,
         }
     }
 

@@ -13,6 +13,7 @@ use proto::msg::{Request, Response, VERSION};
 use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
+use snp::device::GuestDevice;
 use snp::{Product, Revocation, Verifier, VerifierConfig};
 use std::sync::Arc;
 
@@ -26,10 +27,19 @@ fn pk(k: &Ed25519KeyPair) -> [u8; 32] {
     k.public_key().as_ref().try_into().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attested_release_over_quic() {
+/// A broker with an allowlist of GOOD, on a simulated Milan platform: one chip where VMs are
+/// placed and another where they are not.
+struct Setup {
+    dir: tempfile::TempDir,
+    chip: Chip,
+    elsewhere: Chip,
+    operator: Ed25519KeyPair,
+    response_pub: [u8; 32],
+    kbs: Arc<Kbs>,
+}
+
+async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    // The simulated platform: one Milan chip where the VM is placed, another where it is not.
     let pki = Arc::new(Pki::from_seed(Product::Milan, Seed::from_text("e2e")).unwrap());
     let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap();
     let elsewhere = Chip::new(pki.clone(), ChipConfig::typical(&pki, 1)).unwrap();
@@ -61,6 +71,26 @@ async fn attested_release_over_quic() {
     kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), now())
         .await
         .unwrap();
+    Setup {
+        dir,
+        chip,
+        elsewhere,
+        operator,
+        response_pub,
+        kbs,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attested_release_over_quic() {
+    let Setup {
+        dir,
+        chip,
+        elsewhere,
+        operator,
+        response_pub,
+        kbs,
+    } = setup().await;
     let order = |vm: &str, m: [u8; 48]| Order {
         v: ORDER_VERSION,
         kind: OrderKind::Register,
@@ -72,6 +102,7 @@ async fn attested_release_over_quic() {
         not_after: now() + 3600,
         boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant".to_vec()),
         billing: None,
+        mesh_ip: None,
     };
     kbs.register(&order("vm-1", GOOD).sign(&operator), now())
         .await
@@ -199,7 +230,7 @@ async fn attested_release_over_quic() {
         ),
         "order_kind"
     );
-    let forged = terminate.sign(&offline);
+    let forged = terminate.sign(&Ed25519KeyPair::generate().unwrap());
     assert_eq!(
         refused(
             kbs.handle(req(forged, true), Role::Operator, x, now())
@@ -261,4 +292,146 @@ async fn attested_release_over_quic() {
     );
     assert!(kinds.contains(&"terminate"));
     assert_eq!(kinds.iter().filter(|k| **k == "register").count(), 3);
+}
+
+/// The broker certifies a guest's mesh key only when the attested report binds exactly that
+/// key: the certificate names the VM, its ordered overlay address and `tenant:<tenant>`, and is
+/// for that key; a report binding another key, or none, is denied; an order without an overlay
+/// address gets its release without a certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestation_bound_mesh_identity() {
+    let Setup {
+        dir: _dir,
+        chip,
+        operator,
+        response_pub,
+        kbs,
+        ..
+    } = setup().await;
+    let t = now();
+    let ca =
+        mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
+    assert!(
+        kbs.guest_issuer
+            .set(kbs::service::GuestIssuer::new(
+                ca.cert.clone(),
+                ca.key.clone(),
+                3600
+            ))
+            .is_ok()
+    );
+    for (vm, ip) in [("vm-m", Some("10.42.7.9/16")), ("vm-plain", None)] {
+        let order = Order {
+            v: ORDER_VERSION,
+            kind: OrderKind::Register,
+            vm_id: vm.into(),
+            tenant: "tenant-a".into(),
+            measurements: vec![ByteBuf::from(GOOD.to_vec())],
+            policy: String::new(),
+            chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
+            not_after: t + 3600,
+            boot_config: ByteBuf::new(),
+            billing: None,
+            mesh_ip: ip.map(String::from),
+        };
+        kbs.register(&order.sign(&operator), t).await.unwrap();
+    }
+    let guest = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let exporter = [9u8; 32];
+    let mesh_a = [0xa1u8; 32];
+    let mesh_b = [0xb2u8; 32];
+    // One evidence round by hand: the report binds `bound`, the request carries `sent`.
+    let round = |vm: &'static str, bound: Option<[u8; 32]>, sent: Vec<u8>| {
+        let kbs = kbs.clone();
+        let guest = &guest;
+        async move {
+            let Response::Challenge { nonce, .. } = kbs
+                .handle(
+                    Request::Challenge {
+                        v: VERSION,
+                        vm_id: vm.into(),
+                    },
+                    Role::Guest,
+                    exporter,
+                    t,
+                )
+                .await
+            else {
+                panic!("no challenge");
+            };
+            let nonce: [u8; 32] = nonce.try_into().unwrap();
+            let key = proto::GuestKey::generate();
+            let rd = match &bound {
+                Some(m) => proto::report_data_with_mesh_key(&nonce, &key.public(), &exporter, m),
+                None => proto::report_data(&nonce, &key.public(), &exporter),
+            };
+            let (report, cert_table) = guest.get_ext_report(&rd, 0).unwrap();
+            let req = Request::Evidence {
+                v: VERSION,
+                vm_id: vm.into(),
+                nonce: nonce.to_vec(),
+                report,
+                cert_table,
+                guest_public_key: key.public().to_vec(),
+                mesh_key: sent,
+            };
+            kbs.handle(req, Role::Guest, exporter, t).await
+        }
+    };
+    let decision = |r: &Response| proto::msg::verify_decision(&response_pub, r).unwrap();
+    use proto::msg::Decision;
+
+    // Bound A, sent A: released, with a certificate for A.
+    let r = round("vm-m", Some(mesh_a), mesh_a.to_vec()).await;
+    let Decision::Release(body) = decision(&r) else {
+        panic!("{r:?}")
+    };
+    let cert = mesh::cert::MeshCert::parse(&body.mesh_cert).unwrap();
+    assert_eq!(cert.name, "vm-m");
+    assert_eq!(cert.claims.ips, vec!["10.42.7.9/16".to_string()]);
+    assert_eq!(cert.claims.groups, vec!["tenant:tenant-a".to_string()]);
+    assert_eq!(cert.claims.role, Some(mesh::cert::Role::Guest));
+    let mut spki = hex::decode("302a300506032b6570032100").unwrap();
+    spki.extend_from_slice(&mesh_a);
+    assert_eq!(
+        cert.key_hash.to_vec(),
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki).as_ref(),
+        "the certificate is for the key the report bound"
+    );
+    assert!(cert.not_after <= t + 3600);
+    mesh::cert::verify(&[cert], std::slice::from_ref(&ca.cert), t).unwrap();
+
+    // Bound A, sent B; bound A, sent none; bound none, sent A: all denied as mismatches.
+    for (bound, sent) in [
+        (Some(mesh_a), mesh_b.to_vec()),
+        (Some(mesh_a), vec![]),
+        (None, mesh_a.to_vec()),
+    ] {
+        let r = round("vm-m", bound, sent).await;
+        let Decision::Denial(d) = decision(&r) else {
+            panic!("released: {r:?}")
+        };
+        assert_eq!(d.reasons, vec!["report_data_mismatch".to_string()]);
+    }
+    // A malformed mesh key is not even considered.
+    let r = round("vm-m", Some(mesh_a), vec![1; 31]).await;
+    assert!(
+        matches!(r, Response::Error { ref code, .. } if code == "bad_request"),
+        "{r:?}"
+    );
+    // No overlay address in the order: the key is released, no certificate.
+    let r = round("vm-plain", Some(mesh_a), mesh_a.to_vec()).await;
+    let Decision::Release(body) = decision(&r) else {
+        panic!("{r:?}")
+    };
+    assert!(body.mesh_cert.is_empty());
+    // Without a mesh key the release is as before.
+    let r = round("vm-m", None, vec![]).await;
+    let Decision::Release(body) = decision(&r) else {
+        panic!("{r:?}")
+    };
+    assert!(body.mesh_cert.is_empty());
 }

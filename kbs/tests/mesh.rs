@@ -8,7 +8,7 @@
 mod common;
 
 use common::{free_port, kbs, start};
-use mesh::cert::{LocalCa, MeshCert, Role};
+use mesh::cert::{LocalCa, MeshCert, Role, parse_bundle};
 use std::path::Path;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -64,11 +64,26 @@ fn the_broker_on_the_mesh() {
     let d = dir.path().join("kbs");
     let p = |n: &str| dir.path().join(n);
     let listen = format!("127.0.0.1:{}", free_port());
+    // The simulated platform the guests run on (its ARK is a test trust root).
+    let state = dir.path().join("sim");
+    let pki = Arc::new(
+        simulator::Pki::cached(
+            snp::Product::Genoa,
+            &simulator::Seed::from_text("mesh-test"),
+            &state,
+            |_| {},
+        )
+        .unwrap(),
+    );
+    let chip = simulator::Chip::new(pki.clone(), simulator::ChipConfig::typical(&pki, 0)).unwrap();
+    std::fs::write(p("sim-ark.der"), &pki.ark.cert).unwrap();
     ok(
         kbs()
             .args(["init", "--dir"])
             .arg(&d)
             .args(["--listen", &listen])
+            .arg("--trust-root")
+            .arg(p("sim-ark.der"))
             .output()
             .unwrap(),
         "init",
@@ -83,6 +98,30 @@ fn the_broker_on_the_mesh() {
             .output()
             .unwrap(),
         "allowlist sign",
+    );
+    ok(
+        kbs()
+            .args(["order", "register", "--key"])
+            .arg(d.join("operator.key"))
+            .args([
+                "--vm-id",
+                "vm-g",
+                "--tenant",
+                "tenant-a",
+                "--mesh-ip",
+                "10.42.7.9/16",
+            ])
+            .args([
+                "--measurement",
+                &image,
+                "--chip-id",
+                &hex::encode(chip.config.chip_id),
+            ])
+            .arg("--out")
+            .arg(p("vm-g.signed"))
+            .output()
+            .unwrap(),
+        "order register with a mesh address",
     );
     for vm in ["vm-1", "vm-2"] {
         ok(
@@ -114,6 +153,11 @@ fn the_broker_on_the_mesh() {
     issue(dir.path(), &root, "guest-1", "10.42.3.1/16", Role::Guest);
     issue(dir.path(), &other, "rogue", "10.42.2.9/16", Role::Host);
     std::fs::write(d.join("mesh-rules.toml"), RULES).unwrap();
+    // The broker certifies attested guests with the mesh CA itself here (an intermediate
+    // limited to the guests' network in a real deployment).
+    std::fs::create_dir_all(d.join("guest-ca")).unwrap();
+    std::fs::write(d.join("guest-ca/ca.crt"), &root.pem).unwrap();
+    std::fs::write(d.join("guest-ca/ca.key"), root.key.as_bytes()).unwrap();
     let toml = std::fs::read_to_string(d.join("kbs.toml"))
         .unwrap()
         .replace(
@@ -130,7 +174,8 @@ fn the_broker_on_the_mesh() {
         d.join("kbs.toml"),
         format!(
             "{toml}allowlist = \"allowlist.signed\"\n[mesh]\nca = \"mesh-ca.crt\"\n\
-             rules = \"mesh-rules.toml\"\nrevocation = \"mesh-revocation.json\"\nreload_secs = 1\n"
+             rules = \"mesh-rules.toml\"\nrevocation = \"mesh-revocation.json\"\nreload_secs = 1\n\
+             guest_ca = \"guest-ca\"\nguest_cert_secs = 3600\n"
         ),
     )
     .unwrap();
@@ -166,6 +211,71 @@ fn the_broker_on_the_mesh() {
     assert_ne!(r.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&r.stdout).contains("vm-2"));
 
+    assert!(ok(register("vm-g", "miner-1"), "host registers vm-g").contains("vm-g"));
+
+    // The real guest agent, asking for a mesh identity: its key is born in the guest, bound in
+    // the report, certified by the broker, and placed on tmpfs with the certificate.
+    let shm = Path::new("/dev/shm").join(format!("attesta-mesh-test-{}", std::process::id()));
+    let mesh_dir = shm.join("mesh");
+    std::fs::File::create(p("disk.img"))
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    std::fs::write(
+        p("guest.toml"),
+        format!(
+            "vm_id = \"vm-g\"\nrequire_mlock = false\n\
+             [broker]\naddress = \"{listen}\"\nserver_name = \"kbs.attesta.local\"\nca = {ca:?}\n\
+             response_key = \"{rk}\"\ntimeout_secs = 20\n\
+             [disk]\npath = \"disk.img\"\nname = \"attesta-mesh-{pid}\"\n\
+             [boot_config]\npath = {bc:?}\n\
+             [mesh]\ndir = {md:?}\n\
+             [device]\nkind = \"simulator\"\nseed = \"mesh-test\"\nproduct = \"genoa\"\nchip = 0\n\
+             measurement = \"{image}\"\nstate_dir = {state:?}\n",
+            ca = d.join("mesh-ca.crt").display().to_string(),
+            rk = std::fs::read_to_string(d.join("response.pub"))
+                .unwrap()
+                .trim(),
+            pid = std::process::id(),
+            bc = shm.join("boot-config").display().to_string(),
+            md = mesh_dir.display().to_string(),
+            state = state.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let guest_bin = Path::new(env!("CARGO_BIN_EXE_attesta-kbs")).with_file_name("attesta-guest");
+    let out = std::process::Command::new(guest_bin)
+        .args(["unlock", "--config"])
+        .arg(p("guest.toml"))
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("cryptsetup")
+        .args(["close", &format!("attesta-mesh-{}", std::process::id())])
+        .output();
+    // 0: activated; 3: the key opened the disk but this machine has no device-mapper.
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)),
+        "guest: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let crt = std::fs::read(mesh_dir.join("node.crt")).unwrap();
+    let key = std::fs::read_to_string(mesh_dir.join("node.key")).unwrap();
+    let _ = std::fs::remove_dir_all(&shm);
+    let cert = parse_bundle(&crt).unwrap().remove(0);
+    assert_eq!(cert.name, "vm-g");
+    assert_eq!(cert.claims.groups, vec!["tenant:tenant-a".to_string()]);
+    assert_eq!(cert.claims.ips, vec!["10.42.7.9/16".to_string()]);
+    assert_eq!(cert.claims.role, Some(Role::Guest));
+    mesh::cert::verify(
+        std::slice::from_ref(&cert),
+        std::slice::from_ref(&root.cert),
+        now(),
+    )
+    .unwrap();
+    // The key on tmpfs is the certified one.
+    mesh::cert::sign_with(&cert, &key, b"probe").unwrap();
+
     // A guest with no certificate reaches attestation: an unknown VM gets a signed denial.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let response_pub = std::fs::read_to_string(d.join("response.pub")).unwrap();
@@ -177,17 +287,6 @@ fn the_broker_on_the_mesh() {
         ca_der: root.cert.der.clone(),
         response_key: rk,
     };
-    let state = dir.path().join("sim");
-    let pki = Arc::new(
-        simulator::Pki::cached(
-            snp::Product::Genoa,
-            &simulator::Seed::from_text("mesh-test"),
-            &state,
-            |_| {},
-        )
-        .unwrap(),
-    );
-    let chip = simulator::Chip::new(pki.clone(), simulator::ChipConfig::typical(&pki, 0)).unwrap();
     let guest = chip.launch(simulator::GuestLaunch::default());
     let denied = rt.block_on(guest_agent::client::fetch(&broker, "vm-unknown", &guest));
     let why = denied.err().map(|e| e.to_string()).unwrap_or_default();

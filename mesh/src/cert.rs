@@ -549,9 +549,42 @@ pub fn new_root(req: &Request<'_>) -> Result<Issued, CertError> {
     Ok(issued)
 }
 
-/// A certificate signed by the CA `ca` (with key `ca_key_pem`). Refused if its claims or
-/// validity do not lie within the CA's.
-pub fn sign(ca: &MeshCert, ca_key_pem: &str, req: &Request<'_>) -> Result<Issued, CertError> {
+/// An Ed25519 public key held by someone else (a guest), to certify without its secret.
+struct ForeignEd25519<'a>(&'a [u8; 32]);
+
+impl rcgen::PublicKeyData for ForeignEd25519<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ED25519
+    }
+}
+
+/// A certificate for a key generated elsewhere (an attested guest's Ed25519 key): the DER.
+/// Refused, like [`sign`], if its claims or validity do not lie within the CA's.
+pub fn sign_for_key(
+    ca: &MeshCert,
+    ca_key_pem: &str,
+    req: &Request<'_>,
+    ed25519_public: &[u8; 32],
+) -> Result<Vec<u8>, CertError> {
+    let issuer = issuer_of(ca, ca_key_pem)?;
+    let cert = params(req)?
+        .signed_by(&ForeignEd25519(ed25519_public), &issuer)
+        .map_err(|x| CertError::Issue(x.to_string()))?;
+    let c = MeshCert::parse(cert.der())?;
+    c.within(ca)?;
+    c.signed_by(ca)?;
+    Ok(cert.der().to_vec())
+}
+
+/// The CA as an rcgen issuer, after checking the key is the certificate's.
+fn issuer_of(
+    ca: &MeshCert,
+    ca_key_pem: &str,
+) -> Result<rcgen::Issuer<'static, rcgen::KeyPair>, CertError> {
     let e = |x: rcgen::Error| CertError::Issue(x.to_string());
     let ca_key = rcgen::KeyPair::from_pem(ca_key_pem).map_err(e)?;
     if rcgen::PublicKeyData::subject_public_key_info(&ca_key) != ca.spki {
@@ -564,7 +597,14 @@ pub fn sign(ca: &MeshCert, ca_key_pem: &str, req: &Request<'_>) -> Result<Issued
     ip.distinguished_name = rcgen::DistinguishedName::new();
     ip.distinguished_name
         .push(rcgen::DnType::CommonName, ca.name.as_str());
-    let issuer = rcgen::Issuer::new(ip, ca_key);
+    Ok(rcgen::Issuer::new(ip, ca_key))
+}
+
+/// A certificate signed by the CA `ca` (with key `ca_key_pem`). Refused if its claims or
+/// validity do not lie within the CA's.
+pub fn sign(ca: &MeshCert, ca_key_pem: &str, req: &Request<'_>) -> Result<Issued, CertError> {
+    let e = |x: rcgen::Error| CertError::Issue(x.to_string());
+    let issuer = issuer_of(ca, ca_key_pem)?;
     let key = new_key(req.curve)?;
     let cert = params(req)?.signed_by(&key, &issuer).map_err(e)?;
     let c = MeshCert::parse(cert.der())?;

@@ -59,6 +59,51 @@ pub fn report_data(
     out
 }
 
+/// REPORT_DATA when the guest also asks for a mesh identity: as [`report_data`], with the
+/// guest's Ed25519 mesh public key bound too (under its own label, so the two forms never
+/// collide). The broker then certifies exactly that key, for exactly this attested guest.
+pub fn report_data_with_mesh_key(
+    nonce: &[u8; 32],
+    guest_public_key: &[u8; 32],
+    tls_exporter: &[u8; 32],
+    mesh_key: &[u8; 32],
+) -> [u8; 64] {
+    let mut msg = Vec::with_capacity(160);
+    msg.extend_from_slice(PROTOCOL.as_bytes());
+    msg.extend_from_slice(b"\0report-data-mesh\0");
+    msg.extend_from_slice(nonce);
+    msg.extend_from_slice(guest_public_key);
+    msg.extend_from_slice(tls_exporter);
+    msg.extend_from_slice(mesh_key);
+    let mut out = [0u8; 64];
+    out.copy_from_slice(digest(&SHA512, &msg).as_ref());
+    out
+}
+
+/// The REPORT_DATA a piece of evidence must carry: without a mesh key (empty) the plain form,
+/// with one (32 bytes) the mesh form; None for any other length.
+pub fn expected_report_data(
+    nonce: &[u8; 32],
+    guest_public_key: &[u8; 32],
+    tls_exporter: &[u8; 32],
+    mesh_key: &[u8],
+) -> Option<[u8; 64]> {
+    match mesh_key.len() {
+        0 => Some(report_data(nonce, guest_public_key, tls_exporter)),
+        32 => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(mesh_key);
+            Some(report_data_with_mesh_key(
+                nonce,
+                guest_public_key,
+                tls_exporter,
+                &k,
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// What a sealed secret is bound to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SealContext<'a> {
@@ -239,6 +284,24 @@ mod tests {
         assert_ne!(base, report_data(&[1; 32], &[0; 32], &[3; 32]));
         assert_ne!(base, report_data(&[1; 32], &[2; 32], &[0; 32]));
         assert_eq!(base, report_data(&[1; 32], &[2; 32], &[3; 32]));
+        let mesh = report_data_with_mesh_key(&[1; 32], &[2; 32], &[3; 32], &[4; 32]);
+        assert_ne!(mesh, base, "the mesh form never equals the plain one");
+        assert_ne!(
+            mesh,
+            report_data_with_mesh_key(&[1; 32], &[2; 32], &[3; 32], &[5; 32])
+        );
+        assert_eq!(
+            expected_report_data(&[1; 32], &[2; 32], &[3; 32], &[]),
+            Some(base)
+        );
+        assert_eq!(
+            expected_report_data(&[1; 32], &[2; 32], &[3; 32], &[4; 32]),
+            Some(mesh)
+        );
+        assert_eq!(
+            expected_report_data(&[1; 32], &[2; 32], &[3; 32], &[4; 31]),
+            None
+        );
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub enum Request {
         cert_table: Vec<u8>,
         #[serde(with = "serde_bytes")]
         guest_public_key: Vec<u8>,
+        /// The guest's Ed25519 mesh public key (32 bytes), bound in REPORT_DATA, for the
+        /// broker to certify; empty: no mesh identity asked for.
+        #[serde(default, with = "serde_bytes")]
+        mesh_key: Vec<u8>,
     },
 }
 
@@ -122,6 +126,10 @@ pub struct ReleaseBody {
     /// HPKE ciphertext of the secrets (volume key and boot configuration).
     #[serde(with = "serde_bytes")]
     pub sealed: Vec<u8>,
+    /// The guest's mesh certificate (DER) for the key bound in its report, when it asked for
+    /// one and its order names an overlay address; empty otherwise. Public, so not sealed.
+    #[serde(default, with = "serde_bytes")]
+    pub mesh_cert: Vec<u8>,
 }
 
 /// What a denial says: which VM and nonce, and the reason codes (never secrets).

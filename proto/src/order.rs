@@ -49,6 +49,11 @@ pub struct Order {
     /// (Left out of the encoding when absent: orders signed before it existed keep their bytes.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub billing: Option<Billing>,
+    /// The VM's mesh overlay address with prefix (e.g. "10.42.7.9/16"): the broker certifies
+    /// it, with group `tenant:<tenant>`, for the key the attested guest bound in its report.
+    /// Absent: no mesh identity (and left out of the encoding, as `billing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ip: Option<String>,
 }
 
 /// The billing terms of a VM, part of its register order.

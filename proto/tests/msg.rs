@@ -12,6 +12,7 @@ fn evidence() -> Request {
         report: vec![0xaa; 1184],
         cert_table: vec![],
         guest_public_key: vec![3; 32],
+        mesh_key: vec![],
     }
 }
 
@@ -90,6 +91,7 @@ fn a_release_is_verified_then_opened() {
         measurement: vec![6; 48],
         enc: sealed.enc.to_vec(),
         sealed: sealed.ciphertext.clone(),
+        mesh_cert: vec![],
     };
     let wire = frame(&Response::release(&broker, &body));
     let resp = Response::decode_frame(&wire).unwrap();

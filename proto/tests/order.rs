@@ -26,6 +26,7 @@ fn order() -> Order {
         not_after: 2_000_000_000,
         boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant@laptop".to_vec()),
         billing: None,
+        mesh_ip: None,
     }
 }
 

@@ -67,6 +67,7 @@ pub fn register_order(
         not_after: in_30_days(),
         boot_config: ByteBuf::new(),
         billing,
+        mesh_ip: None,
     }
     .sign(op)
 }
@@ -84,6 +85,7 @@ pub fn terminate_order(op: &Ed25519KeyPair, vm_id: &str) -> Vec<u8> {
         not_after: in_30_days(),
         boot_config: ByteBuf::new(),
         billing: None,
+        mesh_ip: None,
     }
     .sign(op)
 }

@@ -191,6 +191,7 @@ pub fn order(vm_id: &str, i: usize, chip_id: &[u8; 64], image: &[u8; 48]) -> Ord
         not_after: now() + 3600,
         boot_config: ByteBuf::from(format!("ssh-ed25519 AAAA tenant-{}", i % 3).into_bytes()),
         billing: None,
+        mesh_ip: None,
     }
 }
 
@@ -322,6 +323,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         not_after: now() + 600,
         boot_config: ByteBuf::new(),
         billing: None,
+        mesh_ip: None,
     };
     let r = agents[0]
         .handle(host_agent::control::ControlRequest::Terminate {
@@ -642,6 +644,7 @@ fn evidence_request(
         report,
         cert_table,
         guest_public_key: key.public().to_vec(),
+        mesh_key: vec![],
     }
 }
 
@@ -731,6 +734,7 @@ fn order_with_policy(vm: &str, policy: &snp::Policy, now: u64) -> Order {
         not_after: now + 3600,
         boot_config: ByteBuf::new(),
         billing: None,
+        mesh_ip: None,
     }
 }
 
