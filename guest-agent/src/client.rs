@@ -114,15 +114,17 @@ pub async fn fetch(
     vm_id: &str,
     device: &impl GuestDevice,
 ) -> Result<Released, ClientError> {
-    // Any local address of the broker's family: the route decides (loopback in tests).
+    fetch_on(&local_endpoint(broker)?, broker, vm_id, device).await
+}
+
+/// A client endpoint on any local address of the broker's family (the route decides).
+fn local_endpoint(broker: &Broker) -> Result<quinn::Endpoint, ClientError> {
     let local: SocketAddr = if broker.addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint =
-        quinn::Endpoint::client(local).map_err(|e| ClientError::Connect(e.to_string()))?;
-    fetch_on(&endpoint, broker, vm_id, device).await
+    quinn::Endpoint::client(local).map_err(|e| ClientError::Connect(e.to_string()))
 }
 
 /// [`fetch`] over an existing endpoint (many simulated guests can share one UDP socket).
@@ -143,14 +145,14 @@ pub async fn fetch_with_mesh_key(
     device: &impl GuestDevice,
     mesh_key: &[u8; 32],
 ) -> Result<Released, ClientError> {
-    let local: SocketAddr = if broker.addr.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let endpoint =
-        quinn::Endpoint::client(local).map_err(|e| ClientError::Connect(e.to_string()))?;
-    fetch_on_with(&endpoint, broker, vm_id, device, Some(mesh_key)).await
+    fetch_on_with(
+        &local_endpoint(broker)?,
+        broker,
+        vm_id,
+        device,
+        Some(mesh_key),
+    )
+    .await
 }
 
 async fn fetch_on_with(

@@ -48,12 +48,17 @@ pub fn report_data(
     guest_public_key: &[u8; 32],
     tls_exporter: &[u8; 32],
 ) -> [u8; 64] {
-    let mut msg = Vec::with_capacity(128);
+    bind(b"\0report-data\0", &[nonce, guest_public_key, tls_exporter])
+}
+
+/// SHA-512 over the protocol name, a label and the parts, in order.
+fn bind(label: &[u8], parts: &[&[u8; 32]]) -> [u8; 64] {
+    let mut msg = Vec::with_capacity(PROTOCOL.len() + label.len() + 32 * parts.len());
     msg.extend_from_slice(PROTOCOL.as_bytes());
-    msg.extend_from_slice(b"\0report-data\0");
-    msg.extend_from_slice(nonce);
-    msg.extend_from_slice(guest_public_key);
-    msg.extend_from_slice(tls_exporter);
+    msg.extend_from_slice(label);
+    for p in parts {
+        msg.extend_from_slice(*p);
+    }
     let mut out = [0u8; 64];
     out.copy_from_slice(digest(&SHA512, &msg).as_ref());
     out
@@ -68,16 +73,10 @@ pub fn report_data_with_mesh_key(
     tls_exporter: &[u8; 32],
     mesh_key: &[u8; 32],
 ) -> [u8; 64] {
-    let mut msg = Vec::with_capacity(160);
-    msg.extend_from_slice(PROTOCOL.as_bytes());
-    msg.extend_from_slice(b"\0report-data-mesh\0");
-    msg.extend_from_slice(nonce);
-    msg.extend_from_slice(guest_public_key);
-    msg.extend_from_slice(tls_exporter);
-    msg.extend_from_slice(mesh_key);
-    let mut out = [0u8; 64];
-    out.copy_from_slice(digest(&SHA512, &msg).as_ref());
-    out
+    bind(
+        b"\0report-data-mesh\0",
+        &[nonce, guest_public_key, tls_exporter, mesh_key],
+    )
 }
 
 /// The REPORT_DATA a piece of evidence must carry: without a mesh key (empty) the plain form,
