@@ -126,12 +126,7 @@ fn pair(rt: &tokio::runtime::Runtime, p: &Pki, mesh: bool) -> Pair {
                 let Some(cert) = peer(chain.as_deref().map(|v| v.as_slice())) else {
                     continue;
                 };
-                let who = Peer {
-                    name: cert.name.clone(),
-                    groups: cert.claims.groups.clone(),
-                    role: cert.claims.role,
-                    ip: cert.addrs().first().copied(),
-                };
+                let who = Peer::from_cert(&cert);
                 if fw.decide(&who, &Service::Named("attesta-bench/1".into())) == Verdict::Deny {
                     continue;
                 }

@@ -138,18 +138,7 @@ impl MeshKey {
     }
 }
 
-/// PEM armour (RFC 7468) around DER.
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut s = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        s.push_str(&String::from_utf8_lossy(line));
-        s.push('\n');
-    }
-    s.push_str(&format!("-----END {label}-----\n"));
-    s
-}
+use snp::certs::pem_encode as pem;
 
 /// Fetches the secrets, retrying only while the broker is unreachable or briefly unavailable; a
 /// denial or a bad signature ends the attempt at once.

@@ -325,32 +325,25 @@ fn build_mesh(c: &Config, m: &MeshSection) -> Result<(quinn::ServerConfig, Arc<M
 /// the CA bundle, the rules and the revocation list. A file that does not load is logged and
 /// the current one stays.
 async fn reload_mesh(c: Config, m: MeshSection, gate: Arc<MeshGate>, endpoint: quinn::Endpoint) {
-    let stamp = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())))
-    };
-    let files = |c: &Config, m: &MeshSection| {
-        let mut v = vec![
-            c.tls_cert.clone(),
-            c.tls_key.clone(),
-            m.ca.clone(),
-            m.rules.clone(),
-        ];
-        v.extend(m.revocation.clone());
-        v
-    };
-    let mut seen: Vec<_> = files(&c, &m).iter().map(|p| stamp(p)).collect();
+    let identity = [c.tls_cert.as_path(), c.tls_key.as_path(), m.ca.as_path()];
+    let mut stamps = mesh::watch::FileStamps::new(
+        identity
+            .iter()
+            .copied()
+            .chain([m.rules.as_path()])
+            .chain(m.revocation.as_deref()),
+    );
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(m.reload_secs.max(1))).await;
-        let now_stamps: Vec<_> = files(&c, &m).iter().map(|p| stamp(p)).collect();
-        let changed = |i: usize| now_stamps.get(i) != seen.get(i);
-        if changed(0) || changed(1) || changed(2) {
+        if stamps.changed(&identity) {
             let r = mesh_roots(&m).and_then(|roots| {
                 let (chain, key) = read_pem_identity(&c)?;
                 check_own_mesh_cert(&c, &chain, &roots)?;
+                // The configuration shares the trust, so the roots are swapped only once
+                // everything else has loaded.
+                let cfg = mesh_server_config(chain, key, gate.trust.clone())?;
                 gate.trust.set_roots(roots);
-                mesh_server_config(chain, key, gate.trust.clone())
+                Ok(cfg)
             });
             match r {
                 Ok(cfg) => {
@@ -362,7 +355,7 @@ async fn reload_mesh(c: Config, m: MeshSection, gate: Arc<MeshGate>, endpoint: q
                 }
             }
         }
-        if changed(3) {
+        if stamps.changed(&[m.rules.as_path()]) {
             match mesh_rules(&m) {
                 Ok(fw) => {
                     tracing::info!(rules = fw.rules(), "mesh rules reloaded");
@@ -373,8 +366,8 @@ async fn reload_mesh(c: Config, m: MeshSection, gate: Arc<MeshGate>, endpoint: q
                 }
             }
         }
-        if changed(4)
-            && let Some(r) = &m.revocation
+        if let Some(r) = &m.revocation
+            && stamps.changed(&[r.as_path()])
             && let Ok(bytes) = std::fs::read(r)
         {
             match gate.trust.install(&bytes, now()) {
@@ -385,7 +378,6 @@ async fn reload_mesh(c: Config, m: MeshSection, gate: Arc<MeshGate>, endpoint: q
                 Err(e) => tracing::warn!(error = %e, "mesh revocation list refused"),
             }
         }
-        seen = now_stamps;
     }
 }
 

@@ -673,12 +673,7 @@ impl MeshGate {
         };
         let cert = mesh::cert::MeshCert::parse(leaf).map_err(|e| e.to_string())?;
         self.trust.fresh(now)?;
-        let peer = mesh::firewall::Peer {
-            name: cert.name.clone(),
-            groups: cert.claims.groups.clone(),
-            role: cert.claims.role,
-            ip: cert.addrs().first().copied(),
-        };
+        let peer = mesh::firewall::Peer::from_cert(&cert);
         let service = mesh::firewall::Service::Named(String::from_utf8_lossy(ALPN).into_owned());
         let rules = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
         if rules.decide(&peer, &service) == mesh::firewall::Verdict::Deny {

@@ -63,11 +63,7 @@ fn sigkill_during_a_release_storm_loses_nothing_and_repeats_nothing() {
         ])
         .arg(dir.path().join("ark.der")));
     let image = hex::encode([0x4d; 48]);
-    run(kbs()
-        .args(["allowlist", "sign", "--key"])
-        .arg(d.join("allowlist.key"))
-        .args(["--epoch", "1", "--measurement", &image, "--out"])
-        .arg(d.join("allowlist.signed")));
+    common::sign_allowlist(&d, &image);
     let cfg = d.join("kbs.toml");
     let mut toml = std::fs::read_to_string(&cfg).unwrap();
     // Frequent checkpoints, so kills also land around checkpoint writes.

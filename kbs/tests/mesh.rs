@@ -7,10 +7,9 @@
 
 mod common;
 
-use common::{free_port, kbs, start};
+use common::{free_port, guest, kbs, ok, sign_allowlist, start};
 use mesh::cert::{LocalCa, MeshCert, Role, parse_bundle};
 use std::path::Path;
-use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,16 +47,6 @@ service = "attesta-kbs/1"
 expect = "deny"
 "#;
 
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn the_broker_on_the_mesh() {
     let dir = tempfile::tempdir().unwrap();
@@ -89,16 +78,7 @@ fn the_broker_on_the_mesh() {
         "init",
     );
     let image = hex::encode([0x4d; 48]);
-    ok(
-        kbs()
-            .args(["allowlist", "sign", "--key"])
-            .arg(d.join("allowlist.key"))
-            .args(["--epoch", "1", "--measurement", &image, "--out"])
-            .arg(d.join("allowlist.signed"))
-            .output()
-            .unwrap(),
-        "allowlist sign",
-    );
+    sign_allowlist(&d, &image);
     ok(
         kbs()
             .args(["order", "register", "--key"])
@@ -243,8 +223,7 @@ fn the_broker_on_the_mesh() {
         ),
     )
     .unwrap();
-    let guest_bin = Path::new(env!("CARGO_BIN_EXE_attesta-kbs")).with_file_name("attesta-guest");
-    let out = std::process::Command::new(guest_bin)
+    let out = guest()
         .args(["unlock", "--config"])
         .arg(p("guest.toml"))
         .output()

@@ -7,25 +7,13 @@
 
 mod common;
 
-use common::{free_port, kbs, start};
+use common::{free_port, guest, kbs, ok, sign_allowlist, start};
 use guest_agent::client::{Broker, fetch};
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-
-/// The guest agent's binary, built beside ours (`cargo build --workspace --bins`, which the
-/// test script runs first; `cargo test --workspace` builds it too).
-fn guest() -> Command {
-    let exe = Path::new(env!("CARGO_BIN_EXE_attesta-kbs")).with_file_name("attesta-guest");
-    assert!(
-        exe.exists(),
-        "{} is missing: run `cargo build -p guest-agent` first",
-        exe.display()
-    );
-    Command::new(exe)
-}
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -33,16 +21,6 @@ fn free_tcp_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -126,16 +104,7 @@ fn deployment_from_the_real_binaries() {
     let image = hex::encode([0x4d; 48]);
     let chip_id = hex::encode(chip.config.chip_id);
     let p = |n: &str| dir.path().join(n);
-    ok(
-        kbs()
-            .args(["allowlist", "sign", "--key"])
-            .arg(d.join("allowlist.key"))
-            .args(["--epoch", "1", "--measurement", &image, "--out"])
-            .arg(d.join("allowlist.signed"))
-            .output()
-            .unwrap(),
-        "allowlist sign",
-    );
+    sign_allowlist(&d, &image);
     let mut toml = std::fs::read_to_string(d.join("kbs.toml")).unwrap();
     toml.push_str("allowlist = \"allowlist.signed\"\n");
     toml = toml.replace("log_format = \"text\"", "log_format = \"json\"");

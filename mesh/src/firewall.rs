@@ -37,6 +37,18 @@ pub struct Peer {
     pub ip: Option<IpAddr>,
 }
 
+impl Peer {
+    /// The peer a verified certificate names (its first overlay address).
+    pub fn from_cert(c: &crate::cert::MeshCert) -> Peer {
+        Peer {
+            name: c.name.clone(),
+            groups: c.claims.groups.clone(),
+            role: c.claims.role,
+            ip: c.addrs().first().copied(),
+        }
+    }
+}
+
 /// What is being reached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Service {

@@ -15,6 +15,7 @@ pub mod node;
 pub mod packet;
 pub mod revocation;
 pub mod transport;
+pub mod watch;
 
 /// "8760h", "30d", "90m", "3600s" or plain seconds, as the CLI and node.toml take them.
 pub fn parse_duration(s: &str) -> Result<u64, String> {

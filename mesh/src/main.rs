@@ -157,10 +157,6 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn duration(s: &str) -> Result<u64, String> {
-    mesh::parse_duration(s)
-}
-
 fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -224,7 +220,7 @@ fn ca_new(a: &CaNew) -> Result<String, String> {
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let (issued, chain_above) = match &a.parent {
         None => {
-            let d = duration(a.duration.as_deref().unwrap_or("8760h"))?;
+            let d = mesh::parse_duration(a.duration.as_deref().unwrap_or("8760h"))?;
             let req = Request {
                 name: &a.name,
                 claims,
@@ -239,7 +235,7 @@ fn ca_new(a: &CaNew) -> Result<String, String> {
             let (parents, key) = load_ca(p)?;
             let parent = parents.first().ok_or("the parent CA file is empty")?;
             let end = match &a.duration {
-                Some(d) => start + duration(d)?,
+                Some(d) => start + mesh::parse_duration(d)?,
                 None => parent.not_after,
             };
             let req = Request {
@@ -293,7 +289,7 @@ fn cert_sign(a: &CertSign) -> Result<String, String> {
     }
     let start = now().max(ca.not_before);
     let end = match &a.duration {
-        Some(d) => start + duration(d)?,
+        Some(d) => start + mesh::parse_duration(d)?,
         None => ca.not_after,
     };
     let req = Request {

@@ -169,12 +169,7 @@ pub struct PeerInfo {
 
 impl PeerInfo {
     fn firewall_peer(&self) -> Option<Peer> {
-        self.cert.as_ref().map(|c| Peer {
-            name: c.name.clone(),
-            groups: c.claims.groups.clone(),
-            role: c.claims.role,
-            ip: c.addrs().first().copied(),
-        })
+        self.cert.as_ref().map(Peer::from_cert)
     }
 
     pub fn name(&self) -> &str {
@@ -250,7 +245,7 @@ struct Inner {
     directory: Mutex<Directory>,
     /// Our connections to lighthouses, by overlay address.
     lighthouse_conns: Mutex<HashMap<IpAddr, Connection>>,
-    stamps: Mutex<HashMap<PathBuf, (SystemTime, u64)>>,
+    stamps: Mutex<crate::watch::FileStamps>,
     /// Set when trust or rules change: re-check every live connection.
     changed: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -281,11 +276,6 @@ fn read_file(path: &Path) -> Result<Vec<u8>, NodeError> {
         path: path.into(),
         why: e.to_string(),
     })
-}
-
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }
 
 /// Reads and checks the CA bundle, certificate and key as one unit: the certificate must
@@ -415,15 +405,12 @@ impl Node {
         } else {
             cfg.advertise.clone()
         };
-        let mut stamps = HashMap::new();
-        for p in [&cfg.cert, &cfg.key, &cfg.ca, &cfg.rules]
-            .into_iter()
-            .chain(cfg.revocation.as_ref())
-        {
-            if let Some(s) = stamp(p) {
-                stamps.insert(p.clone(), s);
-            }
-        }
+        let stamps = crate::watch::FileStamps::new(
+            [&cfg.cert, &cfg.key, &cfg.ca, &cfg.rules]
+                .into_iter()
+                .chain(cfg.revocation.as_ref())
+                .map(|p| p.as_path()),
+        );
         let inner = Arc::new(Inner {
             cfg,
             endpoint,
@@ -1179,19 +1166,12 @@ impl Node {
     }
 
     fn changed_files(&self, paths: &[&PathBuf]) -> bool {
-        let mut stamps = self.inner.stamps.lock().unwrap_or_else(|e| e.into_inner());
-        let mut any = false;
-        for p in paths {
-            let s = stamp(p);
-            if s != stamps.get(*p).copied() {
-                any = true;
-                match s {
-                    Some(s) => stamps.insert((*p).clone(), s),
-                    None => stamps.remove(*p),
-                };
-            }
-        }
-        any
+        let paths: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        self.inner
+            .stamps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .changed(&paths)
     }
 
     /// Returns whether the rules changed.

@@ -397,6 +397,12 @@ pub fn to_der(bytes: &[u8]) -> Result<Vec<u8>, CertError> {
         .ok_or_else(|| CertError::Encoding("no PEM block found".into()))
 }
 
+/// PEM (RFC 7468: 64 columns, LF) with `label` around DER. Empty only for a label RFC 7468
+/// forbids, which no caller passes (they are constants such as "CERTIFICATE").
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    der::pem::encode_string(label, der::pem::LineEnding::LF, der).unwrap_or_default()
+}
+
 /// Every PEM block in `bytes`, as DER, in order.
 pub fn pem_blocks(bytes: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
     let text = std::str::from_utf8(bytes)

@@ -42,3 +42,40 @@ pub fn start(cfg: &Path, log: Arc<Mutex<String>>) -> Child {
         .expect("the broker starts serving");
     server
 }
+
+/// The output's stdout, after asserting the command succeeded (its output in the message).
+pub fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The guest agent's binary, built beside ours (`cargo test --workspace` builds it).
+pub fn guest() -> Command {
+    let exe = Path::new(env!("CARGO_BIN_EXE_attesta-kbs")).with_file_name("attesta-guest");
+    assert!(
+        exe.exists(),
+        "{} is missing: run `cargo build -p guest-agent` first",
+        exe.display()
+    );
+    Command::new(exe)
+}
+
+/// Signs allowlist epoch 1 with `measurement_hex` into `d/allowlist.signed` (the deployment's
+/// offline key, as `init` wrote it).
+pub fn sign_allowlist(d: &Path, measurement_hex: &str) {
+    ok(
+        kbs()
+            .args(["allowlist", "sign", "--key"])
+            .arg(d.join("allowlist.key"))
+            .args(["--epoch", "1", "--measurement", measurement_hex, "--out"])
+            .arg(d.join("allowlist.signed"))
+            .output()
+            .unwrap(),
+        "allowlist sign",
+    );
+}
