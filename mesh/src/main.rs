@@ -452,7 +452,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn run_node(config: &Path, json_logs: bool) -> Result<String, String> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // The same filter variable as the broker and the host agent.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATTESTA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)

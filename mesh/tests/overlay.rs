@@ -248,7 +248,7 @@ fn ping_and_tcp_through_the_overlay_other_tenants_denied_revoked_node_cut_off() 
                     d.join("node.toml").to_str().unwrap(),
                 ],
             )
-            .env("RUST_LOG", "info")
+            .env("ATTESTA_LOG", "info")
             .stderr(log)
             .spawn()
             .unwrap();
