@@ -118,13 +118,14 @@ fn write_boot_config(path: &Path, bytes: &[u8]) -> Result<(), UnlockError> {
 }
 
 /// The guest's mesh key: Ed25519, generated in memory; its PKCS#8 PEM is zeroized on drop.
-struct MeshKey {
-    public: [u8; 32],
+pub struct MeshKey {
+    /// What the report binds and the broker certifies.
+    pub public: [u8; 32],
     pem: zeroize::Zeroizing<String>,
 }
 
 impl MeshKey {
-    fn generate() -> Result<MeshKey, UnlockError> {
+    pub fn generate() -> Result<MeshKey, UnlockError> {
         use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
         let bad = || UnlockError::Config("cannot generate the mesh key".into());
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
@@ -135,6 +136,13 @@ impl MeshKey {
             public,
             pem: zeroize::Zeroizing::new(pem("PRIVATE KEY", pkcs8.as_ref())),
         })
+    }
+}
+
+impl MeshKey {
+    /// The private key as PKCS#8 PEM, for the mesh node's `node.key` (on tmpfs only).
+    pub fn pem(&self) -> &str {
+        &self.pem
     }
 }
 

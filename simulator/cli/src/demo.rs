@@ -1,13 +1,18 @@
-//! `attesta-sim demo`: the whole system on one machine. A key broker (embedded SQLite, QUIC on
-//! loopback), a simulated miner with N simulated SEV-SNP VMs each with a real LUKS2 image, every
-//! VM booted twice (first boot formats, second unlocks), one terminated and shown denied, and the
-//! attack catalogue run against the live broker.
+//! `attesta-sim demo`: the whole system on one machine, on the mesh. A mesh CA and two
+//! lighthouses; a key broker (embedded SQLite) serving on QUIC loopback with its mesh identity;
+//! simulated miners whose host agents (mesh role host) create N simulated SEV-SNP VMs, each with
+//! a real LUKS2 image; every VM booted twice (first boot formats, second unlocks), each boot
+//! binding a mesh key born in the guest that the broker certifies; the guests joining the mesh
+//! and reaching their own tenant only; one VM terminated (its next boot denied, its mesh
+//! certificate revoked and its connections cut); the attack catalogue against the live broker.
 
+use crate::fleet_mesh::{self, FleetMesh, Reach};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use guest_agent::client::{Broker, ClientError, fetch};
+use guest_agent::client::{Broker, ClientError, fetch, fetch_with_mesh_key};
 use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
+use guest_agent::unlock::MeshKey;
 use kbs::keys::FileKek;
-use kbs::service::{Kbs, Role, TlsIdentity, serve};
+use kbs::service::{Kbs, TlsIdentity, serve};
 use kbs::store::SqliteStore;
 use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
@@ -16,7 +21,7 @@ use snp::{Product, Revocation, Verifier, VerifierConfig};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The approved image of the demo's VMs.
 pub const IMAGE: [u8; 48] = [0x4d; 48];
@@ -64,6 +69,42 @@ pub struct Summary {
     /// attacks and the whole catalogue.
     pub attacks: Vec<LiveAttack>,
     pub latencies_ms: Vec<f64>,
+    pub mesh: MeshSummary,
+}
+
+/// What the demo observed on the mesh.
+#[derive(Default)]
+pub struct MeshSummary {
+    pub lighthouses: usize,
+    /// Host agents that reached the broker with mesh certificates (role host).
+    pub hosts: usize,
+    /// Guests that joined with the identity the broker issued after attestation.
+    pub guests: usize,
+    /// (reached, tried): guests reaching a guest of their own tenant.
+    pub same_tenant: (usize, usize),
+    /// (denied, tried): guests refused by another tenant's guest's firewall.
+    pub cross_tenant: (usize, usize),
+    /// Every pair tried: from, to, what happened.
+    pub pairs: Vec<(String, String, Reach)>,
+    /// How long until the revoked guest's live connection closed (REVOKED), if it did.
+    pub revoked_cut_off_ms: Option<f64>,
+    /// What the revoked guest's next connection attempt met.
+    pub revoked_reconnect: Option<Reach>,
+}
+
+impl MeshSummary {
+    /// Every guest reached its own tenant and was denied by others; a revoked guest (where a
+    /// tenant has two guests to show it) was cut off within 5 s and refused afterwards.
+    pub fn as_expected(&self, vms: usize) -> bool {
+        let revocation_shown = vms < 3
+            || (self.revoked_cut_off_ms.is_some_and(|t| t <= 5000.0)
+                && matches!(self.revoked_reconnect, Some(Reach::Refused(_))));
+        self.guests == vms
+            && self.same_tenant.0 == self.same_tenant.1
+            && self.cross_tenant.0 == self.cross_tenant.1
+            && (vms < 2 || self.cross_tenant.1 > 0)
+            && revocation_shown
+    }
 }
 
 impl Summary {
@@ -91,8 +132,6 @@ pub struct Stack {
     pub kbs: Arc<Kbs>,
     pub broker: Broker,
     pub operator: Ed25519KeyPair,
-    /// The broker's TLS CA (it also issues the host agents' client certificates).
-    pub tls: TlsIdentity,
 }
 
 /// How to start a broker for [`stack_with`].
@@ -127,6 +166,58 @@ pub async fn stack(dir: &Path, root: &Pki, image: [u8; 48]) -> Result<Stack, Str
 /// Starts a broker in `dir` as `o` says.
 pub async fn stack_with(dir: &Path, o: StackOptions) -> Result<Stack, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
+    let clock = o.clock;
+    let (kbs, operator) = broker(dir, o).await?;
+    let tls = TlsIdentity::generate("kbs.attesta.local")?;
+    let endpoint = kbs::service::server_endpoint(
+        tls.server_config()?,
+        (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+    )
+    .map_err(|x| e(&x))?;
+    let addr = endpoint.local_addr().map_err(|x| e(&x))?;
+    tokio::spawn(serve(endpoint, kbs.clone(), clock));
+    let broker = Broker {
+        addr,
+        server_name: "kbs.attesta.local".into(),
+        ca_der: tls.ca_der.clone(),
+        response_key: kbs.response_key.public(),
+    };
+    Ok(Stack {
+        kbs,
+        broker,
+        operator,
+    })
+}
+
+/// A broker in `dir` trusting `root`'s simulated ARK, served on the mesh with its mesh identity.
+pub async fn mesh_stack(
+    dir: &Path,
+    root: &Pki,
+    image: [u8; 48],
+    mesh: &FleetMesh,
+) -> Result<Stack, String> {
+    let (kbs, operator) = broker(
+        dir,
+        StackOptions {
+            trust_roots: vec![root.ark.cert.clone()],
+            revocation: Revocation::IfAvailable,
+            crls: Vec::new(),
+            image,
+            clock: now,
+        },
+    )
+    .await?;
+    let broker = mesh.serve_broker(kbs.clone()).await?;
+    Ok(Stack {
+        kbs,
+        broker,
+        operator,
+    })
+}
+
+/// The broker's state in `dir` (SQLite, KEK file), an operator key and a signed allowlist.
+async fn broker(dir: &Path, o: StackOptions) -> Result<(Arc<Kbs>, Ed25519KeyPair), String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
     let operator = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
     let offline = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
     let verifier = Verifier::new(VerifierConfig {
@@ -156,26 +247,7 @@ pub async fn stack_with(dir: &Path, o: StackOptions) -> Result<Stack, String> {
     kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), (o.clock)())
         .await
         .map_err(|x| e(&x))?;
-    let tls = TlsIdentity::generate("kbs.attesta.local")?;
-    let endpoint = kbs::service::server_endpoint(
-        tls.server_config()?,
-        (std::net::Ipv4Addr::LOCALHOST, 0).into(),
-    )
-    .map_err(|x| e(&x))?;
-    let addr = endpoint.local_addr().map_err(|x| e(&x))?;
-    tokio::spawn(serve(endpoint, kbs.clone(), o.clock));
-    let broker = Broker {
-        addr,
-        server_name: "kbs.attesta.local".into(),
-        ca_der: tls.ca_der.clone(),
-        response_key: kbs.response_key.public(),
-    };
-    Ok(Stack {
-        kbs,
-        broker,
-        operator,
-        tls,
-    })
+    Ok((kbs, operator))
 }
 
 /// The operator's register order for VM number `i` of the demo image on `chip_id`.
@@ -195,8 +267,28 @@ pub fn order(vm_id: &str, i: usize, chip_id: &[u8; 64], image: &[u8; 48]) -> Ord
     }
 }
 
-/// Runs the demo in `dir` with `vms` VMs.
+/// The tenant of demo VM number `i` among `vms`: two tenants for small fleets, three from six
+/// VMs on, so every tenant has guests that should reach each other and others that must not.
+pub fn tenant_of(i: usize, vms: usize) -> String {
+    format!("tenant-{}", i % if vms < 6 { 2 } else { 3 })
+}
+
+/// Runs the demo in `dir` with `vms` VMs, everything on the mesh.
 pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<Summary, String> {
+    progress(quiet, "mesh: CA and two lighthouses");
+    let mut mesh = FleetMesh::start(dir).await?;
+    let r = run_on(dir, vms, pkis, quiet, &mut mesh).await;
+    mesh.shutdown().await;
+    r
+}
+
+async fn run_on(
+    dir: &Path,
+    vms: usize,
+    pkis: [Pki; 4],
+    quiet: bool,
+    mesh: &mut FleetMesh,
+) -> Result<Summary, String> {
     let [milan, genoa, turin, rogue] = pkis.map(Arc::new);
     let chips: Vec<Chip> = (0..vms.div_ceil(4).max(2))
         .map(|i| Chip::new(milan.clone(), ChipConfig::typical(&milan, i as u64)))
@@ -224,13 +316,13 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         kbs: _,
         broker,
         operator,
-        tls,
-    } = stack(dir, &milan, image).await?;
+    } = mesh_stack(dir, &milan, image, mesh).await?;
     let e = |x: &dyn std::fmt::Display| x.to_string();
 
     // The miners: one host agent per machine (chip), each on its own libvirt (the test driver),
-    // with a host client certificate from the broker's CA. Each VM is created through its
-    // miner's agent: the launch gate, the order relayed to the broker, a blank disk, a domain.
+    // with a mesh certificate (role host) that the broker admits by its role. Each VM is created
+    // through its miner's agent: the launch gate, the order relayed to the broker over the mesh,
+    // a blank disk, a domain.
     let chip_of = |i: usize| &chips[i % chips.len()];
     let mut agents = Vec::new();
     for (m, chip) in chips.iter().enumerate() {
@@ -238,7 +330,7 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
             quiet,
             &format!("starting host agent {}/{}", m + 1, chips.len()),
         );
-        agents.push(host_agent_for(dir, m, chip, &broker, &tls, &operator).await?);
+        agents.push(host_agent_for(dir, m, chip, &broker, mesh, &operator).await?);
     }
     let b64 = |b: &[u8]| {
         use base64::Engine as _;
@@ -248,7 +340,11 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
     for i in 0..vms {
         let vm = format!("vm-{i}");
         progress(quiet, &format!("host agents: creating VM {}/{vms}", i + 1));
-        let o = order(&vm, i, &chip_of(i).config.chip_id, &image);
+        let mut o = order(&vm, i, &chip_of(i).config.chip_id, &image);
+        // The operator places the VM in its tenant and on the overlay.
+        o.tenant = tenant_of(i, vms);
+        o.boot_config = ByteBuf::from(format!("ssh-ed25519 AAAA {}", o.tenant).into_bytes());
+        o.mesh_ip = Some(fleet_mesh::guest_ip(i));
         let r = agents[i % chips.len()]
             .handle(host_agent::control::ControlRequest::Create {
                 spec: spec_of(&vm),
@@ -262,7 +358,9 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         }
     }
 
-    // Boot every VM twice: the first boot formats its LUKS2 disk, the second unlocks it.
+    // Boot every VM twice: the first boot formats its LUKS2 disk, the second unlocks it. Each
+    // boot's guest binds a mesh key born inside it in its report; the broker certifies that key.
+    let mut identities = Vec::new();
     let mut latencies = Vec::new();
     let mut unlocked = 0;
     let mut activated = 0;
@@ -274,11 +372,15 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
                 measurement: image,
                 ..Default::default()
             });
+            let mesh_key = MeshKey::generate().map_err(|x| e(&x))?;
             let t0 = Instant::now();
-            let got = fetch(&broker, &vm, &guest)
+            let got = fetch_with_mesh_key(&broker, &vm, &guest, &mesh_key.public)
                 .await
                 .map_err(|x| format!("{vm}: {x}"))?;
             latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
+            if boot == 2 {
+                identities.push((vm.clone(), mesh_key, got.mesh_cert.clone()));
+            }
             let key = DiskKey::from_bytes(&got.volume_key).map_err(|x| e(&x))?;
             // The blank disk the host agent created; the guest formats it with its released key.
             let img = dir.join(format!("{vm}.img"));
@@ -310,6 +412,63 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
     }
     progress(quiet, "");
 
+    // Every guest joins the mesh with the identity the broker issued it, and tries a guest of
+    // its own tenant (must be reached) and one of another tenant (its firewall must deny).
+    let n_ids = identities.len();
+    for (k, (vm, key, cert)) in identities.iter().enumerate() {
+        progress(quiet, &format!("mesh: guest {}/{n_ids} joins", k + 1));
+        if cert.is_empty() {
+            return Err(format!("{vm}: the broker issued no mesh certificate"));
+        }
+        mesh.join(vm, key, cert).await?;
+    }
+    let mut m = MeshSummary {
+        lighthouses: mesh.lighthouses(),
+        hosts: chips.len(),
+        guests: mesh.guests.len(),
+        ..Default::default()
+    };
+    let guests = &mesh.guests;
+    for (k, g) in guests.iter().enumerate() {
+        progress(
+            quiet,
+            &format!("mesh: tenant isolation, guest {}/{}", k + 1, guests.len()),
+        );
+        let same = (1..guests.len())
+            .map(|d| &guests[(k + d) % guests.len()])
+            .find(|p| p.tenant == g.tenant);
+        if let Some(p) = same {
+            let r = fleet_mesh::reach_within(&g.node, p.ip, Duration::from_secs(10)).await;
+            m.same_tenant.1 += 1;
+            m.same_tenant.0 += usize::from(r == Reach::Reached);
+            m.pairs.push((g.vm_id.clone(), p.vm_id.clone(), r));
+        }
+        if let Some(p) = guests.iter().find(|p| p.tenant != g.tenant) {
+            let r = fleet_mesh::reach_within(&g.node, p.ip, Duration::from_secs(10)).await;
+            m.cross_tenant.1 += 1;
+            m.cross_tenant.0 += usize::from(r == Reach::Denied);
+            m.pairs.push((g.vm_id.clone(), p.vm_id.clone(), r));
+        }
+    }
+    // vm-0 keeps a connection open to a guest of its tenant, to be cut off when it is revoked.
+    let doomed = match (
+        guests.first(),
+        guests
+            .iter()
+            .skip(1)
+            .find(|p| Some(&p.tenant) == guests.first().map(|g| &g.tenant)),
+    ) {
+        (Some(g0), Some(p)) => Some((
+            g0,
+            p,
+            fleet_mesh::open_echo(&g0.node, p.ip)
+                .await
+                .map_err(|x| format!("vm-0 to {}: {x}", p.vm_id))?,
+        )),
+        _ => None,
+    };
+    progress(quiet, "");
+
     // The operator terminates one VM: its key is crypto-shredded, its next boot denied.
     let mut denied = 0;
     let terminate = Order {
@@ -336,6 +495,17 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
     }
     if dir.join("vm-0.img").exists() {
         return Err("vm-0: terminated, but its disk was not wiped".into());
+    }
+    // …and revokes its mesh certificate: one signed list dropped on a lighthouse reaches every
+    // node, which closes its live connections to vm-0 and refuses it from then on.
+    if let Some((g0, p, conn)) = doomed {
+        let t0 = Instant::now();
+        mesh.revoke(&g0.cert, 1)?;
+        m.revoked_cut_off_ms =
+            fleet_mesh::closed_with(&conn, mesh::node::close::REVOKED, Duration::from_secs(10))
+                .await
+                .map(|_| t0.elapsed().as_secs_f64() * 1000.0);
+        m.revoked_reconnect = Some(fleet_mesh::reach(&g0.node, p.ip).await);
     }
     let guest0 = chip_of(0).launch(GuestLaunch {
         measurement: image,
@@ -470,12 +640,15 @@ pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<
         .await,
     ));
 
+    attacks.extend(mesh_attacks(&broker, mesh, &identities, &operator).await?);
+
     // The whole catalogue, over the wire, against live brokers.
     let lab = simulator::attacks::Lab::from_shared(milan.clone(), genoa, turin, rogue)
         .map_err(|x| e(&x))?;
     attacks.extend(catalogue_live(dir, &lab).await?);
     Ok(Summary {
         vms,
+        mesh: m,
         hosts: agents.len(),
         domains,
         unlocked,
@@ -502,13 +675,13 @@ fn vm_spec(dir: &Path, images: &Path, vm: &str) -> String {
 }
 
 /// A host agent for simulated machine `m` (its own libvirt test driver, configuration and
-/// state under `dir/miners/miner-m`, a host certificate from the broker's CA).
+/// state under `dir/miners/miner-m`, a mesh certificate with role host).
 async fn host_agent_for(
     dir: &Path,
     m: usize,
     chip: &Chip,
     broker: &Broker,
-    tls: &TlsIdentity,
+    mesh: &FleetMesh,
     operator: &Ed25519KeyPair,
 ) -> Result<Arc<host_agent::daemon::Daemon>, String> {
     let home = dir.join("miners").join(format!("miner-{m}"));
@@ -517,18 +690,22 @@ async fn host_agent_for(
         std::fs::write(home.join(name), data).map_err(|x| format!("{name}: {x}"))
     };
     w("node.xml", b"<node/>\n")?;
-    w("tls-ca.crt", tls.ca_pem.as_bytes())?;
-    let (cert, key) =
-        kbs::service::issue_client_cert(&tls.ca_key_pem, &format!("miner-{m}"), Role::Host)?;
-    w("host.crt", cert.as_bytes())?;
-    w("host.key", key.as_bytes())?;
+    // The miner's mesh identity (role host): the broker admits it by that role.
+    w("mesh-ca.crt", mesh.ca.pem.as_bytes())?;
+    mesh.issue_files(
+        &home,
+        &format!("miner-{m}"),
+        &fleet_mesh::host_ip(m),
+        &["infra"],
+        mesh::cert::Role::Host,
+    )?;
     let config = home.join("host.toml");
     let text = format!(
         "libvirt_uri = \"test://{node}\"\nstate_dir = \"state\"\ncontrol_socket = \"control.sock\"\n\
          operator_keys = [\"{op}\"]\nstop_grace_secs = 1\n\
          [sev]\ncbitpos = 51\nreduced_phys_bits = 1\n\
-         [kbs]\naddress = \"{addr}\"\nserver_name = \"{name}\"\nca = \"tls-ca.crt\"\n\
-         client_cert = \"host.crt\"\nclient_key = \"host.key\"\n",
+         [kbs]\naddress = \"{addr}\"\nserver_name = \"{name}\"\nca = \"mesh-ca.crt\"\n\
+         client_cert = \"node.crt\"\nclient_key = \"node.key\"\n",
         node = home.join("node.xml").display(),
         op = hex::encode(pk(operator)),
         addr = broker.addr,
@@ -546,6 +723,80 @@ async fn host_agent_for(
     host_agent::daemon::Daemon::open_with(cfg, host_agent::daemon::system_clock(), Ok(platform))
         .await
         .map_err(|x| format!("host agent {m}: {x}"))
+}
+
+/// Attacks on the broker's mesh admission: a host certificate from a CA the mesh does not
+/// trust, and a guest's own (attested) mesh identity used to send an order.
+async fn mesh_attacks(
+    broker: &Broker,
+    mesh: &FleetMesh,
+    identities: &[(String, MeshKey, Vec<u8>)],
+    operator: &Ed25519KeyPair,
+) -> Result<Vec<LiveAttack>, String> {
+    use kbs::client::{Remote, send_order};
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let doc = order("vm-mesh-attack", 0, &[7; 64], &IMAGE).sign(operator);
+    let remote = |cert_pem: &[u8], key_pem: &[u8]| -> Result<Remote, String> {
+        let id = mesh::transport::Identity::from_pem(cert_pem, key_pem)?;
+        Ok(Remote {
+            addr: broker.addr,
+            server_name: broker.server_name.clone(),
+            ca: broker.ca_der.clone().into(),
+            client_chain: id.chain,
+            client_key: id.key,
+        })
+    };
+    let judged = |name: &'static str, expected: &'static str, r: Result<String, _>| {
+        let (denied, reason) = match r {
+            Ok(vm) => (false, format!("registered {vm}")),
+            Err(x @ kbs::client::OrderError::Refused { .. })
+            | Err(x @ kbs::client::OrderError::Transport(_)) => (true, x.to_string()),
+        };
+        LiveAttack {
+            name,
+            denied,
+            reason,
+            expected,
+        }
+    };
+    let mut out = Vec::new();
+    // Same CA name, another key: the broker's mesh verifier refuses it at the handshake.
+    let now = now();
+    let foreign = mesh::cert::LocalCa::root(&mesh.ca.cert.name, &[], now - 60, now + 3600)
+        .map_err(|x| e(&x))?;
+    let host = foreign
+        .issue(
+            "miner-x",
+            &fleet_mesh::host_ip(99),
+            &["infra"],
+            mesh::cert::Role::Host,
+            now - 60,
+            now + 3600,
+        )
+        .map_err(|x| e(&x))?;
+    out.push(judged(
+        "mesh-host-certificate-from-a-foreign-ca",
+        "no trusted CA issued it",
+        send_order(
+            remote(
+                host.issued.cert_pem.as_bytes(),
+                host.issued.key_pem.as_bytes(),
+            )?,
+            false,
+            doc.clone(),
+        )
+        .await,
+    ));
+    // A guest's genuine mesh identity: admitted (attestation), but not to send orders.
+    if let Some((_, key, cert)) = identities.last() {
+        let pem = snp::certs::pem_encode("CERTIFICATE", cert);
+        out.push(judged(
+            "mesh-guest-identity-sends-an-order",
+            "forbidden",
+            send_order(remote(pem.as_bytes(), key.pem().as_bytes())?, false, doc).await,
+        ));
+    }
+    Ok(out)
 }
 
 /// A client that speaks the release protocol by hand, as an attacker would: it chooses what
@@ -695,6 +946,19 @@ async fn protocol_attacks(
         "live-nonce-for-another-vm",
         "nonce_for_another_vm",
         exchange(&d, &evidence(vm, &nd, &xd)?).await,
+    ));
+    // A genuine report that binds no mesh key, sent with somebody's key to certify (a miner
+    // trying to get its own key into the tenant's mesh on the guest's evidence).
+    let (f, xf) = hand.connect().await?;
+    let nf = hand.challenge(&f, vm).await?;
+    let mut smuggled = evidence(vm, &nf, &xf)?;
+    if let Request::Evidence { mesh_key, .. } = &mut smuggled {
+        *mesh_key = vec![0x6d; 32];
+    }
+    out.push(hand.judge(
+        "live-mesh-key-not-bound-in-the-report",
+        "report_data_mismatch",
+        exchange(&f, &smuggled).await,
     ));
     // A guest (no client certificate) sending an order.
     out.push(

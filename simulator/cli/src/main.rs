@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod fleet_mesh;
 mod load;
 
 use clap::{Args, Parser, Subcommand};
@@ -374,7 +375,8 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
     }
     let s = result?;
     let all_denied = s.attacks.iter().all(|x| x.as_expected());
-    let ok = s.unlocked == s.vms && s.domains == s.vms && s.denied == 1 && all_denied;
+    let mesh_ok = s.mesh.as_expected(s.vms);
+    let ok = s.unlocked == s.vms && s.domains == s.vms && s.denied == 1 && all_denied && mesh_ok;
     if a.json {
         let attacks: Vec<serde_json::Value> = s
             .attacks
@@ -397,13 +399,32 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
             "denied": s.denied,
             "attacks": attacks,
             "release_latency_ms": {"p50": s.percentile(50.0), "p99": s.percentile(99.0)},
+            "mesh": {
+                "lighthouses": s.mesh.lighthouses,
+                "hosts": s.mesh.hosts,
+                "guests": s.mesh.guests,
+                "same_tenant": {"reached": s.mesh.same_tenant.0, "tried": s.mesh.same_tenant.1},
+                "cross_tenant": {"denied": s.mesh.cross_tenant.0, "tried": s.mesh.cross_tenant.1},
+                "pairs": s.mesh.pairs.iter().map(|(a, b, r)| serde_json::json!({
+                    "from": a, "to": b, "outcome": reach_text(r),
+                })).collect::<Vec<_>>(),
+                "revocation": {
+                    "cut_off_ms": s.mesh.revoked_cut_off_ms,
+                    "reconnect": s.mesh.revoked_reconnect.as_ref().map(reach_text),
+                },
+                "ok": mesh_ok,
+            },
             "ok": ok,
         });
         println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
     } else {
         println!(
-            "attesta demo: {} simulated SEV-SNP VMs, key broker on QUIC loopback, real LUKS2 images",
+            "attesta demo: {} simulated SEV-SNP VMs, key broker on the mesh (QUIC on loopback), real LUKS2 images",
             s.vms
+        );
+        println!(
+            "  mesh: {} lighthouses; the broker, {} host agents (role host) and {} guests on it",
+            s.mesh.lighthouses, s.mesh.hosts, s.mesh.guests
         );
         println!(
             "  host agents (one per machine, libvirt test driver): {} created {} SEV-SNP domains via signed orders",
@@ -423,6 +444,40 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
             "  terminated VM's next boot denied:             {}",
             if s.denied == 1 { "yes" } else { "NO" }
         );
+        println!(
+            "  guests' mesh identities (key born in the guest, bound in its report, certified by the broker):"
+        );
+        println!(
+            "    same tenant reached:                        {} of {}",
+            s.mesh.same_tenant.0, s.mesh.same_tenant.1
+        );
+        println!(
+            "    other tenant denied by its firewall:        {} of {}",
+            s.mesh.cross_tenant.0, s.mesh.cross_tenant.1
+        );
+        const SHOWN: usize = 12;
+        for (a, b, r) in s.mesh.pairs.iter().take(SHOWN) {
+            println!("      {a:>8} -> {b:<8} {}", reach_text(r));
+        }
+        if s.mesh.pairs.len() > SHOWN {
+            println!(
+                "      … {} more pairs (--json lists them all)",
+                s.mesh.pairs.len() - SHOWN
+            );
+        }
+        match (&s.mesh.revoked_cut_off_ms, &s.mesh.revoked_reconnect) {
+            (Some(t), Some(r)) => println!(
+                "    terminated vm-0's certificate revoked: its live connection closed in {t:.0} ms; reconnecting: {}",
+                reach_text(r)
+            ),
+            (None, Some(r)) => println!(
+                "    terminated vm-0's certificate revoked: its live connection was NOT closed; reconnecting: {}",
+                reach_text(r)
+            ),
+            _ => println!(
+                "    (revocation needs a tenant with two guests: run with --vms 3 or more)"
+            ),
+        }
         println!(
             "  release latency:                              p50 {:.1} ms, p99 {:.1} ms",
             s.percentile(50.0),
@@ -456,6 +511,14 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
         );
     }
     Ok(ok)
+}
+
+fn reach_text(r: &fleet_mesh::Reach) -> String {
+    match r {
+        fleet_mesh::Reach::Reached => "reached".into(),
+        fleet_mesh::Reach::Denied => "denied by its firewall".into(),
+        fleet_mesh::Reach::Refused(why) => format!("refused: {why}"),
+    }
 }
 
 fn measure(a: &MeasureArgs) -> Result<(), String> {

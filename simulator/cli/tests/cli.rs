@@ -429,6 +429,69 @@ fn demo_json() {
             "{name}: {j}"
         );
     }
+    // Everything ran on the mesh: two lighthouses, the host agents by their mesh role, every
+    // guest with the identity the broker issued it after attestation. Three VMs are two tenants
+    // ({vm-0, vm-2} and {vm-1}): the pairs of a tenant reach each other, every cross-tenant try
+    // is denied by the target's firewall, and terminated vm-0 is revoked and cut off.
+    let m = &j["mesh"];
+    assert_eq!(
+        (
+            m["lighthouses"].as_u64(),
+            m["hosts"].as_u64(),
+            m["guests"].as_u64()
+        ),
+        (Some(2), Some(2), Some(3)),
+        "{m}"
+    );
+    assert_eq!(
+        m["same_tenant"],
+        serde_json::json!({"reached": 2, "tried": 2}),
+        "{m}"
+    );
+    assert_eq!(
+        m["cross_tenant"],
+        serde_json::json!({"denied": 3, "tried": 3}),
+        "{m}"
+    );
+    for p in m["pairs"].as_array().unwrap() {
+        let same = (p["from"] == "vm-1") == (p["to"] == "vm-1");
+        let want = if same {
+            "reached"
+        } else {
+            "denied by its firewall"
+        };
+        assert_eq!(p["outcome"], want, "{p}");
+    }
+    let cut = m["revocation"]["cut_off_ms"]
+        .as_f64()
+        .expect("vm-0 was cut off");
+    assert!(cut <= 5000.0, "{m}");
+    assert!(
+        m["revocation"]["reconnect"]
+            .as_str()
+            .unwrap()
+            .starts_with("refused"),
+        "{m}"
+    );
+    assert_eq!(m["ok"], true, "{m}");
+    for (name, reason) in [
+        (
+            "mesh-host-certificate-from-a-foreign-ca",
+            "no trusted CA issued it",
+        ),
+        ("mesh-guest-identity-sends-an-order", "forbidden"),
+        (
+            "live-mesh-key-not-bound-in-the-report",
+            "report_data_mismatch",
+        ),
+    ] {
+        assert!(
+            attacks
+                .iter()
+                .any(|a| a["name"] == name && a["reason"].as_str().unwrap().contains(reason)),
+            "{name}: {j}"
+        );
+    }
     let p50 = j["release_latency_ms"]["p50"].as_f64().unwrap();
     let p99 = j["release_latency_ms"]["p99"].as_f64().unwrap();
     assert!(p50 > 0.0 && p99 >= p50);
