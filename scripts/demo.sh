@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: the whole system on this machine (`attesta-sim demo`: a key broker on QUIC
-# loopback, simulated SEV-SNP VMs with real LUKS2 images booted twice, a terminated VM denied,
-# attacks against the live broker), then the verifier over every real report in the corpus.
+# The main job: the whole system on this machine (`attesta-sim demo`: a mesh with two
+# lighthouses, a key broker on it, host agents creating simulated SEV-SNP VMs with real LUKS2
+# images booted twice, attested guests joining the mesh with broker-issued identities and reaching
+# their own tenant only, a terminated VM denied and revoked, attacks against the live broker),
+# then the verifier over every real report in the corpus.
 #   VMS=16 bash scripts/demo.sh     # more VMs (default 8)
 set -euo pipefail
 cd "$(dirname "$0")/.."

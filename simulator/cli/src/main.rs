@@ -34,9 +34,10 @@ enum Cmd {
     /// `attesta-kbs verify-report DIR/report.bin --vcek DIR/vcek.der --ask DIR/ask.pem
     /// --ark DIR/ark.pem --trust-root DIR/ark.pem`.
     Report(Box<ReportArgs>),
-    /// The whole system on this machine: a key broker (SQLite, QUIC on loopback), N simulated
-    /// SEV-SNP VMs with real LUKS2 images booted twice, one terminated, attacks against the live
-    /// broker, and a summary.
+    /// The whole system on this machine, on the mesh: two lighthouses, a key broker (SQLite,
+    /// QUIC on loopback) and host agents with mesh identities, N simulated SEV-SNP VMs with real
+    /// LUKS2 images booted twice, attested guests joining the mesh (own tenant reached, others
+    /// denied), one terminated and revoked, attacks against the live broker, and a summary.
     Demo(DemoArgs),
     /// A boot storm against a broker on loopback: N VMs at once, releases/s and latency against
     /// the verifier's own rate, and boot-to-unlocked against an argon2id passphrase unlock.
