@@ -4,7 +4,8 @@
 //! and dials other nodes by overlay address.
 //!
 //! What it does on its own, without restarts:
-//! - every `reload_ms` it re-reads changed files: certificate and key (rotation), the CA bundle
+//! - every `reload_ms` it re-reads changed files: certificate and key (rotation, even to a new
+//!   overlay address: the tun device moves and every connection is made again), the CA bundle
 //!   (two roots during a rollover), the firewall rules (a file whose tests fail is refused and
 //!   the old rules stay) and the revocation list;
 //! - after any change of trust or rules, and every second for expiry, it re-checks every live
@@ -37,6 +38,8 @@ pub mod close {
     pub const STALE: u32 = 0x12;
     pub const SHUTDOWN: u32 = 0x13;
     pub const ANONYMOUS: u32 = 0x14;
+    /// This node's overlay address changed (a rotated certificate): reconnect to reach it.
+    pub const READDRESSED: u32 = 0x15;
 }
 
 /// The node's configuration file (TOML). Relative paths are relative to the file.
@@ -256,6 +259,11 @@ struct Inner {
     flows: Mutex<crate::packet::Flows>,
     advertise: Vec<SocketAddr>,
     max_age: Option<u64>,
+    /// The newest time this node put in an announcement, and the earliest the next may carry:
+    /// a lighthouse keeps only a strictly newer announcement per name (seconds), so one made
+    /// after a rotation in the same second as the last must still count as newer.
+    announced_at: std::sync::atomic::AtomicU64,
+    announce_floor: std::sync::atomic::AtomicU64,
 }
 
 /// A running node. Dropping it does not stop it: call [`Node::shutdown`].
@@ -333,12 +341,49 @@ fn load_rules(path: &Path) -> Result<Firewall, NodeError> {
     })
 }
 
-fn open_tun(t: &TunConfig, leaf: &MeshCert) -> Result<tokio_tun::Tun, NodeError> {
-    let net = leaf
-        .ips
+/// The overlay address (with prefix) the tun device carries: the certificate's first IPv4 one.
+fn tun_net(leaf: &MeshCert) -> Result<ipnet::IpNet, NodeError> {
+    leaf.ips
         .iter()
         .find(|n| n.addr().is_ipv4())
-        .ok_or_else(|| NodeError::Config("the tun overlay needs an IPv4 overlay address".into()))?;
+        .copied()
+        .ok_or_else(|| NodeError::Config("the tun overlay needs an IPv4 overlay address".into()))
+}
+
+/// Moves the tun device to a rotated certificate's overlay address (Nebula refuses an address
+/// change on reload; here it is a reload like any other).
+fn readdress_tun(name: &str, old: ipnet::IpNet, new: ipnet::IpNet) -> Result<(), NodeError> {
+    let ip = |args: &[&str]| -> Result<(), NodeError> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| NodeError::Config(format!("cannot run `ip` to re-address {name}: {e}")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(NodeError::Config(format!(
+                "`ip {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    };
+    if old == new {
+        return Ok(());
+    }
+    // The old one goes first: removing an interface's primary address also removes the
+    // secondaries in its subnet, which the new one would be. If the new one cannot be added,
+    // the old one is put back and the reload refused.
+    ip(&["addr", "del", &old.to_string(), "dev", name])?;
+    if let Err(e) = ip(&["addr", "add", &new.to_string(), "dev", name]) {
+        let _ = ip(&["addr", "add", &old.to_string(), "dev", name]);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn open_tun(t: &TunConfig, leaf: &MeshCert) -> Result<tokio_tun::Tun, NodeError> {
+    let net = tun_net(leaf)?;
     let (IpAddr::V4(addr), IpAddr::V4(mask)) = (net.addr(), net.netmask()) else {
         return Err(NodeError::Config(
             "the tun overlay needs an IPv4 overlay address".into(),
@@ -430,6 +475,8 @@ impl Node {
             flows: Mutex::new(crate::packet::Flows::new(120, 65_536)),
             advertise,
             max_age,
+            announced_at: Default::default(),
+            announce_floor: Default::default(),
         });
         let node = Node { inner };
         let mut tasks = vec![
@@ -1131,8 +1178,11 @@ impl Node {
     }
 
     async fn announce_to(&self, conn: &Connection, lh: IpAddr) {
+        use std::sync::atomic::Ordering::SeqCst;
         let me = self.me();
-        match lighthouse::announce(&me.chain, &me.key_pem, &self.inner.advertise, now()) {
+        let at = now().max(self.inner.announce_floor.load(SeqCst));
+        self.inner.announced_at.fetch_max(at, SeqCst);
+        match lighthouse::announce(&me.chain, &me.key_pem, &self.inner.advertise, at) {
             Ok(doc) => {
                 if let Ok(Msg::Error { why }) = request(conn, &Msg::Announce { doc }).await {
                     tracing::warn!(lighthouse = %lh, %why, "announcement refused");
@@ -1188,14 +1238,32 @@ impl Node {
                 Ok((roots, me, server))
             }) {
                 Ok((roots, me, server)) => {
+                    let old = self.me().leaf.clone();
+                    let moved = old.addrs() != me.leaf.addrs();
+                    if moved && let Err(e) = self.move_tun(&old, &me.leaf) {
+                        tracing::error!(error = %e, "reload refused; keeping the current identity");
+                        return false;
+                    }
                     tracing::info!(
                         name = %me.leaf.name,
                         roots = roots.len(),
+                        addrs = ?me.leaf.addrs(),
                         "identity and CA bundle reloaded"
                     );
                     self.inner.trust.set_roots(roots);
                     self.inner.endpoint.set_server_config(Some(server));
                     *self.inner.me.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(me);
+                    // The next announcement (with the new certificate) supersedes every earlier one.
+                    let last = self
+                        .inner
+                        .announced_at
+                        .load(std::sync::atomic::Ordering::SeqCst);
+                    self.inner
+                        .announce_floor
+                        .store(last.saturating_add(1), std::sync::atomic::Ordering::SeqCst);
+                    if moved {
+                        self.readdressed();
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reload refused; keeping the current identity")
@@ -1223,6 +1291,52 @@ impl Node {
             }
         }
         false
+    }
+
+    /// The tun device follows a rotated certificate's overlay address.
+    fn move_tun(&self, old: &MeshCert, new: &MeshCert) -> Result<(), NodeError> {
+        let Some(tun) = &self.inner.tun else {
+            return Ok(());
+        };
+        readdress_tun(tun.name(), tun_net(old)?, tun_net(new)?)
+    }
+
+    /// After an address change every peer (and lighthouse) holds our old certificate and
+    /// address: close every connection so each is made again with the new identity, and the
+    /// lighthouses hear the new address at once.
+    fn readdressed(&self) {
+        let why = b"the peer's overlay address changed";
+        let mut conns: Vec<Connection> = self
+            .inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, l)| l.conn)
+            .collect();
+        conns.extend(
+            self.inner
+                .overlay
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+                .map(|(_, c)| c),
+        );
+        conns.extend(
+            self.inner
+                .lighthouse_conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+                .map(|(_, c)| c),
+        );
+        tracing::info!(
+            connections = conns.len(),
+            "overlay address changed: reconnecting"
+        );
+        for c in conns {
+            c.close(close::READDRESSED.into(), why);
+        }
     }
 
     /// Closes live connections that would not be admitted now.
