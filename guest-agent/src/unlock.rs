@@ -107,20 +107,23 @@ fn write_boot_config(path: &Path, bytes: &[u8]) -> Result<(), UnlockError> {
             .create(dir)
             .map_err(err)?;
     }
+    // Never through a symlink planted in the folder, and 0600 even if the file was there.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(path)
+        .map_err(err)?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(err)?;
     f.write_all(bytes).map_err(err)
 }
 
 /// The guest's mesh key: Ed25519, generated in memory; its PKCS#8 PEM is zeroized on drop.
 pub struct MeshKey {
-    /// What the report binds and the broker certifies.
-    pub public: [u8; 32],
+    public: [u8; 32],
     pem: zeroize::Zeroizing<String>,
 }
 
@@ -137,13 +140,27 @@ impl MeshKey {
             pem: zeroize::Zeroizing::new(pem("PRIVATE KEY", pkcs8.as_ref())),
         })
     }
-}
 
-impl MeshKey {
+    /// What the report binds and the broker certifies.
+    pub fn public(&self) -> &[u8; 32] {
+        &self.public
+    }
+
     /// The private key as PKCS#8 PEM, for the mesh node's `node.key` (on tmpfs only).
     pub fn pem(&self) -> &str {
         &self.pem
     }
+}
+
+/// Places a guest's mesh identity in `dir`, which must be on tmpfs: `node.key` (0600, the key
+/// born in this guest) and `node.crt` (what the broker certified), as the mesh node reads them.
+pub fn place_mesh_identity(dir: &Path, key: &MeshKey, cert_der: &[u8]) -> Result<(), UnlockError> {
+    check_tmpfs(&dir.join("node.key"))?;
+    write_boot_config(&dir.join("node.key"), key.pem.as_bytes())?;
+    write_boot_config(
+        &dir.join("node.crt"),
+        pem("CERTIFICATE", cert_der).as_bytes(),
+    )
 }
 
 use snp::certs::pem_encode as pem;
@@ -287,11 +304,7 @@ pub async fn run_with(
                         "the broker issued no mesh certificate (the order names no mesh_ip, or the broker has no guest_ca)"
                     );
                 } else {
-                    write_boot_config(&dir.join("node.key"), key.pem.as_bytes())?;
-                    write_boot_config(
-                        &dir.join("node.crt"),
-                        pem("CERTIFICATE", &released.mesh_cert).as_bytes(),
-                    )?;
+                    place_mesh_identity(dir, key, &released.mesh_cert)?;
                     tracing::info!(dir = %dir.display(), "mesh identity placed");
                 }
             }

@@ -135,6 +135,19 @@ impl GuestIssuer {
 
     /// The certificate (DER), or why none.
     pub fn issue(&self, order: &Order, mesh_key: &[u8; 32], now: u64) -> Result<Vec<u8>, String> {
+        // The name is also the certificate's DNS name: a single label, so that a guest can never
+        // hold a service's name (such as the broker's) under the mesh CA clients pin.
+        if order.vm_id.is_empty()
+            || !order
+                .vm_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "the VM id {:?} is not a single DNS label: no mesh certificate",
+                order.vm_id
+            ));
+        }
         let ip = order
             .mesh_ip
             .as_deref()
@@ -883,6 +896,28 @@ mod tests {
             billing: None,
             mesh_ip: None,
         }
+    }
+
+    #[test]
+    fn a_guest_mesh_name_is_one_dns_label() {
+        let ca = mesh::cert::LocalCa::root("ca", &[], 1_000, 1_000_000).unwrap();
+        let issuer = GuestIssuer::new(ca.cert.clone(), ca.key.clone(), 3600);
+        let with = |vm: &str| Order {
+            vm_id: vm.into(),
+            mesh_ip: Some("10.42.2.1/16".into()),
+            ..order("")
+        };
+        let der = issuer.issue(&with("vm-1"), &[7; 32], 5_000).unwrap();
+        let cert = mesh::cert::MeshCert::parse(&der).unwrap();
+        assert_eq!(cert.name, "vm-1");
+        assert_eq!(cert.claims.groups, ["tenant:t"]);
+        for bad in ["kbs.attesta.local", "", "vm 1", "vm/1"] {
+            let e = issuer.issue(&with(bad), &[7; 32], 5_000).unwrap_err();
+            assert!(e.contains("single DNS label"), "{bad}: {e}");
+        }
+        // No address in the order: no certificate.
+        let e = issuer.issue(&order(""), &[7; 32], 5_000).unwrap_err();
+        assert!(e.contains("mesh_ip"), "{e}");
     }
 
     #[test]

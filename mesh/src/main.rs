@@ -403,12 +403,7 @@ fn revoke(a: &Revoke) -> Result<String, String> {
     }
     for f in &a.cert {
         let c = parse_bundle(&read(f)?).map_err(|e| format!("{}: {e}", f.display()))?;
-        let c = c.first().ok_or("no certificate")?;
-        body.serials.push(SerialEntry {
-            issuer: c.issuer.clone(),
-            serial: hex::encode(&c.serial),
-        });
-        body.keys.push(hex::encode(c.key_hash));
+        body.revoke(c.first().ok_or("no certificate")?);
     }
     for s in &a.serial {
         let (issuer, serial) = s
@@ -426,14 +421,11 @@ fn revoke(a: &Revoke) -> Result<String, String> {
         }
         body.keys.push(k.to_lowercase());
     }
-    body.serials
-        .sort_by(|x, y| (&x.issuer, &x.serial).cmp(&(&y.issuer, &y.serial)));
-    body.serials.dedup();
-    body.keys.sort();
-    body.keys.dedup();
+    body.normalize();
     let bytes = sign(ca, &key, &body).map_err(|e| e.to_string())?;
-    // Replacing the previous list in place is the normal workflow.
-    std::fs::write(&a.out, &bytes).map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
+    // Replacing the previous list in place (on a lighthouse) is the normal workflow.
+    mesh::revocation::write_list(&a.out, &bytes)
+        .map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
     Ok(format!(
         "revocation list {} by {}: {} serial(s), {} key(s) → {}",
         body.number,

@@ -1376,9 +1376,7 @@ impl Node {
 }
 
 fn persist(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    let r = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = r {
+    if let Err(e) = crate::revocation::write_list(path, bytes) {
         tracing::warn!(path = %path.display(), error = %e, "cannot keep the revocation list");
     }
 }

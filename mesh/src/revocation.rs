@@ -45,6 +45,43 @@ pub struct Body {
     pub keys: Vec<String>,
 }
 
+impl SerialEntry {
+    /// The entry naming `c` by issuer and serial.
+    pub fn of(c: &MeshCert) -> SerialEntry {
+        SerialEntry {
+            issuer: c.issuer.clone(),
+            serial: hex::encode(&c.serial),
+        }
+    }
+}
+
+impl Body {
+    /// Revokes `c` both ways: by issuer + serial, and by its public key (so a certificate
+    /// reissued for the same key is revoked too).
+    pub fn revoke(&mut self, c: &MeshCert) {
+        self.serials.push(SerialEntry::of(c));
+        self.keys.push(hex::encode(c.key_hash));
+        self.normalize();
+    }
+
+    /// Sorted and without duplicates: the same revocations always sign to the same body.
+    pub fn normalize(&mut self) {
+        self.serials
+            .sort_by(|x, y| (&x.issuer, &x.serial).cmp(&(&y.issuer, &y.serial)));
+        self.serials.dedup();
+        self.keys.sort();
+        self.keys.dedup();
+    }
+}
+
+/// Writes a signed list to `path` beside and renames it into place, so a node watching the
+/// file never reads half a list.
+pub fn write_list(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {

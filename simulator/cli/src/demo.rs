@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// The approved image of the demo's VMs.
 pub const IMAGE: [u8; 48] = [0x4d; 48];
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -82,28 +82,43 @@ pub struct MeshSummary {
     pub guests: usize,
     /// (reached, tried): guests reaching a guest of their own tenant.
     pub same_tenant: (usize, usize),
+    /// Guests whose tenant (by the operator's orders) has another guest: each must be tried.
+    pub same_expected: usize,
     /// (denied, tried): guests refused by another tenant's guest's firewall.
     pub cross_tenant: (usize, usize),
+    /// Guests with a guest of another tenant (by the orders): each must be tried.
+    pub cross_expected: usize,
     /// Every pair tried: from, to, what happened.
     pub pairs: Vec<(String, String, Reach)>,
-    /// How long until the revoked guest's live connection closed (REVOKED), if it did.
+    /// (nodes holding the terminated guest's certificates as revoked, nodes): lighthouses,
+    /// guests, the broker.
+    pub revoked_known: (usize, usize),
+    /// How long until every node held the revocation, if all did within 5 s.
+    pub revoked_everywhere_ms: Option<f64>,
+    /// Whether the terminated guest had a live connection to a guest of its tenant to cut.
+    pub cut_off_expected: bool,
+    /// How long until that connection closed with REVOKED, if it did within 5 s.
     pub revoked_cut_off_ms: Option<f64>,
     /// What the revoked guest's next connection attempt met.
     pub revoked_reconnect: Option<Reach>,
 }
 
 impl MeshSummary {
-    /// Every guest reached its own tenant and was denied by others; a revoked guest (where a
-    /// tenant has two guests to show it) was cut off within 5 s and refused afterwards.
+    /// Every guest joined; every guest with a same-tenant peer reached it and every guest was
+    /// denied by another tenant's guest, as the orders say; the terminated guest's certificates
+    /// were revoked on every node within 5 s, and where it had a live connection, that was cut
+    /// within 5 s and its next attempt refused.
     pub fn as_expected(&self, vms: usize) -> bool {
-        let revocation_shown = vms < 3
+        let cut = !self.cut_off_expected
             || (self.revoked_cut_off_ms.is_some_and(|t| t <= 5000.0)
                 && matches!(self.revoked_reconnect, Some(Reach::Refused(_))));
         self.guests == vms
-            && self.same_tenant.0 == self.same_tenant.1
-            && self.cross_tenant.0 == self.cross_tenant.1
-            && (vms < 2 || self.cross_tenant.1 > 0)
-            && revocation_shown
+            && self.same_tenant == (self.same_expected, self.same_expected)
+            && self.cross_tenant == (self.cross_expected, self.cross_expected)
+            && self.revoked_known.1 > 0
+            && self.revoked_known.0 == self.revoked_known.1
+            && self.revoked_everywhere_ms.is_some()
+            && cut
     }
 }
 
@@ -194,7 +209,7 @@ pub async fn mesh_stack(
     dir: &Path,
     root: &Pki,
     image: [u8; 48],
-    mesh: &FleetMesh,
+    mesh: &mut FleetMesh,
 ) -> Result<Stack, String> {
     let (kbs, operator) = broker(
         dir,
@@ -361,6 +376,7 @@ async fn run_on(
     // Boot every VM twice: the first boot formats its LUKS2 disk, the second unlocks it. Each
     // boot's guest binds a mesh key born inside it in its report; the broker certifies that key.
     let mut identities = Vec::new();
+    let mut issued = Vec::new();
     let mut latencies = Vec::new();
     let mut unlocked = 0;
     let mut activated = 0;
@@ -374,12 +390,16 @@ async fn run_on(
             });
             let mesh_key = MeshKey::generate().map_err(|x| e(&x))?;
             let t0 = Instant::now();
-            let got = fetch_with_mesh_key(&broker, &vm, &guest, &mesh_key.public)
+            let got = fetch_with_mesh_key(&broker, &vm, &guest, mesh_key.public())
                 .await
                 .map_err(|x| format!("{vm}: {x}"))?;
             latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
+            if got.mesh_cert.is_empty() {
+                return Err(format!("{vm}: the broker issued no mesh certificate"));
+            }
+            issued.push((vm.clone(), got.mesh_cert.clone()));
             if boot == 2 {
-                identities.push((vm.clone(), mesh_key, got.mesh_cert.clone()));
+                identities.push((i, mesh_key, got.mesh_cert.clone()));
             }
             let key = DiskKey::from_bytes(&got.volume_key).map_err(|x| e(&x))?;
             // The blank disk the host agent created; the guest formats it with its released key.
@@ -412,38 +432,57 @@ async fn run_on(
     }
     progress(quiet, "");
 
-    // Every guest joins the mesh with the identity the broker issued it, and tries a guest of
-    // its own tenant (must be reached) and one of another tenant (its firewall must deny).
+    // Every guest joins the mesh with the identity the broker issued it (checked against its
+    // order), and tries a guest of its own tenant (must be reached) and one of another tenant
+    // (that guest's firewall must deny it).
     let n_ids = identities.len();
-    for (k, (vm, key, cert)) in identities.iter().enumerate() {
+    for (k, (i, key, cert)) in identities.iter().enumerate() {
         progress(quiet, &format!("mesh: guest {}/{n_ids} joins", k + 1));
-        if cert.is_empty() {
-            return Err(format!("{vm}: the broker issued no mesh certificate"));
-        }
-        mesh.join(vm, key, cert).await?;
+        let (vm, tenant, ip) = (
+            format!("vm-{i}"),
+            tenant_of(*i, vms),
+            fleet_mesh::guest_ip(*i),
+        );
+        let want = fleet_mesh::Expected {
+            vm_id: &vm,
+            tenant: &tenant,
+            ip: &ip,
+        };
+        mesh.join(want, key, cert).await?;
     }
+    progress(quiet, "mesh: guests announced to both lighthouses");
+    mesh.wait_announced(mesh.guests.len(), Duration::from_secs(20))
+        .await?;
+    let tenants: Vec<String> = (0..vms).map(|i| tenant_of(i, vms)).collect();
+    let has = |i: usize, same: bool| (0..vms).any(|j| j != i && (tenants[j] == tenants[i]) == same);
     let mut m = MeshSummary {
         lighthouses: mesh.lighthouses(),
-        hosts: chips.len(),
+        hosts: chips.len().min(vms),
         guests: mesh.guests.len(),
+        same_expected: (0..vms).filter(|&i| has(i, true)).count(),
+        cross_expected: (0..vms).filter(|&i| has(i, false)).count(),
         ..Default::default()
     };
     let guests = &mesh.guests;
+    let n = guests.len();
     for (k, g) in guests.iter().enumerate() {
         progress(
             quiet,
-            &format!("mesh: tenant isolation, guest {}/{}", k + 1, guests.len()),
+            &format!("mesh: tenant isolation, guest {}/{n}", k + 1),
         );
-        let same = (1..guests.len())
-            .map(|d| &guests[(k + d) % guests.len()])
-            .find(|p| p.tenant == g.tenant);
-        if let Some(p) = same {
+        // The next guest round the fleet of the same tenant, and of another.
+        let next = |same: bool| {
+            (1..n)
+                .map(|d| &guests[(k + d) % n])
+                .find(|p| (p.tenant == g.tenant) == same)
+        };
+        if let Some(p) = next(true) {
             let r = fleet_mesh::reach_within(&g.node, p.ip, Duration::from_secs(10)).await;
             m.same_tenant.1 += 1;
             m.same_tenant.0 += usize::from(r == Reach::Reached);
             m.pairs.push((g.vm_id.clone(), p.vm_id.clone(), r));
         }
-        if let Some(p) = guests.iter().find(|p| p.tenant != g.tenant) {
+        if let Some(p) = next(false) {
             let r = fleet_mesh::reach_within(&g.node, p.ip, Duration::from_secs(10)).await;
             m.cross_tenant.1 += 1;
             m.cross_tenant.0 += usize::from(r == Reach::Denied);
@@ -451,22 +490,20 @@ async fn run_on(
         }
     }
     // vm-0 keeps a connection open to a guest of its tenant, to be cut off when it is revoked.
-    let doomed = match (
-        guests.first(),
-        guests
-            .iter()
-            .skip(1)
-            .find(|p| Some(&p.tenant) == guests.first().map(|g| &g.tenant)),
-    ) {
-        (Some(g0), Some(p)) => Some((
-            g0,
-            p,
-            fleet_mesh::open_echo(&g0.node, p.ip)
-                .await
-                .map_err(|x| format!("vm-0 to {}: {x}", p.vm_id))?,
-        )),
-        _ => None,
+    let doomed = match guests.split_first() {
+        Some((g0, rest)) => match rest.iter().find(|p| p.tenant == g0.tenant) {
+            Some(p) => Some((
+                g0.node.clone(),
+                p.ip,
+                fleet_mesh::open_echo(&g0.node, p.ip)
+                    .await
+                    .map_err(|x| format!("vm-0 to {}: {x}", p.vm_id))?,
+            )),
+            None => None,
+        },
+        None => None,
     };
+    m.cut_off_expected = doomed.is_some();
     progress(quiet, "");
 
     // The operator terminates one VM: its key is crypto-shredded, its next boot denied.
@@ -496,16 +533,39 @@ async fn run_on(
     if dir.join("vm-0.img").exists() {
         return Err("vm-0: terminated, but its disk was not wiped".into());
     }
-    // …and revokes its mesh certificate: one signed list dropped on a lighthouse reaches every
-    // node, which closes its live connections to vm-0 and refuses it from then on.
-    if let Some((g0, p, conn)) = doomed {
-        let t0 = Instant::now();
-        mesh.revoke(&g0.cert, 1)?;
+    // …and revokes every mesh certificate vm-0 was issued (one per boot): one signed list,
+    // dropped on a lighthouse and beside the broker, reaches every node, which closes its live
+    // connections to vm-0 and refuses it from then on.
+    let vm0_certs = issued
+        .iter()
+        .filter(|(vm, _)| vm == "vm-0")
+        .map(|(_, der)| mesh::cert::MeshCert::parse(der).map_err(|x| e(&x)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let t0 = Instant::now();
+    mesh.revoke(&vm0_certs)?;
+    if let Some((node0, peer, conn)) = &doomed {
         m.revoked_cut_off_ms =
-            fleet_mesh::closed_with(&conn, mesh::node::close::REVOKED, Duration::from_secs(10))
+            fleet_mesh::closed_with(conn, mesh::node::close::REVOKED, Duration::from_secs(5))
                 .await
+                .ok()
                 .map(|_| t0.elapsed().as_secs_f64() * 1000.0);
-        m.revoked_reconnect = Some(fleet_mesh::reach(&g0.node, p.ip).await);
+        m.revoked_reconnect = Some(fleet_mesh::reach(node0, *peer).await);
+    }
+    loop {
+        let known = vm0_certs
+            .iter()
+            .map(|c| mesh.revoked_on(c))
+            .min()
+            .unwrap_or((0, 0));
+        m.revoked_known = known;
+        if known.1 > 0 && known.0 == known.1 {
+            m.revoked_everywhere_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let guest0 = chip_of(0).launch(GuestLaunch {
         measurement: image,
@@ -541,7 +601,7 @@ async fn run_on(
             expected,
         }
     };
-    let vm = if vms > 1 { "vm-1" } else { "vm-0" };
+    let vm = "vm-1";
     let home = chip_of(1);
     let away = chips
         .iter()
@@ -726,11 +786,12 @@ async fn host_agent_for(
 }
 
 /// Attacks on the broker's mesh admission: a host certificate from a CA the mesh does not
-/// trust, and a guest's own (attested) mesh identity used to send an order.
+/// trust, a guest's own (attested) mesh identity used to send an order, and the terminated
+/// guest's revoked identity.
 async fn mesh_attacks(
     broker: &Broker,
     mesh: &FleetMesh,
-    identities: &[(String, MeshKey, Vec<u8>)],
+    identities: &[(usize, MeshKey, Vec<u8>)],
     operator: &Ed25519KeyPair,
 ) -> Result<Vec<LiveAttack>, String> {
     use kbs::client::{Remote, send_order};
@@ -770,7 +831,7 @@ async fn mesh_attacks(
             &fleet_mesh::host_ip(99),
             &["infra"],
             mesh::cert::Role::Host,
-            now - 60,
+            now.saturating_sub(60),
             now + 3600,
         )
         .map_err(|x| e(&x))?;
@@ -788,11 +849,25 @@ async fn mesh_attacks(
         .await,
     ));
     // A guest's genuine mesh identity: admitted (attestation), but not to send orders.
-    if let Some((_, key, cert)) = identities.last() {
+    if let Some((_, key, cert)) = identities.iter().find(|(i, _, _)| *i != 0) {
         let pem = snp::certs::pem_encode("CERTIFICATE", cert);
         out.push(judged(
             "mesh-guest-identity-sends-an-order",
             "forbidden",
+            send_order(
+                remote(pem.as_bytes(), key.pem().as_bytes())?,
+                false,
+                doc.clone(),
+            )
+            .await,
+        ));
+    }
+    // Terminated vm-0's identity, revoked: refused at the handshake.
+    if let Some((_, key, cert)) = identities.iter().find(|(i, _, _)| *i == 0) {
+        let pem = snp::certs::pem_encode("CERTIFICATE", cert);
+        out.push(judged(
+            "mesh-revoked-guest-identity-at-the-broker",
+            "is revoked",
             send_order(remote(pem.as_bytes(), key.pem().as_bytes())?, false, doc).await,
         ));
     }

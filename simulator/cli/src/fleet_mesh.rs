@@ -4,19 +4,20 @@
 //! certificate the broker issued for the key born in that guest. Guests reach their own tenant's
 //! guests and nobody else's; a revoked guest is cut off through the lighthouses.
 
+use crate::demo::now;
 use guest_agent::client::Broker;
-use guest_agent::unlock::MeshKey;
+use guest_agent::unlock::{MeshKey, place_mesh_identity};
 use kbs::service::{GuestIssuer, Kbs, MeshGate, mesh_server_config, serve_with, server_endpoint};
 use mesh::cert::{LocalCa, MeshCert, Role};
 use mesh::firewall::Firewall;
 use mesh::node::{ECHO_ALPN, Node, NodeConfig, close};
-use mesh::revocation::{Body, SerialEntry};
+use mesh::revocation::Body;
 use mesh::transport::{Identity, Trust};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// The name guests and hosts dial the broker by (a DNS SAN of its mesh certificate).
 pub const KBS_NAME: &str = "kbs.attesta.local";
@@ -47,22 +48,26 @@ service = "attesta-echo/1"
 expect = "deny"
 "#;
 
-/// A guest's rules: its own tenant's guests may reach it, nobody else.
-fn guest_rules(tenant: &str) -> String {
-    format!(
-        "version = 1\n[[inbound]]\nfrom = {{ groups = [\"tenant:{tenant}\"] }}\n\
-         service = \"attesta-echo/1\"\n[[tests]]\nfrom = {{ name = \"same\", groups = [\"tenant:{tenant}\"], role = \"guest\" }}\n\
-         service = \"attesta-echo/1\"\nexpect = \"allow\"\n[[tests]]\n\
-         from = {{ name = \"other\", groups = [\"tenant:not-{tenant}\"], role = \"guest\" }}\n\
+/// A guest's rules: its own tenant's guests may reach it, nobody else. The tenant comes from
+/// the operator's order; anything but letters, digits, `-` and `_` is refused rather than quoted.
+fn guest_rules(tenant: &str) -> Result<String, String> {
+    if tenant.is_empty()
+        || !tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!("tenant {tenant:?}: not a plain name"));
+    }
+    Ok(format!(
+        "version = 1\n[[inbound]]\nfrom = {{ groups = [\"tenant:{tenant}\"], role = \"guest\" }}\n\
+         service = \"attesta-echo/1\"\n\
+         [[tests]]\nfrom = {{ name = \"same\", groups = [\"tenant:{tenant}\"], role = \"guest\" }}\n\
+         service = \"attesta-echo/1\"\nexpect = \"allow\"\n\
+         [[tests]]\nfrom = {{ name = \"other\", groups = [\"tenant:not-{tenant}\"], role = \"guest\" }}\n\
+         service = \"attesta-echo/1\"\nexpect = \"deny\"\n\
+         [[tests]]\nfrom = {{ name = \"host\", groups = [\"tenant:{tenant}\"], role = \"host\" }}\n\
          service = \"attesta-echo/1\"\nexpect = \"deny\"\n"
-    )
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    ))
 }
 
 fn io(what: &Path) -> impl Fn(std::io::Error) -> String + '_ {
@@ -74,18 +79,21 @@ pub fn host_ip(m: usize) -> String {
     format!("10.42.1.{}/16", m % 250 + 1)
 }
 
-/// The overlay address the operator's order gives guest VM number `i`.
+/// The overlay address the operator's order gives guest VM number `i` (room for
+/// [`MAX_GUESTS`]).
 pub fn guest_ip(i: usize) -> String {
     format!("10.42.{}.{}/16", 2 + i / 250, i % 250 + 1)
 }
 
-/// A folder on tmpfs, removed when dropped: guests' mesh keys never touch the host's disk.
-struct Tmpfs(PathBuf);
+/// Guests the demo's overlay network has addresses for.
+pub const MAX_GUESTS: usize = 250 * 250;
 
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// What the operator's order says a guest's certificate must hold.
+pub struct Expected<'a> {
+    pub vm_id: &'a str,
+    pub tenant: &'a str,
+    /// With prefix, as in the order.
+    pub ip: &'a str,
 }
 
 /// What a node needs on disk besides its own certificate and key.
@@ -100,7 +108,6 @@ pub struct Guest {
     pub vm_id: String,
     pub tenant: String,
     pub ip: IpAddr,
-    pub cert: MeshCert,
     pub node: Node,
 }
 
@@ -108,10 +115,16 @@ pub struct Guest {
 pub struct FleetMesh {
     pub ca: LocalCa,
     dir: PathBuf,
-    shm: Tmpfs,
+    /// Guests' mesh keys: a private (0700, random name) folder on tmpfs, removed on drop, so
+    /// they never touch the host's disk.
+    shm: tempfile::TempDir,
     lighthouses: Vec<(IpAddr, SocketAddr)>,
     lighthouse_nodes: Vec<Node>,
     pub guests: Vec<Guest>,
+    /// The broker's view of the mesh CA and its revocation lists.
+    broker_trust: Option<Arc<Trust>>,
+    /// Everything the operator has revoked so far, and the newest list's number.
+    revoked: Body,
 }
 
 impl FleetMesh {
@@ -119,29 +132,35 @@ impl FleetMesh {
     pub async fn start(dir: &Path) -> Result<FleetMesh, String> {
         let dir = dir.join("mesh");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let t = now();
         let ca = LocalCa::root(
             "attesta-demo-mesh",
             &[NETWORK],
-            now() - 60,
-            now() + 7 * 86_400,
+            t.saturating_sub(60),
+            t + 7 * 86_400,
         )
         .map_err(|e| e.to_string())?;
         std::fs::write(dir.join("ca.crt"), &ca.pem).map_err(io(&dir))?;
-        let shm = Path::new("/dev/shm");
-        if !shm.is_dir() {
-            return Err(
-                "the demo keeps guests' mesh keys on tmpfs, and /dev/shm is missing".into(),
-            );
-        }
-        let shm = Tmpfs(shm.join(format!("attesta-demo-{}", std::process::id())));
-        std::fs::create_dir_all(&shm.0).map_err(io(&shm.0))?;
+        let shm = tempfile::Builder::new()
+            .prefix("attesta-demo-")
+            .tempdir_in("/dev/shm")
+            .map_err(|e| format!("the demo keeps guests' mesh keys on tmpfs, in /dev/shm: {e}"))?;
         let mut m = FleetMesh {
+            revoked: Body {
+                v: 1,
+                ca: ca.cert.name.clone(),
+                number: 0,
+                issued_at: t,
+                serials: vec![],
+                keys: vec![],
+            },
             ca,
             dir,
             shm,
             lighthouses: Vec::new(),
             lighthouse_nodes: Vec::new(),
             guests: Vec::new(),
+            broker_trust: None,
         };
         // The lighthouses must know each other's ports before either starts: pick free ones,
         // and pick again in the rare case another process took one meanwhile.
@@ -195,12 +214,14 @@ impl FleetMesh {
         groups: &[&str],
         role: Role,
     ) -> Result<MeshCert, String> {
+        let t = now();
         let n = self
             .ca
-            .issue(name, ip, groups, role, now() - 60, now() + 86_400)
+            .issue(name, ip, groups, role, t.saturating_sub(60), t + 86_400)
             .map_err(|e| format!("{name}: {e}"))?;
         std::fs::write(d.join("node.crt"), &n.issued.cert_pem).map_err(io(d))?;
-        write_secret(&d.join("node.key"), n.issued.key_pem.as_bytes())?;
+        simulator::pki::write_file(&d.join("node.key"), n.issued.key_pem.as_bytes(), true)
+            .map_err(|e| format!("{name}: {e}"))?;
         Ok(n.cert)
     }
 
@@ -223,7 +244,8 @@ impl FleetMesh {
             static_hosts,
             revocation: Some(f.dir.join("revocation.json")),
             revocation_max_age: None,
-            announce_secs: 30,
+            // Often, so that a lost push or relay is made up within seconds.
+            announce_secs: 2,
             reload_ms: 250,
             announce: true,
             tun: None,
@@ -234,7 +256,7 @@ impl FleetMesh {
     /// Serves `kbs` on a loopback port with its mesh identity (role kbs): clients verified by
     /// the mesh CA and its revocation lists, admitted by the mesh firewall; attested guests
     /// certified by the mesh CA. Returns what guests pin (the mesh CA, the response key).
-    pub async fn serve_broker(&self, kbs: Arc<Kbs>) -> Result<Broker, String> {
+    pub async fn serve_broker(&mut self, kbs: Arc<Kbs>) -> Result<Broker, String> {
         let d = self.dir.join("kbs");
         std::fs::create_dir_all(&d).map_err(io(&d))?;
         self.issue_files(&d, KBS_NAME, &format!("{KBS_IP}/16"), &["infra"], Role::Kbs)?;
@@ -246,18 +268,21 @@ impl FleetMesh {
         let rules = Firewall::load(KBS_RULES).map_err(|e| format!("broker rules: {e}"))?;
         let gate = Arc::new(MeshGate::new(trust.clone(), rules));
         // A real deployment gives the broker an intermediate CA limited to the guests' network.
-        let _ = kbs.guest_issuer.set(GuestIssuer::new(
-            self.ca.cert.clone(),
-            self.ca.key.clone(),
-            86_400,
-        ));
+        kbs.guest_issuer
+            .set(GuestIssuer::new(
+                self.ca.cert.clone(),
+                self.ca.key.clone(),
+                86_400,
+            ))
+            .map_err(|_| "the broker already certifies guests with another CA".to_string())?;
         let endpoint = server_endpoint(
-            mesh_server_config(id.chain, id.key, trust)?,
+            mesh_server_config(id.chain, id.key, trust.clone())?,
             (Ipv4Addr::LOCALHOST, 0).into(),
         )
         .map_err(|e| e.to_string())?;
         let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
         tokio::spawn(serve_with(endpoint, kbs.clone(), now, Some(gate)));
+        self.broker_trust = Some(trust);
         Ok(Broker {
             addr,
             server_name: KBS_NAME.into(),
@@ -266,38 +291,41 @@ impl FleetMesh {
         })
     }
 
-    /// An attested guest joins: its key (born in the guest) and the certificate the broker
-    /// issued for it go to tmpfs, and a mesh node starts with its tenant's rules.
+    /// An attested guest joins: the certificate the broker issued must be exactly what the
+    /// operator's order says (name = VM id, its overlay address, group `tenant:<tenant>`, role
+    /// guest); key and certificate go to tmpfs, and a mesh node starts with its tenant's rules.
     pub async fn join(
         &mut self,
-        vm_id: &str,
+        want: Expected<'_>,
         key: &MeshKey,
         cert_der: &[u8],
     ) -> Result<&Guest, String> {
+        let vm_id = want.vm_id;
         let cert = MeshCert::parse(cert_der).map_err(|e| format!("{vm_id}: {e}"))?;
-        let tenant = cert
-            .claims
-            .groups
-            .iter()
-            .find_map(|g| g.strip_prefix("tenant:"))
-            .ok_or_else(|| format!("{vm_id}: the broker's certificate names no tenant"))?
-            .to_string();
-        let ip = *cert
-            .addrs()
-            .first()
-            .ok_or_else(|| format!("{vm_id}: the broker's certificate names no address"))?;
-        let d = self.shm.0.join(vm_id);
-        std::fs::create_dir_all(&d).map_err(io(&d))?;
-        write_secret(&d.join("node.key"), key.pem().as_bytes())?;
-        std::fs::write(
-            d.join("node.crt"),
-            snp::certs::pem_encode("CERTIFICATE", cert_der),
-        )
-        .map_err(io(&d))?;
+        let bad = |what: String| format!("{vm_id}: the broker's certificate {what}");
+        let ip: ipnet::IpNet = want
+            .ip
+            .parse()
+            .map_err(|_| format!("{vm_id}: bad address {}", want.ip))?;
+        if cert.name != vm_id {
+            return Err(bad(format!("is for {:?}", cert.name)));
+        }
+        if cert.ips != [ip] {
+            return Err(bad(format!("holds {:?}, not {ip}", cert.ips)));
+        }
+        if cert.claims.groups != [format!("tenant:{}", want.tenant)] {
+            return Err(bad(format!("holds the groups {:?}", cert.claims.groups)));
+        }
+        if cert.claims.role != Some(Role::Guest) || cert.is_ca {
+            return Err(bad("is not a guest's".into()));
+        }
+        let rules = guest_rules(want.tenant)?;
+        let d = self.shm.path().join(vm_id);
+        place_mesh_identity(&d, key, cert_der).map_err(|e| format!("{vm_id}: {e}"))?;
         let cfg = self.node_config(
             NodeFiles {
                 dir: &d,
-                rules: &guest_rules(&tenant),
+                rules: &rules,
                 lighthouse: false,
             },
             (Ipv4Addr::LOCALHOST, 0).into(),
@@ -307,9 +335,8 @@ impl FleetMesh {
             .map_err(|e| format!("{vm_id} on the mesh: {e}"))?;
         self.guests.push(Guest {
             vm_id: vm_id.into(),
-            tenant,
-            ip,
-            cert,
+            tenant: want.tenant.into(),
+            ip: ip.addr(),
             node,
         });
         self.guests
@@ -317,27 +344,65 @@ impl FleetMesh {
             .ok_or_else(|| "no guest joined".to_string())
     }
 
-    /// The operator revokes `cert` (list number `number`, signed by the mesh CA) by dropping
-    /// the list on the first lighthouse, which pushes it to every node.
-    pub fn revoke(&self, cert: &MeshCert, number: u64) -> Result<(), String> {
-        let body = Body {
-            v: 1,
-            ca: self.ca.cert.name.clone(),
-            number,
-            issued_at: now(),
-            serials: vec![SerialEntry {
-                issuer: cert.issuer.clone(),
-                serial: hex::encode(&cert.serial),
-            }],
-            keys: vec![hex::encode(cert.key_hash)],
-        };
-        let bytes = mesh::revocation::sign(&self.ca.cert, &self.ca.key, &body)
+    /// The operator revokes `certs` (with everything revoked before): the next numbered list,
+    /// signed by the mesh CA, dropped on the first lighthouse (which pushes it to every node)
+    /// and handed to the broker (as `attesta-kbs serve` reloads its `[mesh] revocation` file).
+    pub fn revoke(&mut self, certs: &[MeshCert]) -> Result<(), String> {
+        for c in certs {
+            self.revoked.revoke(c);
+        }
+        self.revoked.number += 1;
+        self.revoked.issued_at = now();
+        let bytes = mesh::revocation::sign(&self.ca.cert, &self.ca.key, &self.revoked)
             .map_err(|e| e.to_string())?;
         let p = self.dir.join("lighthouse-1").join("revocation.json");
-        // Written beside, then renamed: the lighthouse never reads half a list.
-        let tmp = p.with_extension("new");
-        std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &p).map_err(io(&p))
+        mesh::revocation::write_list(&p, &bytes).map_err(io(&p))?;
+        if let Some(t) = &self.broker_trust {
+            t.install(&bytes, now())
+                .map_err(|e| format!("the broker refused the list: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// (nodes holding `cert` as revoked, nodes asked): the lighthouses, the other guests (the
+    /// revoked one is cut off, and need not learn it), the broker.
+    pub fn revoked_on(&self, cert: &MeshCert) -> (usize, usize) {
+        let trusts: Vec<Arc<Trust>> = self
+            .lighthouse_nodes
+            .iter()
+            .chain(
+                self.guests
+                    .iter()
+                    .filter(|g| g.vm_id != cert.name)
+                    .map(|g| &g.node),
+            )
+            .map(|n| n.trust())
+            .chain(self.broker_trust.clone())
+            .collect();
+        let know = trusts.iter().filter(|t| t.is_revoked(cert)).count();
+        (know, trusts.len())
+    }
+
+    /// Waits until every lighthouse knows at least `n` nodes (announced to it or relayed by the
+    /// other lighthouse), or says how far they got.
+    pub async fn wait_announced(&self, n: usize, within: Duration) -> Result<(), String> {
+        let end = Instant::now() + within;
+        loop {
+            let lens: Vec<usize> = self
+                .lighthouse_nodes
+                .iter()
+                .map(|l| l.directory_len())
+                .collect();
+            if lens.iter().all(|&l| l >= n) {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(format!(
+                    "the lighthouses know {lens:?} nodes after {within:?}, {n} expected"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn lighthouses(&self) -> usize {
@@ -352,19 +417,6 @@ impl FleetMesh {
             n.shutdown().await;
         }
     }
-}
-
-fn write_secret(p: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)
-        .and_then(|mut f| f.write_all(bytes))
-        .map_err(io(p))
 }
 
 /// A free UDP port on loopback (bound and released; the node binds it right after).
@@ -392,15 +444,13 @@ pub async fn reach(from: &Node, to: IpAddr) -> Reach {
         Err(e) => return Reach::Refused(e.to_string()),
     };
     match echo(&conn).await {
-        Ok(()) => Reach::Reached,
-        Err(e) => match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
-            Ok(quinn::ConnectionError::ApplicationClosed(c))
-                if c.error_code.into_inner() == u64::from(close::DENIED) =>
-            {
-                Reach::Denied
-            }
-            Ok(other) => Reach::Refused(other.to_string()),
-            Err(_) => Reach::Refused(e),
+        Ok(()) => {
+            conn.close(0u32.into(), b"done");
+            Reach::Reached
+        }
+        Err(e) => match closed_with(&conn, close::DENIED, Duration::from_secs(5)).await {
+            Ok(_) => Reach::Denied,
+            Err(other) => Reach::Refused(other.unwrap_or(e)),
         },
     }
 }
@@ -410,7 +460,10 @@ pub async fn reach(from: &Node, to: IpAddr) -> Reach {
 pub async fn reach_within(from: &Node, to: IpAddr, within: Duration) -> Reach {
     let end = Instant::now() + within;
     loop {
-        let r = reach(from, to).await;
+        let left = end.saturating_duration_since(Instant::now());
+        let r = tokio::time::timeout(left, reach(from, to))
+            .await
+            .unwrap_or_else(|_| Reach::Refused(format!("no answer within {within:?}")));
         if matches!(r, Reach::Reached | Reach::Denied) || Instant::now() >= end {
             return r;
         }
@@ -443,15 +496,21 @@ pub async fn open_echo(from: &Node, to: IpAddr) -> Result<quinn::Connection, Str
     Ok(c)
 }
 
-/// How long until `conn` is closed with `code`, if within `limit`.
-pub async fn closed_with(conn: &quinn::Connection, code: u32, limit: Duration) -> Option<Duration> {
+/// Waits up to `limit` for `conn` to close with application code `code`: how long it took, or
+/// how it ended otherwise (None: still open).
+pub async fn closed_with(
+    conn: &quinn::Connection,
+    code: u32,
+    limit: Duration,
+) -> Result<Duration, Option<String>> {
     let t0 = Instant::now();
     match tokio::time::timeout(limit, conn.closed()).await {
         Ok(quinn::ConnectionError::ApplicationClosed(c))
             if c.error_code.into_inner() == u64::from(code) =>
         {
-            Some(t0.elapsed())
+            Ok(t0.elapsed())
         }
-        _ => None,
+        Ok(other) => Err(Some(other.to_string())),
+        Err(_) => Err(None),
     }
 }

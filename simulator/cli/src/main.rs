@@ -55,7 +55,7 @@ enum Cmd {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Number of VMs.
+    /// Number of VMs (at least 2: one is terminated, another attacked).
     #[arg(long, default_value_t = 8)]
     vms: usize,
     /// Print one JSON summary object instead of text.
@@ -237,8 +237,12 @@ fn pki_for(product: Product, seed: &Seed, state: &Path) -> Result<Pki, String> {
 }
 
 fn run_load(a: &LoadArgs) -> Result<bool, String> {
-    if a.vms == 0 {
-        return Err("--vms must be at least 1".into());
+    // One VM is terminated and the live attacks aim at another: two at least.
+    if a.vms < 2 || a.vms > fleet_mesh::MAX_GUESTS {
+        return Err(format!(
+            "--vms must be between 2 (one is terminated, another attacked) and {} (the overlay's addresses)",
+            fleet_mesh::MAX_GUESTS
+        ));
     }
     let milan = pki_for(
         Product::Milan,
@@ -344,8 +348,12 @@ fn run_load(a: &LoadArgs) -> Result<bool, String> {
 }
 
 fn run_demo(a: &DemoArgs) -> Result<bool, String> {
-    if a.vms == 0 {
-        return Err("--vms must be at least 1".into());
+    // One VM is terminated and the live attacks aim at another: two at least.
+    if a.vms < 2 || a.vms > fleet_mesh::MAX_GUESTS {
+        return Err(format!(
+            "--vms must be between 2 (one is terminated, another attacked) and {} (the overlay's addresses)",
+            fleet_mesh::MAX_GUESTS
+        ));
     }
     let seed = Seed::from_text(&a.seed);
     let state = state_dir(&a.state);
@@ -370,7 +378,13 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
         }
     };
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-    let result = rt.block_on(demo::run(&dir, a.vms, pkis, a.json));
+    // Ctrl-C stops the run and drops everything it holds (the guests' keys on tmpfs included).
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = demo::run(&dir, a.vms, pkis, a.json) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
+        }
+    });
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -410,6 +424,10 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
                     "from": a, "to": b, "outcome": reach_text(r),
                 })).collect::<Vec<_>>(),
                 "revocation": {
+                    "nodes": s.mesh.revoked_known.1,
+                    "nodes_revoked": s.mesh.revoked_known.0,
+                    "everywhere_ms": s.mesh.revoked_everywhere_ms,
+                    "cut_off_expected": s.mesh.cut_off_expected,
                     "cut_off_ms": s.mesh.revoked_cut_off_ms,
                     "reconnect": s.mesh.revoked_reconnect.as_ref().map(reach_text),
                 },
@@ -466,18 +484,24 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
                 s.mesh.pairs.len() - SHOWN
             );
         }
-        match (&s.mesh.revoked_cut_off_ms, &s.mesh.revoked_reconnect) {
-            (Some(t), Some(r)) => println!(
-                "    terminated vm-0's certificate revoked: its live connection closed in {t:.0} ms; reconnecting: {}",
-                reach_text(r)
+        match s.mesh.revoked_everywhere_ms {
+            Some(t) => println!(
+                "    terminated vm-0's certificates revoked on all {} nodes (lighthouses, guests, broker) in {t:.0} ms",
+                s.mesh.revoked_known.1
             ),
-            (None, Some(r)) => println!(
-                "    terminated vm-0's certificate revoked: its live connection was NOT closed; reconnecting: {}",
-                reach_text(r)
+            None => println!(
+                "    terminated vm-0's certificates revoked on only {} of {} nodes",
+                s.mesh.revoked_known.0, s.mesh.revoked_known.1
             ),
-            _ => println!(
-                "    (revocation needs a tenant with two guests: run with --vms 3 or more)"
-            ),
+        }
+        if s.mesh.cut_off_expected {
+            match s.mesh.revoked_cut_off_ms {
+                Some(t) => println!("    its live connection to its tenant closed in {t:.0} ms"),
+                None => println!("    its live connection to its tenant was NOT closed within 5 s"),
+            }
+        }
+        if let Some(r) = &s.mesh.revoked_reconnect {
+            println!("    its next connection: {}", reach_text(r));
         }
         println!(
             "  release latency:                              p50 {:.1} ms, p99 {:.1} ms",

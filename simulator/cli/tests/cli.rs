@@ -466,6 +466,10 @@ fn demo_json() {
         .as_f64()
         .expect("vm-0 was cut off");
     assert!(cut <= 5000.0, "{m}");
+    // Two lighthouses, vm-1, vm-2 and the broker hold vm-0's certificates as revoked.
+    assert_eq!(m["revocation"]["nodes"], 5, "{m}");
+    assert_eq!(m["revocation"]["nodes_revoked"], 5, "{m}");
+    assert!(m["revocation"]["everywhere_ms"].as_f64().unwrap() <= 5000.0);
     assert!(
         m["revocation"]["reconnect"]
             .as_str()
@@ -480,6 +484,7 @@ fn demo_json() {
             "no trusted CA issued it",
         ),
         ("mesh-guest-identity-sends-an-order", "forbidden"),
+        ("mesh-revoked-guest-identity-at-the-broker", "is revoked"),
         (
             "live-mesh-key-not-bound-in-the-report",
             "report_data_mismatch",
