@@ -195,7 +195,12 @@ fn the_broker_on_the_mesh() {
 
     // The real guest agent, asking for a mesh identity: its key is born in the guest, bound in
     // the report, certified by the broker, and placed on tmpfs with the certificate.
-    let shm = Path::new("/dev/shm").join(format!("attesta-mesh-test-{}", std::process::id()));
+    // On tmpfs (secrets never on disk), removed even when an assertion fails.
+    let shm_dir = tempfile::Builder::new()
+        .prefix("attesta-mesh-test-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let shm = shm_dir.path().to_path_buf();
     let mesh_dir = shm.join("mesh");
     std::fs::File::create(p("disk.img"))
         .unwrap()
@@ -240,7 +245,7 @@ fn the_broker_on_the_mesh() {
     );
     let crt = std::fs::read(mesh_dir.join("node.crt")).unwrap();
     let key = std::fs::read_to_string(mesh_dir.join("node.key")).unwrap();
-    let _ = std::fs::remove_dir_all(&shm);
+    drop(shm_dir);
     let cert = parse_bundle(&crt).unwrap().remove(0);
     assert_eq!(cert.name, "vm-g");
     assert_eq!(cert.claims.groups, vec!["tenant:tenant-a".to_string()]);

@@ -183,7 +183,12 @@ fn deployment_from_the_real_binaries() {
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    let shm = Path::new("/dev/shm").join(format!("attesta-serve-test-{}", std::process::id()));
+    // On tmpfs (secrets never on disk), removed even when an assertion fails.
+    let shm_dir = tempfile::Builder::new()
+        .prefix("attesta-serve-test-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let shm = shm_dir.path().to_path_buf();
     let boot_config = shm.join("boot-config");
     let response_pub = std::fs::read_to_string(d.join("response.pub")).unwrap();
     std::fs::write(
@@ -365,7 +370,7 @@ fn deployment_from_the_real_binaries() {
         let text = String::from_utf8_lossy(&bytes).to_lowercase();
         assert!(!text.contains(&hex_key[..32]), "hex key in {}", f.display());
     }
-    let _ = std::fs::remove_dir_all(&shm);
+    drop(shm_dir);
 }
 
 /// `crls` in kbs.toml: with `revocation = "require"` and none configured the broker warns that
