@@ -159,6 +159,18 @@ fn ping(net: &Net, from: usize, to: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Pings until one is answered or `within` has passed (a node found through the lighthouse
+/// needs a few tries): whether one was answered.
+fn ping_within(net: &Net, from: usize, to: &str, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() <= end {
+        if ping(net, from, to) {
+            return true;
+        }
+    }
+    false
+}
+
 fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + within;
     while !f() {
@@ -265,17 +277,7 @@ fn ping_and_tcp_through_the_overlay_other_tenants_denied_readdressed_node_moves_
     };
 
     // tenant:a ↔ tenant:a through the overlay (a2 found through the lighthouse).
-    let reached = {
-        let end = Instant::now() + Duration::from_secs(15);
-        loop {
-            if ping(&net, 1, "10.42.1.2") {
-                break true;
-            }
-            if Instant::now() > end {
-                break false;
-            }
-        }
-    };
+    let reached = ping_within(&net, 1, "10.42.1.2", Duration::from_secs(15));
     if !reached {
         let o = net
             .exec(
@@ -377,17 +379,7 @@ fn ping_and_tcp_through_the_overlay_other_tenants_denied_readdressed_node_moves_
         std::fs::rename(&tmp_f, dirs[1].join(f)).unwrap();
     }
     let t = Instant::now();
-    let moved = {
-        let end = Instant::now() + Duration::from_secs(15);
-        loop {
-            if ping(&net, 1, "10.42.1.22") {
-                break true;
-            }
-            if Instant::now() > end {
-                break false;
-            }
-        }
-    };
+    let moved = ping_within(&net, 1, "10.42.1.22", Duration::from_secs(15));
     assert!(moved, "a2 at its new address\n{}", logs());
     eprintln!(
         "rotated to a new overlay address, reachable after {:?}",

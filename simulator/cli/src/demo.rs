@@ -165,17 +165,20 @@ pub struct StackOptions {
 /// Starts a broker in `dir` (SQLite, group commit, QUIC on a loopback port) trusting `root`'s
 /// simulated ARK, with an operator key and an allowlist holding `image`.
 pub async fn stack(dir: &Path, root: &Pki, image: [u8; 48]) -> Result<Stack, String> {
-    stack_with(
-        dir,
+    stack_with(dir, StackOptions::trusting(root, image)).await
+}
+
+impl StackOptions {
+    /// Trusting `root`'s simulated ARK, CRLs if available, approving `image`, the system clock.
+    pub fn trusting(root: &Pki, image: [u8; 48]) -> StackOptions {
         StackOptions {
             trust_roots: vec![root.ark.cert.clone()],
             revocation: Revocation::IfAvailable,
             crls: Vec::new(),
             image,
             clock: now,
-        },
-    )
-    .await
+        }
+    }
 }
 
 /// Starts a broker in `dir` as `o` says.
@@ -211,17 +214,7 @@ pub async fn mesh_stack(
     image: [u8; 48],
     mesh: &mut FleetMesh,
 ) -> Result<Stack, String> {
-    let (kbs, operator) = broker(
-        dir,
-        StackOptions {
-            trust_roots: vec![root.ark.cert.clone()],
-            revocation: Revocation::IfAvailable,
-            crls: Vec::new(),
-            image,
-            clock: now,
-        },
-    )
-    .await?;
+    let (kbs, operator) = broker(dir, StackOptions::trusting(root, image)).await?;
     let broker = mesh.serve_broker(kbs.clone()).await?;
     Ok(Stack {
         kbs,

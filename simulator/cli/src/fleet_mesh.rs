@@ -25,20 +25,8 @@ const NETWORK: &str = "10.42.0.0/16";
 const LIGHTHOUSES: [&str; 2] = ["10.42.0.1", "10.42.0.2"];
 const KBS_IP: &str = "10.42.0.10";
 
-/// Who may use the broker's service on the mesh: hosts (orders) and guests (attestation;
-/// guests without a certificate yet are admitted for attestation only, by the broker itself).
-const KBS_RULES: &str = r#"version = 1
-[[inbound]]
-from = { role = "host" }
-service = "attesta-kbs/1"
-[[inbound]]
-from = { role = "guest" }
-service = "attesta-kbs/1"
-[[tests]]
-from = { name = "lh", role = "lighthouse" }
-service = "attesta-kbs/1"
-expect = "deny"
-"#;
+/// Who may use the broker's service on the mesh: the documented example rules.
+const KBS_RULES: &str = include_str!("../../../examples/kbs-mesh-rules.toml");
 
 /// Lighthouses serve only the control service (any certified node): nothing else comes in.
 const LIGHTHOUSE_RULES: &str = r#"version = 1
