@@ -11,7 +11,6 @@ use common::{free_port, guest, kbs, ok, sign_allowlist, start};
 use guest_agent::client::{Broker, fetch};
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
