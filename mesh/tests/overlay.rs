@@ -112,13 +112,8 @@ service = "icmp"
 expect = "deny"
 "#;
 
-fn node_dir(tmp: &Path, ca: &Path, i: usize, name: &str, group: &str, role: &str) -> PathBuf {
-    let d = tmp.join(name);
-    let ip = if i == 1 {
-        "10.42.0.1/16".to_string()
-    } else {
-        format!("10.42.1.{i}/16")
-    };
+/// `attesta-mesh cert sign` into `out` (node.crt, node.key).
+fn sign_cert(ca: &Path, name: &str, ip: &str, group: &str, role: &str, out: &Path) {
     mesh(&[
         "cert",
         "sign",
@@ -127,14 +122,24 @@ fn node_dir(tmp: &Path, ca: &Path, i: usize, name: &str, group: &str, role: &str
         "--name",
         name,
         "--ip",
-        &ip,
+        ip,
         "--groups",
         group,
         "--role",
         role,
         "--out",
-        d.to_str().unwrap(),
+        out.to_str().unwrap(),
     ]);
+}
+
+fn node_dir(tmp: &Path, ca: &Path, i: usize, name: &str, group: &str, role: &str) -> PathBuf {
+    let d = tmp.join(name);
+    let ip = if i == 1 {
+        "10.42.0.1/16".to_string()
+    } else {
+        format!("10.42.1.{i}/16")
+    };
+    sign_cert(ca, name, &ip, group, role, &d);
     std::fs::copy(ca.join("ca.crt"), d.join("ca.crt")).unwrap();
     std::fs::write(d.join("rules.toml"), RULES).unwrap();
     std::fs::write(
@@ -356,22 +361,7 @@ fn ping_and_tcp_through_the_overlay_other_tenants_denied_readdressed_node_moves_
     // Rotate a2 to a new certificate and key with another overlay address, without a restart:
     // its tun device moves, its peers reconnect, the old address is gone.
     let rotated = tmp.path().join("a2-rotated");
-    mesh(&[
-        "cert",
-        "sign",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--name",
-        "a2",
-        "--ip",
-        "10.42.1.22/16",
-        "--groups",
-        "tenant:a",
-        "--role",
-        "guest",
-        "--out",
-        rotated.to_str().unwrap(),
-    ]);
+    sign_cert(&ca, "a2", "10.42.1.22/16", "tenant:a", "guest", &rotated);
     for f in ["node.key", "node.crt"] {
         // Beside, then renamed: the node never reads half a file.
         let tmp_f = dirs[1].join(format!("{f}.new"));
