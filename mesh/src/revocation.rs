@@ -238,6 +238,39 @@ mod tests {
     }
 
     #[test]
+    fn revoking_names_both_ways_once_in_a_stable_order() {
+        let root = ca("root", Curve::Ed25519);
+        let (_, _, a) = node(&root, "a", "10.42.0.1/16");
+        let (_, _, b) = node(&root, "b", "10.42.0.2/16");
+        let (mut x, mut y) = (body("root", 1), body("root", 1));
+        for c in [&a, &b, &a] {
+            x.revoke(c);
+        }
+        for c in [&b, &a] {
+            y.revoke(c);
+        }
+        assert_eq!(x, y, "the same revocations give the same body");
+        assert_eq!((x.serials.len(), x.keys.len()), (2, 2));
+        let list = RevocationList::verify(
+            &sign(&root.cert, &root.key, &x).unwrap(),
+            std::slice::from_ref(&root.cert),
+            NOW,
+        )
+        .unwrap();
+        let (_, _, c) = node(&root, "c", "10.42.0.3/16");
+        assert!(list.revokes(&a) && list.revokes(&b) && !list.revokes(&c));
+        assert!(
+            x.serials
+                .windows(2)
+                .all(|w| (&w[0].issuer, &w[0].serial) < (&w[1].issuer, &w[1].serial))
+        );
+        assert!(x.keys.windows(2).all(|w| w[0] < w[1]));
+        assert!(
+            x.serials.contains(&SerialEntry::of(&a)) && x.keys.contains(&hex::encode(a.key_hash))
+        );
+    }
+
+    #[test]
     fn signed_lists_revoke_by_serial_and_key_and_only_newer_ones_replace() {
         for curve in [Curve::Ed25519, Curve::P256] {
             let root = ca("root", curve);
