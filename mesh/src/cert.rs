@@ -706,3 +706,79 @@ impl LocalCa {
         Ok(LocalNode { issued, cert })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    /// A certificate signed with the CA's key but without [`sign`]'s constraint check: what a
+    /// careless or compromised signer could produce. Verification must still refuse it.
+    fn forged(ca: &LocalCa, name: &str, ip: &str, groups: &[&str], until: u64) -> MeshCert {
+        let req = Request {
+            name,
+            claims: Claims {
+                v: 1,
+                ips: vec![ip.into()],
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                role: Some(Role::Guest),
+                networks: vec![],
+            },
+            is_ca: false,
+            not_before: NOW - 60,
+            not_after: until,
+            curve: Curve::Ed25519,
+        };
+        let issuer = issuer_of(&ca.cert, &ca.key).unwrap();
+        let key = new_key(Curve::Ed25519).unwrap();
+        let cert = params(&req).unwrap().signed_by(&key, &issuer).unwrap();
+        MeshCert::parse(cert.der()).unwrap()
+    }
+
+    fn root() -> LocalCa {
+        let i = new_root(&Request {
+            name: "root",
+            claims: Claims {
+                v: 1,
+                role: Some(Role::Ca),
+                groups: vec!["tenant:a".into()],
+                networks: vec!["10.42.0.0/16".into()],
+                ..Default::default()
+            },
+            is_ca: true,
+            not_before: NOW - 86_400,
+            not_after: NOW + 86_400,
+            curve: Curve::Ed25519,
+        })
+        .unwrap();
+        LocalCa {
+            cert: parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
+            pem: i.cert_pem,
+            key: i.key_pem,
+        }
+    }
+
+    #[test]
+    fn verification_enforces_the_issuers_constraints_not_only_signing() {
+        let ca = root();
+        let roots = [ca.cert.clone()];
+        let ok = forged(&ca, "in", "10.42.1.1/16", &["tenant:a"], NOW + 3600);
+        assert_eq!(verify(&[ok], &roots, NOW).unwrap().name, "in");
+        let group = forged(&ca, "g", "10.42.1.2/16", &["tenant:b"], NOW + 3600);
+        assert!(matches!(
+            verify(&[group], &roots, NOW),
+            Err(CertError::GroupOutside { .. })
+        ));
+        let net = forged(&ca, "n", "192.168.1.2/24", &["tenant:a"], NOW + 3600);
+        assert!(matches!(
+            verify(&[net], &roots, NOW),
+            Err(CertError::NetworkOutside { .. })
+        ));
+        let long = forged(&ca, "l", "10.42.1.3/16", &["tenant:a"], NOW + 2 * 86_400);
+        assert!(matches!(
+            verify(&[long], &roots, NOW),
+            Err(CertError::ValidityOutside { .. })
+        ));
+    }
+}
