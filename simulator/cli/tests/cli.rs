@@ -526,6 +526,13 @@ fn load_json_places_broker_and_guests() {
     } else {
         assert_eq!(j["broker_cpus"], serde_json::json!([]), "{j}");
     }
+    // Each command has its own lower bound: a storm of one VM is fine, the demo needs two.
+    let (code, _, err) = sim(&["load", "--vms", "0"], &state());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at least 1"), "{err}");
+    let (code, _, err) = sim(&["demo", "--vms", "1"], &state());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("between 2"), "{err}");
     let (code, _, err) = sim(&["load", "--vms", "2", "--broker-cpus", "4096"], &state());
     assert_ne!(code, 0);
     assert!(err.contains("not online"), "{err}");
