@@ -137,12 +137,7 @@ impl GuestIssuer {
     pub fn issue(&self, order: &Order, mesh_key: &[u8; 32], now: u64) -> Result<Vec<u8>, String> {
         // The name is also the certificate's DNS name: a single label, so that a guest can never
         // hold a service's name (such as the broker's) under the mesh CA clients pin.
-        if order.vm_id.is_empty()
-            || !order
-                .vm_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !mesh::cert::is_plain_name(&order.vm_id) {
             return Err(format!(
                 "the VM id {:?} is not a single DNS label: no mesh certificate",
                 order.vm_id

@@ -180,6 +180,11 @@ fn the_broker_on_the_mesh() {
     let r = register("vm-2", "rogue");
     assert_ne!(r.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&r.stdout).contains("vm-2"));
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("no trusted CA issued it"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
 
     assert!(ok(register("vm-g", "miner-1"), "host registers vm-g").contains("vm-g"));
 
@@ -316,9 +321,9 @@ fn the_broker_on_the_mesh() {
         serials: vec![],
         keys: vec![hex::encode(host.key_hash)],
     };
-    std::fs::write(
-        d.join("mesh-revocation.json"),
-        mesh::revocation::sign(&root.cert, &root.key, &body).unwrap(),
+    mesh::watch::write_atomic(
+        &d.join("mesh-revocation.json"),
+        &mesh::revocation::sign(&root.cert, &root.key, &body).unwrap(),
     )
     .unwrap();
     until(false, "the revocation list was not installed");

@@ -562,6 +562,15 @@ impl rcgen::PublicKeyData for ForeignEd25519<'_> {
     }
 }
 
+/// A plain name: ASCII letters, digits, `-` and `_`, not empty. What a guest's VM id (its
+/// certificate's name and single-label DNS name) and a tenant (its group, written into rules)
+/// must be, so that neither can carry a service's DNS name or anything a rules file would parse.
+pub fn is_plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A certificate for a key generated elsewhere (an attested guest's Ed25519 key): the DER.
 /// Refused, like [`sign`], if its claims or validity do not lie within the CA's.
 pub fn sign_for_key(

@@ -34,6 +34,26 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("duration {s:?}: expected e.g. 8760h, 30d, 90m or 3600s"))
 }
 
+/// Unix seconds now (0 if the clock is before 1970: every validity check then fails closed).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Locks that stay usable after a panicking holder: the state they guard is replaced whole,
+/// never left half-updated, so a poisoned lock's value is still sound.
+pub(crate) trait Locked<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T> Locked<T> for std::sync::Mutex<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A CA and nodes for the unit tests.
 #[cfg(test)]
 pub(crate) mod test_pki {

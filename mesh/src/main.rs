@@ -3,9 +3,9 @@
 
 use clap::{Args, Parser, Subcommand};
 use mesh::cert::{Claims, Curve, MeshCert, Request, Role, new_root, parse_bundle, sign, verify};
+use mesh::unix_now as now;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Parser)]
 #[command(
@@ -148,13 +148,6 @@ struct CertSign {
     curve: Curve,
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), String> {
@@ -424,7 +417,7 @@ fn revoke(a: &Revoke) -> Result<String, String> {
     body.normalize();
     let bytes = sign(ca, &key, &body).map_err(|e| e.to_string())?;
     // Replacing the previous list in place (on a lighthouse) is the normal workflow.
-    mesh::revocation::write_list(&a.out, &bytes)
+    mesh::watch::write_atomic(&a.out, &bytes)
         .map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
     Ok(format!(
         "revocation list {} by {}: {} serial(s), {} key(s) → {}",

@@ -15,10 +15,12 @@
 //!   revocation lists, and takes pushed ones; a lighthouse replicates announcements and lists to
 //!   the other lighthouses and pushes lists to every node connected to it.
 
+use crate::Locked;
 use crate::cert::{MeshCert, parse_bundle, sign_with};
 use crate::firewall::{Firewall, Peer, Service as FwService, Verdict};
 use crate::lighthouse::{self, CONTROL_ALPN, Directory, Msg};
 use crate::transport::{Identity, Trust, client_tls, server_tls};
+use crate::unix_now as now;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
@@ -28,7 +30,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use zeroize::Zeroizing;
 
 /// QUIC close codes a peer sees.
@@ -272,13 +274,6 @@ pub struct Node {
     inner: Arc<Inner>,
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn read_file(path: &Path) -> Result<Vec<u8>, NodeError> {
     std::fs::read(path).map_err(|e| NodeError::File {
         path: path.into(),
@@ -493,7 +488,7 @@ impl Node {
         if let Some(t) = node.inner.tun.clone() {
             tasks.push(tokio::spawn(node.clone().overlay_out(t)));
         }
-        *node.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        *node.inner.tasks.locked() = tasks;
         tracing::info!(
             name = %node.me().leaf.name,
             addr = %bound,
@@ -555,7 +550,7 @@ impl Node {
 
     /// Live connections: (peer name, service, inbound).
     pub fn peers(&self) -> Vec<(String, String, bool)> {
-        let live = self.inner.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.inner.live.locked();
         let mut v: Vec<_> = live
             .values()
             .map(|l| {
@@ -572,22 +567,12 @@ impl Node {
 
     /// Names in this lighthouse's directory.
     pub fn directory_len(&self) -> usize {
-        self.inner
-            .directory
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.inner.directory.locked().len()
     }
 
     /// Closes every connection and the endpoint.
     pub async fn shutdown(&self) {
-        for t in self
-            .inner
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+        for t in self.inner.tasks.locked().drain(..) {
             t.abort();
         }
         self.inner
@@ -647,25 +632,17 @@ impl Node {
     }
 
     fn register(&self, conn: &Connection, peer: Arc<PeerInfo>) {
-        self.inner
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                conn.stable_id(),
-                Live {
-                    conn: conn.clone(),
-                    peer,
-                },
-            );
+        self.inner.live.locked().insert(
+            conn.stable_id(),
+            Live {
+                conn: conn.clone(),
+                peer,
+            },
+        );
     }
 
     fn unregister(&self, conn: &Connection) {
-        self.inner
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&conn.stable_id());
+        self.inner.live.locked().remove(&conn.stable_id());
     }
 
     fn peer_info(conn: &Connection, inbound: bool) -> PeerInfo {
@@ -683,7 +660,7 @@ impl Node {
             .map(|b| *b)
             .unwrap_or_default();
         PeerInfo {
-            cert: chain.first().and_then(|c| MeshCert::parse(c).ok()),
+            cert: crate::transport::peer(Some(&chain)),
             chain,
             remote: conn.remote_address(),
             service,
@@ -758,30 +735,15 @@ impl Node {
             let Ok(info) = crate::packet::parse(&pkt) else {
                 continue;
             };
-            self.inner
-                .flows
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .outbound(&info, now());
-            let conn = self
-                .inner
-                .overlay
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&info.dst)
-                .cloned();
+            self.inner.flows.locked().outbound(&info, now());
+            let conn = self.inner.overlay.locked().get(&info.dst).cloned();
             if let Some(c) = conn {
                 if let Err(e) = c.send_datagram(pkt) {
                     tracing::debug!(dst = %info.dst, error = %e, "overlay packet dropped");
                 }
                 continue;
             }
-            let first = self
-                .inner
-                .dialing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(info.dst);
+            let first = self.inner.dialing.locked().insert(info.dst);
             if first {
                 let node = self.clone();
                 tokio::spawn(async move {
@@ -797,11 +759,7 @@ impl Node {
                             tracing::info!(dst = %info.dst, error = %e, "overlay peer unreachable")
                         }
                     }
-                    node.inner
-                        .dialing
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&info.dst);
+                    node.inner.dialing.locked().remove(&info.dst);
                 });
             }
         }
@@ -819,7 +777,7 @@ impl Node {
         };
         let theirs = cert.addrs();
         {
-            let mut o = self.inner.overlay.lock().unwrap_or_else(|e| e.into_inner());
+            let mut o = self.inner.overlay.locked();
             for ip in &theirs {
                 o.insert(*ip, conn.clone());
             }
@@ -832,12 +790,7 @@ impl Node {
                 tracing::debug!(peer = peer.name(), src = %info.src, "spoofed overlay packet dropped");
                 continue;
             }
-            let reply = self
-                .inner
-                .flows
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_reply(&info, now());
+            let reply = self.inner.flows.locked().is_reply(&info, now());
             if !reply && self.rules().decide(&fw_peer, &info.service()) == Verdict::Deny {
                 tracing::debug!(peer = peer.name(), ?info, "overlay packet denied");
                 continue;
@@ -846,7 +799,7 @@ impl Node {
                 tracing::debug!(error = %e, "tun write failed");
             }
         }
-        let mut o = self.inner.overlay.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = self.inner.overlay.locked();
         o.retain(|_, c| c.stable_id() != conn.stable_id());
     }
 
@@ -915,11 +868,7 @@ impl Node {
 
     async fn resolve(&self, ip: IpAddr) -> Vec<SocketAddr> {
         if self.inner.cfg.lighthouse {
-            let dir = self
-                .inner
-                .directory
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let dir = self.inner.directory.locked();
             if let Some(a) = dir.by_ip(ip, now()) {
                 return a.addrs.clone();
             }
@@ -927,8 +876,7 @@ impl Node {
         let conns: Vec<Connection> = self
             .inner
             .lighthouse_conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .values()
             .cloned()
             .collect();
@@ -964,12 +912,7 @@ impl Node {
                 match lighthouse::verify(&doc, &self.inner.trust, now()) {
                     Ok(a) => {
                         let name = a.name.clone();
-                        let changed = self
-                            .inner
-                            .directory
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(a);
+                        let changed = self.inner.directory.locked().insert(a);
                         if changed {
                             tracing::debug!(node = %name, via = peer.name(), "announcement");
                             self.relay_to_lighthouses(Msg::Announce { doc });
@@ -980,23 +923,14 @@ impl Node {
                 }
             }
             Msg::Query { ip } if lighthouse => {
-                let dir = self
-                    .inner
-                    .directory
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let dir = self.inner.directory.locked();
                 match dir.by_ip(ip, now()) {
                     Some(a) => Msg::Found { doc: a.doc.clone() },
                     None => Msg::NotFound,
                 }
             }
             Msg::Dump if lighthouse => Msg::Entries {
-                docs: self
-                    .inner
-                    .directory
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .docs(now()),
+                docs: self.inner.directory.locked().docs(now()),
             },
             Msg::GetRevocations => Msg::Revocations {
                 docs: self
@@ -1068,8 +1002,7 @@ impl Node {
     fn control_conns(&self, f: impl Fn(&PeerInfo) -> bool) -> Vec<Connection> {
         self.inner
             .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .values()
             .filter(|l| l.peer.service == CONTROL_ALPN && f(&l.peer))
             .map(|l| l.conn.clone())
@@ -1134,8 +1067,7 @@ impl Node {
             backoff = Duration::from_millis(500);
             self.inner
                 .lighthouse_conns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .insert(lh, conn.clone());
             tokio::spawn(self.clone().take_pushes(conn.clone()));
             if let Ok(Msg::Revocations { docs }) = request(&conn, &Msg::GetRevocations).await {
@@ -1144,11 +1076,7 @@ impl Node {
             if self.inner.cfg.lighthouse
                 && let Ok(Msg::Entries { docs }) = request(&conn, &Msg::Dump).await
             {
-                let mut dir = self
-                    .inner
-                    .directory
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut dir = self.inner.directory.locked();
                 for d in docs {
                     if let Ok(a) = lighthouse::verify(&d, &self.inner.trust, now()) {
                         dir.insert(a);
@@ -1168,11 +1096,7 @@ impl Node {
                     self.take_lists(&docs);
                 }
             }
-            self.inner
-                .lighthouse_conns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&lh);
+            self.inner.lighthouse_conns.locked().remove(&lh);
             tracing::info!(lighthouse = %lh, "lighthouse connection lost; reconnecting");
         }
     }
@@ -1217,11 +1141,7 @@ impl Node {
 
     fn changed_files(&self, paths: &[&PathBuf]) -> bool {
         let paths: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-        self.inner
-            .stamps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .changed(&paths)
+        self.inner.stamps.locked().changed(&paths)
     }
 
     /// Returns whether the rules changed.
@@ -1309,27 +1229,12 @@ impl Node {
         let mut conns: Vec<Connection> = self
             .inner
             .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .drain()
             .map(|(_, l)| l.conn)
             .collect();
-        conns.extend(
-            self.inner
-                .overlay
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain()
-                .map(|(_, c)| c),
-        );
-        conns.extend(
-            self.inner
-                .lighthouse_conns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain()
-                .map(|(_, c)| c),
-        );
+        conns.extend(self.inner.overlay.locked().drain().map(|(_, c)| c));
+        conns.extend(self.inner.lighthouse_conns.locked().drain().map(|(_, c)| c));
         tracing::info!(
             connections = conns.len(),
             "overlay address changed: reconnecting"
@@ -1345,8 +1250,7 @@ impl Node {
         let live: Vec<(Connection, Arc<PeerInfo>)> = self
             .inner
             .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .values()
             .map(|l| (l.conn.clone(), l.peer.clone()))
             .collect();
@@ -1376,7 +1280,7 @@ impl Node {
 }
 
 fn persist(path: &Path, bytes: &[u8]) {
-    if let Err(e) = crate::revocation::write_list(path, bytes) {
+    if let Err(e) = crate::watch::write_atomic(path, bytes) {
         tracing::warn!(path = %path.display(), error = %e, "cannot keep the revocation list");
     }
 }

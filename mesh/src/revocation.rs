@@ -74,14 +74,6 @@ impl Body {
     }
 }
 
-/// Writes a signed list to `path` beside and renames it into place, so a node watching the
-/// file never reads half a list.
-pub fn write_list(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {

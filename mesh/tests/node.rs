@@ -341,13 +341,7 @@ fn revocation_list(root: &Ca, number: u64, issued_at: u64, revoked: &[&MeshCert]
         ca: root.cert.name.clone(),
         number,
         issued_at,
-        serials: revoked
-            .iter()
-            .map(|c| SerialEntry {
-                issuer: c.issuer.clone(),
-                serial: hex::encode(&c.serial),
-            })
-            .collect(),
+        serials: revoked.iter().map(|c| SerialEntry::of(c)).collect(),
         keys: vec![],
     };
     mesh::revocation::sign(&root.cert, &root.key, &body).unwrap()
@@ -377,9 +371,9 @@ async fn a_list_dropped_on_a_lighthouse_cuts_the_revoked_off_within_five_seconds
         &Spec::new("b", "10.42.1.2", "tenant:a", Role::Guest, &lhs, ""),
         free_port(),
     );
-    std::fs::write(
-        lh_dir.join("revocation.json"),
-        revocation_list(&root, 1, now(), &[]),
+    mesh::watch::write_atomic(
+        &lh_dir.join("revocation.json"),
+        &revocation_list(&root, 1, now(), &[]),
     )
     .unwrap();
     let lh = start(&lh_dir).await;
@@ -391,9 +385,9 @@ async fn a_list_dropped_on_a_lighthouse_cuts_the_revoked_off_within_five_seconds
 
     let b_cert = b.cert();
     let t = Instant::now();
-    std::fs::write(
-        lh_dir.join("revocation.json"),
-        revocation_list(&root, 2, now(), &[&b_cert]),
+    mesh::watch::write_atomic(
+        &lh_dir.join("revocation.json"),
+        &revocation_list(&root, 2, now(), &[&b_cert]),
     )
     .unwrap();
     let code = closed_with(&live, Duration::from_secs(5)).await;
@@ -410,9 +404,9 @@ async fn a_list_dropped_on_a_lighthouse_cuts_the_revoked_off_within_five_seconds
         assert!(echo(&c).await.is_err(), "a revoked node got through");
     }
     // An older list dropped on the lighthouse does not roll anyone back.
-    std::fs::write(
-        lh_dir.join("revocation.json"),
-        revocation_list(&root, 1, now(), &[]),
+    mesh::watch::write_atomic(
+        &lh_dir.join("revocation.json"),
+        &revocation_list(&root, 1, now(), &[]),
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -449,9 +443,9 @@ async fn a_stale_list_fails_closed_until_a_fresh_one_arrives() {
         free_port(),
     );
     // b lists a as a "lighthouse" only to get its static address; a is not one, which is fine.
-    std::fs::write(
-        a_dir.join("revocation.json"),
-        revocation_list(&root, 1, now() - 3600, &[]),
+    mesh::watch::write_atomic(
+        &a_dir.join("revocation.json"),
+        &revocation_list(&root, 1, now() - 3600, &[]),
     )
     .unwrap();
     let a = start(&a_dir).await;
@@ -463,9 +457,9 @@ async fn a_stale_list_fails_closed_until_a_fresh_one_arrives() {
     );
     // a's own outbound connections fail closed too.
     assert!(a.connect(ip("10.42.1.2"), ECHO_ALPN).await.is_err());
-    std::fs::write(
-        a_dir.join("revocation.json"),
-        revocation_list(&root, 2, now(), &[]),
+    mesh::watch::write_atomic(
+        &a_dir.join("revocation.json"),
+        &revocation_list(&root, 2, now(), &[]),
     )
     .unwrap();
     reach(&b, "10.42.1.1", Duration::from_secs(5))

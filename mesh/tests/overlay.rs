@@ -357,6 +357,13 @@ fn ping_and_tcp_through_the_overlay_other_tenants_denied_readdressed_node_moves_
         Some(1),
         "the echo service refuses tenant:b"
     );
+    // …and it is a2's firewall that refused b3 (b3 is on the mesh and reached a2).
+    let a2_log = std::fs::read_to_string(dirs[1].join("node.log")).unwrap();
+    assert!(
+        a2_log.contains("the firewall denies b3 access to attesta-echo/1"),
+        "{}",
+        logs()
+    );
 
     // Rotate a2 to a new certificate and key with another overlay address, without a restart:
     // its tun device moves, its peers reconnect, the old address is gone.

@@ -39,11 +39,7 @@ expect = "deny"
 /// A guest's rules: its own tenant's guests may reach it, nobody else. The tenant comes from
 /// the operator's order; anything but letters, digits, `-` and `_` is refused rather than quoted.
 fn guest_rules(tenant: &str) -> Result<String, String> {
-    if tenant.is_empty()
-        || !tenant
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !mesh::cert::is_plain_name(tenant) {
         return Err(format!("tenant {tenant:?}: not a plain name"));
     }
     Ok(format!(
@@ -344,7 +340,7 @@ impl FleetMesh {
         let bytes = mesh::revocation::sign(&self.ca.cert, &self.ca.key, &self.revoked)
             .map_err(|e| e.to_string())?;
         let p = self.dir.join("lighthouse-1").join("revocation.json");
-        mesh::revocation::write_list(&p, &bytes).map_err(io(&p))?;
+        mesh::watch::write_atomic(&p, &bytes).map_err(io(&p))?;
         if let Some(t) = &self.broker_trust {
             t.install(&bytes, now())
                 .map_err(|e| format!("the broker refused the list: {e}"))?;
