@@ -5,10 +5,15 @@
 //! hash for a (period, account) already recorded is refused. Submission is commit-before-emit:
 //! the transaction is signed with an explicit account nonce and its bytes are committed to the
 //! outbox *before* they are sent. After a crash or a network error the same bytes are sent
-//! again (a transaction can be included at most once), and a stored transaction whose nonce the
-//! chain has already consumed is known to be included — this needs the billing key to be used
-//! by this outbox only, which the configuration documents. A transaction included but failed
-//! at dispatch is marked failed, never resent silently.
+//! again (a transaction can be included at most once). Each transaction is mortal: valid only
+//! in the [`MORTALITY`] blocks after the block it was signed at, which the outbox records. So
+//! what became of a stored transaction is always decidable from the finalized chain
+//! ([`judge`]): its nonce unused and its window passed — it can never be included, and is
+//! signed again (same document, same nonce); its nonce used — it is looked for in its window:
+//! found, it is done (or failed at dispatch, marked failed, never resent silently); not found,
+//! another transaction took the nonce (the billing key should be this outbox's alone, which
+//! the configuration documents), so ours can never be included and is signed again. A stored
+//! transaction a runtime upgrade invalidated is re-signed the same way once its window passes.
 
 use crate::usage::UsageDoc;
 use sqlx::Row as _;
@@ -68,6 +73,41 @@ pub struct Record {
     pub attempts: u64,
     pub last_error: Option<String>,
     pub tx_hash: Option<String>,
+    /// The finalized block the stored transaction was signed at (its mortality starts there).
+    pub birth: Option<u64>,
+}
+
+/// How many blocks a billing transaction stays valid after the block it was signed at (a power
+/// of two, so the era is exactly this long): ~6.4 minutes at 6 s blocks.
+pub const MORTALITY: u64 = 64;
+
+/// What a stored, signed transaction needs, judged from the finalized chain (sans-IO).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// Its nonce unused and its window open: send the stored bytes (again).
+    Send,
+    /// Its nonce used: look for it in blocks `from..=to` to learn whether it took the nonce.
+    Search { from: u64, to: u64 },
+    /// Its window passed with its nonce unused: it can never be included. Sign it again.
+    Expired,
+    /// Signed before the outbox kept windows: a used nonce is taken as its inclusion.
+    Included,
+}
+
+/// Judges a stored transaction signed with `nonce` at block `birth`, when the signer's account
+/// nonce at the finalized block `head` is `chain_nonce`.
+pub fn judge(nonce: u64, birth: Option<u64>, chain_nonce: u64, head: u64) -> Stored {
+    match birth {
+        None if nonce < chain_nonce => Stored::Included,
+        None => Stored::Send,
+        // It can only be in a block after the one it was signed at, and before its era ends.
+        Some(b) if nonce < chain_nonce => Stored::Search {
+            from: b.saturating_add(1),
+            to: b.saturating_add(MORTALITY).min(head),
+        },
+        Some(b) if head >= b.saturating_add(MORTALITY) => Stored::Expired,
+        Some(_) => Stored::Send,
+    }
 }
 
 /// Whether `enqueue` added the document.
@@ -86,7 +126,7 @@ pub struct Outbox {
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
     period INTEGER NOT NULL, account TEXT NOT NULL, doc TEXT NOT NULL, hash BLOB NOT NULL,
     total TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', nonce INTEGER, tx BLOB,
-    tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, birth INTEGER,
     PRIMARY KEY (period, account))";
 
 impl Outbox {
@@ -95,6 +135,17 @@ impl Outbox {
         let pool = crate::state::durable_pool(path, SCHEMA)
             .await
             .map_err(store)?;
+        // Outboxes made before transactions were mortal lack the `birth` column.
+        let columns = sqlx::query("SELECT name FROM pragma_table_info('usage')")
+            .fetch_all(&pool)
+            .await
+            .map_err(store)?;
+        if !columns.iter().any(|c| c.get::<String, _>(0) == "birth") {
+            sqlx::query("ALTER TABLE usage ADD COLUMN birth INTEGER")
+                .execute(&pool)
+                .await
+                .map_err(store)?;
+        }
         Ok(Outbox { pool })
     }
 
@@ -137,8 +188,8 @@ impl Outbox {
     /// Every record, oldest period first.
     pub async fn records(&self) -> Result<Vec<Record>, BillingError> {
         let rows = sqlx::query(
-            "SELECT period, account, total, hash, state, nonce, attempts, last_error, tx_hash
-             FROM usage ORDER BY period, account",
+            "SELECT period, account, total, hash, state, nonce, attempts, last_error, tx_hash,
+             birth FROM usage ORDER BY period, account",
         )
         .fetch_all(&self.pool)
         .await
@@ -165,6 +216,9 @@ impl Outbox {
                     attempts: u64::try_from(r.get::<i64, _>(6)).unwrap_or(0),
                     last_error: r.get(7),
                     tx_hash: r.get(8),
+                    birth: r
+                        .get::<Option<i64>, _>(9)
+                        .and_then(|b| u64::try_from(b).ok()),
                 })
             })
             .collect()
@@ -215,14 +269,16 @@ impl Outbox {
         period: u64,
         account: &str,
         nonce: u64,
+        birth: u64,
         tx: &[u8],
         tx_hash: &str,
     ) -> Result<(), BillingError> {
         sqlx::query(
-            "UPDATE usage SET state = 'signed', nonce = ?, tx = ?, tx_hash = ?
+            "UPDATE usage SET state = 'signed', nonce = ?, birth = ?, tx = ?, tx_hash = ?
              WHERE period = ? AND account = ? AND state = 'pending'",
         )
         .bind(nonce as i64)
+        .bind(i64::try_from(birth).unwrap_or(i64::MAX))
         .bind(tx)
         .bind(tx_hash)
         .bind(period as i64)
@@ -231,6 +287,18 @@ impl Outbox {
         .await
         .map_err(store)?;
         Ok(())
+    }
+
+    /// A stored transaction that can never be included: back to pending, to be signed again.
+    async fn mark_void(&self, period: u64, account: &str, why: String) -> Result<(), BillingError> {
+        self.set(
+            period,
+            account,
+            "UPDATE usage SET state = 'pending', nonce = NULL, birth = NULL, tx = NULL,
+             tx_hash = NULL, last_error = ? WHERE period = ? AND account = ? AND state = 'signed'",
+            Some(why),
+        )
+        .await
     }
 
     async fn mark_done(&self, period: u64, account: &str) -> Result<(), BillingError> {
@@ -272,6 +340,28 @@ impl Outbox {
         )
         .await
     }
+}
+
+/// An account as the chain's `AccountId32`: SS58 or 0x-prefixed hex of its 32 bytes.
+pub fn account_value(account: &str) -> Result<Value, String> {
+    let bytes: [u8; 32] = match account.strip_prefix("0x") {
+        Some(h) => hex::decode(h)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("account {account:?}: not 32 bytes of hex"))?,
+        None => {
+            use std::str::FromStr as _;
+            subxt::utils::AccountId32::from_str(account)
+                .map_err(|e| format!("account {account:?}: not an SS58 address ({e})"))?
+                .0
+        }
+    };
+    Ok(Value::from_bytes(bytes))
+}
+
+/// A 32-byte hash as the chain's `H256`.
+pub fn hash_value(hash: &[u8; 32]) -> Value {
+    Value::from_bytes(hash)
 }
 
 /// Which call carries a record.
@@ -329,6 +419,9 @@ pub struct Drained {
     pub failed: usize,
     /// Left for the next drain after an error.
     pub deferred: usize,
+    /// Stored transactions that could never be included (window passed, or their nonce taken
+    /// by another transaction), signed again.
+    pub resigned: usize,
 }
 
 impl Submitter {
@@ -355,20 +448,63 @@ impl Submitter {
 
     /// The signer's account nonce at the latest finalized block.
     pub async fn chain_nonce(&self) -> Result<u64, BillingError> {
+        Ok(self.chain_state().await?.0)
+    }
+
+    /// The signer's account nonce at the latest finalized block, and that block's number.
+    async fn chain_state(&self) -> Result<(u64, u64), BillingError> {
         let at = self
             .client
             .at_current_block()
             .await
             .map_err(|e| BillingError::Chain(e.to_string()))?;
-        at.transactions()
+        let nonce = at
+            .transactions()
             .account_nonce(&self.signer.public_key().into())
             .await
-            .map_err(|e| BillingError::Chain(e.to_string()))
+            .map_err(|e| BillingError::Chain(e.to_string()))?;
+        Ok((nonce, at.block_number()))
+    }
+
+    /// Looks for the transaction with hash `tx_hash` in blocks `from..=to`: `None` if it is not
+    /// there, else whether it succeeded at dispatch (`Err` with the failure).
+    async fn find(
+        &self,
+        tx_hash: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<Result<(), String>>, BillingError> {
+        let chain = |e: &dyn std::fmt::Display| BillingError::Chain(e.to_string());
+        for n in from..=to {
+            let at = self.client.at_block(n).await.map_err(|e| chain(&e))?;
+            let body = at.extrinsics().fetch().await.map_err(|e| chain(&e))?;
+            for x in body.iter() {
+                let x = x.map_err(|e| chain(&e))?;
+                if format!("{:?}", x.hash()) != tx_hash {
+                    continue;
+                }
+                let events = x.events().await.map_err(|e| chain(&e))?;
+                let failed = events
+                    .iter()
+                    .filter_map(Result::ok)
+                    .any(|ev| ev.pallet_name() == "System" && ev.event_name() == "ExtrinsicFailed");
+                return Ok(Some(if failed {
+                    Err(format!("failed at dispatch in block {n}"))
+                } else {
+                    Ok(())
+                }));
+            }
+        }
+        Ok(None)
     }
 
     /// The call carrying record `r`, whose canonical document is `json`.
-    fn payload(&self, r: &Record, json: &str) -> subxt::transactions::DynamicPayload<Vec<Value>> {
-        match &self.call {
+    fn payload(
+        &self,
+        r: &Record,
+        json: &str,
+    ) -> Result<subxt::transactions::DynamicPayload<Vec<Value>>, String> {
+        Ok(match &self.call {
             CallKind::Remark => dynamic::transaction(
                 "System",
                 "remark_with_event",
@@ -379,12 +515,12 @@ impl Submitter {
                 call.as_str(),
                 vec![
                     Value::u128(u128::from(r.period)),
-                    Value::string(r.account.clone()),
+                    account_value(&r.account)?,
                     Value::u128(r.total),
-                    Value::from_bytes(r.hash),
+                    hash_value(&r.hash),
                 ],
             ),
-        }
+        })
     }
 
     /// Signs the oldest pending record with the next nonce and commits the signed bytes
@@ -409,21 +545,33 @@ impl Submitter {
             .at_current_block()
             .await
             .map_err(|e| BillingError::Chain(e.to_string()))?;
+        let birth = at.block_number();
         let mut txs = at.transactions();
-        let payload = self.payload(r, &json);
         let name = match &self.call {
             CallKind::Remark => "System.remark_with_event".to_string(),
             CallKind::Usage { pallet, call } => format!("{pallet}.{call}"),
         };
+        let payload = self
+            .payload(r, &json)
+            .map_err(|e| BillingError::Call(name.clone(), e))?;
         txs.validate(&payload)
             .map_err(|e| BillingError::Call(name.clone(), e.to_string()))?;
+        // Mortal from this block: what became of it is decidable once the window has passed.
+        let params = Params::new().nonce(nonce).mortal(MORTALITY).build();
         let signed = txs
-            .create_signed(&payload, &self.signer, Params::new().nonce(nonce).build())
+            .create_signed(&payload, &self.signer, params)
             .await
             .map_err(|e| BillingError::Call(name, e.to_string()))?;
         let tx_hash = format!("{:?}", signed.hash());
         outbox
-            .mark_signed(r.period, &r.account, nonce, signed.encoded(), &tx_hash)
+            .mark_signed(
+                r.period,
+                &r.account,
+                nonce,
+                birth,
+                signed.encoded(),
+                &tx_hash,
+            )
             .await?;
         Ok(Some((r.period, r.account.clone())))
     }
@@ -468,19 +616,55 @@ impl Submitter {
         }
     }
 
-    /// Drives every unfinished record to the chain, in order: stored transactions first (one
-    /// whose nonce the chain consumed is included: confirmed without sending), then pending
-    /// records one at a time. Stops at the first chain error (the rest wait for the next
-    /// drain, with backoff by the caller).
+    /// Drives every unfinished record to the chain, in order: stored transactions first, as
+    /// [`judge`] says (confirmed without sending if found on chain, signed again if they can
+    /// never be included, else sent again), then pending records one at a time. Stops at the
+    /// first chain error (the rest wait for the next drain, with backoff by the caller).
     pub async fn drain(&self, outbox: &Outbox) -> Result<Drained, BillingError> {
         let mut d = Drained::default();
-        let chain_nonce = self.chain_nonce().await?;
+        let (chain_nonce, head) = self.chain_state().await?;
         for r in outbox.records().await? {
             if let State::Signed { nonce } = r.state {
-                if nonce < chain_nonce {
-                    outbox.mark_done(r.period, &r.account).await?;
-                    d.confirmed += 1;
-                    continue;
+                let (period, account) = (r.period, r.account.as_str());
+                match judge(nonce, r.birth, chain_nonce, head) {
+                    Stored::Included => {
+                        outbox.mark_done(period, account).await?;
+                        d.confirmed += 1;
+                        continue;
+                    }
+                    Stored::Search { from, to } => {
+                        let hash = r.tx_hash.as_deref().unwrap_or_default();
+                        match self.find(hash, from, to).await? {
+                            Some(Ok(())) => {
+                                outbox.mark_done(period, account).await?;
+                                d.confirmed += 1;
+                            }
+                            Some(Err(why)) => {
+                                outbox.mark_failed(period, account, why).await?;
+                                d.failed += 1;
+                            }
+                            None => {
+                                let why = format!(
+                                    "nonce {nonce} was used by another transaction of the \
+                                     billing key; signed again"
+                                );
+                                tracing::warn!(period, account, "{why}");
+                                outbox.mark_void(period, account, why).await?;
+                                d.resigned += 1;
+                            }
+                        }
+                        continue;
+                    }
+                    Stored::Expired => {
+                        let why = format!(
+                            "not included within {MORTALITY} blocks of block {}; signed again",
+                            r.birth.unwrap_or_default()
+                        );
+                        outbox.mark_void(period, account, why).await?;
+                        d.resigned += 1;
+                        continue;
+                    }
+                    Stored::Send => {}
                 }
                 match self.send_signed(outbox, r.period, &r.account).await {
                     Ok(State::Done) => d.submitted += 1,
@@ -503,5 +687,77 @@ impl Submitter {
             }
         }
         Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_stored_transaction_is_judged_from_the_finalized_chain() {
+        // Nonce unused, window open: send the same bytes again.
+        assert_eq!(judge(5, Some(100), 5, 163), Stored::Send);
+        // Window passed with the nonce unused: it can never be included.
+        assert_eq!(judge(5, Some(100), 5, 164), Stored::Expired);
+        assert_eq!(judge(5, Some(100), 3, 900), Stored::Expired);
+        // Nonce used: searched for in its window only, bounded by the head.
+        assert_eq!(
+            judge(5, Some(100), 6, 120),
+            Stored::Search { from: 101, to: 120 }
+        );
+        assert_eq!(
+            judge(5, Some(100), 9, 5_000),
+            Stored::Search { from: 101, to: 164 }
+        );
+        // Rows signed before windows were kept: the older rule.
+        assert_eq!(judge(5, None, 6, 10), Stored::Included);
+        assert_eq!(judge(5, None, 5, 10_000), Stored::Send);
+    }
+
+    proptest! {
+        /// Never sent once its nonce is used; never re-signed while it could still be included
+        /// (nonce unused and inside its era); searched for only where it could be.
+        #[test]
+        fn judging_never_risks_a_second_inclusion(
+            nonce in 0u64..1_000, chain_nonce in 0u64..1_000,
+            birth in 0u64..1_000_000, ahead in 0u64..500,
+        ) {
+            let head = birth + ahead;
+            match judge(nonce, Some(birth), chain_nonce, head) {
+                Stored::Send => {
+                    prop_assert!(nonce >= chain_nonce);
+                    prop_assert!(head < birth + MORTALITY);
+                }
+                Stored::Expired => {
+                    prop_assert!(nonce >= chain_nonce);
+                    prop_assert!(head >= birth + MORTALITY);
+                }
+                Stored::Search { from, to } => {
+                    prop_assert!(nonce < chain_nonce);
+                    prop_assert!(from > birth && to <= birth + MORTALITY && to <= head);
+                }
+                Stored::Included => prop_assert!(false, "only for rows without a birth block"),
+            }
+        }
+    }
+
+    #[test]
+    fn accounts_become_account_ids_or_are_refused() {
+        let alice = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
+        let hex_alice = "0xd43593c715fdd31c61141abd04a99fd6822c8558854ccde39a5684e7a56da27d";
+        assert_eq!(
+            account_value(alice).unwrap(),
+            account_value(hex_alice).unwrap()
+        );
+        for bad in [
+            "",
+            "alice",
+            "0x1234",
+            "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQZ",
+        ] {
+            assert!(account_value(bad).is_err(), "{bad:?}");
+        }
     }
 }

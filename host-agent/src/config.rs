@@ -267,3 +267,26 @@ impl HostConfig {
         self.state_dir.join("outbox.db")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented example is a working configuration: every section parses and checks.
+    #[test]
+    fn the_example_configuration_parses() {
+        let path = Path::new("/etc/attesta-host/host.toml");
+        let c = HostConfig::parse(include_str!("../../examples/host.toml"), path).unwrap();
+        assert_eq!(c.operator_keys().unwrap().len(), 1);
+        assert!(c.kbs.is_some() && c.billing.is_some());
+        assert!(matches!(c.credit, Some(CreditConfig::ChainBalance { .. })));
+        assert_eq!(c.outbox(), Path::new("/var/lib/attesta-host/outbox.db"));
+        // The checks run on it: without operator keys it is refused, saying why.
+        let text = include_str!("../../examples/host.toml").replace(
+            "operator_keys = [\"9f1c0c6c3b1d6a4e2f0e5d8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c\"]",
+            "operator_keys = []",
+        );
+        let e = HostConfig::parse(&text, path).unwrap_err();
+        assert!(e.why.contains("operator_keys"), "{e}");
+    }
+}

@@ -353,6 +353,7 @@ impl Daemon {
                     submitted = d.submitted,
                     confirmed = d.confirmed,
                     failed = d.failed,
+                    resigned = d.resigned,
                     "billing drained"
                 );
                 Ok(Some(d))

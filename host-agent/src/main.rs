@@ -294,6 +294,7 @@ fn billing(c: &BillingCmd) -> Result<(), String> {
                                 "total": r.total.to_string(), "usage_hash": hex::encode(r.hash),
                                 "state": state(&r.state), "attempts": r.attempts,
                                 "last_error": r.last_error, "tx_hash": r.tx_hash,
+                                "signed_at_block": r.birth,
                             })
                         })
                         .collect();
@@ -331,8 +332,8 @@ fn billing(c: &BillingCmd) -> Result<(), String> {
                     .map_err(|e| e.to_string())?;
                 let d = s.drain(&o).await.map_err(|e| e.to_string())?;
                 println!(
-                    "submitted {}, confirmed already on chain {}, failed at dispatch {}, deferred {}",
-                    d.submitted, d.confirmed, d.failed, d.deferred
+                    "submitted {}, confirmed already on chain {}, failed at dispatch {}, deferred {}, signed again {}",
+                    d.submitted, d.confirmed, d.failed, d.deferred, d.resigned
                 );
                 if d.failed > 0 || d.deferred > 0 {
                     return Err("some records did not reach the chain (see billing status)".into());

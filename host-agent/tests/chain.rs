@@ -4,7 +4,10 @@
 //! `System.Remarked` hash (blake2_256 of the document) is checked — exactly once per
 //! (period, account), across a crash before sending and a crash after sending.
 
-use host_agent::billing::{BillingError, CallKind, Enqueued, Outbox, State, Submitter};
+use host_agent::billing::{
+    BillingError, CallKind, Enqueued, MORTALITY, Outbox, State, Submitter, account_value,
+    hash_value,
+};
 use host_agent::usage::{Event, HOUR, Meter, Terms, UsageDoc};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -31,22 +34,24 @@ fn chain_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/chain")
 }
 
-fn rpc_ready(port: u16) -> bool {
-    let body = r#"{"id":1,"jsonrpc":"2.0","method":"system_chain","params":[]}"#;
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+/// One JSON-RPC call over HTTP; the raw response, or `None` if the node cannot be reached.
+fn rpc(port: u16, method: &str, params: &str, timeout: Duration) -> Option<String> {
+    let body = format!(r#"{{"id":1,"jsonrpc":"2.0","method":"{method}","params":{params}}}"#);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = s.set_read_timeout(Some(timeout));
     let req = format!(
         "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
+    s.write_all(req.as_bytes()).ok()?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out.contains("\"result\"")
+    Some(out)
+}
+
+fn rpc_ready(port: u16) -> bool {
+    rpc(port, "system_chain", "[]", Duration::from_secs(5))
+        .is_some_and(|o| o.contains("\"result\""))
 }
 
 impl Chain {
@@ -116,6 +121,18 @@ impl Chain {
 
     fn url(&self) -> String {
         format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Builds `n` empty blocks (Chopsticks' `dev_newBlock`).
+    fn advance(&self, n: u64) {
+        let out = rpc(
+            self.port,
+            "dev_newBlock",
+            &format!(r#"[{{"count":{n}}}]"#),
+            Duration::from_secs(300),
+        )
+        .unwrap_or_default();
+        assert!(out.contains("\"result\""), "dev_newBlock: {out}");
     }
 }
 
@@ -278,6 +295,130 @@ async fn usage_reaches_the_chain_exactly_once_across_crashes() {
     on_chain.sort();
     expected.sort();
     assert_eq!(on_chain, expected);
+}
+
+/// A stored transaction that can never be included — its nonce taken by another transaction
+/// of the key, or its mortality window passed before it was sent — is signed again (never
+/// left to block the outbox, never sent twice); the chain ends with each document once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_transactions_that_can_never_be_included_are_signed_again() {
+    let Some(chain) = Chain::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&dir.path().join("outbox.db")).await.unwrap();
+    let docs = documents();
+    for d in &docs[..2] {
+        outbox.enqueue(d).await.unwrap();
+    }
+    let sub = Submitter::connect(&chain.url(), "//Alice", CallKind::Remark)
+        .await
+        .unwrap();
+    let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(chain.url())
+        .await
+        .unwrap();
+    let alice = subxt_signer::sr25519::dev::alice();
+
+    // A is signed with nonce n; then another transaction of the same key takes n.
+    let n = sub.chain_nonce().await.unwrap();
+    let a = sub.sign_next(&outbox).await.unwrap().unwrap();
+    let other = subxt::dynamic::transaction(
+        "System",
+        "remark_with_event",
+        vec![subxt::dynamic::Value::from_bytes(b"not billing")],
+    );
+    api.at_current_block()
+        .await
+        .unwrap()
+        .transactions()
+        .sign_and_submit_then_watch(
+            &other,
+            &alice,
+            subxt::config::polkadot::PolkadotExtrinsicParamsBuilder::new()
+                .nonce(n)
+                .build(),
+        )
+        .await
+        .unwrap()
+        .wait_for_finalized_success()
+        .await
+        .unwrap();
+
+    // B is signed with n + 1, then left unsent until its window has passed.
+    let b = sub.sign_next(&outbox).await.unwrap().unwrap();
+    let b_tx = outbox.stored_tx(b.0, &b.1).await.unwrap().unwrap();
+    chain.advance(MORTALITY + 2);
+    let late = api
+        .at_current_block()
+        .await
+        .unwrap()
+        .transactions()
+        .from_bytes(b_tx)
+        .submit_and_watch()
+        .await;
+    let late = match late {
+        Ok(p) => p
+            .wait_for_finalized_success()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(late.is_err(), "an expired transaction was accepted");
+
+    let d = sub.drain(&outbox).await.unwrap();
+    assert_eq!(
+        (d.resigned, d.submitted, d.confirmed, d.failed, d.deferred),
+        (2, 2, 0, 0, 0),
+        "{d:?}"
+    );
+    let records = outbox.records().await.unwrap();
+    assert!(
+        records.iter().all(|r| r.state == State::Done),
+        "{records:?}"
+    );
+    assert_ne!(a, b);
+
+    let mut on_chain = remarked_hashes(&chain.url()).await;
+    let mut expected = vec![sp_crypto_hashing::blake2_256(b"not billing")];
+    expected.extend(
+        docs[..2]
+            .iter()
+            .map(|d| sp_crypto_hashing::blake2_256(d.json.as_bytes())),
+    );
+    on_chain.sort();
+    expected.sort();
+    assert_eq!(on_chain, expected);
+}
+
+/// The billing call's arguments encode into the runtime's own types: the account as an
+/// `AccountId32` (a string would not encode), the usage hash as an `H256`. This runtime has
+/// no billing pallet; `Proxy.announce(real: AccountId32, call_hash: H256)` takes the same
+/// two types and stands in for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_billing_arguments_fit_the_runtimes_types() {
+    let Some(chain) = Chain::start() else { return };
+    let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(chain.url())
+        .await
+        .unwrap();
+    let at = api.at_current_block().await.unwrap();
+    let txs = at.transactions();
+    let alice = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
+    let hash = [0x5a; 32];
+    let announce = |account| {
+        subxt::dynamic::transaction("Proxy", "announce", vec![account, hash_value(&hash)])
+    };
+    let data = txs
+        .call_data(&announce(account_value(alice).unwrap()))
+        .unwrap();
+    let mut tail =
+        hex::decode("d43593c715fdd31c61141abd04a99fd6822c8558854ccde39a5684e7a56da27d").unwrap();
+    tail.extend_from_slice(&hash);
+    assert_eq!(data.len(), 2 + 64, "{}", hex::encode(&data));
+    assert!(data.ends_with(&tail), "{}", hex::encode(&data));
+    assert!(
+        txs.call_data(&announce(subxt::dynamic::Value::string(alice)))
+            .is_err(),
+        "a string must not pass for an AccountId32"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
