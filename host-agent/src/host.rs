@@ -255,3 +255,28 @@ fn wipe(path: &Path) -> Result<(), HostError> {
     f.sync_all().map_err(|e| err(e.to_string()))?;
     std::fs::remove_file(path).map_err(|e| err(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Terminate's wipe zeroes the LUKS2 header area (both header copies and the keyslots live
+    /// in the first 16 MiB) before the file goes; a hard link keeps the inode to look at.
+    #[test]
+    fn wipe_zeroes_the_header_area_then_removes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("vm.img");
+        let keep = dir.path().join("inode");
+        let len = WIPE_BYTES as usize + 4096;
+        std::fs::write(&disk, vec![0xa5u8; len]).unwrap();
+        std::fs::hard_link(&disk, &keep).unwrap();
+        wipe(&disk).unwrap();
+        assert!(!disk.exists());
+        let left = std::fs::read(&keep).unwrap();
+        assert_eq!(left.len(), len);
+        assert!(left[..WIPE_BYTES as usize].iter().all(|b| *b == 0));
+        assert!(left[WIPE_BYTES as usize..].iter().all(|b| *b == 0xa5));
+        // Already gone: nothing to do, not an error.
+        wipe(&disk).unwrap();
+    }
+}
