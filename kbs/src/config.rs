@@ -55,6 +55,10 @@ pub struct Config {
     pub crl_reload_secs: u64,
     #[serde(default = "default_ttl")]
     pub nonce_ttl_secs: u64,
+    /// Connections served at once (default 64); more wait un-handshaken at the door, so those
+    /// admitted are answered promptly in a boot storm.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
     /// Ed25519 key (PKCS#8, mode 0600) that signs audit checkpoints; `audit verify` checks them
     /// with its public half. Without it the log is chained but unsigned.
     #[serde(default)]
@@ -131,6 +135,10 @@ fn default_cp_every() -> u64 {
 
 fn default_cp_secs() -> u64 {
     10
+}
+
+fn default_max_sessions() -> usize {
+    crate::service::DEFAULT_MAX_SESSIONS
 }
 
 fn default_ttl() -> u64 {

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub terminations: AtomicU64,
     /// Requests refused before any decision (malformed, not allowed, storage unavailable).
     pub errors: AtomicU64,
+    /// Connections being served now, and the most ever at once (bounded by `max_sessions`).
+    pub sessions: AtomicU64,
+    pub sessions_peak: AtomicU64,
     denials: Mutex<BTreeMap<&'static str, u64>>,
     latency: Mutex<Histogram>,
 }
@@ -33,7 +36,29 @@ struct Histogram {
     sum: f64,
 }
 
+/// One connection being served: counted while it lives, its admission permit released with it.
+pub struct Session<'a> {
+    metrics: &'a Metrics,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.metrics.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Metrics {
+    /// Counts a connection admitted with `permit` until the returned guard drops.
+    pub fn session(&self, permit: tokio::sync::OwnedSemaphorePermit) -> Session<'_> {
+        let now = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        self.sessions_peak.fetch_max(now, Ordering::Relaxed);
+        Session {
+            metrics: self,
+            _permit: permit,
+        }
+    }
+
     /// Counts a denial's reasons. `&'static` codes only: the label set is closed by type.
     pub fn denied(&self, reasons: &[&'static str]) {
         let mut d = self.denials.lock().unwrap_or_else(|e| e.into_inner());
@@ -90,6 +115,16 @@ impl Metrics {
             "attesta_kbs_request_errors_total",
             "Requests refused before a decision.",
             g(&self.errors),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP attesta_kbs_sessions Connections being served now.\n# TYPE attesta_kbs_sessions gauge\nattesta_kbs_sessions {}",
+            g(&self.sessions)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP attesta_kbs_sessions_peak Most connections served at once (max_sessions bounds it).\n# TYPE attesta_kbs_sessions_peak gauge\nattesta_kbs_sessions_peak {}",
+            g(&self.sessions_peak)
         );
         c(
             &mut o,

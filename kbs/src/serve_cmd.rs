@@ -202,6 +202,8 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
          # crls = [\"milan.crl\", \"genoa.crl\", \"turin.crl\"]\n\
          crl_reload_secs = 600\n\
          nonce_ttl_secs = 30\n\
+         # Connections served at once; a boot storm waits at the door beyond it.\n\
+         max_sessions = 64\n\
          # Signs audit checkpoints; `attesta-kbs audit verify --key audit.pub` checks them.\n\
          audit_key = \"audit.key\"\n\
          checkpoint_every = 1000\n\
@@ -459,18 +461,19 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig, Option<Arc<MeshGate>>)
     let store = rt
         .block_on(SqliteStore::open_with(&c.database, opts))
         .map_err(|e| format!("database {}: {e}", c.database.display()))?;
-    Ok((
-        Kbs::new(
-            store,
-            verifier,
-            response_key,
-            kek,
-            c.operator_keys()?,
-            c.nonce_ttl_secs,
-        ),
-        tls,
-        gate,
-    ))
+    let mut kbs = Kbs::new(
+        store,
+        verifier,
+        response_key,
+        kek,
+        c.operator_keys()?,
+        c.nonce_ttl_secs,
+    );
+    if c.max_sessions == 0 {
+        return Err("max_sessions must be at least 1".into());
+    }
+    kbs.max_sessions = c.max_sessions;
+    Ok((kbs, tls, gate))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

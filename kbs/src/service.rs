@@ -117,7 +117,21 @@ pub struct Kbs {
     pub metrics: Metrics,
     /// Certifies attested guests' mesh keys (`[mesh] guest_ca`); unset: no guest identities.
     pub guest_issuer: std::sync::OnceLock<GuestIssuer>,
+    /// How many connections are served at once (`max_sessions`); the rest wait, un-handshaken,
+    /// in the endpoint's queue. See [`serve_with`].
+    pub max_sessions: usize,
+    /// How long one connection may last (default: the nonce TTL + 10 s, at least 20 s): a
+    /// guest's nonce is dead by then anyway, and an order is one request. Bounds what an idle
+    /// client can hold of `max_sessions`.
+    pub session_limit: std::time::Duration,
 }
+
+/// Default for `max_sessions`: enough to keep the broker's cores busy between a guest's round
+/// trips, few enough that a boot storm queues at the door instead of slowing every session.
+pub const DEFAULT_MAX_SESSIONS: usize = 64;
+
+/// Close code for a connection that outlived its session time limit.
+pub const CLOSE_TIME_LIMIT: u32 = 0x11;
 
 /// Issues an attested guest its mesh certificate: name = VM id, the order's `mesh_ip`, group
 /// `tenant:<tenant>`, role guest, short-lived; for the key bound in the guest's report only.
@@ -185,6 +199,8 @@ impl Kbs {
             nonce_ttl,
             metrics: Metrics::default(),
             guest_issuer: std::sync::OnceLock::new(),
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            session_limit: std::time::Duration::from_secs(nonce_ttl.max(10) + 10),
         }
     }
 
@@ -801,18 +817,32 @@ pub async fn serve(endpoint: quinn::Endpoint, kbs: Arc<Kbs>, clock: fn() -> u64)
 }
 
 /// [`serve`], with the mesh's admission when the broker is on the mesh.
+///
+/// At most `kbs.max_sessions` connections are served at once, each for at most
+/// `kbs.session_limit`. Sessions already admitted finish before new handshakes start: in a
+/// boot storm the queue forms at the door (the endpoint holds the waiting handshakes), so a
+/// guest that got in is answered promptly and its nonce does not expire while a thousand
+/// others share the cores, and the broker's memory stays bounded.
 pub async fn serve_with(
     endpoint: quinn::Endpoint,
     kbs: Arc<Kbs>,
     clock: fn() -> u64,
     gate: Option<Arc<MeshGate>>,
 ) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(kbs.max_sessions.max(1)));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let kbs = kbs.clone();
         let gate = gate.clone();
         tokio::spawn(async move {
+            let _session = kbs.metrics.session(permit);
+            let deadline = tokio::time::Instant::now() + kbs.session_limit;
             // The whole handshake completes before anything is read: no 0-RTT, no 0.5-RTT answers.
-            let Ok(conn) = incoming.await else { return };
+            let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, incoming).await else {
+                return;
+            };
             let mut exporter = [0u8; 32];
             if conn
                 .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
@@ -837,20 +867,29 @@ pub async fn serve_with(
                     }
                 }
             };
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let kbs = kbs.clone();
-                tokio::spawn(async move {
-                    let resp = match read_request(&mut recv).await {
-                        Ok(req) => kbs.handle(req, role, exporter, clock()).await,
-                        Err(code) => {
-                            kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                            Response::error(code, "the request frame is unusable")
-                        }
-                    };
-                    let _ = send.write_all(&frame(&resp)).await;
-                    let _ = send.finish();
-                    let _ = send.stopped().await;
-                });
+            let streams = async {
+                let mut requests = tokio::task::JoinSet::new();
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let kbs = kbs.clone();
+                    requests.spawn(async move {
+                        let resp = match read_request(&mut recv).await {
+                            Ok(req) => kbs.handle(req, role, exporter, clock()).await,
+                            Err(code) => {
+                                kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                                Response::error(code, "the request frame is unusable")
+                            }
+                        };
+                        let _ = send.write_all(&frame(&resp)).await;
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    });
+                }
+                // A decision being committed when the peer left still completes (commit
+                // before emit does not depend on the peer staying).
+                while requests.join_next().await.is_some() {}
+            };
+            if tokio::time::timeout_at(deadline, streams).await.is_err() {
+                conn.close(CLOSE_TIME_LIMIT.into(), b"session time limit");
             }
         });
     }

@@ -39,6 +39,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|_| {}).await
+}
+
+/// [`setup`], with the broker adjusted by `f` before it is shared.
+async fn setup_with(f: impl FnOnce(&mut Kbs)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let pki = Arc::new(Pki::from_seed(Product::Milan, Seed::from_text("e2e")).unwrap());
     let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap();
@@ -51,7 +56,7 @@ async fn setup() -> Setup {
     );
     let response_key = ResponseKey::generate().unwrap();
     let response_pub = response_key.public();
-    let kbs = Arc::new(Kbs::new(
+    let mut kbs = Kbs::new(
         SqliteStore::open(&dir.path().join("kbs.db")).await.unwrap(),
         Verifier::new(VerifierConfig {
             trust_roots: vec![pki.ark.cert.clone()],
@@ -62,7 +67,9 @@ async fn setup() -> Setup {
         Box::new(FileKek::create(&dir.path().join("kek")).unwrap()),
         vec![pk(&operator)],
         30,
-    ));
+    );
+    f(&mut kbs);
+    let kbs = Arc::new(kbs);
     let allow = Allowlist {
         v: ORDER_VERSION,
         epoch: 1,
@@ -434,4 +441,106 @@ async fn attestation_bound_mesh_identity() {
         panic!("{r:?}")
     };
     assert!(body.mesh_cert.is_empty());
+}
+
+/// Admission: no more than `max_sessions` connections are served at once — a burst of boots
+/// all succeed, queued at the door — and a connection that idles past `session_limit` is
+/// closed (code 0x11), freeing its slot for the next guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_bounded_and_time_limited() {
+    let limit = std::time::Duration::from_secs(2);
+    let Setup {
+        dir: _dir,
+        chip,
+        operator,
+        response_pub,
+        kbs,
+        ..
+    } = setup_with(|k| {
+        k.max_sessions = 2;
+        k.session_limit = limit;
+    })
+    .await;
+    for i in 0..8 {
+        let o = Order {
+            v: ORDER_VERSION,
+            kind: OrderKind::Register,
+            vm_id: format!("vm-{i}"),
+            tenant: "tenant-a".into(),
+            measurements: vec![ByteBuf::from(GOOD.to_vec())],
+            policy: String::new(),
+            chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
+            not_after: now() + 3600,
+            boot_config: ByteBuf::new(),
+            billing: None,
+            mesh_ip: None,
+        };
+        kbs.register(&o.sign(&operator), now()).await.unwrap();
+    }
+    let tls = TlsIdentity::generate("kbs.attesta.test").unwrap();
+    let endpoint =
+        quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(serve(endpoint, kbs.clone(), now));
+    let broker = Arc::new(Broker {
+        addr,
+        server_name: "kbs.attesta.test".into(),
+        ca_der: tls.ca_der.clone(),
+        response_key: response_pub,
+    });
+    // Boots run as tasks of their own, so the simulated chip lives as long as the test.
+    let chip: &'static Chip = Box::leak(Box::new(chip));
+    let guest = Arc::new(chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    }));
+
+    // Eight boots at once through two slots: every one released.
+    let boots: Vec<_> = (0..8)
+        .map(|i| {
+            let (broker, guest) = (broker.clone(), guest.clone());
+            tokio::spawn(async move { fetch(&broker, &format!("vm-{i}"), &*guest).await })
+        })
+        .collect();
+    for b in boots {
+        assert_eq!(b.await.unwrap().unwrap().volume_key.len(), 64);
+    }
+    let peak = kbs
+        .metrics
+        .sessions_peak
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=2).contains(&peak), "peak sessions {peak}");
+
+    // Two clients take both slots and idle; the broker closes them at the limit…
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let t = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let cfg = guest_agent::client::client_config(&broker).unwrap();
+        idle.push(
+            client
+                .connect_with(cfg, addr, "kbs.attesta.test")
+                .unwrap()
+                .await
+                .unwrap(),
+        );
+    }
+    // …and a boot that arrived meanwhile is served once a slot is free.
+    let waiting = {
+        let (broker, guest) = (broker.clone(), guest.clone());
+        tokio::spawn(async move { fetch(&broker, "vm-0", &*guest).await })
+    };
+    for c in &idle {
+        match tokio::time::timeout(limit * 5, c.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(a)) => {
+                assert_eq!(a.error_code, kbs::service::CLOSE_TIME_LIMIT.into())
+            }
+            other => panic!("expected the broker to close an idle session: {other:?}"),
+        }
+    }
+    assert!(t.elapsed() >= limit, "closed before the limit");
+    let r = waiting.await.unwrap().unwrap();
+    assert_eq!(r.boot_counter, 2);
+    assert!(t.elapsed() >= limit, "served while both slots were held");
 }
