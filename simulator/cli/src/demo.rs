@@ -160,12 +160,8 @@ pub struct StackOptions {
     pub image: [u8; 48],
     /// The broker's clock.
     pub clock: fn() -> u64,
-}
-
-/// Starts a broker in `dir` (SQLite, group commit, QUIC on a loopback port) trusting `root`'s
-/// simulated ARK, with an operator key and an allowlist holding `image`.
-pub async fn stack(dir: &Path, root: &Pki, image: [u8; 48]) -> Result<Stack, String> {
-    stack_with(dir, StackOptions::trusting(root, image)).await
+    /// Connections the broker serves at once (`max_sessions` in kbs.toml).
+    pub max_sessions: usize,
 }
 
 impl StackOptions {
@@ -177,6 +173,7 @@ impl StackOptions {
             crls: Vec::new(),
             image,
             clock: now,
+            max_sessions: kbs::service::DEFAULT_MAX_SESSIONS,
         }
     }
 }
@@ -237,7 +234,7 @@ async fn broker(dir: &Path, o: StackOptions) -> Result<(Arc<Kbs>, Ed25519KeyPair
         // A forged CRL is refused here, as `attesta-kbs serve` refuses to start with one.
         let _ = kbs::service::add_crl(&verifier, crl);
     }
-    let kbs = Arc::new(Kbs::new(
+    let mut kbs = Kbs::new(
         SqliteStore::open(&dir.join("kbs.db"))
             .await
             .map_err(|x| e(&x))?,
@@ -246,7 +243,9 @@ async fn broker(dir: &Path, o: StackOptions) -> Result<(Arc<Kbs>, Ed25519KeyPair
         Box::new(FileKek::create(&dir.join("kek")).map_err(|x| e(&x))?),
         vec![pk(&operator)],
         30,
-    ));
+    );
+    kbs.max_sessions = o.max_sessions.max(1);
+    let kbs = Arc::new(kbs);
     let allow = Allowlist {
         v: ORDER_VERSION,
         epoch: 1,
@@ -1134,6 +1133,7 @@ pub async fn catalogue_live(
                 crls: crls.clone(),
                 image: GOOD_MEASUREMENT,
                 clock: || NOW,
+                max_sessions: kbs::service::DEFAULT_MAX_SESSIONS,
             },
         )
         .await?;

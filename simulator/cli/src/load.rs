@@ -4,7 +4,7 @@
 //! and a guest's boot-to-unlocked time against a default argon2id passphrase unlock of the same
 //! kind of image. Ratios, not absolute numbers, are what carry from one machine to another.
 
-use crate::demo::{IMAGE, Stack, order, stack};
+use crate::demo::{IMAGE, Stack, StackOptions, order, stack_with};
 use guest_agent::client::fetch_on;
 use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki};
@@ -124,6 +124,7 @@ pub fn run(
     chips: usize,
     milan: Pki,
     place: &Placement,
+    max_sessions: usize,
     progress: impl Fn(&str),
 ) -> Result<LoadReport, String> {
     let milan = Arc::new(milan);
@@ -142,7 +143,13 @@ pub fn run(
         broker,
         operator,
         ..
-    } = broker_rt.block_on(stack(dir, &milan, IMAGE))?;
+    } = broker_rt.block_on(stack_with(
+        dir,
+        StackOptions {
+            max_sessions,
+            ..StackOptions::trusting(&milan, IMAGE)
+        },
+    ))?;
     progress(&format!("registering {vms} VMs"));
     for i in 0..vms {
         let o = order(

@@ -92,6 +92,11 @@ struct LoadArgs {
     /// verifier's own rate is measured on the same CPUs. `shared`: no pinning.
     #[arg(long, value_name = "LIST", default_value = "0")]
     broker_cpus: String,
+    /// Connections the broker serves at once (its `max_sessions`); a number larger than
+    /// `--vms` admits every boot at once, the behaviour without admission.
+    #[arg(long, value_name = "N", default_value_t = kbs::service::DEFAULT_MAX_SESSIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_sessions: usize,
 }
 
 #[derive(Args)]
@@ -259,7 +264,7 @@ fn run_load(a: &LoadArgs) -> Result<bool, String> {
         load::Placement::split(cpus)?
     };
     let quiet = a.json;
-    let r = load::run(&dir, a.vms, a.chips, milan, &place, |m| {
+    let r = load::run(&dir, a.vms, a.chips, milan, &place, a.max_sessions, |m| {
         if !quiet {
             eprintln!("attesta-sim load: {m}");
         }
@@ -272,6 +277,7 @@ fn run_load(a: &LoadArgs) -> Result<bool, String> {
         let j = serde_json::json!({
             "vms": r.vms, "chips": r.chips, "released": r.released, "failed": r.failed,
             "broker_cpus": r.broker_cpus, "guest_cpus": r.guest_cpus,
+            "max_sessions": a.max_sessions,
             "storm_secs": r.storm_secs,
             "releases_per_sec": r.releases_per_sec,
             "verifier_per_sec": r.verifier_per_sec,

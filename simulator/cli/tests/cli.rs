@@ -516,6 +516,7 @@ fn load_json_places_broker_and_guests() {
     );
     assert!(j["releases_per_sec"].as_f64().unwrap() > 0.0);
     assert!(j["verifier_per_sec"].as_f64().unwrap() > 0.0);
+    assert_eq!(j["max_sessions"], 64, "the broker's default admission: {j}");
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -533,6 +534,8 @@ fn load_json_places_broker_and_guests() {
     let (code, _, err) = sim(&["demo", "--vms", "1"], &state());
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("between 2"), "{err}");
+    let (code, _, err) = sim(&["load", "--vms", "2", "--max-sessions", "0"], &state());
+    assert_eq!(code, 2, "{err}");
     let (code, _, err) = sim(&["load", "--vms", "2", "--broker-cpus", "4096"], &state());
     assert_ne!(code, 0);
     assert!(err.contains("not online"), "{err}");
