@@ -12,8 +12,11 @@
 //! signed again (same document, same nonce); its nonce used — it is looked for in its window:
 //! found, it is done (or failed at dispatch, marked failed, never resent silently); not found,
 //! another transaction took the nonce (the billing key should be this outbox's alone, which
-//! the configuration documents), so ours can never be included and is signed again. A stored
-//! transaction a runtime upgrade invalidated is re-signed the same way once its window passes.
+//! the configuration documents), so ours can never be included and is signed again, with the
+//! next free nonce. A stored transaction a runtime upgrade invalidated is re-signed the same
+//! way once its window passes. Where the window's blocks cannot be read (a pruned node), the
+//! record is retried and after [`SEARCH_ATTEMPTS`] marked failed for an operator — never sent
+//! again on a guess.
 
 use crate::usage::UsageDoc;
 use sqlx::Row as _;
@@ -80,6 +83,9 @@ pub struct Record {
 /// How many blocks a billing transaction stays valid after the block it was signed at (a power
 /// of two, so the era is exactly this long): ~6.4 minutes at 6 s blocks.
 pub const MORTALITY: u64 = 64;
+
+/// Drains that may fail to read a used nonce's window before its record is marked failed.
+pub const SEARCH_ATTEMPTS: u64 = 5;
 
 /// What a stored, signed transaction needs, judged from the finalized chain (sans-IO).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,16 +295,29 @@ impl Outbox {
         Ok(())
     }
 
-    /// A stored transaction that can never be included: back to pending, to be signed again.
-    async fn mark_void(&self, period: u64, account: &str, why: String) -> Result<(), BillingError> {
-        self.set(
-            period,
-            account,
+    /// The stored transaction `tx_hash` can never be included: back to pending, to be signed
+    /// again. Only that transaction: a drain running beside this one may already have
+    /// replaced it, and voiding the replacement could let both be included.
+    async fn mark_void(
+        &self,
+        period: u64,
+        account: &str,
+        tx_hash: &str,
+        why: String,
+    ) -> Result<(), BillingError> {
+        sqlx::query(
             "UPDATE usage SET state = 'pending', nonce = NULL, birth = NULL, tx = NULL,
-             tx_hash = NULL, last_error = ? WHERE period = ? AND account = ? AND state = 'signed'",
-            Some(why),
+             tx_hash = NULL, last_error = ?
+             WHERE period = ? AND account = ? AND state = 'signed' AND tx_hash = ?",
         )
+        .bind(why)
+        .bind(period as i64)
+        .bind(account)
+        .bind(tx_hash)
+        .execute(&self.pool)
         .await
+        .map_err(store)?;
+        Ok(())
     }
 
     async fn mark_done(&self, period: u64, account: &str) -> Result<(), BillingError> {
@@ -478,16 +497,18 @@ impl Submitter {
         for n in from..=to {
             let at = self.client.at_block(n).await.map_err(|e| chain(&e))?;
             let body = at.extrinsics().fetch().await.map_err(|e| chain(&e))?;
-            for x in body.iter() {
-                let x = x.map_err(|e| chain(&e))?;
+            // Another account's extrinsic this client cannot decode is not ours: skipped.
+            for x in body.iter().filter_map(Result::ok) {
                 if format!("{:?}", x.hash()) != tx_hash {
                     continue;
                 }
                 let events = x.events().await.map_err(|e| chain(&e))?;
-                let failed = events
-                    .iter()
-                    .filter_map(Result::ok)
-                    .any(|ev| ev.pallet_name() == "System" && ev.event_name() == "ExtrinsicFailed");
+                let mut failed = false;
+                for ev in events.iter() {
+                    // An event that cannot be read could be the failure: not a success.
+                    let ev = ev.map_err(|e| chain(&e))?;
+                    failed |= ev.pallet_name() == "System" && ev.event_name() == "ExtrinsicFailed";
+                }
                 return Ok(Some(if failed {
                     Err(format!("failed at dispatch in block {n}"))
                 } else {
@@ -525,10 +546,21 @@ impl Submitter {
 
     /// Signs the oldest pending record with the next nonce and commits the signed bytes
     /// (before anything is sent). Returns the record's key, or `None` if nothing is pending.
+    /// A record whose account is not a chain account can never be billed: it is marked
+    /// failed (saying why) and the next one is signed, so it does not hold up the outbox.
     pub async fn sign_next(&self, outbox: &Outbox) -> Result<Option<(u64, String)>, BillingError> {
         let records = outbox.records().await?;
-        let Some(r) = records.iter().find(|r| r.state == State::Pending) else {
-            return Ok(None);
+        let mut pending = records.iter().filter(|r| r.state == State::Pending);
+        let r = loop {
+            let Some(r) = pending.next() else {
+                return Ok(None);
+            };
+            match account_value(&r.account) {
+                Err(why) if matches!(self.call, CallKind::Usage { .. }) => {
+                    outbox.mark_failed(r.period, &r.account, why).await?;
+                }
+                _ => break r,
+            }
         };
         let highest_signed = records
             .iter()
@@ -538,14 +570,20 @@ impl Submitter {
             })
             .max()
             .unwrap_or(0);
-        let nonce = self.chain_nonce().await?.max(highest_signed);
         let (json, _) = outbox.doc_and_tx(r.period, &r.account).await?;
         let at = self
             .client
             .at_current_block()
             .await
             .map_err(|e| BillingError::Chain(e.to_string()))?;
+        // The nonce and the mortality's start from the same finalized block.
         let birth = at.block_number();
+        let nonce = at
+            .transactions()
+            .account_nonce(&self.signer.public_key().into())
+            .await
+            .map_err(|e| BillingError::Chain(e.to_string()))?
+            .max(highest_signed);
         let mut txs = at.transactions();
         let name = match &self.call {
             CallKind::Remark => "System.remark_with_event".to_string(),
@@ -634,7 +672,27 @@ impl Submitter {
                     }
                     Stored::Search { from, to } => {
                         let hash = r.tx_hash.as_deref().unwrap_or_default();
-                        match self.find(hash, from, to).await? {
+                        let found = match self.find(hash, from, to).await {
+                            Ok(f) => f,
+                            // Blocks unreadable (pruned, or the node failing): this record
+                            // waits, the others go on; an operator decides in the end.
+                            Err(e) if r.attempts + 1 >= SEARCH_ATTEMPTS => {
+                                let why = format!(
+                                    "nonce {nonce} is used but blocks {from}..={to} cannot be \
+                                     read to tell whether by this transaction ({e}); needs an \
+                                     operator"
+                                );
+                                outbox.mark_failed(period, account, why).await?;
+                                d.failed += 1;
+                                continue;
+                            }
+                            Err(e) => {
+                                outbox.mark_error(period, account, e.to_string()).await?;
+                                d.deferred += 1;
+                                continue;
+                            }
+                        };
+                        match found {
                             Some(Ok(())) => {
                                 outbox.mark_done(period, account).await?;
                                 d.confirmed += 1;
@@ -649,7 +707,7 @@ impl Submitter {
                                      billing key; signed again"
                                 );
                                 tracing::warn!(period, account, "{why}");
-                                outbox.mark_void(period, account, why).await?;
+                                outbox.mark_void(period, account, hash, why).await?;
                                 d.resigned += 1;
                             }
                         }
@@ -660,7 +718,8 @@ impl Submitter {
                             "not included within {MORTALITY} blocks of block {}; signed again",
                             r.birth.unwrap_or_default()
                         );
-                        outbox.mark_void(period, account, why).await?;
+                        let hash = r.tx_hash.as_deref().unwrap_or_default();
+                        outbox.mark_void(period, account, hash, why).await?;
                         d.resigned += 1;
                         continue;
                     }

@@ -436,6 +436,42 @@ async fn a_call_the_runtime_lacks_is_refused_before_signing() {
         "{e}"
     );
     assert_eq!(outbox.records().await.unwrap()[0].state, State::Pending);
+
+    // A record whose account is no chain account can never be billed: marked failed, saying
+    // why, without holding up the others (here the one above, still refused for its call).
+    let mut m = Meter::new();
+    m.record(&Event::Started {
+        vm_id: "vm-x".into(),
+        terms: Terms {
+            account: "alice".into(),
+            rate_per_hour: 1,
+        },
+        at: 400_000 * HOUR,
+    })
+    .unwrap();
+    outbox.enqueue(&m.close_hour()[0]).await.unwrap();
+    assert!(matches!(
+        sub.sign_next(&outbox).await,
+        Err(BillingError::Call(..))
+    ));
+    let bad = outbox.records().await.unwrap();
+    assert_eq!(
+        (bad[0].state.clone(), bad[1].state.clone()),
+        (State::Failed, State::Pending)
+    );
+    assert!(
+        bad[0]
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("SS58"),
+        "{bad:?}"
+    );
+    drop(outbox);
+    // (Start over with only the good record.)
+    std::fs::remove_file(dir.path().join("outbox.db")).unwrap();
+    let outbox = Outbox::open(&dir.path().join("outbox.db")).await.unwrap();
+    outbox.enqueue(&documents()[0]).await.unwrap();
     drop(outbox);
 
     // The same record through the binary, with the call this runtime has.

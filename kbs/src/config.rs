@@ -55,7 +55,7 @@ pub struct Config {
     pub crl_reload_secs: u64,
     #[serde(default = "default_ttl")]
     pub nonce_ttl_secs: u64,
-    /// Connections served at once (default 64); more wait un-handshaken at the door, so those
+    /// Connections served at once (default 64, at least 1); more wait un-handshaken at the door, so those
     /// admitted are answered promptly in a boot storm.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,

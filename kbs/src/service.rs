@@ -133,6 +133,10 @@ pub const DEFAULT_MAX_SESSIONS: usize = 64;
 /// Close code for a connection that outlived its session time limit.
 pub const CLOSE_TIME_LIMIT: u32 = 0x11;
 
+/// How long a handshake may hold a slot: a client that does not finish it by then (gone, or
+/// never there) frees the slot for the next.
+pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Issues an attested guest its mesh certificate: name = VM id, the order's `mesh_ip`, group
 /// `tenant:<tenant>`, role guest, short-lived; for the key bound in the guest's report only.
 pub struct GuestIssuer {
@@ -200,7 +204,7 @@ impl Kbs {
             metrics: Metrics::default(),
             guest_issuer: std::sync::OnceLock::new(),
             max_sessions: DEFAULT_MAX_SESSIONS,
-            session_limit: std::time::Duration::from_secs(nonce_ttl.max(10) + 10),
+            session_limit: std::time::Duration::from_secs(nonce_ttl.clamp(10, 86_400) + 10),
         }
     }
 
@@ -344,7 +348,7 @@ impl Kbs {
         if aws_lc_rs::rand::fill(&mut nonce).is_err()
             || self
                 .store
-                .issue_nonce(&nonce, vm_id, now + self.nonce_ttl)
+                .issue_nonce(&nonce, vm_id, now.saturating_add(self.nonce_ttl))
                 .await
                 .is_err()
         {
@@ -355,7 +359,7 @@ impl Kbs {
         Response::Challenge {
             v: VERSION,
             nonce: nonce.to_vec(),
-            expires_in_ms: self.nonce_ttl * 1000,
+            expires_in_ms: self.nonce_ttl.saturating_mul(1000),
         }
     }
 
@@ -819,18 +823,29 @@ pub async fn serve(endpoint: quinn::Endpoint, kbs: Arc<Kbs>, clock: fn() -> u64)
 /// [`serve`], with the mesh's admission when the broker is on the mesh.
 ///
 /// At most `kbs.max_sessions` connections are served at once, each for at most
-/// `kbs.session_limit`. Sessions already admitted finish before new handshakes start: in a
-/// boot storm the queue forms at the door (the endpoint holds the waiting handshakes), so a
-/// guest that got in is answered promptly and its nonce does not expire while a thousand
-/// others share the cores, and the broker's memory stays bounded.
+/// `kbs.session_limit` (its handshake for at most [`HANDSHAKE_LIMIT`]); a new handshake starts
+/// only when a slot frees. In a boot storm the queue forms at the door (the endpoint holds the
+/// waiting handshakes), so a guest that got in is answered promptly and its nonce does not
+/// expire while a thousand others share the cores, and the broker's memory stays bounded.
+/// While every slot is taken, a client whose address is not yet validated is sent a QUIC Retry
+/// first (as SYN cookies do for TCP): spoofed Initials cannot queue for slots, only clients that
+/// can receive at their address.
 pub async fn serve_with(
     endpoint: quinn::Endpoint,
     kbs: Arc<Kbs>,
     clock: fn() -> u64,
     gate: Option<Arc<MeshGate>>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(kbs.max_sessions.max(1)));
+    let slots = kbs
+        .max_sessions
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+    let permits = Arc::new(tokio::sync::Semaphore::new(slots));
     while let Some(incoming) = endpoint.accept().await {
+        if permits.available_permits() == 0 && !incoming.remote_address_validated() {
+            // Its validated retry comes back as a new incoming connection.
+            let _ = incoming.retry();
+            continue;
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
@@ -838,9 +853,11 @@ pub async fn serve_with(
         let gate = gate.clone();
         tokio::spawn(async move {
             let _session = kbs.metrics.session(permit);
-            let deadline = tokio::time::Instant::now() + kbs.session_limit;
+            let start = tokio::time::Instant::now();
+            let deadline = start + kbs.session_limit;
             // The whole handshake completes before anything is read: no 0-RTT, no 0.5-RTT answers.
-            let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, incoming).await else {
+            let handshake = (start + HANDSHAKE_LIMIT).min(deadline);
+            let Ok(Ok(conn)) = tokio::time::timeout_at(handshake, incoming).await else {
                 return;
             };
             let mut exporter = [0u8; 32];
@@ -884,8 +901,10 @@ pub async fn serve_with(
                         let _ = send.stopped().await;
                     });
                 }
-                // A decision being committed when the peer left still completes (commit
-                // before emit does not depend on the peer staying).
+                // The peer has gone: its requests still in progress finish before the slot is
+                // freed. (If the session limit fires instead, they are aborted; a decision
+                // already handed to the store is committed by the store's writer regardless,
+                // and nothing uncommitted was ever answered.)
                 while requests.join_next().await.is_some() {}
             };
             if tokio::time::timeout_at(deadline, streams).await.is_err() {
