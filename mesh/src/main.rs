@@ -491,19 +491,9 @@ fn ping(config: &Path, ip: std::net::IpAddr, count: u32) -> Result<String, Strin
         let mut lines = Vec::new();
         for i in 0..count.max(1) {
             let t = std::time::Instant::now();
-            let (mut s, mut r) = conn.open_bi().await.map_err(|e| format!("refused: {e}"))?;
             let probe = format!("attesta ping {i}");
-            s.write_all(probe.as_bytes())
-                .await
-                .map_err(|e| format!("refused: {e}"))?;
-            let _ = s.finish();
-            let back = r
-                .read_to_end(1024)
-                .await
-                .map_err(|e| format!("refused: {e}"))?;
-            if back != probe.as_bytes() {
-                return Err("the echo did not match".into());
-            }
+            mesh::node::echo_once(&conn, probe.as_bytes(), std::time::Duration::from_secs(10))
+                .await?;
             lines.push(format!(
                 "reply from {ip}: seq={i} time={:.2} ms",
                 t.elapsed().as_secs_f64() * 1e3

@@ -201,6 +201,29 @@ pub const ECHO_ALPN: &[u8] = b"attesta-echo/1";
 /// Overlay IP packets, in QUIC datagrams.
 pub const OVERLAY_ALPN: &[u8] = b"attesta-overlay/1";
 
+/// The client side of [`echo_service`]: one round trip of `probe` on a new stream of `conn`,
+/// answered within `within`. Errors say why (a refusal carries the peer's close reason).
+pub async fn echo_once(
+    conn: &quinn::Connection,
+    probe: &[u8],
+    within: std::time::Duration,
+) -> Result<(), String> {
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| format!("refused: {e}"))?;
+    s.write_all(probe)
+        .await
+        .map_err(|e| format!("refused: {e}"))?;
+    let _ = s.finish();
+    let back = tokio::time::timeout(within, r.read_to_end(probe.len().max(64)))
+        .await
+        .map_err(|_| format!("no echo within {within:?}"))?
+        .map_err(|e| format!("refused: {e}"))?;
+    if back == probe {
+        Ok(())
+    } else {
+        Err("the echo did not match".into())
+    }
+}
+
 /// Copies each stream back to its sender: connectivity checks and benchmarks.
 pub fn echo_service() -> Service {
     Service {

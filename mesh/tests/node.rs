@@ -144,18 +144,7 @@ fn ip(s: &str) -> IpAddr {
 
 /// One echo round trip on a new stream.
 async fn echo(conn: &quinn::Connection) -> Result<(), String> {
-    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    s.write_all(b"hello").await.map_err(|e| e.to_string())?;
-    let _ = s.finish();
-    let back = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(64))
-        .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| e.to_string())?;
-    if back == b"hello" {
-        Ok(())
-    } else {
-        Err("mismatch".into())
-    }
+    mesh::node::echo_once(conn, b"hello", Duration::from_secs(5)).await
 }
 
 /// Connect to `target`'s echo service and round-trip once, retrying until `deadline`.

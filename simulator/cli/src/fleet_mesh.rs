@@ -455,19 +455,9 @@ pub async fn reach_within(from: &Node, to: IpAddr, within: Duration) -> Reach {
     }
 }
 
+/// One round trip through a peer's echo service.
 async fn echo(conn: &quinn::Connection) -> Result<(), String> {
-    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    s.write_all(b"attesta").await.map_err(|e| e.to_string())?;
-    let _ = s.finish();
-    let back = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(64))
-        .await
-        .map_err(|_| "no echo within 5 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    if back == b"attesta" {
-        Ok(())
-    } else {
-        Err("the echo differs".into())
-    }
+    mesh::node::echo_once(conn, b"attesta", Duration::from_secs(5)).await
 }
 
 /// An open echo connection from `from` to `to`, kept to watch it being cut off.
