@@ -363,7 +363,13 @@ impl Outbox {
 
 /// An account as the chain's `AccountId32`: SS58 or 0x-prefixed hex of its 32 bytes.
 pub fn account_value(account: &str) -> Result<Value, String> {
-    let bytes: [u8; 32] = match account.strip_prefix("0x") {
+    Ok(Value::from_bytes(account_id(account)?))
+}
+
+/// The 32 bytes of an account given as SS58 or 0x-prefixed hex: the one reading of accounts
+/// for billing and the credit check alike.
+pub fn account_id(account: &str) -> Result<[u8; 32], String> {
+    Ok(match account.strip_prefix("0x") {
         Some(h) => hex::decode(h)
             .ok()
             .and_then(|b| b.try_into().ok())
@@ -374,8 +380,7 @@ pub fn account_value(account: &str) -> Result<Value, String> {
                 .map_err(|e| format!("account {account:?}: not an SS58 address ({e})"))?
                 .0
         }
-    };
-    Ok(Value::from_bytes(bytes))
+    })
 }
 
 /// A 32-byte hash as the chain's `H256`.

@@ -5,7 +5,6 @@
 use crate::agent::Credit;
 use crate::config::CreditConfig;
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::time::Duration;
 
 /// Asks about every account in `cost` (account → the next hour's amount).
@@ -88,15 +87,16 @@ async fn balance(
     amount: u128,
 ) -> Credit {
     use subxt::dynamic::{At, Value};
-    let Ok(id) = subxt::utils::AccountId32::from_str(account) else {
-        return Credit::CannotPay(format!("{account:?} is not an SS58 account"));
+    let id = match crate::billing::account_id(account) {
+        Ok(id) => id,
+        Err(why) => return Credit::CannotPay(why),
     };
     let at = match c.at_current_block().await {
         Ok(at) => at,
         Err(e) => return Credit::Unknown(e.to_string()),
     };
     let addr = subxt::dynamic::storage::<([u8; 32],), Value>("System", "Account");
-    let v = match at.storage().fetch(addr, (id.0,)).await {
+    let v = match at.storage().fetch(addr, (id,)).await {
         Ok(v) => v,
         Err(e) => return Credit::Unknown(format!("System.Account: {e}")),
     };
