@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod keys;
 pub mod metrics;
+pub mod nonces;
 pub mod release;
 pub mod service;
 pub mod store;

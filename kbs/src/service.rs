@@ -5,6 +5,7 @@
 
 use crate::keys::{Kek, VolumeKey};
 use crate::metrics::Metrics;
+use crate::nonces::NonceBook;
 use crate::release::{self, Denial};
 use crate::store::{Commit, SqliteStore, Store, StoreError, VmRecord};
 use proto::msg::{
@@ -114,6 +115,8 @@ pub struct Kbs {
     pub operator_keys: Vec<[u8; 32]>,
     pub allowlist: tokio::sync::RwLock<Option<Allowlist>>,
     pub nonce_ttl: u64,
+    /// Nonces issued and not yet forgotten (in memory; only spending one is durable).
+    pub nonces: std::sync::Mutex<NonceBook>,
     pub metrics: Metrics,
     /// Certifies attested guests' mesh keys (`[mesh] guest_ca`); unset: no guest identities.
     pub guest_issuer: std::sync::OnceLock<GuestIssuer>,
@@ -201,6 +204,7 @@ impl Kbs {
             operator_keys,
             allowlist: Default::default(),
             nonce_ttl,
+            nonces: std::sync::Mutex::new(NonceBook::new(crate::nonces::DEFAULT_CAPACITY)),
             metrics: Metrics::default(),
             guest_issuer: std::sync::OnceLock::new(),
             max_sessions: DEFAULT_MAX_SESSIONS,
@@ -345,15 +349,13 @@ impl Kbs {
 
     async fn challenge(&self, vm_id: &str, now: u64) -> Response {
         let mut nonce = [0u8; 32];
-        if aws_lc_rs::rand::fill(&mut nonce).is_err()
-            || self
-                .store
-                .issue_nonce(&nonce, vm_id, now.saturating_add(self.nonce_ttl))
-                .await
-                .is_err()
-        {
+        let issued = aws_lc_rs::rand::fill(&mut nonce).is_ok()
+            && self
+                .book()
+                .issue(nonce, vm_id, now.saturating_add(self.nonce_ttl), now);
+        if !issued {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return Response::error("unavailable", "the store cannot issue a nonce now");
+            return Response::error("unavailable", "no nonce can be issued now");
         }
         self.metrics.challenges.fetch_add(1, Ordering::Relaxed);
         Response::Challenge {
@@ -387,14 +389,12 @@ impl Kbs {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
             return Response::error("bad_request", "a mesh key must be 32 bytes");
         };
-        let (nonce_state, record) =
-            match (self.store.nonce(&nonce).await, self.store.vm(vm_id).await) {
-                (Ok(n), Ok(v)) => (n, v),
-                _ => {
-                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                    return Response::error("unavailable", "the store cannot be read now");
-                }
-            };
+        // Spent from here on, whatever follows.
+        let nonce_state = self.book().take(&nonce, now);
+        let Ok(record) = self.store.vm(vm_id).await else {
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Response::error("unavailable", "the store cannot be read now");
+        };
         // The evidence, appraised with this VM's order: its policy, images and chips.
         let order = record
             .as_ref()
@@ -432,6 +432,10 @@ impl Kbs {
         let commit = Commit {
             nonce,
             spend_nonce: decision.spend_nonce,
+            nonce_expires_at: match &nonce_state {
+                Some(release::NonceState::Issued { expires_at, .. }) => *expires_at,
+                _ => now,
+            },
             vm_update: decision.outcome.as_ref().ok().cloned(),
             audit: (now, kind.into(), vm_id.into(), detail),
         };
@@ -479,6 +483,11 @@ impl Kbs {
                 &[committed.lost_race.unwrap_or("unknown_vm")],
             ),
         }
+    }
+
+    /// The nonce book (a poisoned lock is still a consistent book: every method leaves it so).
+    fn book(&self) -> std::sync::MutexGuard<'_, NonceBook> {
+        self.nonces.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn seal_release(

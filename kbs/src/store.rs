@@ -40,8 +40,6 @@ pub enum StoreError {
     StaleEpoch { have: u64, stored: u64 },
     #[error("the stored audit log is corrupt: {0}")]
     Audit(String),
-    #[error("this nonce was issued before")]
-    DuplicateNonce,
     #[error("the store has shut down")]
     Closed,
 }
@@ -67,7 +65,10 @@ pub struct VmRecord {
 #[derive(Clone, Debug)]
 pub struct Commit {
     pub nonce: [u8; 32],
+    /// Record the nonce as spent (it was live when the decision took it).
     pub spend_nonce: bool,
+    /// Until when the spent nonce was valid (kept with it, for pruning and inspection).
+    pub nonce_expires_at: u64,
     /// The VM's state after a release (its boot counter one higher than the decision saw).
     pub vm_update: Option<VmState>,
     pub audit: (u64, String, String, serde_json::Value),
@@ -93,12 +94,8 @@ pub trait Store {
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError>;
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError>;
-    async fn issue_nonce(
-        &self,
-        nonce: &[u8; 32],
-        vm_id: &str,
-        expires_at: u64,
-    ) -> Result<(), StoreError>;
+    /// What the durable record says of a nonce: `Spent` once a decision spent it. (Nonces are
+    /// issued from memory, [`crate::nonces::NonceBook`]; only their spending is stored.)
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError>;
     /// Commits a release or denial (nonce, VM state, audit entry) in one transaction.
     async fn commit(&self, c: &Commit) -> Result<Committed, StoreError>;
@@ -168,11 +165,6 @@ pub struct StoreStats {
 }
 
 enum Op {
-    Nonce {
-        nonce: [u8; 32],
-        vm_id: String,
-        expires_at: u64,
-    },
     Register(VmRecord, u64, serde_json::Value),
     Terminate(String, u64, serde_json::Value),
     Allowlist(u64, u64),
@@ -393,23 +385,6 @@ async fn apply_ops(
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
         let r = match op {
-            Op::Nonce {
-                nonce,
-                vm_id,
-                expires_at,
-            } => {
-                let n = sqlx::query("INSERT INTO nonces (nonce, vm_id, expires_at, spent) VALUES (?, ?, ?, 0) ON CONFLICT(nonce) DO NOTHING")
-                    .bind(&nonce[..])
-                    .bind(vm_id)
-                    .bind(i(*expires_at))
-                    .execute(&mut *tx)
-                    .await?;
-                if n.rows_affected() == 1 {
-                    Ok(Done::Nothing)
-                } else {
-                    Err(StoreError::DuplicateNonce)
-                }
-            }
             Op::Register(rec, now, detail) => {
                 let n = sqlx::query(
                     "INSERT INTO vms (vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc) VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT(vm_id) DO NOTHING",
@@ -553,8 +528,11 @@ async fn decision(
     let (time, mut kind, vm_id, mut detail) = c.audit.clone();
     let mut lost_race = None;
     if c.spend_nonce {
-        let n = sqlx::query("UPDATE nonces SET spent = 1 WHERE nonce = ? AND spent = 0")
+        // Recorded spent now; a row that is already spent means another decision took it.
+        let n = sqlx::query("INSERT INTO nonces (nonce, vm_id, expires_at, spent) VALUES (?, ?, ?, 1) ON CONFLICT(nonce) DO UPDATE SET spent = 1 WHERE nonces.spent = 0")
             .bind(&c.nonce[..])
+            .bind(&vm_id)
+            .bind(i(c.nonce_expires_at))
             .execute(&mut *tx)
             .await?;
         if n.rows_affected() != 1 && c.vm_update.is_some() {
@@ -615,21 +593,6 @@ impl Store for SqliteStore {
             wrapped_key: r.get(5),
             order: r.get(6),
         }))
-    }
-
-    async fn issue_nonce(
-        &self,
-        nonce: &[u8; 32],
-        vm_id: &str,
-        expires_at: u64,
-    ) -> Result<(), StoreError> {
-        self.submit(Op::Nonce {
-            nonce: *nonce,
-            vm_id: vm_id.to_string(),
-            expires_at,
-        })
-        .await
-        .map(|_| ())
     }
 
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError> {

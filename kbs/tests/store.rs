@@ -55,18 +55,13 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
         .await
         .unwrap();
 
+        // Nonces are issued from memory; the store learns of one when a decision spends it.
         let n = [7u8; 32];
-        s.issue_nonce(&n, "vm-1", 100).await.unwrap();
-        assert_eq!(
-            s.nonce(&n).await.unwrap(),
-            Some(NonceState::Issued {
-                vm_id: "vm-1".into(),
-                expires_at: 100
-            })
-        );
+        assert_eq!(s.nonce(&n).await.unwrap(), None);
         let release = Commit {
             nonce: n,
             spend_nonce: true,
+            nonce_expires_at: 100,
             vm_update: Some(VmState {
                 vm_id: "vm-1".into(),
                 generation: 1,
@@ -122,10 +117,10 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
         &key.0[..]
     );
     let n2 = [8u8; 32];
-    s.issue_nonce(&n2, "vm-1", 200).await.unwrap();
     s.commit(&Commit {
         nonce: n2,
         spend_nonce: true,
+        nonce_expires_at: 200,
         vm_update: None,
         audit: (
             40,
@@ -191,8 +186,20 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
 async fn concurrent_writes_share_transactions() {
     let dir = tempfile::tempdir().unwrap();
     let s = SqliteStore::open(&dir.path().join("kbs.db")).await.unwrap();
-    let nonces: Vec<[u8; 32]> = (0..64u8).map(|i| [i; 32]).collect();
-    let results = futures_join_all(nonces.iter().map(|n| s.issue_nonce(n, "vm-1", 100))).await;
+    let denial = |n: [u8; 32]| Commit {
+        nonce: n,
+        spend_nonce: true,
+        nonce_expires_at: 100,
+        vm_update: None,
+        audit: (
+            10,
+            "denial".into(),
+            "vm-1".into(),
+            json!({"reasons": ["unknown_vm"]}),
+        ),
+    };
+    let commits: Vec<Commit> = (0..64u8).map(|i| denial([i; 32])).collect();
+    let results = futures_join_all(commits.iter().map(|c| s.commit(c))).await;
     assert!(results.iter().all(Result::is_ok));
     let tx = s
         .stats
@@ -201,14 +208,14 @@ async fn concurrent_writes_share_transactions() {
     let writes = s.stats.writes.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(writes, 64);
     assert!(tx < 64 / 4, "{writes} writes took {tx} transactions");
-    // A duplicate in the same batch is refused on its own; the rest commit.
-    assert!(matches!(
-        s.issue_nonce(&nonces[0], "vm-1", 100).await,
-        Err(StoreError::DuplicateNonce)
-    ));
-    for n in &nonces {
-        assert!(s.nonce(n).await.unwrap().is_some());
+    for c in &commits {
+        assert_eq!(s.nonce(&c.nonce).await.unwrap(), Some(NonceState::Spent));
     }
+    // Each answer is its own: the entries are 64 distinct, consecutive positions in the chain.
+    let mut seqs: Vec<u64> = results.into_iter().map(|r| r.unwrap().entry.seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 64);
 }
 
 /// Polls every future to completion on this task (no extra dependency for join_all).
