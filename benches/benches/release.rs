@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
     };
     assert!(verifier.verify(&ev, AT).accepted());
 
-    let guest_key = GuestKey::generate();
+    let guest_key = GuestKey::generate().expect("guest key");
     let ctx = SealContext {
         vm_id: "vm-123",
         generation: 1,

@@ -63,6 +63,8 @@ pub enum ClientError {
     Open,
     #[error("the guest device failed: {0}")]
     Device(String),
+    #[error("no guest key could be generated")]
+    KeyGen,
 }
 
 /// The guest's QUIC client configuration: TLS 1.3, the pinned CA only, ALPN, no early data.
@@ -185,7 +187,7 @@ async fn fetch_on_with(
         Response::Error { code, .. } => return Err(ClientError::Protocol(code)),
         _ => return Err(ClientError::Protocol("expected a challenge".into())),
     };
-    let key = GuestKey::generate();
+    let key = GuestKey::generate().map_err(|_| ClientError::KeyGen)?;
     let rd = match mesh_key {
         Some(m) => proto::report_data_with_mesh_key(&nonce, &key.public(), &exporter, m),
         None => report_data(&nonce, &key.public(), &exporter),

@@ -370,7 +370,7 @@ async fn attestation_bound_mesh_identity() {
                 panic!("no challenge");
             };
             let nonce: [u8; 32] = nonce.try_into().unwrap();
-            let key = proto::GuestKey::generate();
+            let key = proto::GuestKey::generate().unwrap();
             let rd = match &bound {
                 Some(m) => proto::report_data_with_mesh_key(&nonce, &key.public(), &exporter, m),
                 None => proto::report_data(&nonce, &key.public(), &exporter),

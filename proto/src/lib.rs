@@ -11,15 +11,12 @@
 //!   domain separator, so a guest accepts only what its pinned broker said.
 #![forbid(unsafe_code)]
 
+mod hpke;
 pub mod msg;
 pub mod order;
 
 use aws_lc_rs::digest::{SHA512, digest};
 use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
-use hpke::aead::ChaCha20Poly1305;
-use hpke::kdf::HkdfSha256;
-use hpke::kem::X25519HkdfSha256;
-use hpke::{Deserializable, Kem, OpModeR, OpModeS, Serializable};
 use std::fmt;
 use zeroize::Zeroizing;
 
@@ -144,16 +141,15 @@ impl fmt::Debug for Sealed {
 
 /// The guest's ephemeral key pair, born in the guest; the private half is zeroized on drop.
 pub struct GuestKey {
-    secret: <X25519HkdfSha256 as Kem>::PrivateKey,
+    /// aws-lc clears the key's memory when it is freed.
+    secret: aws_lc_rs::agreement::PrivateKey,
     public: [u8; 32],
 }
 
 impl GuestKey {
-    pub fn generate() -> GuestKey {
-        let (secret, public) = X25519HkdfSha256::gen_keypair();
-        let mut p = [0u8; 32];
-        p.copy_from_slice(&public.to_bytes());
-        GuestKey { secret, public: p }
+    pub fn generate() -> Result<GuestKey, ProtoError> {
+        let (secret, public) = hpke::generate().map_err(|_| ProtoError::KeyGen)?;
+        Ok(GuestKey { secret, public })
     }
 
     pub fn public(&self) -> [u8; 32] {
@@ -173,20 +169,14 @@ pub fn seal(
     ctx: &SealContext<'_>,
     secret: &[u8],
 ) -> Result<Sealed, ProtoError> {
-    let pk = <X25519HkdfSha256 as Kem>::PublicKey::from_bytes(guest_public_key)
-        .map_err(|_| ProtoError::BadPublicKey)?;
-    let (enc, ciphertext) =
-        hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
-            &OpModeS::Base,
-            &pk,
-            &ctx.encode(b"info"),
-            secret,
-            &ctx.encode(b"aad"),
-        )
-        .map_err(|_| ProtoError::Seal)?;
-    let mut e = [0u8; 32];
-    e.copy_from_slice(&enc.to_bytes());
-    Ok(Sealed { enc: e, ciphertext })
+    let (enc, ciphertext) = hpke::seal(
+        guest_public_key,
+        &ctx.encode(b"info"),
+        &ctx.encode(b"aad"),
+        secret,
+    )
+    .map_err(|_| ProtoError::Seal)?;
+    Ok(Sealed { enc, ciphertext })
 }
 
 /// Opens a sealed secret; fails unless key and context are exactly those it was sealed for.
@@ -195,17 +185,14 @@ pub fn open(
     ctx: &SealContext<'_>,
     sealed: &Sealed,
 ) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
-    let enc = <X25519HkdfSha256 as Kem>::EncappedKey::from_bytes(&sealed.enc)
-        .map_err(|_| ProtoError::Open)?;
-    hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
-        &OpModeR::Base,
+    hpke::open(
         &key.secret,
-        &enc,
+        &key.public,
+        &sealed.enc,
         &ctx.encode(b"info"),
-        &sealed.ciphertext,
         &ctx.encode(b"aad"),
+        &sealed.ciphertext,
     )
-    .map(Zeroizing::new)
     .map_err(|_| ProtoError::Open)
 }
 
@@ -305,13 +292,13 @@ mod tests {
 
     #[test]
     fn sealed_secrets_open_only_for_their_key_and_context() {
-        let guest = GuestKey::generate();
+        let guest = GuestKey::generate().unwrap();
         let secret = [0x42u8; 64];
         let sealed = seal(&guest.public(), &ctx("vm-1"), &secret).unwrap();
         assert_eq!(&open(&guest, &ctx("vm-1"), &sealed).unwrap()[..], &secret);
         // Another guest key, VM, generation, nonce or measurement: nothing opens.
         assert_eq!(
-            open(&GuestKey::generate(), &ctx("vm-1"), &sealed).unwrap_err(),
+            open(&GuestKey::generate().unwrap(), &ctx("vm-1"), &sealed).unwrap_err(),
             ProtoError::Open
         );
         assert!(open(&guest, &ctx("vm-2"), &sealed).is_err());

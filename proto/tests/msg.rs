@@ -70,7 +70,7 @@ fn frames_round_trip_and_limits_hold() {
 #[test]
 fn a_release_is_verified_then_opened() {
     let broker = ResponseKey::generate().unwrap();
-    let guest = GuestKey::generate();
+    let guest = GuestKey::generate().unwrap();
     let nonce = [5u8; 32];
     // What the guest would put in its report; the broker recomputes and compares it.
     let rd = report_data(&nonce, &guest.public(), &[9; 32]);

@@ -978,7 +978,7 @@ async fn protocol_attacks(
     use proto::msg::{Request, VERSION};
     let hand = HandClient::new(broker)?;
     let evidence = |vm: &str, nonce: &[u8; 32], exporter: &[u8; 32]| -> Result<Request, String> {
-        let key = proto::GuestKey::generate();
+        let key = proto::GuestKey::generate().map_err(|e| e.to_string())?;
         let (report, cert_table) = guest
             .get_ext_report(&proto::report_data(nonce, &key.public(), exporter), 0)
             .map_err(|x| x.to_string())?;
@@ -1085,7 +1085,7 @@ async fn session(
         .map_err(|x| format!("{vm}: {x}"))?;
     let (c, x) = hand.connect().await?;
     let nonce = hand.challenge(&c, vm).await?;
-    let key = proto::GuestKey::generate();
+    let key = proto::GuestKey::generate().map_err(|e| e.to_string())?;
     let live = build(proto::report_data(&nonce, &key.public(), &x));
     let r = guest_agent::client::exchange(
         &c,
