@@ -1,4 +1,4 @@
-//! The broker's durable state behind one trait: VM records (with their wrapped keys), nonces,
+//! The broker's durable state behind one trait: VM records (with their wrapped keys), spent nonces,
 //! the allowlist epoch and the audit log. Every release or denial commits its nonce, VM and audit
 //! changes in one transaction before any byte of the answer is sent. Embedded SQLite (WAL,
 //! synchronous=FULL) by default; PostgreSQL implements the same trait for several replicas.

@@ -33,6 +33,15 @@ pub struct LoadReport {
     pub handshakes_per_sec: f64,
     pub transactions: u64,
     pub writes: u64,
+    /// CPU time the broker's threads (runtime and SQLite workers) spent per release in the storm,
+    /// per handshake in the handshakes-alone run, and what one verification costs (µs): the
+    /// costs behind the rates, whichever side a run was limited by.
+    pub broker_us_per_release: f64,
+    pub broker_us_per_handshake: f64,
+    pub verifier_us_per_report: f64,
+    /// Share of the broker's CPUs its threads used during the storm (1.0: saturated, so
+    /// releases/s is the broker's capacity).
+    pub broker_busy: f64,
     pub boot_to_unlocked_ms: f64,
     pub argon2id_unlock_ms: Option<f64>,
 }
@@ -87,6 +96,23 @@ impl Placement {
     pub fn pinned(&self) -> bool {
         !self.broker.is_empty()
     }
+}
+
+/// CPU time (ns) used so far by this process's broker threads: the broker runtime's ("kbs")
+/// and the SQLite workers sqlx starts for it, from each thread's schedstat.
+fn broker_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("kbs") || c.starts_with("sqlx-sqlite"))
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Pins the calling thread to `cpus` (nothing if empty). Threads it creates inherit the mask.
@@ -186,6 +212,7 @@ pub fn run(
     let stat = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let tx0 = stat(&kbs.store.stats.transactions);
     let w0 = stat(&kbs.store.stats.writes);
+    let cpu0 = broker_cpu_ns();
     let start = Instant::now();
     let tasks: Vec<_> = (0..vms)
         .map(|i| {
@@ -218,12 +245,14 @@ pub fn run(
         }
     }
     let storm = start.elapsed().as_secs_f64();
+    let storm_cpu = broker_cpu_ns().saturating_sub(cpu0) as f64 / 1e9;
     let transactions = stat(&kbs.store.stats.transactions) - tx0;
     let writes = stat(&kbs.store.stats.writes) - w0;
 
     // The QUIC + TLS 1.3 handshakes alone, as many at once: the floor under any protocol that
     // opens one connection per boot.
     progress("handshakes alone");
+    let cpu0 = broker_cpu_ns();
     let t = Instant::now();
     let hs: Vec<_> = (0..vms)
         .map(|_| {
@@ -247,6 +276,7 @@ pub fn run(
         }
     }
     let handshakes_per_sec = handshakes as f64 / t.elapsed().as_secs_f64();
+    let handshake_cpu = broker_cpu_ns().saturating_sub(cpu0) as f64 / 1e9;
 
     // The verifier alone, on the broker's cores, over the same kind of evidence.
     progress("the verifier's own rate");
@@ -356,6 +386,10 @@ pub fn run(
         handshakes_per_sec,
         transactions,
         writes,
+        broker_us_per_release: storm_cpu * 1e6 / releases.len().max(1) as f64,
+        broker_us_per_handshake: handshake_cpu * 1e6 / handshakes.max(1) as f64,
+        verifier_us_per_report: threads as f64 * 1e6 / verifier_per_sec.max(1e-9),
+        broker_busy: storm_cpu / (storm * threads as f64).max(1e-9),
         boot_to_unlocked_ms: median(ours),
         argon2id_unlock_ms: argon,
     })

@@ -287,6 +287,12 @@ fn run_load(a: &LoadArgs) -> Result<bool, String> {
             "boot_ms": {"p50": r.boot_ms.0, "p99": r.boot_ms.1},
             "release_latency_ms": {"p50": r.release_ms.0, "p99": r.release_ms.1},
             "store_transactions": r.transactions, "store_writes": r.writes,
+            "broker_cpu_us": {
+                "per_release": r.broker_us_per_release,
+                "per_handshake": r.broker_us_per_handshake,
+                "per_verification": r.verifier_us_per_report,
+                "busy_in_storm": r.broker_busy,
+            },
             "boot_to_unlocked_ms": r.boot_to_unlocked_ms,
             "argon2id_unlock_ms": r.argon2id_unlock_ms,
             "unlock_over_argon2id": argon_ratio,
@@ -318,6 +324,13 @@ fn run_load(a: &LoadArgs) -> Result<bool, String> {
             "  QUIC+TLS handshakes alone:   {:.0}/s -> releases at {:.0}% of it",
             r.handshakes_per_sec,
             100.0 * r.releases_per_sec / r.handshakes_per_sec
+        );
+        println!(
+            "  broker CPU: {:.0} us per release ({:.0}% busy in the storm), {:.0} us per handshake alone, {:.0} us per verification",
+            r.broker_us_per_release,
+            r.broker_busy * 100.0,
+            r.broker_us_per_handshake,
+            r.verifier_us_per_report
         );
         println!(
             "  evidence round trip (verify, decide, durable commit, seal): p50 {:.1} ms, p99 {:.1} ms",
