@@ -6,39 +6,16 @@
 //!
 //! Run: `cargo bench -p attesta-benches --bench release`
 
+use attesta_benches::{AT, Simulated};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use proto::msg::{ReleaseBody, Response};
 use proto::{GuestKey, ResponseKey, SealContext};
-use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
-use snp::device::GuestDevice;
-use snp::{Evidence, Product, Revocation, Verifier, VerifierConfig};
+use snp::Product;
 use std::hint::black_box;
-use std::sync::Arc;
-
-/// 2026-06-01T00:00:00Z.
-const AT: u64 = 1_780_272_000;
 
 fn bench(c: &mut Criterion) {
-    let pki = Arc::new(Pki::from_seed(Product::Milan, Seed::from_text("bench")).expect("pki"));
-    let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).expect("chip");
-    let guest = chip.launch(GuestLaunch {
-        measurement: [3; 48],
-        ..Default::default()
-    });
-    let report = guest.get_report(&[1; 64], 0).expect("report");
-    let verifier = Verifier::new(VerifierConfig {
-        trust_roots: vec![pki.ark.cert.clone()],
-        revocation: Revocation::IfAvailable,
-        ..Default::default()
-    });
-    let ev = Evidence {
-        report: &report,
-        vcek: Some(&chip.vcek().cert),
-        ask: Some(&pki.ask.cert),
-        ark: Some(&pki.ark.cert),
-        crls: &[],
-    };
-    assert!(verifier.verify(&ev, AT).accepted());
+    let sim = Simulated::new(Product::Milan);
+    let (verifier, ev) = (&sim.verifier, sim.evidence());
 
     let guest_key = GuestKey::generate().expect("guest key");
     let ctx = SealContext {
