@@ -2,9 +2,11 @@
 //!
 //! Why not in the store: a nonce is bound to the connection it is used on (REPORT_DATA covers
 //! the connection's TLS exporter), so a nonce outlives neither the connection nor the broker
-//! process; writing each one durably cost a write and a read of the store per boot. What must be
-//! durable is that a nonce was *spent*: that is committed with the decision it was spent on
-//! ([`crate::store::Commit`]), so one nonce yields at most one release even if two requests race.
+//! process; writing each one durably cost a write and a read of the store per boot. At most one
+//! release per nonce is enforced here ([`NonceBook::take`] spends it under the book's lock); the
+//! spending is also committed durably with the decision it was spent on
+//! ([`crate::store::Commit`]), whose upsert turns a second release on the same nonce into a
+//! denial.
 //!
 //! A nonce is spent by its first use, whatever the outcome ([`NonceBook::take`]). Entries stay
 //! [`RETAIN_AFTER_EXPIRY`] seconds past their expiry, so a late or replayed use is denied as
@@ -19,8 +21,9 @@ use std::collections::{HashMap, VecDeque};
 /// Seconds an entry is kept after its nonce expired.
 pub const RETAIN_AFTER_EXPIRY: u64 = 60;
 
-/// Entries held at most by default (~40 MB); a boot storm at the measured release rate needs a
-/// few tens of thousands.
+/// Entries held at most by default (each ≤ ~250 bytes: VM ids are at most 128; ~64 MB); a boot
+/// storm at the measured release rate needs a few tens of thousands. The broker also caps the
+/// challenges per connection, so one client cannot fill it alone.
 pub const DEFAULT_CAPACITY: usize = 1 << 18;
 
 /// Issued and spent nonces, oldest first.

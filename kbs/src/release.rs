@@ -1,6 +1,7 @@
-//! The release decision, as a pure function: given what the store knows about a nonce and a VM,
-//! and what the verifier concluded about the evidence, release the VM's secrets or deny — and say
-//! which state changes must be committed (durably, atomically) before the answer is sent.
+//! The release decision, as a pure function: given what the broker knows about a nonce (its nonce
+//! book) and a VM (its store), and what the verifier concluded about the evidence, release the
+//! VM's secrets or deny — and say which state changes must be committed (durably, atomically)
+//! before the answer is sent.
 //!
 //! Rules: an unknown, expired or spent nonce is denied; a nonce is spent by its first use,
 //! whatever the outcome, so each nonce yields at most one release; a nonce issued for another
@@ -10,7 +11,7 @@
 
 use snp::Reason;
 
-/// What the store holds about a nonce.
+/// What the broker holds about a nonce.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NonceState {
     Issued { vm_id: String, expires_at: u64 },

@@ -136,6 +136,10 @@ pub const DEFAULT_MAX_SESSIONS: usize = 64;
 /// Close code for a connection that outlived its session time limit.
 pub const CLOSE_TIME_LIMIT: u32 = 0x11;
 
+/// Challenges one connection may ask for (a boot needs one; a retry or two more): a client
+/// cannot flood the nonce book, nor push other guests' nonces out of it, from one session.
+pub const MAX_CHALLENGES_PER_SESSION: u32 = 8;
+
 /// How long a handshake may hold a slot: a client that does not finish it by then (gone, or
 /// never there) frees the slot for the next.
 pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -348,6 +352,11 @@ impl Kbs {
     }
 
     async fn challenge(&self, vm_id: &str, now: u64) -> Response {
+        // Only ids an order could carry: the book keeps a copy of each.
+        if !proto::order::is_valid_vm_id(vm_id) {
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Response::error("bad_request", "vm_id must be 1-128 of [A-Za-z0-9._-]");
+        }
         let mut nonce = [0u8; 32];
         let issued = aws_lc_rs::rand::fill(&mut nonce).is_ok()
             && self
@@ -895,10 +904,22 @@ pub async fn serve_with(
             };
             let streams = async {
                 let mut requests = tokio::task::JoinSet::new();
+                let challenges = Arc::new(std::sync::atomic::AtomicU32::new(0));
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                     let kbs = kbs.clone();
+                    let challenges = challenges.clone();
                     requests.spawn(async move {
                         let resp = match read_request(&mut recv).await {
+                            Ok(Request::Challenge { .. })
+                                if challenges.fetch_add(1, Ordering::Relaxed)
+                                    >= MAX_CHALLENGES_PER_SESSION =>
+                            {
+                                kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                                Response::error(
+                                    "too_many_challenges",
+                                    "this connection has asked for its challenges",
+                                )
+                            }
                             Ok(req) => kbs.handle(req, role, exporter, clock()).await,
                             Err(code) => {
                                 kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);

@@ -544,3 +544,68 @@ async fn sessions_are_bounded_and_time_limited() {
     assert_eq!(r.boot_counter, 2);
     assert!(t.elapsed() >= limit, "served while both slots were held");
 }
+
+/// One connection gets a few challenges, not a flood (the nonce book is shared by every guest),
+/// and only for VM ids an order could carry.
+#[tokio::test]
+async fn challenges_are_bounded_per_connection_and_checked() {
+    let Setup {
+        dir: _dir,
+        response_pub,
+        kbs,
+        ..
+    } = setup().await;
+    let tls = TlsIdentity::generate("kbs.attesta.test").unwrap();
+    let endpoint =
+        quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(serve(endpoint, kbs.clone(), now));
+    let broker = Broker {
+        addr,
+        server_name: "kbs.attesta.test".into(),
+        ca_der: tls.ca_der.clone(),
+        response_key: response_pub,
+    };
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connect = || async {
+        client
+            .connect_with(
+                guest_agent::client::client_config(&broker).unwrap(),
+                addr,
+                "kbs.attesta.test",
+            )
+            .unwrap()
+            .await
+            .unwrap()
+    };
+    let challenge = |vm_id: String| Request::Challenge { v: VERSION, vm_id };
+    let code = |r: Response| match r {
+        Response::Challenge { .. } => "challenge".to_string(),
+        Response::Error { code, .. } => code,
+        other => panic!("unexpected answer {other:?}"),
+    };
+    let conn = connect().await;
+    for i in 0..kbs::service::MAX_CHALLENGES_PER_SESSION {
+        let r = guest_agent::client::exchange(&conn, &challenge(format!("vm-{i}")))
+            .await
+            .unwrap();
+        assert_eq!(code(r), "challenge", "challenge {i}");
+    }
+    let r = guest_agent::client::exchange(&conn, &challenge("vm-0".into()))
+        .await
+        .unwrap();
+    assert_eq!(code(r), "too_many_challenges");
+    // A new connection starts afresh; an id no order could carry is refused.
+    let conn = connect().await;
+    for bad in ["x".repeat(129), String::new(), "vm 1".into()] {
+        let r = guest_agent::client::exchange(&conn, &challenge(bad))
+            .await
+            .unwrap();
+        assert_eq!(code(r), "bad_request");
+    }
+    let r = guest_agent::client::exchange(&conn, &challenge("x".repeat(128)))
+        .await
+        .unwrap();
+    assert_eq!(code(r), "challenge");
+}

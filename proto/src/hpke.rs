@@ -127,10 +127,13 @@ fn seal_with(
     let enc = public_of(sk_e)?;
     let shared = shared_secret(sk_e, pk_r, &enc, pk_r)?;
     let (key, nonce) = key_schedule(&shared, info)?;
-    let mut buf = pt.to_vec();
-    key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut buf)
+    // The plaintext (a volume key) is copied into a buffer with room for the tag, so sealing
+    // does not reallocate and leave an unwiped copy behind; the buffer is wiped if it fails.
+    let mut buf = Zeroizing::new(Vec::with_capacity(pt.len() + CHACHA20_POLY1305.tag_len()));
+    buf.extend_from_slice(pt);
+    key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut *buf)
         .map_err(|_| HpkeError)?;
-    Ok((enc, buf))
+    Ok((enc, std::mem::take(&mut *buf)))
 }
 
 /// Opens what [`seal`] made for the key pair `(sk_r, pk_r)`; the plaintext is zeroized on drop.

@@ -189,13 +189,7 @@ impl Order {
                 now,
             });
         }
-        if o.vm_id.is_empty()
-            || o.vm_id.len() > 128
-            || !o
-                .vm_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
+        if !is_valid_vm_id(&o.vm_id) {
             return Err(DocumentError::Invalid(
                 "vm_id must be 1-128 of [A-Za-z0-9._-]",
             ));
@@ -277,4 +271,13 @@ impl Allowlist {
         }
         Ok(a)
     }
+}
+
+/// A VM id as orders (and challenges) must carry it: 1-128 of `[A-Za-z0-9._-]`.
+pub fn is_valid_vm_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
