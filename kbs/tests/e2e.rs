@@ -38,6 +38,23 @@ struct Setup {
     kbs: Arc<Kbs>,
 }
 
+/// Serves `kbs` on a loopback QUIC endpoint with TLS from a fresh CA; what a guest pins to
+/// reach it.
+fn serve_on_loopback(kbs: &Arc<Kbs>, response_pub: [u8; 32]) -> Broker {
+    let tls = TlsIdentity::generate("kbs.attesta.test").unwrap();
+    let endpoint =
+        quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(serve(endpoint, kbs.clone(), now));
+    Broker {
+        addr,
+        server_name: "kbs.attesta.test".into(),
+        ca_der: tls.ca_der,
+        response_key: response_pub,
+    }
+}
+
 async fn setup() -> Setup {
     setup_with(|_| {}).await
 }
@@ -130,18 +147,7 @@ async fn attested_release_over_quic() {
             .is_err()
     );
 
-    // TLS for the broker, from a CA the guest pins.
-    let tls = TlsIdentity::generate("kbs.attesta.test").unwrap();
-    let cfg = tls.server_config().unwrap();
-    let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(serve(endpoint, kbs.clone(), now));
-    let broker = Broker {
-        addr,
-        server_name: "kbs.attesta.test".into(),
-        ca_der: tls.ca_der.clone(),
-        response_key: response_pub,
-    };
+    let broker = serve_on_loopback(&kbs, response_pub);
 
     // First boot: the guest gets its key and formats its LUKS2 disk.
     let guest = chip.launch(GuestLaunch {
@@ -477,18 +483,8 @@ async fn sessions_are_bounded_and_time_limited() {
         };
         kbs.register(&o.sign(&operator), now()).await.unwrap();
     }
-    let tls = TlsIdentity::generate("kbs.attesta.test").unwrap();
-    let endpoint =
-        quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
-            .unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(serve(endpoint, kbs.clone(), now));
-    let broker = Arc::new(Broker {
-        addr,
-        server_name: "kbs.attesta.test".into(),
-        ca_der: tls.ca_der.clone(),
-        response_key: response_pub,
-    });
+    let broker = Arc::new(serve_on_loopback(&kbs, response_pub));
+    let addr = broker.addr;
     // Boots run as tasks of their own, so the simulated chip lives as long as the test.
     let chip: &'static Chip = Box::leak(Box::new(chip));
     let guest = Arc::new(chip.launch(GuestLaunch {
@@ -555,18 +551,8 @@ async fn challenges_are_bounded_per_connection_and_checked() {
         kbs,
         ..
     } = setup().await;
-    let tls = TlsIdentity::generate("kbs.attesta.test").unwrap();
-    let endpoint =
-        quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
-            .unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(serve(endpoint, kbs.clone(), now));
-    let broker = Broker {
-        addr,
-        server_name: "kbs.attesta.test".into(),
-        ca_der: tls.ca_der.clone(),
-        response_key: response_pub,
-    };
+    let broker = serve_on_loopback(&kbs, response_pub);
+    let addr = broker.addr;
     let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let connect = || async {
         client
