@@ -14,5 +14,6 @@
 pub mod client;
 pub mod config;
 pub mod device;
+pub mod header;
 pub mod luks;
 pub mod unlock;

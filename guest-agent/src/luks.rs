@@ -2,18 +2,28 @@
 //! generated. The key is random, so the keyslot uses a cheap PBKDF (no argon2 on every boot), and
 //! every boot unlocks by volume key directly; the keyslot exists so that an operator with the key
 //! can open the disk with the `cryptsetup` CLI (`--key-file`).
+//!
+//! The header on the disk is the host's to edit. [`unlock`] therefore reads the metadata area
+//! once into memory, judges that copy ([`crate::header`]: exactly what [`format`] writes, bound
+//! to the key by a MAC in the Attesta token), and activates from that same copy — a detached
+//! header in a memfd — so the disk's header is never read again between the check and the use.
 
+use crate::header::{self, Expect, HeaderError};
 use libcryptsetup_rs::consts::flags::{CryptActivate, CryptPbkdf, CryptVolumeKey};
 use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
-use libcryptsetup_rs::{CryptInit, CryptPbkdfType, Either, LibcryptErr, TokenInput};
+use libcryptsetup_rs::{
+    CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptPbkdfType, Either, LibcryptErr,
+    TokenInput,
+};
 use std::fmt;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 /// Bytes of an AES-256-XTS volume key.
 pub const VOLUME_KEY_LEN: usize = 64;
 /// The LUKS2 token type Attesta writes.
-pub const TOKEN_TYPE: &str = "attesta";
+pub const TOKEN_TYPE: &str = header::TOKEN_TYPE;
 
 /// A volume key. Zeroized on drop; its `Debug` shows nothing.
 pub struct VolumeKey(Zeroizing<[u8; VOLUME_KEY_LEN]>);
@@ -72,6 +82,12 @@ pub enum LuksError {
     DeviceMapperUnavailable,
     #[error("libcryptsetup failed to {op}: {why}")]
     Cryptsetup { op: &'static str, why: String },
+    #[error("refusing the LUKS2 header: {0}")]
+    Header(#[from] HeaderError),
+    #[error(
+        "libcryptsetup reads the header differently from the agent ({0}); refusing to activate"
+    )]
+    Differential(String),
 }
 
 fn cs(op: &'static str) -> impl Fn(LibcryptErr) -> LuksError {
@@ -111,34 +127,39 @@ fn init(path: &Path) -> Result<libcryptsetup_rs::CryptDevice, LuksError> {
     })
 }
 
-/// Whether the disk is blank or LUKS2.
-pub fn probe(path: &Path) -> Result<DiskState, LuksError> {
-    let mut dev = init(path)?;
-    match dev.context_handle().load::<()>(None, None) {
-        Ok(()) => {}
-        // EINVAL: no LUKS header at all.
-        Err(e) if errno(&e) == Some(libc_einval()) => return Ok(DiskState::Blank),
-        Err(e) => return Err(cs("read the LUKS header")(e)),
+/// Reads the disk's metadata area (the first [`header::DATA_OFFSET`] bytes) into memory: the one
+/// copy that is judged and then used.
+pub fn read_metadata(path: &Path) -> Result<Vec<u8>, LuksError> {
+    let open = |e: std::io::Error| LuksError::Open {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
+    let f = std::fs::File::open(path).map_err(open)?;
+    let mut meta = Vec::with_capacity(header::DATA_OFFSET);
+    f.take(header::DATA_OFFSET as u64)
+        .read_to_end(&mut meta)
+        .map_err(open)?;
+    if meta.len() < header::DATA_OFFSET {
+        return Err(HeaderError::Truncated(meta.len()).into());
     }
-    if dev
-        .format_handle()
-        .get_type()
-        .map_err(cs("read the header type"))?
-        != EncryptionFormat::Luks2
-    {
-        return Err(LuksError::NotLuks2);
-    }
-    let uuid = dev
-        .status_handle()
-        .get_uuid()
-        .map_err(cs("read the UUID"))?;
-    Ok(DiskState::Luks2 {
-        uuid: uuid.to_string(),
-    })
+    Ok(meta)
 }
 
-const fn libc_einval() -> i32 {
-    22
+/// Whether the disk is blank (no LUKS2 header copy where the agent writes one) or not. This
+/// judges nothing: [`unlock`] does.
+pub fn probe(path: &Path) -> Result<DiskState, LuksError> {
+    let meta = read_metadata(path)?;
+    if header::is_blank(&meta) {
+        return Ok(DiskState::Blank);
+    }
+    if !meta.starts_with(b"LUKS\xba\xbe") || meta.get(6..8) != Some(&[0, 2]) {
+        return Err(LuksError::NotLuks2);
+    }
+    let uuid = &meta[168..208];
+    let end = uuid.iter().position(|&b| b == 0).unwrap_or(uuid.len());
+    Ok(DiskState::Luks2 {
+        uuid: String::from_utf8_lossy(&uuid[..end]).into_owned(),
+    })
 }
 
 /// PBKDF2-SHA256 with the minimum iterations and no benchmark: the passphrase is the 512-bit
@@ -155,11 +176,12 @@ fn cheap_pbkdf() -> CryptPbkdfType {
     }
 }
 
-/// Formats a blank disk as LUKS2 (aes-xts-plain64, 512-bit key) with `key` as its volume key,
-/// a keyslot whose passphrase is the key itself (cheap PBKDF2: the key is uniformly random), and
-/// an Attesta token. Refuses a disk that already has a LUKS header.
+/// Formats a blank disk as LUKS2 (aes-xts-plain64, 512-bit key, data at 16 MiB, 4096-byte
+/// sectors) with `key` as its volume key, a keyslot whose passphrase is the key itself (cheap
+/// PBKDF2: the key is uniformly random), and an Attesta token naming the VM and generation and
+/// carrying the header's MAC under the key. Refuses a disk that is not blank.
 pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String, LuksError> {
-    if probe(path)? != DiskState::Blank {
+    if !header::is_blank(&read_metadata(path)?) {
         return Err(LuksError::AlreadyFormatted);
     }
     let mut dev = init(path)?;
@@ -168,13 +190,27 @@ pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String,
     dev.settings_handle()
         .set_pbkdf_type(&pbkdf)
         .map_err(cs("set the PBKDF"))?;
+    // Every parameter explicit: the header check expects exactly these, whatever the
+    // library's defaults become.
+    let params = CryptParamsLuks2 {
+        pbkdf: Some(cheap_pbkdf()),
+        integrity: None,
+        integrity_params: None,
+        data_alignment: (header::DATA_OFFSET / 512) as _,
+        data_device: None,
+        sector_size: header::SECTOR_SIZE as u32,
+        label: None,
+        subsystem: None,
+    };
+    let mut params_ref: CryptParamsLuks2Ref<'_> =
+        (&params).try_into().map_err(cs("prepare the format"))?;
     dev.context_handle()
-        .format::<()>(
+        .format(
             EncryptionFormat::Luks2,
             ("aes", "xts-plain64"),
             None,
             Either::Left(key.as_bytes()),
-            None,
+            Some(&mut params_ref),
         )
         .map_err(cs("format LUKS2"))?;
     dev.settings_handle()
@@ -189,14 +225,24 @@ pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String,
             CryptVolumeKey::empty(),
         )
         .map_err(cs("add the keyslot"))?;
-    let token = serde_json::json!({
+    let mut token = serde_json::json!({
         "type": TOKEN_TYPE,
         "keyslots": [slot.to_string()],
         "vm_id": label.vm_id,
         "generation": label.generation,
     });
-    dev.token_handle()
+    let id = dev
+        .token_handle()
         .json_set(TokenInput::AddToken(&token))
+        .map_err(cs("write the Attesta token"))?;
+    // The MAC covers the metadata as libcryptsetup wrote it (read back from the disk), less the
+    // MAC itself; the token is then rewritten with it.
+    let meta = read_metadata(path)?;
+    let json = header::json_of(&meta)?;
+    let mac = header::compute_mac(&meta, &json, key.as_bytes())?;
+    token["mac"] = serde_json::Value::String(mac);
+    dev.token_handle()
+        .json_set(TokenInput::ReplaceToken(id, &token))
         .map_err(cs("write the Attesta token"))?;
     let uuid = dev
         .status_handle()
@@ -205,18 +251,27 @@ pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String,
     Ok(uuid.to_string())
 }
 
-/// Checks that `key` is this disk's volume key, without activating anything.
+/// Checks with libcryptsetup that `key` is this disk's volume key (the keyslot digest), without
+/// judging the header or activating anything. [`unlock`] is what the agent uses.
 pub fn verify_key(path: &Path, key: &VolumeKey) -> Result<(), LuksError> {
     let mut dev = init(path)?;
+    load_luks2(&mut dev)?;
+    verify_digest(&mut dev, key)
+}
+
+fn load_luks2(dev: &mut libcryptsetup_rs::CryptDevice) -> Result<(), LuksError> {
     dev.context_handle()
         .load::<()>(Some(EncryptionFormat::Luks2), None)
         .map_err(|e| {
-            if errno(&e) == Some(libc_einval()) {
+            if errno(&e) == Some(22) {
                 LuksError::NotLuks2
             } else {
                 cs("read the LUKS header")(e)
             }
-        })?;
+        })
+}
+
+fn verify_digest(dev: &mut libcryptsetup_rs::CryptDevice, key: &VolumeKey) -> Result<(), LuksError> {
     dev.volume_key_handle()
         .verify(key.as_bytes())
         .map_err(|e| match errno(&e) {
@@ -225,41 +280,81 @@ pub fn verify_key(path: &Path, key: &VolumeKey) -> Result<(), LuksError> {
         })
 }
 
-/// The Attesta token of a formatted disk.
+/// The Attesta token of a formatted disk, as its primary header copy says (unjudged).
 pub fn label(path: &Path) -> Result<Option<DiskLabel>, LuksError> {
-    let mut dev = init(path)?;
-    dev.context_handle()
-        .load::<()>(Some(EncryptionFormat::Luks2), None)
-        .map_err(cs("read the LUKS header"))?;
-    for t in 0..32u32 {
-        let Ok(j) = dev.token_handle().json_get(t) else {
-            continue;
-        };
-        if j.get("type").and_then(|v| v.as_str()) == Some(TOKEN_TYPE) {
-            return Ok(Some(DiskLabel {
-                vm_id: j
-                    .get("vm_id")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default()
-                    .to_string(),
-                generation: j.get("generation").and_then(|v| v.as_u64()).unwrap_or(0),
-            }));
-        }
-    }
-    Ok(None)
+    let meta = read_metadata(path)?;
+    let json = header::json_of(&meta)?;
+    let Some(tokens) = json.get("tokens").and_then(|t| t.as_object()) else {
+        return Ok(None);
+    };
+    Ok(tokens
+        .values()
+        .find(|t| t.get("type").and_then(|v| v.as_str()) == Some(TOKEN_TYPE))
+        .map(|t| DiskLabel {
+            vm_id: t
+                .get("vm_id")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            generation: t.get("generation").and_then(|v| v.as_u64()).unwrap_or(0),
+        }))
 }
 
-/// Unlocks the disk as `/dev/mapper/{name}` by volume key (no PBKDF). The key is verified
-/// first, so a wrong key is reported as such even where device-mapper is missing.
-pub fn unlock(path: &Path, name: &str, key: &VolumeKey) -> Result<(), LuksError> {
-    verify_key(path, key)?;
+/// A detached copy of the judged header in an anonymous memory file: what libcryptsetup loads
+/// and activates from. Gone when dropped.
+struct MemHeader {
+    _fd: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl MemHeader {
+    fn new(meta: &[u8]) -> Result<MemHeader, LuksError> {
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        use std::os::fd::AsRawFd;
+        let fail = |why: String| LuksError::Cryptsetup {
+            op: "hold the header in memory",
+            why,
+        };
+        let fd = memfd_create(c"attesta-luks2-header", MFdFlags::empty())
+            .map_err(|e| fail(e.to_string()))?;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let mut f = std::fs::File::from(fd.try_clone().map_err(|e| fail(e.to_string()))?);
+        f.write_all(meta).map_err(|e| fail(e.to_string()))?;
+        Ok(MemHeader { _fd: fd, path })
+    }
+}
+
+/// Unlocks the disk as `/dev/mapper/{name}` by volume key (no PBKDF), only if its header is
+/// exactly what [`format`] writes for `label` and bound to `key`: the metadata area is read
+/// once, judged, and activated from that same in-memory copy; libcryptsetup's own view of the
+/// copy must agree with the agent's. Every check runs before activation, so a refused header
+/// or a wrong key is reported as such even where device-mapper is missing.
+pub fn unlock(path: &Path, name: &str, key: &VolumeKey, label: &DiskLabel) -> Result<(), LuksError> {
+    let meta = read_metadata(path)?;
+    let checked = header::check(
+        &meta,
+        &Expect {
+            vm_id: &label.vm_id,
+            generation: label.generation,
+        },
+    )?;
+    let mem = MemHeader::new(&meta)?;
+    drop(meta);
+    quiet::install();
+    let mut dev = CryptInit::init_with_data_device(Either::Right((&mem.path, path))).map_err(
+        |e| LuksError::Open {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        },
+    )?;
+    load_luks2(&mut dev)?;
+    agree(&mut dev, &checked)?;
+    // The digest first, so that a wrong key is told apart from a header not bound to the key.
+    verify_digest(&mut dev, key)?;
+    checked.verify_mac(key.as_bytes())?;
     if !Path::new("/dev/mapper/control").exists() {
         return Err(LuksError::DeviceMapperUnavailable);
     }
-    let mut dev = init(path)?;
-    dev.context_handle()
-        .load::<()>(Some(EncryptionFormat::Luks2), None)
-        .map_err(cs("read the LUKS header"))?;
     dev.activate_handle()
         .activate_by_volume_key(Some(name), Some(key.as_bytes()), CryptActivate::empty())
         .map_err(|e| match errno(&e) {
@@ -267,4 +362,32 @@ pub fn unlock(path: &Path, name: &str, key: &VolumeKey) -> Result<(), LuksError>
             Some(95) | Some(19) | Some(2) => LuksError::DeviceMapperUnavailable,
             _ => cs("activate the disk")(e),
         })
+}
+
+/// What libcryptsetup will activate with must be what the agent judged: cipher, mode, key size,
+/// data offset, sector size and the whole JSON metadata.
+fn agree(dev: &mut libcryptsetup_rs::CryptDevice, checked: &header::Checked) -> Result<(), LuksError> {
+    let mut st = dev.status_handle();
+    let cipher = st.get_cipher().map_err(cs("read the cipher"))?;
+    let mode = st.get_cipher_mode().map_err(cs("read the cipher mode"))?;
+    if format!("{cipher}-{mode}") != header::ENCRYPTION {
+        return Err(LuksError::Differential(format!("cipher {cipher}-{mode}")));
+    }
+    let ks = st.get_volume_key_size();
+    if i64::from(ks) != header::KEY_SIZE as i64 {
+        return Err(LuksError::Differential(format!("key size {ks}")));
+    }
+    let off = st.get_data_offset();
+    if off != (header::DATA_OFFSET / 512) as u64 {
+        return Err(LuksError::Differential(format!("data offset {off} sectors")));
+    }
+    let json = st.dump_json().map_err(cs("read the metadata"))?;
+    if json != checked.json {
+        return Err(LuksError::Differential("the JSON metadata".into()));
+    }
+    let sector = libcryptsetup_rs::get_sector_size(Some(dev));
+    if i64::from(sector) != header::SECTOR_SIZE as i64 {
+        return Err(LuksError::Differential(format!("sector size {sector}")));
+    }
+    Ok(())
 }

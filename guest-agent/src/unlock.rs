@@ -4,6 +4,7 @@
 
 use crate::client::{Broker, ClientError, Released, fetch};
 use crate::config::{DeviceConfig, GuestConfig};
+use crate::header::HeaderError;
 use crate::luks::{self, DiskLabel, DiskState, LuksError, VolumeKey};
 use snp::device::GuestDevice;
 use std::path::Path;
@@ -38,6 +39,10 @@ pub enum UnlockError {
     Timeout(u64),
     #[error("the disk has no LUKS header and format_if_blank is off")]
     BlankRefused,
+    #[error(
+        "the disk is blank on boot {0} of this key: it was formatted on the first boot, so it has been wiped; refusing to format it again under the same key"
+    )]
+    BlankAfterFirstBoot(u64),
     #[error("the disk belongs to VM {found:?}, not {expected:?}")]
     ForeignDisk { found: String, expected: String },
     #[error("the disk: {0}")]
@@ -218,32 +223,28 @@ pub fn broker(cfg: &GuestConfig) -> Result<Broker, UnlockError> {
     })
 }
 
-/// The disk half: format on first boot, otherwise check that the disk is this VM's and that
-/// the key opens it; then activate by volume key.
+/// The disk half. A blank disk is formatted only on the VM's first release (boot counter 1):
+/// blank on a later boot means the host wiped it, to have the guest write fresh ciphertext under
+/// the same key, and is refused. Then the header is judged and the disk activated from the
+/// judged copy ([`luks::unlock`]): it must be exactly what the agent writes, for this VM and
+/// generation, bound to the key.
 pub fn open_disk(cfg: &GuestConfig, released: &Released) -> Result<Unlocked, UnlockError> {
     let key = VolumeKey::from_bytes(&released.volume_key)?;
     let path = &cfg.disk.path;
+    let label = DiskLabel {
+        vm_id: cfg.vm_id.clone(),
+        generation: released.generation,
+    };
     let formatted = match luks::probe(path)? {
         DiskState::Blank if !cfg.disk.format_if_blank => return Err(UnlockError::BlankRefused),
+        DiskState::Blank if released.boot_counter != 1 => {
+            return Err(UnlockError::BlankAfterFirstBoot(released.boot_counter));
+        }
         DiskState::Blank => {
-            let label = DiskLabel {
-                vm_id: cfg.vm_id.clone(),
-                generation: released.generation,
-            };
             luks::format(path, &key, &label)?;
             true
         }
-        DiskState::Luks2 { .. } => {
-            if let Some(l) = luks::label(path)?
-                && l.vm_id != cfg.vm_id
-            {
-                return Err(UnlockError::ForeignDisk {
-                    found: l.vm_id,
-                    expected: cfg.vm_id.clone(),
-                });
-            }
-            false
-        }
+        DiskState::Luks2 { .. } => false,
     };
     let mut done = Unlocked {
         vm_id: cfg.vm_id.clone(),
@@ -252,12 +253,15 @@ pub fn open_disk(cfg: &GuestConfig, released: &Released) -> Result<Unlocked, Unl
         formatted,
         activated: false,
     };
-    match luks::unlock(path, &cfg.disk.name, &key) {
+    match luks::unlock(path, &cfg.disk.name, &key, &label) {
         Ok(()) => {
             done.activated = true;
             Ok(done)
         }
         Err(LuksError::DeviceMapperUnavailable) => Err(UnlockError::NoDeviceMapper(done)),
+        Err(LuksError::Header(HeaderError::ForeignVm { found, expected })) => {
+            Err(UnlockError::ForeignDisk { found, expected })
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -48,7 +48,7 @@ fn first_boot_formats_every_boot_verifies() {
     let uuid = luks::format(&img, &k, &label).unwrap();
     eprintln!("formatted in {:?}", t0.elapsed());
     assert_eq!(luks::probe(&img).unwrap(), DiskState::Luks2 { uuid });
-    assert_eq!(luks::label(&img).unwrap(), Some(label));
+    assert_eq!(luks::label(&img).unwrap(), Some(label.clone()));
     luks::verify_key(&img, &k).unwrap();
     assert!(matches!(
         luks::verify_key(&img, &key(2)),
@@ -68,7 +68,7 @@ fn first_boot_formats_every_boot_verifies() {
     ));
     luks::verify_key(&img, &k).unwrap();
     // Unlock: verified first; activation needs device-mapper, which this sandbox may lack.
-    match luks::unlock(&img, "attesta-test", &k) {
+    match luks::unlock(&img, "attesta-test", &k, &label) {
         Ok(()) => {
             let _ = Command::new("cryptsetup")
                 .args(["close", "attesta-test"])
@@ -80,7 +80,7 @@ fn first_boot_formats_every_boot_verifies() {
         Err(e) => panic!("unlock: {e}"),
     }
     assert!(matches!(
-        luks::unlock(&img, "attesta-test", &key(9)),
+        luks::unlock(&img, "attesta-test", &key(9), &label),
         Err(LuksError::WrongKey)
     ));
 }

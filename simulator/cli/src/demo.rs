@@ -407,8 +407,11 @@ async fn run_on(
                 )
                 .map_err(|x| e(&x))?;
             } else {
-                luks::verify_key(&img, &key).map_err(|x| format!("{vm}: {x}"))?;
-                match luks::unlock(&img, &format!("attesta-{vm}"), &key) {
+                let label = DiskLabel {
+                    vm_id: vm.clone(),
+                    generation: got.generation,
+                };
+                match luks::unlock(&img, &format!("attesta-{vm}"), &key, &label) {
                     Ok(()) => {
                         unlocked += 1;
                         activated += 1;

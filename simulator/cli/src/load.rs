@@ -359,7 +359,11 @@ pub fn run(
             .block_on(fetch_on(&client, &broker, "vm-0", &g0))
             .map_err(|x| e(&x))?;
         let key = DiskKey::from_bytes(&r.volume_key).map_err(|x| e(&x))?;
-        match luks::unlock(&img, "attesta-load", &key) {
+        let label = DiskLabel {
+            vm_id: "vm-0".into(),
+            generation: r.generation,
+        };
+        match luks::unlock(&img, "attesta-load", &key, &label) {
             Ok(()) => {
                 let _ = std::process::Command::new("cryptsetup")
                     .args(["close", "attesta-load"])
