@@ -30,6 +30,19 @@ def table(certs):
         body += data
     return head + b"\0" * 24 + body
 
+# A LUKS2 header as the guest agent formats it (cryptsetup CLI, same parameters).
+import subprocess, tempfile
+with tempfile.TemporaryDirectory() as t:
+    img, kf = pathlib.Path(t) / "disk.img", pathlib.Path(t) / "key"
+    kf.write_bytes(b"\x5a" * 64)
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    r = subprocess.run(["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--cipher", "aes-xts-plain64",
+                        "--key-size", "512", "--sector-size", "4096", "--pbkdf", "pbkdf2",
+                        "--pbkdf-force-iterations", "1000", "--key-file", str(kf), str(img)],
+                       capture_output=True)
+    if r.returncode == 0:
+        put("luks_header", "agent-format", img.read_bytes()[:32768])
 put("policy", "example.toml", (root.parent / "examples" / "policy.toml").read_bytes())
 put("cert_table", "empty", b"\0" * 24)
 put("host_spec", "vm.toml", (root.parent / "examples" / "vm.toml").read_bytes())

@@ -56,7 +56,7 @@ pub struct Expect<'a> {
 /// Why a header was refused. Never contains key bytes.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
-    #[error("the metadata area is {0} bytes, shorter than the {DATA_OFFSET} the agent formats")]
+    #[error("the metadata area is {0} bytes, shorter than the agent formats")]
     Truncated(usize),
     #[error("the {0} header copy is missing (no LUKS2 magic where the agent writes it)")]
     Missing(Copy),
@@ -164,10 +164,11 @@ impl Checked {
     }
 }
 
-/// Judges the metadata area (the first [`DATA_OFFSET`] bytes of the disk): both binary headers,
-/// then the JSON, against exactly what the agent formats for `expect`.
+/// Judges the metadata area (the disk's first [`DATA_OFFSET`] bytes; only the two header copies
+/// at its start are interpreted): both binary headers, then the JSON, against exactly what the
+/// agent formats for `expect`.
 pub fn check(meta: &[u8], expect: &Expect<'_>) -> Result<Checked, HeaderError> {
-    if meta.len() < DATA_OFFSET {
+    if meta.len() < 2 * HDR_SIZE {
         return Err(HeaderError::Truncated(meta.len()));
     }
     let primary = &meta[..HDR_SIZE];
@@ -368,7 +369,12 @@ fn layout(j: &Value, expect: &Expect<'_>) -> Result<Vec<u8>, HeaderError> {
     }
     exact_keys(config, &["json_size", "keyslots_size"], "config")?;
     want_str(config, "json_size", &JSON_SIZE.to_string(), "config")?;
-    want_str(config, "keyslots_size", &KEYSLOTS_SIZE.to_string(), "config")?;
+    want_str(
+        config,
+        "keyslots_size",
+        &KEYSLOTS_SIZE.to_string(),
+        "config",
+    )?;
 
     let segments = object(&top["segments"], "segments")?;
     count(segments, "segments")?;
@@ -422,7 +428,12 @@ fn layout(j: &Value, expect: &Expect<'_>) -> Result<Vec<u8>, HeaderError> {
         "keyslot 0's area",
     )?;
     want_str(area, "type", "raw", "keyslot 0's area")?;
-    want_str(area, "offset", &(2 * HDR_SIZE).to_string(), "keyslot 0's area")?;
+    want_str(
+        area,
+        "offset",
+        &(2 * HDR_SIZE).to_string(),
+        "keyslot 0's area",
+    )?;
     want_str(
         area,
         "size",
@@ -618,11 +629,14 @@ mod tests {
 
     #[test]
     fn the_mac_input_ignores_key_order_and_the_mac_itself() {
-        let a = parse_strict(r#"{"tokens":{"0":{"type":"attesta","mac":"00","vm_id":"v"}},"b":[1,2]}"#)
-            .unwrap();
-        let b = parse_strict(r#"{"b":[1,2],"tokens":{"0":{"vm_id":"v","type":"attesta"}}}"#).unwrap();
+        let a =
+            parse_strict(r#"{"tokens":{"0":{"type":"attesta","mac":"00","vm_id":"v"}},"b":[1,2]}"#)
+                .unwrap();
+        let b =
+            parse_strict(r#"{"b":[1,2],"tokens":{"0":{"vm_id":"v","type":"attesta"}}}"#).unwrap();
         assert_eq!(mac_input(&a), mac_input(&b));
-        let c = parse_strict(r#"{"b":[2,1],"tokens":{"0":{"vm_id":"v","type":"attesta"}}}"#).unwrap();
+        let c =
+            parse_strict(r#"{"b":[2,1],"tokens":{"0":{"vm_id":"v","type":"attesta"}}}"#).unwrap();
         assert_ne!(mac_input(&a), mac_input(&c));
     }
 
@@ -631,12 +645,25 @@ mod tests {
         assert!(is_blank(&[]));
         assert!(is_blank(&[0u8; 100]));
         assert!(matches!(
-            check(&[0u8; 10], &Expect { vm_id: "v", generation: 1 }),
+            check(
+                &[0u8; 10],
+                &Expect {
+                    vm_id: "v",
+                    generation: 1
+                }
+            ),
             Err(HeaderError::Truncated(10))
         ));
-        let zero = vec![0u8; DATA_OFFSET];
+        let zero = vec![0u8; 2 * HDR_SIZE];
         assert_eq!(
-            check(&zero, &Expect { vm_id: "v", generation: 1 }).unwrap_err(),
+            check(
+                &zero,
+                &Expect {
+                    vm_id: "v",
+                    generation: 1
+                }
+            )
+            .unwrap_err(),
             HeaderError::Missing(Copy::Primary)
         );
     }

@@ -271,7 +271,10 @@ fn load_luks2(dev: &mut libcryptsetup_rs::CryptDevice) -> Result<(), LuksError> 
         })
 }
 
-fn verify_digest(dev: &mut libcryptsetup_rs::CryptDevice, key: &VolumeKey) -> Result<(), LuksError> {
+fn verify_digest(
+    dev: &mut libcryptsetup_rs::CryptDevice,
+    key: &VolumeKey,
+) -> Result<(), LuksError> {
     dev.volume_key_handle()
         .verify(key.as_bytes())
         .map_err(|e| match errno(&e) {
@@ -329,7 +332,12 @@ impl MemHeader {
 /// once, judged, and activated from that same in-memory copy; libcryptsetup's own view of the
 /// copy must agree with the agent's. Every check runs before activation, so a refused header
 /// or a wrong key is reported as such even where device-mapper is missing.
-pub fn unlock(path: &Path, name: &str, key: &VolumeKey, label: &DiskLabel) -> Result<(), LuksError> {
+pub fn unlock(
+    path: &Path,
+    name: &str,
+    key: &VolumeKey,
+    label: &DiskLabel,
+) -> Result<(), LuksError> {
     let meta = read_metadata(path)?;
     let checked = header::check(
         &meta,
@@ -341,12 +349,13 @@ pub fn unlock(path: &Path, name: &str, key: &VolumeKey, label: &DiskLabel) -> Re
     let mem = MemHeader::new(&meta)?;
     drop(meta);
     quiet::install();
-    let mut dev = CryptInit::init_with_data_device(Either::Right((&mem.path, path))).map_err(
-        |e| LuksError::Open {
-            path: path.display().to_string(),
-            why: e.to_string(),
-        },
-    )?;
+    let mut dev =
+        CryptInit::init_with_data_device(Either::Right((&mem.path, path))).map_err(|e| {
+            LuksError::Open {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            }
+        })?;
     load_luks2(&mut dev)?;
     agree(&mut dev, &checked)?;
     // The digest first, so that a wrong key is told apart from a header not bound to the key.
@@ -366,7 +375,10 @@ pub fn unlock(path: &Path, name: &str, key: &VolumeKey, label: &DiskLabel) -> Re
 
 /// What libcryptsetup will activate with must be what the agent judged: cipher, mode, key size,
 /// data offset, sector size and the whole JSON metadata.
-fn agree(dev: &mut libcryptsetup_rs::CryptDevice, checked: &header::Checked) -> Result<(), LuksError> {
+fn agree(
+    dev: &mut libcryptsetup_rs::CryptDevice,
+    checked: &header::Checked,
+) -> Result<(), LuksError> {
     let mut st = dev.status_handle();
     let cipher = st.get_cipher().map_err(cs("read the cipher"))?;
     let mode = st.get_cipher_mode().map_err(cs("read the cipher mode"))?;
@@ -379,7 +391,9 @@ fn agree(dev: &mut libcryptsetup_rs::CryptDevice, checked: &header::Checked) -> 
     }
     let off = st.get_data_offset();
     if off != (header::DATA_OFFSET / 512) as u64 {
-        return Err(LuksError::Differential(format!("data offset {off} sectors")));
+        return Err(LuksError::Differential(format!(
+            "data offset {off} sectors"
+        )));
     }
     let json = st.dump_json().map_err(cs("read the metadata"))?;
     if json != checked.json {
