@@ -179,7 +179,8 @@ impl GuestIssuer {
                 ips: vec![ip.to_string()],
                 groups: vec![format!("tenant:{}", order.tenant)],
                 role: Some(mesh::cert::Role::Guest),
-                networks: vec![],
+                // A leaf: no CA constraints (whatever fields the mesh adds for those).
+                ..Default::default()
             },
             is_ca: false,
             not_before: now.saturating_sub(60).max(self.ca.not_before),

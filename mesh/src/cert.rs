@@ -1,8 +1,11 @@
 //! Mesh certificates: X.509 with the node's claims (overlay IPs with prefix, groups, role, and
-//! for CAs the networks they may hand out) in one private extension, Ed25519 by default or
-//! ECDSA P-256. A child's groups, networks and validity must lie within its issuer's; that is
-//! enforced when signing and again, independently, when verifying (sans-IO: bytes and an
-//! instant in, a typed verdict out).
+//! for CAs the networks, roles and names they may hand out) in one private extension, Ed25519
+//! by default or ECDSA P-256. A child's groups, networks, roles, names and validity must lie
+//! within its issuer's ([`constraints`]); that is enforced when signing and again,
+//! independently, when verifying (sans-IO: bytes and an instant in, a typed verdict out).
+
+pub mod constraints;
+pub use constraints::check_name_pattern;
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, ED25519, UnparsedPublicKey};
 use ipnet::IpNet;
@@ -48,6 +51,17 @@ pub struct Claims {
     /// Networks a CA may hand out (empty: unconstrained).
     #[serde(default)]
     pub networks: Vec<String>,
+    /// Roles of the node certificates a CA may issue (empty: any). Absent from certificates
+    /// made before it existed, which stay unconstrained; omitted when empty so that an
+    /// unconstrained CA encodes as before, while a verifier older than the field refuses a CA
+    /// that states it (unknown field): fails closed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<Role>,
+    /// Names a CA's certificates may carry (empty: any), see [`constraints`]: `*` one plain
+    /// label (a VM id, never a dotted service name), `*.SUFFIX` one label under SUFFIX,
+    /// anything else that exact name. Absent and omitted like `roles`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
 }
 
 /// Signature algorithm of a new key.
@@ -128,6 +142,20 @@ pub enum CertError {
         ip: String,
         issuer: String,
     },
+    #[error("certificate {name}: role {role} is outside issuer {issuer}'s roles")]
+    RoleOutside {
+        name: String,
+        role: String,
+        issuer: String,
+    },
+    #[error("certificate {name}: name {what:?} is outside issuer {issuer}'s names")]
+    NameOutside {
+        name: String,
+        what: String,
+        issuer: String,
+    },
+    #[error("certificate {0}: a CA certificate is not a node's identity")]
+    CaAsLeaf(String),
     #[error("certificate {name}: validity extends beyond issuer {issuer}'s")]
     ValidityOutside { name: String, issuer: String },
     #[error("certificate {0}: a node certificate needs at least one overlay IP")]
@@ -138,7 +166,7 @@ pub enum CertError {
     Issue(String),
 }
 
-fn names(n: &x509_cert::name::Name) -> String {
+fn common_name(n: &x509_cert::name::Name) -> String {
     n.common_name()
         .ok()
         .flatten()
@@ -158,7 +186,7 @@ impl MeshCert {
         }
         let c = Certificate::from_der(der).map_err(|e| CertError::Malformed(e.to_string()))?;
         let tbs = c.tbs_certificate();
-        let name = names(tbs.subject());
+        let name = common_name(tbs.subject());
         let alg_oid = c.signature_algorithm().oid;
         let alg = if alg_oid == const_oid::db::rfc8410::ID_ED_25519 {
             Alg::Ed25519
@@ -172,6 +200,7 @@ impl MeshCert {
         };
         let mut claims = None;
         let mut is_ca = false;
+        let mut alt_names = Vec::new();
         for ext in tbs.extensions().map(|e| e.as_slice()).unwrap_or(&[]) {
             if ext.extn_id.to_string() == CLAIMS_OID_TEXT {
                 let text = std::str::from_utf8(ext.extn_value.as_bytes()).map_err(|_| {
@@ -191,6 +220,10 @@ impl MeshCert {
                     x509_cert::ext::pkix::BasicConstraints::from_der(ext.extn_value.as_bytes())
                         .map_err(|e| CertError::Malformed(e.to_string()))?;
                 is_ca = bc.ca;
+            } else if ext.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME {
+                let san = x509_cert::ext::pkix::SubjectAltName::from_der(ext.extn_value.as_bytes())
+                    .map_err(|e| CertError::Malformed(e.to_string()))?;
+                alt_names.extend(san.0);
             }
         }
         let claims = claims.ok_or_else(|| CertError::NoClaims(name.clone()))?;
@@ -219,6 +252,8 @@ impl MeshCert {
         if !is_ca && ips.is_empty() {
             return Err(CertError::NoIp(name));
         }
+        constraints::check_claims(is_ca, &claims).map_err(bad)?;
+        constraints::check_alt_names(&alt_names, &name, &ips).map_err(bad)?;
         let spki = tbs
             .subject_public_key_info()
             .to_der()
@@ -228,7 +263,7 @@ impl MeshCert {
             .copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki).as_ref());
         Ok(MeshCert {
             der: der.to_vec(),
-            issuer: names(tbs.issuer()),
+            issuer: common_name(tbs.issuer()),
             is_ca,
             not_before: unix(&tbs.validity().not_before),
             not_after: unix(&tbs.validity().not_after),
@@ -314,60 +349,6 @@ impl MeshCert {
         }
     }
 
-    /// Checks that this certificate's claims and validity lie within `issuer`'s.
-    pub fn within(&self, issuer: &MeshCert) -> Result<(), CertError> {
-        if !issuer.is_ca {
-            return Err(CertError::IssuerNotCa {
-                name: self.name.clone(),
-                issuer: issuer.name.clone(),
-            });
-        }
-        // A sub-CA of a constrained CA must be constrained too (empty would mean "anything").
-        if self.is_ca && !issuer.claims.groups.is_empty() && self.claims.groups.is_empty() {
-            return Err(CertError::GroupOutside {
-                name: self.name.clone(),
-                group: "(any)".into(),
-                issuer: issuer.name.clone(),
-            });
-        }
-        if self.is_ca && !issuer.networks.is_empty() && self.networks.is_empty() {
-            return Err(CertError::NetworkOutside {
-                name: self.name.clone(),
-                ip: "(any)".into(),
-                issuer: issuer.name.clone(),
-            });
-        }
-        if !issuer.claims.groups.is_empty() {
-            for g in &self.claims.groups {
-                if !issuer.claims.groups.contains(g) {
-                    return Err(CertError::GroupOutside {
-                        name: self.name.clone(),
-                        group: g.clone(),
-                        issuer: issuer.name.clone(),
-                    });
-                }
-            }
-        }
-        if !issuer.networks.is_empty() {
-            for n in self.ips.iter().chain(self.networks.iter()) {
-                if !issuer.networks.iter().any(|p| p.contains(n)) {
-                    return Err(CertError::NetworkOutside {
-                        name: self.name.clone(),
-                        ip: n.to_string(),
-                        issuer: issuer.name.clone(),
-                    });
-                }
-            }
-        }
-        if self.not_before < issuer.not_before || self.not_after > issuer.not_after {
-            return Err(CertError::ValidityOutside {
-                name: self.name.clone(),
-                issuer: issuer.name.clone(),
-            });
-        }
-        Ok(())
-    }
-
     /// The overlay addresses (without prefix).
     pub fn addrs(&self) -> Vec<IpAddr> {
         self.ips.iter().map(|n| n.addr()).collect()
@@ -385,6 +366,11 @@ pub fn verify(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCe
     let Some(leaf) = chain.first() else {
         return Err(CertError::Malformed("empty chain".into()));
     };
+    // A CA's own name and role are not bound by its issuer's names and roles (only what it
+    // may grant is), so presented as a node it would slip past them.
+    if leaf.is_ca {
+        return Err(CertError::CaAsLeaf(leaf.name.clone()));
+    }
     let mut cur = leaf;
     let mut rest = &chain[1..];
     for _ in 0..=MAX_DEPTH {
@@ -703,7 +689,7 @@ impl LocalCa {
                     ips: vec![ip.into()],
                     groups: groups.iter().map(|g| g.to_string()).collect(),
                     role: Some(role),
-                    networks: vec![],
+                    ..Default::default()
                 },
                 is_ca: false,
                 not_before,
@@ -732,7 +718,7 @@ mod tests {
                 ips: vec![ip.into()],
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 role: Some(Role::Guest),
-                networks: vec![],
+                ..Default::default()
             },
             is_ca: false,
             not_before: NOW - 60,

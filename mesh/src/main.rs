@@ -92,6 +92,16 @@ struct CaNew {
     /// Networks the CA may hand out (empty: any), comma-separated CIDRs.
     #[arg(long, value_delimiter = ',')]
     networks: Vec<String>,
+    /// Roles of the node certificates the CA may sign (empty: any), comma-separated, e.g.
+    /// `guest`. An intermediate under a CA with roles must state a subset of them.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    roles: Vec<Role>,
+    /// Names the CA's certificates may carry (empty: any), comma-separated patterns: `*` one
+    /// label without a dot (VM ids; never a service such as kbs.attesta.local), `*.SUFFIX`
+    /// one label under SUFFIX, else that exact name. Quote `*` from the shell. An
+    /// intermediate under a CA with names must state patterns its parent's cover.
+    #[arg(long, value_delimiter = ',')]
+    names: Vec<String>,
     /// Validity, e.g. 8760h, 30d, 90m, 3600s (default 8760h; an intermediate's ends with its parent's).
     #[arg(long)]
     duration: Option<String>,
@@ -107,7 +117,7 @@ struct CaNew {
 #[derive(Subcommand)]
 enum CertCmd {
     /// Sign a node certificate with a CA directory. Writes node.crt (with any intermediates)
-    /// and node.key (mode 0600). A group or network outside the CA's is refused.
+    /// and node.key (mode 0600). A group, network, role or name outside the CA's is refused.
     Sign(CertSign),
     /// Print a certificate (the first in the file).
     Print {
@@ -139,6 +149,7 @@ struct CertSign {
     ip: Vec<String>,
     #[arg(long, value_delimiter = ',')]
     groups: Vec<String>,
+    /// The node's role; required by a CA that limits roles.
     #[arg(long, value_enum)]
     role: Option<Role>,
     /// Validity (default: until the CA expires).
@@ -202,6 +213,16 @@ fn ca_new(a: &CaNew) -> Result<String, String> {
         n.parse::<ipnet::IpNet>()
             .map_err(|_| format!("network {n:?} is not a CIDR"))?;
     }
+    if a.roles.contains(&Role::Ca) {
+        return Err("--roles lists node roles; ca is not one (an intermediate is bound by its parent's roles)".into());
+    }
+    for p in &a.names {
+        mesh::cert::check_name_pattern(p).map_err(|e| format!("--names: {e}"))?;
+        let rest = p.strip_prefix("*.").unwrap_or(p);
+        if rest != "*" {
+            check_names(&[], rest).map_err(|e| format!("--names {p:?}: {e}"))?;
+        }
+    }
     let start = now();
     let claims = Claims {
         v: 1,
@@ -209,6 +230,8 @@ fn ca_new(a: &CaNew) -> Result<String, String> {
         networks: a.networks.clone(),
         role: Some(Role::Ca),
         ips: vec![],
+        roles: a.roles.clone(),
+        names: a.names.clone(),
     };
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let (issued, chain_above) = match &a.parent {
@@ -292,7 +315,7 @@ fn cert_sign(a: &CertSign) -> Result<String, String> {
             ips: a.ip.clone(),
             groups: a.groups.clone(),
             role: a.role,
-            networks: vec![],
+            ..Default::default()
         },
         is_ca: false,
         not_before: start,
@@ -340,6 +363,8 @@ fn print(file: &Path, json: bool) -> Result<String, String> {
             "ips": c.claims.ips,
             "groups": c.claims.groups,
             "networks": c.claims.networks,
+            "roles": c.claims.roles,
+            "names": c.claims.names,
             "role": role,
             "is_ca": c.is_ca,
             "not_before": snp::reason::rfc3339(c.not_before),
@@ -352,12 +377,19 @@ fn print(file: &Path, json: bool) -> Result<String, String> {
         return serde_json::to_string_pretty(&j).map_err(|e| e.to_string());
     }
     Ok(format!(
-        "name:        {}\nrole:        {}\nips:         {}\ngroups:      {}\nnetworks:    {}\nCA:          {}\nnot before:  {}\nnot after:   {}\nissuer:      {}\nserial:      {}\nfingerprint: {}",
+        "name:        {}\nrole:        {}\nips:         {}\ngroups:      {}\nnetworks:    {}\nroles:       {}\nnames:       {}\nCA:          {}\nnot before:  {}\nnot after:   {}\nissuer:      {}\nserial:      {}\nfingerprint: {}",
         c.name,
         role.unwrap_or_else(|| "-".into()),
         c.claims.ips.join(", "),
         c.claims.groups.join(", "),
         c.claims.networks.join(", "),
+        c.claims
+            .roles
+            .iter()
+            .map(|r| format!("{r:?}").to_lowercase())
+            .collect::<Vec<_>>()
+            .join(", "),
+        c.claims.names.join(", "),
         c.is_ca,
         snp::reason::rfc3339(c.not_before),
         snp::reason::rfc3339(c.not_after),

@@ -1,6 +1,7 @@
 //! `attesta-mesh` exactly as scripted: a CA, node certificates within its constraints (and
-//! refusals outside them), intermediates, `cert print --json`, and `cert verify` with its exit
-//! codes — valid, expired, not yet valid, wrong CA, tampered, outside the constraints.
+//! refusals outside them), intermediates, CAs scoped by role and name, `cert print --json`,
+//! and `cert verify` with its exit codes — valid, expired, not yet valid, wrong CA, tampered,
+//! outside the constraints.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -276,6 +277,170 @@ fn ca_sign_print_verify() {
     ));
     ok(mesh(
         &["cert", "verify", "--ca", "p/ca.crt", "pn/node.crt"],
+        d,
+    ));
+}
+
+/// A node certificate signed with the CA directory's key by hand, past `cert sign`'s checks:
+/// what a careless or compromised signer could produce. Chained with the CA's file.
+fn hand_signed(d: &Path, ca: &str, name: &str, role: mesh::cert::Role, out: &str) {
+    let ca_pem = std::fs::read_to_string(d.join(ca).join("ca.crt")).unwrap();
+    let issuer_cert = mesh::cert::parse_bundle(ca_pem.as_bytes())
+        .unwrap()
+        .remove(0);
+    let key = std::fs::read_to_string(d.join(ca).join("ca.key")).unwrap();
+    let mut ip = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ip.distinguished_name = rcgen::DistinguishedName::new();
+    ip.distinguished_name
+        .push(rcgen::DnType::CommonName, issuer_cert.name.as_str());
+    let issuer = rcgen::Issuer::new(ip, rcgen::KeyPair::from_pem(&key).unwrap());
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let t = |s: u64| rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(s);
+    p.not_before = t(issuer_cert.not_before);
+    p.not_after = t(issuer_cert.not_after);
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let claims = mesh::cert::Claims {
+        v: 1,
+        ips: vec!["10.42.7.50/16".into()],
+        role: Some(role),
+        ..Default::default()
+    };
+    p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+        mesh::cert::CLAIMS_OID,
+        serde_json::to_vec(&claims).unwrap(),
+    )];
+    let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let cert = p.signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(d.join(out), cert.pem() + &ca_pem).unwrap();
+}
+
+/// The broker's guest CA scoped to role guest and single-label names (VM ids): it signs
+/// guests, and neither `cert sign` nor `cert verify` lets it make a broker, by role or by name;
+/// its intermediates cannot widen that.
+#[test]
+fn a_ca_scoped_by_role_and_name() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let help = ok(mesh(&["ca", "new", "--help"], d));
+    assert!(
+        help.contains("--roles") && help.contains("--names"),
+        "{help}"
+    );
+    ok(mesh(&["ca", "new", "--name", "root", "--out", "root"], d));
+    ok(mesh(
+        &[
+            "ca", "new", "--name", "guest-ca", "--parent", "root", "--roles", "guest", "--names",
+            "*", "--out", "guests",
+        ],
+        d,
+    ));
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(mesh(&["cert", "print", "guests/ca.crt", "--json"], d))).unwrap();
+    assert_eq!(j["roles"], serde_json::json!(["guest"]));
+    assert_eq!(j["names"], serde_json::json!(["*"]));
+
+    let sign = |name: &str, role: Option<&str>, out: &str| {
+        let mut a = vec![
+            "cert",
+            "sign",
+            "--ca",
+            "guests",
+            "--name",
+            name,
+            "--ip",
+            "10.42.7.9/16",
+            "--out",
+            out,
+        ];
+        if let Some(r) = role {
+            a.extend(["--role", r]);
+        }
+        mesh(&a, d)
+    };
+    let verify = |file: &str| mesh(&["cert", "verify", "--ca", "root/ca.crt", file], d);
+    ok(sign("vm-1", Some("guest"), "vm1"));
+    assert!(ok(verify("vm1/node.crt")).contains("valid: vm-1"));
+    for (name, role, why) in [
+        (
+            "vm-2",
+            Some("kbs"),
+            "role kbs is outside issuer guest-ca's roles",
+        ),
+        ("vm-2", None, "role (none) is outside"),
+        (
+            "kbs.attesta.local",
+            Some("guest"),
+            "outside issuer guest-ca's names",
+        ),
+        (
+            "vm-2.tenant",
+            Some("guest"),
+            "outside issuer guest-ca's names",
+        ),
+    ] {
+        let o = sign(name, role, "refused");
+        assert_eq!(o.status.code(), Some(1), "{name} {role:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{name} {role:?}: {err}");
+        assert!(!d.join("refused/node.crt").exists());
+    }
+
+    // Signed by hand with the guest CA's key: verification refuses it all the same.
+    hand_signed(d, "guests", "vm-3", mesh::cert::Role::Guest, "hand-ok.crt");
+    assert!(ok(verify("hand-ok.crt")).contains("valid: vm-3"));
+    for (file, name, role, why) in [
+        (
+            "hand-kbs.crt",
+            "vm-4",
+            mesh::cert::Role::Kbs,
+            "role kbs is outside",
+        ),
+        (
+            "hand-name.crt",
+            "kbs.attesta.local",
+            mesh::cert::Role::Guest,
+            "names",
+        ),
+    ] {
+        hand_signed(d, "guests", name, role, file);
+        let o = verify(file);
+        assert_eq!(o.status.code(), Some(1), "{file}");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.contains("invalid") && out.contains(why),
+            "{file}: {out}"
+        );
+    }
+
+    // An intermediate under it may narrow, never widen nor drop, its roles and names.
+    for (args, why) in [
+        (vec!["--roles", "guest,kbs", "--names", "*"], "roles"),
+        (vec!["--names", "*"], "roles"),
+        (
+            vec!["--roles", "guest", "--names", "*.attesta.local"],
+            "names",
+        ),
+        (vec!["--roles", "guest"], "names"),
+        (vec!["--roles", "ca", "--names", "*"], "node roles"),
+        (vec!["--roles", "guest", "--names", "a*b"], "--names"),
+    ] {
+        let mut a = vec![
+            "ca", "new", "--name", "sub", "--parent", "guests", "--out", "sub",
+        ];
+        a.extend(args);
+        let o = mesh(&a, d);
+        assert_eq!(o.status.code(), Some(1), "{a:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{a:?}: {err}");
+        assert!(!d.join("sub/ca.crt").exists());
+    }
+    ok(mesh(
+        &[
+            "ca", "new", "--name", "sub", "--parent", "guests", "--roles", "guest", "--names",
+            "vm-5", "--out", "sub",
+        ],
         d,
     ));
 }
