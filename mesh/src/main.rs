@@ -94,7 +94,7 @@ struct CaNew {
     networks: Vec<String>,
     /// Roles of the node certificates the CA may sign (empty: any), comma-separated, e.g.
     /// `guest`. An intermediate under a CA with roles must state a subset of them.
-    #[arg(long, value_enum, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = node_role())]
     roles: Vec<Role>,
     /// Names the CA's certificates may carry (empty: any), comma-separated patterns: `*` one
     /// label without a dot (VM ids; never a service such as kbs.attesta.local), `*.SUFFIX`
@@ -161,6 +161,13 @@ struct CertSign {
     out: PathBuf,
 }
 
+/// A role a CA may grant: a node's (an intermediate is bound by its parent's roles instead).
+fn node_role() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["kbs", "lighthouse", "host", "guest", "operator"])
+        .try_map(|s| <Role as clap::ValueEnum>::from_str(&s, false))
+}
+
 fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -212,9 +219,6 @@ fn ca_new(a: &CaNew) -> Result<String, String> {
     for n in &a.networks {
         n.parse::<ipnet::IpNet>()
             .map_err(|_| format!("network {n:?} is not a CIDR"))?;
-    }
-    if a.roles.contains(&Role::Ca) {
-        return Err("--roles lists node roles; ca is not one (an intermediate is bound by its parent's roles)".into());
     }
     for p in &a.names {
         mesh::cert::check_name_pattern(p).map_err(|e| format!("--names: {e}"))?;

@@ -423,7 +423,6 @@ fn a_ca_scoped_by_role_and_name() {
             "names",
         ),
         (vec!["--roles", "guest"], "names"),
-        (vec!["--roles", "ca", "--names", "*"], "node roles"),
         (vec!["--roles", "guest", "--names", "a*b"], "--names"),
     ] {
         let mut a = vec![
@@ -436,6 +435,15 @@ fn a_ca_scoped_by_role_and_name() {
         assert!(err.contains(why), "{a:?}: {err}");
         assert!(!d.join("sub/ca.crt").exists());
     }
+    // Only node roles are granted: `ca` is not one (a usage error).
+    let o = mesh(
+        &[
+            "ca", "new", "--name", "sub", "--parent", "guests", "--roles", "ca", "--out", "sub",
+        ],
+        d,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid value 'ca'"));
     ok(mesh(
         &[
             "ca", "new", "--name", "sub", "--parent", "guests", "--roles", "guest", "--names",
