@@ -101,21 +101,25 @@ pub(super) fn check_alt_names(
     ips: &[ipnet::IpNet],
 ) -> Result<(), String> {
     for g in alt {
-        let ok = match g {
-            GeneralName::DnsName(d) => d.as_str() == name,
+        let (ok, shown) = match g {
+            GeneralName::DnsName(d) => (d.as_str() == name, format!("DNS {:?}", d.as_str())),
             GeneralName::IpAddress(o) => {
                 let ip = match o.as_bytes().len() {
                     4 => <[u8; 4]>::try_from(o.as_bytes()).ok().map(IpAddr::from),
                     16 => <[u8; 16]>::try_from(o.as_bytes()).ok().map(IpAddr::from),
                     _ => None,
                 };
-                ip.is_some_and(|ip| ips.iter().any(|n| n.addr() == ip))
+                let ok = ip.is_some_and(|ip| ips.iter().any(|n| n.addr() == ip));
+                (
+                    ok,
+                    ip.map_or("a malformed IP".into(), |ip| format!("IP {ip}")),
+                )
             }
-            _ => false,
+            _ => (false, "of another kind".into()),
         };
         if !ok {
             return Err(format!(
-                "subject alternative name {g:?} is neither its name nor one of its overlay addresses"
+                "subject alternative name {shown} is neither its name nor one of its overlay addresses"
             ));
         }
     }
