@@ -13,12 +13,18 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 # libvirt >= 10.5 is needed for SEV-SNP domains; bookworm ships 9.0, bookworm-backports ships 11.
+# The suite is added on the mirror this machine already uses for bookworm (a local mirror or a
+# proxy must keep working), never on a fixed host.
 BPO=/etc/apt/sources.list.d/bookworm-backports.sources
 if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  log "adding the bookworm-backports suite"
-  cat >"$BPO" <<'SRC'
+  mirror=$(bash "$(dirname "$0")/apt-mirror.sh") || {
+    echo "setup.sh: no Debian bookworm mirror found in /etc/apt/sources.list{,.d}; add bookworm-backports by hand" >&2
+    exit 2
+  }
+  log "adding the bookworm-backports suite on $mirror"
+  cat >"$BPO" <<SRC
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

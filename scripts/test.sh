@@ -8,6 +8,7 @@ ROOT=$PWD
 log() { printf '\033[1m[test]\033[0m %s\n' "$*"; }
 
 bash scripts/setup.sh
+bash scripts/apt-mirror-test.sh
 
 export ATTESTA_SNP_CORPUS="${ATTESTA_SNP_CORPUS:-$ROOT/../shared/snp-corpus}"
 if [ ! -f "$ATTESTA_SNP_CORPUS/MANIFEST.md" ]; then
