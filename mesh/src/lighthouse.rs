@@ -232,6 +232,43 @@ impl Directory {
     }
 }
 
+/// Why a lighthouse refuses a control request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Only another lighthouse gets the whole directory; others look up one address at a time.
+    #[error(
+        "the directory dump is served to role lighthouse only (the requester's role is {})",
+        role_text(*.role)
+    )]
+    DumpNotLighthouse { role: Option<Role> },
+}
+
+fn role_text(role: Option<Role>) -> &'static str {
+    match role {
+        None => "none",
+        Some(Role::Kbs) => "kbs",
+        Some(Role::Lighthouse) => "lighthouse",
+        Some(Role::Host) => "host",
+        Some(Role::Guest) => "guest",
+        Some(Role::Operator) => "operator",
+        Some(Role::Ca) => "ca",
+    }
+}
+
+/// Whether a requester whose certificate has role `requester` may have the whole directory
+/// ([`Msg::Dump`]): every node's name, groups, role, overlay and underlay addresses, across
+/// tenants. Only lighthouses, which replicate each other (a restarted one syncs from the
+/// others), need it. Nothing else asks for it: nodes look up one overlay address at a time
+/// ([`Msg::Query`]), and no operator tool reads it (an operator, kbs or host certificate is
+/// held outside the lighthouse tier and would learn the fleet's layout for no use), so it is
+/// refused to every other role and to a certificate without one.
+pub fn may_dump(requester: Option<Role>) -> Result<(), Refusal> {
+    match requester {
+        Some(Role::Lighthouse) => Ok(()),
+        role => Err(Refusal::DumpNotLighthouse { role }),
+    }
+}
+
 /// Control-protocol messages: one request and one response per bidirectional stream; pushes
 /// (revocation lists) on unidirectional streams. Framed as a 4-byte big-endian length and JSON.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,7 +286,8 @@ pub enum Msg {
         doc: String,
     },
     NotFound,
-    /// Every live announcement (a lighthouse syncing from another).
+    /// Every live announcement (a lighthouse syncing from another); answered to role
+    /// lighthouse only ([`may_dump`]), anyone else gets [`Msg::Error`] with the [`Refusal`].
     Dump,
     Entries {
         docs: Vec<String>,
@@ -391,6 +429,29 @@ mod tests {
         assert!(dir.by_ip(ip, NOW + 301).is_none(), "past its time to live");
         dir.expire(NOW + 301);
         assert!(dir.is_empty());
+    }
+
+    #[test]
+    fn only_a_lighthouse_gets_the_whole_directory() {
+        assert_eq!(may_dump(Some(Role::Lighthouse)), Ok(()));
+        for role in [
+            None,
+            Some(Role::Guest),
+            Some(Role::Host),
+            Some(Role::Kbs),
+            Some(Role::Operator),
+            Some(Role::Ca),
+        ] {
+            assert_eq!(
+                may_dump(role),
+                Err(Refusal::DumpNotLighthouse { role }),
+                "{role:?} must not get the directory"
+            );
+        }
+        assert_eq!(
+            may_dump(Some(Role::Guest)).unwrap_err().to_string(),
+            "the directory dump is served to role lighthouse only (the requester's role is guest)"
+        );
     }
 
     #[test]

@@ -952,9 +952,17 @@ impl Node {
                     None => Msg::NotFound,
                 }
             }
-            Msg::Dump if lighthouse => Msg::Entries {
-                docs: self.inner.directory.locked().docs(now()),
-            },
+            Msg::Dump if lighthouse => {
+                match lighthouse::may_dump(peer.cert.as_ref().and_then(|c| c.claims.role)) {
+                    Ok(()) => Msg::Entries {
+                        docs: self.inner.directory.locked().docs(now()),
+                    },
+                    Err(e) => {
+                        tracing::info!(peer = peer.name(), why = %e, "directory dump refused");
+                        Msg::Error { why: e.to_string() }
+                    }
+                }
+            }
             Msg::GetRevocations => Msg::Revocations {
                 docs: self
                     .inner

@@ -4,7 +4,8 @@
 //! each connection with hot-reloaded rules (a file whose tests fail is refused, the old rules
 //! stay), a revocation list dropped on a lighthouse closing a live connection to the revoked
 //! node within 5 s, failing closed on a stale list, and rotation of the CA bundle, certificate
-//! and key without a restart.
+//! and key without a restart. The whole directory goes to lighthouses only: a guest that asks
+//! for it is refused and may still look up one address.
 
 use mesh::cert::{LocalCa, MeshCert, Role};
 
@@ -247,6 +248,98 @@ async fn lighthouses_replicate_so_peers_need_not_share_one_and_a_dead_one_recove
         Err(mesh::node::NodeError::Unresolved(_))
     ));
     for n in [a, b, c, lh1, lh2] {
+        n.shutdown().await;
+    }
+}
+
+/// The names in a directory dump, each announcement verified.
+fn dumped_names(docs: &[String], trust: &mesh::transport::Trust) -> Vec<String> {
+    let mut names: Vec<String> = docs
+        .iter()
+        .map(|d| mesh::lighthouse::verify(d, trust, now()).unwrap().name)
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_dump_is_served_to_lighthouses_only() {
+    use mesh::lighthouse::{CONTROL_ALPN, Msg, Refusal};
+    use mesh::node::request;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = ca("mesh-ca");
+    let l1 = free_port();
+    let lhs = [("10.42.0.1", l1)];
+    let lh1_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec::new("lh1", "10.42.0.1", "infra", Role::Lighthouse, &lhs, ""),
+        l1,
+    );
+    let lh2_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec::new("lh2", "10.42.0.2", "infra", Role::Lighthouse, &lhs, ""),
+        free_port(),
+    );
+    let a_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec::new("a", "10.42.1.1", "tenant:a", Role::Guest, &lhs, ""),
+        free_port(),
+    );
+    // A guest of another tenant, which must not learn where tenant:a's nodes are.
+    let b_dir = write_node(
+        tmp.path(),
+        &root,
+        &Spec::new("b", "10.42.2.1", "tenant:b", Role::Guest, &lhs, ""),
+        free_port(),
+    );
+    let lh1 = start(&lh1_dir).await;
+    let lh2 = start(&lh2_dir).await;
+    let a = start(&a_dir).await;
+    let b = start(&b_dir).await;
+    eventually("lh1 to know lh2, a and b", Duration::from_secs(10), || {
+        lh1.directory_len() >= 3
+    })
+    .await;
+
+    // The guest is authenticated and admitted to the control service, but gets no dump.
+    let conn = b.connect(ip("10.42.0.1"), CONTROL_ALPN).await.unwrap();
+    assert_eq!(
+        request(&conn, &Msg::Dump).await.unwrap(),
+        Msg::Error {
+            why: Refusal::DumpNotLighthouse {
+                role: Some(Role::Guest)
+            }
+            .to_string()
+        }
+    );
+    // Its legitimate use, a lookup of one address, still works on the same connection.
+    let Msg::Found { doc } = request(
+        &conn,
+        &Msg::Query {
+            ip: ip("10.42.1.1"),
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("a guest's lookup of one address is answered");
+    };
+    assert_eq!(
+        mesh::lighthouse::verify(&doc, &b.trust(), now())
+            .unwrap()
+            .name,
+        "a"
+    );
+
+    // Another lighthouse gets every entry (a replica's sync).
+    let conn = lh2.connect(ip("10.42.0.1"), CONTROL_ALPN).await.unwrap();
+    let Msg::Entries { docs } = request(&conn, &Msg::Dump).await.unwrap() else {
+        panic!("a lighthouse gets the dump");
+    };
+    assert_eq!(dumped_names(&docs, &lh2.trust()), ["a", "b", "lh2"]);
+    for n in [a, b, lh1, lh2] {
         n.shutdown().await;
     }
 }
