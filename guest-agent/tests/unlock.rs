@@ -169,3 +169,27 @@ fn a_blank_disk_it_may_not_format_and_a_foreign_disk_are_refused() {
         Err(UnlockError::Disk(luks::LuksError::WrongKey))
     ));
 }
+
+/// A production build (default features) cannot be pointed at a simulated chip: the simulator's
+/// device is a feature that only the tests and `attesta-sim` turn on.
+#[test]
+fn the_simulated_device_is_not_in_the_default_build() {
+    let manifest: toml::Value = toml::from_str(include_str!("../Cargo.toml")).unwrap();
+    let default = manifest["features"]["default"].as_array().unwrap();
+    assert!(
+        !default.iter().any(|f| f.as_str() == Some("simulator")),
+        "default features: {default:?}"
+    );
+    #[cfg(not(feature = "simulator"))]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let p = config(
+            dir.path(),
+            "[device]\nkind = \"simulator\"\nseed = \"s\"\nproduct = \"milan\"\nchip = 0\nmeasurement = \"00\"\n",
+        );
+        let c = GuestConfig::load(&p).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let e = rt.block_on(guest_agent::unlock::run(&c)).unwrap_err();
+        assert!(e.to_string().contains("no simulator"), "{e}");
+    }
+}

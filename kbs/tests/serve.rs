@@ -247,6 +247,50 @@ fn deployment_from_the_real_binaries() {
         assert_eq!(mode & 0o777, 0o600);
     }
 
+    // The host edits the disk's LUKS2 header (both copies, checksums fixed, as an attacker
+    // would), then wipes it: the real agent refuses both before activating, each for its
+    // reason, and places no boot configuration. (Each boot still spends a release.)
+    let genuine = {
+        let mut h = vec![0u8; 16 << 20]; // the whole metadata area, keyslot included
+        std::fs::File::open(&disk)
+            .unwrap()
+            .read_exact(&mut h)
+            .unwrap();
+        h
+    };
+    let put = |bytes: &[u8]| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    };
+    let mut null = genuine.clone();
+    for copy in null[..32 << 10].chunks_mut(16 << 10) {
+        let text = String::from_utf8_lossy(&copy[4096..]).into_owned();
+        let edited = text.replacen("\"aes-xts-plain64\"", "\"cipher_null-ecb\"", 2);
+        assert_ne!(edited, text);
+        copy[4096..].copy_from_slice(&edited.as_bytes()[..12288]);
+        copy[448..512].fill(0);
+        let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, copy);
+        copy[448..480].copy_from_slice(sum.as_ref());
+    }
+    for (attack, bytes, want) in [
+        ("cipher_null header", null, "cipher_null-ecb"),
+        ("wiped disk", vec![0u8; 16 << 20], "wiped"),
+    ] {
+        put(&bytes);
+        let _ = std::fs::remove_file(&boot_config);
+        let out = boot();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{attack}: {err}");
+        assert!(err.contains(want), "{attack}: {err}");
+        assert!(!boot_config.exists(), "{attack}: no boot configuration");
+        guest_logs += &err;
+    }
+    put(&genuine);
+
     // The key the guest formatted with is the broker's: the cryptsetup CLI opens the keyslot
     // with it (read here by a third boot from inside the test, through the library client).
     let broker = Broker {
@@ -266,7 +310,7 @@ fn deployment_from_the_real_binaries() {
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let third = rt.block_on(fetch(&broker, "vm-7", &sim_guest)).unwrap();
-    assert_eq!(third.boot_counter, 3);
+    assert_eq!(third.boot_counter, 5);
     let key: Vec<u8> = third.volume_key.to_vec();
     let keyfile = shm.join("key");
     std::fs::write(&keyfile, &key).unwrap();
@@ -285,7 +329,7 @@ fn deployment_from_the_real_binaries() {
     // Operations: readiness and metrics.
     assert!(http_get(metrics, "/readyz").starts_with("HTTP/1.1 200"));
     let m = http_get(metrics, "/metrics");
-    assert!(m.contains("attesta_kbs_releases_total 3"), "{m}");
+    assert!(m.contains("attesta_kbs_releases_total 5"), "{m}");
     assert!(m.contains("attesta_kbs_registrations_total 1"), "{m}");
     assert!(http_get(metrics, "/nope").starts_with("HTTP/1.1 404"));
 
