@@ -224,6 +224,11 @@ fn mac_message(primary: &[u8], json: &Value) -> Vec<u8> {
     m
 }
 
+/// The UUID in a binary header.
+pub fn uuid_of(primary: &[u8]) -> String {
+    primary.get(168..208).map(cstr).unwrap_or_default()
+}
+
 /// Reads the JSON area of a header copy (for writing the MAC after formatting).
 pub fn json_of(primary: &[u8]) -> Result<Value, HeaderError> {
     let area = primary
@@ -337,6 +342,10 @@ fn binary(h: &[u8], which: Copy) -> Result<(), HeaderError> {
             "checksum algorithm {:?}, not sha256",
             cstr(&h[72..104])
         )));
+    }
+    // The agent sets neither a label nor a subsystem.
+    if h[24..72].iter().chain(&h[208..256]).any(|&b| b != 0) {
+        return Err(bad("a label or subsystem the agent never writes".into()));
     }
     let at = be64(h, 256);
     if at != offset {

@@ -235,11 +235,26 @@ pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String,
         .token_handle()
         .json_set(TokenInput::AddToken(&token))
         .map_err(cs("write the Attesta token"))?;
-    // The MAC covers the metadata as libcryptsetup wrote it (read back from the disk), less the
-    // MAC itself; the token is then rewritten with it.
+    // The MAC covers the metadata as libcryptsetup holds it in memory, less the MAC itself; the
+    // token is then rewritten with it. The binary header's fields come from the disk, so the
+    // copy read back must match what libcryptsetup wrote (JSON and UUID): a host that edits the
+    // header between the write and the read-back cannot have its edit bound to the key.
+    let written = dev
+        .status_handle()
+        .dump_json()
+        .map_err(cs("read the metadata"))?;
+    let written_uuid = dev
+        .status_handle()
+        .get_uuid()
+        .map_err(cs("read the UUID"))?;
     let meta = read_metadata(path)?;
     let json = header::json_of(&meta)?;
-    let mac = header::compute_mac(&meta, &json, key.as_bytes())?;
+    if json != written || header::uuid_of(&meta) != written_uuid.to_string() {
+        return Err(LuksError::Differential(
+            "the header read back after formatting is not the one written".into(),
+        ));
+    }
+    let mac = header::compute_mac(&meta, &written, key.as_bytes())?;
     token["mac"] = serde_json::Value::String(mac);
     dev.token_handle()
         .json_set(TokenInput::ReplaceToken(id, &token))

@@ -299,6 +299,22 @@ fn binary_header_edits_are_refused() {
     drop(f);
     assert_eq!(refused(&img), HeaderError::CopiesDiffer);
 
+    // A label (both copies, checksums fixed): the agent writes none.
+    let (_t, img) = fresh();
+    let meta = luks::read_metadata(&img).unwrap();
+    let mut hdr = meta[..2 * header::HDR_SIZE].to_vec();
+    for copy in hdr.chunks_mut(header::HDR_SIZE) {
+        copy[24..29].copy_from_slice(b"owned");
+        copy[448..512].fill(0);
+        let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, copy);
+        copy[448..480].copy_from_slice(sum.as_ref());
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all(&hdr).unwrap();
+    drop(f);
+    assert!(cryptsetup_reads(&img).contains("owned"));
+    assert!(matches!(refused(&img), HeaderError::Binary { .. }));
+
     // The primary copy wiped, the secondary left: not blank, refused.
     let (_t, img) = fresh();
     let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
