@@ -695,6 +695,18 @@ async fn run_on(
         .await,
     ));
 
+    attacks.extend(
+        crate::disk_attacks::run(
+            &broker,
+            vm,
+            &home.launch(GuestLaunch {
+                measurement: image,
+                ..Default::default()
+            }),
+            &dir.join(format!("{vm}.img")),
+        )
+        .await?,
+    );
     attacks.extend(mesh_attacks(&broker, mesh, &identities, &operator).await?);
 
     // The whole catalogue, over the wire, against live brokers.

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod disk_attacks;
 mod fleet_mesh;
 mod load;
 

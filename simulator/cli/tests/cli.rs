@@ -413,6 +413,22 @@ fn demo_json() {
         );
     }
     assert!(attacks.iter().any(|a| a["name"] == "live-moved-to-another-chip" && a["reason"] == "chip_not_allowed"));
+    // The host's edits of a booted VM's LUKS2 header: the key is released, the disk refused.
+    for (name, code) in [
+        ("live-luks-header-cipher-null", "header_cipher:"),
+        (
+            "live-luks-header-shifted-data-offset",
+            "header_data_offset:",
+        ),
+        ("live-luks-header-another-vms-token", "header_foreign_vm:"),
+    ] {
+        assert!(
+            attacks.iter().any(|a| a["name"] == name
+                && a["denied"] == true
+                && a["reason"].as_str().unwrap().starts_with(code)),
+            "{name}: {j}"
+        );
+    }
     for (name, reason) in [
         (
             "live-evidence-replayed-on-another-connection",

@@ -1,0 +1,100 @@
+//! Attacks on a guest's disk, driven over the wire: the host lets the guest get its key from the
+//! live broker, then hands it a disk it tampered with. The guest agent's own disk code must
+//! refuse each before activating anything.
+
+use crate::demo::LiveAttack;
+use guest_agent::client::{Broker, fetch};
+use guest_agent::header;
+use guest_agent::luks::{self, DiskLabel, LuksError, VolumeKey};
+use snp::device::GuestDevice;
+use std::io::Write;
+use std::path::Path;
+
+/// The host's edits of a formatted disk `img` of `vm`, each tried after a genuine release; the
+/// disk is put back after each.
+pub async fn run(
+    broker: &Broker,
+    vm: &str,
+    guest: &impl GuestDevice,
+    img: &Path,
+) -> Result<Vec<LiveAttack>, String> {
+    let genuine = luks::read_metadata(img).map_err(|e| format!("{vm}: {e}"))?;
+    let tries: [(&'static str, &'static str, fn(&mut String)); 3] = [
+        ("live-luks-header-cipher-null", "header_cipher", |t| {
+            *t = t.replacen("\"aes-xts-plain64\"", "\"cipher_null-ecb\"", 2)
+        }),
+        (
+            "live-luks-header-shifted-data-offset",
+            "header_data_offset",
+            |t| *t = t.replacen("\"offset\":\"16777216\"", "\"offset\":\"16781312\"", 1),
+        ),
+        (
+            "live-luks-header-another-vms-token",
+            "header_foreign_vm",
+            |t| *t = t.replacen("\"vm_id\":\"", "\"vm_id\":\"x", 1),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, expected, edit) in tries {
+        let got = fetch(broker, vm, guest)
+            .await
+            .map_err(|e| format!("{name}: the genuine release failed: {e}"))?;
+        let key = VolumeKey::from_bytes(&got.volume_key).map_err(|e| e.to_string())?;
+        let label = DiskLabel {
+            vm_id: vm.to_string(),
+            generation: got.generation,
+        };
+        put(img, &edited(&genuine, edit)?)?;
+        let r = luks::unlock(img, "attesta-demo-attack", &key, &label);
+        put(img, &genuine[..2 * header::HDR_SIZE])?;
+        let (denied, reason) = match r {
+            Err(LuksError::Header(h)) => (true, format!("{}: {h}", h.code())),
+            Err(e) => (true, e.to_string()),
+            Ok(()) => {
+                let _ = std::process::Command::new("cryptsetup")
+                    .args(["close", "attesta-demo-attack"])
+                    .status();
+                (false, "activated".into())
+            }
+        };
+        out.push(LiveAttack {
+            name,
+            denied,
+            reason,
+            expected,
+        });
+    }
+    Ok(out)
+}
+
+/// Both header copies with their JSON edited and checksums fixed, as an attacker would.
+fn edited(meta: &[u8], edit: fn(&mut String)) -> Result<Vec<u8>, String> {
+    let mut hdr = meta
+        .get(..2 * header::HDR_SIZE)
+        .ok_or("the metadata area is too short")?
+        .to_vec();
+    for copy in hdr.chunks_mut(header::HDR_SIZE) {
+        let area = &copy[4096..];
+        let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
+        let mut text = String::from_utf8_lossy(&area[..end]).into_owned();
+        let before = text.clone();
+        edit(&mut text);
+        if text == before || text.len() >= header::JSON_SIZE {
+            return Err("the header edit did not apply".into());
+        }
+        copy[4096..].fill(0);
+        copy[4096..4096 + text.len()].copy_from_slice(text.as_bytes());
+        copy[448..512].fill(0);
+        let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, copy);
+        copy[448..480].copy_from_slice(sum.as_ref());
+    }
+    Ok(hdr)
+}
+
+fn put(img: &Path, bytes: &[u8]) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| format!("{}: {e}", img.display()))
+}
