@@ -10,6 +10,9 @@ use snp::device::GuestDevice;
 use std::io::Write;
 use std::path::Path;
 
+/// An attack's name, the reason code it must be refused for, and the edit of the header's JSON.
+type Try = (&'static str, &'static str, fn(&mut String));
+
 /// The host's edits of a formatted disk `img` of `vm`, each tried after a genuine release; the
 /// disk is put back after each.
 pub async fn run(
@@ -19,7 +22,7 @@ pub async fn run(
     img: &Path,
 ) -> Result<Vec<LiveAttack>, String> {
     let genuine = luks::read_metadata(img).map_err(|e| format!("{vm}: {e}"))?;
-    let tries: [(&'static str, &'static str, fn(&mut String)); 3] = [
+    let tries: [Try; 3] = [
         ("live-luks-header-cipher-null", "header_cipher", |t| {
             *t = t.replacen("\"aes-xts-plain64\"", "\"cipher_null-ecb\"", 2)
         }),
