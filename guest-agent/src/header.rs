@@ -37,6 +37,8 @@ pub const KEY_SIZE: u64 = 64;
 pub const ENCRYPTION: &str = "aes-xts-plain64";
 /// The token type Attesta writes.
 pub const TOKEN_TYPE: &str = "attesta";
+/// PBKDF2 iterations of the volume-key digest (libcryptsetup's minimum, without a benchmark).
+const DIGEST_ITERATIONS: u64 = 1000;
 /// The keyslot's binary area: 64-byte key × 4000 anti-forensic stripes, rounded up to 4 KiB.
 const KEYSLOT_AREA_SIZE: u64 = 258_048;
 
@@ -337,6 +339,14 @@ fn binary(h: &[u8], which: Copy) -> Result<(), HeaderError> {
     if size != HDR_SIZE as u64 {
         return Err(bad(format!("header size {size}, not {HDR_SIZE}")));
     }
+    // Text fields end in NULs only: nothing hidden after the string for the MAC to cover.
+    for (at, len) in [(72, 32), (168, 40)] {
+        let f = &h[at..at + len];
+        let end = f.iter().position(|&b| b == 0).unwrap_or(len);
+        if f[end..].iter().any(|&b| b != 0) {
+            return Err(bad(format!("bytes after the string at offset {at}")));
+        }
+    }
     if cstr(&h[72..104]) != "sha256" {
         return Err(bad(format!(
             "checksum algorithm {:?}, not sha256",
@@ -461,6 +471,12 @@ fn layout(j: &Value, expect: &Expect<'_>) -> Result<Vec<u8>, HeaderError> {
     count(digests, "digests")?;
     let d = object(&digests["0"], "digest 0")?;
     want_str(d, "type", "pbkdf2", "digest 0")?;
+    // The key is checked against this digest before the MAC (to tell a wrong key from an edited
+    // header), so its cost is pinned: the host cannot make the guest spin on 2^32 iterations.
+    want_str(d, "hash", "sha256", "digest 0")?;
+    if d.get("iterations") != Some(&Value::from(DIGEST_ITERATIONS)) {
+        return Err(unexpected("digest 0", "iterations"));
+    }
     let zero = Value::Array(vec![Value::String("0".into())]);
     if d.get("keyslots") != Some(&zero) || d.get("segments") != Some(&zero) {
         return Err(unexpected("digest 0", "keyslots or segments"));

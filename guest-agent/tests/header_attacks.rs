@@ -299,6 +299,14 @@ fn binary_header_edits_are_refused() {
     drop(f);
     assert_eq!(refused(&img), HeaderError::CopiesDiffer);
 
+    // The digest's cost raised (checked before the MAC, so pinned): refused, not computed.
+    let (_t, img) = fresh();
+    tamper(&img, |j| {
+        j["digests"]["0"]["iterations"] = json!(4_000_000_000u64)
+    });
+    cryptsetup_reads(&img);
+    assert!(matches!(refused(&img), HeaderError::Unexpected(m) if m.contains("iterations")));
+
     // A label (both copies, checksums fixed): the agent writes none.
     let (_t, img) = fresh();
     let meta = luks::read_metadata(&img).unwrap();
