@@ -25,6 +25,8 @@ pub struct Metrics {
     /// Connections being served now, and the most ever at once (bounded by `max_sessions`).
     pub sessions: AtomicU64,
     pub sessions_peak: AtomicU64,
+    /// The epoch of the allowlist in force (0: none, every release is denied).
+    pub allowlist_epoch: AtomicU64,
     denials: Mutex<BTreeMap<&'static str, u64>>,
     latency: Mutex<Histogram>,
 }
@@ -125,6 +127,11 @@ impl Metrics {
             o,
             "# HELP attesta_kbs_sessions_peak Most connections served at once (max_sessions bounds it).\n# TYPE attesta_kbs_sessions_peak gauge\nattesta_kbs_sessions_peak {}",
             g(&self.sessions_peak)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP attesta_kbs_allowlist_epoch Epoch of the signed allowlist in force (0: none, every release denied).\n# TYPE attesta_kbs_allowlist_epoch gauge\nattesta_kbs_allowlist_epoch {}",
+            g(&self.allowlist_epoch)
         );
         c(
             &mut o,

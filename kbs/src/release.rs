@@ -6,9 +6,12 @@
 //! Rules: an unknown, expired or spent nonce is denied; a nonce is spent by its first use,
 //! whatever the outcome, so each nonce yields at most one release; a nonce issued for another
 //! VM is denied; an unknown or terminated VM is denied; REPORT_DATA must bind the nonce, the guest
-//! key and the connection; the evidence must pass the VM's policy. Each release advances the
-//! VM's boot counter.
+//! key and the connection; the evidence must pass the VM's policy; the reported measurement must
+//! be in the current signed allowlist (none loaded: nothing is released), so an image the
+//! operator withdraws stops releasing at once, also for VMs registered earlier. Each release
+//! advances the VM's boot counter.
 
+use proto::order::Allowlist;
 use snp::Reason;
 
 /// What the broker holds about a nonce.
@@ -37,6 +40,11 @@ pub enum Denial {
     UnknownVm,
     Terminated,
     ReportDataMismatch,
+    /// The reported measurement is not in the current signed allowlist: withdrawn since the
+    /// VM was registered (or never listed), whatever the VM's order allows.
+    MeasurementWithdrawn,
+    /// No signed allowlist is loaded: deny by default.
+    NoAllowlist,
     Evidence(Reason),
 }
 
@@ -51,6 +59,8 @@ impl Denial {
             Denial::UnknownVm => "unknown_vm",
             Denial::Terminated => "vm_terminated",
             Denial::ReportDataMismatch => "report_data_mismatch",
+            Denial::MeasurementWithdrawn => "measurement_withdrawn",
+            Denial::NoAllowlist => "no_allowlist",
             Denial::Evidence(r) => r.code(),
         }
     }
@@ -68,6 +78,11 @@ pub struct Request<'a> {
     pub expected_report_data: [u8; 64],
     /// The verifier's reasons (authenticity and the VM's appraisal policy); empty = accepted.
     pub evidence: &'a [Reason],
+    /// The measurement the report carries (`None` when the report could not be read: then it
+    /// is not shown to be allowlisted either).
+    pub measurement: Option<&'a [u8; 48]>,
+    /// The current signed allowlist; `None` when none is loaded.
+    pub allowlist: Option<&'a Allowlist>,
 }
 
 /// The outcome, and the state to commit before answering.
@@ -105,6 +120,15 @@ pub fn decide(req: &Request<'_>) -> Decision {
     if req.report_data != req.expected_report_data {
         deny.push(Denial::ReportDataMismatch);
     }
+    match (req.allowlist, req.measurement) {
+        (None, _) => deny.push(Denial::NoAllowlist),
+        (Some(a), m) => {
+            let listed = m.is_some_and(|m| a.measurements.iter().any(|x| x.as_slice() == m));
+            if !listed {
+                deny.push(Denial::MeasurementWithdrawn);
+            }
+        }
+    }
     deny.extend(req.evidence.iter().cloned().map(Denial::Evidence));
     let outcome = match (deny.is_empty(), req.vm) {
         (true, Some(v)) => Ok(VmState {
@@ -139,6 +163,22 @@ mod tests {
         }
     }
 
+    const IMAGE: [u8; 48] = [0x4d; 48];
+
+    fn allowlist(epoch: u64, images: &[[u8; 48]]) -> Allowlist {
+        Allowlist {
+            v: proto::order::ORDER_VERSION,
+            epoch,
+            measurements: images
+                .iter()
+                .map(|m| serde_bytes::ByteBuf::from(m.to_vec()))
+                .collect(),
+        }
+    }
+
+    static CURRENT: std::sync::LazyLock<Allowlist> =
+        std::sync::LazyLock::new(|| allowlist(1, &[[0x11; 48], IMAGE]));
+
     fn req<'a>(
         nonce: Option<&'a NonceState>,
         vm: Option<&'a VmState>,
@@ -152,6 +192,8 @@ mod tests {
             report_data: [1; 64],
             expected_report_data: [1; 64],
             evidence,
+            measurement: Some(&IMAGE),
+            allowlist: Some(&CURRENT),
         }
     }
 
@@ -217,6 +259,61 @@ mod tests {
         assert_eq!(
             Denial::Evidence(Reason::HwidMismatch).code(),
             "hwid_mismatch"
+        );
+    }
+
+    #[test]
+    fn the_current_allowlist_governs_every_release() {
+        let (n, v) = (issued(), vm());
+        let denied = |r: Request<'_>| decide(&r).outcome.unwrap_err();
+        // The image was withdrawn after the VM was registered: its next boot is denied.
+        let withdrawn = allowlist(2, &[[0x11; 48]]);
+        let d = decide(&Request {
+            allowlist: Some(&withdrawn),
+            ..req(Some(&n), Some(&v), &[])
+        });
+        assert_eq!(d.outcome, Err(vec![Denial::MeasurementWithdrawn]));
+        assert!(d.spend_nonce);
+        assert_eq!(Denial::MeasurementWithdrawn.code(), "measurement_withdrawn");
+        // An empty allowlist allows nothing.
+        let empty = allowlist(3, &[]);
+        assert_eq!(
+            denied(Request {
+                allowlist: Some(&empty),
+                ..req(Some(&n), Some(&v), &[])
+            }),
+            vec![Denial::MeasurementWithdrawn]
+        );
+        // No allowlist loaded: deny by default.
+        assert_eq!(
+            denied(Request {
+                allowlist: None,
+                ..req(Some(&n), Some(&v), &[])
+            }),
+            vec![Denial::NoAllowlist]
+        );
+        assert_eq!(Denial::NoAllowlist.code(), "no_allowlist");
+        // A report whose measurement is unknown is not shown to be allowlisted.
+        let ev = [Reason::ReportSignatureInvalid];
+        assert_eq!(
+            denied(Request {
+                measurement: None,
+                ..req(Some(&n), Some(&v), &ev)
+            }),
+            vec![
+                Denial::MeasurementWithdrawn,
+                Denial::Evidence(Reason::ReportSignatureInvalid)
+            ]
+        );
+        // Listed again in a later epoch: released again.
+        let back = allowlist(4, &[IMAGE]);
+        assert!(
+            decide(&Request {
+                allowlist: Some(&back),
+                ..req(Some(&n), Some(&v), &[])
+            })
+            .outcome
+            .is_ok()
         );
     }
 

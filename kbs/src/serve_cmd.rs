@@ -5,7 +5,9 @@ use clap::{Args, Subcommand};
 use kbs::config::MeshSection;
 use kbs::config::{Config, KekConfig, LogFormat};
 use kbs::keys::{FileKek, Kek, Pkcs11Kek};
-use kbs::service::{Kbs, MeshGate, TlsIdentity, mesh_server_config, serve_with, server_config};
+use kbs::service::{
+    AllowlistChange, Kbs, MeshGate, TlsIdentity, mesh_server_config, serve_with, server_config,
+};
 use kbs::store::{SqliteStore, Store, StoreOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -528,12 +530,13 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
                 .guest_issuer
                 .set(kbs::service::GuestIssuer::new(ca, key, ttl));
         }
-        if c.allowlist.is_some() {
-            let epoch = load_allowlist(&rt, &kbs, &c)?;
-            tracing::info!(epoch, "allowlist loaded");
-        } else {
-            tracing::warn!("no allowlist configured: registrations will be refused");
+        match load_allowlist(&rt, &kbs, &c)? {
+            Some(epoch) => tracing::info!(epoch, "allowlist loaded"),
+            None => tracing::warn!(
+                "no allowlist installed or configured: registrations are refused and every release is denied (no_allowlist)"
+            ),
         }
+        let allowlist_key = c.allowlist_key()?;
         let addr: std::net::SocketAddr = c
             .listen
             .parse()
@@ -553,6 +556,7 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             response_key = %hex::encode(kbs.response_key.public()),
             "serving (QUIC, ALPN attesta-kbs/1)"
         );
+        rt.spawn(follow_allowlist(kbs.clone(), allowlist_key, ALLOWLIST_POLL));
         if !c.crls.is_empty() {
             rt.spawn(reload_crls(
                 kbs.clone(),
@@ -624,7 +628,12 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
                 .block_on(kbs.terminate(&doc, now()))
                 .map_err(|e| e.to_string());
         }
-        load_allowlist(&rt, &kbs, &c)?;
+        if load_allowlist(&rt, &kbs, &c)?.is_none() {
+            return Err(
+                "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`"
+                    .into(),
+            );
+        }
         rt.block_on(kbs.register(&doc, now()))
             .map_err(|e| e.to_string())
     })();
@@ -672,13 +681,54 @@ async fn reload_crls(kbs: Arc<Kbs>, paths: Vec<std::path::PathBuf>, every: std::
     }
 }
 
-fn load_allowlist(rt: &tokio::runtime::Runtime, kbs: &Kbs, c: &Config) -> Result<u64, String> {
-    let Some(p) = &c.allowlist else {
-        return Err("no allowlist configured: set `allowlist` in the configuration".into());
+/// How often a serving broker looks at the stored allowlist epoch (one small read).
+const ALLOWLIST_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Follows `attesta-kbs allowlist install` run by another process on this database: a newer
+/// stored epoch is verified and put in force without a restart, so a withdrawn image stops
+/// releasing within about `every`.
+async fn follow_allowlist(kbs: Arc<Kbs>, key: [u8; 32], every: std::time::Duration) {
+    let mut seen = kbs.allowlist_epoch().await.unwrap_or(0);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match kbs.follow_allowlist(&key, &mut seen).await {
+            Ok(AllowlistChange::Unchanged) => {}
+            Ok(AllowlistChange::Adopted { from, to }) => {
+                tracing::info!(
+                    from = from.unwrap_or(0),
+                    to,
+                    "allowlist epoch changed: now in force"
+                )
+            }
+            Ok(AllowlistChange::Refused { epoch, error }) => tracing::error!(
+                epoch,
+                error = %error,
+                "the installed allowlist does not verify with allowlist_key: every release is denied until one does (restart if allowlist_key changed)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot read the allowlist epoch"),
+        }
+    }
+}
+
+/// The allowlist in force at start: the installed one or the configured file, whichever is
+/// newer (see [`Kbs::load_allowlist`]); `None` when there is neither.
+fn load_allowlist(
+    rt: &tokio::runtime::Runtime,
+    kbs: &Kbs,
+    c: &Config,
+) -> Result<Option<u64>, String> {
+    let configured = match &c.allowlist {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
     };
-    let doc = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    rt.block_on(kbs.set_allowlist(&doc, &c.allowlist_key()?, now()))
-        .map_err(|e| format!("allowlist {}: {e}", p.display()))
+    let what = c
+        .allowlist
+        .as_ref()
+        .map_or("the installed one".to_string(), |p| p.display().to_string());
+    rt.block_on(kbs.load_allowlist(configured.as_deref(), &c.allowlist_key()?, now()))
+        .map_err(|e| format!("allowlist {what}: {e}"))
 }
 
 pub fn audit_export(config: &Path, out: Option<PathBuf>) -> ExitCode {
@@ -728,7 +778,9 @@ pub fn allowlist_cmd(c: &AllowlistCmd) -> ExitCode {
     })();
     match r {
         Ok(e) => {
-            println!("allowlist epoch {e} installed");
+            println!(
+                "allowlist epoch {e} installed (a broker serving this database puts it in force within a second)"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,5 +1,5 @@
 //! The broker's durable state behind one trait: VM records (with their wrapped keys), spent nonces,
-//! the allowlist epoch and the audit log. Every release or denial commits its nonce, VM and audit
+//! the current signed allowlist (document and epoch) and the audit log. Every release or denial commits its nonce, VM and audit
 //! changes in one transaction before any byte of the answer is sent. Embedded SQLite (WAL,
 //! synchronous=FULL) by default; PostgreSQL implements the same trait for several replicas.
 //!
@@ -38,6 +38,8 @@ pub enum StoreError {
     NoSuchVm(String),
     #[error("allowlist epoch {have} is older than the stored {stored}")]
     StaleEpoch { have: u64, stored: u64 },
+    #[error("allowlist epoch {0} is already installed with other contents: sign a newer epoch")]
+    EpochConflict(u64),
     #[error("the stored audit log is corrupt: {0}")]
     Audit(String),
     #[error("the store has shut down")]
@@ -106,9 +108,14 @@ pub trait Store {
         now: u64,
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError>;
+    /// The epoch of the current allowlist (0: none yet). Cheap: brokers poll it.
     async fn allowlist_epoch(&self) -> Result<u64, StoreError>;
-    /// Stores a newer (or equal) allowlist epoch, audited; an older one is refused.
-    async fn set_allowlist_epoch(&self, epoch: u64, now: u64) -> Result<(), StoreError>;
+    /// The current signed allowlist document and its epoch, as installed (not re-verified).
+    async fn allowlist(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// Makes `doc` (already verified, of `epoch`) the current allowlist, audited; `false` when
+    /// it already is. An older epoch is refused, and so is another document of the current
+    /// epoch (two lists under one epoch would leave "current" ambiguous).
+    async fn set_allowlist(&self, epoch: u64, doc: &[u8], now: u64) -> Result<bool, StoreError>;
     /// The audit entries in order.
     async fn audit_entries(&self) -> Result<Vec<Entry>, StoreError>;
     /// The audit log as JSON Lines: entries, each signed checkpoint after the entry it covers.
@@ -119,7 +126,7 @@ pub trait Store {
     async fn ready(&self) -> Result<(), StoreError>;
 }
 
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     "CREATE TABLE IF NOT EXISTS vms (
         vm_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, generation INTEGER NOT NULL,
         boot_counter INTEGER NOT NULL, terminated INTEGER NOT NULL DEFAULT 0,
@@ -130,6 +137,10 @@ const MIGRATIONS: [&str; 2] = [
      CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
     "CREATE TABLE IF NOT EXISTS checkpoints (seq INTEGER PRIMARY KEY, checkpoint TEXT NOT NULL);
      CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);",
+    // The current signed allowlist (one row; its epoch is also meta's allowlist_epoch), so that
+    // every broker process on this database follows what `allowlist install` put here.
+    "CREATE TABLE IF NOT EXISTS allowlist (
+        id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, doc BLOB NOT NULL);",
 ];
 
 /// How the writer batches and signs.
@@ -167,7 +178,7 @@ pub struct StoreStats {
 enum Op {
     Register(VmRecord, u64, serde_json::Value),
     Terminate(String, u64, serde_json::Value),
-    Allowlist(u64, u64),
+    Allowlist(u64, Vec<u8>, u64),
     Decision(Commit),
     Checkpoint,
 }
@@ -434,35 +445,49 @@ async fn apply_ops(
                     Ok(Done::Entry(e))
                 }
             }
-            Op::Allowlist(epoch, now) => {
+            Op::Allowlist(epoch, doc, now) => {
                 let stored: Option<i64> =
                     sqlx::query("SELECT value FROM meta WHERE key = 'allowlist_epoch'")
                         .fetch_optional(&mut *tx)
                         .await?
                         .map(|r| r.get(0));
                 let stored = stored.map(u).unwrap_or(0);
-                if *epoch < stored {
-                    Err(StoreError::StaleEpoch {
+                let current: Option<(i64, Vec<u8>)> =
+                    sqlx::query("SELECT epoch, doc FROM allowlist WHERE id = 1")
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|r| (r.get(0), r.get(1)));
+                match current {
+                    _ if *epoch < stored => Err(StoreError::StaleEpoch {
                         have: *epoch,
                         stored,
-                    })
-                } else if *epoch == stored && stored != 0 {
-                    Ok(Done::Nothing)
-                } else {
-                    sqlx::query("INSERT INTO meta (key, value) VALUES ('allowlist_epoch', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-                        .bind(i(*epoch))
-                        .execute(&mut *tx)
+                    }),
+                    Some((e, d)) if u(e) == *epoch && d == *doc => Ok(Done::Nothing),
+                    Some((e, _)) if u(e) == *epoch => Err(StoreError::EpochConflict(*epoch)),
+                    // Newer, or the epoch an older broker recorded without its document.
+                    _ => {
+                        sqlx::query("INSERT INTO meta (key, value) VALUES ('allowlist_epoch', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+                            .bind(i(*epoch))
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("INSERT INTO allowlist (id, epoch, doc) VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE SET epoch = excluded.epoch, doc = excluded.doc")
+                            .bind(i(*epoch))
+                            .bind(doc)
+                            .execute(&mut *tx)
+                            .await?;
+                        let sha256 =
+                            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, doc));
+                        let e = audit(
+                            &mut tx,
+                            &mut chain,
+                            *now,
+                            "allowlist",
+                            "",
+                            serde_json::json!({"epoch": epoch, "sha256": sha256}),
+                        )
                         .await?;
-                    let e = audit(
-                        &mut tx,
-                        &mut chain,
-                        *now,
-                        "allowlist",
-                        "",
-                        serde_json::json!({"epoch": epoch}),
-                    )
-                    .await?;
-                    Ok(Done::Entry(e))
+                        Ok(Done::Entry(e))
+                    }
                 }
             }
             Op::Decision(c) => decision(&mut tx, &mut chain, c).await.map(Done::Decision),
@@ -637,8 +662,18 @@ impl Store for SqliteStore {
         Ok(v.map(u).unwrap_or(0))
     }
 
-    async fn set_allowlist_epoch(&self, epoch: u64, now: u64) -> Result<(), StoreError> {
-        self.submit(Op::Allowlist(epoch, now)).await.map(|_| ())
+    async fn allowlist(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let row = sqlx::query("SELECT epoch, doc FROM allowlist WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (u(r.get(0)), r.get(1))))
+    }
+
+    async fn set_allowlist(&self, epoch: u64, doc: &[u8], now: u64) -> Result<bool, StoreError> {
+        match self.submit(Op::Allowlist(epoch, doc.to_vec(), now)).await? {
+            Done::Entry(_) => Ok(true),
+            _ => Ok(false),
+        }
     }
 
     async fn audit_entries(&self) -> Result<Vec<Entry>, StoreError> {

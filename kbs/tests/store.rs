@@ -99,16 +99,23 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
             Err(StoreError::NoSuchVm(_))
         ));
 
-        s.set_allowlist_epoch(5, 50).await.unwrap();
+        assert_eq!(s.allowlist().await.unwrap(), None);
+        assert!(s.set_allowlist(5, b"epoch 5", 50).await.unwrap());
         assert!(matches!(
-            s.set_allowlist_epoch(4, 50).await,
+            s.set_allowlist(4, b"epoch 4", 50).await,
             Err(StoreError::StaleEpoch { have: 4, stored: 5 })
         ));
-        s.set_allowlist_epoch(5, 50).await.unwrap();
+        // The same document again is nothing new; another one under the same epoch is refused.
+        assert!(!s.set_allowlist(5, b"epoch 5", 50).await.unwrap());
+        assert!(matches!(
+            s.set_allowlist(5, b"another epoch 5", 50).await,
+            Err(StoreError::EpochConflict(5))
+        ));
     }
     // After a restart: state kept, and the audit chain continues where it stopped.
     let s = SqliteStore::open(&db).await.unwrap();
     assert_eq!(s.allowlist_epoch().await.unwrap(), 5);
+    assert_eq!(s.allowlist().await.unwrap(), Some((5, b"epoch 5".to_vec())));
     let vm1 = s.vm("vm-1").await.unwrap().unwrap();
     assert_eq!(
         &kek.unwrap_key("vm-1", 1, vm1.wrapped_key.as_ref().unwrap())

@@ -68,14 +68,20 @@ pub fn guest() -> Command {
 /// Signs allowlist epoch 1 with `measurement_hex` into `d/allowlist.signed` (the deployment's
 /// offline key, as `init` wrote it).
 pub fn sign_allowlist(d: &Path, measurement_hex: &str) {
+    sign_allowlist_at(d, 1, &[measurement_hex], &d.join("allowlist.signed"));
+}
+
+/// Signs allowlist `epoch` with `measurements_hex` into `out` with `d/allowlist.key`.
+pub fn sign_allowlist_at(d: &Path, epoch: u64, measurements_hex: &[&str], out: &Path) {
+    let mut cmd = kbs();
+    cmd.args(["allowlist", "sign", "--key"])
+        .arg(d.join("allowlist.key"))
+        .args(["--epoch", &epoch.to_string()]);
+    for m in measurements_hex {
+        cmd.args(["--measurement", m]);
+    }
     ok(
-        kbs()
-            .args(["allowlist", "sign", "--key"])
-            .arg(d.join("allowlist.key"))
-            .args(["--epoch", "1", "--measurement", measurement_hex, "--out"])
-            .arg(d.join("allowlist.signed"))
-            .output()
-            .unwrap(),
+        cmd.arg("--out").arg(out).output().unwrap(),
         "allowlist sign",
     );
 }
