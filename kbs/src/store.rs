@@ -224,7 +224,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Deleted content is overwritten with zeros, not left in free space or free pages:
+            // a terminated VM's wrapped key must not survive in the file.
+            .pragma("secure_delete", "ON");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(conn)
@@ -307,17 +310,27 @@ async fn writer(
 ) {
     let mut unsigned = 0u64;
     let mut last_cp = Instant::now();
+    let mut wal_pending = false;
     loop {
         let first = match tokio::time::timeout(opts.checkpoint_interval, rx.recv()).await {
             Ok(Some(j)) => Some(j),
             Ok(None) => {
+                if wal_pending {
+                    truncate_wal(&pool, 3).await;
+                }
                 // Shutting down: cover what was written since the last checkpoint.
                 if unsigned > 0 {
                     let _ = apply(&pool, Vec::new(), opts.audit_key.as_deref(), true).await;
                 }
                 return;
             }
-            Err(_) => None,
+            Err(_) => {
+                // Idle: a good moment to retry emptying the WAL after a terminate.
+                if wal_pending {
+                    wal_pending = !truncate_wal(&pool, 1).await;
+                }
+                None
+            }
         };
         let mut batch: Vec<Job> = first.into_iter().collect();
         while batch.len() < opts.max_batch {
@@ -335,6 +348,7 @@ async fn writer(
         let n = batch.len() as u64;
         let sign = due;
         if let Ok(appended) = apply(&pool, batch, opts.audit_key.as_deref(), sign).await {
+            wal_pending |= appended.wal_pending;
             stats.transactions.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(n, Ordering::Relaxed);
             unsigned += appended.entries;
@@ -350,6 +364,30 @@ async fn writer(
 struct Applied {
     entries: u64,
     checkpointed: bool,
+    /// A VM was crypto-shredded but the WAL could not be emptied yet (retry).
+    wal_pending: bool,
+}
+
+/// Folds the WAL into the database and empties it (`wal_checkpoint(TRUNCATE)`): after a
+/// terminate, the page images written before it — holding the wrapped key — must not stay in
+/// the WAL. Readers still on an older snapshot are waited for (the busy timeout), `attempts`
+/// times; `false` if the WAL could not be emptied.
+async fn truncate_wal(pool: &SqlitePool, attempts: u32) -> bool {
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(pool)
+            .await
+        {
+            // (busy, log frames, checkpointed frames): not busy = the WAL is empty now.
+            Ok(row) if row.get::<i64, _>(0) == 0 => return true,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+        }
+    }
+    false
 }
 
 /// One transaction for a batch. Answers every job; `Err(())` when the batch did not commit
@@ -367,7 +405,16 @@ async fn apply(
         replies.push(j.reply);
     }
     match apply_ops(pool, &ops, key, checkpoint).await {
-        Ok((results, applied)) => {
+        Ok((results, mut applied)) => {
+            // Crypto-shredding holds before anyone is told it is done.
+            let shredded = ops
+                .iter()
+                .zip(&results)
+                .any(|(op, r)| matches!(op, Op::Terminate(..)) && r.is_ok());
+            if shredded && !truncate_wal(pool, 3).await {
+                tracing::warn!("a terminated VM's old pages are still in the WAL; retrying");
+                applied.wal_pending = true;
+            }
             for (r, reply) in results.into_iter().zip(replies) {
                 let _ = reply.send(r);
             }
@@ -521,6 +568,7 @@ async fn apply_ops(
         Applied {
             entries: chain.next_seq - start,
             checkpointed: cp.is_some(),
+            wal_pending: false,
         },
     ))
 }
