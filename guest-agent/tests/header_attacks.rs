@@ -58,12 +58,19 @@ fn write_json_text(img: &Path, text: &[u8]) {
         let area = &mut copy[4096..];
         area.fill(0);
         area[..text.len()].copy_from_slice(text);
+    }
+    fix_checksums(&mut hdr);
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(&hdr).unwrap();
+}
+
+/// Recomputes each header copy's checksum (unkeyed: anyone with the disk can).
+fn fix_checksums(hdr: &mut [u8]) {
+    for copy in hdr.chunks_mut(header::HDR_SIZE) {
         copy[448..512].fill(0);
         let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, copy);
         copy[448..480].copy_from_slice(sum.as_ref());
     }
-    f.seek(SeekFrom::Start(0)).unwrap();
-    f.write_all(&hdr).unwrap();
 }
 
 /// Edits the JSON metadata as an attacker with the disk would.
@@ -265,10 +272,8 @@ fn an_edit_the_layout_checks_allow_fails_the_mac() {
     let mut hdr = meta[..2 * header::HDR_SIZE].to_vec();
     for copy in hdr.chunks_mut(header::HDR_SIZE) {
         copy[168] ^= 1;
-        copy[448..512].fill(0);
-        let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, copy);
-        copy[448..480].copy_from_slice(sum.as_ref());
     }
+    fix_checksums(&mut hdr);
     let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.write_all(&hdr).unwrap();
     drop(f);
@@ -290,9 +295,7 @@ fn binary_header_edits_are_refused() {
     let meta = luks::read_metadata(&img).unwrap();
     let mut second = meta[header::HDR_SIZE..2 * header::HDR_SIZE].to_vec();
     second[16..24].copy_from_slice(&99u64.to_be_bytes()); // seqid
-    second[448..512].fill(0);
-    let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &second);
-    second[448..480].copy_from_slice(sum.as_ref());
+    fix_checksums(&mut second);
     let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.seek(SeekFrom::Start(header::HDR_SIZE as u64)).unwrap();
     f.write_all(&second).unwrap();
@@ -313,10 +316,8 @@ fn binary_header_edits_are_refused() {
     let mut hdr = meta[..2 * header::HDR_SIZE].to_vec();
     for copy in hdr.chunks_mut(header::HDR_SIZE) {
         copy[24..29].copy_from_slice(b"owned");
-        copy[448..512].fill(0);
-        let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, copy);
-        copy[448..480].copy_from_slice(sum.as_ref());
     }
+    fix_checksums(&mut hdr);
     let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.write_all(&hdr).unwrap();
     drop(f);
