@@ -42,6 +42,28 @@ pub enum KeyError {
     Unwrap,
     #[error("wrapping failed")]
     Wrap,
+    #[error("this KEK is not the one the store's keys are wrapped under (was it rotated?)")]
+    WrongKek,
+    #[error("the new KEK is the current one")]
+    SameKek,
+}
+
+/// A name no VM can have (VM ids refuse NUL): the KEK's check value is its wrap of an all-zero
+/// key under this name, so it opens only with that KEK and never passes for a VM's key.
+const KEK_CHECK: &str = "\0attesta-kek-check";
+
+/// The check value of `kek`: which KEK a store's keys are wrapped under, told without the KEK.
+pub fn kek_check(kek: &dyn Kek) -> Result<Vec<u8>, KeyError> {
+    kek.wrap(
+        KEK_CHECK,
+        0,
+        &VolumeKey(Zeroizing::new([0; VOLUME_KEY_LEN])),
+    )
+}
+
+/// Whether `check` is `kek`'s check value.
+pub fn opens_check(kek: &dyn Kek, check: &[u8]) -> bool {
+    kek.unwrap_key(KEK_CHECK, 0, check).is_ok()
 }
 
 /// Something that wraps and unwraps volume keys (a KEK file, or an HSM through PKCS#11).

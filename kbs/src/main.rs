@@ -45,6 +45,9 @@ enum Cmd {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The key-encryption key.
+    #[command(subcommand)]
+    Kek(serve_cmd::KekCmd),
 }
 
 #[derive(Subcommand)]
@@ -123,5 +126,6 @@ fn main() -> ExitCode {
         Cmd::Vm(c) => serve_cmd::vm_cmd(&c),
         Cmd::Allowlist(serve_cmd::AllowlistCmd::Sign(a)) => ops_cmd::allowlist_sign(&a),
         Cmd::Allowlist(c) => serve_cmd::allowlist_cmd(&c),
+        Cmd::Kek(c) => serve_cmd::kek_cmd(&c),
     }
 }

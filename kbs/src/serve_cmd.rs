@@ -97,6 +97,20 @@ pub enum AllowlistCmd {
     Sign(crate::ops_cmd::AllowlistSign),
 }
 
+#[derive(Subcommand)]
+pub enum KekCmd {
+    /// Re-wrap every live volume key under a new KEK file (the volume keys stay the same),
+    /// point the configuration at it, and destroy the old KEK file. Stop the broker first (a
+    /// broker left running cannot release or register until restarted with the new KEK).
+    Rotate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The new KEK file: created (32 random bytes, mode 0600) unless it exists.
+        #[arg(long, value_name = "FILE")]
+        new_kek: PathBuf,
+    },
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -475,6 +489,8 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig, Option<Arc<MeshGate>>)
         return Err("max_sessions must be at least 1".into());
     }
     kbs.max_sessions = c.max_sessions;
+    rt.block_on(kbs.bind_kek())
+        .map_err(|e| format!("kek: {e}"))?;
     Ok((kbs, tls, gate))
 }
 
@@ -785,6 +801,134 @@ pub fn allowlist_cmd(c: &AllowlistCmd) -> ExitCode {
         }
         Err(e) => {
             eprintln!("attesta-kbs allowlist install: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `text` (a kbs.toml) with its top-level `kek = ...` line replaced by one naming `path`;
+/// refused unless there is exactly one such line and the result reads back with that KEK.
+fn config_with_kek(text: &str, path: &Path, config: &Path) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut replaced = 0;
+    let mut top = true;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        top &= !t.starts_with('[');
+        let key = t.split('=').next().unwrap_or("").trim();
+        if top && key == "kek" {
+            out.push_str(&format!(
+                "kek = {{ file = {:?} }}\n",
+                path.display().to_string()
+            ));
+            replaced += 1;
+        } else {
+            out.push_str(line);
+        }
+    }
+    let c: Config = toml::from_str(&out).map_err(|e| e.to_string())?;
+    if replaced != 1 || c.kek != KekConfig::File(path.to_path_buf()) {
+        return Err(format!(
+            "{}: expected one line `kek = ...` before any [section] to rewrite; edit it by hand first",
+            config.display()
+        ));
+    }
+    Ok(out)
+}
+
+/// Overwrites a retired KEK file with zeros and removes it. (On flash or a copy-on-write
+/// file system the old blocks may survive: destroy its backups and media too.)
+fn destroy_file(path: &Path) -> Result<(), String> {
+    use std::io::Write;
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let len = std::fs::metadata(path).map_err(err)?.len();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(&vec![0u8; usize::try_from(len).unwrap_or(32)])
+        .and_then(|()| f.sync_all())
+        .map_err(err)?;
+    std::fs::remove_file(path).map_err(err)
+}
+
+pub fn kek_cmd(c: &KekCmd) -> ExitCode {
+    let KekCmd::Rotate { config, new_kek } = c;
+    let r = (|| -> Result<String, String> {
+        let text = std::fs::read_to_string(config)
+            .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+        let c = Config::load(config)?;
+        // The new KEK as kbs.toml will name it: relative to its folder if inside it.
+        let dir = match config.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let absolute = std::path::absolute(new_kek).map_err(|e| e.to_string())?;
+        let named =
+            match absolute.strip_prefix(std::path::absolute(dir).map_err(|e| e.to_string())?) {
+                Ok(rel) => rel.to_path_buf(),
+                Err(_) => absolute.clone(),
+            };
+        let edited = config_with_kek(&text, &named, config)?;
+        if let KekConfig::File(old) = &c.kek
+            && std::path::absolute(old).ok() == Some(absolute.clone())
+        {
+            return Err("--new-kek is the current KEK file".into());
+        }
+        let rt = runtime()?;
+        let _g = rt.enter();
+        let (kbs, ..) = build(&c)?;
+        let new = if absolute.exists() {
+            FileKek::load(&absolute)
+        } else {
+            FileKek::create(&absolute)
+        }
+        .map_err(|e| e.to_string())?;
+        let n = rt
+            .block_on(kbs.rotate_kek(&new, now()))
+            .map_err(|e| e.to_string())?;
+        // Read back: every live key opens under the new KEK before the old one is destroyed.
+        for (vm_id, generation, wrapped) in rt
+            .block_on(kbs.store.live_keys())
+            .map_err(|e| e.to_string())?
+        {
+            new.unwrap_key(&vm_id, generation, &wrapped)
+                .map_err(|e| format!("{vm_id}: {e}; the old KEK is kept"))?;
+        }
+        drop(kbs);
+        let tmp = config.with_extension("toml.rotating");
+        write_file(&tmp, edited.as_bytes(), false, true)
+            .and_then(|()| std::fs::rename(&tmp, config).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                format!(
+                    "{n} keys are now wrapped under {} but {} could not be rewritten ({e}): set kek = {{ file = {:?} }} by hand; the old KEK is kept",
+                    absolute.display(),
+                    config.display(),
+                    named.display().to_string()
+                )
+            })?;
+        let retired = match &c.kek {
+            KekConfig::File(old) => {
+                destroy_file(old)?;
+                format!("the old KEK file {} destroyed", old.display())
+            }
+            KekConfig::Pkcs11 { key_label, .. } => {
+                format!("destroy the old KEK {key_label:?} on its token to retire it")
+            }
+        };
+        Ok(format!(
+            "{n} keys re-wrapped under {}; {} now names it; {retired}",
+            absolute.display(),
+            config.display()
+        ))
+    })();
+    match r {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("attesta-kbs kek rotate: {e}");
             ExitCode::from(1)
         }
     }

@@ -31,6 +31,7 @@ impl RegisterError {
             RegisterError::Policy(_) => "order_policy",
             RegisterError::Store(StoreError::Exists(_)) => "vm_exists",
             RegisterError::Store(StoreError::NoSuchVm(_)) => "no_such_vm",
+            RegisterError::Store(StoreError::KekRotated) => "kek_rotated",
             RegisterError::Store(_) => "unavailable",
             RegisterError::Key(_) => "key_unavailable",
         }
@@ -339,6 +340,50 @@ impl Kbs {
                 .store(a.epoch, Ordering::Relaxed);
             *current = Some(a);
         }
+    }
+
+    /// Checks that this broker's KEK is the one the store's keys are wrapped under (recording
+    /// it in a new store), and from then on registers only while it still is: a broker left
+    /// running across `kek rotate` cannot wrap a new key under the retired KEK.
+    pub async fn bind_kek(&self) -> Result<(), RegisterError> {
+        let stored = self
+            .store
+            .init_kek_check(&crate::keys::kek_check(&*self.kek)?)
+            .await?;
+        if !crate::keys::opens_check(&*self.kek, &stored) {
+            return Err(crate::keys::KeyError::WrongKek.into());
+        }
+        self.store.bind_kek(Some(stored));
+        Ok(())
+    }
+
+    /// Re-wraps every live volume key under `new` in one transaction (the volume keys stay
+    /// the same) and makes `new` the store's KEK; returns how many. The old KEK then wraps
+    /// nothing live: once destroyed, every key it wrapped — in old backups too, terminated
+    /// VMs' among them — is gone. Needs [`Kbs::bind_kek`] first.
+    pub async fn rotate_kek(&self, new: &dyn Kek, now: u64) -> Result<usize, RegisterError> {
+        let expect = self
+            .store
+            .bound_kek()
+            .ok_or(crate::keys::KeyError::WrongKek)?;
+        let check = crate::keys::kek_check(new)?;
+        if crate::keys::opens_check(&*self.kek, &check) {
+            return Err(crate::keys::KeyError::SameKek.into());
+        }
+        let mut keys = Vec::new();
+        for (vm_id, generation, old) in self.store.live_keys().await? {
+            let key = self.kek.unwrap_key(&vm_id, generation, &old)?;
+            let wrapped = new.wrap(&vm_id, generation, &key)?;
+            // Never store what the new KEK would not give back.
+            if new.unwrap_key(&vm_id, generation, &wrapped)?.0[..] != key.0[..] {
+                return Err(crate::keys::KeyError::Wrap.into());
+            }
+            keys.push((vm_id, generation, old, wrapped));
+        }
+        let n = self.store.rekey(&expect, &check, keys, now).await?;
+        self.store.bind_kek(Some(check));
+        tracing::info!(keys = n, "KEK rotated: every live key re-wrapped");
+        Ok(n)
     }
 
     /// Registers a VM from a signed order: checks signature, expiry, allowlist and policy, then

@@ -44,6 +44,12 @@ pub enum StoreError {
     Audit(String),
     #[error("the store has shut down")]
     Closed,
+    #[error("the KEK was rotated since this broker started: restart it with the new KEK")]
+    KekRotated,
+    #[error(
+        "a VM was registered or terminated during the KEK rotation: nothing was changed, run it again"
+    )]
+    RotationRace,
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -124,9 +130,26 @@ pub trait Store {
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
     /// Whether the database answers.
     async fn ready(&self) -> Result<(), StoreError>;
+    /// The KEK's check value (its wrap of a fixed key), or `check` stored now if there is none.
+    async fn init_kek_check(&self, check: &[u8]) -> Result<Vec<u8>, StoreError>;
+    /// Every live VM's wrapped key: (VM id, generation, wrapped key).
+    async fn live_keys(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError>;
+    /// Replaces every live wrapped key at once (`rekey`: id, generation, old, new) and the KEK
+    /// check value `expect` with `check`, audited; refused unless `rekey` covers exactly the
+    /// live keys as they are now, so nothing stays wrapped under the old KEK.
+    async fn rekey(
+        &self,
+        expect: &[u8],
+        check: &[u8],
+        rekey: Vec<Rekeyed>,
+        now: u64,
+    ) -> Result<usize, StoreError>;
 }
 
-const MIGRATIONS: [&str; 3] = [
+/// One VM's wrapped key under the old KEK and under the new: (VM id, generation, old, new).
+pub type Rekeyed = (String, u64, Vec<u8>, Vec<u8>);
+
+const MIGRATIONS: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS vms (
         vm_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, generation INTEGER NOT NULL,
         boot_counter INTEGER NOT NULL, terminated INTEGER NOT NULL DEFAULT 0,
@@ -141,6 +164,8 @@ const MIGRATIONS: [&str; 3] = [
     // every broker process on this database follows what `allowlist install` put here.
     "CREATE TABLE IF NOT EXISTS allowlist (
         id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, doc BLOB NOT NULL);",
+    // Which KEK the wrapped keys are under: its wrap of a fixed key (opens only with that KEK).
+    "CREATE TABLE IF NOT EXISTS kek (id INTEGER PRIMARY KEY CHECK (id = 1), check_blob BLOB NOT NULL);",
 ];
 
 /// How the writer batches and signs.
@@ -176,7 +201,14 @@ pub struct StoreStats {
 }
 
 enum Op {
-    Register(VmRecord, u64, serde_json::Value),
+    /// With the KEK check value the key was wrapped under, if the broker bound one.
+    Register(VmRecord, u64, serde_json::Value, Option<Vec<u8>>),
+    Rekey {
+        expect: Vec<u8>,
+        check: Vec<u8>,
+        keys: Vec<Rekeyed>,
+        now: u64,
+    },
     Terminate(String, u64, serde_json::Value),
     Allowlist(u64, Vec<u8>, u64),
     Decision(Commit),
@@ -200,6 +232,9 @@ pub struct SqliteStore {
     pool: SqlitePool,
     writer: mpsc::Sender<Job>,
     pub stats: Arc<StoreStats>,
+    /// The KEK check value this process wraps keys under ([`SqliteStore::bind_kek`]): a
+    /// registration is refused once the store's differs (the KEK was rotated meanwhile).
+    kek_check: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 fn i(v: u64) -> i64 {
@@ -242,7 +277,22 @@ impl SqliteStore {
             pool,
             writer: tx,
             stats,
+            kek_check: std::sync::Mutex::new(None),
         })
+    }
+
+    /// From now on, registrations commit only while the store's KEK check value is `check`
+    /// (the KEK this process wraps with); `None`: unchecked.
+    pub fn bind_kek(&self, check: Option<Vec<u8>>) {
+        *self.kek_check.lock().unwrap_or_else(|e| e.into_inner()) = check;
+    }
+
+    /// The KEK check value bound with [`SqliteStore::bind_kek`].
+    pub fn bound_kek(&self) -> Option<Vec<u8>> {
+        self.kek_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn submit(&self, op: Op) -> Result<Done, StoreError> {
@@ -410,7 +460,7 @@ async fn apply(
             let shredded = ops
                 .iter()
                 .zip(&results)
-                .any(|(op, r)| matches!(op, Op::Terminate(..)) && r.is_ok());
+                .any(|(op, r)| matches!(op, Op::Terminate(..) | Op::Rekey { .. }) && r.is_ok());
             if shredded && !truncate_wal(pool, 3).await {
                 tracing::warn!("a terminated VM's old pages are still in the WAL; retrying");
                 applied.wal_pending = true;
@@ -443,7 +493,15 @@ async fn apply_ops(
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
         let r = match op {
-            Op::Register(rec, now, detail) => {
+            Op::Register(rec, now, detail, check) => {
+                if let Some(check) = check
+                    && stored_kek_check(&mut tx)
+                        .await?
+                        .is_some_and(|s| s != *check)
+                {
+                    out.push(Err(StoreError::KekRotated));
+                    continue;
+                }
                 let n = sqlx::query(
                     "INSERT INTO vms (vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc) VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT(vm_id) DO NOTHING",
                 )
@@ -538,6 +596,12 @@ async fn apply_ops(
                 }
             }
             Op::Decision(c) => decision(&mut tx, &mut chain, c).await.map(Done::Decision),
+            Op::Rekey {
+                expect,
+                check,
+                keys,
+                now,
+            } => rekey(&mut tx, &mut chain, expect, check, keys, *now).await,
             Op::Checkpoint => {
                 checkpoint = true;
                 Ok(Done::Nothing)
@@ -590,6 +654,71 @@ async fn audit(
         .execute(&mut *tx)
         .await?;
     Ok(e)
+}
+
+async fn stored_kek_check(tx: &mut sqlx::SqliteConnection) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(sqlx::query("SELECT check_blob FROM kek WHERE id = 1")
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.get(0)))
+}
+
+async fn live_keys(
+    conn: &mut sqlx::SqliteConnection,
+) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+    Ok(sqlx::query(
+        "SELECT vm_id, generation, wrapped_key FROM vms WHERE wrapped_key IS NOT NULL ORDER BY vm_id",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| (r.get(0), u(r.get(1)), r.get(2)))
+    .collect())
+}
+
+/// Every live key re-wrapped at once, or none: `keys` must be exactly the live keys now.
+async fn rekey(
+    tx: &mut sqlx::SqliteConnection,
+    chain: &mut Chain,
+    expect: &[u8],
+    check: &[u8],
+    keys: &[Rekeyed],
+    now: u64,
+) -> Result<Done, StoreError> {
+    if stored_kek_check(tx).await?.is_some_and(|s| s != expect) {
+        return Err(StoreError::KekRotated);
+    }
+    let live = live_keys(tx).await?;
+    let mut planned: Vec<(String, u64, Vec<u8>)> = keys
+        .iter()
+        .map(|(v, g, old, _)| (v.clone(), *g, old.clone()))
+        .collect();
+    planned.sort();
+    if planned != live {
+        return Err(StoreError::RotationRace);
+    }
+    for (vm_id, generation, _, new) in keys {
+        sqlx::query("UPDATE vms SET wrapped_key = ? WHERE vm_id = ? AND generation = ?")
+            .bind(new)
+            .bind(vm_id)
+            .bind(i(*generation))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("INSERT INTO kek (id, check_blob) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET check_blob = excluded.check_blob")
+        .bind(check)
+        .execute(&mut *tx)
+        .await?;
+    let e = audit(
+        tx,
+        chain,
+        now,
+        "kek_rotate",
+        "",
+        serde_json::json!({"keys": keys.len()}),
+    )
+    .await?;
+    Ok(Done::Entry(e))
 }
 
 /// A decision, re-checked against the state inside the transaction.
@@ -646,7 +775,7 @@ impl Store for SqliteStore {
         now: u64,
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError> {
-        self.submit_entry(Op::Register(rec.clone(), now, detail))
+        self.submit_entry(Op::Register(rec.clone(), now, detail, self.bound_kek()))
             .await
     }
 
@@ -778,5 +907,38 @@ impl Store for SqliteStore {
     async fn ready(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn init_kek_check(&self, check: &[u8]) -> Result<Vec<u8>, StoreError> {
+        sqlx::query("INSERT INTO kek (id, check_blob) VALUES (1, ?) ON CONFLICT(id) DO NOTHING")
+            .bind(check)
+            .execute(&self.pool)
+            .await?;
+        let mut conn = self.pool.acquire().await?;
+        stored_kek_check(&mut conn)
+            .await?
+            .ok_or_else(|| StoreError::Db("the KEK check value is missing".into()))
+    }
+
+    async fn live_keys(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+        live_keys(&mut *self.pool.acquire().await?).await
+    }
+
+    async fn rekey(
+        &self,
+        expect: &[u8],
+        check: &[u8],
+        keys: Vec<Rekeyed>,
+        now: u64,
+    ) -> Result<usize, StoreError> {
+        let n = keys.len();
+        self.submit_entry(Op::Rekey {
+            expect: expect.to_vec(),
+            check: check.to_vec(),
+            keys,
+            now,
+        })
+        .await
+        .map(|_| n)
     }
 }
