@@ -10,6 +10,8 @@ pub mod config;
 pub mod keys;
 pub mod metrics;
 pub mod nonces;
+pub mod quic;
 pub mod release;
 pub mod service;
 pub mod store;
+pub mod tls;

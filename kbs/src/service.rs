@@ -1,23 +1,28 @@
-//! The key broker service: registration from signed orders, challenges, and release decisions,
-//! over QUIC (TLS 1.3 with aws-lc-rs, ALPN `attesta-kbs/1`, no 0-RTT, one request per
-//! bidirectional stream). Every decision is committed (nonce, VM state, audit entry) before the
-//! first byte of the answer is written.
+//! The key broker service: registration from signed orders, challenges, and release decisions
+//! (served over QUIC by [`crate::quic`], with the TLS of [`crate::tls`]). Every decision is
+//! committed (nonce, VM state, audit entry) before the first byte of the answer is written.
 
 use crate::keys::{Kek, VolumeKey};
 use crate::metrics::Metrics;
 use crate::nonces::NonceBook;
 use crate::release::{self, Denial};
 use crate::store::{Commit, SqliteStore, Store, StoreError, VmRecord};
-use proto::msg::{
-    ALPN, DenialBody, EXPORTER_LABEL, MAX_REQUEST, ReleaseBody, Request, Response, VERSION, frame,
-    frame_len,
-};
+use proto::msg::{DenialBody, ReleaseBody, Request, Response, VERSION};
 use proto::order::{Allowlist, DocumentError, Order, OrderKind};
 use proto::{ResponseKey, SealContext, seal};
 use snp::{Evidence, Policy, Verifier};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use zeroize::Zeroizing;
+
+// Moved to their own modules; named here too so that `kbs::service::…` paths keep working.
+pub use crate::quic::{
+    CLOSE_TIME_LIMIT, DEFAULT_MAX_SESSIONS, HANDSHAKE_LIMIT, MAX_CHALLENGES_PER_SESSION,
+    UDP_BUFFER, serve, serve_with, server_endpoint, udp_socket,
+};
+pub use crate::tls::{
+    MeshGate, Role, TlsIdentity, issue_client_cert, mesh_server_config, role_of, role_uri,
+    server_config,
+};
 
 impl RegisterError {
     /// Stable code for the wire.
@@ -85,56 +90,6 @@ fn verify_stored(doc: &[u8], epoch: u64, key: &[u8; 32]) -> Result<Allowlist, Re
     Ok(a)
 }
 
-/// Who is on the other end of a connection, from its TLS client certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// No client certificate: a guest. May ask for nonces and present evidence.
-    Guest,
-    /// A miner's host agent: may relay operator-signed orders.
-    Host,
-    /// An operator: may send operator-signed orders.
-    Operator,
-}
-
-/// The URI SAN that names a client's role in its certificate.
-pub fn role_uri(role: Role) -> &'static str {
-    match role {
-        Role::Guest => "urn:attesta:role:guest",
-        Role::Host => "urn:attesta:role:host",
-        Role::Operator => "urn:attesta:role:operator",
-    }
-}
-
-/// The role a (chain-verified) client certificate claims: host or operator by URI SAN, else
-/// guest (nothing more than any anonymous client).
-pub fn role_of(cert_der: &[u8]) -> Role {
-    use x509_cert::der::Decode;
-    use x509_cert::ext::pkix::SubjectAltName;
-    use x509_cert::ext::pkix::name::GeneralName;
-    let Ok(cert) = x509_cert::Certificate::from_der(cert_der) else {
-        return Role::Guest;
-    };
-    let Ok(Some(san)) = cert.tbs_certificate().get_extension::<SubjectAltName>() else {
-        return Role::Guest;
-    };
-    let uris: Vec<String> = san
-        .1
-        .0
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
-            _ => None,
-        })
-        .collect();
-    if uris.iter().any(|u| u == role_uri(Role::Operator)) {
-        Role::Operator
-    } else if uris.iter().any(|u| u == role_uri(Role::Host)) {
-        Role::Host
-    } else {
-        Role::Guest
-    }
-}
-
 /// The broker: its store, verifier, keys and trust in operators.
 pub struct Kbs {
     pub store: SqliteStore,
@@ -157,21 +112,6 @@ pub struct Kbs {
     /// client can hold of `max_sessions`.
     pub session_limit: std::time::Duration,
 }
-
-/// Default for `max_sessions`: enough to keep the broker's cores busy between a guest's round
-/// trips, few enough that a boot storm queues at the door instead of slowing every session.
-pub const DEFAULT_MAX_SESSIONS: usize = 64;
-
-/// Close code for a connection that outlived its session time limit.
-pub const CLOSE_TIME_LIMIT: u32 = 0x11;
-
-/// Challenges one connection may ask for (a boot needs one; a retry or two more): a client
-/// cannot flood the nonce book, nor push other guests' nonces out of it, from one session.
-pub const MAX_CHALLENGES_PER_SESSION: u32 = 8;
-
-/// How long a handshake may hold a slot: a client that does not finish it by then (gone, or
-/// never there) frees the slot for the next.
-pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Issues an attested guest its mesh certificate: name = VM id, the order's `mesh_ip`, group
 /// `tenant:<tenant>`, role guest, short-lived; for the key bound in the guest's report only.
@@ -765,359 +705,6 @@ pub fn vm_policy(order: Option<&Order>) -> Policy {
             .collect(),
     );
     p
-}
-
-/// A broker TLS identity: a CA (which guests pin, and which issues host and operator client
-/// certificates) and a server certificate it issued.
-pub struct TlsIdentity {
-    pub ca_der: Vec<u8>,
-    pub ca_pem: String,
-    /// PKCS#8 PEM of the CA key (secret; keep it offline once client certificates are issued).
-    pub ca_key_pem: Zeroizing<String>,
-    pub cert_der: Vec<u8>,
-    pub cert_pem: String,
-    /// PKCS#8 of the server key (secret).
-    pub key_der: Zeroizing<Vec<u8>>,
-    pub key_pem: Zeroizing<String>,
-}
-
-fn ca_params() -> Result<rcgen::CertificateParams, rcgen::Error> {
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, "Attesta KBS CA");
-    Ok(p)
-}
-
-/// A client certificate for `name` in `role`, issued by the broker's CA (`ca_key_pem`).
-/// Returns the certificate and its key, both PEM.
-pub fn issue_client_cert(
-    ca_key_pem: &str,
-    name: &str,
-    role: Role,
-) -> Result<(String, Zeroizing<String>), String> {
-    let err = |e: rcgen::Error| e.to_string();
-    let ca_key = rcgen::KeyPair::from_pem(ca_key_pem).map_err(err)?;
-    let issuer = rcgen::Issuer::new(ca_params().map_err(err)?, ca_key);
-    let key = rcgen::KeyPair::generate().map_err(err)?;
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    let uri = rcgen::string::Ia5String::try_from(role_uri(role)).map_err(err)?;
-    p.subject_alt_names = vec![rcgen::SanType::URI(uri)];
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = p.signed_by(&key, &issuer).map_err(err)?;
-    Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
-}
-
-impl TlsIdentity {
-    /// A new CA (path length 0) and a certificate for `server_name` from it.
-    pub fn generate(server_name: &str) -> Result<TlsIdentity, String> {
-        let err = |e: rcgen::Error| e.to_string();
-        let ca_key = rcgen::KeyPair::generate().map_err(err)?;
-        let ca_key_pem = Zeroizing::new(ca_key.serialize_pem());
-        let ca_params = ca_params().map_err(err)?;
-        let ca = ca_params.self_signed(&ca_key).map_err(err)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().map_err(err)?;
-        let cert = rcgen::CertificateParams::new(vec![server_name.to_string()])
-            .map_err(err)?
-            .signed_by(&key, &issuer)
-            .map_err(err)?;
-        Ok(TlsIdentity {
-            ca_der: ca.der().to_vec(),
-            ca_pem: ca.pem(),
-            ca_key_pem,
-            cert_der: cert.der().to_vec(),
-            cert_pem: cert.pem(),
-            key_der: Zeroizing::new(key.serialize_der()),
-            key_pem: Zeroizing::new(key.serialize_pem()),
-        })
-    }
-
-    /// The QUIC server configuration for this identity; its CA also vouches for clients.
-    pub fn server_config(&self) -> Result<quinn::ServerConfig, String> {
-        server_config(
-            vec![rustls::pki_types::CertificateDer::from(
-                self.cert_der.clone(),
-            )],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.to_vec().into()),
-            Some(rustls::pki_types::CertificateDer::from(self.ca_der.clone())),
-        )
-    }
-}
-
-/// The mesh in front of the broker: clients are verified by the mesh CA (chain, constraints,
-/// revocation lists), a certified client's role comes from its mesh certificate and the mesh
-/// firewall must allow it the service `attesta-kbs/1`; a client without a certificate is a
-/// guest, admitted for attestation only (nonces and evidence).
-pub struct MeshGate {
-    pub trust: Arc<mesh::transport::Trust>,
-    rules: std::sync::RwLock<Arc<mesh::firewall::Firewall>>,
-}
-
-impl MeshGate {
-    pub fn new(trust: Arc<mesh::transport::Trust>, rules: mesh::firewall::Firewall) -> MeshGate {
-        MeshGate {
-            trust,
-            rules: std::sync::RwLock::new(Arc::new(rules)),
-        }
-    }
-
-    /// Swaps in reloaded rules (already parsed and self-tested).
-    pub fn set_rules(&self, rules: mesh::firewall::Firewall) {
-        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
-    }
-
-    /// The role of a connection's peer, or why it is refused. `chain` is what the TLS
-    /// verifier (the mesh's) already accepted.
-    pub fn admit(
-        &self,
-        chain: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-        now: u64,
-    ) -> Result<Role, String> {
-        let Some(leaf) = chain.and_then(|c| c.first()) else {
-            return Ok(Role::Guest);
-        };
-        let cert = mesh::cert::MeshCert::parse(leaf).map_err(|e| e.to_string())?;
-        self.trust.fresh(now)?;
-        let peer = mesh::firewall::Peer::from_cert(&cert);
-        let service = mesh::firewall::Service::Named(String::from_utf8_lossy(ALPN).into_owned());
-        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if rules.decide(&peer, &service) == mesh::firewall::Verdict::Deny {
-            return Err(format!(
-                "the mesh firewall denies {} the broker's service",
-                cert.name
-            ));
-        }
-        Ok(match cert.claims.role {
-            Some(mesh::cert::Role::Host) => Role::Host,
-            Some(mesh::cert::Role::Operator) => Role::Operator,
-            _ => Role::Guest,
-        })
-    }
-}
-
-/// The broker's QUIC server configuration on the mesh: its mesh certificate (role kbs), the
-/// mesh verifier for clients (optional: guests have none yet).
-pub fn mesh_server_config(
-    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-    trust: Arc<mesh::transport::Trust>,
-) -> Result<quinn::ServerConfig, String> {
-    let tls = mesh::transport::server_tls(
-        mesh::transport::Identity { chain, key },
-        trust,
-        false,
-        &[ALPN],
-    )?;
-    finish_server(tls)
-}
-
-/// QUIC server configuration: TLS 1.3 only, ALPN `attesta-kbs/1`, no early data. With
-/// `client_ca`, clients may present a certificate from it (hosts, operators); guests present none.
-pub fn server_config(
-    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-    client_ca: Option<rustls::pki_types::CertificateDer<'static>>,
-) -> Result<quinn::ServerConfig, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?;
-    let builder = match client_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(ca).map_err(|e| e.to_string())?;
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| e.to_string())?;
-            builder.with_client_cert_verifier(v)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let tls = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| e.to_string())?;
-    finish_server(tls)
-}
-
-fn finish_server(mut tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, String> {
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.max_early_data_size = 0; // no 0-RTT on key release
-    // No resumption tickets: each boot is a fresh guest with nothing to resume, and minting two
-    // tickets per connection cost the broker CPU and packets in a boot storm.
-    tls.send_tls13_tickets = 0;
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
-}
-
-/// Socket buffer we ask for: a boot storm's handshakes arrive in bursts, and a datagram the
-/// kernel drops costs a QUIC retransmission timeout (hundreds of ms) on that boot.
-pub const UDP_BUFFER: usize = 4 << 20;
-
-/// A UDP socket with large send and receive buffers (capped by the kernel's rmem_max/wmem_max).
-pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    let _ = s.set_recv_buffer_size(UDP_BUFFER);
-    let _ = s.set_send_buffer_size(UDP_BUFFER);
-    s.bind(&addr.into())?;
-    Ok(s.into())
-}
-
-/// The broker's QUIC endpoint on `addr`, on a [`udp_socket`].
-pub fn server_endpoint(
-    config: quinn::ServerConfig,
-    addr: std::net::SocketAddr,
-) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        udp_socket(addr)?,
-        Arc::new(quinn::TokioRuntime),
-    )
-}
-
-/// The role of a connection's peer: from its verified client certificate, else a guest.
-fn peer_role(conn: &quinn::Connection) -> Role {
-    conn.peer_identity()
-        .and_then(|id| {
-            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .and_then(|chain| chain.first().map(|c| role_of(c)))
-        .unwrap_or(Role::Guest)
-}
-
-/// Serves until the endpoint closes. `clock` gives Unix seconds.
-pub async fn serve(endpoint: quinn::Endpoint, kbs: Arc<Kbs>, clock: fn() -> u64) {
-    serve_with(endpoint, kbs, clock, None).await
-}
-
-/// [`serve`], with the mesh's admission when the broker is on the mesh.
-///
-/// At most `kbs.max_sessions` connections are served at once, each for at most
-/// `kbs.session_limit` (its handshake for at most [`HANDSHAKE_LIMIT`]); a new handshake starts
-/// only when a slot frees. In a boot storm the queue forms at the door (the endpoint holds the
-/// waiting handshakes), so a guest that got in is answered promptly and its nonce does not
-/// expire while a thousand others share the cores, and the broker's memory stays bounded.
-/// While every slot is taken, a client whose address is not yet validated is sent a QUIC Retry
-/// first (as SYN cookies do for TCP): spoofed Initials cannot queue for slots, only clients that
-/// can receive at their address.
-pub async fn serve_with(
-    endpoint: quinn::Endpoint,
-    kbs: Arc<Kbs>,
-    clock: fn() -> u64,
-    gate: Option<Arc<MeshGate>>,
-) {
-    let slots = kbs
-        .max_sessions
-        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
-    let permits = Arc::new(tokio::sync::Semaphore::new(slots));
-    while let Some(incoming) = endpoint.accept().await {
-        if permits.available_permits() == 0 && !incoming.remote_address_validated() {
-            // Its validated retry comes back as a new incoming connection.
-            let _ = incoming.retry();
-            continue;
-        }
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let kbs = kbs.clone();
-        let gate = gate.clone();
-        tokio::spawn(async move {
-            let _session = kbs.metrics.session(permit);
-            let start = tokio::time::Instant::now();
-            let deadline = start + kbs.session_limit;
-            // The whole handshake completes before anything is read: no 0-RTT, no 0.5-RTT answers.
-            let handshake = (start + HANDSHAKE_LIMIT).min(deadline);
-            let Ok(Ok(conn)) = tokio::time::timeout_at(handshake, incoming).await else {
-                return;
-            };
-            let mut exporter = [0u8; 32];
-            if conn
-                .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
-                .is_err()
-            {
-                return;
-            }
-            let role = match &gate {
-                None => peer_role(&conn),
-                Some(g) => {
-                    let chain = conn.peer_identity().and_then(|id| {
-                        id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                            .ok()
-                    });
-                    match g.admit(chain.as_deref().map(|c| c.as_slice()), clock()) {
-                        Ok(r) => r,
-                        Err(why) => {
-                            tracing::info!(%why, "connection refused");
-                            conn.close(0x10u32.into(), why.as_bytes());
-                            return;
-                        }
-                    }
-                }
-            };
-            let streams = async {
-                let mut requests = tokio::task::JoinSet::new();
-                let challenges = Arc::new(std::sync::atomic::AtomicU32::new(0));
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let kbs = kbs.clone();
-                    let challenges = challenges.clone();
-                    requests.spawn(async move {
-                        let resp = match read_request(&mut recv).await {
-                            Ok(Request::Challenge { .. })
-                                if challenges.fetch_add(1, Ordering::Relaxed)
-                                    >= MAX_CHALLENGES_PER_SESSION =>
-                            {
-                                kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                                Response::error(
-                                    "too_many_challenges",
-                                    "this connection has asked for its challenges",
-                                )
-                            }
-                            Ok(req) => kbs.handle(req, role, exporter, clock()).await,
-                            Err(code) => {
-                                kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                                Response::error(code, "the request frame is unusable")
-                            }
-                        };
-                        let _ = send.write_all(&frame(&resp)).await;
-                        let _ = send.finish();
-                        let _ = send.stopped().await;
-                    });
-                }
-                // The peer has gone: its requests still in progress finish before the slot is
-                // freed. (If the session limit fires instead, they are aborted; a decision
-                // already handed to the store is committed by the store's writer regardless,
-                // and nothing uncommitted was ever answered.)
-                while requests.join_next().await.is_some() {}
-            };
-            if tokio::time::timeout_at(deadline, streams).await.is_err() {
-                conn.close(CLOSE_TIME_LIMIT.into(), b"session time limit");
-            }
-        });
-    }
-}
-
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, &'static str> {
-    let mut header = [0u8; 4];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(|_| "bad_request")?;
-    let len = frame_len(header, MAX_REQUEST).map_err(|_| "too_large")?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|_| "bad_request")?;
-    let mut framed = header.to_vec();
-    framed.extend_from_slice(&body);
-    Request::decode_frame(&framed).map_err(|_| "bad_request")
 }
 
 #[cfg(test)]

@@ -1,0 +1,188 @@
+//! The broker on QUIC: admission (at most `max_sessions` connections served at once, each for
+//! at most `session_limit`), one request per bidirectional stream, framing and the per-session
+//! limits. Decisions are the service's ([`crate::service::Kbs::handle`]).
+
+use crate::service::Kbs;
+use crate::tls::{MeshGate, Role, role_of};
+use proto::msg::{EXPORTER_LABEL, MAX_REQUEST, Request, Response, frame, frame_len};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Default for `max_sessions`: enough to keep the broker's cores busy between a guest's round
+/// trips, few enough that a boot storm queues at the door instead of slowing every session.
+pub const DEFAULT_MAX_SESSIONS: usize = 64;
+
+/// Close code for a connection that outlived its session time limit.
+pub const CLOSE_TIME_LIMIT: u32 = 0x11;
+
+/// Challenges one connection may ask for (a boot needs one; a retry or two more): a client
+/// cannot flood the nonce book, nor push other guests' nonces out of it, from one session.
+pub const MAX_CHALLENGES_PER_SESSION: u32 = 8;
+
+/// How long a handshake may hold a slot: a client that does not finish it by then (gone, or
+/// never there) frees the slot for the next.
+pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Socket buffer we ask for: a boot storm's handshakes arrive in bursts, and a datagram the
+/// kernel drops costs a QUIC retransmission timeout (hundreds of ms) on that boot.
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket with large send and receive buffers (capped by the kernel's rmem_max/wmem_max).
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// The broker's QUIC endpoint on `addr`, on a [`udp_socket`].
+pub fn server_endpoint(
+    config: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        udp_socket(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// The role of a connection's peer: from its verified client certificate, else a guest.
+fn peer_role(conn: &quinn::Connection) -> Role {
+    conn.peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().map(|c| role_of(c)))
+        .unwrap_or(Role::Guest)
+}
+
+/// Serves until the endpoint closes. `clock` gives Unix seconds.
+pub async fn serve(endpoint: quinn::Endpoint, kbs: Arc<Kbs>, clock: fn() -> u64) {
+    serve_with(endpoint, kbs, clock, None).await
+}
+
+/// [`serve`], with the mesh's admission when the broker is on the mesh.
+///
+/// At most `kbs.max_sessions` connections are served at once, each for at most
+/// `kbs.session_limit` (its handshake for at most [`HANDSHAKE_LIMIT`]); a new handshake starts
+/// only when a slot frees. In a boot storm the queue forms at the door (the endpoint holds the
+/// waiting handshakes), so a guest that got in is answered promptly and its nonce does not
+/// expire while a thousand others share the cores, and the broker's memory stays bounded.
+/// While every slot is taken, a client whose address is not yet validated is sent a QUIC Retry
+/// first (as SYN cookies do for TCP): spoofed Initials cannot queue for slots, only clients that
+/// can receive at their address.
+pub async fn serve_with(
+    endpoint: quinn::Endpoint,
+    kbs: Arc<Kbs>,
+    clock: fn() -> u64,
+    gate: Option<Arc<MeshGate>>,
+) {
+    let slots = kbs
+        .max_sessions
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+    let permits = Arc::new(tokio::sync::Semaphore::new(slots));
+    while let Some(incoming) = endpoint.accept().await {
+        if permits.available_permits() == 0 && !incoming.remote_address_validated() {
+            // Its validated retry comes back as a new incoming connection.
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let kbs = kbs.clone();
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let _session = kbs.metrics.session(permit);
+            let start = tokio::time::Instant::now();
+            let deadline = start + kbs.session_limit;
+            // The whole handshake completes before anything is read: no 0-RTT, no 0.5-RTT answers.
+            let handshake = (start + HANDSHAKE_LIMIT).min(deadline);
+            let Ok(Ok(conn)) = tokio::time::timeout_at(handshake, incoming).await else {
+                return;
+            };
+            let mut exporter = [0u8; 32];
+            if conn
+                .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+                .is_err()
+            {
+                return;
+            }
+            let role = match &gate {
+                None => peer_role(&conn),
+                Some(g) => {
+                    let chain = conn.peer_identity().and_then(|id| {
+                        id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                            .ok()
+                    });
+                    match g.admit(chain.as_deref().map(|c| c.as_slice()), clock()) {
+                        Ok(r) => r,
+                        Err(why) => {
+                            tracing::info!(%why, "connection refused");
+                            conn.close(0x10u32.into(), why.as_bytes());
+                            return;
+                        }
+                    }
+                }
+            };
+            let streams = async {
+                let mut requests = tokio::task::JoinSet::new();
+                let challenges = Arc::new(std::sync::atomic::AtomicU32::new(0));
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let kbs = kbs.clone();
+                    let challenges = challenges.clone();
+                    requests.spawn(async move {
+                        let resp = match read_request(&mut recv).await {
+                            Ok(Request::Challenge { .. })
+                                if challenges.fetch_add(1, Ordering::Relaxed)
+                                    >= MAX_CHALLENGES_PER_SESSION =>
+                            {
+                                kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                                Response::error(
+                                    "too_many_challenges",
+                                    "this connection has asked for its challenges",
+                                )
+                            }
+                            Ok(req) => kbs.handle(req, role, exporter, clock()).await,
+                            Err(code) => {
+                                kbs.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                                Response::error(code, "the request frame is unusable")
+                            }
+                        };
+                        let _ = send.write_all(&frame(&resp)).await;
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    });
+                }
+                // The peer has gone: its requests still in progress finish before the slot is
+                // freed. (If the session limit fires instead, they are aborted; a decision
+                // already handed to the store is committed by the store's writer regardless,
+                // and nothing uncommitted was ever answered.)
+                while requests.join_next().await.is_some() {}
+            };
+            if tokio::time::timeout_at(deadline, streams).await.is_err() {
+                conn.close(CLOSE_TIME_LIMIT.into(), b"session time limit");
+            }
+        });
+    }
+}
+
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, &'static str> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|_| "bad_request")?;
+    let len = frame_len(header, MAX_REQUEST).map_err(|_| "too_large")?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|_| "bad_request")?;
+    let mut framed = header.to_vec();
+    framed.extend_from_slice(&body);
+    Request::decode_frame(&framed).map_err(|_| "bad_request")
+}
