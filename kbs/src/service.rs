@@ -529,14 +529,37 @@ impl Kbs {
                 allowlist: allowlist.as_ref(),
             })
         };
-        let (kind, detail) = match &decision.outcome {
-            Ok(v) => (
+        // Sealed before the commit: a key that cannot be unwrapped or sealed makes the decision a
+        // `key_unavailable` denial, committed and answered as such — the audit log never records
+        // a release whose answer was a denial.
+        let mut codes: Vec<&'static str> = match &decision.outcome {
+            Ok(_) => Vec::new(),
+            Err(d) => d.iter().map(Denial::code).collect(),
+        };
+        let sealed = match (&decision.outcome, record.as_ref(), parsed) {
+            (Ok(state), Some(rec), Some(r)) => {
+                let body = self.seal_release(rec, state, &order, &nonce, &guest_pk, &r.measurement);
+                if body.is_none() {
+                    codes.push("key_unavailable");
+                }
+                body
+            }
+            // `decide` releases only with a VM record and a parsed report.
+            (Ok(_), _, _) => {
+                codes.push("unknown_vm");
+                None
+            }
+            (Err(_), _, _) => None,
+        };
+        let release = sealed.as_ref().and(decision.outcome.as_ref().ok());
+        let (kind, detail) = match release {
+            Some(v) => (
                 "release",
                 serde_json::json!({"nonce": hex::encode(nonce), "boot_counter": v.boot_counter}),
             ),
-            Err(d) => (
+            None => (
                 "denial",
-                serde_json::json!({"nonce": hex::encode(nonce), "reasons": d.iter().map(Denial::code).collect::<Vec<_>>()}),
+                serde_json::json!({"nonce": hex::encode(nonce), "reasons": codes}),
             ),
         };
         let commit = Commit {
@@ -546,7 +569,7 @@ impl Kbs {
                 Some(release::NonceState::Issued { expires_at, .. }) => *expires_at,
                 _ => now,
             },
-            vm_update: decision.outcome.as_ref().ok().cloned(),
+            vm_update: release.cloned(),
             audit: (now, kind.into(), vm_id.into(), detail),
         };
         // Commit before emit: nothing is answered that is not durably recorded. A release that
@@ -558,32 +581,26 @@ impl Kbs {
                 return self.deny(vm_id, &nonce, &["storage_unavailable"]);
             }
         };
-        match (decision.outcome, record, parsed) {
-            (Ok(state), Some(rec), Some(r)) if committed.released => {
-                match self.seal_release(&rec, &state, &order, &nonce, &guest_pk, &r.measurement) {
-                    Some(mut body) => {
-                        // The report bound this mesh key: certify it for this VM.
-                        if let (Ok(mk), Some(o), Some(issuer)) = (
-                            <[u8; 32]>::try_from(mesh_key),
-                            order.as_ref(),
-                            self.guest_issuer.get(),
-                        ) {
-                            match issuer.issue(o, &mk, now) {
-                                Ok(der) => body.mesh_cert = der,
-                                Err(e) => {
-                                    tracing::warn!(vm_id, error = %e, "no mesh certificate issued")
-                                }
-                            }
+        match (release, sealed) {
+            (Some(state), Some(mut body)) if committed.released => {
+                // The report bound this mesh key: certify it for this VM.
+                if let (Ok(mk), Some(o), Some(issuer)) = (
+                    <[u8; 32]>::try_from(mesh_key),
+                    order.as_ref(),
+                    self.guest_issuer.get(),
+                ) {
+                    match issuer.issue(o, &mk, now) {
+                        Ok(der) => body.mesh_cert = der,
+                        Err(e) => {
+                            tracing::warn!(vm_id, error = %e, "no mesh certificate issued")
                         }
-                        self.metrics.releases.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(vm_id, boot = state.boot_counter, "key released");
-                        Response::release(&self.response_key, &body)
                     }
-                    None => self.deny(vm_id, &nonce, &["key_unavailable"]),
                 }
+                self.metrics.releases.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(vm_id, boot = state.boot_counter, "key released");
+                Response::release(&self.response_key, &body)
             }
-            (Err(d), _, _) => {
-                let codes: Vec<&'static str> = d.iter().map(Denial::code).collect();
+            (None, _) => {
                 tracing::info!(vm_id, reasons = ?codes, "release denied");
                 self.deny(vm_id, &nonce, &codes)
             }
@@ -613,13 +630,15 @@ impl Kbs {
             .kek
             .unwrap_key(&state.vm_id, state.generation, rec.wrapped_key.as_deref()?)
             .ok()?;
-        let mut payload = Zeroizing::new(key.0.to_vec());
-        payload.extend_from_slice(
-            order
-                .as_ref()
-                .map(|o| o.boot_config.as_slice())
-                .unwrap_or(&[]),
-        );
+        let boot_config = order
+            .as_ref()
+            .map(|o| o.boot_config.as_slice())
+            .unwrap_or(&[]);
+        // One buffer at its full size from the start: growing it would leave a copy of the key
+        // in freed memory that nothing wipes.
+        let mut payload = Zeroizing::new(Vec::with_capacity(key.0.len() + boot_config.len()));
+        payload.extend_from_slice(&key.0[..]);
+        payload.extend_from_slice(boot_config);
         let ctx = SealContext {
             vm_id: &state.vm_id,
             generation: state.generation,

@@ -595,3 +595,82 @@ async fn challenges_are_bounded_per_connection_and_checked() {
         .unwrap();
     assert_eq!(code(r), "challenge");
 }
+
+/// A KEK that wraps but cannot unwrap (a PKCS#11 token gone, a KEK file replaced): the key
+/// cannot be sealed for the guest.
+struct UnwrapFails(FileKek);
+
+impl kbs::keys::Kek for UnwrapFails {
+    fn wrap(
+        &self,
+        vm_id: &str,
+        generation: u64,
+        key: &kbs::keys::VolumeKey,
+    ) -> Result<Vec<u8>, kbs::keys::KeyError> {
+        self.0.wrap(vm_id, generation, key)
+    }
+    fn unwrap_key(
+        &self,
+        _: &str,
+        _: u64,
+        _: &[u8],
+    ) -> Result<kbs::keys::VolumeKey, kbs::keys::KeyError> {
+        Err(kbs::keys::KeyError::Unwrap)
+    }
+}
+
+/// The release is sealed before it is committed: when the key cannot be unwrapped the decision
+/// is committed and answered as a `key_unavailable` denial, the audit log records a denial (not
+/// a release) and the VM's boot counter does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_cannot_be_sealed_is_recorded_as_a_denial() {
+    let kek_dir = tempfile::tempdir().unwrap();
+    let failing = UnwrapFails(FileKek::create(&kek_dir.path().join("kek")).unwrap());
+    let Setup {
+        dir: _dir,
+        chip,
+        operator,
+        response_pub,
+        kbs,
+        ..
+    } = setup_with(|k| k.kek = Box::new(failing)).await;
+    let order = Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Register,
+        vm_id: "vm-1".into(),
+        tenant: "tenant-a".into(),
+        measurements: vec![ByteBuf::from(GOOD.to_vec())],
+        policy: String::new(),
+        chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
+        not_after: now() + 3600,
+        boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant".to_vec()),
+        billing: None,
+        mesh_ip: None,
+    };
+    kbs.register(&order.sign(&operator), now()).await.unwrap();
+    let broker = serve_on_loopback(&kbs, response_pub);
+    let guest = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    match fetch(&broker, "vm-1", &guest).await {
+        Err(ClientError::Denied(reasons)) => assert_eq!(reasons, ["key_unavailable"]),
+        other => panic!("expected a key_unavailable denial, got {other:?}"),
+    }
+    let log = kbs.store.audit_entries().await.unwrap();
+    let last = log.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.vm_id.as_str()),
+        ("denial", "vm-1")
+    );
+    assert_eq!(
+        last.detail["reasons"],
+        serde_json::json!(["key_unavailable"])
+    );
+    assert!(
+        !log.iter().any(|e| e.kind == "release"),
+        "no release recorded"
+    );
+    let vm = kbs.store.vm("vm-1").await.unwrap().unwrap();
+    assert_eq!(vm.state.boot_counter, 0, "the boot counter did not move");
+}
