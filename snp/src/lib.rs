@@ -27,6 +27,7 @@ pub mod certs;
 pub mod certtable;
 mod der;
 pub mod device;
+pub mod floor;
 pub mod hexbytes;
 pub mod kds;
 pub mod policy;
@@ -39,6 +40,7 @@ pub mod verify;
 
 pub use certs::{AmdCert, Crl};
 pub use certtable::CertTable;
+pub use floor::Floor;
 pub use policy::Policy;
 pub use product::{Product, UnknownProduct};
 pub use reason::Reason;

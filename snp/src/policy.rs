@@ -10,6 +10,7 @@ use crate::reason::{ExactField, Reason, TcbField};
 use crate::report::{GuestPolicy, PlatformInfo, ReportBody, SigningKey};
 use crate::tcb::{Tcb, TcbMinimum, regressions};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 /// A field compared for equality: which, the expected value if any, and the report's.
@@ -75,6 +76,10 @@ pub struct TcbPolicy {
     pub minimum_launch: TcbMinimum,
     /// Accept committed < current (firmware loaded but not committed). Default: refuse.
     pub permit_provisional_firmware: bool,
+    /// Per-product minimums that apply to all four TCBs above (TCB numbers mean different
+    /// things on each product), on top of the product-agnostic ones: the broker's floor.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub minimum_by_product: BTreeMap<Product, TcbMinimum>,
 }
 
 /// Requirements on the guest policy the host launched the VM with.
@@ -335,13 +340,19 @@ impl Policy {
         let current = Tcb::decode(r.current_tcb, product);
         let committed = Tcb::decode(r.committed_tcb, product);
         let launch = Tcb::decode(r.launch_tcb, product);
+        let by_product = self
+            .tcb
+            .minimum_by_product
+            .get(&product)
+            .copied()
+            .unwrap_or_default();
         for (field, tcb, min) in [
             (TcbField::Reported, &reported, &self.tcb.minimum_reported),
             (TcbField::Current, &current, &self.tcb.minimum_current),
             (TcbField::Committed, &committed, &self.tcb.minimum_committed),
             (TcbField::Launch, &launch, &self.tcb.minimum_launch),
         ] {
-            for (component, have, need) in tcb.below(min) {
+            for (component, have, need) in tcb.below(&min.stricter(&by_product)) {
                 out.push(Reason::TcbBelowMinimum {
                     field,
                     component,

@@ -160,7 +160,31 @@ pub struct TcbMinimum {
 }
 
 impl TcbMinimum {
-    fn components(&self) -> impl Iterator<Item = (Component, u8)> {
+    /// The stricter of two minimums: per component, the higher (an absent one constrains
+    /// nothing).
+    pub fn stricter(&self, other: &TcbMinimum) -> TcbMinimum {
+        let m = |a: Option<u8>, b: Option<u8>| a.max(b);
+        TcbMinimum {
+            fmc: m(self.fmc, other.fmc),
+            bootloader: m(self.bootloader, other.bootloader),
+            tee: m(self.tee, other.tee),
+            snp: m(self.snp, other.snp),
+            microcode: m(self.microcode, other.microcode),
+        }
+    }
+
+    /// The value required of one component, if any.
+    pub fn get(&self, c: Component) -> Option<u8> {
+        match c {
+            Component::Fmc => self.fmc,
+            Component::Bootloader => self.bootloader,
+            Component::Tee => self.tee,
+            Component::Snp => self.snp,
+            Component::Microcode => self.microcode,
+        }
+    }
+
+    pub(crate) fn components(&self) -> impl Iterator<Item = (Component, u8)> {
         [
             (Component::Fmc, self.fmc),
             (Component::Bootloader, self.bootloader),

@@ -1684,3 +1684,43 @@ fn launch_tcb_above_current_is_a_rollback() {
     .encode(Product::Milan);
     passes(&Policy::default(), &r);
 }
+
+/// A per-product minimum (the broker's floor) applies to all four TCBs of that product's
+/// reports only, and the stricter of it and a product-agnostic minimum is what is required.
+#[test]
+fn per_product_minimums_apply_to_every_tcb_of_that_product() {
+    let mut p = Policy::default();
+    p.tcb.minimum_by_product.insert(
+        Product::Milan,
+        TcbMinimum {
+            snp: Some(MILAN_TCB.snp + 1),
+            ..Default::default()
+        },
+    );
+    p.tcb.minimum_reported.snp = Some(2);
+    let want: Vec<Reason> = [
+        TcbField::Reported,
+        TcbField::Current,
+        TcbField::Committed,
+        TcbField::Launch,
+    ]
+    .into_iter()
+    .map(|field| Reason::TcbBelowMinimum {
+        field,
+        component: Component::Snp,
+        have: MILAN_TCB.snp,
+        need: MILAN_TCB.snp + 1,
+    })
+    .collect();
+    fails(&p, &good(), &want);
+    // Another product's reports are not held to Milan's numbers.
+    passes_on(&p, &good_for(Product::Turin), Product::Turin);
+    // Written in TOML as a table per product, and read back the same.
+    let again = Policy::from_toml(&p.to_toml()).unwrap();
+    assert_eq!(again, p);
+    assert!(
+        p.to_toml().contains("[tcb.minimum_by_product.milan]"),
+        "{}",
+        p.to_toml()
+    );
+}
