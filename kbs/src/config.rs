@@ -83,6 +83,10 @@ pub struct Config {
     /// "text" (default) or "json" log lines on stderr.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Where the broker finds VCEKs and CRLs that evidence does not carry (offline store, AMD's
+    /// key server with a cache); without it, only the certificate table.
+    #[serde(default)]
+    pub collateral: Option<crate::collateral::CollateralConfig>,
 }
 
 /// The broker on the mesh. Files are re-read every `reload_secs` when they change: the CA
@@ -192,6 +196,9 @@ impl Config {
         }
         if let Some(p) = &mut c.client_ca {
             fix(p);
+        }
+        if let Some(col) = &mut c.collateral {
+            col.resolve(base);
         }
         Ok(c)
     }

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod collateral;
 pub mod config;
 pub mod keys;
 pub mod metrics;

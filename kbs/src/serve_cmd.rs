@@ -453,7 +453,11 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig, Option<Arc<MeshGate>>)
             .map_err(|e| format!("crl {}: {e}", p.display()))?;
         tracing::info!(path = %p.display(), product = %product, "CRL loaded");
     }
-    if c.crls.is_empty() && c.revocation == snp::Revocation::Require {
+    let crls_fetched = c
+        .collateral
+        .as_ref()
+        .is_some_and(|k| k.fetch_crls && k.kds().is_some());
+    if c.crls.is_empty() && c.revocation == snp::Revocation::Require && !crls_fetched {
         tracing::warn!(
             "revocation = \"require\" but no `crls` configured: every release will be denied (crl_unavailable)"
         );
@@ -489,6 +493,12 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig, Option<Arc<MeshGate>>)
         return Err("max_sessions must be at least 1".into());
     }
     kbs.max_sessions = c.max_sessions;
+    if let Some(col) = &c.collateral {
+        let _ = kbs
+            .collateral
+            .set(kbs::collateral::Collateral::new(col).map_err(|e| format!("collateral: {e}"))?);
+        tracing::info!(offline_dir = ?col.offline_dir, kds_url = col.kds(), "collateral sources configured");
+    }
     rt.block_on(kbs.bind_kek())
         .map_err(|e| format!("kek: {e}"))?;
     Ok((kbs, tls, gate))

@@ -10,7 +10,7 @@ use crate::store::{Commit, SqliteStore, Store, StoreError, VmRecord};
 use proto::msg::{DenialBody, ReleaseBody, Request, Response, VERSION};
 use proto::order::{Allowlist, DocumentError, Order, OrderKind};
 use proto::{ResponseKey, SealContext, seal};
-use snp::{Evidence, Policy, Verifier};
+use snp::{Policy, Verifier};
 use std::sync::atomic::Ordering;
 use zeroize::Zeroizing;
 
@@ -111,6 +111,9 @@ pub struct Kbs {
     /// guest's nonce is dead by then anyway, and an order is one request. Bounds what an idle
     /// client can hold of `max_sessions`.
     pub session_limit: std::time::Duration,
+    /// Where VCEKs, chains and CRLs a guest's evidence lacks come from (`[collateral]`); unset:
+    /// only the certificate table.
+    pub collateral: std::sync::OnceLock<crate::collateral::Collateral>,
 }
 
 /// Issues an attested guest its mesh certificate: name = VM id, the order's `mesh_ip`, group
@@ -183,6 +186,7 @@ impl Kbs {
             guest_issuer: std::sync::OnceLock::new(),
             max_sessions: DEFAULT_MAX_SESSIONS,
             session_limit: std::time::Duration::from_secs(nonce_ttl.clamp(10, 86_400) + 10),
+            collateral: std::sync::OnceLock::new(),
         }
     }
 
@@ -503,16 +507,18 @@ impl Kbs {
         let order = record
             .as_ref()
             .and_then(|r| Order::decode_stored(&r.order).ok());
-        let table = snp::CertTable::parse(cert_table).unwrap_or_default();
-        let ev = Evidence {
-            report,
-            vcek: table.signing_cert(),
-            ask: table.get(&snp::certtable::GUID_ASK),
-            ark: table.get(&snp::certtable::GUID_ARK),
-            crls: &[],
-        };
         let policy = vm_policy(order.as_ref());
-        let verdict = self.verifier.verify_with_policy(&ev, &policy, now);
+        // What the certificate table lacks comes from `[collateral]` (see crate::collateral).
+        let verdict = crate::collateral::verify(
+            &self.verifier,
+            self.collateral.get(),
+            report,
+            cert_table,
+            order.as_ref(),
+            &policy,
+            now,
+        )
+        .await;
         let parsed = verdict.report.as_ref();
         let decision = {
             // Held for the decision only (no await inside): the allowlist in force now.

@@ -1,7 +1,7 @@
 //! AMD Key Distribution Service client with a persistent cache and one fetch per concurrent miss.
 
 use crate::store::OfflineStore;
-use snp::kds::{crl_path, vcek_path};
+use snp::kds::{cert_chain_path, crl_path, vcek_path};
 use snp::{AmdCert, Crl, Product, Tcb};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -151,6 +151,27 @@ impl KdsClient {
         .await
     }
 
+    /// The product's ASK (or ASVK) + ARK chain, PEM: cached, else fetched once and cached. Only
+    /// its shape is checked here (two certificates); whether the verifier trusts its ARK is
+    /// the verifier's business (AMD's are built in, so only non-AMD roots need this).
+    pub async fn cert_chain(&self, product: Product) -> Result<Vec<u8>, KdsError> {
+        if let Some(pem) = self
+            .cache
+            .cert_chain(product)
+            .map_err(|e| KdsError::Cache(e.to_string()))?
+        {
+            return Ok(pem);
+        }
+        let url = format!("{}{}", self.base, cert_chain_path(product));
+        self.fetch_once(&url, |pem| {
+            check_chain(pem)?;
+            self.cache
+                .put_cert_chain(product, pem)
+                .map_err(|e| KdsError::Cache(e.to_string()))
+        })
+        .await
+    }
+
     /// Concurrent requests for the same URL share one fetch; `keep` (caching) runs once, by the
     /// caller that fetched.
     async fn fetch_once(
@@ -281,6 +302,22 @@ async fn read_limited(url: &str, mut resp: reqwest::Response) -> Result<Vec<u8>,
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// A chain must be two certificates (ASK or ASVK, then ARK) before it is cached.
+fn check_chain(pem: &[u8]) -> Result<(), KdsError> {
+    let blocks =
+        snp::certs::pem_blocks(pem).map_err(|e| KdsError::BadCertificate(e.to_string()))?;
+    if blocks.len() != 2 {
+        return Err(KdsError::BadCertificate(format!(
+            "a chain of {} certificates, expected ASK then ARK",
+            blocks.len()
+        )));
+    }
+    for b in &blocks {
+        AmdCert::from_der_or_pem(b).map_err(|e| KdsError::BadCertificate(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// A fetched VCEK must be the one asked for (product, hwID, SPLs) before it is cached, so a

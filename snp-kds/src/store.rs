@@ -130,4 +130,20 @@ impl OfflineStore {
     pub fn put_crl(&self, product: Product, der: &[u8]) -> io::Result<()> {
         write_atomic(&self.crl_path(product), der)
     }
+
+    fn cert_chain_path(&self, product: Product) -> PathBuf {
+        self.root
+            .join("cert_chain")
+            .join(format!("{}.pem", product.name()))
+    }
+
+    /// The product's ASK+ARK chain (PEM, as the key server's `cert_chain`), if any.
+    pub fn cert_chain(&self, product: Product) -> io::Result<Option<Vec<u8>>> {
+        read_limited(&self.cert_chain_path(product))
+    }
+
+    /// Keeps a product's ASK+ARK chain.
+    pub fn put_cert_chain(&self, product: Product, pem: &[u8]) -> io::Result<()> {
+        write_atomic(&self.cert_chain_path(product), pem)
+    }
 }

@@ -327,3 +327,48 @@ async fn a_wrong_or_oversized_answer_is_refused_and_not_cached() {
     assert!(matches!(err, KdsError::TooLarge { .. }), "{err}");
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cert_chain_is_fetched_once_and_a_malformed_one_is_not_kept() {
+    use snp::roots::{Builtin, pem};
+    let path = snp::kds::cert_chain_path(Product::Milan);
+    let chain = format!(
+        "{}{}",
+        pem(Product::Milan, Builtin::Ask),
+        pem(Product::Milan, Builtin::Ark)
+    );
+    let server = Arc::new(Server {
+        routes: [(path.clone(), chain.clone().into_bytes())].into(),
+        ..Default::default()
+    });
+    let (base, task) = serve(server.clone()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let client = KdsClient::new(&base, cache.path(), fast()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            client.cert_chain(Product::Milan).await.unwrap(),
+            chain.as_bytes()
+        );
+    }
+    assert_eq!(server.hits(&path), 1);
+    task.abort();
+
+    // One certificate is not a chain: refused, and asked for again next time.
+    let server = Arc::new(Server {
+        routes: [(
+            path.clone(),
+            pem(Product::Milan, Builtin::Ark).as_bytes().to_vec(),
+        )]
+        .into(),
+        ..Default::default()
+    });
+    let (base, task) = serve(server.clone()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let client = KdsClient::new(&base, cache.path(), fast()).unwrap();
+    for _ in 0..2 {
+        let err = client.cert_chain(Product::Milan).await.unwrap_err();
+        assert!(matches!(err, KdsError::BadCertificate(_)), "{err}");
+    }
+    assert_eq!(server.hits(&path), 2);
+    task.abort();
+}

@@ -91,6 +91,9 @@ pub enum Reason {
     // --- certificates
     CertTableInvalid(String),
     MissingCertificate(CertRole),
+    /// The report came without its VCEK and none could be had from the configured sources
+    /// (offline store, key server): why, for the operator.
+    VcekUnavailable(String),
     CertUnparsable {
         role: CertRole,
         why: String,
@@ -214,6 +217,7 @@ impl Reason {
             ProductNotAllowed(_) => "product_not_allowed",
             CertTableInvalid(_) => "cert_table_invalid",
             MissingCertificate(_) => "missing_certificate",
+            VcekUnavailable(_) => "vcek_unavailable",
             CertUnparsable { .. } => "certificate_unparsable",
             UnexpectedCertName { .. } => "unexpected_certificate_name",
             ArkNotTrusted => "ark_not_trusted",
@@ -285,6 +289,7 @@ impl fmt::Display for Reason {
             ProductNotAllowed(p) => write!(f, "reports from {p} are not allowed by the policy"),
             CertTableInvalid(why) => write!(f, "certificate table unusable: {why}"),
             MissingCertificate(r) => write!(f, "missing {r} certificate"),
+            VcekUnavailable(why) => write!(f, "the report carries no VCEK and none could be had: {why}"),
             CertUnparsable { role, why } => write!(f, "{role} certificate unusable: {why}"),
             UnexpectedCertName { role, found, expected } => write!(f, "{role} certificate is named {found:?}, expected {expected:?}"),
             ArkNotTrusted => f.write_str("ARK is not AMD's root for this product and no such trust root is configured"),

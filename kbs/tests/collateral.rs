@@ -1,0 +1,403 @@
+//! `[collateral]`: a guest whose report comes without a certificate table (as on real hosts,
+//! which often supply none) is released with the VCEK, chain and CRL the broker fetches from a
+//! key server (here a loopback one that counts requests) — once: later boots, and a restarted
+//! broker, read the cache; the CRL is fetched again only after its nextUpdate. A key server
+//! that is down denies with `vcek_unavailable`, and chips the VM's order does not name are never
+//! looked up.
+
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use kbs::collateral::{Collateral, CollateralConfig};
+use kbs::keys::FileKek;
+use kbs::service::{Kbs, Role, vm_policy};
+use kbs::store::SqliteStore;
+use proto::ResponseKey;
+use proto::msg::{Decision, Request, Response, VERSION, verify_decision};
+use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
+use serde_bytes::ByteBuf;
+use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
+use snp::device::GuestDevice;
+use snp::{Product, Revocation, Tcb, Verifier, VerifierConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const GOOD: [u8; 48] = [0x4d; 48];
+const NOW: u64 = 1_780_272_000; // 2026-06-01: inside the simulated VCEKs' validity
+const DAY: u64 = 86_400;
+
+static PKI: LazyLock<Arc<Pki>> = LazyLock::new(|| {
+    Arc::new(Pki::from_seed(Product::Milan, Seed::from_text("collateral-test")).unwrap())
+});
+
+/// A loopback key server: path → body (changeable), else 404; counts requests per path.
+#[derive(Default)]
+struct Kds {
+    routes: Mutex<HashMap<String, Vec<u8>>>,
+    hits: Mutex<HashMap<String, usize>>,
+}
+
+impl Kds {
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+    fn total(&self) -> usize {
+        self.hits.lock().unwrap().values().sum()
+    }
+}
+
+async fn serve(kds: Arc<Kds>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let kds = kds.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&buf)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let path = line.split(' ').nth(1).unwrap_or_default().to_string();
+                *kds.hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+                let body = kds.routes.lock().unwrap().get(&path).cloned();
+                let (status, body) = match body {
+                    Some(b) => ("200 OK", b),
+                    None => ("404 Not Found", b"no such certificate".to_vec()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    base
+}
+
+fn pk(k: &Ed25519KeyPair) -> [u8; 32] {
+    k.public_key().as_ref().try_into().unwrap()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    cache: std::path::PathBuf,
+    chip: Chip,
+    elsewhere: Chip,
+    order: Order,
+    response_pub: [u8; 32],
+    kbs: Arc<Kbs>,
+}
+
+fn verifier() -> Verifier {
+    Verifier::new(VerifierConfig {
+        trust_roots: vec![PKI.ark.cert.clone()],
+        revocation: Revocation::Require,
+        ..Default::default()
+    })
+}
+
+fn collateral_config(kds_url: &str, cache: &std::path::Path) -> CollateralConfig {
+    CollateralConfig {
+        kds_url: kds_url.into(),
+        cache_dir: Some(cache.to_path_buf()),
+        fetch_timeout_secs: 2,
+        ..Default::default()
+    }
+}
+
+fn fast() -> snp_kds::Backoff {
+    snp_kds::Backoff {
+        first: Duration::from_millis(10),
+        max: Duration::from_millis(50),
+        attempts: 2,
+    }
+}
+
+/// A broker (revocation required, the simulator's root trusted) fetching from `kds_url`, with
+/// vm-1 placed on `chip`.
+async fn setup(kds_url: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("kds-cache");
+    let chip = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
+    let elsewhere = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 1)).unwrap();
+    let (operator, offline) = (
+        Ed25519KeyPair::generate().unwrap(),
+        Ed25519KeyPair::generate().unwrap(),
+    );
+    let response_key = ResponseKey::generate().unwrap();
+    let response_pub = response_key.public();
+    let kbs = Kbs::new(
+        SqliteStore::open(&dir.path().join("kbs.db")).await.unwrap(),
+        verifier(),
+        response_key,
+        Box::new(FileKek::create(&dir.path().join("kek")).unwrap()),
+        vec![pk(&operator)],
+        30,
+    );
+    let col = Collateral::with_backoff(&collateral_config(kds_url, &cache), fast()).unwrap();
+    assert!(kbs.collateral.set(col).is_ok());
+    let kbs = Arc::new(kbs);
+    let allow = Allowlist {
+        v: ORDER_VERSION,
+        epoch: 1,
+        measurements: vec![ByteBuf::from(GOOD.to_vec())],
+    };
+    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), NOW)
+        .await
+        .unwrap();
+    let order = Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Register,
+        vm_id: "vm-1".into(),
+        tenant: "tenant-a".into(),
+        measurements: vec![ByteBuf::from(GOOD.to_vec())],
+        policy: String::new(),
+        chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
+        not_after: NOW + 30 * DAY,
+        boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant".to_vec()),
+        billing: None,
+        mesh_ip: None,
+    };
+    kbs.register(&order.sign(&operator), NOW).await.unwrap();
+    Setup {
+        _dir: dir,
+        cache,
+        chip,
+        elsewhere,
+        order,
+        response_pub,
+        kbs,
+    }
+}
+
+/// One boot at `t`: challenge, then evidence with an empty certificate table.
+async fn boot(s: &Setup, chip: &Chip, t: u64) -> Decision {
+    let exporter = [7u8; 32];
+    let Response::Challenge { nonce, .. } = s
+        .kbs
+        .handle(
+            Request::Challenge {
+                v: VERSION,
+                vm_id: "vm-1".into(),
+            },
+            Role::Guest,
+            exporter,
+            t,
+        )
+        .await
+    else {
+        panic!("no challenge");
+    };
+    let nonce: [u8; 32] = nonce.try_into().unwrap();
+    let key = proto::GuestKey::generate().unwrap();
+    let guest = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let report = guest
+        .get_report(&proto::report_data(&nonce, &key.public(), &exporter), 0)
+        .unwrap();
+    let r = s
+        .kbs
+        .handle(
+            Request::Evidence {
+                v: VERSION,
+                vm_id: "vm-1".into(),
+                nonce: nonce.to_vec(),
+                report,
+                cert_table: Vec::new(),
+                guest_public_key: key.public().to_vec(),
+                mesh_key: Vec::new(),
+            },
+            Role::Guest,
+            exporter,
+            t,
+        )
+        .await;
+    verify_decision(&s.response_pub, &r).unwrap()
+}
+
+fn reasons(d: &Decision) -> Vec<String> {
+    match d {
+        Decision::Denial(b) => b.reasons.clone(),
+        Decision::Release(_) => Vec::new(),
+    }
+}
+
+/// Key-server paths for `chip`'s VCEK, the chain and the CRL.
+fn paths(chip: &Chip) -> (String, String, String) {
+    let guest = chip.launch(GuestLaunch::default());
+    let r = snp::AttestationReport::from_bytes(&guest.get_report(&[0; 64], 0).unwrap()).unwrap();
+    let tcb = Tcb::decode(r.reported_tcb, Product::Milan);
+    (
+        snp::kds::vcek_path(Product::Milan, &r.chip_id, &tcb),
+        snp::kds::cert_chain_path(Product::Milan),
+        snp::kds::crl_path(Product::Milan),
+    )
+}
+
+fn crl(this_update: u64, next_update: u64) -> Vec<u8> {
+    PKI.ark
+        .sign_crl(&[], this_update, Some(next_update))
+        .unwrap()
+}
+
+/// A key server with `chip`'s VCEK, the chain and a CRL current for a week from NOW - 1 day.
+async fn key_server(chip: &Chip) -> (Arc<Kds>, String) {
+    let (vcek, chain, crl_p) = paths(chip);
+    let pem = snp::certs::pem_encode("CERTIFICATE", &PKI.ask.cert)
+        + &snp::certs::pem_encode("CERTIFICATE", &PKI.ark.cert);
+    let kds = Arc::new(Kds::default());
+    kds.routes.lock().unwrap().extend([
+        (vcek, chip.vcek().cert.clone()),
+        (chain, pem.into_bytes()),
+        (crl_p, crl(NOW - DAY, NOW + 6 * DAY)),
+    ]);
+    let base = serve(kds.clone()).await;
+    (kds, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_without_certificates_is_released_with_a_vcek_fetched_once() {
+    let chip = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
+    let (kds, base) = key_server(&chip).await;
+    let (vcek, chain, crl_p) = paths(&chip);
+    let s = setup(&base).await;
+
+    // First boot: VCEK, chain and CRL fetched, each once; released.
+    let d = boot(&s, &s.chip, NOW).await;
+    assert!(matches!(d, Decision::Release(_)), "{:?}", reasons(&d));
+    assert_eq!(
+        (kds.hits(&vcek), kds.hits(&chain), kds.hits(&crl_p)),
+        (1, 1, 1)
+    );
+    // The second boot (and more) asks the key server nothing.
+    for i in 1..=3 {
+        let d = boot(&s, &s.chip, NOW + i * 60).await;
+        let Decision::Release(body) = d else {
+            panic!("{:?}", reasons(&d))
+        };
+        assert_eq!(body.boot_counter, 1 + i);
+    }
+    assert_eq!(kds.total(), 3, "no key-server request once cached");
+
+    // A restarted broker (fresh verifier, same cache) needs no key server either.
+    let fresh = Collateral::with_backoff(&collateral_config(&base, &s.cache), fast()).unwrap();
+    let v = verifier();
+    let guest = s.chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let report = guest.get_report(&[1; 64], 0).unwrap();
+    let verdict = kbs::collateral::verify(
+        &v,
+        Some(&fresh),
+        &report,
+        &[],
+        Some(&s.order),
+        &vm_policy(Some(&s.order)),
+        NOW + DAY,
+    )
+    .await;
+    assert!(verdict.accepted(), "{:?}", verdict.reasons);
+    assert!(verdict.revocation_checked);
+    assert_eq!(kds.total(), 3, "a restart reads the cache");
+
+    // A chip the order does not name is never looked up: no request, denied for the chip.
+    let d = boot(&s, &s.elsewhere, NOW + 120).await;
+    assert!(
+        reasons(&d).contains(&"chip_not_allowed".to_string()),
+        "{:?}",
+        reasons(&d)
+    );
+    assert_eq!(kds.total(), 3, "no lookup for a chip outside the order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crl_is_fetched_again_only_after_its_next_update() {
+    let chip = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
+    let (kds, base) = key_server(&chip).await;
+    let (_, _, crl_p) = paths(&chip);
+    let s = setup(&base).await;
+
+    let d = boot(&s, &s.chip, NOW).await;
+    assert!(matches!(d, Decision::Release(_)), "{:?}", reasons(&d));
+    assert_eq!(kds.hits(&crl_p), 1);
+    // Until its nextUpdate (NOW + 6 days) the CRL held serves.
+    let d = boot(&s, &s.chip, NOW + 6 * DAY - 60).await;
+    assert!(matches!(d, Decision::Release(_)), "{:?}", reasons(&d));
+    assert_eq!(kds.hits(&crl_p), 1);
+    // AMD publishes the next one; past the nextUpdate it is fetched, once.
+    kds.routes
+        .lock()
+        .unwrap()
+        .insert(crl_p.clone(), crl(NOW + 5 * DAY, NOW + 12 * DAY));
+    let d = boot(&s, &s.chip, NOW + 7 * DAY).await;
+    assert!(matches!(d, Decision::Release(_)), "{:?}", reasons(&d));
+    assert_eq!(kds.hits(&crl_p), 2);
+    let d = boot(&s, &s.chip, NOW + 8 * DAY).await;
+    assert!(matches!(d, Decision::Release(_)), "{:?}", reasons(&d));
+    assert_eq!(kds.hits(&crl_p), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_server_that_is_down_denies_with_the_reason() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let s = setup(&format!("http://127.0.0.1:{port}")).await;
+    let d = boot(&s, &s.chip, NOW).await;
+    let r = reasons(&d);
+    assert!(matches!(d, Decision::Denial(_)));
+    assert!(r.contains(&"vcek_unavailable".to_string()), "{r:?}");
+    assert!(!r.contains(&"missing_certificate".to_string()), "{r:?}");
+    // And again (a retry), still a denial, not a panic.
+    let d = boot(&s, &s.chip, NOW + 1).await;
+    assert!(reasons(&d).contains(&"vcek_unavailable".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_collateral_a_report_without_certificates_is_denied() {
+    let chip = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
+    let (kds, base) = key_server(&chip).await;
+    let s = setup(&base).await;
+    let guest = s.chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let report = guest.get_report(&[1; 64], 0).unwrap();
+    let verdict = kbs::collateral::verify(
+        &verifier(),
+        None,
+        &report,
+        &[],
+        Some(&s.order),
+        &vm_policy(Some(&s.order)),
+        NOW,
+    )
+    .await;
+    assert!(!verdict.accepted());
+    assert!(
+        verdict
+            .reasons
+            .iter()
+            .any(|r| r.code() == "missing_certificate")
+    );
+    assert_eq!(kds.total(), 0);
+}
