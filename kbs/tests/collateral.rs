@@ -5,6 +5,8 @@
 //! that is down denies with `vcek_unavailable`, and chips the VM's order does not name are never
 //! looked up.
 
+mod common;
+
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use kbs::collateral::{Collateral, CollateralConfig};
 use kbs::keys::FileKek;
@@ -400,4 +402,52 @@ async fn without_collateral_a_report_without_certificates_is_denied() {
             .any(|r| r.code() == "missing_certificate")
     );
     assert_eq!(kds.total(), 0);
+}
+
+/// kbs.toml's `[collateral]`: a section naming no source stops the start; a working one is
+/// reported, and with a key server fetching CRLs, `revocation = "require"` without `crls` no
+/// longer warns that every release will be denied.
+#[test]
+fn kbs_toml_collateral_section() {
+    use common::{free_port, kbs, ok, start};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("kbs");
+    ok(
+        kbs()
+            .args(["init", "--dir"])
+            .arg(&d)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-listen", "none"])
+            .output()
+            .unwrap(),
+        "init",
+    );
+    let cfg = d.join("kbs.toml");
+    let base = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("revocation = \"if_available\"", "revocation = \"require\"");
+
+    std::fs::write(&cfg, format!("{base}\n[collateral]\nkds_url = \"none\"\n")).unwrap();
+    let out = kbs()
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("[collateral]"), "{err}");
+
+    std::fs::write(
+        &cfg,
+        format!("{base}\n[collateral]\nkds_url = \"http://127.0.0.1:9\"\ncache_dir = \"kds\"\n"),
+    )
+    .unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut server = start(&cfg, log.clone());
+    let _ = server.kill();
+    let _ = server.wait();
+    let l = log.lock().unwrap();
+    assert!(l.contains("collateral sources configured"), "{l}");
+    assert!(!l.contains("every release will be denied"), "{l}");
 }
