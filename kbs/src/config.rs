@@ -83,6 +83,10 @@ pub struct Config {
     /// "text" (default) or "json" log lines on stderr.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// The policy floor every order must meet and every release is appraised with (with the
+    /// order's policy). Absent: the strict built-in one ([`snp::Floor::default`]).
+    #[serde(default)]
+    pub floor: snp::Floor,
     /// Where the broker finds VCEKs and CRLs that evidence does not carry (offline store, AMD's
     /// key server with a cache); without it, only the certificate table.
     #[serde(default)]

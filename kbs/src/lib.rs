@@ -8,6 +8,7 @@ pub mod audit;
 pub mod client;
 pub mod collateral;
 pub mod config;
+pub mod floor;
 pub mod keys;
 pub mod metrics;
 pub mod nonces;

@@ -193,6 +193,7 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
         .iter()
         .map(|p| format!("{:?}", p.display().to_string()))
         .collect();
+    // The floor last: it is a section, and the keys above are top-level.
     let toml = format!(
         "# Attesta key broker configuration (written by attesta-kbs init).\n\
          # Paths are relative to this file.\n\
@@ -243,6 +244,7 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
             "if_available"
         },
     );
+    let toml = format!("{toml}{}", snp::Floor::default_toml());
     write(&d.join("kbs.toml"), toml.as_bytes(), false)?;
     println!(
         "wrote {}/kbs.toml with new keys (response.pub: guests pin it; tls-ca.crt: guests trust it)",
@@ -493,6 +495,7 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig, Option<Arc<MeshGate>>)
         return Err("max_sessions must be at least 1".into());
     }
     kbs.max_sessions = c.max_sessions;
+    kbs.floor = c.floor.clone();
     if let Some(col) = &c.collateral {
         let _ = kbs
             .collateral

@@ -34,6 +34,7 @@ impl RegisterError {
             RegisterError::NotRegister | RegisterError::NotTerminate => "order_kind",
             RegisterError::NotAllowlisted(_) => "not_allowlisted",
             RegisterError::Policy(_) => "order_policy",
+            RegisterError::BelowFloor(_) => "policy_below_floor",
             RegisterError::Store(StoreError::Exists(_)) => "vm_exists",
             RegisterError::Store(StoreError::NoSuchVm(_)) => "no_such_vm",
             RegisterError::Store(StoreError::KekRotated) => "kek_rotated",
@@ -56,6 +57,8 @@ pub enum RegisterError {
     NotAllowlisted(Vec<String>),
     #[error("the order's policy: {0}")]
     Policy(String),
+    #[error("the order's policy asks for less than the broker's floor: {}", .0.join("; "))]
+    BelowFloor(Vec<String>),
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -111,6 +114,9 @@ pub struct Kbs {
     /// guest's nonce is dead by then anyway, and an order is one request. Bounds what an idle
     /// client can hold of `max_sessions`.
     pub session_limit: std::time::Duration,
+    /// The broker's policy floor (`[floor]`): orders below it are refused, and every release
+    /// is appraised by floor ∧ order. [`Kbs::new`] sets the strict built-in one.
+    pub floor: snp::Floor,
     /// Where VCEKs, chains and CRLs a guest's evidence lacks come from (`[collateral]`); unset:
     /// only the certificate table.
     pub collateral: std::sync::OnceLock<crate::collateral::Collateral>,
@@ -186,6 +192,7 @@ impl Kbs {
             guest_issuer: std::sync::OnceLock::new(),
             max_sessions: DEFAULT_MAX_SESSIONS,
             session_limit: std::time::Duration::from_secs(nonce_ttl.clamp(10, 86_400) + 10),
+            floor: snp::Floor::default(),
             collateral: std::sync::OnceLock::new(),
         }
     }
@@ -349,9 +356,7 @@ impl Kbs {
                 ));
             }
         }
-        if !order.policy.is_empty() {
-            Policy::from_toml(&order.policy).map_err(|e| RegisterError::Policy(e.to_string()))?;
-        }
+        crate::floor::check_order(&self.floor, &order)?;
         let key = VolumeKey::generate()?;
         let wrapped = self.kek.wrap(&order.vm_id, 1, &key)?;
         let rec = VmRecord {
@@ -507,7 +512,7 @@ impl Kbs {
         let order = record
             .as_ref()
             .and_then(|r| Order::decode_stored(&r.order).ok());
-        let policy = vm_policy(order.as_ref());
+        let policy = self.floor.effective(&vm_policy(order.as_ref()));
         // What the certificate table lacks comes from `[collateral]` (see crate::collateral).
         let verdict = crate::collateral::verify(
             &self.verifier,

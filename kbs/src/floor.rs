@@ -1,0 +1,91 @@
+//! The broker's policy floor at registration (invariant 9: an order can tighten the floor,
+//! never relax it). The floor itself and floor ∧ order are in [`snp::floor`]; at release the
+//! service appraises with [`snp::Floor::effective`], so a raised floor also governs VMs
+//! registered before it (invariant 8).
+
+use crate::service::RegisterError;
+use proto::order::Order;
+use snp::{Floor, Policy};
+
+/// Checks a register order's policy: it must parse, and ask for nothing below `floor`. An
+/// empty policy is the built-in [`Policy::default`].
+pub fn check_order(floor: &Floor, order: &Order) -> Result<(), RegisterError> {
+    let policy = if order.policy.is_empty() {
+        Policy::default()
+    } else {
+        Policy::from_toml(&order.policy).map_err(|e| RegisterError::Policy(e.to_string()))?
+    };
+    let below = floor.below(&policy);
+    if below.is_empty() {
+        Ok(())
+    } else {
+        Err(RegisterError::BelowFloor(
+            below.iter().map(ToString::to_string).collect(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::order::{ORDER_VERSION, OrderKind};
+    use serde_bytes::ByteBuf;
+
+    fn order(policy: &str) -> Order {
+        Order {
+            v: ORDER_VERSION,
+            kind: OrderKind::Register,
+            vm_id: "vm".into(),
+            tenant: "t".into(),
+            measurements: vec![ByteBuf::from(vec![1; 48])],
+            policy: policy.into(),
+            chip_ids: vec![ByteBuf::from(vec![2; 64])],
+            not_after: 0,
+            boot_config: ByteBuf::new(),
+            billing: None,
+            mesh_ip: None,
+        }
+    }
+
+    #[test]
+    fn orders_below_the_floor_are_refused_with_their_own_code() {
+        let floor = Floor::default();
+        assert!(check_order(&floor, &order("")).is_ok());
+        assert!(check_order(&floor, &order("version = 1\nminimum_guest_svn = 2\n")).is_ok());
+        for (policy, what) in [
+            (
+                "version = 1\n[guest_policy]\nallow_debug = true\n",
+                "allow_debug",
+            ),
+            (
+                "version = 1\n[guest_policy]\nallow_migration_agent = true\n",
+                "allow_migration_agent",
+            ),
+            ("version = 1\nany_vmpl = true\n", "vmpl"),
+            ("version = 1\nvmpl = 2\n", "vmpl"),
+            ("version = 1\nsigning_keys = [\"vcek\", \"vlek\"]\n", "vlek"),
+            (
+                "version = 1\n[tcb.minimum_reported]\nsnp = 1\n",
+                "Milan snp minimum 1 < floor 22",
+            ),
+            (
+                "version = 1\n[tcb.minimum_by_product.turin]\nfmc = 0\n",
+                "Turin fmc minimum 0 < floor 1",
+            ),
+        ] {
+            let e = check_order(&floor, &order(policy)).unwrap_err();
+            assert_eq!(e.code(), "policy_below_floor", "{policy}");
+            assert!(e.to_string().contains(what), "{policy}: {e}");
+        }
+        // A policy that does not parse keeps its own code.
+        let e = check_order(&floor, &order("not toml ==")).unwrap_err();
+        assert_eq!(e.code(), "order_policy");
+        // A widened floor lets debug through (explicitly).
+        let wide = Floor {
+            allow_debug: true,
+            ..Floor::default()
+        };
+        let debug = order("version = 1\n[guest_policy]\nallow_debug = true\n");
+        assert!(check_order(&wide, &debug).is_ok());
+    }
+}
