@@ -110,6 +110,8 @@ pub enum CollateralError {
     TimedOut(u64),
     #[error("the fetch task failed: {0}")]
     Task(String),
+    #[error("{0} key-server fetches already under way; try again later")]
+    Busy(usize),
 }
 
 /// The broker's collateral sources.
@@ -121,7 +123,14 @@ pub struct Collateral {
     /// Per product: until when the CRL last given to the verifier is current (its nextUpdate),
     /// or, after a failed refresh, when to try again.
     crl_until: Mutex<HashMap<Product, u64>>,
+    /// Key-server fetches under way (each holds a permit until it ends, also after the guest
+    /// that caused it has given up): bounds what reports for many TCBs can start.
+    fetches: Arc<tokio::sync::Semaphore>,
+    max_fetches: usize,
 }
+
+/// Key-server fetches under way at once, by default. Cache hits need none.
+pub const MAX_FETCHES: usize = 16;
 
 /// After a failed CRL refresh, how long before the next attempt (seconds).
 const CRL_RETRY_SECS: u64 = 30;
@@ -133,6 +142,17 @@ impl Collateral {
 
     /// Like [`new`](Self::new) with another retry schedule for the key server.
     pub fn with_backoff(cfg: &CollateralConfig, backoff: Backoff) -> Result<Collateral, String> {
+        Collateral::with_limits(cfg, backoff, MAX_FETCHES)
+    }
+
+    /// Like [`with_backoff`](Self::with_backoff), with at most `max_fetches` key-server
+    /// fetches under way at once (at least 1).
+    pub fn with_limits(
+        cfg: &CollateralConfig,
+        backoff: Backoff,
+        max_fetches: usize,
+    ) -> Result<Collateral, String> {
+        let max_fetches = max_fetches.max(1);
         let kds = match cfg.kds() {
             None => None,
             Some(url) => {
@@ -158,16 +178,26 @@ impl Collateral {
             fetch_crls: cfg.fetch_crls,
             timeout: Duration::from_secs(cfg.fetch_timeout_secs.max(1)),
             crl_until: Mutex::new(HashMap::new()),
+            fetches: Arc::new(tokio::sync::Semaphore::new(max_fetches)),
+            max_fetches,
         })
     }
 
     /// Runs a key-server fetch as its own task, so that a guest giving up (or the timeout) does
-    /// not cancel it: what it fetches is cached for the next attempt.
+    /// not cancel it: what it fetches is cached for the next attempt. At most `max_fetches`
+    /// at once; beyond, refused at once.
     async fn bounded<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = Result<T, KdsError>> + Send + 'static,
     ) -> Result<T, CollateralError> {
-        let task = tokio::spawn(fut);
+        let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
+            return Err(CollateralError::Busy(self.max_fetches));
+        };
+        let task = tokio::spawn(async move {
+            let out = fut.await;
+            drop(permit);
+            out
+        });
         match tokio::time::timeout(self.timeout, task).await {
             Err(_) => Err(CollateralError::TimedOut(self.timeout.as_secs())),
             Ok(Err(e)) => Err(CollateralError::Task(e.to_string())),
@@ -183,19 +213,40 @@ impl Collateral {
         chip_id: &[u8; 64],
         tcb: &Tcb,
     ) -> Result<Vec<u8>, CollateralError> {
-        if let Some(store) = &self.offline
-            && let Some((_, der)) = store
-                .lookup(product, chip_id, tcb)
-                .map_err(|e| CollateralError::Store(e.to_string()))?
-        {
-            return Ok(der);
-        }
+        let store_err = |e: std::io::Error| CollateralError::Store(e.to_string());
+        // With a key server, TCB-specific names first: a generic `vcek.der` left from older
+        // firmware must not stand in the way of the VCEK for the TCB reported now.
         let Some(kds) = &self.kds else {
-            return Err(CollateralError::NotFound { tcb: *tcb });
+            return match &self.offline {
+                Some(store) => match store.lookup(product, chip_id, tcb).map_err(store_err)? {
+                    Some((_, der)) => Ok(der),
+                    None => Err(CollateralError::NotFound { tcb: *tcb }),
+                },
+                None => Err(CollateralError::NotFound { tcb: *tcb }),
+            };
         };
-        let (kds, chip, tcb) = (kds.clone(), *chip_id, *tcb);
-        self.bounded(async move { kds.vcek(product, &chip, &tcb).await })
-            .await
+        for store in self.offline.iter().chain([kds.cache()]) {
+            if let Some((_, der)) = store
+                .lookup_exact(product, chip_id, tcb)
+                .map_err(store_err)?
+            {
+                return Ok(der);
+            }
+        }
+        let (kds, chip, t) = (kds.clone(), *chip_id, *tcb);
+        let fetched = self
+            .bounded(async move { kds.vcek(product, &chip, &t).await })
+            .await;
+        // The key server has none (or is out of reach): the offline store's generic name last.
+        match (fetched, &self.offline) {
+            (Err(e), Some(store)) => {
+                match store.lookup(product, chip_id, tcb).map_err(store_err)? {
+                    Some((_, der)) => Ok(der),
+                    None => Err(e),
+                }
+            }
+            (r, _) => r,
+        }
     }
 
     /// The ASK+ARK chain (PEM) of a product, for non-AMD roots (AMD's are built in).
@@ -206,6 +257,9 @@ impl Collateral {
             return Some(pem);
         }
         let kds = self.kds.clone()?;
+        if let Ok(Some(pem)) = kds.cache().cert_chain(product) {
+            return Some(pem);
+        }
         match self
             .bounded(async move { kds.cert_chain(product).await })
             .await
@@ -228,11 +282,17 @@ impl Collateral {
             }
         }
         let mut got = None;
-        if let Some(store) = &self.offline
-            && let Ok(Some(b)) = store.crl(product)
-            && Crl::from_der_or_pem(&b).is_ok_and(|c| c.fresh_at(now))
-        {
-            got = Some(b);
+        let caches = self
+            .offline
+            .iter()
+            .chain(self.kds.as_deref().map(KdsClient::cache));
+        for store in caches {
+            if let Ok(Some(b)) = store.crl(product)
+                && Crl::from_der_or_pem(&b).is_ok_and(|c| c.fresh_at(now))
+            {
+                got = Some(b);
+                break;
+            }
         }
         if got.is_none()
             && self.fetch_crls

@@ -131,6 +131,11 @@ fn fast() -> snp_kds::Backoff {
 /// A broker (revocation required, the simulator's root trusted) fetching from `kds_url`, with
 /// vm-1 placed on `chip`.
 async fn setup(kds_url: &str) -> Setup {
+    setup_with(kds_url, None).await
+}
+
+/// [`setup`], with an offline store.
+async fn setup_with(kds_url: &str, offline_dir: Option<&std::path::Path>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("kds-cache");
     let chip = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
@@ -149,7 +154,11 @@ async fn setup(kds_url: &str) -> Setup {
         vec![pk(&operator)],
         30,
     );
-    let col = Collateral::with_backoff(&collateral_config(kds_url, &cache), fast()).unwrap();
+    let cfg = CollateralConfig {
+        offline_dir: offline_dir.map(std::path::Path::to_path_buf),
+        ..collateral_config(kds_url, &cache)
+    };
+    let col = Collateral::with_backoff(&cfg, fast()).unwrap();
     assert!(kbs.collateral.set(col).is_ok());
     let kbs = Arc::new(kbs);
     let allow = Allowlist {
@@ -450,4 +459,63 @@ fn kbs_toml_collateral_section() {
     let l = log.lock().unwrap();
     assert!(l.contains("collateral sources configured"), "{l}");
     assert!(!l.contains("every release will be denied"), "{l}");
+}
+
+/// After a firmware update the VCEK for the new TCB is fetched, even when the offline store
+/// holds the chip's old one under the generic name `vcek/{hwid}/vcek.der`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_offline_vcek_of_older_firmware_does_not_stand_in_the_way() {
+    let mut updated = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
+    let old = updated.vcek().cert.clone();
+    let mut tcb = updated.config.current_tcb;
+    tcb.snp += 1;
+    let fw = updated.config.firmware;
+    updated.update_firmware(tcb, fw).unwrap();
+    let (kds, base) = key_server(&updated).await;
+    let offline = tempfile::tempdir().unwrap();
+    let generic = offline
+        .path()
+        .join("vcek")
+        .join(snp::kds::hwid_hex(Product::Milan, &updated.config.chip_id));
+    std::fs::create_dir_all(&generic).unwrap();
+    std::fs::write(generic.join("vcek.der"), &old).unwrap();
+    let s = setup_with(&base, Some(offline.path())).await;
+    let d = boot(&s, &updated, NOW).await;
+    assert!(matches!(d, Decision::Release(_)), "{:?}", reasons(&d));
+    assert_eq!(kds.hits(&paths(&updated).0), 1);
+    // A chip still on the old firmware (the key server has no VCEK for it here) is served
+    // from the offline store's generic name.
+    let d = boot(&s, &s.chip, NOW + 60).await;
+    assert!(matches!(d, Decision::Release(_)), "{:?}", reasons(&d));
+    assert_eq!(kds.hits(&paths(&s.chip).0), 1);
+}
+
+/// Key-server fetches under way are bounded: beyond the limit a release is denied at once
+/// (`vcek_unavailable`, busy) instead of starting another fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_server_fetches_under_way_are_bounded() {
+    // A key server that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", silent.local_addr().unwrap());
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = CollateralConfig {
+        fetch_timeout_secs: 1,
+        ..collateral_config(&base, cache.path())
+    };
+    let col = Collateral::with_limits(&cfg, fast(), 1).unwrap();
+    let tcb = Tcb::decode(0, Product::Milan);
+    let t0 = std::time::Instant::now();
+    let first = col.vcek(Product::Milan, &[1; 64], &tcb).await.unwrap_err();
+    assert!(
+        matches!(first, kbs::collateral::CollateralError::TimedOut(1)),
+        "{first}"
+    );
+    // The first fetch goes on (its guest gave up); a second, for another chip, is refused.
+    let second = col.vcek(Product::Milan, &[2; 64], &tcb).await.unwrap_err();
+    assert!(
+        matches!(second, kbs::collateral::CollateralError::Busy(1)),
+        "{second}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    drop(silent);
 }
