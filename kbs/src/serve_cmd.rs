@@ -193,7 +193,6 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
         .iter()
         .map(|p| format!("{:?}", p.display().to_string()))
         .collect();
-    // The floor last: it is a section, and the keys above are top-level.
     let toml = format!(
         "# Attesta key broker configuration (written by attesta-kbs init).\n\
          # Paths are relative to this file.\n\
@@ -244,6 +243,7 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
             "if_available"
         },
     );
+    // The policy floor, last (dotted keys: whatever is appended to the file stays top-level).
     let toml = format!("{toml}{}", snp::Floor::default_toml());
     write(&d.join("kbs.toml"), toml.as_bytes(), false)?;
     println!(

@@ -192,38 +192,42 @@ impl Floor {
         p
     }
 
-    /// The floor written as a commented `[floor]` section of kbs.toml (the built-in one).
+    /// The built-in floor as commented kbs.toml lines. Dotted keys (`floor.allow_debug = …`)
+    /// rather than a `[floor]` table, so that keys appended to the file stay top-level.
     pub fn default_toml() -> String {
         let mut s = String::from(
             "# The policy floor: every VM's appraisal policy is at least this strict. Orders that ask\n\
              # for less (debug, a migration agent, another VMPL, VLEK, a lower TCB) are refused\n\
              # (policy_below_floor), and releases are appraised by floor and order together, so\n\
              # raising it here (then restarting) also governs VMs registered before.\n\
-             [floor]\n\
-             allow_debug = false\n\
-             allow_migration_agent = false\n\
+             floor.allow_debug = false\n\
+             floor.allow_migration_agent = false\n\
              # false: VMPL 0 only.\n\
-             any_vmpl = false\n\
+             floor.any_vmpl = false\n\
              # false: VCEK-signed reports only (a VLEK cannot be bound to one chip).\n\
-             allow_vlek = false\n\
+             floor.allow_vlek = false\n\
              # Minimum TCB per product, for the reported, current, committed and launch TCBs.\n\
-             # Raise them as AMD publishes security bulletins; an empty table removes a product's.\n",
+             # Raise them as AMD publishes security bulletins; `{}` removes a product's minimum.\n",
         );
         for (product, m) in Floor::builtin_tcb() {
+            let parts: Vec<String> = m
+                .components()
+                .map(|(c, v)| {
+                    let name = match c {
+                        Component::Fmc => "fmc",
+                        Component::Bootloader => "bootloader",
+                        Component::Tee => "tee",
+                        Component::Snp => "snp",
+                        Component::Microcode => "microcode",
+                    };
+                    format!("{name} = {v}")
+                })
+                .collect();
             s.push_str(&format!(
-                "[floor.minimum_tcb.{}]\n",
-                product.name().to_ascii_lowercase()
+                "floor.minimum_tcb.{} = {{ {} }}\n",
+                product.name().to_ascii_lowercase(),
+                parts.join(", ")
             ));
-            for (c, v) in m.components() {
-                let name = match c {
-                    Component::Fmc => "fmc",
-                    Component::Bootloader => "bootloader",
-                    Component::Tee => "tee",
-                    Component::Snp => "snp",
-                    Component::Microcode => "microcode",
-                };
-                s.push_str(&format!("{name} = {v}\n"));
-            }
         }
         s
     }
@@ -250,6 +254,13 @@ mod tests {
         let f = parse("");
         assert_eq!(f, Floor::default());
         assert_eq!(parse(&Floor::default_toml()), Floor::default());
+        // Keys after it are still top-level.
+        let after = format!("{}\nlater = 1\n", Floor::default_toml());
+        assert!(
+            toml::from_str::<toml::Table>(&after)
+                .unwrap()
+                .contains_key("later")
+        );
         assert!(!f.allow_debug && !f.allow_vlek && !f.any_vmpl && !f.allow_migration_agent);
         assert_eq!(f.minimum_tcb.len(), 3);
     }
