@@ -1637,6 +1637,8 @@ fn the_documented_example_policy_parses() {
     assert_eq!(p.measurements.as_ref().map(Vec::len), Some(1));
     assert!(p.strict_reserved);
     assert!(!p.guest_policy.allow_debug);
+    // As an order's policy it meets the broker's built-in floor.
+    assert_eq!(snp::Floor::default().below(&p), vec![]);
 }
 
 #[test]
