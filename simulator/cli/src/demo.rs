@@ -707,6 +707,10 @@ async fn run_on(
         )
         .await?,
     );
+    attacks.push(
+        crate::floor_bypass::debug_order(&broker, mesh, &operator, &home.config.chip_id, &image)
+            .await?,
+    );
     attacks.extend(mesh_attacks(&broker, mesh, &identities, &operator).await?);
 
     // The whole catalogue, over the wire, against live brokers.

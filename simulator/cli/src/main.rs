@@ -4,6 +4,7 @@
 mod demo;
 mod disk_attacks;
 mod fleet_mesh;
+mod floor_bypass;
 mod load;
 
 use clap::{Args, Parser, Subcommand};

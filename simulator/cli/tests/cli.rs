@@ -413,6 +413,13 @@ fn demo_json() {
         );
     }
     assert!(attacks.iter().any(|a| a["name"] == "live-moved-to-another-chip" && a["reason"] == "chip_not_allowed"));
+    // An operator-signed order asking for debug guests, relayed by a genuine host: below the
+    // broker's policy floor, refused at registration.
+    assert!(
+        attacks.iter().any(|a| a["name"] == "live-policy-floor-bypass"
+            && a["reason"] == "policy_below_floor"),
+        "{j}"
+    );
     // The host's edits of a booted VM's LUKS2 header: the key is released, the disk refused.
     for (name, code) in [
         ("live-luks-header-cipher-null", "header_cipher:"),
