@@ -59,6 +59,11 @@ pub struct Config {
     /// admitted are answered promptly in a boot storm.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
+    /// Of those, how many one source address (an IPv4 address, an IPv6 /64) may hold at once;
+    /// its connections beyond are refused (QUIC CONNECTION_REFUSED), which guests retry with
+    /// backoff. Default: a quarter of `max_sessions` (16), at least 1. See `kbs::limits`.
+    #[serde(default)]
+    pub max_sessions_per_address: Option<usize>,
     /// Ed25519 key (PKCS#8, mode 0600) that signs audit checkpoints; `audit verify` checks them
     /// with its public half. Without it the log is chained but unsigned.
     #[serde(default)]

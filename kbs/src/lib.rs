@@ -10,6 +10,7 @@ pub mod collateral;
 pub mod config;
 pub mod floor;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod nonces;
 pub mod quic;

@@ -25,6 +25,13 @@ pub struct Metrics {
     /// Connections being served now, and the most ever at once (bounded by `max_sessions`).
     pub sessions: AtomicU64,
     pub sessions_peak: AtomicU64,
+    /// Connections refused at the door: their address held `max_sessions_per_address`.
+    pub refused_per_address: AtomicU64,
+    /// Connections closed (0x12) for sending no request in time after their handshake.
+    pub idle_closed: AtomicU64,
+    /// Evidence refused before any decision (unknown, spent or expired nonce): no store access,
+    /// no audit entry.
+    pub evidence_refused: AtomicU64,
     /// The epoch of the allowlist in force (0: none, every release is denied).
     pub allowlist_epoch: AtomicU64,
     denials: Mutex<BTreeMap<&'static str, u64>>,
@@ -117,6 +124,24 @@ impl Metrics {
             "attesta_kbs_request_errors_total",
             "Requests refused before a decision.",
             g(&self.errors),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_connections_refused_total",
+            "Connections refused: their source address held max_sessions_per_address.",
+            g(&self.refused_per_address),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_connections_idle_closed_total",
+            "Connections closed for sending no request in time after their handshake.",
+            g(&self.idle_closed),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_evidence_refused_total",
+            "Evidence refused before a decision (unknown, spent or expired nonce; not audited).",
+            g(&self.evidence_refused),
         );
         let _ = writeln!(
             o,

@@ -220,6 +220,9 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
          nonce_ttl_secs = 30\n\
          # Connections served at once; a boot storm waits at the door beyond it.\n\
          max_sessions = 64\n\
+         # Of those, how many one source address (IPv6: one /64) may hold; beyond, refused at\n\
+         # once (guests retry). A NAT with hundreds of VMs boots this many at a time.\n\
+         max_sessions_per_address = 16\n\
          # Signs audit checkpoints; `attesta-kbs audit verify --key audit.pub` checks them.\n\
          audit_key = \"audit.key\"\n\
          checkpoint_every = 1000\n\
@@ -495,6 +498,11 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig, Option<Arc<MeshGate>>)
         return Err("max_sessions must be at least 1".into());
     }
     kbs.max_sessions = c.max_sessions;
+    kbs.max_sessions_per_address = match c.max_sessions_per_address {
+        Some(0) => return Err("max_sessions_per_address must be at least 1".into()),
+        Some(n) => n,
+        None => kbs::limits::default_per_address(c.max_sessions),
+    };
     kbs.floor = c.floor.clone();
     if let Some(col) = &c.collateral {
         let _ = kbs

@@ -110,6 +110,10 @@ pub struct Kbs {
     /// How many connections are served at once (`max_sessions`); the rest wait, un-handshaken,
     /// in the endpoint's queue. See [`serve_with`].
     pub max_sessions: usize,
+    /// How many of those one source address may hold (`max_sessions_per_address`; an IPv6 /64
+    /// is one address); its connections beyond are refused at the door. See [`crate::limits`].
+    /// [`Kbs::new`] sets no cap; kbs.toml's default is a quarter of `max_sessions`.
+    pub max_sessions_per_address: usize,
     /// How long one connection may last (default: the nonce TTL + 10 s, at least 20 s): a
     /// guest's nonce is dead by then anyway, and an order is one request. Bounds what an idle
     /// client can hold of `max_sessions`.
@@ -191,6 +195,7 @@ impl Kbs {
             metrics: Metrics::default(),
             guest_issuer: std::sync::OnceLock::new(),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            max_sessions_per_address: usize::MAX,
             session_limit: std::time::Duration::from_secs(nonce_ttl.clamp(10, 86_400) + 10),
             floor: snp::Floor::default(),
             collateral: std::sync::OnceLock::new(),
@@ -400,6 +405,13 @@ impl Kbs {
     /// Answers one request from a peer in `role`. `exporter` is this connection's TLS exporter
     /// value.
     pub async fn handle(&self, req: Request, role: Role, exporter: [u8; 32], now: u64) -> Response {
+        // Only ids an order could carry, on every request that names one.
+        if let Request::Challenge { vm_id, .. } | Request::Evidence { vm_id, .. } = &req
+            && !proto::order::is_valid_vm_id(vm_id)
+        {
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Response::error("bad_request", "vm_id must be 1-128 of [A-Za-z0-9._-]");
+        }
         match req {
             Request::Challenge { vm_id, .. } => self.challenge(&vm_id, now).await,
             Request::Register { order, .. } | Request::Terminate { order, .. }
@@ -504,6 +516,30 @@ impl Kbs {
         };
         // Spent from here on, whatever follows.
         let nonce_state = self.book().take(&nonce, now);
+        // A nonce that is unknown (never issued here, or forgotten), spent or expired cannot
+        // release anything, whatever the evidence: refused before the store is read or written
+        // and without an audit entry (a decision on it was audited when it was first used, or
+        // it never was issued), so a flood of bogus evidence costs neither the store nor the
+        // log. Counted: `attesta_kbs_evidence_refused_total` and the denial reasons.
+        let stale = match &nonce_state {
+            None => Some(Denial::UnknownNonce),
+            Some(release::NonceState::Spent) => Some(Denial::SpentNonce),
+            Some(release::NonceState::Issued { expires_at, .. }) if now > *expires_at => {
+                Some(Denial::ExpiredNonce)
+            }
+            Some(release::NonceState::Issued { .. }) => None,
+        };
+        if let Some(d) = stale {
+            self.metrics
+                .evidence_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                vm_id,
+                reason = d.code(),
+                "evidence refused before a decision"
+            );
+            return self.deny(vm_id, &nonce, &[d.code()]);
+        }
         let Ok(record) = self.store.vm(vm_id).await else {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
             return Response::error("unavailable", "the store cannot be read now");

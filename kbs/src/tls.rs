@@ -243,5 +243,29 @@ fn finish_server(mut tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, S
     tls.send_tls13_tickets = 0;
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport()));
+    Ok(server)
+}
+
+/// Requests a client may have open at once on one connection (a guest has one at a time; a
+/// host relaying orders may overlap a few).
+pub const MAX_STREAMS: u32 = 4;
+
+/// The broker's QUIC transport limits, sized to its service: one request per bidirectional
+/// stream, each at most [`proto::msg::MAX_REQUEST`] (+ its 4-byte length), a few at a time; no
+/// unidirectional streams, no datagrams. What a connection can make the broker buffer is then
+/// [`MAX_STREAMS`] requests in and as many answers out (~0.5 MiB), however it behaves.
+pub fn transport() -> quinn::TransportConfig {
+    use proto::msg::{MAX_REQUEST, MAX_RESPONSE};
+    let stream = (MAX_REQUEST + 4) as u32;
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(stream.into())
+        .receive_window((stream * MAX_STREAMS).into())
+        .send_window(((MAX_RESPONSE + 4) * MAX_STREAMS as usize) as u64)
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0);
+    t
 }
