@@ -216,6 +216,10 @@ fn do_init(a: &InitArgs) -> Result<(), String> {
          # AMD CRLs (DER or PEM), verified at start and re-read every crl_reload_secs; refresh\n\
          # them daily, e.g. curl -o milan.crl https://kdsintf.amd.com/vcek/v1/Milan/crl\n\
          # crls = [\"milan.crl\", \"genoa.crl\", \"turin.crl\"]\n\
+         # Or let the broker fetch CRLs, and the VCEKs hosts do not supply, from AMD's key server\n\
+         # (cached; see README): a [collateral] table at the end of this file, e.g.\n\
+         # [collateral]\n\
+         # cache_dir = \"kds-cache\"\n\
          crl_reload_secs = 600\n\
          nonce_ttl_secs = 30\n\
          # Connections served at once; a boot storm waits at the door beyond it.\n\

@@ -435,6 +435,10 @@ fn kbs_toml_collateral_section() {
     let base = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("revocation = \"if_available\"", "revocation = \"require\"");
+    assert!(
+        base.contains("# [collateral]"),
+        "init shows where it goes: {base}"
+    );
 
     std::fs::write(&cfg, format!("{base}\n[collateral]\nkds_url = \"none\"\n")).unwrap();
     let out = kbs()
