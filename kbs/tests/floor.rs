@@ -3,6 +3,8 @@
 //! registered before the floor was raised is judged at release by the new floor ∧ its order,
 //! with the policy's own reason codes.
 
+mod common;
+
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use guest_agent::client::{Broker, ClientError, fetch};
 use kbs::keys::FileKek;
@@ -199,4 +201,75 @@ async fn a_raised_floor_governs_vms_registered_before_it() {
     // The built-in floor releases vm-1's genuine report: the denial above is the raised TCB.
     let (_kbs, b) = broker(&lab, Floor::default()).await;
     fetch(&b, "vm-1", &guest).await.unwrap();
+}
+
+/// Through the real binary: `init` writes the strict floor into kbs.toml, `vm register`
+/// refuses an order whose policy allows debug, and the floor widened in kbs.toml admits it.
+#[test]
+fn the_written_floor_refuses_a_debug_order_and_widening_it_admits_it() {
+    use common::{kbs, ok, sign_allowlist};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("kbs");
+    ok(
+        kbs()
+            .args(["init", "--dir"])
+            .arg(&d)
+            .args(["--metrics-listen", "none"])
+            .output()
+            .unwrap(),
+        "init",
+    );
+    let cfg = d.join("kbs.toml");
+    let written = std::fs::read_to_string(&cfg).unwrap();
+    assert!(written.contains("floor.allow_debug = false"), "{written}");
+    assert!(written.contains("floor.minimum_tcb.milan"), "{written}");
+    let image = hex::encode(GOOD);
+    sign_allowlist(&d, &image);
+    std::fs::write(&cfg, format!("{written}allowlist = \"allowlist.signed\"\n")).unwrap();
+    let policy = dir.path().join("debug.toml");
+    std::fs::write(&policy, "version = 1\n[guest_policy]\nallow_debug = true\n").unwrap();
+    let signed = dir.path().join("debug.signed");
+    ok(
+        kbs()
+            .args(["order", "register", "--key"])
+            .arg(d.join("operator.key"))
+            .args([
+                "--vm-id",
+                "vm-debug",
+                "--tenant",
+                "t",
+                "--measurement",
+                &image,
+            ])
+            .args(["--chip-id", &"ab".repeat(64), "--policy"])
+            .arg(&policy)
+            .arg("--out")
+            .arg(&signed)
+            .output()
+            .unwrap(),
+        "order register",
+    );
+    let register = || {
+        kbs()
+            .args(["vm", "register"])
+            .arg(&signed)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let out = register();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a debug order was registered");
+    assert!(
+        err.contains("less than the broker's floor") && err.contains("allow_debug"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("floor.allow_debug = false", "floor.allow_debug = true"),
+    )
+    .unwrap();
+    ok(register(), "vm register under a widened floor");
 }
