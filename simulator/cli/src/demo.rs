@@ -147,6 +147,8 @@ pub struct Stack {
     pub kbs: Arc<Kbs>,
     pub broker: Broker,
     pub operator: Ed25519KeyPair,
+    /// The offline allowlist key (signs newer allowlists, e.g. one that withdraws an image).
+    pub allowlist_key: Ed25519KeyPair,
 }
 
 /// How to start a broker for [`stack_with`].
@@ -182,7 +184,7 @@ impl StackOptions {
 pub async fn stack_with(dir: &Path, o: StackOptions) -> Result<Stack, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let clock = o.clock;
-    let (kbs, operator) = broker(dir, o).await?;
+    let (kbs, operator, allowlist_key) = broker(dir, o).await?;
     let tls = TlsIdentity::generate("kbs.attesta.local")?;
     let endpoint = kbs::service::server_endpoint(
         tls.server_config()?,
@@ -201,6 +203,7 @@ pub async fn stack_with(dir: &Path, o: StackOptions) -> Result<Stack, String> {
         kbs,
         broker,
         operator,
+        allowlist_key,
     })
 }
 
@@ -211,17 +214,21 @@ pub async fn mesh_stack(
     image: [u8; 48],
     mesh: &mut FleetMesh,
 ) -> Result<Stack, String> {
-    let (kbs, operator) = broker(dir, StackOptions::trusting(root, image)).await?;
+    let (kbs, operator, allowlist_key) = broker(dir, StackOptions::trusting(root, image)).await?;
     let broker = mesh.serve_broker(kbs.clone()).await?;
     Ok(Stack {
         kbs,
         broker,
         operator,
+        allowlist_key,
     })
 }
 
 /// The broker's state in `dir` (SQLite, KEK file), an operator key and a signed allowlist.
-async fn broker(dir: &Path, o: StackOptions) -> Result<(Arc<Kbs>, Ed25519KeyPair), String> {
+async fn broker(
+    dir: &Path,
+    o: StackOptions,
+) -> Result<(Arc<Kbs>, Ed25519KeyPair, Ed25519KeyPair), String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let operator = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
     let offline = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
@@ -254,7 +261,7 @@ async fn broker(dir: &Path, o: StackOptions) -> Result<(Arc<Kbs>, Ed25519KeyPair
     kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), (o.clock)())
         .await
         .map_err(|x| e(&x))?;
-    Ok((kbs, operator))
+    Ok((kbs, operator, offline))
 }
 
 /// The operator's register order for VM number `i` of the demo image on `chip_id`.
@@ -323,6 +330,7 @@ async fn run_on(
         kbs: _,
         broker,
         operator,
+        ..
     } = mesh_stack(dir, &milan, image, mesh).await?;
     let e = |x: &dyn std::fmt::Display| x.to_string();
 
@@ -706,6 +714,9 @@ async fn run_on(
             &dir.join(format!("{vm}.img")),
         )
         .await?,
+    );
+    attacks.push(
+        crate::withdrawal::image_withdrawn(&dir.join("withdrawal"), &milan, home, image).await?,
     );
     attacks.push(
         crate::floor_bypass::debug_order(&broker, mesh, &operator, &home.config.chip_id, &image)

@@ -6,6 +6,7 @@ mod disk_attacks;
 mod fleet_mesh;
 mod floor_bypass;
 mod load;
+mod withdrawal;
 
 use clap::{Args, Parser, Subcommand};
 use simulator::der::pem;

@@ -420,6 +420,15 @@ fn demo_json() {
             && a["reason"] == "policy_below_floor"),
         "{j}"
     );
+    // An image withdrawn from the allowlist (a newer epoch installed into the running broker)
+    // stops the next boot of a VM registered and released before.
+    assert!(
+        attacks
+            .iter()
+            .any(|a| a["name"] == "live-image-withdrawn-from-the-allowlist"
+                && a["reason"] == "measurement_withdrawn"),
+        "{j}"
+    );
     // The host's edits of a booted VM's LUKS2 header: the key is released, the disk refused.
     for (name, code) in [
         ("live-luks-header-cipher-null", "header_cipher:"),
