@@ -1,11 +1,63 @@
 //! The broker's policy floor at registration (invariant 9: an order can tighten the floor,
 //! never relax it). The floor itself and floor ∧ order are in [`snp::floor`]; at release the
 //! service appraises with [`snp::Floor::effective`], so a raised floor also governs VMs
-//! registered before it (invariant 8).
+//! registered before it (invariant 8). A serving broker re-reads it from kbs.toml every
+//! [`FLOOR_POLL`] ([`follow`]), so raising it needs no restart.
 
-use crate::service::RegisterError;
+use crate::service::{Kbs, RegisterError};
 use proto::order::Order;
 use snp::{Floor, Policy};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How often a serving broker re-reads kbs.toml for its floor.
+pub const FLOOR_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Kbs {
+    /// The floor in force (a poisoned lock still holds a whole floor: it is only ever replaced).
+    pub fn floor(&self) -> Floor {
+        self.floor.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `floor` in force for every later registration and release; says whether it changed.
+    pub fn set_floor(&self, floor: Floor) -> bool {
+        let mut f = self.floor.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *f != floor;
+        *f = floor;
+        changed
+    }
+}
+
+/// Follows kbs.toml's floor while serving. A file that cannot be read or parsed changes
+/// nothing (logged once per distinct error): the floor in force stays.
+pub async fn follow(kbs: Arc<Kbs>, config: PathBuf) {
+    let mut tick = tokio::time::interval(FLOOR_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error = String::new();
+    loop {
+        tick.tick().await;
+        let path = config.clone();
+        let loaded = tokio::task::spawn_blocking(move || crate::config::Config::load(&path))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match loaded {
+            Ok(c) => {
+                last_error.clear();
+                if kbs.set_floor(c.floor) {
+                    tracing::info!(
+                        "policy floor changed: in force for every later registration and release"
+                    );
+                }
+            }
+            Err(e) if e != last_error => {
+                tracing::warn!(error = %e, "kbs.toml cannot be read: the policy floor in force stays");
+                last_error = e;
+            }
+            Err(_) => {}
+        }
+    }
+}
 
 /// Checks a register order's policy: it must parse, and ask for nothing below `floor`. An
 /// empty policy is the built-in [`Policy::default`].

@@ -507,7 +507,7 @@ fn build(c: &Config) -> Result<(Kbs, quinn::ServerConfig, Option<Arc<MeshGate>>)
         Some(n) => n,
         None => kbs::limits::default_per_address(c.max_sessions),
     };
-    kbs.floor = c.floor.clone();
+    kbs.set_floor(c.floor.clone());
     if let Some(col) = &c.collateral {
         let _ = kbs
             .collateral
@@ -598,6 +598,7 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             "serving (QUIC, ALPN attesta-kbs/1)"
         );
         rt.spawn(follow_allowlist(kbs.clone(), allowlist_key, ALLOWLIST_POLL));
+        rt.spawn(kbs::floor::follow(kbs.clone(), a.config.clone()));
         if !c.crls.is_empty() {
             rt.spawn(reload_crls(
                 kbs.clone(),

@@ -118,9 +118,10 @@ pub struct Kbs {
     /// guest's nonce is dead by then anyway, and an order is one request. Bounds what an idle
     /// client can hold of `max_sessions`.
     pub session_limit: std::time::Duration,
-    /// The broker's policy floor (`[floor]`): orders below it are refused, and every release
-    /// is appraised by floor ∧ order. [`Kbs::new`] sets the strict built-in one.
-    pub floor: snp::Floor,
+    /// The broker's policy floor (`floor` in kbs.toml, followed while serving): orders below
+    /// it are refused, and every release is appraised by floor ∧ order. [`Kbs::new`] sets the
+    /// strict built-in one. See [`crate::floor`].
+    pub floor: std::sync::RwLock<snp::Floor>,
     /// Where VCEKs, chains and CRLs a guest's evidence lacks come from (`[collateral]`); unset:
     /// only the certificate table.
     pub collateral: std::sync::OnceLock<crate::collateral::Collateral>,
@@ -197,7 +198,7 @@ impl Kbs {
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_sessions_per_address: usize::MAX,
             session_limit: std::time::Duration::from_secs(nonce_ttl.clamp(10, 86_400) + 10),
-            floor: snp::Floor::default(),
+            floor: std::sync::RwLock::new(snp::Floor::default()),
             collateral: std::sync::OnceLock::new(),
         }
     }
@@ -361,7 +362,7 @@ impl Kbs {
                 ));
             }
         }
-        crate::floor::check_order(&self.floor, &order)?;
+        crate::floor::check_order(&self.floor(), &order)?;
         let key = VolumeKey::generate()?;
         let wrapped = self.kek.wrap(&order.vm_id, 1, &key)?;
         let rec = VmRecord {
@@ -548,7 +549,7 @@ impl Kbs {
         let order = record
             .as_ref()
             .and_then(|r| Order::decode_stored(&r.order).ok());
-        let policy = self.floor.effective(&vm_policy(order.as_ref()));
+        let policy = self.floor().effective(&vm_policy(order.as_ref()));
         // What the certificate table lacks comes from `[collateral]` (see crate::collateral).
         let verdict = crate::collateral::verify(
             &self.verifier,

@@ -56,7 +56,7 @@ async fn broker(lab: &Lab, floor: Floor) -> (Arc<Kbs>, Broker) {
     let d: &Path = lab.dir.path();
     let response_key = ResponseKey::generate().unwrap();
     let response_pub = response_key.public();
-    let mut kbs = Kbs::new(
+    let kbs = Kbs::new(
         SqliteStore::open(&d.join("kbs.db")).await.unwrap(),
         Verifier::new(VerifierConfig {
             trust_roots: vec![lab.pki.ark.cert.clone()],
@@ -68,7 +68,7 @@ async fn broker(lab: &Lab, floor: Floor) -> (Arc<Kbs>, Broker) {
         vec![pk(&lab.operator)],
         30,
     );
-    kbs.floor = floor;
+    kbs.set_floor(floor);
     let kbs = Arc::new(kbs);
     let allow = Allowlist {
         v: ORDER_VERSION,
@@ -272,4 +272,71 @@ fn the_written_floor_refuses_a_debug_order_and_widening_it_admits_it() {
     )
     .unwrap();
     ok(register(), "vm register under a widened floor");
+}
+
+/// Raising the floor of a serving broker takes effect at its next release (no restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floor_raised_while_serving_stops_the_next_release() {
+    let lab = lab();
+    let guest = lab.chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let (kbs, b) = broker(&lab, Floor::default()).await;
+    kbs.register(&order(&lab, "vm-1", ""), now()).await.unwrap();
+    fetch(&b, "vm-1", &guest).await.unwrap();
+    let mut raised = Floor::default();
+    raised.minimum_tcb.insert(
+        Product::Milan,
+        TcbMinimum {
+            microcode: Some(lab.chip.config.current_tcb.microcode + 1),
+            ..Default::default()
+        },
+    );
+    assert!(kbs.set_floor(raised));
+    let r = denied(fetch(&b, "vm-1", &guest).await);
+    assert!(r.contains(&"tcb_below_minimum".to_string()), "{r:?}");
+    assert!(kbs.set_floor(Floor::default()));
+    fetch(&b, "vm-1", &guest).await.unwrap();
+}
+
+/// `serve` follows kbs.toml's floor: an edit is picked up without a restart, and a broken
+/// file leaves the floor in force.
+#[test]
+fn serve_follows_the_floor_in_kbs_toml() {
+    use common::{free_port, kbs, ok, start};
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("kbs");
+    let listen = format!("127.0.0.1:{}", free_port());
+    ok(
+        kbs()
+            .args(["init", "--dir"])
+            .arg(&d)
+            .args(["--listen", &listen, "--metrics-listen", "none"])
+            .output()
+            .unwrap(),
+        "init",
+    );
+    let cfg = d.join("kbs.toml");
+    let written = std::fs::read_to_string(&cfg).unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut server = start(&cfg, log.clone());
+    let wait_for = |what: &str| {
+        for _ in 0..100 {
+            if log.lock().unwrap().contains(what) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        false
+    };
+    std::fs::write(&cfg, format!("{written}not toml ==\n")).unwrap();
+    let broken = wait_for("the policy floor in force stays");
+    std::fs::write(&cfg, written.replace("snp = 22,", "snp = 30,")).unwrap();
+    let changed = wait_for("policy floor changed");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(broken, "{}", log.lock().unwrap());
+    assert!(changed, "{}", log.lock().unwrap());
 }
