@@ -199,7 +199,7 @@ impl Floor {
             "# The policy floor: every VM's appraisal policy is at least this strict. Orders that ask\n\
              # for less (debug, a migration agent, another VMPL, VLEK, a lower TCB) are refused\n\
              # (policy_below_floor), and releases are appraised by floor and order together, so\n\
-             # raising it here (then restarting) also governs VMs registered before.\n\
+             # raising it here (a serving broker re-reads it) also governs VMs registered before.\n\
              floor.allow_debug = false\n\
              floor.allow_migration_agent = false\n\
              # false: VMPL 0 only.\n\
