@@ -157,31 +157,20 @@ async fn audit_len(kbs: &Kbs) -> usize {
     kbs.store.audit_entries().await.unwrap().len()
 }
 
-/// One address floods — as many connections as it can get, each held open with a keep-alive,
-/// sending bogus evidence and oversized ids — while eight guests boot behind one other address
-/// (a NAT): every guest is released within its timeout, the audit log grows by their eight
-/// releases only, and what the broker holds stays bounded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_from_one_address_locks_no_guest_out() {
-    let Setup {
-        _dir,
-        chip,
-        kbs,
-        broker,
-    } = setup(8, |k| {
-        k.max_sessions = 8;
-        k.max_sessions_per_address = 4;
-        // Connections that keep asking may last long (a long nonce TTL): only the per-address
-        // cap keeps the flooder from holding every slot for all of it.
-        k.session_limit = Duration::from_secs(300);
-    })
-    .await;
-    let audit0 = audit_len(&kbs).await;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let (held, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+/// The flood: `tasks` clients from [`FLOODER`], each taking a connection whenever it can
+/// (counted in `held`; refusals in `refused`, each followed by `backoff`), sending oversized ids and bogus evidence on it,
+/// then holding it (a keep-alive and a bogus request now and then) until the broker closes it
+/// or `stop`.
+fn flood(
+    broker: &Arc<Broker>,
+    tasks: usize,
+    backoff: Duration,
+    stop: &Arc<AtomicBool>,
+    held: &Arc<AtomicU64>,
+    refused: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let flooder = client_on(FLOODER);
-    let floods: Vec<_> = (0..16)
+    (0..tasks)
         .map(|_| {
             let (broker, flooder, stop) = (broker.clone(), flooder.clone(), stop.clone());
             let (held, refused) = (held.clone(), refused.clone());
@@ -192,7 +181,7 @@ async fn a_flood_from_one_address_locks_no_guest_out() {
                         .unwrap();
                     let Ok(conn) = connecting.await else {
                         refused.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        tokio::time::sleep(backoff).await;
                         continue;
                     };
                     held.fetch_add(1, Ordering::Relaxed);
@@ -232,7 +221,40 @@ async fn a_flood_from_one_address_locks_no_guest_out() {
                 }
             })
         })
-        .collect();
+        .collect()
+}
+
+/// One address floods — as many connections as it can get, each held open with a keep-alive,
+/// sending bogus evidence and oversized ids — while eight guests boot behind one other address
+/// (a NAT): every guest is released within its timeout, the audit log grows by their eight
+/// releases only, and what the broker holds stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_address_locks_no_guest_out() {
+    let Setup {
+        _dir,
+        chip,
+        kbs,
+        broker,
+    } = setup(8, |k| {
+        k.max_sessions = 8;
+        k.max_sessions_per_address = 4;
+        // Connections that keep asking may last long (a long nonce TTL): only the per-address
+        // cap keeps the flooder from holding every slot for all of it.
+        k.session_limit = Duration::from_secs(300);
+    })
+    .await;
+    let audit0 = audit_len(&kbs).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (held, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let floods = flood(
+        &broker,
+        16,
+        Duration::from_millis(20),
+        &stop,
+        &held,
+        &refused,
+    );
     // The flood is on: the flooder holds connections.
     let t = std::time::Instant::now();
     while held.load(Ordering::Relaxed) == 0 {
@@ -420,4 +442,115 @@ async fn an_address_over_its_cap_is_refused_at_once() {
     }
     drop(b);
     assert!(kbs.metrics.refused_per_address.load(Ordering::Relaxed) >= 1);
+}
+
+/// This process's resident memory now and at its peak, KiB (`VmRSS`, `VmHWM`).
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The figure for BENCHMARKS.md (not a check; run it in release):
+/// `cargo test --release -p kbs --test flood -- --ignored --nocapture flood_figure`.
+/// kbs.toml's defaults (64 slots, 16 per address); 256 flooding clients (each retrying 100 ms
+/// after a refusal) on one address while
+/// `FIGURE_VMS` guests boot at once behind another (a NAT, retrying as the agent does). Prints
+/// the boot times and this process's memory (broker and all clients: an upper bound on the
+/// broker's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn flood_figure() {
+    const FIGURE_VMS: usize = 300;
+    let Setup {
+        _dir,
+        chip,
+        kbs,
+        broker,
+    } = setup(FIGURE_VMS, |k| {
+        k.max_sessions_per_address = kbs::limits::default_per_address(k.max_sessions);
+    })
+    .await;
+    let audit0 = audit_len(&kbs).await;
+    let (rss0, _) = rss_kib();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (held, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let floods = flood(
+        &broker,
+        256,
+        Duration::from_millis(100),
+        &stop,
+        &held,
+        &refused,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss_flood, _) = rss_kib();
+    let guest = Arc::new(chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    }));
+    let t = std::time::Instant::now();
+    let boots: Vec<_> = (0..FIGURE_VMS)
+        .map(|i| {
+            let (broker, guest) = (broker.clone(), guest.clone());
+            tokio::spawn(async move {
+                let r = guest_agent::unlock::fetch_with_retry(
+                    &broker,
+                    &format!("vm-{i}"),
+                    &*guest,
+                    GUEST_TIMEOUT,
+                    None,
+                )
+                .await;
+                (r.is_ok(), t.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    let mut failed = 0;
+    for b in boots {
+        let (ok, secs) = b.await.unwrap();
+        if ok {
+            times.push(secs);
+        } else {
+            failed += 1;
+        }
+    }
+    let storm = t.elapsed().as_secs_f64();
+    let (rss1, hwm) = rss_kib();
+    stop.store(true, Ordering::Relaxed);
+    for f in floods {
+        let _ = f.await;
+    }
+    times.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q) as usize)
+            .copied()
+    };
+    let m = &kbs.metrics;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        serde_json::json!({
+            "vms": FIGURE_VMS, "released": times.len(), "failed": failed,
+            "boot_p50_s": pct(0.5), "boot_max_s": pct(1.0), "storm_s": storm,
+            "flood_refused_connections": g(&m.refused_per_address),
+            "flood_evidence_refused": g(&m.evidence_refused),
+            "idle_closed": g(&m.idle_closed),
+            "audit_entries_added": audit_len(&kbs).await - audit0,
+            "sessions_peak": g(&m.sessions_peak),
+            "nonces_held": kbs.nonces.lock().map(|b| b.len()).unwrap_or(0),
+            "rss_kib_before": rss0, "rss_kib_flooding": rss_flood,
+            "rss_kib_after_storm": rss1, "rss_kib_peak": hwm,
+        })
+    );
+    assert_eq!(failed, 0);
 }
