@@ -184,14 +184,19 @@ impl Collateral {
     }
 
     /// Runs a key-server fetch as its own task, so that a guest giving up (or the timeout) does
-    /// not cancel it: what it fetches is cached for the next attempt. At most `max_fetches`
-    /// at once; beyond, refused at once.
+    /// not cancel it: what it fetches is cached for the next attempt. `limited` (VCEKs, one
+    /// URL per chip and TCB a report may claim): at most `max_fetches` at once, beyond refused
+    /// at once. CRLs and chains (one URL per product) are never refused for that, so a burst
+    /// of VCEK fetches cannot keep the CRL from being renewed.
     async fn bounded<T: Send + 'static>(
         &self,
+        limited: bool,
         fut: impl std::future::Future<Output = Result<T, KdsError>> + Send + 'static,
     ) -> Result<T, CollateralError> {
-        let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
-            return Err(CollateralError::Busy(self.max_fetches));
+        let permit = match self.fetches.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if limited => return Err(CollateralError::Busy(self.max_fetches)),
+            Err(_) => None,
         };
         let task = tokio::spawn(async move {
             let out = fut.await;
@@ -235,7 +240,7 @@ impl Collateral {
         }
         let (kds, chip, t) = (kds.clone(), *chip_id, *tcb);
         let fetched = self
-            .bounded(async move { kds.vcek(product, &chip, &t).await })
+            .bounded(true, async move { kds.vcek(product, &chip, &t).await })
             .await;
         // The key server has none (or is out of reach): the offline store's generic name last.
         match (fetched, &self.offline) {
@@ -261,7 +266,7 @@ impl Collateral {
             return Some(pem);
         }
         match self
-            .bounded(async move { kds.cert_chain(product).await })
+            .bounded(false, async move { kds.cert_chain(product).await })
             .await
         {
             Ok(pem) => Some(pem),
@@ -299,7 +304,7 @@ impl Collateral {
             && let Some(kds) = self.kds.clone()
         {
             match self
-                .bounded(async move { kds.crl(product, now).await })
+                .bounded(false, async move { kds.crl(product, now).await })
                 .await
             {
                 Ok(b) => got = Some(b),

@@ -37,6 +37,8 @@ static PKI: LazyLock<Arc<Pki>> = LazyLock::new(|| {
 #[derive(Default)]
 struct Kds {
     routes: Mutex<HashMap<String, Vec<u8>>>,
+    /// Paths answered only after a long wait.
+    stall: Mutex<Vec<String>>,
     hits: Mutex<HashMap<String, usize>>,
 }
 
@@ -71,6 +73,9 @@ async fn serve(kds: Arc<Kds>) -> String {
                     .to_string();
                 let path = line.split(' ').nth(1).unwrap_or_default().to_string();
                 *kds.hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+                if kds.stall.lock().unwrap().contains(&path) {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
                 let body = kds.routes.lock().unwrap().get(&path).cloned();
                 let (status, body) = match body {
                     Some(b) => ("200 OK", b),
@@ -115,7 +120,7 @@ fn collateral_config(kds_url: &str, cache: &std::path::Path) -> CollateralConfig
     CollateralConfig {
         kds_url: kds_url.into(),
         cache_dir: Some(cache.to_path_buf()),
-        fetch_timeout_secs: 2,
+        fetch_timeout_secs: 10,
         ..Default::default()
     }
 }
@@ -522,4 +527,46 @@ async fn key_server_fetches_under_way_are_bounded() {
     );
     assert!(t0.elapsed() < Duration::from_secs(5));
     drop(silent);
+}
+
+/// VCEK fetches under way never keep the CRL from being renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_is_renewed_while_vcek_fetches_fill_the_limit() {
+    let chip = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
+    let (kds, base) = key_server(&chip).await;
+    let (vcek, _, crl_p) = paths(&chip);
+    kds.stall.lock().unwrap().push(vcek.clone());
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = CollateralConfig {
+        fetch_timeout_secs: 1,
+        ..collateral_config(&base, cache.path())
+    };
+    let col = Collateral::with_limits(&cfg, fast(), 1).unwrap();
+    let r = snp::AttestationReport::from_bytes(
+        &chip
+            .launch(GuestLaunch::default())
+            .get_report(&[0; 64], 0)
+            .unwrap(),
+    )
+    .unwrap();
+    let tcb = Tcb::decode(r.reported_tcb, Product::Milan);
+    let e = col
+        .vcek(Product::Milan, &chip.config.chip_id, &tcb)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, kbs::collateral::CollateralError::TimedOut(1)),
+        "{e}"
+    );
+    assert_eq!(kds.hits(&vcek), 1);
+    // The one fetch allowed is under way; the CRL is fetched all the same.
+    // (On a loaded machine the second may pass before the request is out; it goes on.)
+    col.refresh_crl(&verifier(), Product::Milan, NOW).await;
+    for _ in 0..100 {
+        if kds.hits(&crl_p) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(kds.hits(&crl_p), 1);
 }
