@@ -933,6 +933,24 @@ pub fn kek_cmd(c: &KekCmd) -> ExitCode {
                     named.display().to_string()
                 )
             })?;
+        // The new KEK file's and the configuration's directory entries durable before the old
+        // KEK goes: a power loss now must not leave keys wrapped under a KEK nobody can find.
+        for dir in [absolute.parent(), config.parent()].into_iter().flatten() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| {
+                    format!(
+                        "{}: {e}; keys are wrapped under {}, the old KEK is kept",
+                        dir.display(),
+                        absolute.display()
+                    )
+                })?;
+        }
         let retired = match &c.kek {
             KekConfig::File(old) => {
                 destroy_file(old)?;

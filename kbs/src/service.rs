@@ -264,21 +264,34 @@ impl Kbs {
         if stored <= *seen {
             return Ok(AllowlistChange::Unchanged);
         }
+        // `seen` advances only once the document has been read: a failed read is retried at
+        // the next poll instead of leaving the older allowlist in force.
+        let stored_doc = self.store.allowlist().await?;
         *seen = stored;
-        let Some((epoch, doc)) = self.store.allowlist().await? else {
-            return Ok(AllowlistChange::Unchanged);
-        };
         let from = self.allowlist_epoch().await;
-        match verify_stored(&doc, epoch, allowlist_key) {
+        // The epoch says a newer allowlist governs; a document missing or older than it (written
+        // by an older `allowlist install`) cannot say what was withdrawn: deny everything.
+        let checked = match stored_doc {
+            Some((epoch, doc)) if epoch >= stored => verify_stored(&doc, epoch, allowlist_key),
+            other => Err(RegisterError::Store(StoreError::StaleEpoch {
+                have: other.map(|(e, _)| e).unwrap_or(0),
+                stored,
+            })),
+        };
+        match checked {
             Ok(a) if from.is_some_and(|f| f >= a.epoch) => Ok(AllowlistChange::Unchanged),
             Ok(a) => {
+                let to = a.epoch;
                 self.adopt(a).await;
-                Ok(AllowlistChange::Adopted { from, to: epoch })
+                Ok(AllowlistChange::Adopted { from, to })
             }
             Err(e) => {
                 *self.allowlist.write().await = None;
                 self.metrics.allowlist_epoch.store(0, Ordering::Relaxed);
-                Ok(AllowlistChange::Refused { epoch, error: e })
+                Ok(AllowlistChange::Refused {
+                    epoch: stored,
+                    error: e,
+                })
             }
         }
     }

@@ -335,4 +335,21 @@ async fn brokers_on_one_store_follow_the_installed_allowlist() {
         serving.follow_allowlist(&key, &mut seen).await.unwrap(),
         AllowlistChange::Adopted { from: None, to: 4 }
     ));
+
+    // An older `allowlist install` (before the document was stored) bumps only the epoch: the
+    // stored document (epoch 4) cannot say what epoch 5 withdrew, so nothing is in force.
+    let pool =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("kbs.db").display()))
+            .await
+            .unwrap();
+    sqlx::query("UPDATE meta SET value = '5' WHERE key = 'allowlist_epoch'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    assert!(matches!(
+        serving.follow_allowlist(&key, &mut seen).await.unwrap(),
+        AllowlistChange::Refused { epoch: 5, .. }
+    ));
+    assert_eq!(serving.allowlist_epoch().await, None);
 }
