@@ -558,6 +558,31 @@ impl Kbs {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
             return Response::error("unavailable", "the store cannot be read now");
         };
+        // Evidence for a VM this broker does not hold, or on a nonce issued for another VM,
+        // cannot release anything either (challenges are free to ask for): refused before the
+        // evidence is verified (so no key-server fetch) and without a store write or an audit
+        // entry, so that a flood of such evidence grows neither the log nor the store.
+        let unowned = match (&nonce_state, &record) {
+            (_, None) => Some(Denial::UnknownVm),
+            (
+                Some(release::NonceState::Issued {
+                    vm_id: issued_for, ..
+                }),
+                _,
+            ) if issued_for != vm_id => Some(Denial::NonceForAnotherVm),
+            _ => None,
+        };
+        if let Some(d) = unowned {
+            self.metrics
+                .evidence_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                vm_id,
+                reason = d.code(),
+                "evidence refused before a decision"
+            );
+            return self.deny(vm_id, &nonce, &[d.code()]);
+        }
         // The evidence, appraised with this VM's order: its policy, images and chips.
         let order = record
             .as_ref()

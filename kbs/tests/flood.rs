@@ -352,13 +352,50 @@ async fn each_connection_is_bounded_and_bogus_evidence_leaves_no_trace() {
         .await
         .unwrap();
     assert_eq!(reasons(&r, &broker.response_key), ["bad_request"]);
+    // A live nonce asked for a VM the broker does not hold (challenges are free): its evidence
+    // is refused without a store write or an audit entry too.
+    let r = exchange(
+        &conn,
+        &Request::Challenge {
+            v: VERSION,
+            vm_id: "vm-nobody".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let Response::Challenge { nonce, .. } = r else {
+        panic!("expected a challenge, got {r:?}")
+    };
+    let Request::Evidence {
+        v,
+        vm_id,
+        report,
+        cert_table,
+        guest_public_key,
+        mesh_key,
+        ..
+    } = bogus_evidence("vm-nobody")
+    else {
+        unreachable!()
+    };
+    let live = Request::Evidence {
+        v,
+        vm_id,
+        nonce,
+        report,
+        cert_table,
+        guest_public_key,
+        mesh_key,
+    };
+    let r = exchange(&conn, &live).await.unwrap();
+    assert_eq!(reasons(&r, &broker.response_key), ["unknown_vm"]);
     assert_eq!(audit_len(&kbs).await, audit0, "the log grew");
     assert_eq!(
         kbs.store.stats.writes.load(Ordering::Relaxed),
         stores0,
         "the store was written"
     );
-    assert_eq!(kbs.metrics.evidence_refused.load(Ordering::Relaxed), 8);
+    assert_eq!(kbs.metrics.evidence_refused.load(Ordering::Relaxed), 9);
 
     // Four request streams at once, no unidirectional stream: known from the handshake, so the
     // client cannot open more without waiting for the broker.
