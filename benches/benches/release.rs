@@ -37,6 +37,7 @@ fn bench(c: &mut Criterion) {
         enc: sealed.enc.to_vec(),
         sealed: sealed.ciphertext.clone(),
         mesh_cert: Vec::new(),
+        mesh_chain: Vec::new(),
     };
 
     let mut g = c.benchmark_group("release_budget");

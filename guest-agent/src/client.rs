@@ -36,6 +36,8 @@ pub struct Released {
     pub evidence_rtt: std::time::Duration,
     /// The guest's mesh certificate (DER), when a mesh key was bound and the broker issued one.
     pub mesh_cert: Vec<u8>,
+    /// The certificates above it (DER, issuer first), written after it into `node.crt`.
+    pub mesh_chain: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Released {
@@ -242,6 +244,7 @@ async fn fetch_on_with(
                 boot_counter: body.boot_counter,
                 evidence_rtt,
                 mesh_cert: body.mesh_cert,
+                mesh_chain: body.mesh_chain.into_iter().map(|c| c.into_vec()).collect(),
             })
         }
     }

@@ -159,13 +159,20 @@ impl MeshKey {
 
 /// Places a guest's mesh identity in `dir`, which must be on tmpfs: `node.key` (0600, the key
 /// born in this guest) and `node.crt` (what the broker certified), as the mesh node reads them.
-pub fn place_mesh_identity(dir: &Path, key: &MeshKey, cert_der: &[u8]) -> Result<(), UnlockError> {
+pub fn place_mesh_identity(
+    dir: &Path,
+    key: &MeshKey,
+    cert_der: &[u8],
+    chain: &[Vec<u8>],
+) -> Result<(), UnlockError> {
     check_tmpfs(&dir.join("node.key"))?;
     write_boot_config(&dir.join("node.key"), key.pem.as_bytes())?;
-    write_boot_config(
-        &dir.join("node.crt"),
-        pem("CERTIFICATE", cert_der).as_bytes(),
-    )
+    // Leaf first, then the issuer and up: what `attesta-mesh cert sign` writes and a node loads.
+    let bundle: String = std::iter::once(cert_der)
+        .chain(chain.iter().map(Vec::as_slice))
+        .map(|der| pem("CERTIFICATE", der))
+        .collect();
+    write_boot_config(&dir.join("node.crt"), bundle.as_bytes())
 }
 
 use snp::certs::pem_encode as pem;
@@ -308,7 +315,7 @@ pub async fn run_with(
                         "the broker issued no mesh certificate (the order names no mesh_ip, or the broker has no guest_ca)"
                     );
                 } else {
-                    place_mesh_identity(dir, key, &released.mesh_cert)?;
+                    place_mesh_identity(dir, key, &released.mesh_cert, &released.mesh_chain)?;
                     tracing::info!(dir = %dir.display(), "mesh identity placed");
                 }
             }

@@ -374,6 +374,7 @@ fn released(boot_counter: u64) -> Released {
         boot_counter,
         evidence_rtt: std::time::Duration::ZERO,
         mesh_cert: vec![],
+        mesh_chain: vec![],
     }
 }
 

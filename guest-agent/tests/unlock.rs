@@ -53,6 +53,7 @@ fn released(key: &[u8]) -> Released {
         boot_counter: 1,
         evidence_rtt: std::time::Duration::ZERO,
         mesh_cert: vec![],
+        mesh_chain: vec![],
     }
 }
 

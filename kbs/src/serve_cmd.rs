@@ -554,7 +554,24 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
                     mesh::cert::parse_bundle(&b)
                         .map_err(|e| format!("guest_ca {}: {e}", dir.display()))
                 })?;
-            let ca = certs.into_iter().next().ok_or("guest_ca: no certificate")?;
+            let mut certs = certs.into_iter();
+            let ca = certs.next().ok_or("guest_ca: no certificate")?;
+            let above: Vec<_> = certs.collect();
+            // The chain handed to guests must verify to a root: refuse a broken one at start.
+            let top = above.last().unwrap_or(&ca);
+            if top.issuer != top.name || !top.is_ca {
+                return Err(format!(
+                    "guest_ca {}: ca.crt must list the CA and every certificate above it up to the mesh's root (the last, {:?}, is issued by {:?})",
+                    dir.display(),
+                    top.name,
+                    top.issuer
+                ));
+            }
+            let mut links = vec![ca.clone()];
+            links.extend(above.iter().cloned());
+            mesh::cert::verify_ca(&links, std::slice::from_ref(top), now()).map_err(|e| {
+                format!("guest_ca {}: the chain does not verify: {e}", dir.display())
+            })?;
             let key = zeroize::Zeroizing::new(
                 std::fs::read_to_string(dir.join("ca.key"))
                     .map_err(|e| format!("guest_ca {}: {e}", dir.display()))?,
@@ -569,7 +586,7 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
                 .map_or(86_400, |m| m.guest_cert_secs.max(60));
             let _ = kbs
                 .guest_issuer
-                .set(kbs::service::GuestIssuer::new(ca, key, ttl));
+                .set(kbs::service::GuestIssuer::new(ca, above, key, ttl));
         }
         match load_allowlist(&rt, &kbs, &c)? {
             Some(epoch) => tracing::info!(epoch, "allowlist loaded"),

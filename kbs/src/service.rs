@@ -131,14 +131,38 @@ pub struct Kbs {
 /// `tenant:<tenant>`, role guest, short-lived; for the key bound in the guest's report only.
 pub struct GuestIssuer {
     ca: mesh::cert::MeshCert,
+    /// `ca` and the certificates above it as `guest_ca/ca.crt` lists them (DER), sent with each
+    /// certificate so that an intermediate works without the broker holding the root's key.
+    chain: Vec<serde_bytes::ByteBuf>,
     key: Zeroizing<String>,
     /// Validity of a guest certificate, seconds (each boot gets a new one).
     ttl: u64,
 }
 
 impl GuestIssuer {
-    pub fn new(ca: mesh::cert::MeshCert, key: Zeroizing<String>, ttl: u64) -> GuestIssuer {
-        GuestIssuer { ca, key, ttl }
+    /// An issuer certifying with `ca` (whose key is `key`); `above` are the certificates over
+    /// it up to the mesh's root, issuer first (empty when `ca` is the root).
+    pub fn new(
+        ca: mesh::cert::MeshCert,
+        above: Vec<mesh::cert::MeshCert>,
+        key: Zeroizing<String>,
+        ttl: u64,
+    ) -> GuestIssuer {
+        let chain = std::iter::once(&ca)
+            .chain(&above)
+            .map(|c| serde_bytes::ByteBuf::from(c.der.clone()))
+            .collect();
+        GuestIssuer {
+            ca,
+            chain,
+            key,
+            ttl,
+        }
+    }
+
+    /// What goes with each certificate: the issuing CA and those above it (DER).
+    pub fn chain(&self) -> &[serde_bytes::ByteBuf] {
+        &self.chain
     }
 
     /// The certificate (DER), or why none.
@@ -676,7 +700,10 @@ impl Kbs {
                     self.guest_issuer.get(),
                 ) {
                     match issuer.issue(o, &mk, now) {
-                        Ok(der) => body.mesh_cert = der,
+                        Ok(der) => {
+                            body.mesh_cert = der;
+                            body.mesh_chain = issuer.chain().to_vec();
+                        }
                         Err(e) => {
                             tracing::warn!(vm_id, error = %e, "no mesh certificate issued")
                         }
@@ -741,6 +768,7 @@ impl Kbs {
             enc: sealed.enc.to_vec(),
             sealed: sealed.ciphertext,
             mesh_cert: Vec::new(),
+            mesh_chain: Vec::new(),
         })
     }
 
@@ -837,7 +865,7 @@ mod tests {
     #[test]
     fn a_guest_mesh_name_is_one_dns_label() {
         let ca = mesh::cert::LocalCa::root("ca", &[], 1_000, 1_000_000).unwrap();
-        let issuer = GuestIssuer::new(ca.cert.clone(), ca.key.clone(), 3600);
+        let issuer = GuestIssuer::new(ca.cert.clone(), vec![], ca.key.clone(), 3600);
         let with = |vm: &str| Order {
             vm_id: vm.into(),
             mesh_ip: Some("10.42.2.1/16".into()),

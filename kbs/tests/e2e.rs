@@ -330,6 +330,7 @@ async fn attestation_bound_mesh_identity() {
         kbs.guest_issuer
             .set(kbs::service::GuestIssuer::new(
                 ca.cert.clone(),
+                vec![],
                 ca.key.clone(),
                 3600
             ))

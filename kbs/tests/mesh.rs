@@ -3,7 +3,8 @@
 //! firewall, a guest-role certificate cannot register, certificates of a foreign CA are refused
 //! at the handshake, a hot-reloaded rules file and a revocation list dropped beside the broker
 //! each shut a host out without a restart, and a guest without any certificate still reaches
-//! attestation (its evidence gets a signed answer).
+//! attestation (its evidence gets a signed answer). The broker certifies guests with an
+//! intermediate CA (role guest only) and hands them the whole chain up to the root.
 
 mod common;
 
@@ -123,11 +124,32 @@ fn the_broker_on_the_mesh() {
     issue(dir.path(), &root, "guest-1", "10.42.3.1/16", Role::Guest);
     issue(dir.path(), &other, "rogue", "10.42.2.9/16", Role::Host);
     std::fs::write(d.join("mesh-rules.toml"), RULES).unwrap();
-    // The broker certifies attested guests with the mesh CA itself here (an intermediate
-    // limited to the guests' network in a real deployment).
+    // The broker certifies attested guests with an intermediate of the mesh CA that may issue
+    // role guest only, under plain names (VM ids), in the guests' network: the broker never
+    // holds the root's key, and guests get the whole chain.
+    let sub = mesh::cert::sign(
+        &root.cert,
+        &root.key,
+        &mesh::cert::Request {
+            name: "guest-ca",
+            claims: mesh::cert::Claims {
+                v: 1,
+                role: Some(Role::Ca),
+                networks: vec!["10.42.0.0/16".into()],
+                roles: vec![Role::Guest],
+                names: vec!["*".into()],
+                ..Default::default()
+            },
+            is_ca: true,
+            not_before: now() - 3600,
+            not_after: now() + 86_400,
+            curve: mesh::cert::Curve::Ed25519,
+        },
+    )
+    .unwrap();
     std::fs::create_dir_all(d.join("guest-ca")).unwrap();
-    std::fs::write(d.join("guest-ca/ca.crt"), &root.pem).unwrap();
-    std::fs::write(d.join("guest-ca/ca.key"), root.key.as_bytes()).unwrap();
+    std::fs::write(d.join("guest-ca/ca.crt"), sub.cert_pem.clone() + &root.pem).unwrap();
+    std::fs::write(d.join("guest-ca/ca.key"), sub.key_pem.as_bytes()).unwrap();
     let toml = std::fs::read_to_string(d.join("kbs.toml"))
         .unwrap()
         .replace(
@@ -241,17 +263,27 @@ fn the_broker_on_the_mesh() {
     let crt = std::fs::read(mesh_dir.join("node.crt")).unwrap();
     let key = std::fs::read_to_string(mesh_dir.join("node.key")).unwrap();
     drop(shm_dir);
-    let cert = parse_bundle(&crt).unwrap().remove(0);
+    let chain = parse_bundle(&crt).unwrap();
+    // Leaf, the broker's intermediate, the root.
+    assert_eq!(
+        chain.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["vm-g", "guest-ca", "mesh-ca"]
+    );
+    let cert = chain[0].clone();
     assert_eq!(cert.name, "vm-g");
     assert_eq!(cert.claims.groups, vec!["tenant:tenant-a".to_string()]);
     assert_eq!(cert.claims.ips, vec!["10.42.7.9/16".to_string()]);
     assert_eq!(cert.claims.role, Some(Role::Guest));
-    mesh::cert::verify(
-        std::slice::from_ref(&cert),
-        std::slice::from_ref(&root.cert),
-        now(),
-    )
-    .unwrap();
+    // The root alone verifies it; the leaf without its intermediate does not.
+    mesh::cert::verify(&chain, std::slice::from_ref(&root.cert), now()).unwrap();
+    assert!(
+        mesh::cert::verify(
+            std::slice::from_ref(&cert),
+            std::slice::from_ref(&root.cert),
+            now()
+        )
+        .is_err()
+    );
     // The key on tmpfs is the certified one.
     mesh::cert::sign_with(&cert, &key, b"probe").unwrap();
 

@@ -359,10 +359,6 @@ impl MeshCert {
 /// seconds): names, signatures, CA flags, validity of every link, and constraints at every link.
 /// Returns the leaf.
 pub fn verify(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCert, CertError> {
-    const MAX_DEPTH: usize = 8;
-    if chain.len() > MAX_DEPTH {
-        return Err(CertError::TooLong(MAX_DEPTH));
-    }
     let Some(leaf) = chain.first() else {
         return Err(CertError::Malformed("empty chain".into()));
     };
@@ -371,6 +367,28 @@ pub fn verify(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCe
     if leaf.is_ca {
         return Err(CertError::CaAsLeaf(leaf.name.clone()));
     }
+    walk(chain, roots, now)
+}
+
+/// Verifies a CA's chain (the CA first, then those above it) up to one of `roots` at `now`, as
+/// [`verify`] does a node's: for a signer to check, before it hands the chain out, that what
+/// it issues will verify.
+pub fn verify_ca(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCert, CertError> {
+    match chain.first() {
+        Some(ca) if ca.is_ca => walk(chain, roots, now),
+        Some(c) => Err(CertError::Malformed(format!("{} is not a CA", c.name))),
+        None => Err(CertError::Malformed("empty chain".into())),
+    }
+}
+
+fn walk(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCert, CertError> {
+    const MAX_DEPTH: usize = 8;
+    if chain.len() > MAX_DEPTH {
+        return Err(CertError::TooLong(MAX_DEPTH));
+    }
+    let Some(leaf) = chain.first() else {
+        return Err(CertError::Malformed("empty chain".into()));
+    };
     let mut cur = leaf;
     let mut rest = &chain[1..];
     for _ in 0..=MAX_DEPTH {

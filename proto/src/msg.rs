@@ -130,6 +130,10 @@ pub struct ReleaseBody {
     /// one and its order names an overlay address; empty otherwise. Public, so not sealed.
     #[serde(default, with = "serde_bytes")]
     pub mesh_cert: Vec<u8>,
+    /// The certificates above `mesh_cert` (DER, its issuer first), so that a broker certifying
+    /// with an intermediate `guest_ca` hands out a chain the mesh's root alone verifies.
+    #[serde(default)]
+    pub mesh_chain: Vec<serde_bytes::ByteBuf>,
 }
 
 /// What a denial says: which VM and nonce, and the reason codes (never secrets).

@@ -92,6 +92,7 @@ fn a_release_is_verified_then_opened() {
         enc: sealed.enc.to_vec(),
         sealed: sealed.ciphertext.clone(),
         mesh_cert: vec![],
+        mesh_chain: vec![],
     };
     let wire = frame(&Response::release(&broker, &body));
     let resp = Response::decode_frame(&wire).unwrap();

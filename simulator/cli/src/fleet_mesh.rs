@@ -255,6 +255,7 @@ impl FleetMesh {
         kbs.guest_issuer
             .set(GuestIssuer::new(
                 self.ca.cert.clone(),
+                vec![],
                 self.ca.key.clone(),
                 86_400,
             ))
