@@ -6,7 +6,11 @@
 //! CRLs are handed to the verifier and not looked for again until their nextUpdate.
 //!
 //! Only chips the VM's order names are ever looked up, so a report with an invented chip id
-//! cannot make the broker spend the key server's rate limit. A lookup that fails denies the
+//! cannot make the broker spend the key server's rate limit. The report is not yet verified
+//! when its VCEK is looked for, so its TCB may be made up: a TCB below the policy is never
+//! looked up (it would be denied anyway), and each chip has a budget of key-server fetches
+//! per day (`chip_fetches_per_day`), so that a host forging reports for its own chips with
+//! ever new TCBs can neither keep the key server busy nor fill the cache. A lookup that fails denies the
 //! release (`vcek_unavailable`); nothing here can make a report pass that would not pass with
 //! the same certificates in its table: the verifier checks every byte fetched.
 
@@ -43,6 +47,14 @@ pub struct CollateralConfig {
     /// with backoff, and fills the cache for the guest's next attempt).
     #[serde(default = "default_fetch_timeout")]
     pub fetch_timeout_secs: u64,
+    /// Key-server VCEK fetches per chip in any 24 hours (default 8; a chip's TCB changes with
+    /// a firmware update, a few times a year). Cache hits do not count.
+    #[serde(default = "default_chip_fetches")]
+    pub chip_fetches_per_day: u32,
+}
+
+fn default_chip_fetches() -> u32 {
+    8
 }
 
 fn default_kds_url() -> String {
@@ -65,6 +77,7 @@ impl Default for CollateralConfig {
             cache_dir: None,
             fetch_crls: true,
             fetch_timeout_secs: default_fetch_timeout(),
+            chip_fetches_per_day: default_chip_fetches(),
         }
     }
 }
@@ -112,6 +125,12 @@ pub enum CollateralError {
     Task(String),
     #[error("{0} key-server fetches already under way; try again later")]
     Busy(usize),
+    #[error(
+        "this chip's {0} key-server fetches of the last 24 hours are spent (a report with ever new TCBs?)"
+    )]
+    ChipBudget(u32),
+    #[error("the reported TCB {0} is below the policy's minimum: not looked up")]
+    BelowPolicy(Tcb),
 }
 
 /// The broker's collateral sources.
@@ -127,7 +146,13 @@ pub struct Collateral {
     /// that caused it has given up): bounds what reports for many TCBs can start.
     fetches: Arc<tokio::sync::Semaphore>,
     max_fetches: usize,
+    /// Per chip: when its key-server VCEK fetches of the last day began (at most
+    /// `chip_budget` of them).
+    chip_fetches: Mutex<HashMap<[u8; 64], Vec<u64>>>,
+    chip_budget: u32,
 }
+
+const DAY_SECS: u64 = 86_400;
 
 /// Key-server fetches under way at once, by default. Cache hits need none.
 pub const MAX_FETCHES: usize = 16;
@@ -180,6 +205,8 @@ impl Collateral {
             crl_until: Mutex::new(HashMap::new()),
             fetches: Arc::new(tokio::sync::Semaphore::new(max_fetches)),
             max_fetches,
+            chip_fetches: Mutex::new(HashMap::new()),
+            chip_budget: cfg.chip_fetches_per_day,
         })
     }
 
@@ -210,13 +237,32 @@ impl Collateral {
         }
     }
 
+    /// Takes one of `chip_id`'s key-server fetches for the day at `now`, if any is left.
+    /// Chips whose fetches are all older than a day are forgotten, so the book holds at most
+    /// the chips fetched for in the last day (each named by some order).
+    fn take_chip_fetch(&self, chip_id: &[u8; 64], now: u64) -> Result<(), CollateralError> {
+        let mut book = self.chip_fetches.lock().unwrap_or_else(|e| e.into_inner());
+        let recent = |t: &u64| now.saturating_sub(*t) < DAY_SECS;
+        book.retain(|_, times| {
+            times.retain(recent);
+            !times.is_empty()
+        });
+        let times = book.entry(*chip_id).or_default();
+        if times.len() >= self.chip_budget as usize {
+            return Err(CollateralError::ChipBudget(self.chip_budget));
+        }
+        times.push(now);
+        Ok(())
+    }
+
     /// The VCEK for `chip_id` at `tcb`: the offline store, else the key server (its cache, else
-    /// one fetch).
+    /// one fetch, within the chip's daily budget at `now`).
     pub async fn vcek(
         &self,
         product: Product,
         chip_id: &[u8; 64],
         tcb: &Tcb,
+        now: u64,
     ) -> Result<Vec<u8>, CollateralError> {
         let store_err = |e: std::io::Error| CollateralError::Store(e.to_string());
         // With a key server, TCB-specific names first: a generic `vcek.der` left from older
@@ -239,9 +285,13 @@ impl Collateral {
             }
         }
         let (kds, chip, t) = (kds.clone(), *chip_id, *tcb);
-        let fetched = self
-            .bounded(true, async move { kds.vcek(product, &chip, &t).await })
-            .await;
+        let fetched = match self.take_chip_fetch(chip_id, now) {
+            Ok(()) => {
+                self.bounded(true, async move { kds.vcek(product, &chip, &t).await })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         // The key server has none (or is out of reach): the offline store's generic name last.
         match (fetched, &self.offline) {
             (Err(e), Some(store)) => {
@@ -335,6 +385,17 @@ impl Collateral {
     }
 }
 
+/// Whether `tcb` (a report's reported TCB, read as `product`'s) is below what `policy` asks
+/// of it: such a report is denied whatever its VCEK, so none is looked for.
+fn below_policy(tcb: &Tcb, product: Product, policy: &Policy) -> bool {
+    !tcb.below(&policy.tcb.minimum_reported).is_empty()
+        || policy
+            .tcb
+            .minimum_by_product
+            .get(&product)
+            .is_some_and(|m| !tcb.below(m).is_empty())
+}
+
 /// Verifies a guest's evidence with `policy`: the certificate table's certificates, and what it
 /// lacks from `collateral` — the VCEK only for a chip `order` names. Without `collateral`, the
 /// table alone (as before collateral sources existed).
@@ -369,7 +430,11 @@ pub async fn verify(
             };
             for p in candidates {
                 let tcb = Tcb::decode(r.reported_tcb, p);
-                match c.vcek(p, &r.chip_id, &tcb).await {
+                if below_policy(&tcb, p, policy) {
+                    failure = Some(CollateralError::BelowPolicy(tcb));
+                    continue;
+                }
+                match c.vcek(p, &r.chip_id, &tcb, now).await {
                     Ok(der) => {
                         vcek = Some(der);
                         product = Some(p);

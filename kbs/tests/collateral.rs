@@ -8,7 +8,7 @@
 mod common;
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use kbs::collateral::{Collateral, CollateralConfig};
+use kbs::collateral::{Collateral, CollateralConfig, CollateralError};
 use kbs::keys::FileKek;
 use kbs::service::{Kbs, Role, vm_policy};
 use kbs::store::SqliteStore;
@@ -514,13 +514,19 @@ async fn key_server_fetches_under_way_are_bounded() {
     let col = Collateral::with_limits(&cfg, fast(), 1).unwrap();
     let tcb = Tcb::decode(0, Product::Milan);
     let t0 = std::time::Instant::now();
-    let first = col.vcek(Product::Milan, &[1; 64], &tcb).await.unwrap_err();
+    let first = col
+        .vcek(Product::Milan, &[1; 64], &tcb, NOW)
+        .await
+        .unwrap_err();
     assert!(
         matches!(first, kbs::collateral::CollateralError::TimedOut(1)),
         "{first}"
     );
     // The first fetch goes on (its guest gave up); a second, for another chip, is refused.
-    let second = col.vcek(Product::Milan, &[2; 64], &tcb).await.unwrap_err();
+    let second = col
+        .vcek(Product::Milan, &[2; 64], &tcb, NOW)
+        .await
+        .unwrap_err();
     assert!(
         matches!(second, kbs::collateral::CollateralError::Busy(1)),
         "{second}"
@@ -551,7 +557,7 @@ async fn a_crl_is_renewed_while_vcek_fetches_fill_the_limit() {
     .unwrap();
     let tcb = Tcb::decode(r.reported_tcb, Product::Milan);
     let e = col
-        .vcek(Product::Milan, &chip.config.chip_id, &tcb)
+        .vcek(Product::Milan, &chip.config.chip_id, &tcb, NOW)
         .await
         .unwrap_err();
     assert!(
@@ -569,4 +575,88 @@ async fn a_crl_is_renewed_while_vcek_fetches_fill_the_limit() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(kds.hits(&crl_p), 1);
+}
+
+/// A host forging reports for its own chip with ever new TCBs (the report is not verified
+/// before its VCEK is looked for) gets at most the chip's daily budget of key-server fetches;
+/// cached VCEKs are served all the same, and the budget comes back a day later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_tcbs_spend_only_the_chips_daily_fetch_budget() {
+    let chip = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
+    let (kds, base) = key_server(&chip).await;
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = CollateralConfig {
+        chip_fetches_per_day: 3,
+        ..collateral_config(&base, cache.path())
+    };
+    let col = Collateral::with_backoff(&cfg, fast()).unwrap();
+    let (vcek, _, _) = paths(&chip);
+    let genuine = Tcb::decode(
+        snp::AttestationReport::from_bytes(
+            &chip
+                .launch(GuestLaunch::default())
+                .get_report(&[0; 64], 0)
+                .unwrap(),
+        )
+        .unwrap()
+        .reported_tcb,
+        Product::Milan,
+    );
+    // The genuine TCB: one fetch, cached.
+    col.vcek(Product::Milan, &chip.config.chip_id, &genuine, NOW)
+        .await
+        .unwrap();
+    let before = kds.total();
+    let mut made_up = genuine;
+    for i in 0..6u8 {
+        made_up.microcode = genuine.microcode.wrapping_add(1 + i);
+        let e = col
+            .vcek(Product::Milan, &chip.config.chip_id, &made_up, NOW + 1)
+            .await
+            .unwrap_err();
+        if i < 2 {
+            // Within the budget: asked (the key server has none).
+            assert!(!matches!(e, CollateralError::ChipBudget(_)), "{e}");
+        } else {
+            assert!(matches!(e, CollateralError::ChipBudget(3)), "{e}");
+        }
+    }
+    // The genuine one and two made-up ones were asked for; the rest never left the broker.
+    assert_eq!(kds.total() - before, 2);
+    // The genuine VCEK is still served from the cache, spending nothing.
+    col.vcek(Product::Milan, &chip.config.chip_id, &genuine, NOW + 2)
+        .await
+        .unwrap();
+    assert_eq!(kds.hits(&vcek), 1);
+    // Another chip has its own budget; a day later this one has its budget back.
+    let other = col
+        .vcek(Product::Milan, &[9; 64], &made_up, NOW + 3)
+        .await
+        .unwrap_err();
+    assert!(!matches!(other, CollateralError::ChipBudget(_)), "{other}");
+    let later = col
+        .vcek(
+            Product::Milan,
+            &chip.config.chip_id,
+            &made_up,
+            NOW + DAY + 1,
+        )
+        .await
+        .unwrap_err();
+    assert!(!matches!(later, CollateralError::ChipBudget(_)), "{later}");
+}
+
+/// A report whose TCB is below the broker's floor is denied without its VCEK being looked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcb_below_the_floor_is_not_looked_up() {
+    let mut old = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
+    let fw = old.config.firmware;
+    old.update_firmware(Tcb::decode(0, Product::Milan), fw)
+        .unwrap();
+    let (kds, base) = key_server(&old).await;
+    let s = setup(&base).await;
+    let d = boot(&s, &old, NOW).await;
+    let why = reasons(&d);
+    assert!(why.iter().any(|r| r == "vcek_unavailable"), "{why:?}");
+    assert_eq!(kds.hits(&paths(&old).0), 0);
 }
