@@ -164,6 +164,9 @@ pub struct StackOptions {
     pub clock: fn() -> u64,
     /// Connections the broker serves at once (`max_sessions` in kbs.toml).
     pub max_sessions: usize,
+    /// How many of those one source address may hold (`max_sessions_per_address`); the demo's
+    /// fleet boots from one loopback address, so unlimited unless an attack needs it.
+    pub max_sessions_per_address: usize,
 }
 
 impl StackOptions {
@@ -176,6 +179,7 @@ impl StackOptions {
             image,
             clock: now,
             max_sessions: kbs::service::DEFAULT_MAX_SESSIONS,
+            max_sessions_per_address: usize::MAX,
         }
     }
 }
@@ -252,6 +256,7 @@ async fn broker(
         30,
     );
     kbs.max_sessions = o.max_sessions.max(1);
+    kbs.max_sessions_per_address = o.max_sessions_per_address.max(1);
     let kbs = Arc::new(kbs);
     let allow = Allowlist {
         v: ORDER_VERSION,
@@ -722,6 +727,7 @@ async fn run_on(
         crate::floor_bypass::debug_order(&broker, mesh, &operator, &home.config.chip_id, &image)
             .await?,
     );
+    attacks.push(crate::flood::one_address(&dir.join("flood"), &milan, home, image).await?);
     attacks.extend(mesh_attacks(&broker, mesh, &identities, &operator).await?);
 
     // The whole catalogue, over the wire, against live brokers.
@@ -1164,6 +1170,7 @@ pub async fn catalogue_live(
                 image: GOOD_MEASUREMENT,
                 clock: || NOW,
                 max_sessions: kbs::service::DEFAULT_MAX_SESSIONS,
+                max_sessions_per_address: usize::MAX,
             },
         )
         .await?;

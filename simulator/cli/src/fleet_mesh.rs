@@ -306,7 +306,7 @@ impl FleetMesh {
         }
         let rules = guest_rules(want.tenant)?;
         let d = self.shm.path().join(vm_id);
-        place_mesh_identity(&d, key, cert_der).map_err(|e| format!("{vm_id}: {e}"))?;
+        place_mesh_identity(&d, key, cert_der, &[]).map_err(|e| format!("{vm_id}: {e}"))?;
         let cfg = self.node_config(
             NodeFiles {
                 dir: &d,

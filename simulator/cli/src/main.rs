@@ -4,6 +4,7 @@
 mod demo;
 mod disk_attacks;
 mod fleet_mesh;
+mod flood;
 mod floor_bypass;
 mod load;
 mod withdrawal;

@@ -429,6 +429,23 @@ fn demo_json() {
                 && a["reason"] == "measurement_withdrawn"),
         "{j}"
     );
+    // A flood from one address: refused beyond its cap, its bogus evidence refused without a
+    // trace, and a genuine guest released meanwhile (the audit grows by that release only).
+    let flood = attacks
+        .iter()
+        .find(|a| a["name"] == "live-flood-from-one-address")
+        .unwrap_or_else(|| panic!("no flood attack: {j}"));
+    assert_eq!(flood["denied"], true, "{flood}");
+    let why = flood["reason"].as_str().unwrap_or_default();
+    for part in [
+        "per_address_cap: 8 of 12 connections",
+        "(cap 4, 4 held)",
+        "unknown_nonce / unknown_nonce / unknown_nonce / unknown_nonce",
+        "the genuine guest: released",
+        "audit entries added: 1",
+    ] {
+        assert!(why.contains(part), "{part:?} not in {why:?}");
+    }
     // The host's edits of a booted VM's LUKS2 header: the key is released, the disk refused.
     for (name, code) in [
         ("live-luks-header-cipher-null", "header_cipher:"),
