@@ -287,6 +287,12 @@ impl SqliteStore {
         *self.kek_check.lock().unwrap_or_else(|e| e.into_inner()) = check;
     }
 
+    /// Deletes the nonces that expired before `before` (the writer does this every minute for
+    /// those expired [`SPENT_NONCE_GRACE_SECS`] ago); how many.
+    pub async fn prune_nonces(&self, before: u64) -> Result<u64, StoreError> {
+        prune_nonces(&self.pool, before).await
+    }
+
     /// The KEK check value bound with [`SqliteStore::bind_kek`].
     pub fn bound_kek(&self) -> Option<Vec<u8>> {
         self.kek_check
@@ -361,7 +367,17 @@ async fn writer(
     let mut unsigned = 0u64;
     let mut last_cp = Instant::now();
     let mut wal_pending = false;
+    let mut last_prune = Instant::now();
     loop {
+        // The spent-nonce table would otherwise grow by one row per decision, forever.
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            match prune_nonces(&pool, unix_now().saturating_sub(SPENT_NONCE_GRACE_SECS)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(n, "expired nonces pruned"),
+                Err(e) => tracing::warn!(error = %e, "pruning expired nonces failed"),
+            }
+        }
         let first = match tokio::time::timeout(opts.checkpoint_interval, rx.recv()).await {
             Ok(Some(j)) => Some(j),
             Ok(None) => {
@@ -416,6 +432,28 @@ struct Applied {
     checkpointed: bool,
     /// A VM was crypto-shredded but the WAL could not be emptied yet (retry).
     wal_pending: bool,
+}
+
+/// How long a spent nonce is kept after it expired. A nonce is only ever taken from memory
+/// while it is live ([`crate::nonces::NonceBook`]), so once expired its row guards nothing;
+/// the hour is slack for clocks that disagree.
+pub const SPENT_NONCE_GRACE_SECS: u64 = 3600;
+/// How often the writer prunes expired nonces.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes the nonces that expired before `before` (Unix seconds); how many.
+async fn prune_nonces(pool: &SqlitePool, before: u64) -> Result<u64, StoreError> {
+    let n = sqlx::query("DELETE FROM nonces WHERE expires_at < ?")
+        .bind(i(before))
+        .execute(pool)
+        .await?;
+    Ok(n.rows_affected())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Folds the WAL into the database and empties it (`wal_checkpoint(TRUNCATE)`): after a

@@ -138,6 +138,12 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
     })
     .await
     .unwrap();
+    // Expired spent nonces are pruned (they guard nothing: a nonce is taken from memory only
+    // while live); those not yet expired stay spent.
+    assert_eq!(s.prune_nonces(150).await.unwrap(), 1);
+    assert_eq!(s.nonce(&[7u8; 32]).await.unwrap(), None);
+    assert_eq!(s.nonce(&n2).await.unwrap(), Some(NonceState::Spent));
+    assert_eq!(s.prune_nonces(150).await.unwrap(), 0);
     let entries = s.audit_entries().await.unwrap();
     assert_eq!(
         entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
