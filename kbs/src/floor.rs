@@ -118,7 +118,7 @@ mod tests {
             ("version = 1\nsigning_keys = [\"vcek\", \"vlek\"]\n", "vlek"),
             (
                 "version = 1\n[tcb.minimum_reported]\nsnp = 1\n",
-                "Milan snp minimum 1 < floor 22",
+                "Milan snp minimum 1 < floor 24",
             ),
             (
                 "version = 1\n[tcb.minimum_by_product.turin]\nfmc = 0\n",

@@ -143,7 +143,7 @@ async fn orders_below_the_floor_are_refused_at_registration() {
         &order(
             &lab,
             "tight",
-            "version = 1\nminimum_guest_svn = 0\n[tcb.minimum_by_product.milan]\nsnp = 22\n",
+            "version = 1\nminimum_guest_svn = 0\n[tcb.minimum_by_product.milan]\nsnp = 24\n",
         ),
         now(),
     )
@@ -333,7 +333,7 @@ fn serve_follows_the_floor_in_kbs_toml() {
     };
     std::fs::write(&cfg, format!("{written}not toml ==\n")).unwrap();
     let broken = wait_for("the policy floor in force stays");
-    std::fs::write(&cfg, written.replace("snp = 22,", "snp = 30,")).unwrap();
+    std::fs::write(&cfg, written.replace("snp = 24,", "snp = 30,")).unwrap();
     let changed = wait_for("policy floor changed");
     let _ = server.kill();
     let _ = server.wait();

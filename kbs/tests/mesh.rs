@@ -141,8 +141,9 @@ fn the_broker_on_the_mesh() {
                 ..Default::default()
             },
             is_ca: true,
-            not_before: now() - 3600,
-            not_after: now() + 86_400,
+            // Within the root's validity (made a moment earlier).
+            not_before: root.cert.not_before,
+            not_after: root.cert.not_after,
             curve: mesh::cert::Curve::Ed25519,
         },
     )

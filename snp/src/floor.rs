@@ -96,8 +96,12 @@ impl fmt::Display for Below {
 }
 
 impl Floor {
-    /// The built-in per-product minimums: the TCBs of current AMD firmware as of this
-    /// release (raise them in kbs.toml as AMD publishes security bulletins).
+    /// The built-in per-product minimums (raise them in kbs.toml as AMD publishes security
+    /// bulletins). Milan: SNP 24 as AMD-SB-3019 (CVE-2024-56161) requires, with the
+    /// bootloader and microcode of that firmware (1.55.29: 4/0/24/219, as CCF pins it since
+    /// 2026-03). Genoa: SNP 23 per AMD-SB-3019; its bootloader and microcode, and all of
+    /// Turin's, are those of current firmware seen on real machines (the corpus), not a
+    /// bulletin's — no public source pins them.
     pub fn builtin_tcb() -> BTreeMap<Product, TcbMinimum> {
         let t = |fmc, bootloader, tee, snp, microcode| TcbMinimum {
             fmc,
@@ -107,7 +111,7 @@ impl Floor {
             microcode: Some(microcode),
         };
         BTreeMap::from([
-            (Product::Milan, t(None, 4, 0, 22, 213)),
+            (Product::Milan, t(None, 4, 0, 24, 219)),
             (Product::Genoa, t(None, 9, 0, 23, 72)),
             (Product::Turin, t(Some(1), 1, 1, 4, 81)),
         ])
@@ -304,7 +308,7 @@ mod tests {
             product: Product::Milan,
             component: Component::Snp,
             order: 3,
-            floor: 22
+            floor: 24
         }));
         // Another exact VMPL, or none (= any), is below a VMPL-0 floor too.
         for vmpl in [Some(2), None] {
@@ -362,7 +366,7 @@ mod tests {
         assert_eq!(e.vmpl, Some(0));
         assert!(e.signing_keys.is_empty(), "VLEK only: nothing passes");
         let milan = e.tcb.minimum_by_product[&Product::Milan];
-        assert_eq!((milan.snp, milan.microcode), (Some(30), Some(213)));
+        assert_eq!((milan.snp, milan.microcode), (Some(30), Some(219)));
     }
 
     fn arb_min() -> impl Strategy<Value = TcbMinimum> {
