@@ -1,7 +1,7 @@
 //! The OVMF parser and the launch-measurement code never panic on any image.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use simulator::measure::{LaunchSpec, Ovmf, launch_digest};
+use measure::{LaunchSpec, Ovmf, launch_digest};
 
 fuzz_target!(|data: &[u8]| {
     // Images must be page multiples; pad so the fuzzer's bytes reach the footer parser.

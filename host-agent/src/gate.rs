@@ -5,8 +5,8 @@
 //! is never started, and a spec that drifted from the order is caught on the host.
 
 use crate::spec::Checked;
+use measure::{LaunchFiles, digest_of_files};
 use proto::order::{DocumentError, Order, OrderKind};
-use simulator::measure::{LaunchFiles, digest_of_files};
 
 /// Why a launch (or a terminate) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -225,14 +225,14 @@ fn xml(a: &XmlArgs) -> Result<(), String> {
 }
 
 fn measure(a: &MeasureArgs) -> Result<(), String> {
-    let d = simulator::measure::digest_of_files(&simulator::measure::LaunchFiles {
+    let d = measure::digest_of_files(&measure::LaunchFiles {
         ovmf: &a.ovmf,
         kernel: a.kernel.as_deref(),
         initrd: a.initrd.as_deref(),
         append: a.append.as_deref(),
         vcpus: a.vcpus,
         vcpu_type: &a.vcpu_type,
-        guest_features: simulator::measure::parse_guest_features(&a.guest_features)?,
+        guest_features: measure::parse_guest_features(&a.guest_features)?,
     })?;
     println!("{}", hex::encode(d));
     Ok(())

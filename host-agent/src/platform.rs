@@ -51,23 +51,33 @@ pub fn read(c: &PlatformConfig) -> Result<Platform, String> {
             let product: Product = product
                 .parse()
                 .map_err(|e| format!("platform.product: {e}"))?;
-            let (_, cfg) = simulator::ChipConfig::typical_cached(
-                product,
-                seed,
-                *chip,
-                state_dir.as_deref(),
-                |_| {},
-            )
-            .map_err(|e| format!("simulated platform: {e}"))?;
-            Ok(Platform {
-                product,
-                chip_id: cfg.chip_id.to_vec(),
-                reported_tcb: cfg.reported_tcb.unwrap_or(cfg.current_tcb),
-                current_tcb: cfg.current_tcb,
-                source: "simulator",
-            })
+            simulated(product, seed, *chip, state_dir.as_deref())
         }
     }
+}
+
+#[cfg(feature = "simulator")]
+fn simulated(
+    product: Product,
+    seed: &str,
+    chip: u64,
+    state_dir: Option<&std::path::Path>,
+) -> Result<Platform, String> {
+    let (_, cfg) = simulator::ChipConfig::typical_cached(product, seed, chip, state_dir, |_| {})
+        .map_err(|e| format!("simulated platform: {e}"))?;
+    Ok(Platform {
+        product,
+        chip_id: cfg.chip_id.to_vec(),
+        reported_tcb: cfg.reported_tcb.unwrap_or(cfg.current_tcb),
+        current_tcb: cfg.current_tcb,
+        source: "simulator",
+    })
+}
+
+/// A production build has no simulated chip to read.
+#[cfg(not(feature = "simulator"))]
+fn simulated(_: Product, _: &str, _: u64, _: Option<&std::path::Path>) -> Result<Platform, String> {
+    Err("[platform] kind = \"simulator\": this attesta-host was built without the simulator feature, so it never reads a simulated chip (build with --features simulator for a test fleet)".into())
 }
 
 fn read_sev() -> Result<Platform, String> {

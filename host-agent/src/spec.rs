@@ -252,7 +252,7 @@ impl VmSpec {
             return Err(SpecError::DiskSize(self.disk.size_gib));
         }
         no_control("vcpu_type", &self.vcpu_type)?;
-        let vcpu_sig = simulator::measure::vcpu_sig(&self.vcpu_type)
+        let vcpu_sig = measure::vcpu_sig(&self.vcpu_type)
             .map_err(|_| SpecError::VcpuType(self.vcpu_type.clone()))?;
         absolute("boot.ovmf", &self.boot.ovmf)?;
         if let Some(k) = &self.boot.kernel {

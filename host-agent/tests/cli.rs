@@ -84,7 +84,7 @@ fn measure_matches_sev_snp_measure_for_direct_boot() {
     }
     let dir = tempfile::tempdir().unwrap();
     let ovmf = dir.path().join("ovmf.fd");
-    std::fs::write(&ovmf, simulator::measure::synthetic_ovmf(262_144, 3)).unwrap();
+    std::fs::write(&ovmf, measure::synthetic_ovmf(262_144, 3)).unwrap();
     let kernel = dir.path().join("vmlinuz");
     std::fs::write(
         &kernel,

@@ -13,7 +13,7 @@ const NOW: u64 = 1_790_000_000;
 
 fn spec(dir: &Path) -> Checked {
     let ovmf = dir.join("ovmf.fd");
-    std::fs::write(&ovmf, simulator::measure::synthetic_ovmf(262_144, 9)).unwrap();
+    std::fs::write(&ovmf, measure::synthetic_ovmf(262_144, 9)).unwrap();
     std::fs::write(dir.join("vmlinuz"), vec![0x5a; 100_000]).unwrap();
     std::fs::write(dir.join("initrd.img"), vec![0xa5; 50_000]).unwrap();
     let mut s: VmSpec = toml::from_str(include_str!("../../examples/vm.toml")).unwrap();

@@ -10,10 +10,12 @@ pub mod attacks;
 pub mod chip;
 pub mod der;
 pub mod fleet;
-pub mod measure;
 pub mod pki;
 pub mod seed;
 
+/// The launch measurement lives in its own crate (the host agent and image builder use it
+/// without the simulator); re-exported where it always was.
+pub use ::measure;
 pub use chip::{Chip, ChipConfig, GuestLaunch, SimGuest};
 pub use fleet::{Fleet, Vm};
 pub use pki::{Pki, SimError, Vcek};

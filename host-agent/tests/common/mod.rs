@@ -10,7 +10,7 @@ use std::path::Path;
 pub fn spec(dir: &Path, vm_id: &str) -> String {
     let ovmf = dir.join("ovmf.fd");
     if !ovmf.exists() {
-        std::fs::write(&ovmf, simulator::measure::synthetic_ovmf(262_144, 9)).unwrap();
+        std::fs::write(&ovmf, measure::synthetic_ovmf(262_144, 9)).unwrap();
         std::fs::write(dir.join("vmlinuz"), vec![0x5a; 100_000]).unwrap();
         std::fs::write(dir.join("initrd.img"), vec![0xa5; 50_000]).unwrap();
     }

@@ -318,11 +318,8 @@ async fn run_on(
     // the host agents compute before launching, the allowlist approves and the orders name.
     let images = dir.join("images");
     std::fs::create_dir_all(&images).map_err(|x| x.to_string())?;
-    std::fs::write(
-        images.join("ovmf.fd"),
-        simulator::measure::synthetic_ovmf(262_144, 9),
-    )
-    .map_err(|x| x.to_string())?;
+    std::fs::write(images.join("ovmf.fd"), measure::synthetic_ovmf(262_144, 9))
+        .map_err(|x| x.to_string())?;
     std::fs::write(images.join("vmlinuz"), vec![0x5a; 1 << 20]).map_err(|x| x.to_string())?;
     std::fs::write(images.join("initrd.img"), vec![0xa5; 1 << 19]).map_err(|x| x.to_string())?;
     let spec_of = |vm: &str| vm_spec(dir, &images, vm);

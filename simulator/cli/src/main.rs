@@ -202,11 +202,9 @@ fn main() -> ExitCode {
         Cmd::Measure(a) => measure(&a).map(|()| true),
         Cmd::Demo(a) => run_demo(&a),
         Cmd::Load(a) => run_load(&a),
-        Cmd::SynthOvmf(a) => {
-            std::fs::write(&a.out, simulator::measure::synthetic_ovmf(a.size, a.fill))
-                .map(|()| true)
-                .map_err(|e| format!("cannot write {}: {e}", a.out.display()))
-        }
+        Cmd::SynthOvmf(a) => std::fs::write(&a.out, measure::synthetic_ovmf(a.size, a.fill))
+            .map(|()| true)
+            .map_err(|e| format!("cannot write {}: {e}", a.out.display())),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -566,14 +564,14 @@ fn reach_text(r: &fleet_mesh::Reach) -> String {
 }
 
 fn measure(a: &MeasureArgs) -> Result<(), String> {
-    let d = simulator::measure::digest_of_files(&simulator::measure::LaunchFiles {
+    let d = measure::digest_of_files(&measure::LaunchFiles {
         ovmf: &a.ovmf,
         kernel: a.kernel.as_deref(),
         initrd: a.initrd.as_deref(),
         append: a.append.as_deref(),
         vcpus: a.vcpus,
         vcpu_type: &a.vcpu_type,
-        guest_features: simulator::measure::parse_guest_features(&a.guest_features)?,
+        guest_features: measure::parse_guest_features(&a.guest_features)?,
     })?;
     println!("{}", hex::encode(d));
     Ok(())
