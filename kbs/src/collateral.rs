@@ -8,9 +8,12 @@
 //! Only chips the VM's order names are ever looked up, so a report with an invented chip id
 //! cannot make the broker spend the key server's rate limit. The report is not yet verified
 //! when its VCEK is looked for, so its TCB may be made up: a TCB below the policy is never
-//! looked up (it would be denied anyway), and each chip has a budget of key-server fetches
-//! per day (`chip_fetches_per_day`), so that a host forging reports for its own chips with
-//! ever new TCBs can neither keep the key server busy nor fill the cache. A lookup that fails denies the
+//! looked up (it would be denied anyway), and each VM has a budget of distinct chip-and-TCB
+//! key-server fetches per day (`vm_fetches_per_day`), so that evidence with ever new TCBs can
+//! neither keep the key server busy nor fill the cache. The budget is the VM's, not the chip's:
+//! challenges are free, so anyone who can name one VM could otherwise spend a shared chip's
+//! budget and lock every other tenant's VM on it out after a firmware update. A retry of the
+//! same chip and TCB is free, and only a fetch actually started is counted. A lookup that fails denies the
 //! release (`vcek_unavailable`); nothing here can make a report pass that would not pass with
 //! the same certificates in its table: the verifier checks every byte fetched.
 
@@ -47,13 +50,14 @@ pub struct CollateralConfig {
     /// with backoff, and fills the cache for the guest's next attempt).
     #[serde(default = "default_fetch_timeout")]
     pub fetch_timeout_secs: u64,
-    /// Key-server VCEK fetches per chip in any 24 hours (default 8; a chip's TCB changes with
-    /// a firmware update, a few times a year). Cache hits do not count.
-    #[serde(default = "default_chip_fetches")]
-    pub chip_fetches_per_day: u32,
+    /// Distinct VCEKs (chip and TCB) fetched from the key server for one VM in any 24 hours
+    /// (default 8, at least 1; a chip's TCB changes with a firmware update, a few times a
+    /// year). Cache hits and retries of the same VCEK do not count.
+    #[serde(default = "default_vm_fetches")]
+    pub vm_fetches_per_day: u32,
 }
 
-fn default_chip_fetches() -> u32 {
+fn default_vm_fetches() -> u32 {
     8
 }
 
@@ -77,7 +81,7 @@ impl Default for CollateralConfig {
             cache_dir: None,
             fetch_crls: true,
             fetch_timeout_secs: default_fetch_timeout(),
-            chip_fetches_per_day: default_chip_fetches(),
+            vm_fetches_per_day: default_vm_fetches(),
         }
     }
 }
@@ -126,9 +130,9 @@ pub enum CollateralError {
     #[error("{0} key-server fetches already under way; try again later")]
     Busy(usize),
     #[error(
-        "this chip's {0} key-server fetches of the last 24 hours are spent (a report with ever new TCBs?)"
+        "this VM's {0} key-server fetches of the last 24 hours are spent (evidence with ever new TCBs?)"
     )]
-    ChipBudget(u32),
+    VmBudget(u32),
     #[error("the reported TCB {0} is below the policy's minimum: not looked up")]
     BelowPolicy(Tcb),
 }
@@ -146,11 +150,14 @@ pub struct Collateral {
     /// that caused it has given up): bounds what reports for many TCBs can start.
     fetches: Arc<tokio::sync::Semaphore>,
     max_fetches: usize,
-    /// Per chip: when its key-server VCEK fetches of the last day began (at most
-    /// `chip_budget` of them).
-    chip_fetches: Mutex<HashMap<[u8; 64], Vec<u64>>>,
-    chip_budget: u32,
+    /// Per VM: the VCEKs (chip, TCB) fetched for it in the last day and when (at most
+    /// `vm_budget` of them).
+    vm_fetches: Mutex<HashMap<String, Vec<(FetchKey, u64)>>>,
+    vm_budget: u32,
 }
+
+/// One VCEK a fetch is for: chip id and encoded TCB.
+type FetchKey = ([u8; 64], u64);
 
 const DAY_SECS: u64 = 86_400;
 
@@ -194,6 +201,9 @@ impl Collateral {
                 ))
             }
         };
+        if cfg.vm_fetches_per_day == 0 {
+            return Err("[collateral] vm_fetches_per_day must be at least 1".into());
+        }
         if kds.is_none() && cfg.offline_dir.is_none() {
             return Err("[collateral] names neither offline_dir nor a kds_url".into());
         }
@@ -205,19 +215,21 @@ impl Collateral {
             crl_until: Mutex::new(HashMap::new()),
             fetches: Arc::new(tokio::sync::Semaphore::new(max_fetches)),
             max_fetches,
-            chip_fetches: Mutex::new(HashMap::new()),
-            chip_budget: cfg.chip_fetches_per_day,
+            vm_fetches: Mutex::new(HashMap::new()),
+            vm_budget: cfg.vm_fetches_per_day,
         })
     }
 
     /// Runs a key-server fetch as its own task, so that a guest giving up (or the timeout) does
     /// not cancel it: what it fetches is cached for the next attempt. `limited` (VCEKs, one
     /// URL per chip and TCB a report may claim): at most `max_fetches` at once, beyond refused
-    /// at once. CRLs and chains (one URL per product) are never refused for that, so a burst
-    /// of VCEK fetches cannot keep the CRL from being renewed.
+    /// at once, and `started` is called once one is under way. CRLs and chains (one URL per
+    /// product) are never refused for that, so a burst of VCEK fetches cannot keep the CRL
+    /// from being renewed.
     async fn bounded<T: Send + 'static>(
         &self,
         limited: bool,
+        started: impl FnOnce(),
         fut: impl std::future::Future<Output = Result<T, KdsError>> + Send + 'static,
     ) -> Result<T, CollateralError> {
         let permit = match self.fetches.clone().try_acquire_owned() {
@@ -225,6 +237,7 @@ impl Collateral {
             Err(_) if limited => return Err(CollateralError::Busy(self.max_fetches)),
             Err(_) => None,
         };
+        started();
         let task = tokio::spawn(async move {
             let out = fut.await;
             drop(permit);
@@ -237,28 +250,39 @@ impl Collateral {
         }
     }
 
-    /// Takes one of `chip_id`'s key-server fetches for the day at `now`, if any is left.
-    /// Chips whose fetches are all older than a day are forgotten, so the book holds at most
-    /// the chips fetched for in the last day (each named by some order).
-    fn take_chip_fetch(&self, chip_id: &[u8; 64], now: u64) -> Result<(), CollateralError> {
-        let mut book = self.chip_fetches.lock().unwrap_or_else(|e| e.into_inner());
-        let recent = |t: &u64| now.saturating_sub(*t) < DAY_SECS;
-        book.retain(|_, times| {
-            times.retain(recent);
-            !times.is_empty()
+    /// Whether `vm` may have `key` fetched at `now`: already fetched for it in the last day
+    /// (a retry: free), or one of its `vm_budget` fetches for the day is left. VMs with no
+    /// fetch in the last day are forgotten, so the book holds at most the VMs fetched for in
+    /// the last day (each a registered VM).
+    fn may_fetch(&self, vm: &str, key: FetchKey, now: u64) -> Result<(), CollateralError> {
+        let mut book = self.vm_fetches.lock().unwrap_or_else(|e| e.into_inner());
+        book.retain(|_, done| {
+            done.retain(|(_, t)| now.saturating_sub(*t) < DAY_SECS);
+            !done.is_empty()
         });
-        let times = book.entry(*chip_id).or_default();
-        if times.len() >= self.chip_budget as usize {
-            return Err(CollateralError::ChipBudget(self.chip_budget));
+        match book.get(vm) {
+            Some(done) if done.iter().any(|(k, _)| *k == key) => Ok(()),
+            Some(done) if done.len() >= self.vm_budget as usize => {
+                Err(CollateralError::VmBudget(self.vm_budget))
+            }
+            _ => Ok(()),
         }
-        times.push(now);
-        Ok(())
     }
 
-    /// The VCEK for `chip_id` at `tcb`: the offline store, else the key server (its cache, else
-    /// one fetch, within the chip's daily budget at `now`).
+    /// Counts a fetch of `key` for `vm` that was started at `now` (once per key).
+    fn count_fetch(&self, vm: &str, key: FetchKey, now: u64) {
+        let mut book = self.vm_fetches.lock().unwrap_or_else(|e| e.into_inner());
+        let done = book.entry(vm.to_string()).or_default();
+        if !done.iter().any(|(k, _)| *k == key) {
+            done.push((key, now));
+        }
+    }
+
+    /// The VCEK for `chip_id` at `tcb`, for VM `vm`'s evidence: the offline store, else the key
+    /// server (its cache, else one fetch, within `vm`'s daily budget at `now`).
     pub async fn vcek(
         &self,
+        vm: &str,
         product: Product,
         chip_id: &[u8; 64],
         tcb: &Tcb,
@@ -285,10 +309,13 @@ impl Collateral {
             }
         }
         let (kds, chip, t) = (kds.clone(), *chip_id, *tcb);
-        let fetched = match self.take_chip_fetch(chip_id, now) {
+        let key = (*chip_id, tcb.encode(product));
+        let fetched = match self.may_fetch(vm, key, now) {
             Ok(()) => {
-                self.bounded(true, async move { kds.vcek(product, &chip, &t).await })
-                    .await
+                self.bounded(true, || self.count_fetch(vm, key, now), async move {
+                    kds.vcek(product, &chip, &t).await
+                })
+                .await
             }
             Err(e) => Err(e),
         };
@@ -316,7 +343,7 @@ impl Collateral {
             return Some(pem);
         }
         match self
-            .bounded(false, async move { kds.cert_chain(product).await })
+            .bounded(false, || {}, async move { kds.cert_chain(product).await })
             .await
         {
             Ok(pem) => Some(pem),
@@ -354,7 +381,7 @@ impl Collateral {
             && let Some(kds) = self.kds.clone()
         {
             match self
-                .bounded(false, async move { kds.crl(product, now).await })
+                .bounded(false, || {}, async move { kds.crl(product, now).await })
                 .await
             {
                 Ok(b) => got = Some(b),
@@ -420,7 +447,8 @@ pub async fn verify(
         if vcek.is_none()
             && r.key_info.signing_key() == SigningKey::Vcek
             && r.chip_id != [0u8; 64]
-            && order.is_some_and(|o| o.chip_ids.iter().any(|c| c.as_slice() == r.chip_id))
+            && let Some(o) = order
+            && o.chip_ids.iter().any(|c| c.as_slice() == r.chip_id)
         {
             // Milan and Genoa share the hwID length and TCB layout; a report that does not say
             // which (version 2) is looked up as either.
@@ -434,7 +462,7 @@ pub async fn verify(
                     failure = Some(CollateralError::BelowPolicy(tcb));
                     continue;
                 }
-                match c.vcek(p, &r.chip_id, &tcb, now).await {
+                match c.vcek(&o.vm_id, p, &r.chip_id, &tcb, now).await {
                     Ok(der) => {
                         vcek = Some(der);
                         product = Some(p);

@@ -547,7 +547,11 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
         let rt = runtime()?;
         let _g = rt.enter();
         let (kbs, tls, gate) = build(&c)?;
-        if let Some(dir) = c.mesh.as_ref().and_then(|m| m.guest_ca.as_ref()) {
+        if let Some((mesh, dir)) = c
+            .mesh
+            .as_ref()
+            .and_then(|m| m.guest_ca.as_ref().map(|d| (m, d)))
+        {
             let certs = std::fs::read(dir.join("ca.crt"))
                 .map_err(|e| format!("guest_ca {}: {e}", dir.display()))
                 .and_then(|b| {
@@ -557,20 +561,22 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             let mut certs = certs.into_iter();
             let ca = certs.next().ok_or("guest_ca: no certificate")?;
             let above: Vec<_> = certs.collect();
-            // The chain handed to guests must verify to a root: refuse a broken one at start.
-            let top = above.last().unwrap_or(&ca);
-            if top.issuer != top.name || !top.is_ca {
-                return Err(format!(
-                    "guest_ca {}: ca.crt must list the CA and every certificate above it up to the mesh's root (the last, {:?}, is issued by {:?})",
-                    dir.display(),
-                    top.name,
-                    top.issuer
-                ));
-            }
+            // The chain handed to guests must verify to the mesh's roots (`[mesh] ca`, what
+            // the guests' nodes trust): refuse a broken or foreign one at start.
+            let roots = std::fs::read(&mesh.ca)
+                .map_err(|e| format!("[mesh] ca {}: {e}", mesh.ca.display()))
+                .and_then(|b| {
+                    mesh::cert::parse_bundle(&b)
+                        .map_err(|e| format!("[mesh] ca {}: {e}", mesh.ca.display()))
+                })?;
             let mut links = vec![ca.clone()];
             links.extend(above.iter().cloned());
-            mesh::cert::verify_ca(&links, std::slice::from_ref(top), now()).map_err(|e| {
-                format!("guest_ca {}: the chain does not verify: {e}", dir.display())
+            mesh::cert::verify_ca(&links, &roots, now()).map_err(|e| {
+                format!(
+                    "guest_ca {}: ca.crt (the CA, then every certificate above it) does not verify to the mesh CA {}: {e}",
+                    dir.display(),
+                    mesh.ca.display()
+                )
             })?;
             let key = zeroize::Zeroizing::new(
                 std::fs::read_to_string(dir.join("ca.key"))

@@ -287,8 +287,8 @@ impl SqliteStore {
         *self.kek_check.lock().unwrap_or_else(|e| e.into_inner()) = check;
     }
 
-    /// Deletes the nonces that expired before `before` (the writer does this every minute for
-    /// those expired [`SPENT_NONCE_GRACE_SECS`] ago); how many.
+    /// Deletes nonces that expired before `before`, in batches of at most 10,000 (the writer
+    /// does this every minute for those expired [`SPENT_NONCE_GRACE_SECS`] ago); how many.
     pub async fn prune_nonces(&self, before: u64) -> Result<u64, StoreError> {
         prune_nonces(&self.pool, before).await
     }
@@ -441,12 +441,19 @@ pub const SPENT_NONCE_GRACE_SECS: u64 = 3600;
 /// How often the writer prunes expired nonces.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Deletes the nonces that expired before `before` (Unix seconds); how many.
+/// Rows one prune deletes at most, so that it never holds the writer up for long (a store
+/// upgraded from before pruning holds every nonce ever spent); the rest go a minute later.
+const PRUNE_BATCH: u32 = 10_000;
+
+/// Deletes up to [`PRUNE_BATCH`] nonces that expired before `before` (Unix seconds); how many.
 async fn prune_nonces(pool: &SqlitePool, before: u64) -> Result<u64, StoreError> {
-    let n = sqlx::query("DELETE FROM nonces WHERE expires_at < ?")
-        .bind(i(before))
-        .execute(pool)
-        .await?;
+    let n = sqlx::query(
+        "DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces WHERE expires_at < ? LIMIT ?)",
+    )
+    .bind(i(before))
+    .bind(PRUNE_BATCH)
+    .execute(pool)
+    .await?;
     Ok(n.rows_affected())
 }
 

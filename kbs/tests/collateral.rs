@@ -515,7 +515,7 @@ async fn key_server_fetches_under_way_are_bounded() {
     let tcb = Tcb::decode(0, Product::Milan);
     let t0 = std::time::Instant::now();
     let first = col
-        .vcek(Product::Milan, &[1; 64], &tcb, NOW)
+        .vcek("vm-1", Product::Milan, &[1; 64], &tcb, NOW)
         .await
         .unwrap_err();
     assert!(
@@ -524,7 +524,7 @@ async fn key_server_fetches_under_way_are_bounded() {
     );
     // The first fetch goes on (its guest gave up); a second, for another chip, is refused.
     let second = col
-        .vcek(Product::Milan, &[2; 64], &tcb, NOW)
+        .vcek("vm-1", Product::Milan, &[2; 64], &tcb, NOW)
         .await
         .unwrap_err();
     assert!(
@@ -557,7 +557,7 @@ async fn a_crl_is_renewed_while_vcek_fetches_fill_the_limit() {
     .unwrap();
     let tcb = Tcb::decode(r.reported_tcb, Product::Milan);
     let e = col
-        .vcek(Product::Milan, &chip.config.chip_id, &tcb, NOW)
+        .vcek("vm-1", Product::Milan, &chip.config.chip_id, &tcb, NOW)
         .await
         .unwrap_err();
     assert!(
@@ -577,19 +577,22 @@ async fn a_crl_is_renewed_while_vcek_fetches_fill_the_limit() {
     assert_eq!(kds.hits(&crl_p), 1);
 }
 
-/// A host forging reports for its own chip with ever new TCBs (the report is not verified
-/// before its VCEK is looked for) gets at most the chip's daily budget of key-server fetches;
-/// cached VCEKs are served all the same, and the budget comes back a day later.
+/// Evidence for one VM with ever new TCBs (the report is not verified before its VCEK is
+/// looked for, and challenges are free) gets at most that VM's daily budget of key-server
+/// fetches; retries of the same VCEK and cached VCEKs are free; another VM on the same chip
+/// keeps its own budget (one tenant cannot lock a shared chip out); a day later the budget is
+/// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn made_up_tcbs_spend_only_the_chips_daily_fetch_budget() {
+async fn made_up_tcbs_spend_only_the_vms_daily_fetch_budget() {
     let chip = Chip::new(PKI.clone(), ChipConfig::typical(&PKI, 0)).unwrap();
     let (kds, base) = key_server(&chip).await;
     let cache = tempfile::tempdir().unwrap();
     let cfg = CollateralConfig {
-        chip_fetches_per_day: 3,
+        vm_fetches_per_day: 3,
         ..collateral_config(&base, cache.path())
     };
     let col = Collateral::with_backoff(&cfg, fast()).unwrap();
+    let id = chip.config.chip_id;
     let (vcek, _, _) = paths(&chip);
     let genuine = Tcb::decode(
         snp::AttestationReport::from_bytes(
@@ -602,48 +605,51 @@ async fn made_up_tcbs_spend_only_the_chips_daily_fetch_budget() {
         .reported_tcb,
         Product::Milan,
     );
-    // The genuine TCB: one fetch, cached.
-    col.vcek(Product::Milan, &chip.config.chip_id, &genuine, NOW)
+    // The genuine TCB: one fetch (of vm-1's three), cached.
+    col.vcek("vm-1", Product::Milan, &id, &genuine, NOW)
         .await
         .unwrap();
     let before = kds.total();
-    let mut made_up = genuine;
+    let made_up = |i: u8| Tcb {
+        microcode: genuine.microcode.wrapping_add(1 + i),
+        ..genuine
+    };
     for i in 0..6u8 {
-        made_up.microcode = genuine.microcode.wrapping_add(1 + i);
         let e = col
-            .vcek(Product::Milan, &chip.config.chip_id, &made_up, NOW + 1)
+            .vcek("vm-1", Product::Milan, &id, &made_up(i), NOW + 1)
             .await
             .unwrap_err();
         if i < 2 {
             // Within the budget: asked (the key server has none).
-            assert!(!matches!(e, CollateralError::ChipBudget(_)), "{e}");
+            assert!(!matches!(e, CollateralError::VmBudget(_)), "{e}");
         } else {
-            assert!(matches!(e, CollateralError::ChipBudget(3)), "{e}");
+            assert!(matches!(e, CollateralError::VmBudget(3)), "{e}");
         }
     }
-    // The genuine one and two made-up ones were asked for; the rest never left the broker.
+    // Two made-up ones were asked for; the rest never left the broker.
     assert_eq!(kds.total() - before, 2);
+    // A retry of a VCEK already asked for is not refused for the budget.
+    let again = col
+        .vcek("vm-1", Product::Milan, &id, &made_up(0), NOW + 2)
+        .await
+        .unwrap_err();
+    assert!(!matches!(again, CollateralError::VmBudget(_)), "{again}");
     // The genuine VCEK is still served from the cache, spending nothing.
-    col.vcek(Product::Milan, &chip.config.chip_id, &genuine, NOW + 2)
+    col.vcek("vm-1", Product::Milan, &id, &genuine, NOW + 2)
         .await
         .unwrap();
     assert_eq!(kds.hits(&vcek), 1);
-    // Another chip has its own budget; a day later this one has its budget back.
+    // Another VM on the same chip has its own budget; a day later vm-1 has its budget back.
     let other = col
-        .vcek(Product::Milan, &[9; 64], &made_up, NOW + 3)
+        .vcek("vm-2", Product::Milan, &id, &made_up(5), NOW + 3)
         .await
         .unwrap_err();
-    assert!(!matches!(other, CollateralError::ChipBudget(_)), "{other}");
+    assert!(!matches!(other, CollateralError::VmBudget(_)), "{other}");
     let later = col
-        .vcek(
-            Product::Milan,
-            &chip.config.chip_id,
-            &made_up,
-            NOW + DAY + 1,
-        )
+        .vcek("vm-1", Product::Milan, &id, &made_up(5), NOW + DAY + 2)
         .await
         .unwrap_err();
-    assert!(!matches!(later, CollateralError::ChipBudget(_)), "{later}");
+    assert!(!matches!(later, CollateralError::VmBudget(_)), "{later}");
 }
 
 /// A report whose TCB is below the broker's floor is denied without its VCEK being looked for.

@@ -661,4 +661,8 @@ async fn flood_figure() {
         })
     );
     assert_eq!(failed, 0);
+    assert!(
+        rss0 > 0 && hwm >= rss_flood && rss_flood > 0,
+        "no memory figures read"
+    );
 }

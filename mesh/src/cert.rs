@@ -372,8 +372,11 @@ pub fn verify(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCe
 
 /// Verifies a CA's chain (the CA first, then those above it) up to one of `roots` at `now`, as
 /// [`verify`] does a node's: for a signer to check, before it hands the chain out, that what
-/// it issues will verify.
+/// it issues will verify. One link shorter than [`verify`] allows, for the leaf it will sign.
 pub fn verify_ca(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCert, CertError> {
+    if chain.len() >= MAX_DEPTH {
+        return Err(CertError::TooLong(MAX_DEPTH - 1));
+    }
     match chain.first() {
         Some(ca) if ca.is_ca => walk(chain, roots, now),
         Some(c) => Err(CertError::Malformed(format!("{} is not a CA", c.name))),
@@ -381,8 +384,10 @@ pub fn verify_ca(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<Mes
     }
 }
 
+/// Longest chain [`verify`] accepts, leaf included.
+const MAX_DEPTH: usize = 8;
+
 fn walk(chain: &[MeshCert], roots: &[MeshCert], now: u64) -> Result<MeshCert, CertError> {
-    const MAX_DEPTH: usize = 8;
     if chain.len() > MAX_DEPTH {
         return Err(CertError::TooLong(MAX_DEPTH));
     }
@@ -769,6 +774,90 @@ mod tests {
             cert: parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
             pem: i.cert_pem,
             key: i.key_pem,
+        }
+    }
+
+    /// A sub-CA of `parent`, limited to role guest.
+    fn sub_ca(parent: &MeshCert, key: &str, name: &str) -> (MeshCert, String) {
+        let i = sign(
+            parent,
+            key,
+            &Request {
+                name,
+                claims: Claims {
+                    v: 1,
+                    role: Some(Role::Ca),
+                    groups: vec!["tenant:a".into()],
+                    networks: vec!["10.42.0.0/16".into()],
+                    roles: vec![Role::Guest],
+                    ..Default::default()
+                },
+                is_ca: true,
+                not_before: parent.not_before,
+                not_after: parent.not_after,
+                curve: Curve::Ed25519,
+            },
+        )
+        .unwrap();
+        (
+            parse_bundle(i.cert_pem.as_bytes()).unwrap().remove(0),
+            i.key_pem.to_string(),
+        )
+    }
+
+    #[test]
+    fn a_ca_chain_verifies_only_to_the_given_roots_and_leaves_room_for_a_leaf() {
+        let ca = root();
+        let (sub, sub_key) = sub_ca(&ca.cert, &ca.key, "guests");
+        let roots = [ca.cert.clone()];
+        assert_eq!(
+            verify_ca(std::slice::from_ref(&sub), &roots, NOW)
+                .unwrap()
+                .name,
+            "guests"
+        );
+        assert_eq!(
+            verify_ca(&[sub.clone(), ca.cert.clone()], &roots, NOW)
+                .unwrap()
+                .name,
+            "guests"
+        );
+        // Another root, even one named the same, or a chain that claims its own root: refused.
+        let other = root();
+        assert!(
+            verify_ca(
+                std::slice::from_ref(&sub),
+                std::slice::from_ref(&other.cert),
+                NOW
+            )
+            .is_err()
+        );
+        assert!(
+            verify_ca(
+                &[sub.clone(), ca.cert.clone()],
+                std::slice::from_ref(&other.cert),
+                NOW
+            )
+            .is_err()
+        );
+        // A node is not a CA chain; an empty chain is nothing.
+        let node = forged(&ca, "n", "10.42.1.1/16", &["tenant:a"], NOW + 3600);
+        assert!(verify_ca(&[node], &roots, NOW).is_err());
+        assert!(verify_ca(&[], &roots, NOW).is_err());
+        // Seven CAs under the root verify; eight would leave no room for the leaf.
+        let mut chain = vec![sub.clone()];
+        let mut key = sub_key;
+        for n in 0..7 {
+            let (next, k) = sub_ca(&chain[0], &key, &format!("sub-{n}"));
+            chain.insert(0, next);
+            key = k;
+            let r = verify_ca(&chain, &roots, NOW);
+            assert_eq!(
+                r.is_ok(),
+                chain.len() < MAX_DEPTH,
+                "{} links: {r:?}",
+                chain.len()
+            );
         }
     }
 
