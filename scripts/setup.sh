@@ -33,9 +33,10 @@ fi
 
 STAMP=/var/lib/attesta-setup.stamp
 PKGS=(pkg-config libssl-dev clang libclang-dev libcryptsetup-dev cryptsetup-bin
-      libxml2-utils qemu-utils ovmf postgresql softhsm2 opensc python3-pip ca-certificates curl
-      iproute2 iputils-ping)
-BPO_PKGS=(libvirt-dev libvirt-clients)
+      libxml2-utils ovmf postgresql softhsm2 opensc python3-pip ca-certificates curl
+      iproute2 iputils-ping busybox-static)
+# QEMU from backports too: its qemu-utils there breaks bookworm's qemu-system-common.
+BPO_PKGS=(libvirt-dev libvirt-clients qemu-utils qemu-system-x86)
 
 need_install=0
 for p in "${PKGS[@]}" "${BPO_PKGS[@]}"; do

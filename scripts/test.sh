@@ -18,6 +18,10 @@ if [ ! -f "$ATTESTA_SNP_CORPUS/MANIFEST.md" ]; then
   fi
   log "SNP corpus not found at $ATTESTA_SNP_CORPUS: corpus tests will be skipped"
 fi
+# Debian's cloud kernel, unpacked (not installed), for the tests that boot real VMs under QEMU.
+ATTESTA_GUEST_KERNEL="${ATTESTA_GUEST_KERNEL:-$(bash scripts/guest-kernel.sh)}"
+export ATTESTA_GUEST_KERNEL
+log "guest kernel: $ATTESTA_GUEST_KERNEL"
 export CARGO_TERM_COLOR=never
 # Incremental caches double the size of the debug target and buy nothing in a one-shot run.
 export CARGO_INCREMENTAL=0
