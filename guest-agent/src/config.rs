@@ -131,6 +131,16 @@ pub enum DeviceConfig {
         #[serde(default)]
         state_dir: Option<PathBuf>,
     },
+    /// A real VM on a machine without SEV-SNP: reports from the host's simulated PSP
+    /// (`attesta-sim psp`) over the virtio-serial port named `port` (testing only).
+    VirtioPsp {
+        #[serde(default = "default_psp_port")]
+        port: String,
+    },
+}
+
+fn default_psp_port() -> String {
+    "org.attesta.psp.0".into()
 }
 
 fn default_seed() -> String {

@@ -16,4 +16,6 @@ pub mod config;
 pub mod device;
 pub mod header;
 pub mod luks;
+#[cfg(feature = "simulator")]
+pub mod psp;
 pub mod unlock;

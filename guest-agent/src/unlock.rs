@@ -366,9 +366,17 @@ pub async fn run(cfg: &GuestConfig) -> Result<Unlocked, UnlockError> {
             }
             run_with(cfg, &chip.launch(launch)).await
         }
+        #[cfg(feature = "simulator")]
+        DeviceConfig::VirtioPsp { port } => {
+            let dev = crate::psp::VirtioPsp::open(port)
+                .map_err(|e| UnlockError::Device(e.to_string()))?;
+            run_with(cfg, &dev).await
+        }
         #[cfg(not(feature = "simulator"))]
-        DeviceConfig::Simulator { .. } => Err(UnlockError::Device(
-            "this build has no simulator (built without the `simulator` feature)".into(),
-        )),
+        DeviceConfig::Simulator { .. } | DeviceConfig::VirtioPsp { .. } => {
+            Err(UnlockError::Device(
+                "this build has no simulator (built without the `simulator` feature)".into(),
+            ))
+        }
     }
 }

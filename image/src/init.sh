@@ -78,7 +78,8 @@ if ! mount -t ext4 "/dev/mapper/$name" /newroot 2> /dev/null; then
     grep -q " formatted and unlocked " /run/attesta-unlock.out \
         || fail "/dev/mapper/$name holds no file system, and this is not the first boot"
     say "first boot: making the root file system"
-    mke2fs -q "/dev/mapper/$name" || fail "mke2fs"
+    # 4096-byte blocks: the volume has 4096-byte sectors.
+    mke2fs -q -b 4096 "/dev/mapper/$name" || fail "mke2fs"
     mount -t ext4 "/dev/mapper/$name" /newroot || fail "mount the new root"
 fi
 

@@ -11,6 +11,7 @@ pub mod chip;
 pub mod der;
 pub mod fleet;
 pub mod pki;
+pub mod psp;
 pub mod seed;
 
 /// The launch measurement lives in its own crate (the host agent and image builder use it

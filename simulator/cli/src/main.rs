@@ -7,6 +7,7 @@ mod fleet_mesh;
 mod flood;
 mod floor_bypass;
 mod load;
+mod psp_cmd;
 mod withdrawal;
 
 use clap::{Args, Parser, Subcommand};
@@ -55,6 +56,9 @@ enum Cmd {
     /// Run the attack catalogue against the verifier and appraisal policy; exit 1 if any
     /// scenario is not denied for its expected reason.
     Attacks(AttacksArgs),
+    /// A simulated PSP for one real VM: measures the files it is launched with and answers its
+    /// report requests over a virtio-serial channel (a Unix socket QEMU connects to).
+    Psp(Box<psp_cmd::PspArgs>),
 }
 
 #[derive(Args)]
@@ -202,6 +206,7 @@ fn main() -> ExitCode {
         Cmd::Measure(a) => measure(&a).map(|()| true),
         Cmd::Demo(a) => run_demo(&a),
         Cmd::Load(a) => run_load(&a),
+        Cmd::Psp(a) => psp_cmd::run(&a),
         Cmd::SynthOvmf(a) => std::fs::write(&a.out, measure::synthetic_ovmf(a.size, a.fill))
             .map(|()| true)
             .map_err(|e| format!("cannot write {}: {e}", a.out.display())),
