@@ -637,6 +637,32 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 }
 
+/// Both binary header copies of `meta` (the metadata area, as read) with their JSON edited by
+/// `edit` and their checksums fixed: what a host with the disk can do. For the attack tests
+/// and the demo's live attacks; the judge above must refuse every such edit it did not make.
+pub fn forge_json_edit(meta: &[u8], edit: impl Fn(&mut String)) -> Result<Vec<u8>, String> {
+    let mut hdr = meta
+        .get(..2 * HDR_SIZE)
+        .ok_or("the metadata area is too short")?
+        .to_vec();
+    for copy in hdr.chunks_mut(HDR_SIZE) {
+        let area = &copy[4096..];
+        let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
+        let mut text = String::from_utf8_lossy(&area[..end]).into_owned();
+        let before = text.clone();
+        edit(&mut text);
+        if text == before || text.len() >= JSON_SIZE {
+            return Err("the header edit did not apply".into());
+        }
+        copy[4096..].fill(0);
+        copy[4096..4096 + text.len()].copy_from_slice(text.as_bytes());
+        copy[448..512].fill(0);
+        let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, copy);
+        copy[448..480].copy_from_slice(sum.as_ref());
+    }
+    Ok(hdr)
+}
+
 use serde::Deserialize as _;
 
 #[cfg(test)]

@@ -4,8 +4,9 @@
 //! measures the files QEMU is given) on a virtio-serial port. In the guest, the real
 //! `attesta-guest` attests, formats LUKS2 with the released key, dm-crypt maps it, a root file
 //! system is made on it and switched to, with the tenant's SSH key on tmpfs; the second boot
-//! unlocks the same root; an initrd swapped by the host is denied; a terminated VM's next boot
-//! fails closed (a panic through pvpanic, never the root).
+//! unlocks the same root; a LUKS2 header the host edited to cipher_null is refused inside the
+//! guest; an initrd swapped by the host is denied; a terminated VM's next boot fails closed (a
+//! panic through pvpanic, never the root).
 
 mod common;
 
@@ -316,6 +317,31 @@ fn a_real_vm_boots_through_the_whole_system() {
         "second boot:\n{console}"
     );
     assert_eq!(code, Some(0), "{console}");
+
+    // The host edits the LUKS2 header to cipher_null (checksums fixed) on a copy of the disk:
+    // the key is released, and the guest refuses the disk before activating anything.
+    let tampered = p("tampered.img");
+    std::fs::copy(&disk, &tampered).unwrap();
+    let meta = std::fs::read(&tampered).unwrap();
+    let forged = guest_agent::header::forge_json_edit(&meta, |t| {
+        *t = t.replacen("\"aes-xts-plain64\"", "\"cipher_null-ecb\"", 2)
+    })
+    .unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tampered)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &forged).unwrap();
+    drop(f);
+    let (console, code) = boot(&img, &sock, &tampered);
+    assert!(
+        console.contains(
+            "refusing the LUKS2 header: the header names the data cipher \"cipher_null-ecb\""
+        ) && console.contains("attesta-init: FAILED (fail closed)")
+            && !console.contains("ATTESTA-ROOT-UP"),
+        "tampered header:\n{console}"
+    );
+    assert_eq!(code, Some(1), "{console}");
     drop(psp_proc);
 
     // The host swaps the initrd (another configuration in it): the PSP measures what is

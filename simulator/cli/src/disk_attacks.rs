@@ -47,7 +47,7 @@ pub async fn run(
             vm_id: vm.to_string(),
             generation: got.generation,
         };
-        put(img, &edited(&genuine, edit)?)?;
+        put(img, &header::forge_json_edit(&genuine, edit)?)?;
         let r = luks::unlock(img, "attesta-demo-attack", &key, &label);
         put(img, &genuine[..2 * header::HDR_SIZE])?;
         let (denied, reason) = match r {
@@ -68,30 +68,6 @@ pub async fn run(
         });
     }
     Ok(out)
-}
-
-/// Both header copies with their JSON edited and checksums fixed, as an attacker would.
-fn edited(meta: &[u8], edit: fn(&mut String)) -> Result<Vec<u8>, String> {
-    let mut hdr = meta
-        .get(..2 * header::HDR_SIZE)
-        .ok_or("the metadata area is too short")?
-        .to_vec();
-    for copy in hdr.chunks_mut(header::HDR_SIZE) {
-        let area = &copy[4096..];
-        let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
-        let mut text = String::from_utf8_lossy(&area[..end]).into_owned();
-        let before = text.clone();
-        edit(&mut text);
-        if text == before || text.len() >= header::JSON_SIZE {
-            return Err("the header edit did not apply".into());
-        }
-        copy[4096..].fill(0);
-        copy[4096..4096 + text.len()].copy_from_slice(text.as_bytes());
-        copy[448..512].fill(0);
-        let sum = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, copy);
-        copy[448..480].copy_from_slice(sum.as_ref());
-    }
-    Ok(hdr)
 }
 
 fn put(img: &Path, bytes: &[u8]) -> Result<(), String> {
