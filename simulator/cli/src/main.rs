@@ -8,6 +8,7 @@ mod flood;
 mod floor_bypass;
 mod load;
 mod psp_cmd;
+mod real_vms;
 mod withdrawal;
 
 use clap::{Args, Parser, Subcommand};
@@ -78,6 +79,12 @@ struct DemoArgs {
     /// Keep the broker's database and the disk images here (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Also boot this many real VMs (Debian's cloud kernel under QEMU, an attesta-image
+    /// initramfs, dm-crypt in the guest, a simulated PSP). Default: 1 where QEMU, the guest
+    /// kernel (scripts/guest-kernel.sh) and attesta-guest with the simulator feature are at
+    /// hand, else 0; 0 skips them.
+    #[arg(long, value_name = "N")]
+    real_vms: Option<usize>,
 }
 
 #[derive(Args)]
@@ -399,21 +406,70 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
             tmp.clone()
         }
     };
+    // The real VMs: asked for (their parts must be here), or 1 where they are.
+    let real_parts = match a.real_vms {
+        Some(0) => None,
+        Some(n) => Some((n, real_vms::Parts::find()?)),
+        None => match real_vms::Parts::find() {
+            Ok(p) => Some((1, p)),
+            Err(why) => {
+                eprintln!("attesta-sim demo: no real VMs: {why}");
+                None
+            }
+        },
+    };
+    let milan = Arc::new(pki_for(m.0, &m.1, &state)?);
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     // Ctrl-C stops the run and drops everything it holds (the guests' keys on tmpfs included).
+    let quiet = a.json;
     let result = rt.block_on(async {
         tokio::select! {
-            r = demo::run(&dir, a.vms, pkis, a.json) => r,
+            r = async {
+                let s = demo::run(&dir, a.vms, pkis, a.json).await?;
+                let r = match &real_parts {
+                    Some((n, parts)) => {
+                        let note = |m: &str| {
+                            if !quiet {
+                                eprint!("\r\x1b[2K{m}");
+                            }
+                        };
+                        Some(real_vms::run(&dir.join("real-vms"), *n, &milan, parts, &note).await?)
+                    }
+                    None => None,
+                };
+                Ok::<_, String>((s, r))
+            } => r,
             _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
         }
     });
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let s = result?;
+    let (s, real) = result?;
     let all_denied = s.attacks.iter().all(|x| x.as_expected());
     let mesh_ok = s.mesh.as_expected(s.vms);
-    let ok = s.unlocked == s.vms && s.domains == s.vms && s.denied == 1 && all_denied && mesh_ok;
+    let real_ok = match (&real, &real_parts) {
+        (Some(r), Some((n, _))) => r.as_expected(*n),
+        _ => true,
+    };
+    let ok = s.unlocked == s.vms
+        && s.domains == s.vms
+        && s.denied == 1
+        && all_denied
+        && mesh_ok
+        && real_ok;
+    let real_json = real.as_ref().map(|r| {
+        serde_json::json!({
+            "booted": r.booted,
+            "unlocked_in_guest": r.unlocked_in_guest,
+            "second_boot_unlocked": r.second_boot_unlocked,
+            "terminated_failed_closed": r.terminated_failed_closed,
+            "swapped_initrd_denied": r.swapped_initrd_denied,
+            "tampered_header_refused": r.tampered_header_refused,
+            "boot_to_unlocked_ms": {"p50": r.percentile(50.0), "p99": r.percentile(99.0)},
+            "ok": real_ok,
+        })
+    });
     if a.json {
         let attacks: Vec<serde_json::Value> = s
             .attacks
@@ -455,6 +511,7 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
                 },
                 "ok": mesh_ok,
             },
+            "real_vms": real_json,
             "ok": ok,
         });
         println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
@@ -547,6 +604,27 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
                     format!("  (expected {})", x.expected)
                 }
             );
+        }
+        match &real {
+            Some(r) => {
+                let yes = |b: bool| if b { "yes" } else { "NO" };
+                println!(
+                    "  real VMs (QEMU, Debian's cloud kernel, dm-crypt in the guest): {} boots; {} formatted, rooted and unlocked in the guest, {} unlocked again on their second boot; boot to unlocked p50 {:.0} ms",
+                    r.booted,
+                    r.unlocked_in_guest,
+                    r.second_boot_unlocked,
+                    r.percentile(50.0).unwrap_or(f64::NAN)
+                );
+                println!(
+                    "    cipher_null header refused in the guest: {}; swapped initrd denied: {}; terminated VM failed closed: {}",
+                    yes(r.tampered_header_refused),
+                    yes(r.swapped_initrd_denied),
+                    yes(r.terminated_failed_closed)
+                );
+            }
+            None => {
+                println!("  real VMs: none (--real-vms 0, or QEMU / the guest kernel not at hand)")
+            }
         }
         println!(
             "{}",

@@ -348,8 +348,13 @@ fn attacks_json() {
 
 #[test]
 fn demo_json() {
+    // One real VM where its parts are at hand (always on CI: the test script fetches the
+    // guest kernel, and the workspace build makes attesta-guest with the simulator feature).
+    let real = std::env::var_os("ATTESTA_GUEST_KERNEL").is_some()
+        || std::env::var("CI").is_ok_and(|v| v == "true");
     let out = Command::new(env!("CARGO_BIN_EXE_attesta-sim"))
-        .args(["demo", "--vms", "3", "--json"])
+        .args(["demo", "--vms", "3", "--json", "--real-vms"])
+        .arg(if real { "1" } else { "0" })
         .env("ATTESTA_SIM_STATE", state())
         .output()
         .expect("run attesta-sim demo");
@@ -378,6 +383,34 @@ fn demo_json() {
     );
     let attacks = j["attacks"].as_array().unwrap();
     assert_eq!(j["ok"], true, "{j}");
+    if real {
+        // A real VM booted through the whole system, and the host's attacks on it failed.
+        let r = &j["real_vms"];
+        assert_eq!(
+            (
+                r["booted"].as_u64(),
+                r["unlocked_in_guest"].as_u64(),
+                r["second_boot_unlocked"].as_u64()
+            ),
+            (Some(5), Some(1), Some(1)),
+            "{r}"
+        );
+        for f in [
+            "terminated_failed_closed",
+            "swapped_initrd_denied",
+            "tampered_header_refused",
+        ] {
+            assert_eq!(r[f], true, "{f}: {r}");
+        }
+        assert!(
+            r["boot_to_unlocked_ms"]["p50"]
+                .as_f64()
+                .is_some_and(|ms| ms > 0.0)
+        );
+    } else {
+        eprintln!("SKIP: no real VMs in the demo (ATTESTA_GUEST_KERNEL not set)");
+        assert!(j["real_vms"].is_null());
+    }
     assert!(attacks.iter().all(|a| a["denied"] == true), "{j}");
     // Every attack is denied for the reason it names…
     for a in attacks {
