@@ -2,9 +2,12 @@
 # The main job: the whole system on this machine (`attesta-sim demo`: a mesh with two
 # lighthouses, a key broker on it, host agents creating simulated SEV-SNP VMs with real LUKS2
 # images booted twice, attested guests joining the mesh with broker-issued identities and reaching
-# their own tenant only, a terminated VM denied and revoked, attacks against the live broker),
-# then the verifier over every real report in the corpus.
-#   VMS=16 bash scripts/demo.sh     # more VMs (default 8)
+# their own tenant only, a terminated VM denied and revoked, attacks against the live broker;
+# and a real VM — Debian's cloud kernel under QEMU, booted from an attesta-image image with
+# dm-crypt in the guest and a simulated PSP), then the verifier over every real report in the
+# corpus.
+#   VMS=16 bash scripts/demo.sh        # more simulated VMs (default 8)
+#   REAL_VMS=0 bash scripts/demo.sh    # no real VMs (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,13 +21,22 @@ if [ ! -f "$CORPUS/MANIFEST.md" ]; then
   exit 2
 fi
 
-log "building attesta-kbs and attesta-sim (release)"
-cargo build --release --locked -p kbs -p attesta-sim --quiet
+log "building attesta-kbs, attesta-sim, attesta-image and attesta-guest (release)"
+# attesta-guest with the simulator feature: the demo's real VMs take their reports from the
+# simulated PSP (a production image is built without it).
+cargo build --release --locked -p kbs -p attesta-sim -p attesta-image -p guest-agent \
+  --features guest-agent/simulator --quiet
 KBS=target/release/attesta-kbs
 SIM=target/release/attesta-sim
 
-log "the simulated fleet (attesta-sim demo --vms ${VMS:-8})"
-"$SIM" demo --vms "${VMS:-8}"
+if [ "${REAL_VMS:-1}" != 0 ]; then
+  log "the guest kernel (Debian's cloud kernel, unpacked, not installed)"
+  ATTESTA_GUEST_KERNEL="${ATTESTA_GUEST_KERNEL:-$(bash scripts/guest-kernel.sh)}"
+  export ATTESTA_GUEST_KERNEL
+fi
+
+log "the simulated fleet and ${REAL_VMS:-1} real VM(s) (attesta-sim demo --vms ${VMS:-8} --real-vms ${REAL_VMS:-1})"
+"$SIM" demo --vms "${VMS:-8}" --real-vms "${REAL_VMS:-1}"
 
 log "verifying every bundle in $CORPUS now (AMD roots built in, no network)"
 "$KBS" verify-dir "$CORPUS" || log "note: the VLEK bundle's certificate expired on 2025-12-10, so it is rejected today"
