@@ -467,6 +467,8 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
             "swapped_initrd_denied": r.swapped_initrd_denied,
             "tampered_header_refused": r.tampered_header_refused,
             "boot_to_unlocked_ms": {"p50": r.percentile(50.0), "p99": r.percentile(99.0)},
+            "boot_to_init_ms": {"p50": real_vms::pct(&r.boot_to_init_ms, 50.0), "p99": real_vms::pct(&r.boot_to_init_ms, 99.0)},
+            "whole_boot_ms": {"p50": real_vms::pct(&r.whole_boot_ms, 50.0), "p99": real_vms::pct(&r.whole_boot_ms, 99.0)},
             "ok": real_ok,
         })
     });

@@ -28,6 +28,10 @@ pub struct RealVms {
     pub tampered_header_refused: bool,
     /// QEMU start to the agent's "unlocked" line, per boot that unlocked.
     pub boot_to_unlocked_ms: Vec<f64>,
+    /// The same boots: QEMU start to the initramfs's first line (firmware and kernel: the
+    /// baseline), and to the power-off (the whole boot).
+    pub boot_to_init_ms: Vec<f64>,
+    pub whole_boot_ms: Vec<f64>,
 }
 
 impl RealVms {
@@ -41,11 +45,16 @@ impl RealVms {
     }
 
     pub fn percentile(&self, p: f64) -> Option<f64> {
-        let mut v = self.boot_to_unlocked_ms.clone();
-        v.sort_by(f64::total_cmp);
-        let i = ((v.len() as f64 - 1.0) * p / 100.0).round() as usize;
-        v.get(i).copied()
+        pct(&self.boot_to_unlocked_ms, p)
     }
+}
+
+/// The `p`th percentile of `v` (nearest rank).
+pub fn pct(v: &[f64], p: f64) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p / 100.0).round() as usize;
+    v.get(i).copied()
 }
 
 /// Where the scene's parts are.
@@ -179,7 +188,9 @@ impl Drop for Psp {
 struct Boot {
     console: String,
     status: Option<i32>,
+    init_ms: Option<f64>,
     unlocked_ms: Option<f64>,
+    whole_ms: f64,
 }
 
 fn boot(img: &Path, socket: &Path, disk: &Path) -> Result<Boot, String> {
@@ -222,11 +233,15 @@ fn boot(img: &Path, socket: &Path, disk: &Path) -> Result<Boot, String> {
         .spawn()
         .map_err(|e| format!("qemu-system-x86_64: {e}"))?;
     let mut console = String::new();
-    let mut unlocked_ms = None;
+    let (mut init_ms, mut unlocked_ms) = (None, None);
+    let ms = || start.elapsed().as_secs_f64() * 1000.0;
     if let Some(out) = child.stdout.take() {
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if init_ms.is_none() && line.contains("attesta-init: ") {
+                init_ms = Some(ms());
+            }
             if unlocked_ms.is_none() && line.contains(" unlocked (generation ") {
-                unlocked_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+                unlocked_ms = Some(ms());
             }
             console.push_str(&line);
             console.push('\n');
@@ -236,7 +251,9 @@ fn boot(img: &Path, socket: &Path, disk: &Path) -> Result<Boot, String> {
     Ok(Boot {
         console,
         status,
+        init_ms,
         unlocked_ms,
+        whole_ms: ms(),
     })
 }
 
@@ -376,6 +393,8 @@ pub async fn run(
                     r.second_boot_unlocked += 1;
                 }
                 r.boot_to_unlocked_ms.extend(b.unlocked_ms);
+                r.boot_to_init_ms.extend(b.init_ms);
+                r.whole_boot_ms.push(b.whole_ms);
             } else {
                 progress("");
                 eprintln!("{vm} boot {n} did not come up:\n{}", b.console);
