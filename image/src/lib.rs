@@ -21,3 +21,4 @@
 pub mod build;
 pub mod cpio;
 pub mod modules;
+pub mod qemu;

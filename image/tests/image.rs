@@ -413,32 +413,8 @@ fn a_real_kernel_boots_the_image_and_fails_closed_without_an_snp_device() {
         .unwrap()
         .set_len(64 << 20)
         .unwrap();
-    let out = Command::new("timeout")
-        .arg("300")
-        .args([
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "512",
-        ])
-        .args(["-smp", "1", "-nographic", "-no-reboot", "-kernel"])
-        .arg(img.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(img.join("initrd.img"))
-        .arg("-append")
-        .arg(std::fs::read_to_string(img.join("cmdline")).unwrap())
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw", disk.display()))
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-pci,netdev=n0",
-        ])
-        .args(["-device", "pvpanic-pci", "-action", "panic=exit-failure"])
+    let out = attesta_image::qemu::command(&img, &disk, None, 300)
+        .unwrap()
         .output()
         .unwrap();
     let console = String::from_utf8_lossy(&out.stdout);

@@ -45,36 +45,8 @@ const VM: &str = "vm-real";
 /// Boots the image in `img` once with the PSP's socket `psp` and the disk `disk`; the console
 /// and QEMU's exit status.
 fn boot(img: &Path, psp: &Path, disk: &Path) -> (String, Option<i32>) {
-    let out: Output = Command::new("timeout")
-        .arg("600")
-        .args([
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "512",
-        ])
-        .args(["-smp", "1", "-nographic", "-no-reboot", "-kernel"])
-        .arg(img.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(img.join("initrd.img"))
-        .arg("-append")
-        .arg(std::fs::read_to_string(img.join("cmdline")).unwrap())
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw", disk.display()))
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-pci,netdev=n0",
-        ])
-        .args(["-chardev"])
-        .arg(format!("socket,id=psp,path={}", psp.display()))
-        .args(["-device", "virtio-serial-pci", "-device"])
-        .arg("virtserialport,chardev=psp,name=org.attesta.psp.0")
-        .args(["-device", "pvpanic-pci", "-action", "panic=exit-failure"])
+    let out: Output = attesta_image::qemu::command(img, disk, Some(psp), 600)
+        .unwrap()
         .output()
         .unwrap();
     (

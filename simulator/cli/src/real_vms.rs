@@ -194,39 +194,8 @@ struct Boot {
 }
 
 fn boot(img: &Path, socket: &Path, disk: &Path) -> Result<Boot, String> {
-    let cmdline = std::fs::read_to_string(img.join("cmdline")).map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let mut child = Command::new("timeout")
-        .arg("600")
-        .args([
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "512",
-        ])
-        .args(["-smp", "1", "-nographic", "-no-reboot", "-kernel"])
-        .arg(img.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(img.join("initrd.img"))
-        .args(["-append", &cmdline, "-drive"])
-        .arg(format!("file={},if=virtio,format=raw", disk.display()))
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-pci,netdev=n0",
-        ])
-        .arg("-chardev")
-        .arg(format!("socket,id=psp,path={}", socket.display()))
-        .args(["-device", "virtio-serial-pci", "-device"])
-        .arg(format!(
-            "virtserialport,chardev=psp,name={}",
-            simulator::psp::PORT_NAME
-        ))
-        .args(["-device", "pvpanic-pci", "-action", "panic=exit-failure"])
+    let mut child = attesta_image::qemu::command(img, disk, Some(socket), 600)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
