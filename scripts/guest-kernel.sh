@@ -6,9 +6,16 @@
 #   bash scripts/guest-kernel.sh [CACHE_DIR]   # default /var/cache/attesta/guest-kernel
 set -euo pipefail
 cache=${1:-/var/cache/attesta/guest-kernel}
-pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
+which_pkg() {
+  apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }'
+}
+pkg=$(which_pkg)
 if [ -z "$pkg" ]; then
-  echo "guest-kernel.sh: apt knows no linux-image-cloud-amd64 (run apt-get update?)" >&2
+  apt-get update -qq >&2 || true
+  pkg=$(which_pkg)
+fi
+if [ -z "$pkg" ]; then
+  echo "guest-kernel.sh: apt knows no linux-image-cloud-amd64 (check the apt sources)" >&2
   exit 1
 fi
 dir="$cache/$pkg"
@@ -17,7 +24,14 @@ if [ ! -d "$dir/lib/modules" ] || ! ls "$dir"/boot/vmlinuz-* >/dev/null 2>&1; th
   tmp=$(mktemp -d "$cache/.fetch.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
   chmod 0755 "$tmp"
-  (cd "$tmp" && apt-get download -q "$pkg" >&2)
+  # Stale package lists after a point release name a package the mirror no longer has:
+  # refresh them once and ask again.
+  if ! (cd "$tmp" && apt-get download -q "$pkg" >&2); then
+    apt-get update -qq >&2
+    pkg=$(which_pkg)
+    dir="$cache/$pkg"
+    (cd "$tmp" && apt-get download -q "$pkg" >&2)
+  fi
   dpkg-deb -x "$tmp"/"$pkg"_*.deb "$tmp/root"
   rm -rf "$dir"
   mv "$tmp/root" "$dir"

@@ -19,9 +19,16 @@ if [ ! -f "$ATTESTA_SNP_CORPUS/MANIFEST.md" ]; then
   log "SNP corpus not found at $ATTESTA_SNP_CORPUS: corpus tests will be skipped"
 fi
 # Debian's cloud kernel, unpacked (not installed), for the tests that boot real VMs under QEMU.
-ATTESTA_GUEST_KERNEL="${ATTESTA_GUEST_KERNEL:-$(bash scripts/guest-kernel.sh)}"
-export ATTESTA_GUEST_KERNEL
-log "guest kernel: $ATTESTA_GUEST_KERNEL"
+# Without it those tests skip (and fail when CI=true, saying so).
+if [ -z "${ATTESTA_GUEST_KERNEL:-}" ]; then
+  if ATTESTA_GUEST_KERNEL=$(bash scripts/guest-kernel.sh); then
+    export ATTESTA_GUEST_KERNEL
+    log "guest kernel: $ATTESTA_GUEST_KERNEL"
+  else
+    log "no guest kernel could be fetched: the real-VM tests will skip"
+    unset ATTESTA_GUEST_KERNEL
+  fi
+fi
 export CARGO_TERM_COLOR=never
 # Incremental caches double the size of the debug target and buy nothing in a one-shot run.
 export CARGO_INCREMENTAL=0

@@ -28,6 +28,9 @@ pub struct Inputs {
     pub busybox: PathBuf,
     /// With these, the manifest carries the SNP launch measurement.
     pub launch: Option<Launch>,
+    /// Accept a guest.toml whose `[device]` is not the real `/dev/sev-guest` (the simulator's
+    /// devices: tests and demos only). The manifest names the device either way.
+    pub allow_simulator: bool,
 }
 
 /// The VM shape the measurement is for.
@@ -70,6 +73,10 @@ pub enum ImageError {
     Cpio(#[from] CpioError),
     #[error("measurement: {0}")]
     Measure(String),
+    #[error(
+        "--guest-config {0}: [device] kind = {1:?} is a simulated device (tests and demos only): pass --allow-simulator to build such an image"
+    )]
+    SimulatedDevice(String, &'static str),
 }
 
 fn read(what: &'static str, p: &Path) -> Result<Vec<u8>, ImageError> {
@@ -183,23 +190,38 @@ fn guest_config(path: &Path, text: &str) -> Result<GuestConfig, ImageError> {
     Ok(c)
 }
 
-/// Every `.ko` under `dir`, by module name → path relative to `dir`.
+/// Every `.ko` under `dir`, by module name → path relative to `dir`. Symbolic links are not
+/// followed (`build`, `source`), and a name found twice is an error: which one the image
+/// holds must not depend on the order a file system lists them in.
 fn module_index(dir: &Path) -> Result<BTreeMap<String, String>, ImageError> {
+    let bad = |p: &Path, why: String| ImageError::Modules {
+        path: p.display().to_string(),
+        why,
+    };
     let mut index = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|e| ImageError::Modules {
-            path: d.display().to_string(),
-            why: e.to_string(),
-        })?;
-        for e in entries.flatten() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .map_err(|e| bad(&d, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(&d, e.to_string()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
             let p = e.path();
-            if p.is_dir() {
+            let kind = e.file_type().map_err(|x| bad(&p, x.to_string()))?;
+            if kind.is_dir() {
                 stack.push(p);
-            } else if let Ok(rel) = p.strip_prefix(dir) {
+            } else if kind.is_file()
+                && let Ok(rel) = p.strip_prefix(dir)
+            {
                 let rel = rel.to_string_lossy().replace('\\', "/");
-                if let Some(name) = modules::name_of(&rel) {
-                    index.insert(name, rel);
+                if let Some(name) = modules::name_of(&rel)
+                    && let Some(other) = index.insert(name.clone(), rel.clone())
+                {
+                    return Err(bad(
+                        dir,
+                        format!("module {name} is there twice: {other} and {rel}"),
+                    ));
                 }
             }
         }
@@ -243,6 +265,17 @@ pub fn build(i: &Inputs, out: &Path, progress: &dyn Fn(&str)) -> Result<Built, I
         }
     })?;
     let cfg = guest_config(&i.guest_config, &text)?;
+    let device = match &cfg.device {
+        guest_agent::config::DeviceConfig::SevGuest => "sev-guest",
+        guest_agent::config::DeviceConfig::Simulator { .. } => "simulator",
+        guest_agent::config::DeviceConfig::VirtioPsp { .. } => "virtio-psp",
+    };
+    if device != "sev-guest" && !i.allow_simulator {
+        return Err(ImageError::SimulatedDevice(
+            i.guest_config.display().to_string(),
+            device,
+        ));
+    }
     let ca = read("--broker-ca", &i.broker_ca)?;
     if !String::from_utf8_lossy(&ca).contains("-----BEGIN CERTIFICATE-----") {
         return Err(ImageError::BrokerCa(i.broker_ca.display().to_string()));
@@ -251,9 +284,13 @@ pub fn build(i: &Inputs, out: &Path, progress: &dyn Fn(&str)) -> Result<Built, I
     let mut a = Archive::new();
     progress("adding the agent and its libraries");
     let version_of_agent = agent_version(&i.agent)?;
-    a.file("usr/bin/attesta-guest", read("--agent", &i.agent)?, true)?;
+    let agent = read("--agent", &i.agent)?;
+    let mut binaries: BTreeMap<String, String> = BTreeMap::new();
+    binaries.insert("/usr/bin/attesta-guest".into(), sha256_hex(&agent));
+    a.file("usr/bin/attesta-guest", agent, true)?;
     for lib in shared_libraries(&i.agent)? {
         let data = read("a library of the agent", &lib)?;
+        binaries.insert(lib.to_string_lossy().into_owned(), sha256_hex(&data));
         a.file(&lib.to_string_lossy(), data, true)?;
     }
     if !shared_libraries(&i.busybox)?.is_empty() {
@@ -264,7 +301,9 @@ pub fn build(i: &Inputs, out: &Path, progress: &dyn Fn(&str)) -> Result<Built, I
                 .into(),
         });
     }
-    a.file("bin/busybox", read("--busybox", &i.busybox)?, true)?;
+    let busybox = read("--busybox", &i.busybox)?;
+    binaries.insert("/bin/busybox".into(), sha256_hex(&busybox));
+    a.file("bin/busybox", busybox, true)?;
     a.file("init", include_bytes!("init.sh").to_vec(), true)?;
     a.file(
         "etc/attesta/root-init",
@@ -272,6 +311,11 @@ pub fn build(i: &Inputs, out: &Path, progress: &dyn Fn(&str)) -> Result<Built, I
         true,
     )?;
     a.file("etc/attesta/guest.toml", text.into_bytes(), false)?;
+    a.file(
+        "etc/attesta/name",
+        cfg.disk.name.clone().into_bytes(),
+        false,
+    )?;
     a.file(&cfg.broker.ca.to_string_lossy(), ca, false)?;
 
     progress("resolving kernel modules");
@@ -337,7 +381,9 @@ pub fn build(i: &Inputs, out: &Path, progress: &dyn Fn(&str)) -> Result<Built, I
         "attesta_guest_version": version_of_agent,
         "kernel_version": kver,
         "vm_id": cfg.vm_id,
+        "device": device,
         "sha256": files,
+        "binaries": binaries,
         "cmdline": cmdline,
         "modules": order,
     });

@@ -20,7 +20,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-echo 1 > /proc/sys/kernel/sysrq
+# No SysRq from the console the host owns (no task or register dumps, no killing); writing
+# /proc/sysrq-trigger, as fail() does, works regardless.
+echo 0 > /proc/sys/kernel/sysrq
 
 say() {
     echo "attesta-init: $*" > /dev/console
@@ -63,8 +65,9 @@ ip link set eth0 up && ip addr add "$ip" dev eth0 && ip route add default via "$
     || fail "network $ip via $gw"
 say "network up: $ip via $gw"
 
-name="$(sed -n 's/^name *= *"\(.*\)"/\1/p' /etc/attesta/guest.toml | head -n 1)"
-[ -n "$name" ] || name=attesta-root
+# The mapping's name, as attesta-image read it from guest.toml.
+name="$(cat /etc/attesta/name)"
+[ -n "$name" ] || fail "no disk name"
 
 attesta-guest unlock --config /etc/attesta/guest.toml > /run/attesta-unlock.out
 rc=$?
@@ -83,17 +86,22 @@ if ! mount -t ext4 "/dev/mapper/$name" /newroot 2> /dev/null; then
     mount -t ext4 "/dev/mapper/$name" /newroot || fail "mount the new root"
 fi
 
-# The root's own system comes from this (measured) initramfs on every boot.
-for d in bin sbin proc sys dev run root root/.ssh etc tmp; do
+# The root's own system comes from this (measured) initramfs on every boot and runs from
+# tmpfs (/run, moved into the root): nothing it executes is read from the host's disk, whose
+# sectors the host could replay.
+for d in bin sbin usr/bin usr/sbin proc sys dev run root root/.ssh etc tmp; do
     mkdir -p "/newroot/$d" || fail "root: $d"
 done
-cp /bin/busybox /newroot/bin/busybox && cp /etc/attesta/root-init /newroot/sbin/init \
-    && chmod 0755 /newroot/sbin/init || fail "root: its init"
+mkdir -p /run/attesta && cp /bin/busybox /run/attesta/busybox \
+    && cp /etc/attesta/root-init /run/attesta/init && chmod 0755 /run/attesta/init \
+    || fail "root: its init"
 echo "$(arg attesta.then run)" > /run/attesta-then
+# The modules are loaded; no more can be.
+echo 1 > /proc/sys/kernel/modules_disabled
 
 mount --move /run /newroot/run || fail "move /run"
 mount --move /dev /newroot/dev || fail "move /dev"
 umount /sys /proc
 say "root mounted; switching to it"
-exec switch_root /newroot /sbin/init
+exec switch_root /newroot /run/attesta/init
 fail "switch_root"

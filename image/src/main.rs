@@ -63,6 +63,10 @@ struct BuildArgs {
     /// SEV_FEATURES of the VMSAs, hex (for the measurement).
     #[arg(long, value_name = "HEX", default_value = "0x1")]
     guest_features: String,
+    /// Accept a guest.toml whose [device] is one of the simulator's (tests and demos only; the
+    /// manifest's `device` says which).
+    #[arg(long)]
+    allow_simulator: bool,
 }
 
 fn default_agent() -> PathBuf {
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
         agent: a.agent.unwrap_or_else(default_agent),
         busybox: a.busybox,
         launch,
+        allow_simulator: a.allow_simulator,
     };
     let progress = |s: &str| eprintln!("attesta-image: {s}");
     match build(&inputs, &a.out, &progress) {

@@ -1,17 +1,18 @@
-#!/bin/busybox sh
-# /sbin/init on the decrypted root of an attesta-image VM, refreshed from the measured
-# initramfs on every boot. The boot configuration released with the key stays on tmpfs
-# (/run/attesta): the tenant's SSH keys are bind-mounted onto /root/.ssh/authorized_keys,
-# never written to the disk.
-/bin/busybox mkdir -p /usr/bin /usr/sbin
-/bin/busybox --install -s
+#!/run/attesta/busybox sh
+# PID 1 on the decrypted root of an attesta-image VM: copied from the measured initramfs to
+# tmpfs (/run/attesta) on every boot and run from there, with the busybox beside it. The boot
+# configuration released with the key stays on tmpfs too: the tenant's SSH keys are
+# bind-mounted onto /root/.ssh/authorized_keys, never written to the disk.
+/run/attesta/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 
 keys=/root/.ssh/authorized_keys
+[ -e "$keys" ] || : > "$keys"
+# What the disk itself holds there (nothing, ever: the keys are only mounted over it).
+echo "ATTESTA-KEYS-ON-DISK bytes=$(wc -c < "$keys")" > /dev/console
 if [ -f /run/attesta/boot-config ]; then
-    [ -e "$keys" ] || : > "$keys"
     chmod 0700 /root/.ssh
     mount --bind /run/attesta/boot-config "$keys"
 fi

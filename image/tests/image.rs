@@ -213,6 +213,13 @@ fn identical_inputs_give_byte_identical_images() {
         );
     }
     assert_eq!(m["attesta_guest_version"], "9.9.9");
+    assert_eq!(m["device"], "sev-guest");
+    // Every binary in the initramfs, by its hash (the agent's libraries are inputs too).
+    assert_eq!(
+        m["binaries"]["/usr/bin/attesta-guest"].as_str(),
+        Some(sha256(&std::fs::read(a.path().join("attesta-guest")).unwrap()).as_str())
+    );
+    assert!(m["binaries"]["/bin/busybox"].is_string());
     assert_eq!(m["kernel_version"], VERSION);
     let cmdline = std::fs::read_to_string(img.join("cmdline")).unwrap();
     assert_eq!(
@@ -332,6 +339,26 @@ fn a_broken_input_is_refused_with_its_name() {
     )
     .unwrap();
     assert!(err(build(d.path(), &d.path().join("x"), &[])).contains("--guest-config"));
+    // A simulated device only when asked for: never by accident in a production image.
+    std::fs::write(
+        d.path().join("guest.toml"),
+        guest_toml("vm-1") + "[device]\nkind = \"virtio-psp\"\n",
+    )
+    .unwrap();
+    let e = err(build(d.path(), &d.path().join("x"), &[]));
+    assert!(
+        e.contains("--allow-simulator") && e.contains("virtio-psp"),
+        "{e}"
+    );
+    ok(build(
+        d.path(),
+        &d.path().join("sim"),
+        &["--allow-simulator"],
+    ));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("sim/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["device"], "virtio-psp");
     std::fs::write(d.path().join("guest.toml"), guest_toml("vm-1")).unwrap();
     // A module the image needs is missing.
     std::fs::remove_file(

@@ -172,7 +172,12 @@ fn a_real_vm_boots_through_the_whole_system() {
                 .arg(d.join("tls-ca.crt"))
                 .arg("--agent")
                 .arg(sibling("attesta-guest"))
-                .args(["--append", "attesta.then=poweroff", "--ovmf"])
+                .args([
+                    "--allow-simulator",
+                    "--append",
+                    "attesta.then=poweroff",
+                    "--ovmf",
+                ])
                 .arg(p("ovmf.fd"))
                 .args(["--vcpus", "1", "--vcpu-type", "EPYC-Milan", "--out"])
                 .arg(&out)
@@ -264,6 +269,7 @@ fn a_real_vm_boots_through_the_whole_system() {
         "formatted and unlocked (generation 1, boot 1) as /dev/mapper/attesta-root",
         "attesta-init: first boot: making the root file system",
         "ATTESTA-ROOT-UP boots_on_this_root=1 authorized_keys=1",
+        "ATTESTA-KEYS-ON-DISK bytes=0",
     ] {
         assert!(
             console.contains(seen),
@@ -285,7 +291,8 @@ fn a_real_vm_boots_through_the_whole_system() {
     assert!(
         console.contains("unlocked (generation 1, boot 2)")
             && !console.contains("formatted and unlocked")
-            && console.contains("ATTESTA-ROOT-UP boots_on_this_root=2 authorized_keys=1"),
+            && console.contains("ATTESTA-ROOT-UP boots_on_this_root=2 authorized_keys=1")
+            && console.contains("ATTESTA-KEYS-ON-DISK bytes=0"),
         "second boot:\n{console}"
     );
     assert_eq!(code, Some(0), "{console}");

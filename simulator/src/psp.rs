@@ -144,10 +144,15 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> Result<(), WireError> {
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, WireError> {
     let io = |e: std::io::Error| WireError::Io(e.to_string());
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(io(e)),
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(WireError::Malformed("the stream ended inside a length")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(e)),
+        }
     }
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {

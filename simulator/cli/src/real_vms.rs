@@ -133,6 +133,7 @@ impl Parts {
 struct Psp {
     socket: PathBuf,
     measurement: [u8; 48],
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Psp {
@@ -157,6 +158,8 @@ impl Psp {
         let listener =
             UnixListener::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
         let chip = Chip::new(root.clone(), chip.clone()).map_err(|e| e.to_string())?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         std::thread::spawn(move || {
             let guest = chip.launch(GuestLaunch {
                 measurement,
@@ -165,6 +168,9 @@ impl Psp {
             });
             // One VM: serve its connections until the socket is removed (the scene's end).
             for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 let Ok(mut conn) = conn else { break };
                 let _ = simulator::psp::serve(&guest, &mut conn);
             }
@@ -172,15 +178,17 @@ impl Psp {
         Ok(Psp {
             socket: socket.to_path_buf(),
             measurement,
+            stop,
         })
     }
 }
 
 impl Drop for Psp {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
-        // Unblock the accepting thread.
+        // Tell the accepting thread to end, and wake it with a connection.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
@@ -285,6 +293,7 @@ pub async fn run(
                     vcpu_type: "EPYC-Milan".into(),
                     guest_features: 1,
                 }),
+                allow_simulator: true,
             },
             out,
             &|_| {},
