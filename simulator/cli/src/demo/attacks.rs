@@ -1,0 +1,388 @@
+//! The demo's live attacks on the protocol, on the mesh admission, and the whole attack
+//! catalogue, each against a live broker over QUIC.
+
+use super::*;
+
+/// Attacks on the broker's mesh admission: a host certificate from a CA the mesh does not
+/// trust, a guest's own (attested) mesh identity used to send an order, and the terminated
+/// guest's revoked identity.
+pub(crate) async fn mesh_attacks(
+    broker: &Broker,
+    mesh: &FleetMesh,
+    identities: &[(usize, MeshKey, Vec<u8>)],
+    operator: &Ed25519KeyPair,
+) -> Result<Vec<LiveAttack>, String> {
+    use kbs::client::{Remote, send_order};
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let doc = order("vm-mesh-attack", 0, &[7; 64], &IMAGE).sign(operator);
+    let remote = |cert_pem: &[u8], key_pem: &[u8]| -> Result<Remote, String> {
+        let id = mesh::transport::Identity::from_pem(cert_pem, key_pem)?;
+        Ok(Remote {
+            addr: broker.addr,
+            server_name: broker.server_name.clone(),
+            ca: broker.ca_der.clone().into(),
+            client_chain: id.chain,
+            client_key: id.key,
+        })
+    };
+    let judged = |name: &'static str, expected: &'static str, r: Result<String, _>| {
+        let (denied, reason) = match r {
+            Ok(vm) => (false, format!("registered {vm}")),
+            Err(x @ kbs::client::OrderError::Refused { .. })
+            | Err(x @ kbs::client::OrderError::Transport(_)) => (true, x.to_string()),
+        };
+        LiveAttack {
+            name,
+            denied,
+            reason,
+            expected,
+        }
+    };
+    let mut out = Vec::new();
+    // Same CA name, another key: the broker's mesh verifier refuses it at the handshake.
+    let now = now();
+    let foreign = mesh::cert::LocalCa::root(&mesh.ca.cert.name, &[], now - 60, now + 3600)
+        .map_err(|x| e(&x))?;
+    let host = foreign
+        .issue(
+            "miner-x",
+            &fleet_mesh::host_ip(99),
+            &["infra"],
+            mesh::cert::Role::Host,
+            now.saturating_sub(60),
+            now + 3600,
+        )
+        .map_err(|x| e(&x))?;
+    out.push(judged(
+        "mesh-host-certificate-from-a-foreign-ca",
+        "no trusted CA issued it",
+        send_order(
+            remote(
+                host.issued.cert_pem.as_bytes(),
+                host.issued.key_pem.as_bytes(),
+            )?,
+            false,
+            doc.clone(),
+        )
+        .await,
+    ));
+    // A guest's genuine mesh identity: admitted (attestation), but not to send orders.
+    if let Some((_, key, cert)) = identities.iter().find(|(i, _, _)| *i != 0) {
+        let pem = snp::certs::pem_encode("CERTIFICATE", cert);
+        out.push(judged(
+            "mesh-guest-identity-sends-an-order",
+            "forbidden",
+            send_order(
+                remote(pem.as_bytes(), key.pem().as_bytes())?,
+                false,
+                doc.clone(),
+            )
+            .await,
+        ));
+    }
+    // Terminated vm-0's identity, revoked: refused at the handshake.
+    if let Some((_, key, cert)) = identities.iter().find(|(i, _, _)| *i == 0) {
+        let pem = snp::certs::pem_encode("CERTIFICATE", cert);
+        out.push(judged(
+            "mesh-revoked-guest-identity-at-the-broker",
+            "is revoked",
+            send_order(remote(pem.as_bytes(), key.pem().as_bytes())?, false, doc).await,
+        ));
+    }
+    Ok(out)
+}
+
+/// A client that speaks the release protocol by hand, as an attacker would: it chooses what
+/// to put in each message instead of following the guest agent's script.
+pub(crate) struct HandClient<'a> {
+    ep: quinn::Endpoint,
+    broker: &'a Broker,
+}
+
+impl<'a> HandClient<'a> {
+    fn new(broker: &'a Broker) -> Result<HandClient<'a>, String> {
+        let ep = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+            .map_err(|x| x.to_string())?;
+        Ok(HandClient { ep, broker })
+    }
+
+    /// A fresh connection and its TLS exporter value.
+    async fn connect(&self) -> Result<(quinn::Connection, [u8; 32]), String> {
+        let e = |x: &dyn std::fmt::Display| x.to_string();
+        let c = self
+            .ep
+            .connect_with(
+                guest_agent::client::client_config(self.broker).map_err(|x| e(&x))?,
+                self.broker.addr,
+                &self.broker.server_name,
+            )
+            .map_err(|x| e(&x))?
+            .await
+            .map_err(|x| e(&x))?;
+        let mut x = [0u8; 32];
+        c.export_keying_material(&mut x, proto::msg::EXPORTER_LABEL, b"")
+            .map_err(|_| "no exporter".to_string())?;
+        Ok((c, x))
+    }
+
+    /// A challenge nonce for `vm` on `c`.
+    async fn challenge(&self, c: &quinn::Connection, vm: &str) -> Result<[u8; 32], String> {
+        use proto::msg::{Request, Response, VERSION};
+        let r = guest_agent::client::exchange(
+            c,
+            &Request::Challenge {
+                v: VERSION,
+                vm_id: vm.into(),
+            },
+        )
+        .await
+        .map_err(|x| x.to_string())?;
+        match r {
+            Response::Challenge { nonce, .. } => nonce
+                .try_into()
+                .map_err(|_| "nonce of the wrong size".to_string()),
+            _ => Err(format!("{vm}: no challenge")),
+        }
+    }
+
+    /// What the broker's answer means: denied (and why) or released. A release or denial
+    /// that is not signed by the pinned response key counts as a denial.
+    fn judge(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+        r: Result<proto::msg::Response, ClientError>,
+    ) -> LiveAttack {
+        use proto::msg::{Decision, Response, verify_decision};
+        let (denied, reason) = match r {
+            Ok(Response::Error { code, .. }) => (true, code),
+            Ok(resp) => match verify_decision(&self.broker.response_key, &resp) {
+                Ok(Decision::Denial(d)) => (true, d.reasons.join(", ")),
+                Ok(Decision::Release(_)) => (false, "released".to_string()),
+                Err(x) => (true, x.to_string()),
+            },
+            Err(x) => (true, x.to_string()),
+        };
+        LiveAttack {
+            name,
+            denied,
+            reason,
+            expected,
+        }
+    }
+}
+
+/// Evidence in the protocol's message: `report` and `cert_table` as given, for `vm` and `nonce`,
+/// under the guest key `key`.
+pub(crate) fn evidence_request(
+    vm: &str,
+    nonce: &[u8; 32],
+    key: &proto::GuestKey,
+    report: Vec<u8>,
+    cert_table: Vec<u8>,
+) -> proto::msg::Request {
+    proto::msg::Request::Evidence {
+        v: proto::msg::VERSION,
+        vm_id: vm.into(),
+        nonce: nonce.to_vec(),
+        report,
+        cert_table,
+        guest_public_key: key.public().to_vec(),
+        mesh_key: vec![],
+    }
+}
+
+/// Attacks on the protocol itself, by a client that speaks it by hand with a genuine guest's
+/// device: evidence replayed on another connection, a spent nonce used again, a nonce issued for
+/// one VM used for another, and an order sent by a guest.
+pub(crate) async fn protocol_attacks(
+    broker: &Broker,
+    vm: &str,
+    guest: &impl snp::device::GuestDevice,
+) -> Result<Vec<LiveAttack>, String> {
+    use guest_agent::client::exchange;
+    use proto::msg::{Request, VERSION};
+    let hand = HandClient::new(broker)?;
+    let evidence = |vm: &str, nonce: &[u8; 32], exporter: &[u8; 32]| -> Result<Request, String> {
+        let key = proto::GuestKey::generate().map_err(|e| e.to_string())?;
+        let (report, cert_table) = guest
+            .get_ext_report(&proto::report_data(nonce, &key.public(), exporter), 0)
+            .map_err(|x| x.to_string())?;
+        Ok(evidence_request(vm, nonce, &key, report, cert_table))
+    };
+    let mut out = Vec::new();
+    // A genuine report captured on one connection, replayed on another.
+    let (a, xa) = hand.connect().await?;
+    let na = hand.challenge(&a, vm).await?;
+    let captured = evidence(vm, &na, &xa)?;
+    a.close(0u32.into(), b"");
+    let (b, _) = hand.connect().await?;
+    out.push(hand.judge(
+        "live-evidence-replayed-on-another-connection",
+        "report_data_mismatch",
+        exchange(&b, &captured).await,
+    ));
+    // The same evidence twice on its own connection: the first releases, the second must not.
+    let (c, xc) = hand.connect().await?;
+    let nc = hand.challenge(&c, vm).await?;
+    let ev = evidence(vm, &nc, &xc)?;
+    let _first = exchange(&c, &ev).await;
+    out.push(hand.judge(
+        "live-nonce-used-twice",
+        "spent_nonce",
+        exchange(&c, &ev).await,
+    ));
+    // A nonce issued for another VM.
+    let (d, xd) = hand.connect().await?;
+    let nd = hand.challenge(&d, "vm-somebody-else").await?;
+    out.push(hand.judge(
+        "live-nonce-for-another-vm",
+        "nonce_for_another_vm",
+        exchange(&d, &evidence(vm, &nd, &xd)?).await,
+    ));
+    // A genuine report that binds no mesh key, sent with somebody's key to certify (a miner
+    // trying to get its own key into the tenant's mesh on the guest's evidence).
+    let (f, xf) = hand.connect().await?;
+    let nf = hand.challenge(&f, vm).await?;
+    let mut smuggled = evidence(vm, &nf, &xf)?;
+    if let Request::Evidence { mesh_key, .. } = &mut smuggled {
+        *mesh_key = vec![0x6d; 32];
+    }
+    out.push(hand.judge(
+        "live-mesh-key-not-bound-in-the-report",
+        "report_data_mismatch",
+        exchange(&f, &smuggled).await,
+    ));
+    // A guest (no client certificate) sending an order.
+    out.push(
+        hand.judge(
+            "live-order-from-a-guest",
+            "forbidden",
+            exchange(
+                &d,
+                &Request::Register {
+                    v: VERSION,
+                    order: b"anything".to_vec(),
+                },
+            )
+            .await,
+        ),
+    );
+    Ok(out)
+}
+
+/// A register order for `vm` carrying `policy`: its measurements and chips as the order's, the
+/// rest as the order's policy document.
+pub(crate) fn order_with_policy(vm: &str, policy: &snp::Policy, now: u64) -> Order {
+    let mut rest = policy.clone();
+    let measurements = rest.measurements.take().unwrap_or_default();
+    let chips = rest.chip_ids.take().unwrap_or_default();
+    Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Register,
+        vm_id: vm.into(),
+        tenant: "tenant-catalogue".into(),
+        measurements: measurements
+            .iter()
+            .map(|m| ByteBuf::from(m.0.to_vec()))
+            .collect(),
+        policy: rest.to_toml(),
+        chip_ids: chips.iter().map(|c| ByteBuf::from(c.0.to_vec())).collect(),
+        not_after: now + 3600,
+        boot_config: ByteBuf::new(),
+        billing: None,
+        mesh_ip: None,
+    }
+}
+
+/// One catalogue session: registers `vm` with the policy `build` gives, then sends what `build`
+/// makes of the session's REPORT_DATA on a fresh connection.
+pub(crate) async fn session(
+    st: &Stack,
+    hand: &HandClient<'_>,
+    vm: &str,
+    build: impl Fn([u8; 64]) -> simulator::attacks::LiveCase,
+) -> Result<Result<proto::msg::Response, ClientError>, String> {
+    use simulator::attacks::NOW;
+    let order = order_with_policy(vm, &build([0; 64]).policy, NOW).sign(&st.operator);
+    st.kbs
+        .register(&order, NOW)
+        .await
+        .map_err(|x| format!("{vm}: {x}"))?;
+    let (c, x) = hand.connect().await?;
+    let nonce = hand.challenge(&c, vm).await?;
+    let key = proto::GuestKey::generate().map_err(|e| e.to_string())?;
+    let live = build(proto::report_data(&nonce, &key.public(), &x));
+    let r = guest_agent::client::exchange(
+        &c,
+        &evidence_request(vm, &nonce, &key, live.report, live.cert_table),
+    )
+    .await;
+    c.close(0u32.into(), b"");
+    Ok(r)
+}
+
+/// The whole attack catalogue against live brokers. Each scenario's evidence is bound to a real
+/// session (the broker's nonce, a fresh guest key, this connection's TLS exporter) and sent
+/// over QUIC by a hand-driven client, for a VM registered with the scenario's policy, to a
+/// broker configured as the scenario needs (trust roots, revocation rule, CRLs held: one
+/// broker per distinct setting). The brokers run at the catalogue's instant, so its
+/// certificates and CRLs mean what they say. A genuine report must be released first by the
+/// broker most scenarios use, or the denials would prove nothing.
+pub async fn catalogue_live(
+    dir: &Path,
+    lab: &simulator::attacks::Lab,
+) -> Result<Vec<LiveAttack>, String> {
+    use simulator::attacks::{GOOD_MEASUREMENT, NOW, Scenario, catalogue};
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let scenarios = catalogue();
+    type Setting = (Revocation, Vec<Vec<u8>>);
+    let mut groups: Vec<(Setting, Vec<&Scenario>)> = Vec::new();
+    for s in &scenarios {
+        let c = s.live(lab, [0; 64]);
+        let key = (c.revocation, c.crls);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(s),
+            None => groups.push((key, vec![s])),
+        }
+    }
+    let mut out = Vec::new();
+    let mut controlled = false;
+    for (n, ((revocation, crls), members)) in groups.iter().enumerate() {
+        let d = dir.join(format!("catalogue-{n}"));
+        std::fs::create_dir_all(&d).map_err(|x| e(&x))?;
+        let st = stack_with(
+            &d,
+            StackOptions {
+                trust_roots: lab.trust_roots(),
+                revocation: *revocation,
+                crls: crls.clone(),
+                image: GOOD_MEASUREMENT,
+                clock: || NOW,
+                max_sessions: kbs::service::DEFAULT_MAX_SESSIONS,
+                max_sessions_per_address: usize::MAX,
+            },
+        )
+        .await?;
+        let hand = HandClient::new(&st.broker)?;
+        if *revocation == Revocation::IfAvailable && crls.is_empty() {
+            let r = session(&st, &hand, "catalogue-control", |rd| lab.control_live(rd)).await?;
+            let control = hand.judge("catalogue-control", "", r);
+            if control.denied {
+                return Err(format!(
+                    "attack catalogue: the broker denied a genuine report ({}), so its denials prove nothing",
+                    control.reason
+                ));
+            }
+            controlled = true;
+        }
+        for s in members {
+            let r = session(&st, &hand, s.name, |rd| s.live(lab, rd)).await?;
+            out.push(hand.judge(s.name, s.expected_live(), r));
+        }
+    }
+    if !controlled {
+        return Err("attack catalogue: no control case was run".into());
+    }
+    Ok(out)
+}
