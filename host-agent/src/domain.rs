@@ -16,6 +16,30 @@ pub struct SevParams {
     pub reduced_phys_bits: u32,
 }
 
+/// A VM without SEV-SNP hardware, for tests and demos (`[snp] mode = "simulated"` in
+/// host.toml, never the default, refused where `/dev/sev` exists): no `<launchSecurity>`; the
+/// guest's reports come from a simulated PSP outside it over a virtio-serial channel; its
+/// console goes to a file the agent reads; a guest panic (every fail-closed path of the
+/// image's `/init`) ends the domain through pvpanic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Simulated {
+    /// `kvm` where KVM runs a stock guest kernel, else `qemu` (TCG).
+    pub kvm: bool,
+    /// The simulated PSP's Unix socket (it listens; QEMU connects).
+    pub psp_socket: std::path::PathBuf,
+    /// Where the guest's serial console is written.
+    pub console_log: std::path::PathBuf,
+}
+
+/// The virtio-serial port name the guest looks for (as `simulator::psp::PORT_NAME`).
+pub const PSP_PORT: &str = "org.attesta.psp.0";
+
+/// How the VM is isolated.
+enum Isolation<'a> {
+    Snp(SevParams),
+    Simulated(&'a Simulated),
+}
+
 /// Escapes text for XML element content and single- or double-quoted attributes.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -38,10 +62,26 @@ fn path(p: &std::path::Path) -> String {
 
 /// The domain XML `attesta-host` defines for `c`.
 pub fn domain_xml(c: &Checked, sev: SevParams) -> String {
+    xml(c, Isolation::Snp(sev))
+}
+
+/// The domain XML of `c` on a host without SEV-SNP (see [`Simulated`]).
+pub fn simulated_domain_xml(c: &Checked, sim: &Simulated) -> String {
+    xml(c, Isolation::Simulated(sim))
+}
+
+fn xml(c: &Checked, iso: Isolation<'_>) -> String {
     let s = &c.spec;
+    let snp = matches!(iso, Isolation::Snp(_));
+    // virtio devices of an SEV guest DMA through bounce buffers: iommu='on'.
+    let iommu = if snp { " iommu='on'" } else { "" };
     let mut x = String::new();
     // `write!` to a String cannot fail.
-    let _ = writeln!(x, "<domain type='kvm'>");
+    let kind = match &iso {
+        Isolation::Simulated(sim) if !sim.kvm => "qemu",
+        _ => "kvm",
+    };
+    let _ = writeln!(x, "<domain type='{kind}'>");
     let _ = writeln!(x, "  <name>{}</name>", escape(&c.domain_name()));
     let _ = writeln!(x, "  <metadata>");
     let _ = writeln!(
@@ -93,11 +133,10 @@ pub fn domain_xml(c: &Checked, sev: SevParams) -> String {
     let _ = writeln!(x, "  <on_reboot>restart</on_reboot>");
     let _ = writeln!(x, "  <on_crash>destroy</on_crash>");
     let _ = writeln!(x, "  <devices>");
-    // virtio devices of an SEV guest DMA through bounce buffers: iommu='on'.
     let _ = writeln!(x, "    <disk type='file' device='disk'>");
     let _ = writeln!(
         x,
-        "      <driver name='qemu' type='raw' cache='none' iommu='on'/>"
+        "      <driver name='qemu' type='raw' cache='none'{iommu}/>"
     );
     let _ = writeln!(x, "      <source file='{}'/>", path(&s.disk.path));
     let _ = writeln!(x, "      <target dev='vda' bus='virtio'/>");
@@ -116,7 +155,9 @@ pub fn domain_xml(c: &Checked, sev: SevParams) -> String {
         let _ = writeln!(x, "    <interface type='network'>");
         let _ = writeln!(x, "      <source network='{}'/>", escape(n));
         let _ = writeln!(x, "      <model type='virtio'/>");
-        let _ = writeln!(x, "      <driver iommu='on'/>");
+        if snp {
+            let _ = writeln!(x, "      <driver iommu='on'/>");
+        }
         if let Some(k) = s.limits.net_kib_per_sec {
             let _ = writeln!(
                 x,
@@ -125,23 +166,55 @@ pub fn domain_xml(c: &Checked, sev: SevParams) -> String {
         }
         let _ = writeln!(x, "    </interface>");
     }
-    let _ = writeln!(
-        x,
-        "    <serial type='pty'>\n      <target port='0'/>\n    </serial>"
-    );
-    let _ = writeln!(
-        x,
-        "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>"
-    );
+    if s.user_network {
+        let _ = writeln!(
+            x,
+            "    <interface type='user'>\n      <model type='virtio'/>\n    </interface>"
+        );
+    }
+    match &iso {
+        Isolation::Simulated(sim) => {
+            let log = path(&sim.console_log);
+            let _ = writeln!(
+                x,
+                "    <serial type='file'>\n      <source path='{log}'/>\n      <target port='0'/>\n    </serial>"
+            );
+            let _ = writeln!(
+                x,
+                "    <console type='file'>\n      <source path='{log}'/>\n      <target type='serial' port='0'/>\n    </console>"
+            );
+            let _ = writeln!(
+                x,
+                "    <channel type='unix'>\n      <source mode='connect' path='{}'/>\n      <target type='virtio' name='{PSP_PORT}'/>\n    </channel>",
+                path(&sim.psp_socket)
+            );
+            let _ = writeln!(x, "    <panic model='pvpanic'/>");
+        }
+        Isolation::Snp(_) => {
+            let _ = writeln!(
+                x,
+                "    <serial type='pty'>\n      <target port='0'/>\n    </serial>"
+            );
+            let _ = writeln!(
+                x,
+                "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>"
+            );
+        }
+    }
     if let Some(cid) = s.vsock_cid {
         let _ = writeln!(
             x,
-            "    <vsock model='virtio'>\n      <cid auto='no' address='{cid}'/>\n      <driver iommu='on'/>\n    </vsock>"
+            "    <vsock model='virtio'>\n      <cid auto='no' address='{cid}'/>\n      {}\n    </vsock>",
+            if snp { "<driver iommu='on'/>" } else { "" }
         );
     }
     // No balloon: an SEV-SNP guest's memory cannot be shared back to the host that way.
     let _ = writeln!(x, "    <memballoon model='none'/>");
     let _ = writeln!(x, "  </devices>");
+    let Isolation::Snp(sev) = iso else {
+        let _ = writeln!(x, "</domain>");
+        return x;
+    };
     let _ = writeln!(
         x,
         "  <launchSecurity type='sev-snp'{}>",
@@ -234,6 +307,49 @@ mod tests {
         assert_eq!(find("cid").attribute("address"), Some("107"));
         assert_eq!(find("memballoon").attribute("model"), Some("none"));
         assert_eq!(find("model").text(), Some("EPYC-Milan"));
+    }
+
+    #[test]
+    fn a_simulated_vm_has_no_launch_security_and_a_psp_channel() {
+        let mut s = example().spec;
+        s.network = None;
+        s.user_network = true;
+        let c = s.check().unwrap();
+        let sim = Simulated {
+            kvm: false,
+            psp_socket: "/run/attesta/psp/vm-1.sock".into(),
+            console_log: "/var/log/attesta/vm-1.console".into(),
+        };
+        let x = simulated_domain_xml(&c, &sim);
+        let doc = roxmltree::Document::parse(&x).unwrap();
+        let find = |name: &str| doc.descendants().find(|n| n.tag_name().name() == name);
+        assert_eq!(doc.root_element().attribute("type"), Some("qemu"));
+        assert!(find("launchSecurity").is_none(), "{x}");
+        assert!(!x.contains("iommu"), "no SEV, no bounce buffers: {x}");
+        let channel = find("channel").unwrap();
+        assert_eq!(channel.attribute("type"), Some("unix"));
+        let target = channel
+            .children()
+            .find(|n| n.tag_name().name() == "target")
+            .unwrap();
+        assert_eq!(target.attribute("name"), Some(PSP_PORT));
+        assert_eq!(find("panic").unwrap().attribute("model"), Some("pvpanic"));
+        assert_eq!(find("interface").unwrap().attribute("type"), Some("user"));
+        assert_eq!(find("serial").unwrap().attribute("type"), Some("file"));
+        // The same spec on SNP hardware: launch security, no simulated PSP, the console on a pty.
+        let hw = domain_xml(&c, SEV);
+        assert!(hw.contains("<launchSecurity type='sev-snp'") && !hw.contains("<channel"));
+        assert!(
+            simulated_domain_xml(&c, &Simulated { kvm: true, ..sim })
+                .starts_with("<domain type='kvm'>")
+        );
+        // A spec naming both networks is refused.
+        let mut both = example().spec;
+        both.user_network = true;
+        assert_eq!(
+            both.check().unwrap_err(),
+            crate::spec::SpecError::TwoNetworks
+        );
     }
 
     #[test]

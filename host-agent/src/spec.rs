@@ -44,6 +44,8 @@ pub enum SpecError {
     VsockCid(u32),
     #[error("limits.cpu_percent must be 1–{max}, not {got}")]
     CpuPercent { got: u32, max: u32 },
+    #[error("network and user_network exclude each other")]
+    TwoNetworks,
 }
 
 /// One VM, as the operator's order and the miner's machine shape it.
@@ -65,6 +67,10 @@ pub struct VmSpec {
     /// A libvirt network to attach to (none: no network interface).
     #[serde(default)]
     pub network: Option<String>,
+    /// QEMU's user-mode networking instead (no bridge; the guest reaches the host's loopback
+    /// at 10.0.2.2): for simulated hosts and tests. Not with `network`.
+    #[serde(default)]
+    pub user_network: bool,
     /// The guest's vsock context id (none: no vsock device).
     #[serde(default)]
     pub vsock_cid: Option<u32>,
@@ -269,6 +275,9 @@ impl VmSpec {
         absolute("disk.path", &self.disk.path)?;
         if let Some(n) = &self.network {
             no_control("network", n)?;
+            if self.user_network {
+                return Err(SpecError::TwoNetworks);
+            }
         }
         if let Some(cid) = self.vsock_cid
             && cid < 3

@@ -51,6 +51,19 @@ fn validate(xml: &str) -> Result<(), String> {
 fn domain_xml_validates_against_libvirts_schema() {
     let base = example().check().unwrap();
     validate(&domain_xml(&base, SEV)).unwrap();
+    // A simulated host's domain (no SEV-SNP hardware): user networking, the PSP's channel.
+    let mut sim = example();
+    sim.network = None;
+    sim.user_network = true;
+    validate(&host_agent::domain::simulated_domain_xml(
+        &sim.check().unwrap(),
+        &host_agent::domain::Simulated {
+            kvm: false,
+            psp_socket: "/run/attesta/psp/vm.sock".into(),
+            console_log: "/var/log/attesta/vm.console".into(),
+        },
+    ))
+    .unwrap();
     // Without direct boot, limits, network or vsock.
     let mut bare = example();
     bare.boot.kernel = None;

@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// What the guest agent's boot needs: the virtio bus, disk, network and console (the simulated
 /// PSP's channel), an entropy source, dm-crypt with AES-XTS (AES-NI; TCG emulates it with
-/// `-cpu max`), the kernel crypto API's user interface libcryptsetup uses, and pvpanic (so a
-/// failed boot ends QEMU with a failure status).
+/// `-cpu max`), the kernel crypto API's user interface libcryptsetup uses, and pvpanic, on PCI
+/// (QEMU) and ISA (libvirt's `<panic model='pvpanic'/>`), so a failed boot ends the VM as
+/// crashed.
 pub const NEEDED: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -23,6 +24,7 @@ pub const NEEDED: &[&str] = &[
     "algif_skcipher",
     "algif_hash",
     "pvpanic_pci",
+    "pvpanic_mmio",
 ];
 
 /// Why the modules cannot be resolved.
