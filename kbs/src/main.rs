@@ -2,6 +2,10 @@
 //! operator's tools (orders, allowlists, client certificates, the audit log).
 #![forbid(unsafe_code)]
 
+mod admin_cmd;
+mod clock;
+mod init_cmd;
+mod mesh_setup;
 mod ops_cmd;
 mod serve_cmd;
 mod verify_cmd;
@@ -27,15 +31,15 @@ enum Cmd {
     /// or VLEK, optional ask.pem/ark.pem or cert_chain.pem) and print a table.
     VerifyDir(verify_cmd::VerifyDirArgs),
     /// Write a new configuration with fresh keys and TLS certificates.
-    Init(serve_cmd::InitArgs),
+    Init(init_cmd::InitArgs),
     /// Run the key broker service.
     Serve(serve_cmd::ServeArgs),
     /// VM records.
     #[command(subcommand)]
-    Vm(serve_cmd::VmCmd),
+    Vm(admin_cmd::VmCmd),
     /// The signed measurement allowlist.
     #[command(subcommand)]
-    Allowlist(serve_cmd::AllowlistCmd),
+    Allowlist(admin_cmd::AllowlistCmd),
     /// Sign operator orders (register, terminate) with the operator's order key.
     #[command(subcommand)]
     Order(ops_cmd::OrderCmd),
@@ -47,7 +51,7 @@ enum Cmd {
     Audit(AuditCmd),
     /// The key-encryption key.
     #[command(subcommand)]
-    Kek(serve_cmd::KekCmd),
+    Kek(admin_cmd::KekCmd),
 }
 
 #[derive(Subcommand)]
@@ -118,14 +122,14 @@ fn main() -> ExitCode {
         Cmd::VerifyReport(a) => verify_cmd::verify_report(*a),
         Cmd::VerifyDir(a) => verify_cmd::verify_dir(a),
         Cmd::Audit(AuditCmd::Verify { log, key }) => audit_verify(&log, &key),
-        Cmd::Audit(AuditCmd::Export { config, out }) => serve_cmd::audit_export(&config, out),
+        Cmd::Audit(AuditCmd::Export { config, out }) => admin_cmd::audit_export(&config, out),
         Cmd::Order(c) => ops_cmd::order_cmd(&c),
         Cmd::Cert(c) => ops_cmd::cert_cmd(&c),
-        Cmd::Init(a) => serve_cmd::init(&a),
+        Cmd::Init(a) => init_cmd::init(&a),
         Cmd::Serve(a) => serve_cmd::serve_cmd(&a),
-        Cmd::Vm(c) => serve_cmd::vm_cmd(&c),
-        Cmd::Allowlist(serve_cmd::AllowlistCmd::Sign(a)) => ops_cmd::allowlist_sign(&a),
-        Cmd::Allowlist(c) => serve_cmd::allowlist_cmd(&c),
-        Cmd::Kek(c) => serve_cmd::kek_cmd(&c),
+        Cmd::Vm(c) => admin_cmd::vm_cmd(&c),
+        Cmd::Allowlist(admin_cmd::AllowlistCmd::Sign(a)) => ops_cmd::allowlist_sign(&a),
+        Cmd::Allowlist(c) => admin_cmd::allowlist_cmd(&c),
+        Cmd::Kek(c) => admin_cmd::kek_cmd(&c),
     }
 }

@@ -1,6 +1,7 @@
 //! Operator tooling: sign orders and allowlists (with keys kept off the broker), issue host and
 //! operator client certificates, and export the audit log with a fresh signed checkpoint.
 
+use crate::clock::now;
 use aws_lc_rs::signature::Ed25519KeyPair;
 use clap::{Args, Subcommand, ValueEnum};
 use kbs::service::{Role, issue_client_cert};
@@ -8,7 +9,6 @@ use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Subcommand)]
 pub enum OrderCmd {
@@ -110,13 +110,6 @@ pub enum CertCmd {
     },
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn key(p: &Path) -> Result<Ed25519KeyPair, String> {
     let der = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
     Ed25519KeyPair::from_pkcs8(&der)
@@ -138,7 +131,7 @@ fn read_opt(p: &Option<PathBuf>) -> Result<Vec<u8>, String> {
 }
 
 fn out(path: &Path, bytes: &[u8], secret: bool) -> Result<(), String> {
-    crate::serve_cmd::write_file(path, bytes, secret, true)
+    crate::init_cmd::write_file(path, bytes, secret, true)
 }
 
 fn finish(cmd: &str, r: Result<String, String>) -> ExitCode {

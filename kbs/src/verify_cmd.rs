@@ -1,5 +1,6 @@
 //! `verify-report` and `verify-dir`: the verifier for security teams and tenants.
 
+use crate::clock::now;
 use clap::Args;
 use serde_json::{Value, json};
 use snp::Reason;
@@ -95,13 +96,6 @@ struct UsageError(String);
 
 fn read(p: &Path, what: &str) -> Result<Vec<u8>, UsageError> {
     std::fs::read(p).map_err(|e| UsageError(format!("cannot read {what} {}: {e}", p.display())))
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn at_arg(at: &Option<String>) -> Result<u64, UsageError> {

@@ -1,0 +1,353 @@
+//! The operator's commands on a deployment: `vm register|terminate` (into the store or over
+//! QUIC), `audit export`, `allowlist install`, `kek rotate`.
+
+use crate::clock::now;
+use crate::init_cmd::write_file;
+use crate::serve_cmd::{build, fail, load_allowlist, runtime};
+use clap::{Args, Subcommand};
+use kbs::config::{Config, KekConfig};
+use kbs::keys::{FileKek, Kek};
+use kbs::store::Store;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Where an order goes: straight into this machine's store (`--config`), or to a running
+/// broker over QUIC with a host or operator client certificate (`--kbs`).
+#[derive(Args)]
+pub struct Target {
+    /// The broker's configuration (writes to its database directly; works while it serves).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "kbs",
+        required_unless_present = "kbs"
+    )]
+    pub config: Option<PathBuf>,
+    /// A running broker's UDP address.
+    #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
+    pub kbs: Option<String>,
+    /// The broker's TLS CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Our client certificate (PEM, role host or operator) and its key.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The name in the broker's certificate.
+    #[arg(long, default_value = "kbs.attesta.local")]
+    pub server_name: String,
+}
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Register a VM from an operator-signed order (generates and wraps its volume key).
+    Register {
+        /// The signed order document (`attesta-kbs order register` writes one).
+        order: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Crypto-shred a VM's key with an operator-signed terminate order.
+    Terminate {
+        /// The signed terminate order (`attesta-kbs order terminate`).
+        order: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AllowlistCmd {
+    /// Install a newer signed allowlist (an older epoch is refused).
+    Install {
+        allowlist: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Sign an allowlist with the offline allowlist key.
+    Sign(crate::ops_cmd::AllowlistSign),
+}
+
+#[derive(Subcommand)]
+pub enum KekCmd {
+    /// Re-wrap every live volume key under a new KEK file (the volume keys stay the same),
+    /// point the configuration at it, and destroy the old KEK file. Stop the broker first (a
+    /// broker left running cannot release or register until restarted with the new KEK).
+    Rotate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The new KEK file: created (32 random bytes, mode 0600) unless it exists.
+        #[arg(long, value_name = "FILE")]
+        new_kek: PathBuf,
+    },
+}
+
+pub fn vm_cmd(c: &VmCmd) -> ExitCode {
+    let (order, target, terminate, verb) = match c {
+        VmCmd::Register { order, target } => (order, target, false, "register"),
+        VmCmd::Terminate { order, target } => (order, target, true, "terminate"),
+    };
+    let r = (|| -> Result<String, String> {
+        let doc = std::fs::read(order).map_err(|e| format!("{}: {e}", order.display()))?;
+        let rt = runtime()?;
+        let _g = rt.enter();
+        if let Some(addr) = &target.kbs {
+            return rt
+                .block_on(kbs::client::send_order(
+                    remote(target, addr)?,
+                    terminate,
+                    doc,
+                ))
+                .map_err(|e| e.to_string());
+        }
+        let config = target
+            .config
+            .as_ref()
+            .ok_or("--config or --kbs is required")?;
+        let c = Config::load(config)?;
+        let (kbs, ..) = build(&c)?;
+        if terminate {
+            return rt
+                .block_on(kbs.terminate(&doc, now()))
+                .map_err(|e| e.to_string());
+        }
+        if load_allowlist(&rt, &kbs, &c)?.is_none() {
+            return Err(
+                "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`"
+                    .into(),
+            );
+        }
+        rt.block_on(kbs.register(&doc, now()))
+            .map_err(|e| e.to_string())
+    })();
+    match r {
+        Ok(vm) => {
+            println!("{verb}ed {vm}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("attesta-kbs vm {verb}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub(crate) fn remote(t: &Target, addr: &str) -> Result<kbs::client::Remote, String> {
+    let need = |p: &Option<PathBuf>, what: &str| {
+        p.clone()
+            .ok_or_else(|| format!("--{what} is required with --kbs"))
+    };
+    kbs::client::Remote::from_pem_files(
+        addr.parse().map_err(|e| format!("--kbs {addr:?}: {e}"))?,
+        t.server_name.clone(),
+        &need(&t.ca, "ca")?,
+        &need(&t.cert, "cert")?,
+        &need(&t.key, "key")?,
+    )
+}
+
+pub fn audit_export(config: &Path, out: Option<PathBuf>) -> ExitCode {
+    let r = (|| -> Result<String, String> {
+        let c = Config::load(config)?;
+        if c.audit_key.is_none() {
+            return Err("no audit_key configured: the log cannot be checkpointed".into());
+        }
+        let rt = runtime()?;
+        let _g = rt.enter();
+        let (kbs, ..) = build(&c)?;
+        rt.block_on(async {
+            kbs.store.checkpoint().await.map_err(|e| e.to_string())?;
+            kbs.store.audit_log().await.map_err(|e| e.to_string())
+        })
+    })();
+    match r {
+        Ok(log) => {
+            let w = match &out {
+                Some(p) => std::fs::write(p, &log).map_err(|e| format!("{}: {e}", p.display())),
+                None => {
+                    print!("{log}");
+                    Ok(())
+                }
+            };
+            match w {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail("audit export", e),
+            }
+        }
+        Err(e) => fail("audit export", e),
+    }
+}
+
+pub fn allowlist_cmd(c: &AllowlistCmd) -> ExitCode {
+    let AllowlistCmd::Install { allowlist, config } = c else {
+        return ExitCode::from(2);
+    };
+    let r = (|| -> Result<u64, String> {
+        let c = Config::load(config)?;
+        let rt = runtime()?;
+        let _g = rt.enter();
+        let (kbs, ..) = build(&c)?;
+        let doc = std::fs::read(allowlist).map_err(|e| format!("{}: {e}", allowlist.display()))?;
+        rt.block_on(kbs.set_allowlist(&doc, &c.allowlist_key()?, now()))
+            .map_err(|e| e.to_string())
+    })();
+    match r {
+        Ok(e) => {
+            println!(
+                "allowlist epoch {e} installed (a broker serving this database puts it in force within a second)"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("attesta-kbs allowlist install: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `text` (a kbs.toml) with its top-level `kek = ...` line replaced by one naming `path`;
+/// refused unless there is exactly one such line and the result reads back with that KEK.
+pub(crate) fn config_with_kek(text: &str, path: &Path, config: &Path) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut replaced = 0;
+    let mut top = true;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        top &= !t.starts_with('[');
+        let key = t.split('=').next().unwrap_or("").trim();
+        if top && key == "kek" {
+            out.push_str(&format!(
+                "kek = {{ file = {:?} }}\n",
+                path.display().to_string()
+            ));
+            replaced += 1;
+        } else {
+            out.push_str(line);
+        }
+    }
+    let c: Config = toml::from_str(&out).map_err(|e| e.to_string())?;
+    if replaced != 1 || c.kek != KekConfig::File(path.to_path_buf()) {
+        return Err(format!(
+            "{}: expected one line `kek = ...` before any [section] to rewrite; edit it by hand first",
+            config.display()
+        ));
+    }
+    Ok(out)
+}
+
+/// Overwrites a retired KEK file with zeros and removes it. (On flash or a copy-on-write
+/// file system the old blocks may survive: destroy its backups and media too.)
+pub(crate) fn destroy_file(path: &Path) -> Result<(), String> {
+    use std::io::Write;
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let len = std::fs::metadata(path).map_err(err)?.len();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(&vec![0u8; usize::try_from(len).unwrap_or(32)])
+        .and_then(|()| f.sync_all())
+        .map_err(err)?;
+    std::fs::remove_file(path).map_err(err)
+}
+
+pub fn kek_cmd(c: &KekCmd) -> ExitCode {
+    let KekCmd::Rotate { config, new_kek } = c;
+    let r = (|| -> Result<String, String> {
+        let text = std::fs::read_to_string(config)
+            .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+        let c = Config::load(config)?;
+        // The new KEK as kbs.toml will name it: relative to its folder if inside it.
+        let dir = match config.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let absolute = std::path::absolute(new_kek).map_err(|e| e.to_string())?;
+        let named =
+            match absolute.strip_prefix(std::path::absolute(dir).map_err(|e| e.to_string())?) {
+                Ok(rel) => rel.to_path_buf(),
+                Err(_) => absolute.clone(),
+            };
+        let edited = config_with_kek(&text, &named, config)?;
+        if let KekConfig::File(old) = &c.kek
+            && std::path::absolute(old).ok() == Some(absolute.clone())
+        {
+            return Err("--new-kek is the current KEK file".into());
+        }
+        let rt = runtime()?;
+        let _g = rt.enter();
+        let (kbs, ..) = build(&c)?;
+        let new = if absolute.exists() {
+            FileKek::load(&absolute)
+        } else {
+            FileKek::create(&absolute)
+        }
+        .map_err(|e| e.to_string())?;
+        let n = rt
+            .block_on(kbs.rotate_kek(&new, now()))
+            .map_err(|e| e.to_string())?;
+        // Read back: every live key opens under the new KEK before the old one is destroyed.
+        for (vm_id, generation, wrapped) in rt
+            .block_on(kbs.store.live_keys())
+            .map_err(|e| e.to_string())?
+        {
+            new.unwrap_key(&vm_id, generation, &wrapped)
+                .map_err(|e| format!("{vm_id}: {e}; the old KEK is kept"))?;
+        }
+        drop(kbs);
+        let tmp = config.with_extension("toml.rotating");
+        write_file(&tmp, edited.as_bytes(), false, true)
+            .and_then(|()| std::fs::rename(&tmp, config).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                format!(
+                    "{n} keys are now wrapped under {} but {} could not be rewritten ({e}): set kek = {{ file = {:?} }} by hand; the old KEK is kept",
+                    absolute.display(),
+                    config.display(),
+                    named.display().to_string()
+                )
+            })?;
+        // The new KEK file's and the configuration's directory entries durable before the old
+        // KEK goes: a power loss now must not leave keys wrapped under a KEK nobody can find.
+        for dir in [absolute.parent(), config.parent()].into_iter().flatten() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| {
+                    format!(
+                        "{}: {e}; keys are wrapped under {}, the old KEK is kept",
+                        dir.display(),
+                        absolute.display()
+                    )
+                })?;
+        }
+        let retired = match &c.kek {
+            KekConfig::File(old) => {
+                destroy_file(old)?;
+                format!("the old KEK file {} destroyed", old.display())
+            }
+            KekConfig::Pkcs11 { key_label, .. } => {
+                format!("destroy the old KEK {key_label:?} on its token to retire it")
+            }
+        };
+        Ok(format!(
+            "{n} keys re-wrapped under {}; {} now names it; {retired}",
+            absolute.display(),
+            config.display()
+        ))
+    })();
+    match r {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("attesta-kbs kek rotate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
