@@ -11,6 +11,26 @@ use std::process::Command;
 /// The virtio-serial port name of the simulated PSP (as `simulator::psp::PORT_NAME`).
 pub const PSP_PORT: &str = "org.attesta.psp.0";
 
+/// The kernel and its module folder in an unpacked kernel package `dir` (as
+/// `scripts/guest-kernel.sh` leaves it): `boot/vmlinuz-V` and `lib/modules/V`.
+pub fn unpacked_kernel(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+    let boot = dir.join("boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .map_err(|e| format!("{}: {e}", boot.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .ok_or_else(|| format!("no vmlinuz-* in {}", boot.display()))?;
+    let version = vmlinuz
+        .file_name()
+        .map(|n| n.to_string_lossy()["vmlinuz-".len()..].to_string())
+        .unwrap_or_default();
+    Ok((vmlinuz, dir.join("lib/modules").join(version)))
+}
+
 /// `qemu-system-x86_64` for the image in `img` with `disk`, under `timeout SECS`; with
 /// `psp`, the simulated PSP's socket on the port [`PSP_PORT`]. Console on stdout.
 pub fn command(img: &Path, disk: &Path, psp: Option<&Path>, secs: u32) -> Result<Command, String> {

@@ -392,18 +392,7 @@ fn a_real_kernel_boots_the_image_and_fails_closed_without_an_snp_device() {
     {
         return missing("qemu-system-x86_64 not installed");
     }
-    let vmlinuz = std::fs::read_dir(kernel_dir.join("boot"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("vmlinuz-")
-        })
-        .unwrap();
-    let version = vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
+    let (vmlinuz, modules) = attesta_image::qemu::unpacked_kernel(&kernel_dir).unwrap();
     let d = tempfile::tempdir().unwrap();
     inputs(d.path());
     let img = d.path().join("img");
@@ -413,7 +402,7 @@ fn a_real_kernel_boots_the_image_and_fails_closed_without_an_snp_device() {
             .arg("--kernel")
             .arg(&vmlinuz)
             .arg("--modules")
-            .arg(kernel_dir.join("lib/modules").join(&version))
+            .arg(&modules)
             .arg("--guest-config")
             .arg(d.path().join("guest.toml"))
             .arg("--broker-ca")

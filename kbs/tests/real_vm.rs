@@ -104,18 +104,7 @@ fn a_real_vm_boots_through_the_whole_system() {
     {
         return missing("qemu-system-x86_64 not installed");
     }
-    let vmlinuz = std::fs::read_dir(kernel_dir.join("boot"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("vmlinuz-")
-        })
-        .unwrap();
-    let kver = vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
+    let (vmlinuz, modules) = attesta_image::qemu::unpacked_kernel(&kernel_dir).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
@@ -165,7 +154,7 @@ fn a_real_vm_boots_through_the_whole_system() {
                 .arg("--kernel")
                 .arg(&vmlinuz)
                 .arg("--modules")
-                .arg(kernel_dir.join("lib/modules").join(&kver))
+                .arg(&modules)
                 .arg("--guest-config")
                 .arg(p("guest.toml"))
                 .arg("--broker-ca")

@@ -111,21 +111,7 @@ impl Parts {
     }
 
     fn kernel(&self) -> Result<(PathBuf, PathBuf), String> {
-        let boot = self.kernel_dir.join("boot");
-        let vmlinuz = std::fs::read_dir(&boot)
-            .map_err(|e| format!("{}: {e}", boot.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })
-            .ok_or_else(|| format!("no vmlinuz-* in {}", boot.display()))?;
-        let version = vmlinuz
-            .file_name()
-            .map(|n| n.to_string_lossy()["vmlinuz-".len()..].to_string())
-            .unwrap_or_default();
-        Ok((vmlinuz, self.kernel_dir.join("lib/modules").join(version)))
+        attesta_image::qemu::unpacked_kernel(&self.kernel_dir)
     }
 }
 
