@@ -35,8 +35,10 @@ STAMP=/var/lib/attesta-setup.stamp
 PKGS=(pkg-config libssl-dev clang libclang-dev libcryptsetup-dev cryptsetup-bin
       libxml2-utils ovmf postgresql softhsm2 opensc python3-pip ca-certificates curl
       iproute2 iputils-ping busybox-static)
-# QEMU from backports too: its qemu-utils there breaks bookworm's qemu-system-common.
-BPO_PKGS=(libvirt-dev libvirt-clients qemu-utils qemu-system-x86)
+# QEMU from backports too: its qemu-utils there breaks bookworm's qemu-system-common. The libvirt
+# daemon packages are named one by one: the libvirt-daemon-system metapackage would upgrade systemd and udev.
+BPO_PKGS=(libvirt-dev libvirt-clients qemu-utils qemu-system-x86
+          libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-common libvirt-daemon-log)
 
 need_install=0
 for p in "${PKGS[@]}" "${BPO_PKGS[@]}"; do
