@@ -31,6 +31,9 @@ pub struct HostConfig {
     /// powered itself off, a crash).
     #[serde(default = "default_poll")]
     pub poll_secs: u64,
+    /// How VMs are isolated: SEV-SNP hardware (the default), or simulated for tests.
+    #[serde(default)]
+    pub snp: SnpConfig,
     /// Where this host's chip id and TCB come from.
     #[serde(default)]
     pub platform: PlatformConfig,
@@ -48,6 +51,93 @@ pub struct HostConfig {
 pub struct SevOverride {
     pub cbitpos: u32,
     pub reduced_phys_bits: u32,
+}
+
+/// `[snp]`: how VMs are isolated.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnpConfig {
+    /// `hardware` (default) or `simulated`.
+    #[serde(default)]
+    pub mode: SnpMode,
+    /// Simulated mode: `auto` (KVM where it runs a stock guest kernel, else TCG), `kvm`, `tcg`.
+    #[serde(default)]
+    pub accel: Accel,
+    /// Simulated mode: where each VM's PSP socket and console log live. Made mode 0711, so
+    /// QEMU (libvirt's unprivileged user) reaches the files libvirt hands it and lists nothing.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+}
+
+impl Default for SnpConfig {
+    fn default() -> SnpConfig {
+        SnpConfig {
+            mode: SnpMode::default(),
+            accel: Accel::default(),
+            run_dir: default_run_dir(),
+        }
+    }
+}
+
+/// How VMs are isolated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnpMode {
+    /// SEV-SNP launch security on this host's processor.
+    #[default]
+    Hardware,
+    /// No SEV-SNP: plain QEMU domains whose reports come from a simulated PSP run by the agent
+    /// (needs `[platform] kind = "simulator"` and a build with the `simulator` feature; refused
+    /// where `/dev/sev` exists). For tests and demos only: the host can read such guests.
+    Simulated,
+}
+
+/// Which accelerator a simulated domain uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Accel {
+    /// KVM where `/dev/kvm` runs stock kernels (not PVM, which needs a PVM guest kernel), else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// Whether to use KVM, given whether `/dev/kvm` exists and whether it is PVM's.
+    pub fn kvm(self, dev_kvm: bool, pvm: bool) -> bool {
+        match self {
+            Accel::Auto => dev_kvm && !pvm,
+            Accel::Kvm => true,
+            Accel::Tcg => false,
+        }
+    }
+}
+
+/// Whether simulated mode may run here: never where SEV hardware is present (a miner must not
+/// run tenants' VMs unprotected by mistake), and only in a build that has the simulated PSP.
+pub fn check_simulated(
+    mode: SnpMode,
+    dev_sev: bool,
+    built_with_simulator: bool,
+    platform: &PlatformConfig,
+) -> Result<(), String> {
+    if mode != SnpMode::Simulated {
+        return Ok(());
+    }
+    if dev_sev {
+        return Err("[snp] mode = \"simulated\" is refused on a host with /dev/sev: run real SEV-SNP guests here (mode = \"hardware\")".into());
+    }
+    if !built_with_simulator {
+        return Err(
+            "[snp] mode = \"simulated\": this attesta-host was built without the simulator feature"
+                .into(),
+        );
+    }
+    if !matches!(platform, PlatformConfig::Simulator { .. }) {
+        return Err("[snp] mode = \"simulated\" needs [platform] kind = \"simulator\": the simulated PSP signs with that chip".into());
+    }
+    Ok(())
 }
 
 /// The source of the chip id and TCB.
@@ -139,6 +229,9 @@ pub enum OnError {
 
 fn default_uri() -> String {
     "qemu:///system".into()
+}
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/attesta-host/simulated")
 }
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/attesta-host/control.sock")
@@ -235,6 +328,7 @@ impl HostConfig {
         };
         rel(&mut c.state_dir);
         rel(&mut c.control_socket);
+        rel(&mut c.snp.run_dir);
         if let Some(k) = &mut c.kbs {
             rel(&mut k.ca);
             rel(&mut k.client_cert);
@@ -288,5 +382,40 @@ mod tests {
         );
         let e = HostConfig::parse(&text, path).unwrap_err();
         assert!(e.why.contains("operator_keys"), "{e}");
+        assert_eq!(c.snp.mode, SnpMode::Hardware, "never simulated by default");
+    }
+
+    #[test]
+    fn simulated_mode_is_explicit_and_refused_on_sev_hardware() {
+        let path = Path::new("/etc/attesta-host/host.toml");
+        let base = "state_dir = \"/s\"\noperator_keys = [\"9f1c0c6c3b1d6a4e2f0e5d8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c\"]\n";
+        let c = HostConfig::parse(
+            &format!("{base}[snp]\nmode = \"simulated\"\nrun_dir = \"run\"\n[platform]\nkind = \"simulator\"\n"),
+            path,
+        )
+        .unwrap();
+        assert_eq!(c.snp.mode, SnpMode::Simulated);
+        assert_eq!(c.snp.run_dir, Path::new("/etc/attesta-host/run"));
+        assert_eq!(
+            check_simulated(c.snp.mode, false, true, &c.platform),
+            Ok(())
+        );
+        let e = check_simulated(c.snp.mode, true, true, &c.platform).unwrap_err();
+        assert!(e.contains("/dev/sev"), "{e}");
+        let e = check_simulated(c.snp.mode, false, false, &c.platform).unwrap_err();
+        assert!(e.contains("without the simulator feature"), "{e}");
+        let e = check_simulated(c.snp.mode, false, true, &PlatformConfig::Sev).unwrap_err();
+        assert!(e.contains("kind = \"simulator\""), "{e}");
+        // Hardware mode is never refused by these checks.
+        assert_eq!(
+            check_simulated(SnpMode::Hardware, true, false, &PlatformConfig::Sev),
+            Ok(())
+        );
+        assert!(HostConfig::parse(&format!("{base}[snp]\nmode = \"simulate\"\n"), path).is_err());
+        // PVM's /dev/kvm cannot run a stock kernel: auto picks TCG there.
+        assert!(Accel::Auto.kvm(true, false));
+        assert!(!Accel::Auto.kvm(true, true));
+        assert!(!Accel::Auto.kvm(false, false));
+        assert!(Accel::Kvm.kvm(false, true) && !Accel::Tcg.kvm(true, false));
     }
 }

@@ -11,7 +11,7 @@
 
 use crate::agent::{self, Credit, Ev};
 use crate::billing::{CallKind, Outbox, State as RecordState, Submitter};
-use crate::config::{CreditConfig, HostConfig, OnError};
+use crate::config::{CreditConfig, HostConfig, OnError, SnpMode};
 use crate::control::{ControlRequest, ControlResponse};
 use crate::domain::SevParams;
 use crate::gate;
@@ -28,6 +28,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use zeroize::Zeroizing;
+
+/// The simulated PSP of `[snp] mode = "simulated"` (on `[platform]`'s chip).
+#[cfg(feature = "simulator")]
+fn simulated_psp(cfg: &HostConfig) -> Result<Box<dyn crate::host::SimulatedPsp>, String> {
+    Ok(Box::new(crate::sim_psp::SimPsp::new(&cfg.platform)?))
+}
+
+/// A production build has no simulated PSP ([`crate::config::check_simulated`] refused first).
+#[cfg(not(feature = "simulator"))]
+fn simulated_psp(_: &HostConfig) -> Result<Box<dyn crate::host::SimulatedPsp>, String> {
+    Err("[snp] mode = \"simulated\": built without the simulator feature".into())
+}
 
 /// Unix seconds, as the daemon sees them.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -62,6 +74,8 @@ struct Retry {
 pub struct Daemon {
     cfg: HostConfig,
     keys: Vec<[u8; 32]>,
+    /// How the launch gate measures: as built, or as this host's simulated PSP does.
+    firmware: measure::Firmware,
     host: Arc<Mutex<Host>>,
     db: StateDb,
     outbox: Outbox,
@@ -99,8 +113,32 @@ impl Daemon {
             reduced_phys_bits: s.reduced_phys_bits,
         });
         let grace = Duration::from_secs(cfg.stop_grace_secs);
+        crate::config::check_simulated(
+            cfg.snp.mode,
+            Path::new("/dev/sev").exists(),
+            cfg!(feature = "simulator"),
+            &cfg.platform,
+        )?;
+        let simulated = match cfg.snp.mode {
+            SnpMode::Hardware => None,
+            SnpMode::Simulated => {
+                let kvm = cfg.snp.accel.kvm(
+                    Path::new("/dev/kvm").exists(),
+                    Path::new("/sys/module/kvm_pvm").exists(),
+                );
+                tracing::warn!(
+                    accel = if kvm { "kvm" } else { "tcg" },
+                    "SIMULATED SEV-SNP: guests here are not isolated from this host; for tests and demos only"
+                );
+                Some((kvm, cfg.snp.run_dir.clone(), simulated_psp(&cfg)?))
+            }
+        };
         let host = tokio::task::spawn_blocking(move || {
-            Host::open(&uri, over).map(|mut h| {
+            match simulated {
+                None => Host::open(&uri, over),
+                Some((kvm, run_dir, psp)) => Host::open_simulated(&uri, kvm, &run_dir, psp),
+            }
+            .map(|mut h| {
                 h.stop_grace = grace;
                 h
             })
@@ -108,6 +146,7 @@ impl Daemon {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", cfg.libvirt_uri))?;
+        let firmware = host.firmware();
         let platform = match platform {
             Ok(p) => {
                 tracing::info!(chip_id = %hex::encode(&p.chip_id), reported_tcb = %p.reported_tcb, product = %p.product, source = p.source, "platform");
@@ -124,6 +163,7 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         let d = Daemon {
             keys,
+            firmware,
             host: Arc::new(Mutex::new(host)),
             db,
             outbox,
@@ -416,7 +456,7 @@ impl Daemon {
         let now = self.now();
         let registered = {
             let _g = self.ops.lock().await;
-            let ok = gate::admit(&c, &order, &self.keys, now)
+            let ok = gate::admit_with(&c, &order, &self.keys, now, self.firmware)
                 .map_err(|e| format!("launch gate: {e}"))?;
             if let Some(p) = &self.platform
                 && !ok
@@ -477,7 +517,7 @@ impl Daemon {
         let c = VmSpec::parse(&rec.spec).map_err(|e| format!("spec on record: {e}"))?;
         // The order's expiry is judged when it was admitted; its signature and measurements
         // bind every launch.
-        let ok = gate::admit(&c, &rec.order, &self.keys, rec.admitted_at)
+        let ok = gate::admit_with(&c, &rec.order, &self.keys, rec.admitted_at, self.firmware)
             .map_err(|e| format!("launch gate: {e}"))?;
         if let (Some(credit), Some(b)) = (&self.cfg.credit, &ok.order.billing) {
             let mut running = self.observe().await?;

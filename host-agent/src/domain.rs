@@ -84,9 +84,20 @@ fn xml(c: &Checked, iso: Isolation<'_>) -> String {
     let _ = writeln!(x, "<domain type='{kind}'>");
     let _ = writeln!(x, "  <name>{}</name>", escape(&c.domain_name()));
     let _ = writeln!(x, "  <metadata>");
+    // A simulated domain has no <launchSecurity>: what the simulated PSP launches it with
+    // (policy, SEV features, HOST_DATA) is kept beside the id instead.
+    let launch = match &iso {
+        Isolation::Simulated(_) => format!(
+            "<attesta:launch policy='0x{:x}' guest-features='0x{:x}' host-data='{}'/>",
+            c.policy,
+            c.guest_features,
+            c.host_data.map(hex::encode).unwrap_or_default()
+        ),
+        Isolation::Snp(_) => String::new(),
+    };
     let _ = writeln!(
         x,
-        "    <attesta:vm xmlns:attesta='{METADATA_NS}'><attesta:id>{}</attesta:id></attesta:vm>",
+        "    <attesta:vm xmlns:attesta='{METADATA_NS}'><attesta:id>{}</attesta:id>{launch}</attesta:vm>",
         escape(&s.vm_id)
     );
     let _ = writeln!(x, "  </metadata>");
@@ -260,6 +271,81 @@ pub fn vm_id_from_metadata(xml: &str) -> Option<String> {
         .filter(|id| crate::spec::valid_vm_id(id))
 }
 
+/// What a simulated domain launches, read back from its definition (libvirt's XML of the
+/// defined domain, not the spec): the simulated PSP measures exactly this.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimulatedLaunch {
+    pub vm_id: String,
+    pub firmware: std::path::PathBuf,
+    pub kernel: Option<std::path::PathBuf>,
+    pub initrd: Option<std::path::PathBuf>,
+    pub cmdline: Option<String>,
+    pub vcpus: u32,
+    pub vcpu_type: String,
+    pub policy: u64,
+    pub guest_features: u64,
+    pub host_data: [u8; 32],
+    /// The PSP channel's socket, where the simulated PSP must listen.
+    pub psp_socket: std::path::PathBuf,
+}
+
+/// Reads a simulated domain's launch from its XML; errors name what is missing.
+pub fn simulated_launch(xml: &str) -> Result<SimulatedLaunch, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
+    let el = |name: &str| doc.descendants().find(|n| n.tag_name().name() == name);
+    let text = |name: &str| el(name).and_then(|n| n.text()).map(str::trim);
+    let meta = doc
+        .descendants()
+        .find(|n| n.tag_name().name() == "vm" && n.tag_name().namespace() == Some(METADATA_NS))
+        .ok_or("no attesta metadata: not one of the agent's domains")?;
+    let vm_id = meta
+        .children()
+        .find(|n| n.tag_name().name() == "id")
+        .and_then(|n| n.text())
+        .filter(|id| crate::spec::valid_vm_id(id))
+        .ok_or("no valid VM id in the metadata")?
+        .to_string();
+    let launch = meta
+        .children()
+        .find(|n| n.tag_name().name() == "launch")
+        .ok_or("no attesta:launch in the metadata: not a simulated domain")?;
+    let hex_u64 = |what: &str| -> Result<u64, String> {
+        let v = launch.attribute(what).ok_or(format!("no {what}"))?;
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).map_err(|e| format!("{what}: {e}"))
+    };
+    let mut host_data = [0u8; 32];
+    match launch.attribute("host-data").unwrap_or("") {
+        "" => {}
+        h => hex::decode_to_slice(h, &mut host_data).map_err(|e| format!("host-data: {e}"))?,
+    }
+    let psp_socket = doc
+        .descendants()
+        .filter(|n| n.tag_name().name() == "channel")
+        .find(|n| {
+            n.children()
+                .any(|t| t.tag_name().name() == "target" && t.attribute("name") == Some(PSP_PORT))
+        })
+        .and_then(|n| n.children().find(|c| c.tag_name().name() == "source"))
+        .and_then(|n| n.attribute("path"))
+        .ok_or("no PSP channel")?
+        .into();
+    Ok(SimulatedLaunch {
+        vm_id,
+        firmware: text("loader").ok_or("no firmware (os/loader)")?.into(),
+        kernel: text("kernel").map(Into::into),
+        initrd: text("initrd").map(Into::into),
+        cmdline: text("cmdline").map(str::to_string),
+        vcpus: text("vcpu")
+            .and_then(|v| v.parse().ok())
+            .ok_or("no vcpu count")?,
+        vcpu_type: text("model").ok_or("no cpu model")?.to_string(),
+        policy: hex_u64("policy")?,
+        guest_features: hex_u64("guest-features")?,
+        host_data,
+        psp_socket,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +422,29 @@ mod tests {
         assert_eq!(find("panic").unwrap().attribute("model"), Some("pvpanic"));
         assert_eq!(find("interface").unwrap().attribute("type"), Some("user"));
         assert_eq!(find("serial").unwrap().attribute("type"), Some("file"));
+        // What the simulated PSP will measure comes back from the XML.
+        let l = simulated_launch(&x).unwrap();
+        assert_eq!(l.vm_id, c.spec.vm_id);
+        assert_eq!(l.firmware, c.spec.boot.ovmf);
+        assert_eq!(l.kernel, c.spec.boot.kernel);
+        assert_eq!(l.initrd, c.spec.boot.initrd);
+        assert_eq!(l.cmdline, c.spec.boot.cmdline);
+        assert_eq!(
+            (l.vcpus, l.vcpu_type.as_str()),
+            (c.spec.vcpus, "EPYC-Milan")
+        );
+        assert_eq!((l.policy, l.guest_features), (c.policy, c.guest_features));
+        assert_eq!(Some(l.host_data), c.host_data.or(Some([0; 32])));
+        assert_eq!(l.psp_socket, sim.psp_socket);
+        // An SNP domain is not a simulated one; a broken one says what is missing.
+        assert!(simulated_launch(&domain_xml(&c, SEV)).is_err());
+        assert!(
+            simulated_launch(
+                &x.replace("<loader", "<notloader")
+                    .replace("</loader", "</notloader")
+            )
+            .is_err()
+        );
         // The same spec on SNP hardware: launch security, no simulated PSP, the console on a pty.
         let hw = domain_xml(&c, SEV);
         assert!(hw.contains("<launchSecurity type='sev-snp'") && !hw.contains("<channel"));

@@ -5,7 +5,7 @@
 //! is never started, and a spec that drifted from the order is caught on the host.
 
 use crate::spec::Checked;
-use measure::{LaunchFiles, digest_of_files};
+use measure::{Firmware, LaunchFiles, digest_of_files_with};
 use proto::order::{DocumentError, Order, OrderKind};
 
 /// Why a launch (or a terminate) was refused.
@@ -37,16 +37,25 @@ fn kind(k: OrderKind) -> &'static str {
 
 /// The launch digest of what `spec` would start.
 pub fn launch_digest(c: &Checked) -> Result<[u8; 48], GateError> {
+    launch_digest_with(c, Firmware::AsBuilt)
+}
+
+/// As [`launch_digest`], the firmware taken as `fw` says (a simulated host's PSP assumes a
+/// hashes table; see [`Firmware`]).
+pub fn launch_digest_with(c: &Checked, fw: Firmware) -> Result<[u8; 48], GateError> {
     let s = &c.spec;
-    digest_of_files(&LaunchFiles {
-        ovmf: &s.boot.ovmf,
-        kernel: s.boot.kernel.as_deref(),
-        initrd: s.boot.initrd.as_deref(),
-        append: s.boot.cmdline.as_deref(),
-        vcpus: s.vcpus,
-        vcpu_type: &s.vcpu_type,
-        guest_features: c.guest_features,
-    })
+    digest_of_files_with(
+        &LaunchFiles {
+            ovmf: &s.boot.ovmf,
+            kernel: s.boot.kernel.as_deref(),
+            initrd: s.boot.initrd.as_deref(),
+            append: s.boot.cmdline.as_deref(),
+            vcpus: s.vcpus,
+            vcpu_type: &s.vcpu_type,
+            guest_features: c.guest_features,
+        },
+        fw,
+    )
     .map_err(GateError::Measure)
 }
 
@@ -64,6 +73,17 @@ pub fn admit(
     operator_keys: &[[u8; 32]],
     now: u64,
 ) -> Result<Admitted, GateError> {
+    admit_with(c, order_doc, operator_keys, now, Firmware::AsBuilt)
+}
+
+/// As [`admit`], measuring as `fw` says.
+pub fn admit_with(
+    c: &Checked,
+    order_doc: &[u8],
+    operator_keys: &[[u8; 32]],
+    now: u64,
+    fw: Firmware,
+) -> Result<Admitted, GateError> {
     let order = Order::verify(order_doc, operator_keys, now)?;
     if order.kind != OrderKind::Register {
         return Err(GateError::WrongKind {
@@ -77,7 +97,7 @@ pub fn admit(
             spec: c.spec.vm_id.clone(),
         });
     }
-    let digest = launch_digest(c)?;
+    let digest = launch_digest_with(c, fw)?;
     if !order.measurements.iter().any(|m| m.as_slice() == digest) {
         return Err(GateError::NotAllowed {
             digest: hex::encode(digest),

@@ -45,10 +45,34 @@ pub struct Vm {
     pub state: State,
 }
 
-/// A libvirt connection and the platform's SEV parameters.
+/// The simulated PSP a host without SEV-SNP runs for its domains (`[snp] mode = "simulated"`;
+/// implemented in [`crate::sim_psp`], compiled only with the `simulator` feature).
+pub trait SimulatedPsp: Send + Sync {
+    /// Measures what `launch` starts and serves its reports on `launch.psp_socket` (replacing
+    /// an earlier launch of the same VM); returns the measurement.
+    fn launch(&self, launch: &domain::SimulatedLaunch) -> Result<[u8; 48], String>;
+    /// Stops serving `vm_id`.
+    fn stop(&self, vm_id: &str);
+}
+
+/// How this host isolates its domains.
+pub enum Isolation {
+    /// SEV-SNP hardware, with the platform's parameters.
+    Snp(SevParams),
+    /// No SEV-SNP (tests and demos): plain QEMU domains and a simulated PSP.
+    Simulated {
+        /// `kvm` or TCG.
+        kvm: bool,
+        /// Each VM's PSP socket and console log (`<domain>.psp`, `<domain>.console`).
+        run_dir: PathBuf,
+        psp: Box<dyn SimulatedPsp>,
+    },
+}
+
+/// A libvirt connection and how the host isolates its domains.
 pub struct Host {
     conn: Connect,
-    sev: SevParams,
+    iso: Isolation,
     /// How long a graceful shutdown may take before the domain is destroyed.
     pub stop_grace: Duration,
 }
@@ -71,13 +95,64 @@ impl Host {
         let sev = caps::settle(caps::reported(&caps_xml)?, configured)?;
         Ok(Host {
             conn,
-            sev,
+            iso: Isolation::Snp(sev),
             stop_grace: Duration::from_secs(60),
         })
     }
 
-    pub fn sev(&self) -> SevParams {
-        self.sev
+    /// Connects to `uri` for simulated domains (no SEV parameters are asked of the driver);
+    /// `run_dir` is created mode 0711.
+    pub fn open_simulated(
+        uri: &str,
+        kvm: bool,
+        run_dir: &Path,
+        psp: Box<dyn SimulatedPsp>,
+    ) -> Result<Host, HostError> {
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(lv("connect"))?;
+        let err = |e: std::io::Error| HostError::Disk {
+            path: run_dir.into(),
+            why: e.to_string(),
+        };
+        std::fs::create_dir_all(run_dir).map_err(err)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
+        Ok(Host {
+            conn,
+            iso: Isolation::Simulated {
+                kvm,
+                run_dir: run_dir.into(),
+                psp,
+            },
+            stop_grace: Duration::from_secs(60),
+        })
+    }
+
+    /// The SEV parameters; none on a simulated host.
+    pub fn sev(&self) -> Option<SevParams> {
+        match &self.iso {
+            Isolation::Snp(sev) => Some(*sev),
+            Isolation::Simulated { .. } => None,
+        }
+    }
+
+    /// How launches are measured here: as built on hardware; on a simulated host as its PSP
+    /// measures them.
+    pub fn firmware(&self) -> measure::Firmware {
+        match &self.iso {
+            Isolation::Snp(_) => measure::Firmware::AsBuilt,
+            Isolation::Simulated { .. } => measure::Firmware::AssumeHashesTable,
+        }
+    }
+
+    /// A simulated domain's console log (the file its serial console is written to).
+    pub fn console_log(&self, vm_id: &str) -> Option<PathBuf> {
+        match &self.iso {
+            Isolation::Simulated { run_dir, .. } => {
+                Some(run_dir.join(format!("{}.console", domain_name(vm_id))))
+            }
+            Isolation::Snp(_) => None,
+        }
     }
 
     fn lookup(&self, vm_id: &str) -> Result<Domain, HostError> {
@@ -116,8 +191,18 @@ impl Host {
         if self.conn.lookup_domain_by_name(&name).is_ok() {
             return Err(HostError::Exists(c.spec.vm_id.clone()));
         }
+        let xml = match &self.iso {
+            Isolation::Snp(sev) => domain::domain_xml(c, *sev),
+            Isolation::Simulated { kvm, run_dir, .. } => domain::simulated_domain_xml(
+                c,
+                &domain::Simulated {
+                    kvm: *kvm,
+                    psp_socket: run_dir.join(format!("{name}.psp")),
+                    console_log: run_dir.join(format!("{name}.console")),
+                },
+            ),
+        };
         blank_disk(&c.spec.disk.path, c.spec.disk.size_gib)?;
-        let xml = domain::domain_xml(c, self.sev);
         if let Err(e) = self.conn.define_domain_xml(&xml) {
             let _ = std::fs::remove_file(&c.spec.disk.path);
             return Err(lv("define")(e));
@@ -155,12 +240,33 @@ impl Host {
         let now = Host::state_of(&d)?;
         let next = lifecycle::next(now, action)?;
         match action {
-            Action::Start => d.create().map(|_| ()).map_err(lv("start"))?,
+            Action::Start => self.start(&d)?,
             Action::Reboot => d.reboot(0).map_err(lv("reboot"))?,
             Action::Stop => self.stop(&d)?,
             Action::Terminate => self.terminate(&d, now)?,
         }
         Ok(next)
+    }
+
+    /// Starts the domain; on a simulated host its PSP first measures what the domain's
+    /// definition launches (the files as they are now) and listens for it.
+    fn start(&self, d: &Domain) -> Result<(), HostError> {
+        let Isolation::Simulated { psp, .. } = &self.iso else {
+            return d.create().map(|_| ()).map_err(lv("start"));
+        };
+        let xml = d.xml_desc(0).map_err(lv("dumpxml"))?;
+        let launch = domain::simulated_launch(&xml).map_err(|why| HostError::Libvirt {
+            op: "simulated launch",
+            why,
+        })?;
+        psp.launch(&launch).map_err(|why| HostError::Libvirt {
+            op: "simulated PSP",
+            why,
+        })?;
+        d.create().map(|_| ()).map_err(|e| {
+            psp.stop(&launch.vm_id);
+            lv("start")(e)
+        })
     }
 
     fn stop(&self, d: &Domain) -> Result<(), HostError> {
@@ -179,10 +285,17 @@ impl Host {
     /// and relays it to the broker, which shreds the key.
     fn terminate(&self, d: &Domain, now: State) -> Result<(), HostError> {
         let xml = d.xml_desc(0).map_err(lv("dumpxml"))?;
+        let vm_id = self.vm_id_of(d);
         if now == State::Running {
             d.destroy().map_err(lv("destroy"))?;
         }
         d.undefine().map_err(lv("undefine"))?;
+        if let Isolation::Simulated { psp, run_dir, .. } = &self.iso
+            && let Some(id) = vm_id
+        {
+            psp.stop(&id);
+            let _ = std::fs::remove_file(run_dir.join(format!("{}.console", domain_name(&id))));
+        }
         if let Some(disk) = disk_path(&xml) {
             wipe(&disk)?;
         }

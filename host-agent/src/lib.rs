@@ -19,7 +19,8 @@
 //! IO shells: [`host`] (libvirt), [`billing`] (the durable outbox and `subxt` submission),
 //! [`state`] (the agent's database), [`credit`] (chain balance or a command), [`platform`]
 //! (chip id and TCB), [`control`] (the local socket protocol) and [`daemon`]
-//! (`attesta-host serve`).
+//! (`attesta-host serve`); with the `simulator` feature, `sim_psp` (the simulated PSP of a
+//! host without SEV-SNP, `[snp] mode = "simulated"`).
 //!
 //! Not here: the host never sees a volume key (guests format their disks with the key the
 //! broker releases to them), and never decides what may run — the operator's signed orders do.
@@ -37,6 +38,8 @@ pub mod gate;
 pub mod host;
 pub mod lifecycle;
 pub mod platform;
+#[cfg(feature = "simulator")]
+pub mod sim_psp;
 pub mod spec;
 pub mod state;
 pub mod usage;

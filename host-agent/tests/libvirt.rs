@@ -99,7 +99,7 @@ fn test_driver_reports_no_sev_so_parameters_must_be_configured() {
 fn lifecycle_on_the_test_driver() {
     let dir = tempfile::tempdir().unwrap();
     let host = Host::open("test:///default", Some(SEV)).unwrap();
-    assert_eq!(host.sev(), SEV);
+    assert_eq!(host.sev(), Some(SEV));
     let c = spec_in(dir.path(), "vm-life");
     let vm = host.create(&c).unwrap();
     assert_eq!(

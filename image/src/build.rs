@@ -363,7 +363,14 @@ pub fn build(i: &Inputs, out: &Path, progress: &dyn Fn(&str)) -> Result<Built, I
                     .map_err(|e| ImageError::Measure(format!("--vcpu-type: {e}")))?,
                 guest_features: l.guest_features,
             };
-            let d = measure::launch_digest(&spec)
+            // A simulation image may be measured with a firmware that has no hashes table
+            // (Debian's OVMF under TCG), as the simulated PSP measures it.
+            let fw = if device != "sev-guest" {
+                measure::Firmware::AssumeHashesTable
+            } else {
+                measure::Firmware::AsBuilt
+            };
+            let d = measure::launch_digest_with(&spec, fw)
                 .map_err(|e| ImageError::Measure(format!("{}: {e}", l.ovmf.display())))?;
             Some((l, hex::encode(d), sha256_hex(&ovmf)))
         }

@@ -64,7 +64,8 @@ struct BuildArgs {
     #[arg(long, value_name = "HEX", default_value = "0x1")]
     guest_features: String,
     /// Accept a guest.toml whose [device] is one of the simulator's (tests and demos only; the
-    /// manifest's `device` says which).
+    /// manifest's `device` says which). Such an image is measured as the simulated PSP does:
+    /// an --ovmf without a kernel hashes table (Debian's) as if it had edk2 AmdSev's.
     #[arg(long)]
     allow_simulator: bool,
 }

@@ -1,19 +1,27 @@
-//! A real VM through the whole system: `attesta-image` builds the image (and its measurement),
-//! the operator allows it and registers the VM with the real `attesta-kbs serve`, and Debian's
-//! cloud kernel boots it under QEMU (TCG) with the simulated PSP (`attesta-sim psp`, which
-//! measures the files QEMU is given) on a virtio-serial port. In the guest, the real
-//! `attesta-guest` attests, formats LUKS2 with the released key, dm-crypt maps it, a root file
-//! system is made on it and switched to, with the tenant's SSH key on tmpfs; the second boot
-//! unlocks the same root; a LUKS2 header the host edited to cipher_null is refused inside the
-//! guest; an initrd swapped by the host is denied; a terminated VM's next boot fails closed (a
-//! panic through pvpanic, never the root).
+//! A real VM through the whole system, every part the real binary: `attesta-image` builds the
+//! image (and its measurement), the operator allows it and signs its order, and the real
+//! `attesta-host serve` — on `qemu:///system`, `[snp] mode = "simulated"` — admits the order,
+//! registers it with the real `attesta-kbs serve`, creates the blank disk and boots Debian's
+//! cloud kernel through libvirt (TCG here) with Debian's OVMF. Its simulated PSP measures what
+//! the domain's definition launches and answers the guest over a virtio-serial channel.
+//!
+//! In the guest the real `attesta-guest` attests, formats LUKS2 with the released key, dm-crypt
+//! maps it, a root file system is made on it and switched to, with the tenant's SSH key on
+//! tmpfs; the second boot unlocks the same root. Then the miner, root on the host, attacks:
+//! a LUKS2 header edited to cipher_null is refused inside the guest; an initrd swapped in the
+//! domain's definition (behind the agent's launch gate) is measured by the PSP and denied; a VM
+//! the operator terminated at the broker fails closed when the miner boots it again (a guest
+//! panic through pvpanic: libvirt reports it crashed, never a root). Last, the agent's own
+//! terminate undefines the domain and wipes the disk.
 
 mod common;
 
 use common::{free_port, kbs, ok, sign_allowlist, start};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -39,75 +47,78 @@ impl Drop for KillOnDrop {
     }
 }
 
+const URI: &str = "qemu:///system";
 const SEED: &str = "real-vm-test";
-const VM: &str = "vm-real";
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
-/// Boots the image in `img` once with the PSP's socket `psp` and the disk `disk`; the console
-/// and QEMU's exit status.
-fn boot(img: &Path, psp: &Path, disk: &Path) -> (String, Option<i32>) {
-    let out: Output = attesta_image::qemu::command(img, disk, Some(psp), 600)
-        .unwrap()
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-c", URI])
+        .args(args)
         .output()
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        out.status.code(),
-    )
+        .unwrap()
 }
 
-/// Starts the simulated PSP for the VM launched from `img` (measuring those files with `ovmf`
-/// as the firmware); returns it with its measurement.
-fn psp(img: &Path, ovmf: &Path, socket: &Path, state: &Path) -> (KillOnDrop, String) {
-    let mut child = Command::new(sibling("attesta-sim"))
-        .arg("psp")
-        .arg("--socket")
-        .arg(socket)
-        .arg("--ovmf")
-        .arg(ovmf)
-        .arg("--kernel")
-        .arg(img.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(img.join("initrd.img"))
-        .arg("--append")
-        .arg(std::fs::read_to_string(img.join("cmdline")).unwrap())
-        .args(["--vcpus", "1", "--vcpu-type", "EPYC-Milan", "--seed", SEED])
-        .arg("--state")
-        .arg(state)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(socket.exists(), "the PSP is not listening");
-    (KillOnDrop(child), line.trim().to_string())
+/// Removes the test's domain however the test ended.
+struct Domain(String);
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.0]);
+        let _ = virsh(&["undefine", &self.0]);
+    }
+}
+
+impl Domain {
+    /// `shut off (reason)` once the domain has stopped; panics after `limit`.
+    fn wait_off(&self, limit: Duration) -> String {
+        let t = Instant::now();
+        loop {
+            let out = virsh(&["domstate", "--reason", &self.0]);
+            let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if s.starts_with("shut off") {
+                return s;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "{} still {s:?} after {limit:?}",
+                self.0
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
 }
 
 #[test]
-fn a_real_vm_boots_through_the_whole_system() {
+fn a_real_vm_boots_through_the_host_agent_and_the_whole_system() {
     let Some(kernel_dir) = std::env::var_os("ATTESTA_GUEST_KERNEL").map(PathBuf::from) else {
         return missing("ATTESTA_GUEST_KERNEL not set (bash scripts/guest-kernel.sh)");
     };
-    for bin in ["attesta-image", "attesta-sim", "attesta-guest"] {
+    for bin in ["attesta-image", "attesta-host", "attesta-guest"] {
         if !sibling(bin).exists() {
             return missing(&format!("{bin} not built (cargo build --workspace)"));
         }
     }
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return missing("qemu-system-x86_64 not installed");
+    if !Path::new(OVMF).exists() {
+        return missing("no Debian OVMF (apt-get install ovmf)");
+    }
+    match Command::new("virsh").args(["-c", URI, "version"]).output() {
+        Ok(o) if o.status.success() => {}
+        _ => {
+            return missing(
+                "libvirt's QEMU driver is not reachable at qemu:///system (scripts/test.sh starts virtlogd and libvirtd)",
+            );
+        }
     }
     let (vmlinuz, modules) = attesta_image::qemu::unpacked_kernel(&kernel_dir).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
+    // QEMU runs as libvirt's own user: it must reach the image and the disk (listing nothing).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let p = |n: &str| dir.path().join(n);
+    let vm = format!("vm-real-{}", std::process::id());
+    let domain = Domain(format!("attesta-{vm}"));
     let d = p("kbs");
     let state = p("sim-state");
     let pki = simulator::Pki::cached(
@@ -133,12 +144,13 @@ fn a_real_vm_boots_through_the_whole_system() {
     let port = listen.rsplit(':').next().unwrap();
     let response_key = std::fs::read_to_string(d.join("response.pub")).unwrap();
 
-    // The image: the guest reaches the broker at QEMU's view of the host's loopback.
+    // The image: the guest reaches the broker at QEMU's view of the host's loopback. Measured
+    // with Debian's OVMF, as the simulated PSP measures it (an assumed hashes table).
     let image = |name: &str, timeout: u32| -> (PathBuf, String) {
         std::fs::write(
             p("guest.toml"),
             format!(
-                "vm_id = \"{VM}\"\n\
+                "vm_id = \"{vm}\"\n\
                  [broker]\naddress = \"10.0.2.2:{port}\"\nserver_name = \"kbs.attesta.local\"\n\
                  ca = \"/etc/attesta/kbs-ca.crt\"\nresponse_key = \"{}\"\ntimeout_secs = {timeout}\n\
                  [disk]\npath = \"/dev/vda\"\nname = \"attesta-root\"\n\
@@ -161,14 +173,9 @@ fn a_real_vm_boots_through_the_whole_system() {
                 .arg(d.join("tls-ca.crt"))
                 .arg("--agent")
                 .arg(sibling("attesta-guest"))
-                .args([
-                    "--allow-simulator",
-                    "--append",
-                    "attesta.then=poweroff",
-                    "--ovmf",
-                ])
-                .arg(p("ovmf.fd"))
-                .args(["--vcpus", "1", "--vcpu-type", "EPYC-Milan", "--out"])
+                .args(["--allow-simulator", "--append", "attesta.then=poweroff"])
+                .args(["--ovmf", OVMF, "--vcpus", "1", "--vcpu-type", "EPYC-Milan"])
+                .arg("--out")
                 .arg(&out)
                 .output()
                 .unwrap(),
@@ -176,11 +183,10 @@ fn a_real_vm_boots_through_the_whole_system() {
         );
         (out, stdout.trim().to_string())
     };
-    std::fs::write(p("ovmf.fd"), measure::synthetic_ovmf(262_144, 7)).unwrap();
     let (img, measurement) = image("img", 30);
 
-    // The operator allows the image's measurement (as the manifest states it) and registers
-    // the VM on this chip, with the tenant's SSH key as its boot configuration.
+    // The operator allows the image's measurement (as the manifest states it) and signs the
+    // VM's orders for this chip, with the tenant's SSH key as its boot configuration.
     sign_allowlist(&d, &measurement);
     let mut toml = std::fs::read_to_string(d.join("kbs.toml")).unwrap();
     toml.push_str("allowlist = \"allowlist.signed\"\n");
@@ -196,7 +202,7 @@ fn a_real_vm_boots_through_the_whole_system() {
         let mut c = kbs();
         c.args(["order", kind, "--key"])
             .arg(d.join("operator.key"))
-            .args(["--vm-id", VM, "--tenant", "tenant-a"])
+            .args(["--vm-id", &vm, "--tenant", "tenant-a"])
             .args(&extra);
         if kind == "register" {
             c.arg("--boot-config").arg(p("ssh.pub"));
@@ -221,51 +227,111 @@ fn a_real_vm_boots_through_the_whole_system() {
     );
     let log = Arc::new(Mutex::new(String::new()));
     let _server = KillOnDrop(start(&d.join("kbs.toml"), log.clone()));
-    let remote = |cmd: &str, order: &str| {
-        ok(
-            kbs()
-                .args(["vm", cmd])
-                .arg(p(order))
-                .args(["--kbs", &listen, "--ca"])
-                .arg(d.join("tls-ca.crt"))
-                .arg("--cert")
-                .arg(p("certs/miner-1.crt"))
-                .arg("--key")
-                .arg(p("certs/miner-1.key"))
-                .output()
-                .unwrap(),
-            cmd,
-        )
-    };
-    remote("register", "register.signed");
 
-    // The host created the disk blank.
-    let disk = p("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
+    // The miner's host agent, simulated SEV-SNP on qemu:///system.
+    let operator = std::fs::read_to_string(d.join("operator.pub")).unwrap();
+    std::fs::write(
+        p("host.toml"),
+        format!(
+            "libvirt_uri = \"{URI}\"\nstate_dir = \"host-state\"\ncontrol_socket = \"host.sock\"\n\
+             operator_keys = [\"{}\"]\nstop_grace_secs = 5\npoll_secs = 1\n\
+             [snp]\nmode = \"simulated\"\nrun_dir = \"run\"\n\
+             [platform]\nkind = \"simulator\"\nseed = \"{SEED}\"\nstate_dir = \"sim-state\"\n\
+             [kbs]\naddress = \"{listen}\"\nserver_name = \"kbs.attesta.local\"\n\
+             ca = \"kbs/tls-ca.crt\"\nclient_cert = \"certs/miner-1.crt\"\n\
+             client_key = \"certs/miner-1.key\"\n",
+            operator.trim()
+        ),
+    )
+    .unwrap();
+    let mut agent = Command::new(sibling("attesta-host"))
+        .arg("serve")
+        .arg("--config")
+        .arg(p("host.toml"))
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let sock = p("psp.sock");
-    let (psp_proc, measured) = psp(&img, &p("ovmf.fd"), &sock, &state);
-    assert_eq!(
-        measured, measurement,
-        "the PSP measures what the image states"
-    );
+    let agent_log = Arc::new(Mutex::new(String::new()));
+    {
+        let log = agent_log.clone();
+        let stderr = agent.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push_str(&(l + "\n"));
+            }
+        });
+    }
+    let _agent = KillOnDrop(agent);
+    let host = |args: &[&str]| -> std::process::Output {
+        let t = Instant::now();
+        loop {
+            let out = Command::new(sibling("attesta-host"))
+                .args(args)
+                .arg("--config")
+                .arg(p("host.toml"))
+                .output()
+                .unwrap();
+            // Until the agent listens, the control socket is not there yet.
+            let waiting = String::from_utf8_lossy(&out.stderr).contains("host.sock")
+                && t.elapsed() < Duration::from_secs(30);
+            if !waiting {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let console = || std::fs::read_to_string(p(&format!("run/{}.console", domain.0))).unwrap();
+    let boot_limit = Duration::from_secs(300);
 
-    // First boot: attest, format, make the root, switch to it, keys on tmpfs.
-    let (console, code) = boot(&img, &sock, &disk);
+    let img_file = |f: &str| img.join(f).display().to_string();
+    let cmdline = std::fs::read_to_string(img.join("cmdline")).unwrap();
+    let disk = p("disk.img");
+    std::fs::write(
+        p("vm.toml"),
+        format!(
+            "vm_id = \"{vm}\"\nvcpus = 1\nmemory_mib = 512\nvcpu_type = \"EPYC-Milan\"\n\
+             user_network = true\n\
+             [boot]\novmf = \"{OVMF}\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"{}\"\n\
+             [disk]\npath = \"{}\"\nsize_gib = 1\n",
+            img_file("vmlinuz"),
+            img_file("initrd.img"),
+            cmdline.trim(),
+            disk.display()
+        ),
+    )
+    .unwrap();
+
+    // First boot: admitted, registered with the broker, the disk created blank; in the guest:
+    // attest, format, make the root, switch to it, keys on tmpfs.
+    let out = host(
+        &[
+            "vm",
+            "create",
+            "--spec",
+            p("vm.toml").to_str().unwrap(),
+            "--order",
+        ]
+        .iter()
+        .copied()
+        .chain([p("register.signed").to_str().unwrap(), "--start"])
+        .collect::<Vec<_>>(),
+    );
+    let created = ok(out, "attesta-host vm create");
+    assert!(
+        created.contains("registered with the broker") && created.contains(&measurement),
+        "{created}"
+    );
+    let how = domain.wait_off(boot_limit);
+    let c = console();
     for seen in [
         "formatted and unlocked (generation 1, boot 1) as /dev/mapper/attesta-root",
         "attesta-init: first boot: making the root file system",
         "ATTESTA-ROOT-UP boots_on_this_root=1 authorized_keys=1",
         "ATTESTA-KEYS-ON-DISK bytes=0",
     ] {
-        assert!(
-            console.contains(seen),
-            "first boot: {seen:?} missing:\n{console}"
-        );
+        assert!(c.contains(seen), "first boot: {seen:?} missing:\n{c}");
     }
-    assert_eq!(code, Some(0), "first boot powers off cleanly:\n{console}");
+    assert_eq!(how, "shut off (shutdown)", "first boot powers off:\n{c}");
     let header = std::fs::read(&disk).unwrap();
     assert_eq!(&header[..6], b"LUKS\xba\xbe", "the disk is LUKS2 now");
     assert!(
@@ -276,74 +342,115 @@ fn a_real_vm_boots_through_the_whole_system() {
     );
 
     // Second boot: the same root, unlocked (not formatted again).
-    let (console, code) = boot(&img, &sock, &disk);
+    ok(host(&["vm", "start", &vm]), "attesta-host vm start");
+    let how = domain.wait_off(boot_limit);
+    let c = console();
     assert!(
-        console.contains("unlocked (generation 1, boot 2)")
-            && !console.contains("formatted and unlocked")
-            && console.contains("ATTESTA-ROOT-UP boots_on_this_root=2 authorized_keys=1")
-            && console.contains("ATTESTA-KEYS-ON-DISK bytes=0"),
-        "second boot:\n{console}"
+        c.contains("unlocked (generation 1, boot 2)")
+            && !c.contains("formatted and unlocked")
+            && c.contains("ATTESTA-ROOT-UP boots_on_this_root=2 authorized_keys=1")
+            && c.contains("ATTESTA-KEYS-ON-DISK bytes=0"),
+        "second boot:\n{c}"
     );
-    assert_eq!(code, Some(0), "{console}");
+    assert_eq!(how, "shut off (shutdown)", "{c}");
 
-    // The host edits the LUKS2 header to cipher_null (checksums fixed) on a copy of the disk:
-    // the key is released, and the guest refuses the disk before activating anything.
-    let tampered = p("tampered.img");
-    std::fs::copy(&disk, &tampered).unwrap();
-    let meta = std::fs::read(&tampered).unwrap();
-    let forged = guest_agent::header::forge_json_edit(&meta, |t| {
+    // The miner edits the LUKS2 header to cipher_null (checksums fixed): the key is released,
+    // and the guest refuses the disk before activating anything.
+    let saved = std::fs::read(&disk).unwrap();
+    let forged = guest_agent::header::forge_json_edit(&saved, |t| {
         *t = t.replacen("\"aes-xts-plain64\"", "\"cipher_null-ecb\"", 2)
     })
     .unwrap();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&tampered)
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     std::io::Write::write_all(&mut f, &forged).unwrap();
     drop(f);
-    let (console, code) = boot(&img, &sock, &tampered);
+    ok(host(&["vm", "start", &vm]), "attesta-host vm start");
+    let how = domain.wait_off(boot_limit);
+    let c = console();
     assert!(
-        console.contains(
+        c.contains(
             "refusing the LUKS2 header: the header names the data cipher \"cipher_null-ecb\""
-        ) && console.contains("attesta-init: FAILED (fail closed)")
-            && !console.contains("ATTESTA-ROOT-UP"),
-        "tampered header:\n{console}"
+        ) && c.contains("attesta-init: FAILED (fail closed)")
+            && !c.contains("ATTESTA-ROOT-UP"),
+        "tampered header:\n{c}"
     );
-    assert_eq!(code, Some(1), "{console}");
-    drop(psp_proc);
+    assert_eq!(how, "shut off (crashed)", "a panic through pvpanic:\n{c}");
+    std::fs::write(&disk, &saved).unwrap();
 
-    // The host swaps the initrd (another configuration in it): the PSP measures what is
-    // launched, the broker denies it, and the guest stops.
+    // The miner swaps the initrd in the domain's definition, behind the agent's launch gate
+    // (which measures the spec): the PSP measures what the domain launches, the broker denies.
     let (swapped, other) = image("swapped", 31);
     assert_ne!(other, measurement);
-    let mut mixed = img.clone();
-    mixed.set_file_name("mixed");
-    std::fs::create_dir_all(&mixed).unwrap();
-    for f in ["vmlinuz", "cmdline"] {
-        std::fs::copy(img.join(f), mixed.join(f)).unwrap();
-    }
-    std::fs::copy(swapped.join("initrd.img"), mixed.join("initrd.img")).unwrap();
-    let (_psp2, measured) = psp(&mixed, &p("ovmf.fd"), &sock, &state);
-    assert_eq!(measured, other);
-    let (console, code) = boot(&mixed, &sock, &disk);
-    assert!(
-        console.contains("measurement_not_allowed")
-            && console.contains("attesta-init: FAILED (fail closed)")
-            && !console.contains("ATTESTA-ROOT-UP"),
-        "swapped initrd:\n{console}"
+    let original = String::from_utf8(virsh(&["dumpxml", "--inactive", &domain.0]).stdout).unwrap();
+    let edited = original.replace(
+        &img_file("initrd.img"),
+        &swapped.join("initrd.img").display().to_string(),
     );
-    assert_eq!(code, Some(1), "{console}");
-    drop(_psp2);
+    assert_ne!(edited, original);
+    std::fs::write(p("edited.xml"), &edited).unwrap();
+    let defined = virsh(&["define", p("edited.xml").to_str().unwrap()]);
+    assert!(defined.status.success(), "{defined:?}");
+    ok(host(&["vm", "start", &vm]), "attesta-host vm start");
+    let how = domain.wait_off(boot_limit);
+    let c = console();
+    assert!(
+        c.contains("measurement_not_allowed")
+            && c.contains("attesta-init: FAILED (fail closed)")
+            && !c.contains("ATTESTA-ROOT-UP"),
+        "swapped initrd:\n{c}"
+    );
+    assert_eq!(how, "shut off (crashed)", "{c}");
+    assert!(
+        agent_log.lock().unwrap().contains(&other),
+        "the PSP measured the swapped launch:\n{}",
+        agent_log.lock().unwrap()
+    );
+    std::fs::write(p("original.xml"), &original).unwrap();
+    let defined = virsh(&["define", p("original.xml").to_str().unwrap()]);
+    assert!(defined.status.success(), "{defined:?}");
 
-    // Terminated: the key is gone, the next boot fails closed.
-    remote("terminate", "terminate.signed");
-    let (_psp3, _) = psp(&img, &p("ovmf.fd"), &sock, &state);
-    let (console, code) = boot(&img, &sock, &disk);
-    assert!(
-        console.contains("vm_terminated")
-            && console.contains("attesta-init: FAILED (fail closed)")
-            && !console.contains("ATTESTA-ROOT-UP"),
-        "terminated:\n{console}"
+    // The operator terminates the VM at the broker; the miner boots it again: it fails closed.
+    ok(
+        kbs()
+            .args(["vm", "terminate"])
+            .arg(p("terminate.signed"))
+            .args(["--kbs", &listen, "--ca"])
+            .arg(d.join("tls-ca.crt"))
+            .arg("--cert")
+            .arg(p("certs/miner-1.crt"))
+            .arg("--key")
+            .arg(p("certs/miner-1.key"))
+            .output()
+            .unwrap(),
+        "terminate at the broker",
     );
-    assert_eq!(code, Some(1), "{console}");
+    ok(host(&["vm", "start", &vm]), "attesta-host vm start");
+    let how = domain.wait_off(boot_limit);
+    let c = console();
+    assert!(
+        c.contains("vm_terminated")
+            && c.contains("attesta-init: FAILED (fail closed)")
+            && !c.contains("ATTESTA-ROOT-UP"),
+        "terminated:\n{c}"
+    );
+    assert_eq!(how, "shut off (crashed)", "{c}");
+
+    // The agent's terminate: the broker has nothing left to shred; the domain is undefined and
+    // the disk wiped and removed.
+    let out = ok(
+        host(&[
+            "vm",
+            "terminate",
+            &vm,
+            "--order",
+            p("terminate.signed").to_str().unwrap(),
+        ]),
+        "attesta-host vm terminate",
+    );
+    assert!(out.contains("terminated"), "{out}");
+    assert!(!disk.exists(), "the disk is wiped and removed");
+    assert!(
+        !virsh(&["dominfo", &domain.0]).status.success(),
+        "the domain is undefined"
+    );
 }

@@ -401,9 +401,26 @@ pub fn parse_guest_features(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("--guest-features {s:?}: {e}"))
 }
 
-/// Reads the files and computes their launch digest; errors say which input was wrong. Shared
-/// by `attesta-sim measure` and `attesta-host measure`, whose output must be identical.
-pub fn digest_of_files(f: &LaunchFiles<'_>) -> Result<[u8; 48], String> {
+/// How the firmware's SEV metadata is taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Firmware {
+    /// As built: a direct boot needs the firmware's own SNP_KERNEL_HASHES section. What real
+    /// SEV-SNP hardware measures; the only choice for a production launch.
+    #[default]
+    AsBuilt,
+    /// For simulated platforms only (no SNP hardware, e.g. Debian's OVMF under TCG): a firmware
+    /// without a kernel hashes section is measured as if it had edk2 AmdSev's, one page at
+    /// [`ASSUMED_HASHES_GPA`] carved out of the pre-validated memory there. Such a firmware
+    /// never checks the hashes itself; the simulated PSP's measurement still covers the kernel,
+    /// initrd and command line, so a host that swaps one is denied.
+    AssumeHashesTable,
+}
+
+/// Where edk2's AmdSev build keeps the SEV hashes table (its SNP_KERNEL_HASHES section).
+pub const ASSUMED_HASHES_GPA: u32 = 0x80_f000;
+
+/// As [`digest_of_files`], with the firmware taken as `fw` says.
+pub fn digest_of_files_with(f: &LaunchFiles<'_>, fw: Firmware) -> Result<[u8; 48], String> {
     let read = |p: &std::path::Path, what: &str| {
         std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
     };
@@ -419,17 +436,67 @@ pub fn digest_of_files(f: &LaunchFiles<'_>) -> Result<[u8; 48], String> {
         vcpu_sig: vcpu_sig(f.vcpu_type).map_err(|e| format!("--vcpu-type: {e}"))?,
         guest_features: f.guest_features,
     };
-    launch_digest(&spec).map_err(|e| format!("{}: {e}", f.ovmf.display()))
+    launch_digest_with(&spec, fw).map_err(|e| format!("{}: {e}", f.ovmf.display()))
+}
+
+/// Reads the files and computes their launch digest; errors say which input was wrong. Shared
+/// by `attesta-sim measure` and `attesta-host measure`, whose output must be identical.
+pub fn digest_of_files(f: &LaunchFiles<'_>) -> Result<[u8; 48], String> {
+    digest_of_files_with(f, Firmware::AsBuilt)
 }
 
 /// The launch digest (MEASUREMENT) the firmware will report for this launch.
 pub fn launch_digest(spec: &LaunchSpec<'_>) -> Result<[u8; 48], MeasureError> {
+    launch_digest_with(spec, Firmware::AsBuilt)
+}
+
+/// The sections with a kernel hashes page carved out at [`ASSUMED_HASHES_GPA`] (see
+/// [`Firmware::AssumeHashesTable`]); unchanged when the firmware has its own.
+fn assume_hashes_table(
+    sections: &[(u32, u32, Section)],
+) -> Result<Vec<(u32, u32, Section)>, MeasureError> {
+    if sections.iter().any(|s| s.2 == Section::KernelHashes) {
+        return Ok(sections.to_vec());
+    }
+    let page = PAGE as u32;
+    let mut out = Vec::with_capacity(sections.len() + 1);
+    let mut placed = false;
+    for &(gpa, size, kind) in sections {
+        let end = u64::from(gpa) + u64::from(size);
+        if kind == Section::SecMem
+            && gpa <= ASSUMED_HASHES_GPA
+            && u64::from(ASSUMED_HASHES_GPA) + u64::from(page) <= end
+        {
+            if gpa < ASSUMED_HASHES_GPA {
+                out.push((gpa, ASSUMED_HASHES_GPA - gpa, Section::SecMem));
+            }
+            out.push((ASSUMED_HASHES_GPA, page, Section::KernelHashes));
+            let after = ASSUMED_HASHES_GPA + page;
+            if u64::from(after) < end {
+                out.push((after, (end - u64::from(after)) as u32, Section::SecMem));
+            }
+            placed = true;
+        } else {
+            out.push((gpa, size, kind));
+        }
+    }
+    if !placed {
+        return Err(MeasureError::NoKernelHashes);
+    }
+    Ok(out)
+}
+
+/// As [`launch_digest`], with the firmware taken as `fw` says.
+pub fn launch_digest_with(spec: &LaunchSpec<'_>, fw: Firmware) -> Result<[u8; 48], MeasureError> {
     if spec.vcpus == 0 {
         return Err(MeasureError::NoVcpus);
     }
-    let ovmf = Ovmf::parse(spec.ovmf)?;
+    let mut ovmf = Ovmf::parse(spec.ovmf)?;
     if ovmf.sections.is_empty() {
         return Err(MeasureError::NoMetadata);
+    }
+    if fw == Firmware::AssumeHashesTable && spec.kernel.is_some() {
+        ovmf.sections = assume_hashes_table(&ovmf.sections)?;
     }
     let mut g = Gctx::default();
     g.normal_pages(ovmf.gpa(), spec.ovmf);
@@ -543,6 +610,81 @@ mod tests {
         assert_eq!(vcpu_sig("EPYC-Genoa"), Ok(cpu_sig(25, 17, 0)));
         assert!(vcpu_sig("Pentium").is_err());
         assert_eq!(hashes_table(b"k", None, None).len(), 176);
+    }
+
+    #[test]
+    fn a_missing_hashes_table_is_carved_where_amdsev_keeps_it() {
+        // Debian's OVMF.fd (OvmfPkgX64): pre-validated memory runs on through 0x80f000.
+        let debian = [
+            (0x80_0000, 0x9000, Section::SecMem),
+            (0x80_d000, 0x1000, Section::Secrets),
+            (0x80_f000, 0x11000, Section::SecMem),
+        ];
+        assert_eq!(
+            assume_hashes_table(&debian).unwrap(),
+            vec![
+                (0x80_0000, 0x9000, Section::SecMem),
+                (0x80_d000, 0x1000, Section::Secrets),
+                (0x80_f000, 0x1000, Section::KernelHashes),
+                (0x81_0000, 0x10000, Section::SecMem),
+            ]
+        );
+        let elsewhere = [(0x90_0000, 0x9000, Section::SecMem)];
+        assert_eq!(
+            assume_hashes_table(&elsewhere),
+            Err(MeasureError::NoKernelHashes)
+        );
+        let own = [(0x70_0000, 0x1000, Section::KernelHashes)];
+        assert_eq!(assume_hashes_table(&own).unwrap(), own.to_vec());
+    }
+
+    #[test]
+    fn only_a_simulated_platform_assumes_the_hashes_table() {
+        // The synthetic image with its kernel hashes section turned into plain memory.
+        let mut img = synthetic_ovmf(64 * 1024, 7);
+        let o = Ovmf::parse(&img).unwrap();
+        assert!(o.sections.iter().any(|s| s.2 == Section::KernelHashes));
+        let entry = [0x00, 0xf0, 0x80, 0, 0, 0x10, 0, 0, 0x10, 0, 0, 0];
+        let at = img.windows(12).position(|w| w == entry).unwrap();
+        img[at + 8] = 1;
+        let spec = LaunchSpec {
+            ovmf: &img,
+            kernel: Some(b"kernel"),
+            initrd: Some(b"initrd"),
+            cmdline: Some("console=ttyS0"),
+            vcpus: 1,
+            vcpu_sig: 0,
+            guest_features: 1,
+        };
+        assert_eq!(launch_digest(&spec), Err(MeasureError::NoKernelHashes));
+        let a = launch_digest_with(&spec, Firmware::AssumeHashesTable).unwrap();
+        let swapped = LaunchSpec {
+            initrd: Some(b"initrd from the host"),
+            ..spec.clone()
+        };
+        let b = launch_digest_with(&swapped, Firmware::AssumeHashesTable).unwrap();
+        assert_ne!(a, b, "the initrd is measured through the assumed table");
+        // Without a kernel nothing is assumed: both ways agree.
+        let no_kernel = LaunchSpec {
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            ..spec
+        };
+        assert_eq!(
+            launch_digest(&no_kernel).unwrap(),
+            launch_digest_with(&no_kernel, Firmware::AssumeHashesTable).unwrap()
+        );
+        // A firmware with its own table is measured as built either way.
+        let real = synthetic_ovmf(64 * 1024, 7);
+        let with_own = LaunchSpec {
+            ovmf: &real,
+            ..swapped
+        };
+        assert_eq!(
+            launch_digest(&with_own).unwrap(),
+            launch_digest_with(&with_own, Firmware::AssumeHashesTable).unwrap()
+        );
     }
 
     #[test]

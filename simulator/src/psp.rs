@@ -193,6 +193,53 @@ pub fn serve(
     Ok(served)
 }
 
+/// One launched guest's simulated PSP, listening on a Unix socket (QEMU's chardev connects
+/// to it) until dropped. Each connection is served in turn: a VM stopped and started again
+/// reconnects, and is answered for the launch it was started with.
+pub struct Server {
+    socket: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Server {
+    /// Binds `socket` (replacing a stale one) and serves `launch` on `chip` from a thread.
+    pub fn start(
+        chip: crate::Chip,
+        launch: crate::GuestLaunch,
+        socket: &std::path::Path,
+    ) -> Result<Server, String> {
+        let _ = std::fs::remove_file(socket);
+        let listener = std::os::unix::net::UnixListener::bind(socket)
+            .map_err(|e| format!("simulated PSP socket {}: {e}", socket.display()))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            let guest = chip.launch(launch);
+            for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { break };
+                // A channel that breaks mid-frame ends that connection only.
+                let _ = serve(&guest, &mut conn);
+            }
+        });
+        Ok(Server {
+            socket: socket.to_path_buf(),
+            stop,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Tell the accepting thread to end, and wake it with a connection of our own.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 /// Asks over `channel` (the guest's side).
 pub fn ask(
     channel: &mut (impl Read + Write),

@@ -11,7 +11,6 @@ use proto::order::{Allowlist, ORDER_VERSION, OrderKind};
 use serde_bytes::ByteBuf;
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki};
 use std::io::BufRead;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -117,9 +116,8 @@ impl Parts {
 
 /// A simulated PSP for one launch, serving on `socket` until dropped: measures the files.
 struct Psp {
-    socket: PathBuf,
     measurement: [u8; 48],
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    _server: simulator::psp::Server,
 }
 
 impl Psp {
@@ -140,41 +138,16 @@ impl Psp {
             vcpu_type: "EPYC-Milan",
             guest_features: 1,
         })?;
-        let _ = std::fs::remove_file(socket);
-        let listener =
-            UnixListener::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
         let chip = Chip::new(root.clone(), chip.clone()).map_err(|e| e.to_string())?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        std::thread::spawn(move || {
-            let guest = chip.launch(GuestLaunch {
-                measurement,
-                policy: 0x30000,
-                ..Default::default()
-            });
-            // One VM: serve its connections until the socket is removed (the scene's end).
-            for conn in listener.incoming() {
-                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(mut conn) = conn else { break };
-                let _ = simulator::psp::serve(&guest, &mut conn);
-            }
-        });
-        Ok(Psp {
-            socket: socket.to_path_buf(),
+        let launch = GuestLaunch {
             measurement,
-            stop,
+            policy: 0x30000,
+            ..Default::default()
+        };
+        Ok(Psp {
+            measurement,
+            _server: simulator::psp::Server::start(chip, launch, socket)?,
         })
-    }
-}
-
-impl Drop for Psp {
-    fn drop(&mut self) {
-        // Tell the accepting thread to end, and wake it with a connection.
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
-        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
