@@ -29,6 +29,12 @@ if [ -z "${ATTESTA_GUEST_KERNEL:-}" ]; then
     unset ATTESTA_GUEST_KERNEL
   fi
 fi
+# libvirt's QEMU driver for the host agent's real VMs (qemu:///system).
+if bash scripts/libvirt-up.sh; then
+  log "libvirt: qemu:///system reachable"
+else
+  log "libvirt not reachable: the host agent's real-VM test will skip (and fail when CI=true)"
+fi
 export CARGO_TERM_COLOR=never
 # Incremental caches double the size of the debug target and buy nothing in a one-shot run.
 export CARGO_INCREMENTAL=0

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Starts libvirt's QEMU driver daemons (virtlogd, libvirtd) where they are not running and no
+# service manager starts them (systemd is not PID 1 in containers); exits non-zero, saying
+# why, if qemu:///system still cannot be reached. Idempotent.
+set -euo pipefail
+if virsh -c qemu:///system version >/dev/null 2>&1; then
+  exit 0
+fi
+command -v libvirtd >/dev/null || { echo "libvirt-up: libvirtd not installed (bash scripts/setup.sh)" >&2; exit 1; }
+pgrep -x virtlogd >/dev/null || virtlogd -d
+pgrep -x libvirtd >/dev/null || libvirtd -d
+for _ in $(seq 1 50); do
+  virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+  sleep 0.2
+done
+echo "libvirt-up: qemu:///system is not reachable after starting libvirtd" >&2
+exit 1
