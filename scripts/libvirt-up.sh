@@ -3,7 +3,8 @@
 # service manager starts them (systemd is not PID 1 in containers); exits non-zero, saying
 # why, if qemu:///system still cannot be reached. Idempotent.
 set -euo pipefail
-if virsh -c qemu:///system version >/dev/null 2>&1; then
+# libvirtd answers without virtlogd, but QEMU domains need it to start: check both.
+if pgrep -x virtlogd >/dev/null && virsh -c qemu:///system version >/dev/null 2>&1; then
   exit 0
 fi
 command -v libvirtd >/dev/null || { echo "libvirt-up: libvirtd not installed (bash scripts/setup.sh)" >&2; exit 1; }

@@ -119,8 +119,19 @@ impl Daemon {
             cfg!(feature = "simulator"),
             &cfg.platform,
         )?;
+        if cfg!(feature = "simulator") {
+            // A workspace-wide build unifies features: say so where a miner will look.
+            tracing::warn!(
+                "this attesta-host is built with the test-only `simulator` feature; build production agents with `cargo build --release -p host-agent`"
+            );
+        }
         let simulated = match cfg.snp.mode {
             SnpMode::Hardware => None,
+            SnpMode::Simulated if over.is_some() => {
+                return Err(
+                    "[sev] sets SEV-SNP parameters, which [snp] mode = \"simulated\" does not use: remove one".into(),
+                );
+            }
             SnpMode::Simulated => {
                 let kvm = cfg.snp.accel.kvm(
                     Path::new("/dev/kvm").exists(),

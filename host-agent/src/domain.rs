@@ -289,13 +289,34 @@ pub struct SimulatedLaunch {
     pub psp_socket: std::path::PathBuf,
 }
 
-/// Reads a simulated domain's launch from its XML; errors name what is missing.
+/// Reads a simulated domain's launch from its XML; errors name what is wrong.
+///
+/// Only the schema's own positions count (`/domain/os/loader|kernel|initrd|cmdline`,
+/// `/domain/vcpu`, `/domain/cpu/model`, `/domain/devices/channel`), each at most once: a
+/// decoy element elsewhere (a `<kernel>` inside the metadata, say) is not what QEMU boots.
+/// Namespaced elements outside `<metadata>` (`qemu:commandline`, `qemu:override`) can launch
+/// something else than the definition says, so a domain carrying one is refused.
 pub fn simulated_launch(xml: &str) -> Result<SimulatedLaunch, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
-    let el = |name: &str| doc.descendants().find(|n| n.tag_name().name() == name);
-    let text = |name: &str| el(name).and_then(|n| n.text()).map(str::trim);
-    let meta = doc
-        .descendants()
+    let domain = doc.root_element();
+    if domain.tag_name().name() != "domain" || domain.tag_name().namespace().is_some() {
+        return Err("not a domain definition".into());
+    }
+    let metadata =
+        only(domain, "metadata")?.ok_or("no metadata: not one of the agent's domains")?;
+    if let Some(foreign) = domain.descendants().find(|n| {
+        n.is_element()
+            && n.tag_name().namespace().is_some()
+            && !n.ancestors().any(|a| a == metadata)
+    }) {
+        return Err(format!(
+            "the definition carries <{}> from namespace {}: a simulated domain launches only what its schema says",
+            foreign.tag_name().name(),
+            foreign.tag_name().namespace().unwrap_or_default()
+        ));
+    }
+    let meta = metadata
+        .children()
         .find(|n| n.tag_name().name() == "vm" && n.tag_name().namespace() == Some(METADATA_NS))
         .ok_or("no attesta metadata: not one of the agent's domains")?;
     let vm_id = meta
@@ -318,32 +339,79 @@ pub fn simulated_launch(xml: &str) -> Result<SimulatedLaunch, String> {
         "" => {}
         h => hex::decode_to_slice(h, &mut host_data).map_err(|e| format!("host-data: {e}"))?,
     }
-    let psp_socket = doc
-        .descendants()
-        .filter(|n| n.tag_name().name() == "channel")
-        .find(|n| {
-            n.children()
+    let os = only(domain, "os")?.ok_or("no os element")?;
+    if only(os, "nvram")?.is_some() {
+        return Err("firmware variables (os/nvram) are outside the measurement".into());
+    }
+    let os_text = |name: &str| -> Result<Option<&str>, String> {
+        Ok(only(os, name)?.map(|n| n.text().unwrap_or("").trim()))
+    };
+    let vcpu = only(domain, "vcpu")?.ok_or("no vcpu count")?;
+    let vcpus: u32 = vcpu
+        .text()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or("vcpu: not a count")?;
+    if vcpu
+        .attribute("current")
+        .is_some_and(|c| c.trim().parse() != Ok(vcpus))
+    {
+        return Err("vcpu: fewer vCPUs at start than defined".into());
+    }
+    let cpu = only(domain, "cpu")?.ok_or("no cpu element")?;
+    let vcpu_type = only(cpu, "model")?
+        .and_then(|n| n.text())
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .ok_or("no cpu model")?
+        .to_string();
+    let devices = only(domain, "devices")?.ok_or("no devices")?;
+    let mut psp = devices.children().filter(|n| {
+        n.tag_name().name() == "channel"
+            && n.children()
                 .any(|t| t.tag_name().name() == "target" && t.attribute("name") == Some(PSP_PORT))
-        })
-        .and_then(|n| n.children().find(|c| c.tag_name().name() == "source"))
+    });
+    let channel = psp.next().ok_or("no PSP channel")?;
+    if psp.next().is_some() {
+        return Err("two PSP channels".into());
+    }
+    let psp_socket = only(channel, "source")?
         .and_then(|n| n.attribute("path"))
-        .ok_or("no PSP channel")?
+        .ok_or("the PSP channel has no socket path")?
         .into();
     Ok(SimulatedLaunch {
         vm_id,
-        firmware: text("loader").ok_or("no firmware (os/loader)")?.into(),
-        kernel: text("kernel").map(Into::into),
-        initrd: text("initrd").map(Into::into),
-        cmdline: text("cmdline").map(str::to_string),
-        vcpus: text("vcpu")
-            .and_then(|v| v.parse().ok())
-            .ok_or("no vcpu count")?,
-        vcpu_type: text("model").ok_or("no cpu model")?.to_string(),
+        firmware: os_text("loader")?
+            .filter(|l| !l.is_empty())
+            .ok_or("no firmware (os/loader)")?
+            .into(),
+        kernel: os_text("kernel")?.map(Into::into),
+        initrd: os_text("initrd")?.map(Into::into),
+        cmdline: os_text("cmdline")?.map(str::to_string),
+        vcpus,
+        vcpu_type,
         policy: hex_u64("policy")?,
         guest_features: hex_u64("guest-features")?,
         host_data,
         psp_socket,
     })
+}
+
+/// `parent`'s child element `name` (without a namespace), refusing a second one.
+fn only<'a, 'i>(
+    parent: roxmltree::Node<'a, 'i>,
+    name: &str,
+) -> Result<Option<roxmltree::Node<'a, 'i>>, String> {
+    let mut it = parent.children().filter(|n| {
+        n.is_element() && n.tag_name().namespace().is_none() && n.tag_name().name() == name
+    });
+    let first = it.next();
+    if it.next().is_some() {
+        return Err(format!(
+            "two <{name}> elements in <{}>",
+            parent.tag_name().name()
+        ));
+    }
+    Ok(first)
 }
 
 #[cfg(test)]
@@ -459,6 +527,68 @@ mod tests {
             both.check().unwrap_err(),
             crate::spec::SpecError::TwoNetworks
         );
+    }
+
+    #[test]
+    fn a_simulated_launch_is_read_only_where_qemu_reads_it() {
+        let mut s = example().spec;
+        s.network = None;
+        s.user_network = true;
+        let c = s.check().unwrap();
+        let sim = Simulated {
+            kvm: false,
+            psp_socket: "/run/attesta/psp/vm-1.sock".into(),
+            console_log: "/var/log/attesta/vm-1.console".into(),
+        };
+        let x = simulated_domain_xml(&c, &sim);
+        let good = simulated_launch(&x).unwrap();
+        // A decoy kernel inside the metadata is not what QEMU boots: the real one is measured.
+        let decoy = x.replace(
+            "</attesta:vm>",
+            "<kernel>/decoy/vmlinuz</kernel><os><initrd>/decoy/initrd</initrd></os></attesta:vm>",
+        );
+        assert_eq!(simulated_launch(&decoy).unwrap(), good);
+        // QEMU arguments of libvirt's qemu namespace could load another initrd: refused.
+        let qemu_ns = x
+            .replace(
+                "<domain type='qemu'>",
+                "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+            )
+            .replace(
+                "</devices>",
+                "</devices><qemu:commandline><qemu:arg value='-initrd'/><qemu:arg value='/evil'/></qemu:commandline>",
+            );
+        let err = simulated_launch(&qemu_ns).unwrap_err();
+        assert!(err.contains("commandline"), "{err}");
+        // Two kernels, a second PSP channel, fewer vCPUs at start, firmware variables: refused.
+        let k = c.spec.boot.kernel.as_ref().unwrap().display().to_string();
+        let two_kernels = x.replace("</os>", &format!("<kernel>{k}</kernel></os>"));
+        assert!(
+            simulated_launch(&two_kernels)
+                .unwrap_err()
+                .contains("two <kernel>")
+        );
+        let a = x.find("<channel").unwrap();
+        let b = x.find("</channel>").unwrap() + "</channel>".len();
+        let two_psps = x.replace("</devices>", &format!("{}</devices>", &x[a..b]));
+        assert!(simulated_launch(&two_psps).unwrap_err().contains("two PSP"));
+        let current = x.replace(
+            "<vcpu placement='static'>",
+            "<vcpu placement='static' current='1'>",
+        );
+        assert!(
+            simulated_launch(&current)
+                .unwrap_err()
+                .contains("fewer vCPUs")
+        );
+        let nvram = x.replace("</os>", "<nvram>/var/lib/vars.fd</nvram></os>");
+        assert!(simulated_launch(&nvram).unwrap_err().contains("nvram"));
+        // A root that is not a domain, or a domain without our metadata, is not ours.
+        assert!(simulated_launch("<attesta/>").is_err());
+        let a = x.find("<metadata>").unwrap();
+        let b = x.find("</metadata>").unwrap() + "</metadata>".len();
+        let no_meta = format!("{}{}", &x[..a], &x[b..]);
+        assert!(simulated_launch(&no_meta).unwrap_err().contains("metadata"));
     }
 
     #[test]

@@ -101,7 +101,8 @@ impl Host {
     }
 
     /// Connects to `uri` for simulated domains (no SEV parameters are asked of the driver);
-    /// `run_dir` is created mode 0711.
+    /// `run_dir` is created mode 0711 (QEMU, another user, must reach the sockets in it); an
+    /// existing folder keeps the mode its owner gave it.
     pub fn open_simulated(
         uri: &str,
         kvm: bool,
@@ -114,9 +115,12 @@ impl Host {
             path: run_dir.into(),
             why: e.to_string(),
         };
-        std::fs::create_dir_all(run_dir).map_err(err)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
+        if !run_dir.is_dir() {
+            std::fs::create_dir_all(run_dir).map_err(err)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(err)?;
+        }
         Ok(Host {
             conn,
             iso: Isolation::Simulated {
@@ -240,7 +244,7 @@ impl Host {
         let now = Host::state_of(&d)?;
         let next = lifecycle::next(now, action)?;
         match action {
-            Action::Start => self.start(&d)?,
+            Action::Start => self.start(vm_id, &d)?,
             Action::Reboot => d.reboot(0).map_err(lv("reboot"))?,
             Action::Stop => self.stop(&d)?,
             Action::Terminate => self.terminate(&d, now)?,
@@ -250,15 +254,27 @@ impl Host {
 
     /// Starts the domain; on a simulated host its PSP first measures what the domain's
     /// definition launches (the files as they are now) and listens for it.
-    fn start(&self, d: &Domain) -> Result<(), HostError> {
-        let Isolation::Simulated { psp, .. } = &self.iso else {
+    fn start(&self, vm_id: &str, d: &Domain) -> Result<(), HostError> {
+        let Isolation::Simulated { psp, run_dir, .. } = &self.iso else {
             return d.create().map(|_| ()).map_err(lv("start"));
         };
         let xml = d.xml_desc(0).map_err(lv("dumpxml"))?;
-        let launch = domain::simulated_launch(&xml).map_err(|why| HostError::Libvirt {
+        let refused = |why: String| HostError::Libvirt {
             op: "simulated launch",
             why,
-        })?;
+        };
+        let launch = domain::simulated_launch(&xml).map_err(refused)?;
+        // A definition edited behind the agent's back must not make the PSP listen (or
+        // replace a socket) anywhere but this VM's own place, nor serve another VM's id.
+        let socket = run_dir.join(format!("{}.psp", domain_name(vm_id)));
+        if launch.vm_id != vm_id || launch.psp_socket != socket {
+            return Err(refused(format!(
+                "the definition names VM {} and PSP socket {}; VM {vm_id}'s are {}",
+                launch.vm_id,
+                launch.psp_socket.display(),
+                socket.display()
+            )));
+        }
         psp.launch(&launch).map_err(|why| HostError::Libvirt {
             op: "simulated PSP",
             why,

@@ -135,6 +135,10 @@ struct AdmitArgs {
     /// An operator's order-signing public key (hex Ed25519); repeat for several.
     #[arg(long = "operator-key", value_name = "HEX", required = true)]
     operator_keys: Vec<String>,
+    /// Measure as a host in `[snp] mode = "simulated"` does: a firmware without an SEV hashes
+    /// table (Debian's OVMF) as if it had one. Never what SNP hardware measures.
+    #[arg(long)]
+    simulated: bool,
 }
 
 #[derive(Subcommand)]
@@ -250,7 +254,13 @@ fn admit(a: &AdmitArgs) -> Result<(), String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let ok = host_agent::gate::admit(&c, &doc, &keys, now).map_err(|e| e.to_string())?;
+    let firmware = if a.simulated {
+        measure::Firmware::AssumeHashesTable
+    } else {
+        measure::Firmware::AsBuilt
+    };
+    let ok =
+        host_agent::gate::admit_with(&c, &doc, &keys, now, firmware).map_err(|e| e.to_string())?;
     println!("admitted: {} may launch with measurement", ok.order.vm_id);
     println!("{}", hex::encode(ok.digest));
     Ok(())

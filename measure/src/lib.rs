@@ -413,6 +413,10 @@ pub enum Firmware {
     /// [`ASSUMED_HASHES_GPA`] carved out of the pre-validated memory there. Such a firmware
     /// never checks the hashes itself; the simulated PSP's measurement still covers the kernel,
     /// initrd and command line, so a host that swaps one is denied.
+    ///
+    /// A measurement computed this way must never be allowed for a broker that trusts AMD's
+    /// roots: on real hardware that firmware would boot any kernel the host hands it while
+    /// reporting this measurement.
     AssumeHashesTable,
 }
 

@@ -193,50 +193,86 @@ pub fn serve(
     Ok(served)
 }
 
-/// One launched guest's simulated PSP, listening on a Unix socket (QEMU's chardev connects
-/// to it) until dropped. Each connection is served in turn: a VM stopped and started again
-/// reconnects, and is answered for the launch it was started with.
+/// One launched guest's simulated PSP, listening on a Unix socket until QEMU's chardev
+/// connects. It serves exactly that one connection (the launch's QEMU process, across guest
+/// reboots inside it) and unlinks the socket once it is taken, so no later client reaches this
+/// launch's PSP; a VM stopped and started again gets a new launch and a new server. Dropping
+/// the server ends it, the connection included.
 pub struct Server {
     socket: std::path::PathBuf,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conn: std::sync::Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>,
 }
 
 impl Server {
-    /// Binds `socket` (replacing a stale one) and serves `launch` on `chip` from a thread.
+    /// Binds `socket` (replacing a stale socket there, nothing else) and serves `launch` on
+    /// `chip` from a thread.
     pub fn start(
         chip: crate::Chip,
         launch: crate::GuestLaunch,
         socket: &std::path::Path,
     ) -> Result<Server, String> {
-        let _ = std::fs::remove_file(socket);
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::symlink_metadata(socket) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(socket)
+                .map_err(|e| format!("stale PSP socket {}: {e}", socket.display()))?,
+            Ok(_) => {
+                return Err(format!(
+                    "{} exists and is not a socket: not replaced",
+                    socket.display()
+                ));
+            }
+            Err(_) => {}
+        }
         let listener = std::os::unix::net::UnixListener::bind(socket)
             .map_err(|e| format!("simulated PSP socket {}: {e}", socket.display()))?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
+        let conn = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (stopped, held, path) = (stop.clone(), conn.clone(), socket.to_path_buf());
         std::thread::spawn(move || {
             let guest = chip.launch(launch);
-            for conn in listener.incoming() {
-                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(mut conn) = conn else { break };
-                // A channel that breaks mid-frame ends that connection only.
-                let _ = serve(&guest, &mut conn);
+            let Ok((mut c, _)) = listener.accept() else {
+                return;
+            };
+            drop(listener);
+            let _ = std::fs::remove_file(&path);
+            if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
             }
+            if let Ok(clone) = c.try_clone() {
+                *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
+            }
+            // Stopped between the check and the hand-over: the drop may have missed it.
+            if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            // A channel that breaks mid-frame ends the launch's PSP.
+            let _ = serve(&guest, &mut c);
         });
         Ok(Server {
             socket: socket.to_path_buf(),
             stop,
+            conn,
         })
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // Tell the accepting thread to end, and wake it with a connection of our own.
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
-        let _ = std::fs::remove_file(&self.socket);
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let held = self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match held {
+            // Serving: end the connection, which ends the thread.
+            Some(c) => {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            // Still listening: wake the accept with a connection of our own, which the
+            // thread drops unanswered, and remove the socket.
+            None => {
+                let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+                let _ = std::fs::remove_file(&self.socket);
+            }
+        }
     }
 }
 
@@ -277,6 +313,50 @@ mod tests {
         }
         let mut long = std::io::Cursor::new((MAX_FRAME as u32 + 1).to_be_bytes().to_vec());
         assert!(matches!(read_frame(&mut long), Err(WireError::TooLarge(_))));
+    }
+
+    #[test]
+    fn a_server_serves_its_first_client_only_and_ends_when_dropped() {
+        let pki = std::sync::Arc::new(crate::Pki::generate(snp::Product::Milan).unwrap());
+        let chip = || crate::Chip::new(pki.clone(), crate::ChipConfig::typical(&pki, 0)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm.psp");
+        // A path that is not a socket is not replaced.
+        std::fs::write(&sock, b"keep").unwrap();
+        let launch = crate::GuestLaunch {
+            measurement: [3; 48],
+            ..Default::default()
+        };
+        assert!(Server::start(chip(), launch.clone(), &sock).is_err());
+        assert_eq!(std::fs::read(&sock).unwrap(), b"keep");
+        std::fs::remove_file(&sock).unwrap();
+        let server = Server::start(chip(), launch.clone(), &sock).unwrap();
+        let mut qemu = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let req = Request {
+            extended: false,
+            vmpl: 0,
+            report_data: [9; 64],
+        };
+        let (report, _) = ask(&mut qemu, &req).unwrap();
+        let r = snp::report::AttestationReport::from_bytes(&report).unwrap();
+        assert_eq!(
+            (r.body().measurement, r.body().report_data),
+            ([3; 48], [9; 64])
+        );
+        // Taken: the socket is gone, a second client cannot reach this launch's PSP.
+        assert!(!sock.exists());
+        assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
+        drop(server);
+        assert!(
+            ask(&mut qemu, &req).is_err(),
+            "the connection ends with the server"
+        );
+        // A stale socket from an earlier server is replaced; dropped unconnected, it is removed.
+        let stale = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let second = Server::start(chip(), launch, &sock).unwrap();
+        drop(stale);
+        drop(second);
+        assert!(!sock.exists());
     }
 
     proptest::proptest! {

@@ -306,8 +306,9 @@ pub async fn run(
             .and_then(|f| f.set_len(64 << 20))
             .map_err(|x| e(&x))?;
         let sock = dir.join(format!("{vm}.psp"));
-        let psp = Psp::start(root, &chip, &ovmf, img, &sock)?;
-        if psp.measurement != *m {
+        // A PSP serves one launch (one QEMU process): each boot starts its own.
+        let psp = || Psp::start(root, &chip, &ovmf, img, &sock);
+        if psp()?.measurement != *m {
             return Err(format!(
                 "{vm}: the PSP measured another image than the manifest states"
             ));
@@ -317,6 +318,7 @@ pub async fn run(
             (2, "unlocked (generation 1, boot 2)"),
         ] {
             progress(&format!("real VMs: {vm} boot {n} (QEMU)"));
+            let _psp = psp()?;
             let b = boot(img, &sock, &disk)?;
             r.booted += 1;
             let up = b.status == Some(0)
@@ -356,10 +358,12 @@ pub async fn run(
                 .and_then(|mut f| f.write_all(&forged))
                 .map_err(|x| e(&x))?;
         }
-        let b = boot(img, &sock, &tampered)?;
+        let b = {
+            let _psp = psp()?;
+            boot(img, &sock, &tampered)?
+        };
         r.booted += 1;
         r.tampered_header_refused = failed_closed(&b, "\"cipher_null-ecb\", not aes-xts-plain64");
-        drop(psp);
 
         progress(&format!("real VMs: {vm} with a swapped initrd"));
         let swapped = dir.join(format!("{vm}-swapped"));
@@ -367,12 +371,12 @@ pub async fn run(
         for f in ["vmlinuz", "cmdline"] {
             std::fs::copy(img.join(f), swapped.join(f)).map_err(|x| e(&x))?;
         }
-        let psp = Psp::start(root, &chip, &ovmf, &swapped, &sock)?;
+        let swapped_psp = Psp::start(root, &chip, &ovmf, &swapped, &sock)?;
         let b = boot(&swapped, &sock, &disk)?;
         r.booted += 1;
         r.swapped_initrd_denied =
-            psp.measurement != *m && failed_closed(&b, "measurement_not_allowed");
-        drop(psp);
+            swapped_psp.measurement != *m && failed_closed(&b, "measurement_not_allowed");
+        drop(swapped_psp);
 
         progress(&format!("real VMs: {vm} terminated"));
         let mut t = order(vm, i, &chip.chip_id, m);
@@ -380,11 +384,12 @@ pub async fn run(
         kbs.terminate(&t.sign(&operator), crate::demo::now())
             .await
             .map_err(|x| format!("{vm}: terminate: {x}"))?;
-        let psp = Psp::start(root, &chip, &ovmf, img, &sock)?;
-        let b = boot(img, &sock, &disk)?;
+        let b = {
+            let _psp = psp()?;
+            boot(img, &sock, &disk)?
+        };
         r.booted += 1;
         r.terminated_failed_closed = failed_closed(&b, "vm_terminated");
-        drop(psp);
     }
     progress("");
     Ok(r)
