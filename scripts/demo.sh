@@ -3,9 +3,9 @@
 # lighthouses, a key broker on it, host agents creating simulated SEV-SNP VMs with real LUKS2
 # images booted twice, attested guests joining the mesh with broker-issued identities and reaching
 # their own tenant only, a terminated VM denied and revoked, attacks against the live broker;
-# and a real VM — Debian's cloud kernel under QEMU, booted from an attesta-image image with
-# dm-crypt in the guest and a simulated PSP), then the verifier over every real report in the
-# corpus.
+# and a real VM — Debian's cloud kernel under QEMU, created by a host agent on qemu:///system
+# from an attesta-image image, dm-crypt in the guest and a simulated PSP), then the verifier
+# over every real report in the corpus.
 #   VMS=16 bash scripts/demo.sh        # more simulated VMs (default 8)
 #   REAL_VMS=0 bash scripts/demo.sh    # no real VMs (default 1)
 set -euo pipefail
@@ -30,6 +30,8 @@ KBS=target/release/attesta-kbs
 SIM=target/release/attesta-sim
 
 if [ "${REAL_VMS:-1}" != 0 ]; then
+  log "libvirt's daemons (the real VMs' host agent drives qemu:///system)"
+  bash scripts/libvirt-up.sh
   log "the guest kernel (Debian's cloud kernel, unpacked, not installed)"
   ATTESTA_GUEST_KERNEL="${ATTESTA_GUEST_KERNEL:-$(bash scripts/guest-kernel.sh)}"
   export ATTESTA_GUEST_KERNEL

@@ -34,9 +34,11 @@ fi
 STAMP=/var/lib/attesta-setup.stamp
 PKGS=(pkg-config libssl-dev clang libclang-dev libcryptsetup-dev cryptsetup-bin
       libxml2-utils ovmf postgresql softhsm2 opensc python3-pip ca-certificates curl
-      iproute2 iputils-ping busybox-static)
+      iproute2 iputils-ping busybox-static systemd-container)
 # QEMU from backports too: its qemu-utils there breaks bookworm's qemu-system-common. The libvirt
 # daemon packages are named one by one: the libvirt-daemon-system metapackage would upgrade systemd and udev.
+# libvirt-daemon-driver-qemu needs systemd-container, which -t bookworm-backports would take from
+# backports along with a newer systemd: bookworm's is installed first (above), which satisfies it.
 BPO_PKGS=(libvirt-dev libvirt-clients qemu-utils qemu-system-x86
           libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-common libvirt-daemon-log)
 

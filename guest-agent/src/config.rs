@@ -26,6 +26,12 @@ pub struct GuestConfig {
     /// the broker after the release; certificate and key go to `dir` (tmpfs only).
     #[serde(default)]
     pub mesh: Option<MeshIdentity>,
+    /// After unlocking, also time an argon2id passphrase unlock of the same disk (see
+    /// [`crate::bench`]). Only in builds with the `simulator` feature: a production agent
+    /// refuses the setting as unknown.
+    #[cfg(feature = "simulator")]
+    #[serde(default)]
+    pub bench_passphrase: bool,
 }
 
 /// Where the guest's attestation-bound mesh identity is placed.

@@ -11,6 +11,8 @@
 // macro generates (see `luks::quiet_libcryptsetup`).
 #![deny(unsafe_code)]
 
+#[cfg(feature = "simulator")]
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod device;

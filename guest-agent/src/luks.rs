@@ -320,13 +320,18 @@ pub fn label(path: &Path) -> Result<Option<DiskLabel>, LuksError> {
 
 /// A detached copy of the judged header in an anonymous memory file: what libcryptsetup loads
 /// and activates from. Gone when dropped.
-struct MemHeader {
+pub(crate) struct MemHeader {
     _fd: std::os::fd::OwnedFd,
     path: PathBuf,
 }
 
 impl MemHeader {
-    fn new(meta: &[u8]) -> Result<MemHeader, LuksError> {
+    #[cfg(feature = "simulator")]
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn new(meta: &[u8]) -> Result<MemHeader, LuksError> {
         use nix::sys::memfd::{MFdFlags, memfd_create};
         use std::os::fd::AsRawFd;
         let fail = |why: String| LuksError::Cryptsetup {

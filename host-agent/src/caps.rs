@@ -19,6 +19,17 @@ pub enum CapsError {
     },
 }
 
+/// The emulator the driver uses for new domains (`/domainCapabilities/path`).
+pub fn emulator(domcaps_xml: &str) -> Result<Option<String>, CapsError> {
+    let doc = roxmltree::Document::parse(domcaps_xml).map_err(|e| CapsError::Xml(e.to_string()))?;
+    Ok(doc
+        .root_element()
+        .children()
+        .find(|n| n.tag_name().name() == "path")
+        .and_then(|n| n.text())
+        .map(str::to_string))
+}
+
 /// What the driver says (`None` when it reports no SEV support or no values).
 pub fn reported(domcaps_xml: &str) -> Result<Option<SevParams>, CapsError> {
     let doc = roxmltree::Document::parse(domcaps_xml).map_err(|e| CapsError::Xml(e.to_string()))?;

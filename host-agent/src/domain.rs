@@ -287,6 +287,8 @@ pub struct SimulatedLaunch {
     pub host_data: [u8; 32],
     /// The PSP channel's socket, where the simulated PSP must listen.
     pub psp_socket: std::path::PathBuf,
+    /// The QEMU binary the domain runs (`devices/emulator`), if it names one.
+    pub emulator: Option<std::path::PathBuf>,
 }
 
 /// Reads a simulated domain's launch from its XML; errors name what is wrong.
@@ -294,8 +296,12 @@ pub struct SimulatedLaunch {
 /// Only the schema's own positions count (`/domain/os/loader|kernel|initrd|cmdline`,
 /// `/domain/vcpu`, `/domain/cpu/model`, `/domain/devices/channel`), each at most once: a
 /// decoy element elsewhere (a `<kernel>` inside the metadata, say) is not what QEMU boots.
-/// Namespaced elements outside `<metadata>` (`qemu:commandline`, `qemu:override`) can launch
-/// something else than the definition says, so a domain carrying one is refused.
+/// Whatever else could make QEMU run or load something the measurement does not cover is
+/// refused: namespaced elements outside `<metadata>` (`qemu:commandline`), firmware chosen by
+/// libvirt or with variables, option ROMs, host devices, a CPU other than the named model, a
+/// PSP channel that is not a plain client socket. Paths must be absolute and exactly as
+/// written (libvirt does not trim them). Defence in depth: a simulated host's root holds the
+/// simulated chip's keys anyway.
 pub fn simulated_launch(xml: &str) -> Result<SimulatedLaunch, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
     let domain = doc.root_element();
@@ -340,12 +346,25 @@ pub fn simulated_launch(xml: &str) -> Result<SimulatedLaunch, String> {
         h => hex::decode_to_slice(h, &mut host_data).map_err(|e| format!("host-data: {e}"))?,
     }
     let os = only(domain, "os")?.ok_or("no os element")?;
+    if os.attribute("firmware").is_some() {
+        return Err("os/@firmware: firmware chosen by libvirt is not the one measured".into());
+    }
     if only(os, "nvram")?.is_some() {
         return Err("firmware variables (os/nvram) are outside the measurement".into());
     }
-    let os_text = |name: &str| -> Result<Option<&str>, String> {
-        Ok(only(os, name)?.map(|n| n.text().unwrap_or("").trim()))
-    };
+    let loader = only(os, "loader")?.ok_or("no firmware (os/loader)")?;
+    if loader.attribute("type") != Some("rom") || loader.attribute("stateless") != Some("yes") {
+        return Err("os/loader: only a stateless ROM is measured".into());
+    }
+    let devices = only(domain, "devices")?.ok_or("no devices")?;
+    for (name, why) in [
+        ("rom", "an option ROM runs in the firmware, unmeasured"),
+        ("hostdev", "a host device is outside the measurement"),
+    ] {
+        if devices.descendants().any(|n| n.tag_name().name() == name) {
+            return Err(format!("<{name}>: {why}"));
+        }
+    }
     let vcpu = only(domain, "vcpu")?.ok_or("no vcpu count")?;
     let vcpus: u32 = vcpu
         .text()
@@ -358,13 +377,15 @@ pub fn simulated_launch(xml: &str) -> Result<SimulatedLaunch, String> {
         return Err("vcpu: fewer vCPUs at start than defined".into());
     }
     let cpu = only(domain, "cpu")?.ok_or("no cpu element")?;
+    if cpu.attribute("mode") != Some("custom") {
+        return Err("cpu: only a named model (mode='custom') is what is measured".into());
+    }
     let vcpu_type = only(cpu, "model")?
         .and_then(|n| n.text())
         .map(str::trim)
         .filter(|m| !m.is_empty())
         .ok_or("no cpu model")?
         .to_string();
-    let devices = only(domain, "devices")?.ok_or("no devices")?;
     let mut psp = devices.children().filter(|n| {
         n.tag_name().name() == "channel"
             && n.children()
@@ -374,26 +395,56 @@ pub fn simulated_launch(xml: &str) -> Result<SimulatedLaunch, String> {
     if psp.next().is_some() {
         return Err("two PSP channels".into());
     }
-    let psp_socket = only(channel, "source")?
-        .and_then(|n| n.attribute("path"))
-        .ok_or("the PSP channel has no socket path")?
-        .into();
+    let source = only(channel, "source")?.ok_or("the PSP channel has no source")?;
+    if channel.attribute("type") != Some("unix")
+        || source.attribute("mode") != Some("connect")
+        || source
+            .children()
+            .any(|n| n.tag_name().name() == "reconnect")
+    {
+        return Err("the PSP channel must be a plain client of a Unix socket".into());
+    }
+    let psp_socket = path_of("PSP socket", source.attribute("path"))?;
+    let file = |name: &str| -> Result<Option<std::path::PathBuf>, String> {
+        only(os, name)?
+            .map(|n| path_of(name, Some(n.text().unwrap_or(""))))
+            .transpose()
+    };
+    let cmdline = only(os, "cmdline")?
+        .map(|n| n.text().unwrap_or("").to_string())
+        .map(|c| match c.chars().any(char::is_control) {
+            true => Err("cmdline: control characters".to_string()),
+            false => Ok(c),
+        })
+        .transpose()?;
+    let emulator = only(devices, "emulator")?
+        .map(|n| path_of("emulator", n.text()))
+        .transpose()?;
     Ok(SimulatedLaunch {
         vm_id,
-        firmware: os_text("loader")?
-            .filter(|l| !l.is_empty())
-            .ok_or("no firmware (os/loader)")?
-            .into(),
-        kernel: os_text("kernel")?.map(Into::into),
-        initrd: os_text("initrd")?.map(Into::into),
-        cmdline: os_text("cmdline")?.map(str::to_string),
+        firmware: path_of("loader", loader.text())?,
+        kernel: file("kernel")?,
+        initrd: file("initrd")?,
+        cmdline,
         vcpus,
         vcpu_type,
         policy: hex_u64("policy")?,
         guest_features: hex_u64("guest-features")?,
         host_data,
         psp_socket,
+        emulator,
     })
+}
+
+/// An absolute path exactly as written: libvirt hands the text to QEMU untrimmed, so a path
+/// the agent would trim, resolve from its own folder or cut at a control character is not
+/// the one QEMU opens.
+fn path_of(what: &str, text: Option<&str>) -> Result<std::path::PathBuf, String> {
+    let t = text.unwrap_or("");
+    if !t.starts_with('/') || t.trim() != t || t.chars().any(char::is_control) {
+        return Err(format!("{what}: {t:?} is not an absolute path as written"));
+    }
+    Ok(t.into())
 }
 
 /// `parent`'s child element `name` (without a namespace), refusing a second one.
@@ -583,6 +634,81 @@ mod tests {
         );
         let nvram = x.replace("</os>", "<nvram>/var/lib/vars.fd</nvram></os>");
         assert!(simulated_launch(&nvram).unwrap_err().contains("nvram"));
+        // Whatever could run or load what the measurement does not cover is refused.
+        let k_path = c.spec.boot.kernel.as_ref().unwrap().display().to_string();
+        let loader = format!(
+            "<loader type='rom' stateless='yes'>{}</loader>",
+            c.spec.boot.ovmf.display()
+        );
+        assert!(x.contains(&loader), "{x}");
+        for (what, edited) in [
+            (
+                "as written",
+                x.replace(&format!(">{k_path}<"), &format!(">{k_path}&#10;<")),
+            ),
+            ("as written", x.replace(&format!(">{k_path}<"), ">vmlinuz<")),
+            ("firmware", x.replace("<os>", "<os firmware='efi'>")),
+            (
+                "loader",
+                x.replace(&loader, &loader.replace("type='rom'", "type='pflash'")),
+            ),
+            (
+                "loader",
+                x.replace(&loader, &loader.replace(" stateless='yes'", "")),
+            ),
+            (
+                "rom",
+                x.replace(
+                    "<model type='virtio'/>",
+                    "<model type='virtio'/><rom file='/evil.efirom'/>",
+                ),
+            ),
+            (
+                "hostdev",
+                x.replace(
+                    "</devices>",
+                    "<hostdev mode='subsystem' type='pci'/></devices>",
+                ),
+            ),
+            ("cpu", x.replace("mode='custom'", "mode='host-passthrough'")),
+            (
+                "plain client",
+                x.replace("<source mode='connect'", "<source mode='bind'"),
+            ),
+            (
+                "plain client",
+                x.replace("<channel type='unix'>", "<channel type='file'>"),
+            ),
+            (
+                "plain client",
+                x.replace(
+                    "<target type='virtio' name='org.attesta.psp.0'/>",
+                    "<target type='virtio' name='org.attesta.psp.0'/>",
+                )
+                .replace(
+                    &format!("path='{}'/>", sim.psp_socket.display()),
+                    &format!(
+                        "path='{}'><reconnect enabled='yes' timeout='1'/></source>",
+                        sim.psp_socket.display()
+                    ),
+                ),
+            ),
+            ("control", x.replace("</cmdline>", "&#10;evil=1</cmdline>")),
+        ] {
+            assert_ne!(edited, x, "{what}: the edit applies");
+            let err = simulated_launch(&edited).unwrap_err();
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        // The emulator is read as written, for the host to compare with its driver's.
+        let emu = x.replace(
+            "<devices>",
+            "<devices><emulator>/usr/local/bin/wrap</emulator>",
+        );
+        assert_eq!(
+            simulated_launch(&emu).unwrap().emulator.as_deref(),
+            Some(std::path::Path::new("/usr/local/bin/wrap"))
+        );
+        assert_eq!(good.emulator, None);
         // A root that is not a domain, or a domain without our metadata, is not ours.
         assert!(simulated_launch("<attesta/>").is_err());
         let a = x.find("<metadata>").unwrap();

@@ -66,6 +66,8 @@ pub enum Isolation {
         /// Each VM's PSP socket and console log (`<domain>.psp`, `<domain>.console`).
         run_dir: PathBuf,
         psp: Box<dyn SimulatedPsp>,
+        /// The QEMU binary the driver runs for new domains: the only one a launch may use.
+        emulator: PathBuf,
     },
 }
 
@@ -111,22 +113,47 @@ impl Host {
     ) -> Result<Host, HostError> {
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(lv("connect"))?;
-        let err = |e: std::io::Error| HostError::Disk {
+        let err = |why: String| HostError::Disk {
             path: run_dir.into(),
-            why: e.to_string(),
+            why,
         };
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         if !run_dir.is_dir() {
-            std::fs::create_dir_all(run_dir).map_err(err)?;
-            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(run_dir).map_err(|e| err(e.to_string()))?;
             std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o711))
-                .map_err(err)?;
+                .map_err(|e| err(e.to_string()))?;
         }
+        // Sockets are made and replaced there: nobody else may write in it.
+        let m = std::fs::metadata(run_dir).map_err(|e| err(e.to_string()))?;
+        // /proc/self belongs to the process's effective user.
+        let me = std::fs::metadata("/proc/self").map_err(|e| err(e.to_string()))?;
+        if m.uid() != me.uid() || m.mode() & 0o022 != 0 {
+            return Err(err(
+                "run_dir must be owned by the agent's user and writable by nobody else".into(),
+            ));
+        }
+        let caps_xml = conn
+            .domain_capabilities(
+                None,
+                Some("x86_64"),
+                Some("q35"),
+                Some(if kvm { "kvm" } else { "qemu" }),
+                0,
+            )
+            .map_err(lv("domain capabilities"))?;
+        let emulator = caps::emulator(&caps_xml)?
+            .ok_or_else(|| HostError::Libvirt {
+                op: "domain capabilities",
+                why: "no emulator path".into(),
+            })?
+            .into();
         Ok(Host {
             conn,
             iso: Isolation::Simulated {
                 kvm,
                 run_dir: run_dir.into(),
                 psp,
+                emulator,
             },
             stop_grace: Duration::from_secs(60),
         })
@@ -255,7 +282,13 @@ impl Host {
     /// Starts the domain; on a simulated host its PSP first measures what the domain's
     /// definition launches (the files as they are now) and listens for it.
     fn start(&self, vm_id: &str, d: &Domain) -> Result<(), HostError> {
-        let Isolation::Simulated { psp, run_dir, .. } = &self.iso else {
+        let Isolation::Simulated {
+            psp,
+            run_dir,
+            emulator,
+            ..
+        } = &self.iso
+        else {
             return d.create().map(|_| ()).map_err(lv("start"));
         };
         let xml = d.xml_desc(0).map_err(lv("dumpxml"))?;
@@ -265,7 +298,8 @@ impl Host {
         };
         let launch = domain::simulated_launch(&xml).map_err(refused)?;
         // A definition edited behind the agent's back must not make the PSP listen (or
-        // replace a socket) anywhere but this VM's own place, nor serve another VM's id.
+        // replace a socket) anywhere but this VM's own place, nor serve another VM's id, nor
+        // run another QEMU.
         let socket = run_dir.join(format!("{}.psp", domain_name(vm_id)));
         if launch.vm_id != vm_id || launch.psp_socket != socket {
             return Err(refused(format!(
@@ -275,14 +309,39 @@ impl Host {
                 socket.display()
             )));
         }
+        if launch.emulator.as_ref().is_some_and(|e| e != emulator) {
+            return Err(refused(format!(
+                "the definition runs {}, not the driver's {}",
+                launch
+                    .emulator
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display(),
+                emulator.display()
+            )));
+        }
         psp.launch(&launch).map_err(|why| HostError::Libvirt {
             op: "simulated PSP",
             why,
         })?;
-        d.create().map(|_| ()).map_err(|e| {
+        d.create().map_err(|e| {
             psp.stop(&launch.vm_id);
             lv("start")(e)
-        })
+        })?;
+        // What runs is what was measured: a definition swapped between the read and the
+        // start is destroyed.
+        let running = d
+            .xml_desc(0)
+            .map_err(lv("dumpxml"))
+            .and_then(|x| domain::simulated_launch(&x).map_err(refused));
+        if running.as_ref().ok() != Some(&launch) {
+            let _ = d.destroy();
+            psp.stop(&launch.vm_id);
+            return Err(refused(
+                "the running domain is not the definition that was measured".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn stop(&self, d: &Domain) -> Result<(), HostError> {

@@ -261,6 +261,11 @@ fn admit(a: &AdmitArgs) -> Result<(), String> {
     };
     let ok =
         host_agent::gate::admit_with(&c, &doc, &keys, now, firmware).map_err(|e| e.to_string())?;
+    if a.simulated {
+        eprintln!(
+            "attesta-host vm admit: SIMULATED measurement (firmware hashes table assumed): never allow it for SEV-SNP hardware"
+        );
+    }
     println!("admitted: {} may launch with measurement", ok.order.vm_id);
     println!("{}", hex::encode(ok.digest));
     Ok(())

@@ -200,22 +200,46 @@ pub fn serve(
 /// the server ends it, the connection included.
 pub struct Server {
     socket: std::path::PathBuf,
+    /// The bound socket's inode: only that file is ever unlinked (a later server's socket at the
+    /// same path is not this one's to remove).
+    ino: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conn: std::sync::Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>,
 }
 
+/// Unlinks `path` if it is still the socket with inode `ino`.
+fn unlink_if_ours(path: &std::path::Path, ino: u64) {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == ino) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 impl Server {
-    /// Binds `socket` (replacing a stale socket there, nothing else) and serves `launch` on
-    /// `chip` from a thread.
+    /// Binds `socket` and serves `launch` on `chip` from a thread. A socket already there is
+    /// replaced only if nothing listens on it (a stale one); anything else is refused.
     pub fn start(
         chip: crate::Chip,
         launch: crate::GuestLaunch,
         socket: &std::path::Path,
     ) -> Result<Server, String> {
-        use std::os::unix::fs::FileTypeExt;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        use std::sync::atomic::Ordering::SeqCst;
         match std::fs::symlink_metadata(socket) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(socket)
-                .map_err(|e| format!("stale PSP socket {}: {e}", socket.display()))?,
+            Ok(m) if m.file_type().is_socket() => {
+                match std::os::unix::net::UnixStream::connect(socket) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        std::fs::remove_file(socket)
+                            .map_err(|e| format!("stale PSP socket {}: {e}", socket.display()))?
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{}: something is listening there already: not replaced",
+                            socket.display()
+                        ));
+                    }
+                }
+            }
             Ok(_) => {
                 return Err(format!(
                     "{} exists and is not a socket: not replaced",
@@ -226,24 +250,39 @@ impl Server {
         }
         let listener = std::os::unix::net::UnixListener::bind(socket)
             .map_err(|e| format!("simulated PSP socket {}: {e}", socket.display()))?;
+        let ino = std::fs::symlink_metadata(socket)
+            .map_err(|e| format!("simulated PSP socket {}: {e}", socket.display()))?
+            .ino();
+        // Polled, so that a drop ends the wait even if the socket was removed meanwhile.
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("simulated PSP socket {}: {e}", socket.display()))?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conn = std::sync::Arc::new(std::sync::Mutex::new(None));
         let (stopped, held, path) = (stop.clone(), conn.clone(), socket.to_path_buf());
         std::thread::spawn(move || {
             let guest = chip.launch(launch);
-            let Ok((mut c, _)) = listener.accept() else {
-                return;
+            let mut c = loop {
+                if stopped.load(SeqCst) {
+                    return;
+                }
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    Err(_) => return,
+                }
             };
             drop(listener);
-            let _ = std::fs::remove_file(&path);
-            if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            unlink_if_ours(&path, ino);
+            // The drop must be able to end the session: no handle for it, no session.
+            let (Ok(()), Ok(clone)) = (c.set_nonblocking(false), c.try_clone()) else {
                 return;
-            }
-            if let Ok(clone) = c.try_clone() {
-                *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
-            }
+            };
+            *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
             // Stopped between the check and the hand-over: the drop may have missed it.
-            if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            if stopped.load(SeqCst) {
                 return;
             }
             // A channel that breaks mid-frame ends the launch's PSP.
@@ -251,6 +290,7 @@ impl Server {
         });
         Ok(Server {
             socket: socket.to_path_buf(),
+            ino,
             stop,
             conn,
         })
@@ -260,19 +300,11 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let held = self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match held {
-            // Serving: end the connection, which ends the thread.
-            Some(c) => {
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            }
-            // Still listening: wake the accept with a connection of our own, which the
-            // thread drops unanswered, and remove the socket.
-            None => {
-                let _ = std::os::unix::net::UnixStream::connect(&self.socket);
-                let _ = std::fs::remove_file(&self.socket);
-            }
+        // Serving: end the connection, which ends the thread.
+        if let Some(c) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
+        unlink_if_ours(&self.socket, self.ino);
     }
 }
 
@@ -351,11 +383,22 @@ mod tests {
             ask(&mut qemu, &req).is_err(),
             "the connection ends with the server"
         );
-        // A stale socket from an earlier server is replaced; dropped unconnected, it is removed.
-        let stale = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let second = Server::start(chip(), launch, &sock).unwrap();
-        drop(stale);
+        // A live socket is not replaced; a stale one (nothing listening) is. Dropped
+        // unconnected, the server removes its socket.
+        let live = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(Server::start(chip(), launch.clone(), &sock).is_err());
+        drop(live);
+        assert!(sock.exists(), "a listener's socket file outlives it: stale");
+        let second = Server::start(chip(), launch.clone(), &sock).unwrap();
         drop(second);
+        assert!(!sock.exists());
+        // A server never unlinks a later server's socket at the same path.
+        let third = Server::start(chip(), launch.clone(), &sock).unwrap();
+        std::fs::remove_file(&sock).unwrap();
+        let fourth = Server::start(chip(), launch, &sock).unwrap();
+        drop(third);
+        assert!(sock.exists(), "the fourth server's socket stays");
+        drop(fourth);
         assert!(!sock.exists());
     }
 

@@ -1,18 +1,20 @@
-//! The demo's real-VM scene: N real VMs — Debian's cloud kernel under QEMU (TCG where KVM
-//! cannot run it), an `attesta-image` initramfs with the real `attesta-guest`, a simulated PSP
-//! on a virtio-serial port that measured what QEMU was given — against a broker of their own.
-//! Each VM boots twice (formatted and rooted, then unlocked); the first one also meets the
-//! host's attacks: its LUKS2 header edited to cipher_null, its initrd swapped, and its next
-//! boot after termination. What the summary's `real_vms` says is what the consoles showed.
+//! The demo's real-VM scene: N real VMs — Debian's cloud kernel and OVMF under QEMU (TCG where
+//! KVM cannot run it), an `attesta-image` initramfs with the real `attesta-guest` — created and
+//! started by a host agent on the system libvirt (`qemu:///system`, `[snp] mode =
+//! "simulated"`) through the launch gate and a signed order, its simulated PSP measuring what
+//! each domain launches, against a broker of their own. Each VM boots twice (formatted and
+//! rooted, then unlocked); the first one also meets the miner's attacks: its LUKS2 header
+//! edited to cipher_null, its initrd swapped by redefining the domain behind the agent's gate,
+//! and its next boot after termination. Every VM is then terminated through the agent. What
+//! the summary's `real_vms` says is what the consoles and libvirt showed.
 
 use crate::demo::{Stack, StackOptions, order, stack_with};
 use attesta_image::build::{Inputs, Launch};
 use proto::order::{Allowlist, ORDER_VERSION, OrderKind};
 use serde_bytes::ByteBuf;
-use simulator::{Chip, ChipConfig, GuestLaunch, Pki};
-use std::io::BufRead;
+use simulator::{ChipConfig, Pki};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,11 +33,22 @@ pub struct RealVms {
     /// baseline), and to the power-off (the whole boot).
     pub boot_to_init_ms: Vec<f64>,
     pub whole_boot_ms: Vec<f64>,
+    /// With `--bench-unlock`: each unlocked boot's in-guest figures (the kernel's uptime when
+    /// the agent had mapped the root, and an argon2id passphrase unlock of the same disk with
+    /// cryptsetup's defaults, timed right after in the same VM).
+    pub bench: Vec<serde_json::Value>,
 }
 
 impl RealVms {
-    pub fn as_expected(&self, n: usize) -> bool {
-        self.booted == 2 * n + 3
+    /// With `bench`, every unlocked boot must also have its benchmark figures.
+    pub fn as_expected(&self, n: usize, bench: bool) -> bool {
+        let benched = !bench
+            || (self.bench.len() == 2 * n
+                && self.bench.iter().all(|b| {
+                    b.get("failed").is_none() && b["passphrase_unlock_ms"].as_f64().is_some()
+                }));
+        benched
+            && self.booted == 2 * n + 3
             && self.unlocked_in_guest == n
             && self.second_boot_unlocked == n
             && self.terminated_failed_closed
@@ -68,7 +81,7 @@ pub struct Parts {
 impl Parts {
     /// What this machine has, or why the scene cannot run: `ATTESTA_GUEST_KERNEL` or
     /// `/var/cache/attesta/guest-kernel/*` (scripts/guest-kernel.sh), the agent beside this
-    /// program, busybox, QEMU.
+    /// program, busybox, QEMU, OVMF and the system libvirt.
     pub fn find() -> Result<Parts, String> {
         let kernel_dir = match std::env::var_os("ATTESTA_GUEST_KERNEL") {
             Some(d) => PathBuf::from(d),
@@ -102,6 +115,14 @@ impl Parts {
                     .into(),
             );
         }
+        if !Path::new(OVMF).is_file() {
+            return Err(format!("no {OVMF} (apt-get install ovmf)"));
+        }
+        if virsh(&["version"]).is_err() {
+            return Err(format!(
+                "{URI} is not reachable (bash scripts/libvirt-up.sh starts libvirtd and virtlogd)"
+            ));
+        }
         Ok(Parts {
             kernel_dir,
             agent,
@@ -114,102 +135,173 @@ impl Parts {
     }
 }
 
-/// A simulated PSP for one launch, serving on `socket` until dropped: measures the files.
-struct Psp {
-    measurement: [u8; 48],
-    _server: simulator::psp::Server,
-}
-
-impl Psp {
-    fn start(
-        root: &Arc<Pki>,
-        chip: &ChipConfig,
-        ovmf: &Path,
-        img: &Path,
-        socket: &Path,
-    ) -> Result<Psp, String> {
-        let cmdline = std::fs::read_to_string(img.join("cmdline")).map_err(|e| e.to_string())?;
-        let measurement = measure::digest_of_files(&measure::LaunchFiles {
-            ovmf,
-            kernel: Some(&img.join("vmlinuz")),
-            initrd: Some(&img.join("initrd.img")),
-            append: Some(&cmdline),
-            vcpus: 1,
-            vcpu_type: "EPYC-Milan",
-            guest_features: 1,
-        })?;
-        let chip = Chip::new(root.clone(), chip.clone()).map_err(|e| e.to_string())?;
-        let launch = GuestLaunch {
-            measurement,
-            policy: 0x30000,
-            ..Default::default()
-        };
-        Ok(Psp {
-            measurement,
-            _server: simulator::psp::Server::start(chip, launch, socket)?,
-        })
-    }
-}
-
-/// One boot: the console, QEMU's status, and when the agent said "unlocked".
+/// One boot: the console, how the domain ended, and when the agent said "unlocked".
 struct Boot {
     console: String,
-    status: Option<i32>,
+    /// libvirt's reason for the shut-off: "shutdown" (powered off) or "crashed" (pvpanic:
+    /// the image's `/init` failed closed).
+    ended: String,
     init_ms: Option<f64>,
     unlocked_ms: Option<f64>,
     whole_ms: f64,
 }
 
-fn boot(img: &Path, socket: &Path, disk: &Path) -> Result<Boot, String> {
-    let start = Instant::now();
-    let mut child = attesta_image::qemu::command(img, disk, Some(socket), 600)?
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("qemu-system-x86_64: {e}"))?;
-    let mut console = String::new();
-    let (mut init_ms, mut unlocked_ms) = (None, None);
-    let ms = || start.elapsed().as_secs_f64() * 1000.0;
-    if let Some(out) = child.stdout.take() {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if init_ms.is_none() && line.contains("attesta-init: ") {
-                init_ms = Some(ms());
-            }
-            if unlocked_ms.is_none() && line.contains(" unlocked (generation ") {
-                unlocked_ms = Some(ms());
-            }
-            console.push_str(&line);
-            console.push('\n');
+impl Boot {
+    fn failed_closed(&self, reason: &str) -> bool {
+        self.ended == "crashed"
+            && self.console.contains(reason)
+            && self.console.contains("attesta-init: FAILED (fail closed)")
+            && !self.console.contains("ATTESTA-ROOT-UP")
+    }
+}
+
+const URI: &str = "qemu:///system";
+/// Debian's OVMF (package `ovmf`): no SEV hashes table, measured as if it had one.
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+fn virsh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("virsh")
+        .args(["-c", URI])
+        .args(args)
+        .output()
+        .map_err(|e| format!("virsh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "virsh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The scene's host agent and the domains it made; dropping it removes any domain left
+/// behind by a failed run (the system libvirt outlives the demo).
+struct Agent {
+    daemon: Arc<host_agent::daemon::Daemon>,
+    domains: Vec<String>,
+    run_dir: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for d in &self.domains {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d]);
         }
     }
-    let status = child.wait().map_err(|e| e.to_string())?.code();
-    Ok(Boot {
-        console,
-        status,
-        init_ms,
-        unlocked_ms,
-        whole_ms: ms(),
-    })
 }
 
-fn failed_closed(b: &Boot, reason: &str) -> bool {
-    b.status == Some(1)
-        && b.console.contains(reason)
-        && b.console.contains("attesta-init: FAILED (fail closed)")
-        && !b.console.contains("ATTESTA-ROOT-UP")
+impl Agent {
+    async fn ask(&self, req: host_agent::control::ControlRequest) -> Result<(), String> {
+        let r = self.daemon.handle(req).await;
+        match r.ok {
+            true => Ok(()),
+            false => Err(r.error.unwrap_or_default()),
+        }
+    }
+
+    /// Waits for `vm`'s domain (started through the agent) to shut off, timing its console.
+    async fn boot(&self, vm: &str, start: Instant) -> Result<Boot, String> {
+        let domain = host_agent::spec::domain_name(vm);
+        let log = self.run_dir.join(format!("{domain}.console"));
+        let ms = || start.elapsed().as_secs_f64() * 1000.0;
+        let (mut init_ms, mut unlocked_ms) = (None, None);
+        let ended = loop {
+            let state = virsh(&["domstate", "--reason", &domain])?;
+            let console = std::fs::read_to_string(&log).unwrap_or_default();
+            if init_ms.is_none() && console.contains("attesta-init: ") {
+                init_ms = Some(ms());
+            }
+            if unlocked_ms.is_none() && console.contains(" unlocked (generation ") {
+                unlocked_ms = Some(ms());
+            }
+            if let Some(reason) = state.strip_prefix("shut off (") {
+                break reason.trim_end_matches(')').to_string();
+            }
+            if start.elapsed().as_secs() > 600 {
+                let _ = virsh(&["destroy", &domain]);
+                return Err(format!("{vm}: still running after 600 s:\n{console}"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        Ok(Boot {
+            console: std::fs::read_to_string(&log).unwrap_or_default(),
+            ended,
+            init_ms,
+            unlocked_ms,
+            whole_ms: ms(),
+        })
+    }
+
+    async fn start(&self, vm: &str) -> Result<Boot, String> {
+        let t = Instant::now();
+        self.ask(host_agent::control::ControlRequest::Start { vm_id: vm.into() })
+            .await
+            .map_err(|x| format!("{vm}: host agent: start: {x}"))?;
+        self.boot(vm, t).await
+    }
 }
 
-/// Runs the scene in `dir` with `n` VMs on chips of `root`.
+/// The agent's `bench:` line in a console, as JSON (numbers where they are numbers).
+fn bench_line(console: &str, vm: &str, boot: usize) -> Option<serde_json::Value> {
+    let line = console
+        .lines()
+        .find_map(|l| l.split_once("attesta-guest: bench: ").map(|(_, b)| b))?;
+    let mut j = serde_json::json!({"vm": vm, "boot": boot});
+    if let Some(why) = line.strip_prefix("failed: ") {
+        j["failed"] = serde_json::json!(why);
+        return Some(j);
+    }
+    for kv in line.split_whitespace() {
+        let Some((k, v)) = kv.split_once('=') else {
+            j["failed"] = serde_json::json!(format!("unreadable: {line}"));
+            return Some(j);
+        };
+        j[k] = match v.parse::<f64>() {
+            Ok(n) if n.is_finite() => serde_json::json!(n),
+            _ => serde_json::json!(v),
+        };
+    }
+    Some(j)
+}
+
+/// Every folder above `dir` must let QEMU (libvirt's user, not ours) through to the images
+/// and disks.
+fn reachable_by_qemu(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in dir.ancestors().skip(1) {
+        if let Ok(m) = std::fs::metadata(d)
+            && m.permissions().mode() & 0o001 == 0
+        {
+            return Err(format!(
+                "{} is not traversable by others (QEMU runs as libvirt's user): chmod o+x it, or use another --dir",
+                d.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the scene in `dir` with `n` VMs, the host agent's simulated chip being chip 0 of the
+/// hierarchy `seed` makes (cached under `state`), which `root` is.
 pub async fn run(
     dir: &Path,
     n: usize,
     root: &Arc<Pki>,
+    seed: &str,
+    state: &Path,
     parts: &Parts,
+    bench: bool,
     progress: &dyn Fn(&str),
 ) -> Result<RealVms, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     std::fs::create_dir_all(dir).map_err(|x| e(&x))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(|x| e(&x))?;
+    }
+    reachable_by_qemu(dir)?;
     let Stack {
         kbs,
         broker,
@@ -217,8 +309,7 @@ pub async fn run(
         allowlist_key,
     } = stack_with(dir, StackOptions::trusting(root, [0; 48])).await?;
     let (vmlinuz, modules) = parts.kernel()?;
-    let ovmf = dir.join("ovmf.fd");
-    std::fs::write(&ovmf, measure::synthetic_ovmf(262_144, 11)).map_err(|x| e(&x))?;
+    let ovmf = PathBuf::from(OVMF);
     let ca = dir.join("kbs-ca.crt");
     std::fs::write(&ca, snp::certs::pem_encode("CERTIFICATE", &broker.ca_der))
         .map_err(|x| e(&x))?;
@@ -228,12 +319,17 @@ pub async fn run(
         std::fs::write(
             &cfg,
             format!(
-                "vm_id = \"{vm}\"\n[broker]\naddress = \"10.0.2.2:{port}\"\n\
+                "vm_id = \"{vm}\"\n{}[broker]\naddress = \"10.0.2.2:{port}\"\n\
                  server_name = \"{}\"\nca = \"/etc/attesta/kbs-ca.crt\"\n\
                  response_key = \"{}\"\ntimeout_secs = {timeout}\n\
                  [disk]\npath = \"/dev/vda\"\n[device]\nkind = \"virtio-psp\"\n",
+                if bench {
+                    "bench_passphrase = true\n"
+                } else {
+                    ""
+                },
                 broker.server_name,
-                hex::encode(broker.response_key)
+                hex::encode(broker.response_key),
             ),
         )
         .map_err(|x| e(&x))?;
@@ -265,9 +361,11 @@ pub async fn run(
     };
 
     progress(&format!("real VMs: building {n} images"));
+    // VM ids unique to this run: the system libvirt is shared with anything else running.
+    let run_id = format!("{:08x}", std::process::id());
     let mut vms = Vec::new();
     for i in 0..n {
-        let vm = format!("vm-real-{i}");
+        let vm = format!("real-{run_id}-{i}");
         let img = dir.join(&vm);
         let m = image(&vm, &img, 30)?;
         let mut bytes = [0u8; 48];
@@ -299,29 +397,77 @@ pub async fn run(
             .map_err(|x| format!("{vm}: {x}"))?;
     }
 
+    // The miner's host agent: simulated SEV-SNP on the system libvirt, its PSP signing as
+    // chip 0 of the hierarchy the broker trusts.
+    progress("real VMs: starting the host agent (qemu:///system, simulated SEV-SNP)");
+    let home = dir.join("host");
+    std::fs::create_dir_all(&home).map_err(|x| e(&x))?;
+    let config = home.join("host.toml");
+    let text = format!(
+        "libvirt_uri = \"{URI}\"\nstate_dir = \"state\"\ncontrol_socket = \"host.sock\"\n\
+         operator_keys = [\"{op}\"]\nstop_grace_secs = 5\n\
+         [snp]\nmode = \"simulated\"\nrun_dir = \"run\"\n\
+         [platform]\nkind = \"simulator\"\nseed = \"{seed}\"\nproduct = \"milan\"\nchip = 0\n\
+         state_dir = \"{state}\"\n",
+        op = hex::encode(crate::demo::pk(&operator)),
+        state = std::path::absolute(state)
+            .unwrap_or_else(|_| state.to_path_buf())
+            .display(),
+    );
+    std::fs::write(&config, &text).map_err(|x| e(&x))?;
+    let cfg = host_agent::config::HostConfig::parse(&text, &config).map_err(|x| e(&x))?;
+    let run_dir = cfg.snp.run_dir.clone();
+    let daemon = host_agent::daemon::Daemon::open(cfg, host_agent::daemon::system_clock())
+        .await
+        .map_err(|x| format!("host agent: {x}"))?;
+    let mut agent = Agent {
+        daemon,
+        domains: Vec::new(),
+        run_dir,
+    };
+    let b64 = |b: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(b)
+    };
+
     let mut r = RealVms::default();
     for (i, (vm, img, m)) in vms.iter().enumerate() {
         let disk = dir.join(format!("{vm}.img"));
-        std::fs::File::create(&disk)
-            .and_then(|f| f.set_len(64 << 20))
-            .map_err(|x| e(&x))?;
-        let sock = dir.join(format!("{vm}.psp"));
-        // A PSP serves one launch (one QEMU process): each boot starts its own.
-        let psp = || Psp::start(root, &chip, &ovmf, img, &sock);
-        if psp()?.measurement != *m {
-            return Err(format!(
-                "{vm}: the PSP measured another image than the manifest states"
-            ));
-        }
+        let cmdline = std::fs::read_to_string(img.join("cmdline")).map_err(|x| e(&x))?;
+        let spec = format!(
+            "vm_id = \"{vm}\"\nvcpus = 1\nmemory_mib = 512\nvcpu_type = \"EPYC-Milan\"\n\
+             user_network = true\n\
+             [boot]\novmf = \"{OVMF}\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"{}\"\n\
+             [disk]\npath = \"{}\"\nsize_gib = 1\n",
+            img.join("vmlinuz").display(),
+            img.join("initrd.img").display(),
+            cmdline.trim(),
+            disk.display()
+        );
+        agent.domains.push(host_agent::spec::domain_name(vm));
         for (n, expect) in [
             (1, "formatted and unlocked"),
             (2, "unlocked (generation 1, boot 2)"),
         ] {
-            progress(&format!("real VMs: {vm} boot {n} (QEMU)"));
-            let _psp = psp()?;
-            let b = boot(img, &sock, &disk)?;
+            progress(&format!("real VMs: {vm} boot {n} (through the host agent)"));
+            let b = if n == 1 {
+                // Admitted by the launch gate against the signed order, a blank disk, a
+                // domain, and started: the agent's PSP measures what the domain launches.
+                let t = Instant::now();
+                agent
+                    .ask(host_agent::control::ControlRequest::Create {
+                        spec: spec.clone(),
+                        order: b64(&order(vm, i, &chip.chip_id, m).sign(&operator)),
+                        start: true,
+                    })
+                    .await
+                    .map_err(|x| format!("{vm}: host agent: create: {x}"))?;
+                agent.boot(vm, t).await?
+            } else {
+                agent.start(vm).await?
+            };
             r.booted += 1;
-            let up = b.status == Some(0)
+            let up = b.ended == "shutdown"
                 && b.console.contains(expect)
                 && b.console
                     .contains(&format!("ATTESTA-ROOT-UP boots_on_this_root={n}"));
@@ -334,62 +480,90 @@ pub async fn run(
                 r.boot_to_unlocked_ms.extend(b.unlocked_ms);
                 r.boot_to_init_ms.extend(b.init_ms);
                 r.whole_boot_ms.push(b.whole_ms);
+                r.bench.extend(bench_line(&b.console, vm, n));
             } else {
                 progress("");
-                eprintln!("{vm} boot {n} did not come up:\n{}", b.console);
+                eprintln!(
+                    "{vm} boot {n} did not come up ({}):\n{}",
+                    b.ended, b.console
+                );
             }
         }
-        if i > 0 {
-            continue;
-        }
-        // The host's attacks on the first VM.
-        progress(&format!("real VMs: {vm} with a cipher_null header"));
-        let tampered = dir.join(format!("{vm}-tampered.img"));
-        std::fs::copy(&disk, &tampered).map_err(|x| e(&x))?;
-        let meta = std::fs::read(&tampered).map_err(|x| e(&x))?;
-        let forged = guest_agent::header::forge_json_edit(&meta, |t| {
-            *t = t.replacen("\"aes-xts-plain64\"", "\"cipher_null-ecb\"", 2)
-        })?;
-        {
-            use std::io::Write;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&tampered)
-                .and_then(|mut f| f.write_all(&forged))
-                .map_err(|x| e(&x))?;
-        }
-        let b = {
-            let _psp = psp()?;
-            boot(img, &sock, &tampered)?
-        };
-        r.booted += 1;
-        r.tampered_header_refused = failed_closed(&b, "\"cipher_null-ecb\", not aes-xts-plain64");
-
-        progress(&format!("real VMs: {vm} with a swapped initrd"));
-        let swapped = dir.join(format!("{vm}-swapped"));
-        image(vm, &swapped, 31)?;
-        for f in ["vmlinuz", "cmdline"] {
-            std::fs::copy(img.join(f), swapped.join(f)).map_err(|x| e(&x))?;
-        }
-        let swapped_psp = Psp::start(root, &chip, &ovmf, &swapped, &sock)?;
-        let b = boot(&swapped, &sock, &disk)?;
-        r.booted += 1;
-        r.swapped_initrd_denied =
-            swapped_psp.measurement != *m && failed_closed(&b, "measurement_not_allowed");
-        drop(swapped_psp);
-
-        progress(&format!("real VMs: {vm} terminated"));
         let mut t = order(vm, i, &chip.chip_id, m);
         t.kind = OrderKind::Terminate;
-        kbs.terminate(&t.sign(&operator), crate::demo::now())
+        let terminate = t.sign(&operator);
+        if i == 0 {
+            // The miner's attacks on the first VM, each on the disk or the definition while
+            // the VM is off, then a start through the agent.
+            progress(&format!("real VMs: {vm} with a cipher_null header"));
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&disk)
+                .map_err(|x| e(&x))?;
+            let mut meta = vec![0u8; 8 << 20];
+            {
+                use std::io::{Read, Seek, Write};
+                f.read_exact(&mut meta).map_err(|x| e(&x))?;
+                let forged = guest_agent::header::forge_json_edit(&meta, |t| {
+                    *t = t.replacen("\"aes-xts-plain64\"", "\"cipher_null-ecb\"", 2)
+                })?;
+                f.seek(std::io::SeekFrom::Start(0)).map_err(|x| e(&x))?;
+                f.write_all(&forged).map_err(|x| e(&x))?;
+                f.sync_all().map_err(|x| e(&x))?;
+                let b = agent.start(vm).await?;
+                r.booted += 1;
+                r.tampered_header_refused =
+                    b.failed_closed("\"cipher_null-ecb\", not aes-xts-plain64");
+                f.seek(std::io::SeekFrom::Start(0)).map_err(|x| e(&x))?;
+                f.write_all(&meta[..forged.len()]).map_err(|x| e(&x))?;
+                f.sync_all().map_err(|x| e(&x))?;
+            }
+
+            progress(&format!("real VMs: {vm} with a swapped initrd"));
+            let swapped = dir.join(format!("{vm}-swapped"));
+            image(vm, &swapped, 31)?;
+            let domain = host_agent::spec::domain_name(vm);
+            let defined = virsh(&["dumpxml", "--inactive", &domain])?;
+            let initrd = img.join("initrd.img").display().to_string();
+            if !defined.contains(&initrd) {
+                return Err(format!("{vm}: the definition does not boot {initrd}"));
+            }
+            // Redefined behind the agent's launch gate, which judged the spec on record.
+            let redefine = |xml: &str| -> Result<(), String> {
+                let f = dir.join(format!("{vm}-domain.xml"));
+                std::fs::write(&f, xml).map_err(|x| e(&x))?;
+                virsh(&["define", &f.display().to_string()]).map(|_| ())
+            };
+            redefine(&defined.replace(&initrd, &swapped.join("initrd.img").display().to_string()))?;
+            let b = agent.start(vm).await?;
+            r.booted += 1;
+            r.swapped_initrd_denied = b.failed_closed("measurement_not_allowed");
+            redefine(&defined)?;
+
+            progress(&format!("real VMs: {vm} terminated at the broker"));
+            kbs.terminate(&terminate, crate::demo::now())
+                .await
+                .map_err(|x| format!("{vm}: terminate: {x}"))?;
+            let b = agent.start(vm).await?;
+            r.booted += 1;
+            r.terminated_failed_closed = b.failed_closed("vm_terminated");
+        } else {
+            kbs.terminate(&terminate, crate::demo::now())
+                .await
+                .map_err(|x| format!("{vm}: terminate: {x}"))?;
+        }
+        // The agent destroys, undefines and wipes it.
+        agent
+            .ask(host_agent::control::ControlRequest::Terminate {
+                vm_id: vm.clone(),
+                order: b64(&terminate),
+            })
             .await
-            .map_err(|x| format!("{vm}: terminate: {x}"))?;
-        let b = {
-            let _psp = psp()?;
-            boot(img, &sock, &disk)?
-        };
-        r.booted += 1;
-        r.terminated_failed_closed = failed_closed(&b, "vm_terminated");
+            .map_err(|x| format!("{vm}: host agent: terminate: {x}"))?;
+        agent
+            .domains
+            .retain(|d| *d != host_agent::spec::domain_name(vm));
     }
     progress("");
     Ok(r)
