@@ -8,8 +8,8 @@
 //! activated read-only and shared over the same data device, then removed.
 
 use crate::header::{self, Expect};
-use crate::luks::{self, DiskLabel, LuksError, MemHeader, VolumeKey};
-use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate, CryptVolumeKey};
+use crate::luks::{self, DiskLabel, LuksError, MemHeader, VolumeKey, cs};
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate};
 use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat, LuksType};
 use libcryptsetup_rs::{CryptInit, CryptSettingsHandle, Either};
 use std::path::Path;
@@ -24,13 +24,6 @@ pub struct PassphraseUnlock {
     pub time_cost: u32,
     pub memory_kib: u32,
     pub threads: u32,
-}
-
-fn cs(op: &'static str) -> impl Fn(libcryptsetup_rs::LibcryptErr) -> LuksError {
-    move |e| LuksError::Cryptsetup {
-        op,
-        why: e.to_string(),
-    }
 }
 
 /// Adds an argon2id passphrase keyslot (cryptsetup's LUKS2 defaults) to an in-memory copy of
@@ -69,18 +62,7 @@ pub fn passphrase_unlock(
     let mut dev = open()?;
     let defaults = CryptSettingsHandle::get_pbkdf_default(&LuksType::Luks2)
         .map_err(cs("read cryptsetup's PBKDF defaults"))?;
-    dev.settings_handle()
-        .set_pbkdf_type(&defaults)
-        .map_err(cs("set the PBKDF"))?;
-    let slot = dev
-        .keyslot_handle()
-        .add_by_key(
-            None,
-            Some(Either::Left(key.as_bytes())),
-            pass.as_ref(),
-            CryptVolumeKey::empty(),
-        )
-        .map_err(cs("add the passphrase keyslot"))?;
+    let slot = luks::add_keyslot(&mut dev, &defaults, key, pass.as_ref())?;
     let used = dev
         .keyslot_handle()
         .get_pbkdf(slot)

@@ -90,7 +90,7 @@ pub enum LuksError {
     Differential(String),
 }
 
-fn cs(op: &'static str) -> impl Fn(LibcryptErr) -> LuksError {
+pub(crate) fn cs(op: &'static str) -> impl Fn(LibcryptErr) -> LuksError {
     move |e| LuksError::Cryptsetup {
         op,
         why: e.to_string(),
@@ -213,18 +213,7 @@ pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String,
             Some(&mut params_ref),
         )
         .map_err(cs("format LUKS2"))?;
-    dev.settings_handle()
-        .set_pbkdf_type(&pbkdf)
-        .map_err(cs("set the PBKDF"))?;
-    let slot = dev
-        .keyslot_handle()
-        .add_by_key(
-            None,
-            Some(Either::Left(key.as_bytes())),
-            key.as_bytes(),
-            CryptVolumeKey::empty(),
-        )
-        .map_err(cs("add the keyslot"))?;
+    let slot = add_keyslot(&mut dev, &pbkdf, key, key.as_bytes())?;
     let mut token = serde_json::json!({
         "type": TOKEN_TYPE,
         "keyslots": [slot.to_string()],
@@ -264,6 +253,26 @@ pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String,
         .get_uuid()
         .map_err(cs("read the UUID"))?;
     Ok(uuid.to_string())
+}
+
+/// Adds a keyslot opened by `passphrase` for volume key `key`, its KDF `pbkdf`.
+pub(crate) fn add_keyslot(
+    dev: &mut libcryptsetup_rs::CryptDevice,
+    pbkdf: &CryptPbkdfType,
+    key: &VolumeKey,
+    passphrase: &[u8],
+) -> Result<u32, LuksError> {
+    dev.settings_handle()
+        .set_pbkdf_type(pbkdf)
+        .map_err(cs("set the PBKDF"))?;
+    dev.keyslot_handle()
+        .add_by_key(
+            None,
+            Some(Either::Left(key.as_bytes())),
+            passphrase,
+            CryptVolumeKey::empty(),
+        )
+        .map_err(cs("add the keyslot"))
 }
 
 /// Checks with libcryptsetup that `key` is this disk's volume key (the keyslot digest), without

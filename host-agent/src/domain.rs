@@ -514,8 +514,8 @@ mod tests {
         assert_eq!(find("model").text(), Some("EPYC-Milan"));
     }
 
-    #[test]
-    fn a_simulated_vm_has_no_launch_security_and_a_psp_channel() {
+    /// The example spec on user networking, simulated: the spec, the parameters, the XML.
+    fn simulated_example() -> (Checked, Simulated, String) {
         let mut s = example().spec;
         s.network = None;
         s.user_network = true;
@@ -526,6 +526,12 @@ mod tests {
             console_log: "/var/log/attesta/vm-1.console".into(),
         };
         let x = simulated_domain_xml(&c, &sim);
+        (c, sim, x)
+    }
+
+    #[test]
+    fn a_simulated_vm_has_no_launch_security_and_a_psp_channel() {
+        let (c, sim, x) = simulated_example();
         let doc = roxmltree::Document::parse(&x).unwrap();
         let find = |name: &str| doc.descendants().find(|n| n.tag_name().name() == name);
         assert_eq!(doc.root_element().attribute("type"), Some("qemu"));
@@ -582,16 +588,7 @@ mod tests {
 
     #[test]
     fn a_simulated_launch_is_read_only_where_qemu_reads_it() {
-        let mut s = example().spec;
-        s.network = None;
-        s.user_network = true;
-        let c = s.check().unwrap();
-        let sim = Simulated {
-            kvm: false,
-            psp_socket: "/run/attesta/psp/vm-1.sock".into(),
-            console_log: "/var/log/attesta/vm-1.console".into(),
-        };
-        let x = simulated_domain_xml(&c, &sim);
+        let (c, sim, x) = simulated_example();
         let good = simulated_launch(&x).unwrap();
         // A decoy kernel inside the metadata is not what QEMU boots: the real one is measured.
         let decoy = x.replace(
@@ -682,10 +679,6 @@ mod tests {
             (
                 "plain client",
                 x.replace(
-                    "<target type='virtio' name='org.attesta.psp.0'/>",
-                    "<target type='virtio' name='org.attesta.psp.0'/>",
-                )
-                .replace(
                     &format!("path='{}'/>", sim.psp_socket.display()),
                     &format!(
                         "path='{}'><reconnect enabled='yes' timeout='1'/></source>",

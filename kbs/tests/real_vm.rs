@@ -387,9 +387,13 @@ fn a_real_vm_boots_through_the_host_agent_and_the_whole_system() {
         &swapped.join("initrd.img").display().to_string(),
     );
     assert_ne!(edited, original);
-    std::fs::write(p("edited.xml"), &edited).unwrap();
-    let defined = virsh(&["define", p("edited.xml").to_str().unwrap()]);
-    assert!(defined.status.success(), "{defined:?}");
+    // Behind the agent's back: `virsh define` of an edited definition.
+    let redefine = |xml: &str| {
+        std::fs::write(p("domain.xml"), xml).unwrap();
+        let defined = virsh(&["define", p("domain.xml").to_str().unwrap()]);
+        assert!(defined.status.success(), "{defined:?}");
+    };
+    redefine(&edited);
     ok(host(&["vm", "start", &vm]), "attesta-host vm start");
     let how = domain.wait_off(boot_limit);
     let c = console();
@@ -405,9 +409,36 @@ fn a_real_vm_boots_through_the_host_agent_and_the_whole_system() {
         "the PSP measured the swapped launch:\n{}",
         agent_log.lock().unwrap()
     );
-    std::fs::write(p("original.xml"), &original).unwrap();
-    let defined = virsh(&["define", p("original.xml").to_str().unwrap()]);
-    assert!(defined.status.success(), "{defined:?}");
+
+    // QEMU arguments through libvirt's qemu namespace could load another initrd unmeasured:
+    // the agent refuses to start such a definition.
+    redefine(
+        &original
+            .replacen(
+                "<domain type=",
+                "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' type=",
+                1,
+            )
+            .replace(
+                "</devices>",
+                "</devices><qemu:commandline><qemu:arg value='-initrd'/><qemu:arg value='/evil'/></qemu:commandline>",
+            ),
+    );
+    let out = host(&["vm", "start", &vm]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("commandline"),
+        "{err}"
+    );
+    redefine(&original);
+    // Started behind the agent's back, the domain finds no PSP (each launch's PSP serves only
+    // the QEMU it was started for) and does not start.
+    let started = virsh(&["start", &domain.0]);
+    assert!(!started.status.success(), "{started:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&virsh(&["domstate", &domain.0]).stdout).trim(),
+        "shut off"
+    );
 
     // The operator terminates the VM at the broker; the miner boots it again: it fails closed.
     ok(

@@ -442,9 +442,11 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
                             real_vms::run(
                                 &dir.join("real-vms"),
                                 *n,
-                                &milan,
-                                &a.seed,
-                                &state,
+                                &real_vms::Hierarchy {
+                                    root: &milan,
+                                    seed: &a.seed,
+                                    state: &state,
+                                },
                                 parts,
                                 a.bench_unlock,
                                 &note,

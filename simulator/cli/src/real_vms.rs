@@ -283,18 +283,24 @@ fn reachable_by_qemu(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the scene in `dir` with `n` VMs, the host agent's simulated chip being chip 0 of the
-/// hierarchy `seed` makes (cached under `state`), which `root` is.
+/// The simulated hierarchy the host agent's chip comes from: chip 0 of what `seed` makes
+/// (cached under `state`), whose root is `root`.
+pub struct Hierarchy<'a> {
+    pub root: &'a Arc<Pki>,
+    pub seed: &'a str,
+    pub state: &'a Path,
+}
+
+/// Runs the scene in `dir` with `n` VMs on chip 0 of `h`.
 pub async fn run(
     dir: &Path,
     n: usize,
-    root: &Arc<Pki>,
-    seed: &str,
-    state: &Path,
+    h: &Hierarchy<'_>,
     parts: &Parts,
     bench: bool,
     progress: &dyn Fn(&str),
 ) -> Result<RealVms, String> {
+    let Hierarchy { root, seed, state } = *h;
     let e = |x: &dyn std::fmt::Display| x.to_string();
     std::fs::create_dir_all(dir).map_err(|x| e(&x))?;
     {
