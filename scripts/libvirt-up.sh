@@ -7,8 +7,11 @@ set -euo pipefail
 # QEMU user (group kvm) may open it. Without it libvirt finds KVM "enabled when probing, but not
 # available now" and probes QEMU's capabilities again on every lookup (~4 s each, ~90 s to define
 # one domain), even for TCG domains.
+# Only adds the group's access (a /dev/kvm already open to others stays so); a /dev that cannot
+# be changed is worked around by libvirt, slowly: a warning, not a failure.
 if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %G /dev/kvm)" != kvm ]; then
-  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+  { chgrp kvm /dev/kvm && chmod g+rw /dev/kvm; } \
+    || echo "libvirt-up: warning: cannot give /dev/kvm to group kvm; libvirt will re-probe QEMU on every call" >&2
 fi
 # libvirtd answers without virtlogd, but QEMU domains need it to start: check both.
 if pgrep -x virtlogd >/dev/null && virsh -c qemu:///system version >/dev/null 2>&1; then

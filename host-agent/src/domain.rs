@@ -365,6 +365,19 @@ pub fn simulated_launch(xml: &str) -> Result<SimulatedLaunch, String> {
             return Err(format!("<{name}>: {why}"));
         }
     }
+    // Host devices by other names: a passed-through or vDPA NIC, an NVMe controller.
+    if let Some(d) = devices.children().find(|n| {
+        matches!(
+            (n.tag_name().name(), n.attribute("type")),
+            ("interface", Some("hostdev" | "vdpa")) | ("disk", Some("nvme"))
+        )
+    }) {
+        return Err(format!(
+            "<{} type='{}'>: a host device is outside the measurement",
+            d.tag_name().name(),
+            d.attribute("type").unwrap_or_default()
+        ));
+    }
     let vcpu = only(domain, "vcpu")?.ok_or("no vcpu count")?;
     let vcpus: u32 = vcpu
         .text()
@@ -666,6 +679,14 @@ mod tests {
                     "</devices>",
                     "<hostdev mode='subsystem' type='pci'/></devices>",
                 ),
+            ),
+            (
+                "host device",
+                x.replace("<interface type='user'>", "<interface type='hostdev'>"),
+            ),
+            (
+                "host device",
+                x.replace("</devices>", "<disk type='nvme' device='disk'/></devices>"),
             ),
             ("cpu", x.replace("mode='custom'", "mode='host-passthrough'")),
             (

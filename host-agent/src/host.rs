@@ -309,13 +309,13 @@ impl Host {
                 socket.display()
             )));
         }
-        if launch.emulator.as_ref().is_some_and(|e| e != emulator) {
+        if launch.emulator.as_ref() != Some(emulator) {
             return Err(refused(format!(
                 "the definition runs {}, not the driver's {}",
                 launch
                     .emulator
                     .as_deref()
-                    .unwrap_or(Path::new(""))
+                    .unwrap_or(Path::new("no emulator"))
                     .display(),
                 emulator.display()
             )));
@@ -324,22 +324,30 @@ impl Host {
             op: "simulated PSP",
             why,
         })?;
-        d.create().map_err(|e| {
-            psp.stop(&launch.vm_id);
-            lv("start")(e)
-        })?;
-        // What runs is what was measured: a definition swapped between the read and the
-        // start is destroyed.
+        // Started paused: no guest code runs until the running definition is known to be the
+        // one measured (one swapped between the read and the start is destroyed unrun).
+        d.create_with_flags(virt::sys::VIR_DOMAIN_START_PAUSED)
+            .map_err(|e| {
+                psp.stop(&launch.vm_id);
+                lv("start")(e)
+            })?;
         let running = d
             .xml_desc(0)
             .map_err(lv("dumpxml"))
             .and_then(|x| domain::simulated_launch(&x).map_err(refused));
-        if running.as_ref().ok() != Some(&launch) {
-            let _ = d.destroy();
-            psp.stop(&launch.vm_id);
-            return Err(refused(
+        let resumed = match running {
+            Ok(r) if r == launch => d.resume().map_err(lv("resume")),
+            Ok(_) => Err(refused(
                 "the running domain is not the definition that was measured".into(),
-            ));
+            )),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = resumed {
+            psp.stop(&launch.vm_id);
+            if let Err(d_err) = d.destroy() {
+                tracing::error!(vm_id, error = %d_err, "could not destroy a domain that must not run");
+            }
+            return Err(e);
         }
         Ok(())
     }

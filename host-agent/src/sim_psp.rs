@@ -57,6 +57,17 @@ impl SimulatedPsp for SimPsp {
     fn launch(&self, l: &SimulatedLaunch) -> Result<[u8; 48], String> {
         // The earlier launch's server goes first: its socket is this one's.
         self.servers().remove(&l.vm_id);
+        // Files that read the same for the agent and for QEMU: regular files, not a FIFO or a
+        // reader-dependent /proc or /dev path that could hand each of them other bytes.
+        for f in [Some(&l.firmware), l.kernel.as_ref(), l.initrd.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            let regular = std::fs::metadata(f).is_ok_and(|m| m.is_file());
+            if !regular || f.starts_with("/proc") || f.starts_with("/dev") {
+                return Err(format!("{}: not a regular file", f.display()));
+            }
+        }
         let measurement = measure::digest_of_files_with(
             &measure::LaunchFiles {
                 ovmf: &l.firmware,

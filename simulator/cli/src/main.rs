@@ -423,6 +423,11 @@ fn run_demo(a: &DemoArgs) -> Result<bool, String> {
             }
         },
     };
+    if a.bench_unlock && real_parts.is_none() {
+        return Err(
+            "--bench-unlock times the real VMs' unlocks: there are none (--real-vms 0, or their parts are missing)".into(),
+        );
+    }
     let milan = Arc::new(pki_for(m.0, &m.1, &state)?);
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     // Ctrl-C stops the run and drops everything it holds (the guests' keys on tmpfs included).
