@@ -29,6 +29,17 @@ if [ -z "${ATTESTA_GUEST_KERNEL:-}" ]; then
     unset ATTESTA_GUEST_KERNEL
   fi
 fi
+# A Debian 12 tree with initramfs-tools and dracut, for the test that proves attesta's hook and
+# dracut module by booting the initramfs images they generate.
+if [ -z "${ATTESTA_DISTRO_ROOT:-}" ]; then
+  if ATTESTA_DISTRO_ROOT=$(bash scripts/distro-root.sh); then
+    export ATTESTA_DISTRO_ROOT
+    log "distro tree: $ATTESTA_DISTRO_ROOT"
+  else
+    log "no distro tree could be built: the distro-initramfs test will skip"
+    unset ATTESTA_DISTRO_ROOT
+  fi
+fi
 # libvirt's QEMU driver for the host agent's real VMs (qemu:///system).
 if bash scripts/libvirt-up.sh; then
   log "libvirt: qemu:///system reachable"

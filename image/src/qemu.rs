@@ -36,6 +36,26 @@ pub fn unpacked_kernel(dir: &Path) -> Result<(std::path::PathBuf, std::path::Pat
 pub fn command(img: &Path, disk: &Path, psp: Option<&Path>, secs: u32) -> Result<Command, String> {
     let cmdline = std::fs::read_to_string(img.join("cmdline"))
         .map_err(|e| format!("{}: {e}", img.join("cmdline").display()))?;
+    Ok(command_for(
+        &img.join("vmlinuz"),
+        &img.join("initrd.img"),
+        cmdline.trim_end(),
+        disk,
+        psp,
+        secs,
+    ))
+}
+
+/// As [`command`], for any kernel, initrd and command line (a distro's initramfs, say). More
+/// drives or a firmware can be appended to the command.
+pub fn command_for(
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    disk: &Path,
+    psp: Option<&Path>,
+    secs: u32,
+) -> Command {
     let mut c = Command::new("timeout");
     c.arg(secs.to_string())
         .args([
@@ -48,10 +68,10 @@ pub fn command(img: &Path, disk: &Path, psp: Option<&Path>, secs: u32) -> Result
             "512",
         ])
         .args(["-smp", "1", "-nographic", "-no-reboot", "-kernel"])
-        .arg(img.join("vmlinuz"))
+        .arg(kernel)
         .arg("-initrd")
-        .arg(img.join("initrd.img"))
-        .args(["-append", cmdline.trim_end(), "-drive"])
+        .arg(initrd)
+        .args(["-append", cmdline, "-drive"])
         .arg(format!("file={},if=virtio,format=raw", disk.display()))
         .args([
             "-netdev",
@@ -66,5 +86,5 @@ pub fn command(img: &Path, disk: &Path, psp: Option<&Path>, secs: u32) -> Result
             .args(["-device", "virtio-serial-pci", "-device"])
             .arg(format!("virtserialport,chardev=psp,name={PSP_PORT}"));
     }
-    Ok(c)
+    c
 }

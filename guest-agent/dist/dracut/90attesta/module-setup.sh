@@ -40,6 +40,15 @@ installkernel() {
     # hostonly='': the image is usually built on a host that is not an SNP guest, where
     # sev-guest is not loaded and host-only mode would leave it out.
     hostonly='' instmods sev-guest dm_crypt xts aesni_intel
+    if attesta_virtio_psp; then
+        hostonly='' instmods virtio_console
+    fi
+}
+
+# True when guest.toml asks for the simulated PSP (`[device] kind = "virtio-psp"`, test and
+# simulation builds of attesta-guest only), a virtio-serial port.
+attesta_virtio_psp() {
+    [ -f "$ATTESTA_CONF" ] && [ "$(attesta_toml_get device kind "$ATTESTA_CONF")" = "virtio-psp" ]
 }
 
 install() {
@@ -101,6 +110,9 @@ install() {
     # after systemd-modules-load.service).
     mkdir -p "$initdir/etc/modules-load.d"
     printf 'sev-guest\ndm_crypt\n' > "$initdir/etc/modules-load.d/attesta.conf"
+    if attesta_virtio_psp; then
+        echo virtio_console >> "$initdir/etc/modules-load.d/attesta.conf"
+    fi
 
     # rd.neednet=1: bring the network up in the initramfs even though root is local.
     # rd.shell=0 rd.emergency=poweroff: a failure must not open a shell; a shell inside the
