@@ -54,28 +54,34 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A copy of the distro tree with /proc, /sys and /dev bound in, as the generators need them;
-/// unmounted however the test ends.
+/// A copy of the distro tree in a folder of its own, with /proc, /sys and /dev bound in as the
+/// generators need them. Dropped: unmounted, and the folder removed only if nothing is mounted
+/// under it any more (removing a folder with the host's /dev bound in would unlink the host's
+/// device nodes); otherwise it is left, and said so.
 struct Chroot {
     root: PathBuf,
     mounts: Vec<PathBuf>,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Chroot {
-    fn copy(from: &Path, to: &Path) -> Chroot {
+    fn copy(from: &Path) -> Chroot {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let mut c = Chroot {
+            root: root.clone(),
+            mounts: vec![],
+            dir: Some(dir),
+        };
         run(
             Command::new("cp")
                 .args(["-a", "--reflink=auto"])
                 .arg(from)
-                .arg(to),
+                .arg(&root),
             "copy the distro tree",
         );
-        let mut c = Chroot {
-            root: to.to_path_buf(),
-            mounts: vec![],
-        };
         for m in ["proc", "sys", "dev"] {
-            let at = to.join(m);
+            let at = root.join(m);
             run(
                 Command::new("mount")
                     .arg("--bind")
@@ -108,6 +114,20 @@ impl Drop for Chroot {
     fn drop(&mut self) {
         for m in self.mounts.iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let root = self.root.display().to_string();
+        let still = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .any(|at| at.starts_with(&root));
+        if still || mountinfo.is_empty() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!(
+                    "distro tree {} left in place: something is still mounted under it",
+                    dir.keep().display()
+                );
+            }
         }
     }
 }
@@ -256,7 +276,7 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
     // The distro system: the kernel's modules, the agent, and the hooks installed as the
     // packaging README says. The agent is this workspace's build, whose simulator feature
     // speaks to the simulated PSP (`[device] kind = "virtio-psp"`).
-    let chroot = Chroot::copy(&distro, &p("distro"));
+    let chroot = Chroot::copy(&distro);
     std::fs::create_dir_all(chroot.root.join("usr/lib/modules")).unwrap();
     run(
         Command::new("cp")
