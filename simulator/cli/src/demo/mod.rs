@@ -7,18 +7,25 @@
 //! certificate revoked and its connections cut); the attack catalogue against the live broker.
 
 //!
-//! One module per part: [`stack`] (the brokers the scenes stand on, the operator's orders),
-//! this file (the fleet: host agents, boots, the mesh, termination, the summary), [`attacks`]
-//! (the live attacks on the protocol, the mesh admission and the whole catalogue); the real
-//! VMs are `crate::real_vms`, the other live attacks `crate::{disk_attacks, withdrawal,
-//! floor_bypass, flood}`.
+//! One module per scene, under a small [`driver`] (the command line, the order of the scenes,
+//! the summary): [`stack`] (the brokers the scenes stand on, the operator's orders), this file
+//! (the fleet: host agents, boots, the mesh, termination), [`attacks`] (the live attacks on the
+//! protocol, the mesh admission and the whole catalogue; the others are
+//! `crate::{disk_attacks, withdrawal, floor_bypass, flood}`), [`real_vms`] (real VMs through a
+//! host agent on libvirt); [`summary`] holds what each scene observed and its part of the
+//! summary.
 
 mod attacks;
+pub mod driver;
+pub mod real_vms;
 mod stack;
+mod summary;
 
 pub use attacks::catalogue_live;
 use attacks::{mesh_attacks, protocol_attacks};
+pub use driver::DemoArgs;
 pub use stack::*;
+pub use summary::{LiveAttack, MeshSummary, Summary};
 
 use crate::fleet_mesh::{self, FleetMesh, Reach};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
@@ -36,101 +43,6 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// One live attack and whether the broker denied it.
-pub struct LiveAttack {
-    pub name: &'static str,
-    pub denied: bool,
-    pub reason: String,
-    /// The reason code it must be denied for.
-    pub expected: &'static str,
-}
-
-impl LiveAttack {
-    /// Denied, and for the expected reason.
-    pub fn as_expected(&self) -> bool {
-        self.denied && self.reason.contains(self.expected)
-    }
-}
-
-/// What the demo observed.
-pub struct Summary {
-    pub vms: usize,
-    /// Host agents (one per simulated machine) and the libvirt domains they created.
-    pub hosts: usize,
-    pub domains: usize,
-    pub unlocked: usize,
-    /// Disks actually activated through device-mapper (0 where it is unavailable, as in sandboxes).
-    pub activated: usize,
-    pub denied: usize,
-    /// Every attack, each against a live broker over QUIC: the system's own, the protocol
-    /// attacks and the whole catalogue.
-    pub attacks: Vec<LiveAttack>,
-    pub latencies_ms: Vec<f64>,
-    pub mesh: MeshSummary,
-}
-
-/// What the demo observed on the mesh.
-#[derive(Default)]
-pub struct MeshSummary {
-    pub lighthouses: usize,
-    /// Host agents that reached the broker with mesh certificates (role host).
-    pub hosts: usize,
-    /// Guests that joined with the identity the broker issued after attestation.
-    pub guests: usize,
-    /// (reached, tried): guests reaching a guest of their own tenant.
-    pub same_tenant: (usize, usize),
-    /// Guests whose tenant (by the operator's orders) has another guest: each must be tried.
-    pub same_expected: usize,
-    /// (denied, tried): guests refused by another tenant's guest's firewall.
-    pub cross_tenant: (usize, usize),
-    /// Guests with a guest of another tenant (by the orders): each must be tried.
-    pub cross_expected: usize,
-    /// Every pair tried: from, to, what happened.
-    pub pairs: Vec<(String, String, Reach)>,
-    /// (nodes holding the terminated guest's certificates as revoked, nodes): lighthouses,
-    /// guests, the broker.
-    pub revoked_known: (usize, usize),
-    /// How long until every node held the revocation, if all did within 5 s.
-    pub revoked_everywhere_ms: Option<f64>,
-    /// Whether the terminated guest had a live connection to a guest of its tenant to cut.
-    pub cut_off_expected: bool,
-    /// How long until that connection closed with REVOKED, if it did within 5 s.
-    pub revoked_cut_off_ms: Option<f64>,
-    /// What the revoked guest's next connection attempt met.
-    pub revoked_reconnect: Option<Reach>,
-}
-
-impl MeshSummary {
-    /// Every guest joined; every guest with a same-tenant peer reached it and every guest was
-    /// denied by another tenant's guest, as the orders say; the terminated guest's certificates
-    /// were revoked on every node within 5 s, and where it had a live connection, that was cut
-    /// within 5 s and its next attempt refused.
-    pub fn as_expected(&self, vms: usize) -> bool {
-        let cut = !self.cut_off_expected
-            || (self.revoked_cut_off_ms.is_some_and(|t| t <= 5000.0)
-                && matches!(self.revoked_reconnect, Some(Reach::Refused(_))));
-        self.guests == vms
-            && self.same_tenant == (self.same_expected, self.same_expected)
-            && self.cross_tenant == (self.cross_expected, self.cross_expected)
-            && self.revoked_known.1 > 0
-            && self.revoked_known.0 == self.revoked_known.1
-            && self.revoked_everywhere_ms.is_some()
-            && cut
-    }
-}
-
-impl Summary {
-    pub fn percentile(&self, p: f64) -> f64 {
-        let mut v = self.latencies_ms.clone();
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() {
-            return 0.0;
-        }
-        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-        v[i.min(v.len() - 1)]
-    }
-}
 
 fn progress(quiet: bool, msg: &str) {
     if !quiet {

@@ -59,6 +59,53 @@ impl RealVms {
     pub fn percentile(&self, p: f64) -> Option<f64> {
         pct(&self.boot_to_unlocked_ms, p)
     }
+
+    /// The real VMs' part of the JSON summary (`real_vms`); `ok` as [`Self::as_expected`] said.
+    pub fn json(&self, ok: bool) -> serde_json::Value {
+        serde_json::json!({
+            "booted": self.booted,
+            "unlocked_in_guest": self.unlocked_in_guest,
+            "second_boot_unlocked": self.second_boot_unlocked,
+            "terminated_failed_closed": self.terminated_failed_closed,
+            "swapped_initrd_denied": self.swapped_initrd_denied,
+            "tampered_header_refused": self.tampered_header_refused,
+            "boot_to_unlocked_ms": {"p50": self.percentile(50.0), "p99": self.percentile(99.0)},
+            "boot_to_init_ms": {"p50": pct(&self.boot_to_init_ms, 50.0), "p99": pct(&self.boot_to_init_ms, 99.0)},
+            "whole_boot_ms": {"p50": pct(&self.whole_boot_ms, 50.0), "p99": pct(&self.whole_boot_ms, 99.0)},
+            "bench": self.bench,
+            "ok": ok,
+        })
+    }
+
+    /// The real VMs' part of the text summary.
+    pub fn print(&self) {
+        let yes = |b: bool| if b { "yes" } else { "NO" };
+        println!(
+            "  real VMs (host agent on qemu:///system, Debian's cloud kernel, dm-crypt in the guest): {} boots; {} formatted, rooted and unlocked in the guest, {} unlocked again on their second boot; boot to unlocked p50 {:.0} ms",
+            self.booted,
+            self.unlocked_in_guest,
+            self.second_boot_unlocked,
+            self.percentile(50.0).unwrap_or(f64::NAN)
+        );
+        println!(
+            "    cipher_null header refused in the guest: {}; swapped initrd denied: {}; terminated VM failed closed: {}",
+            yes(self.tampered_header_refused),
+            yes(self.swapped_initrd_denied),
+            yes(self.terminated_failed_closed)
+        );
+        for b in &self.bench {
+            println!(
+                "    bench, {} boot {}: kernel start to root mapped {} ms; argon2id passphrase unlock (cryptsetup defaults: {} KiB, t={}, p={}) {} ms",
+                b["vm"],
+                b["boot"],
+                b["kernel_to_unlocked_ms"],
+                b["memory_kib"],
+                b["time_cost"],
+                b["threads"],
+                b["passphrase_unlock_ms"]
+            );
+        }
+    }
 }
 
 /// The `p`th percentile of `v` (nearest rank).
