@@ -1,16 +1,20 @@
 //! Distro images: attesta's initramfs-tools hook and dracut module, installed as
 //! `guest-agent/dist/README.md` says into a Debian 12 system (`scripts/distro-root.sh`, found
 //! through `ATTESTA_DISTRO_ROOT`), generate initramfs images for Debian's cloud kernel inside it
-//! (chroot), and each boots for real under QEMU (TCG, Debian's OVMF) with the real
-//! `attesta-kbs serve` on loopback. The simulated PSP is given the launch measurement of exactly
-//! the files QEMU boots, and the broker allows only those measurements.
+//! (chroot, in a mount namespace of its own), and each boots for real under QEMU (TCG, Debian's
+//! OVMF) with the real `attesta-kbs serve` on loopback. The simulated PSP is told the launch
+//! measurement of exactly the files QEMU boots (computed here, as the host agent would), and
+//! the broker allows only those measurements: what is proven is the generators' initramfs, not
+//! the measurement.
 //!
 //! First boot of each: the real `attesta-guest` in the distro's initramfs attests, receives the
-//! key, formats LUKS2 and dm-crypt maps it before the root is mounted; the root's own init then
-//! reports the mapping (a `CRYPT-LUKS2` device-mapper uuid) and the tenant's SSH key on tmpfs.
-//! Then the operator terminates both VMs at the broker, and the next boot of each fails closed:
-//! the guest powers off (initramfs-tools: `panic=`; dracut: `rd.emergency=poweroff`), no shell
-//! is left waiting, and the root's init never runs.
+//! key, formats LUKS2 and dm-crypt maps it, all before the root is mounted; the root's own init
+//! then reports the mapping (a `CRYPT-LUKS2` device-mapper uuid), `/run` on tmpfs and the
+//! tenant's SSH key there. The second boot unlocks the same volume. Then the operator
+//! terminates both VMs at the broker, and the next boot of each fails closed: no shell is left
+//! waiting and the root's init never runs; initramfs-tools reboots (the hook's `panic=10`
+//! default: the command line has no `panic=`), dracut powers off (the unit's `FailureAction=`).
+//! QEMU runs with `-no-reboot`, so either ends it.
 
 mod common;
 
@@ -54,25 +58,17 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A copy of the distro tree in a folder of its own, with /proc, /sys and /dev bound in as the
-/// generators need them. Dropped: unmounted, and the folder removed only if nothing is mounted
-/// under it any more (removing a folder with the host's /dev bound in would unlink the host's
-/// device nodes); otherwise it is left, and said so.
+/// A copy of the distro tree in a folder of its own (under the target folder: /tmp may be
+/// noexec).
 struct Chroot {
     root: PathBuf,
-    mounts: Vec<PathBuf>,
-    dir: Option<tempfile::TempDir>,
+    _dir: tempfile::TempDir,
 }
 
 impl Chroot {
     fn copy(from: &Path) -> Chroot {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let root = dir.path().join("root");
-        let mut c = Chroot {
-            root: root.clone(),
-            mounts: vec![],
-            dir: Some(dir),
-        };
         run(
             Command::new("cp")
                 .args(["-a", "--reflink=auto"])
@@ -80,22 +76,31 @@ impl Chroot {
                 .arg(&root),
             "copy the distro tree",
         );
-        for m in ["proc", "sys", "dev"] {
-            let at = root.join(m);
-            run(
-                Command::new("mount")
-                    .arg("--bind")
-                    .arg(format!("/{m}"))
-                    .arg(&at),
-                "bind mount",
-            );
-            c.mounts.push(at);
-        }
-        c
+        Chroot { root, _dir: dir }
     }
 
+    /// Runs `args` chrooted into the tree, in a private mount namespace whose /proc, /sys and
+    /// /dev (the generators need them) vanish with the command: nothing stays mounted under the
+    /// folder for its removal to descend into, however the test ends.
     fn run(&self, args: &[&str], what: &str) -> String {
-        run(Command::new("chroot").arg(&self.root).args(args), what)
+        const SETUP: &str = "set -e; r=$1; shift; mount -t proc proc \"$r/proc\"; \
+            mount -t sysfs sysfs \"$r/sys\"; mount -t devtmpfs devtmpfs \"$r/dev\"; \
+            exec chroot \"$r\" \"$@\"";
+        run(
+            Command::new("unshare")
+                .args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    SETUP,
+                    "sh",
+                ])
+                .arg(&self.root)
+                .args(args),
+            what,
+        )
     }
 
     /// Installs `from` at `to` inside the tree with `mode`.
@@ -107,28 +112,6 @@ impl Chroot {
                 .arg(self.root.join(to.trim_start_matches('/'))),
             "install",
         );
-    }
-}
-
-impl Drop for Chroot {
-    fn drop(&mut self) {
-        for m in self.mounts.iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let root = self.root.display().to_string();
-        let still = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .any(|at| at.starts_with(&root));
-        if still || mountinfo.is_empty() {
-            if let Some(dir) = self.dir.take() {
-                eprintln!(
-                    "distro tree {} left in place: something is still mounted under it",
-                    dir.keep().display()
-                );
-            }
-        }
     }
 }
 
@@ -163,7 +146,8 @@ fn root_image(dir: &Path) -> PathBuf {
              done\n\
              key=0\n\
              /bin/busybox grep -q tenant@laptop /run/attesta/boot-config 2>/dev/null && key=1\n\
-             echo \"{MARKER} dm=$dm boot_config_key=$key\" > /dev/console\n\
+             run=$(/bin/busybox awk '$2 == \"/run\" {{ print $3 }}' /proc/mounts)\n\
+             echo \"{MARKER} dm=$dm run_fs=$run boot_config_key=$key\" > /dev/console\n\
              /bin/busybox poweroff -f\n"
         ),
     )
@@ -184,6 +168,34 @@ fn root_image(dir: &Path) -> PathBuf {
         "mke2fs",
     );
     img
+}
+
+/// `s` without terminal escapes (systemd colours its status lines) and carriage returns.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                // CSI: ESC [ parameters, then a final byte in @..~.
+                if chars.next() == Some('[') {
+                    for f in chars.by_ref() {
+                        if ('@'..='~').contains(&f) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The line of `console` holding `what`.
+fn line_with<'a>(console: &'a str, what: &str) -> Option<&'a str> {
+    console.lines().find(|l| l.contains(what))
 }
 
 /// Boots `vm` once with its simulated PSP; the console.
@@ -215,7 +227,7 @@ fn boot(vm: &Vm, vmlinuz: &Path, root: &Path, pki: &Arc<simulator::Pki>, dir: &P
         .stderr(Stdio::null())
         .status()
         .unwrap();
-    let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
+    let text = strip_ansi(&String::from_utf8_lossy(&std::fs::read(&console).unwrap()));
     // 124: `timeout` ended it. A guest left waiting (a shell, a hung boot) must not pass.
     assert_ne!(
         status.code(),
@@ -247,7 +259,7 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
     let (vmlinuz, modules) = attesta_image::qemu::unpacked_kernel(&kernel_dir).unwrap();
     let kver = modules.file_name().unwrap().to_str().unwrap().to_string();
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let p = |n: &str| dir.path().join(n);
     let d = p("kbs");
     let pki = Arc::new(
@@ -335,9 +347,11 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
         let out = format!("/boot/initrd-{generator}.img");
         let cmdline = match generator {
             "initramfs-tools" => {
+                // No kernel is installed in the tree, so no update-initramfs: the same
+                // generator, called directly.
                 chroot.run(&["mkinitramfs", "-o", &out, &kver], "mkinitramfs");
-                // panic=-1: initramfs-tools' panic reboots at once, which ends QEMU.
-                format!("console=ttyS0 root=/dev/vdb ro {IP} panic=-1")
+                // No panic=: the hook's default must keep a shell from opening.
+                format!("console=ttyS0 root=/dev/vdb ro {IP}")
             }
             _ => {
                 chroot.run(
@@ -471,19 +485,45 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
         })
     };
 
-    // First boot: formatted, mapped by dm-crypt, the root's init runs with the key on tmpfs.
-    for (vm, c) in vms.iter().zip(boot_all()) {
-        let g = vm.generator;
-        let broker = log.lock().unwrap().clone();
-        assert!(
-            c.contains("formatted and unlocked (generation 1, boot 1) as /dev/mapper/attesta-root"),
-            "{g}: the agent did not format and unlock:\n{c}\nbroker:\n{broker}"
-        );
-        assert!(
-            c.contains(&format!("{MARKER} dm=attesta-root:CRYPT-LUKS2-"))
-                && c.contains("boot_config_key=1"),
-            "{g}: the root did not come up on a LUKS2 mapping with the key on tmpfs:\n{c}"
-        );
+    // First boot: formatted and mapped by dm-crypt before the root was mounted; the root's init
+    // runs with the key on tmpfs. Second boot: the same volume unlocked.
+    for (boot_no, seen) in [
+        (
+            1,
+            "formatted and unlocked (generation 1, boot 1) as /dev/mapper/attesta-root",
+        ),
+        (
+            2,
+            "unlocked (generation 1, boot 2) as /dev/mapper/attesta-root",
+        ),
+    ] {
+        for (vm, c) in vms.iter().zip(boot_all()) {
+            let g = vm.generator;
+            let broker = log.lock().unwrap().clone();
+            assert!(
+                boot_no == 1 || !c.contains("formatted and unlocked"),
+                "{g}, boot {boot_no}: the volume was formatted again:\n{c}"
+            );
+            let unlocked = c.find(seen).unwrap_or_else(|| {
+                panic!("{g}, boot {boot_no}: the agent did not unlock:\n{c}\nbroker:\n{broker}")
+            });
+            let mounted = c
+                .find("EXT4-fs (vdb): mounted")
+                .unwrap_or_else(|| panic!("{g}, boot {boot_no}: the root was not mounted:\n{c}"));
+            assert!(
+                unlocked < mounted,
+                "{g}, boot {boot_no}: the root was mounted before the volume was unlocked:\n{c}"
+            );
+            let up = line_with(&c, MARKER).unwrap_or_else(|| {
+                panic!("{g}, boot {boot_no}: the root's init did not run:\n{c}")
+            });
+            assert!(
+                up.contains(" dm=attesta-root:CRYPT-LUKS2-")
+                    && up.contains(" run_fs=tmpfs ")
+                    && up.trim_end().ends_with(" boot_config_key=1"),
+                "{g}, boot {boot_no}: not a LUKS2 mapping with the key on tmpfs: {up}"
+            );
+        }
     }
 
     // Terminated at the broker: the next boot of each fails closed.
@@ -493,17 +533,20 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
     for (vm, c) in vms.iter().zip(boot_all()) {
         let g = vm.generator;
         assert!(c.contains("vm_terminated"), "{g}: no denial seen:\n{c}");
+        assert!(
+            c.contains("attesta-guest unlock: FAILED (fail closed)"),
+            "{g}: the agent did not fail closed:\n{c}"
+        );
         assert!(!c.contains(MARKER), "{g}: the root's init ran:\n{c}");
-        // Stopped by the hook's own failure path, then the kernel powered off or rebooted
-        // (which ends QEMU: -no-reboot).
-        let stopped = match g {
-            "initramfs-tools" => "attesta: unlocking the disk failed (exit 1",
-            _ => "Emergency Mode",
+        // Stopped by the hook's own failure path, and the guest went down.
+        let (stopped, down) = match g {
+            "initramfs-tools" => (
+                "attesta: unlocking the disk failed (exit 1",
+                "reboot: Restarting system",
+            ),
+            _ => ("Failed to start attesta-un", "reboot: Power down"),
         };
         assert!(c.contains(stopped), "{g}: not stopped by the hook:\n{c}");
-        assert!(
-            c.contains("reboot: "),
-            "{g}: did not power off or reboot:\n{c}"
-        );
+        assert!(c.contains(down), "{g}: did not go down ({down}):\n{c}");
     }
 }
