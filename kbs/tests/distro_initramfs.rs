@@ -18,9 +18,9 @@
 
 mod common;
 
-use common::{free_port, kbs, ok, sign_allowlist_at, start};
+use common::{KillOnDrop, free_port, kbs, missing, ok, sibling, sign_allowlist_at, start};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
@@ -30,32 +30,8 @@ const MARKER: &str = "ATTESTA-DISTRO-ROOT-UP";
 /// The root is a plain ext4 image on the second disk; the first is the encrypted one.
 const IP: &str = "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off net.ifnames=0";
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// A prerequisite is missing: skip with a message, but fail on CI.
-fn missing(what: &str) {
-    assert!(!ci(), "{what} (required when CI=true)");
-    eprintln!("SKIP: {what}");
-}
-
-/// A binary built beside `attesta-kbs` by `cargo test --workspace`.
-fn sibling(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_attesta-kbs")).with_file_name(name)
-}
-
 fn run(c: &mut Command, what: &str) -> String {
     ok(c.output().unwrap(), what)
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A copy of the distro tree in a folder of its own (under the target folder: /tmp may be

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{free_port, guest, kbs, ok, sign_allowlist, start};
+use common::{KillOnDrop, free_port, guest, kbs, ok, sign_allowlist, start};
 use mesh::cert::{LocalCa, MeshCert, Role, parse_bundle};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -365,13 +365,4 @@ fn the_broker_on_the_mesh() {
             .unwrap()
             .contains("mesh revocation list installed")
     );
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -16,36 +16,12 @@
 
 mod common;
 
-use common::{free_port, kbs, ok, sign_allowlist, start};
+use common::{KillOnDrop, free_port, kbs, missing, ok, sibling, sign_allowlist, start};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// A prerequisite is missing: skip with a message, but fail on CI.
-fn missing(what: &str) {
-    assert!(!ci(), "{what} (required when CI=true)");
-    eprintln!("SKIP: {what}");
-}
-
-/// A binary built beside `attesta-kbs` by `cargo test --workspace`.
-fn sibling(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_attesta-kbs")).with_file_name(name)
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const URI: &str = "qemu:///system";
 const SEED: &str = "real-vm-test";

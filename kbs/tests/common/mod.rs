@@ -85,3 +85,28 @@ pub fn sign_allowlist_at(d: &Path, epoch: u64, measurements_hex: &[&str], out: &
         "allowlist sign",
     );
 }
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// A prerequisite is missing: skip with a message, but fail on CI.
+pub fn missing(what: &str) {
+    assert!(!ci(), "{what} (required when CI=true)");
+    eprintln!("SKIP: {what}");
+}
+
+/// A binary built beside `attesta-kbs` by `cargo test --workspace`.
+pub fn sibling(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_attesta-kbs")).with_file_name(name)
+}
+
+/// A child process killed and reaped however the test ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
