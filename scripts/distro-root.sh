@@ -19,26 +19,28 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "distro-root.sh must run as root (debootstrap)" >&2
   exit 2
 fi
-if ! command -v debootstrap >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >&2 \
-    || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >&2; }
-fi
-# The archive's keyring, so that debootstrap verifies the release on the mirror found below
-# (without it, debootstrap would fall back to a fixed https host).
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-[ -f "$keyring" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debian-archive-keyring >&2
-mirror=$(bash "$(dirname "$0")/apt-mirror.sh") || {
-  echo "distro-root.sh: no Debian bookworm mirror found in /etc/apt" >&2
-  exit 1
-}
 mkdir -p "$cache"
-# One build at a time; a second caller waits, then finds the tree done.
+# One build at a time (apt and debootstrap included); a second caller waits, then finds the tree
+# done.
 exec 9>"$cache/.lock"
 flock 9
 if [ -f "$dir/.attesta-complete" ] && [ "$(cat "$dir/.attesta-complete")" = "$PKGS" ]; then
   echo "$dir"
   exit 0
 fi
+install_pkg() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >&2 \
+    || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >&2; }
+}
+command -v debootstrap >/dev/null 2>&1 || install_pkg debootstrap
+# The archive's keyring, so that debootstrap verifies the release on the mirror found below
+# (without it, debootstrap would fall back to a fixed https host).
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+[ -f "$keyring" ] || install_pkg debian-archive-keyring
+mirror=$(bash "$(dirname "$0")/apt-mirror.sh") || {
+  echo "distro-root.sh: no Debian bookworm mirror found in /etc/apt" >&2
+  exit 1
+}
 tmp=$(mktemp -d "$cache/.build.XXXXXX")
 trap 'rm -rf --one-file-system "$tmp"' EXIT
 echo "distro-root.sh: debootstrap bookworm from $mirror (a few minutes, once)" >&2

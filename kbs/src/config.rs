@@ -25,7 +25,7 @@ pub enum KekConfig {
 pub struct Config {
     /// UDP address for QUIC, e.g. "0.0.0.0:7443".
     pub listen: String,
-    /// SQLite database file.
+    /// The database: an SQLite file (relative to this file), or a `postgres://` URL.
     pub database: PathBuf,
     /// PEM certificate chain and PKCS#8 key of the broker's TLS identity.
     pub tls_cert: PathBuf,
@@ -175,7 +175,13 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut c.database);
+        if !c
+            .database
+            .to_str()
+            .is_some_and(crate::store::is_database_url)
+        {
+            fix(&mut c.database);
+        }
         fix(&mut c.tls_cert);
         fix(&mut c.tls_key);
         fix(&mut c.response_key);

@@ -101,8 +101,13 @@ pub(crate) fn build(
     };
     let rt = tokio::runtime::Handle::current();
     let store = rt
-        .block_on(SqliteStore::open_with(&c.database, opts))
-        .map_err(|e| format!("database {}: {e}", c.database.display()))?;
+        .block_on(SqliteStore::open_database(&c.database, opts))
+        .map_err(|e| {
+            format!(
+                "database {}: {e}",
+                kbs::store::redacted(&c.database.to_string_lossy())
+            )
+        })?;
     let mut kbs = Kbs::new(
         store,
         verifier,

@@ -14,13 +14,25 @@
 //! audited as one) — the key is never sent for a state that no longer holds.
 //!
 //! **Several processes.** The audit chain's tail is read inside each write transaction, so
-//! `attesta-kbs vm register` (or a second replica) can write while `serve` runs.
+//! `attesta-kbs vm register` (or a second replica) can write while `serve` runs. Writers are
+//! serialized by the database: SQLite's `BEGIN IMMEDIATE`, and on PostgreSQL a transaction-scoped
+//! advisory lock taken first in every write transaction, so replicas on one database append to
+//! one hash chain in turn (each batch one lock, one commit) and every compare-and-set sees the
+//! commits before it.
+//!
+//! **Two backends, one code path.** The SQL is the subset both speak (`$n` parameters,
+//! `ON CONFLICT` upserts), run through sqlx's `Any` driver; only the schema's types, how a write
+//! transaction begins, pruning and the WAL differ ([`Backend`]). On PostgreSQL, `terminate`
+//! clears the wrapped key, but the old row version can outlive it in dead tuples, the WAL, base
+//! backups and standbys until vacuumed and recycled: there the crypto-shred rests on the KEK
+//! (the copy opens only with it; `kek rotate` re-wraps the live keys so that old copies die with
+//! the old KEK).
 
 use crate::audit::{Chain, Checkpoint, Entry, Line};
 use crate::release::{NonceState, VmState};
 use aws_lc_rs::signature::Ed25519KeyPair;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -168,6 +180,102 @@ const MIGRATIONS: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS kek (id INTEGER PRIMARY KEY CHECK (id = 1), check_blob BLOB NOT NULL);",
 ];
 
+/// Which database a store is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL schema: the same tables, PostgreSQL's types.
+const PG_MIGRATIONS: [&str; 4] = [
+    "CREATE TABLE IF NOT EXISTS vms (
+        vm_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, generation BIGINT NOT NULL,
+        boot_counter BIGINT NOT NULL, terminated BIGINT NOT NULL DEFAULT 0,
+        wrapped_key BYTEA, order_doc BYTEA NOT NULL);
+     CREATE TABLE IF NOT EXISTS nonces (
+        nonce BYTEA PRIMARY KEY, vm_id TEXT NOT NULL, expires_at BIGINT NOT NULL, spent BIGINT NOT NULL DEFAULT 0);
+     CREATE TABLE IF NOT EXISTS audit (seq BIGINT PRIMARY KEY, entry TEXT NOT NULL);
+     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);",
+    "CREATE TABLE IF NOT EXISTS checkpoints (seq BIGINT PRIMARY KEY, checkpoint TEXT NOT NULL);
+     CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);",
+    "CREATE TABLE IF NOT EXISTS allowlist (
+        id BIGINT PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, doc BYTEA NOT NULL);",
+    "CREATE TABLE IF NOT EXISTS kek (id BIGINT PRIMARY KEY CHECK (id = 1), check_blob BYTEA NOT NULL);",
+];
+
+/// The advisory lock every PostgreSQL write transaction takes first ("attesta" in ASCII).
+const PG_WRITE_LOCK: i64 = 0x0061_7474_6573_7461;
+
+impl Backend {
+    fn migrations(self) -> &'static [&'static str] {
+        match self {
+            Backend::Sqlite => &MIGRATIONS,
+            Backend::Postgres => &PG_MIGRATIONS,
+        }
+    }
+
+    /// A write transaction, holding the database's writer lock.
+    async fn begin_write(self, pool: &AnyPool) -> Result<Transaction<'static, Any>, StoreError> {
+        match self {
+            Backend::Sqlite => Ok(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(PG_WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
+    }
+
+    /// A read transaction that sees one moment throughout.
+    async fn begin_snapshot(self, pool: &AnyPool) -> Result<Transaction<'static, Any>, StoreError> {
+        match self {
+            Backend::Sqlite => Ok(pool.begin().await?),
+            Backend::Postgres => Ok(pool
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?),
+        }
+    }
+}
+
+/// Whether a `database` setting is a URL (rather than an SQLite file's path).
+pub fn is_database_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://") || s.starts_with("sqlite:")
+}
+
+/// `database` as it may be shown: a URL's password replaced by `***`.
+pub fn redacted(database: &str) -> String {
+    let Some((scheme, rest)) = database.split_once("://") else {
+        return database.to_string();
+    };
+    // The userinfo ends at the last '@' before the path.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+            None => database.to_string(),
+        },
+        None => database.to_string(),
+    }
+}
+
+/// A `sqlite:` URL for `path` (`?`, `#` and `%` escaped, as sqlx decodes them).
+fn sqlite_url(path: &Path) -> String {
+    let mut p = String::new();
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => p.push_str("%25"),
+            '?' => p.push_str("%3F"),
+            '#' => p.push_str("%23"),
+            c => p.push(c),
+        }
+    }
+    format!("sqlite://{p}?mode=rwc")
+}
+
 /// How the writer batches and signs.
 #[derive(Clone)]
 pub struct StoreOptions {
@@ -227,12 +335,14 @@ struct Job {
     reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
-/// SQLite in WAL mode with full fsync, written by one group-committing task.
-pub struct SqliteStore {
-    pool: SqlitePool,
+/// The store on SQLite (WAL mode, full fsync) or PostgreSQL, written by one group-committing
+/// task.
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
     writer: mpsc::Sender<Job>,
     pub stats: Arc<StoreStats>,
-    /// The KEK check value this process wraps keys under ([`SqliteStore::bind_kek`]): a
+    /// The KEK check value this process wraps keys under ([`SqlStore::bind_kek`]): a
     /// registration is refused once the store's differs (the KEK was rotated meanwhile).
     kek_check: std::sync::Mutex<Option<Vec<u8>>>,
 }
@@ -245,36 +355,89 @@ fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-impl SqliteStore {
-    /// Opens (creating if needed) the database and applies migrations; no audit key.
-    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+/// The name the store had while SQLite was its only backend.
+pub type SqliteStore = SqlStore;
+
+impl SqlStore {
+    /// Opens (creating if needed) the SQLite database at `path` and applies migrations; no
+    /// audit key.
+    pub async fn open(path: &Path) -> Result<SqlStore, StoreError> {
         Self::open_with(path, StoreOptions::default()).await
     }
 
-    /// Opens with writer options. Must be called inside a Tokio runtime (the writer is a task).
-    pub async fn open_with(path: &Path, opts: StoreOptions) -> Result<SqliteStore, StoreError> {
-        let conn = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true)
-            // Deleted content is overwritten with zeros, not left in free space or free pages:
-            // a terminated VM's wrapped key must not survive in the file.
-            .pragma("secure_delete", "ON");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+    /// Opens what a `database` setting names: a `postgres://`, `postgresql://` or `sqlite:` URL,
+    /// otherwise an SQLite file's path.
+    pub async fn open_database(
+        database: &Path,
+        opts: StoreOptions,
+    ) -> Result<SqlStore, StoreError> {
+        match database.to_str() {
+            Some(url) if is_database_url(url) => Self::open_url(url, opts).await,
+            _ => Self::open_with(database, opts).await,
+        }
+    }
+
+    /// Which database this store is on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Opens the SQLite database at `path` with writer options. Must be called inside a Tokio
+    /// runtime (the writer is a task).
+    pub async fn open_with(path: &Path, opts: StoreOptions) -> Result<SqlStore, StoreError> {
+        Self::open_url(&sqlite_url(path), opts).await
+    }
+
+    /// Opens `database`: a `postgres://` or `postgresql://` URL or a `sqlite:` one. Must be
+    /// called inside a Tokio runtime (the writer is a task).
+    pub async fn open_url(database: &str, opts: StoreOptions) -> Result<SqlStore, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend =
+            if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+                Backend::Postgres
+            } else if database.starts_with("sqlite:") {
+                Backend::Sqlite
+            } else {
+                return Err(StoreError::Db(
+                    "the database must be a postgres://, postgresql:// or sqlite: URL".into(),
+                ));
+            };
+        let conn: AnyConnectOptions = database
+            .parse()
+            .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 4,
+                Backend::Postgres => 8,
+            })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |c, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // Deleted content is overwritten with zeros, not left in free space or
+                        // free pages: a terminated VM's wrapped key must not survive in the file.
+                        sqlx::Executor::execute(
+                            &mut *c,
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; \
+                             PRAGMA secure_delete = ON;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect_with(conn)
             .await?;
-        migrate(&pool).await?;
+        migrate(&pool, backend).await?;
         // The log must be readable where it ends, or nothing can be appended to it.
         tail(&mut *pool.acquire().await?).await?;
         let (tx, rx) = mpsc::channel(4096);
         let stats = Arc::new(StoreStats::default());
-        tokio::spawn(writer(pool.clone(), rx, opts, stats.clone()));
-        Ok(SqliteStore {
+        tokio::spawn(writer(pool.clone(), backend, rx, opts, stats.clone()));
+        Ok(SqlStore {
             pool,
+            backend,
             writer: tx,
             stats,
             kek_check: std::sync::Mutex::new(None),
@@ -290,10 +453,10 @@ impl SqliteStore {
     /// Deletes nonces that expired before `before`, in batches of at most 10,000 (the writer
     /// does this every minute for those expired [`SPENT_NONCE_GRACE_SECS`] ago); how many.
     pub async fn prune_nonces(&self, before: u64) -> Result<u64, StoreError> {
-        prune_nonces(&self.pool, before).await
+        prune_nonces(&self.pool, self.backend, before).await
     }
 
-    /// The KEK check value bound with [`SqliteStore::bind_kek`].
+    /// The KEK check value bound with [`SqlStore::bind_kek`].
     pub fn bound_kek(&self) -> Option<Vec<u8>> {
         self.kek_check
             .lock()
@@ -318,22 +481,24 @@ impl SqliteStore {
     }
 }
 
-async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
+    // Under the writer lock: replicas starting at once migrate one after the other.
+    let mut tx = backend.begin_write(pool).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")
         .execute(&mut *tx)
         .await?;
     let done: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
         .fetch_one(&mut *tx)
         .await?
         .get(0);
-    for (n, sql) in MIGRATIONS
+    for (n, sql) in backend
+        .migrations()
         .iter()
         .enumerate()
         .skip(usize::try_from(done).unwrap_or(0))
     {
         sqlx::raw_sql(sql).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO schema_migrations (version) VALUES (?)")
+        sqlx::query("INSERT INTO schema_migrations (version) VALUES ($1)")
             .bind(n as i64 + 1)
             .execute(&mut *tx)
             .await?;
@@ -343,7 +508,7 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
 }
 
 /// Where the chain stands, from the database itself (inside the caller's transaction).
-async fn tail(conn: &mut sqlx::SqliteConnection) -> Result<Chain, StoreError> {
+async fn tail(conn: &mut AnyConnection) -> Result<Chain, StoreError> {
     let last: Option<String> = sqlx::query("SELECT entry FROM audit ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut *conn)
         .await?
@@ -359,7 +524,8 @@ async fn tail(conn: &mut sqlx::SqliteConnection) -> Result<Chain, StoreError> {
 
 /// The one writer: drains the queue into transactions until every sender is gone.
 async fn writer(
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
     mut rx: mpsc::Receiver<Job>,
     opts: StoreOptions,
     stats: Arc<StoreStats>,
@@ -372,7 +538,13 @@ async fn writer(
         // The spent-nonce table would otherwise grow by one row per decision, forever.
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
-            match prune_nonces(&pool, unix_now().saturating_sub(SPENT_NONCE_GRACE_SECS)).await {
+            match prune_nonces(
+                &pool,
+                backend,
+                unix_now().saturating_sub(SPENT_NONCE_GRACE_SECS),
+            )
+            .await
+            {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(n, "expired nonces pruned"),
                 Err(e) => tracing::warn!(error = %e, "pruning expired nonces failed"),
@@ -382,18 +554,19 @@ async fn writer(
             Ok(Some(j)) => Some(j),
             Ok(None) => {
                 if wal_pending {
-                    truncate_wal(&pool, 3).await;
+                    truncate_wal(&pool, backend, 3).await;
                 }
                 // Shutting down: cover what was written since the last checkpoint.
                 if unsigned > 0 {
-                    let _ = apply(&pool, Vec::new(), opts.audit_key.as_deref(), true).await;
+                    let _ =
+                        apply(&pool, backend, Vec::new(), opts.audit_key.as_deref(), true).await;
                 }
                 return;
             }
             Err(_) => {
                 // Idle: a good moment to retry emptying the WAL after a terminate.
                 if wal_pending {
-                    wal_pending = !truncate_wal(&pool, 1).await;
+                    wal_pending = !truncate_wal(&pool, backend, 1).await;
                 }
                 None
             }
@@ -413,7 +586,7 @@ async fn writer(
         }
         let n = batch.len() as u64;
         let sign = due;
-        if let Ok(appended) = apply(&pool, batch, opts.audit_key.as_deref(), sign).await {
+        if let Ok(appended) = apply(&pool, backend, batch, opts.audit_key.as_deref(), sign).await {
             wal_pending |= appended.wal_pending;
             stats.transactions.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(n, Ordering::Relaxed);
@@ -446,14 +619,20 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: u32 = 10_000;
 
 /// Deletes up to [`PRUNE_BATCH`] nonces that expired before `before` (Unix seconds); how many.
-async fn prune_nonces(pool: &SqlitePool, before: u64) -> Result<u64, StoreError> {
-    let n = sqlx::query(
-        "DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces WHERE expires_at < ? LIMIT ?)",
-    )
-    .bind(i(before))
-    .bind(PRUNE_BATCH)
-    .execute(pool)
-    .await?;
+async fn prune_nonces(pool: &AnyPool, backend: Backend, before: u64) -> Result<u64, StoreError> {
+    let sql = match backend {
+        Backend::Sqlite => {
+            "DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces WHERE expires_at < $1 LIMIT $2)"
+        }
+        Backend::Postgres => {
+            "DELETE FROM nonces WHERE ctid IN (SELECT ctid FROM nonces WHERE expires_at < $1 LIMIT $2)"
+        }
+    };
+    let n = sqlx::query(sql)
+        .bind(i(before))
+        .bind(i64::from(PRUNE_BATCH))
+        .execute(pool)
+        .await?;
     Ok(n.rows_affected())
 }
 
@@ -467,7 +646,11 @@ fn unix_now() -> u64 {
 /// terminate, the page images written before it — holding the wrapped key — must not stay in
 /// the WAL. Readers still on an older snapshot are waited for (the busy timeout), `attempts`
 /// times; `false` if the WAL could not be emptied.
-async fn truncate_wal(pool: &SqlitePool, attempts: u32) -> bool {
+async fn truncate_wal(pool: &AnyPool, backend: Backend, attempts: u32) -> bool {
+    // PostgreSQL's WAL is not ours to empty (see the module's notes on crypto-shredding there).
+    if backend == Backend::Postgres {
+        return true;
+    }
     for attempt in 0..attempts {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -488,7 +671,8 @@ async fn truncate_wal(pool: &SqlitePool, attempts: u32) -> bool {
 /// One transaction for a batch. Answers every job; `Err(())` when the batch did not commit
 /// (every job was then answered with the error).
 async fn apply(
-    pool: &SqlitePool,
+    pool: &AnyPool,
+    backend: Backend,
     batch: Vec<Job>,
     key: Option<&Ed25519KeyPair>,
     checkpoint: bool,
@@ -499,14 +683,14 @@ async fn apply(
         ops.push(j.op);
         replies.push(j.reply);
     }
-    match apply_ops(pool, &ops, key, checkpoint).await {
+    match apply_ops(pool, backend, &ops, key, checkpoint).await {
         Ok((results, mut applied)) => {
             // Crypto-shredding holds before anyone is told it is done.
             let shredded = ops
                 .iter()
                 .zip(&results)
                 .any(|(op, r)| matches!(op, Op::Terminate(..) | Op::Rekey { .. }) && r.is_ok());
-            if shredded && !truncate_wal(pool, 3).await {
+            if shredded && !truncate_wal(pool, backend, 3).await {
                 tracing::warn!("a terminated VM's old pages are still in the WAL; retrying");
                 applied.wal_pending = true;
             }
@@ -527,12 +711,13 @@ async fn apply(
 type Results = Vec<Result<Done, StoreError>>;
 
 async fn apply_ops(
-    pool: &SqlitePool,
+    pool: &AnyPool,
+    backend: Backend,
     ops: &[Op],
     key: Option<&Ed25519KeyPair>,
     mut checkpoint: bool,
 ) -> Result<(Results, Applied), StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = backend.begin_write(pool).await?;
     let mut chain = tail(&mut tx).await?;
     let start = chain.next_seq;
     let mut out = Vec::with_capacity(ops.len());
@@ -548,7 +733,7 @@ async fn apply_ops(
                     continue;
                 }
                 let n = sqlx::query(
-                    "INSERT INTO vms (vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc) VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT(vm_id) DO NOTHING",
+                    "INSERT INTO vms (vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc) VALUES ($1, $2, $3, $4, 0, $5, $6) ON CONFLICT(vm_id) DO NOTHING",
                 )
                 .bind(&rec.state.vm_id)
                 .bind(&rec.tenant)
@@ -575,7 +760,7 @@ async fn apply_ops(
             }
             Op::Terminate(vm_id, now, detail) => {
                 let n = sqlx::query(
-                    "UPDATE vms SET terminated = 1, wrapped_key = NULL WHERE vm_id = ?",
+                    "UPDATE vms SET terminated = 1, wrapped_key = NULL WHERE vm_id = $1",
                 )
                 .bind(vm_id)
                 .execute(&mut *tx)
@@ -616,11 +801,11 @@ async fn apply_ops(
                     Some((e, _)) if u(e) == *epoch => Err(StoreError::EpochConflict(*epoch)),
                     // Newer, or the epoch an older broker recorded without its document.
                     _ => {
-                        sqlx::query("INSERT INTO meta (key, value) VALUES ('allowlist_epoch', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+                        sqlx::query("INSERT INTO meta (key, value) VALUES ('allowlist_epoch', $1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
                             .bind(i(*epoch))
                             .execute(&mut *tx)
                             .await?;
-                        sqlx::query("INSERT INTO allowlist (id, epoch, doc) VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE SET epoch = excluded.epoch, doc = excluded.doc")
+                        sqlx::query("INSERT INTO allowlist (id, epoch, doc) VALUES (1, $1, $2) ON CONFLICT(id) DO UPDATE SET epoch = excluded.epoch, doc = excluded.doc")
                             .bind(i(*epoch))
                             .bind(doc)
                             .execute(&mut *tx)
@@ -659,7 +844,7 @@ async fn apply_ops(
         cp = chain.checkpoint(k);
         if let Some(c) = &cp {
             let text = serde_json::to_string(c).map_err(|e| StoreError::Audit(e.to_string()))?;
-            sqlx::query("INSERT INTO checkpoints (seq, checkpoint) VALUES (?, ?) ON CONFLICT(seq) DO UPDATE SET checkpoint = excluded.checkpoint")
+            sqlx::query("INSERT INTO checkpoints (seq, checkpoint) VALUES ($1, $2) ON CONFLICT(seq) DO UPDATE SET checkpoint = excluded.checkpoint")
                 .bind(i(c.seq))
                 .bind(text)
                 .execute(&mut *tx)
@@ -683,7 +868,7 @@ async fn apply_ops(
 }
 
 async fn audit(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut AnyConnection,
     chain: &mut Chain,
     time: u64,
     kind: &str,
@@ -693,7 +878,7 @@ async fn audit(
     let e = chain.append(time, kind, vm_id, detail);
     let text = serde_json::to_string(&Line::Entry(e.clone()))
         .map_err(|x| StoreError::Audit(x.to_string()))?;
-    sqlx::query("INSERT INTO audit (seq, entry) VALUES (?, ?)")
+    sqlx::query("INSERT INTO audit (seq, entry) VALUES ($1, $2)")
         .bind(i(e.seq))
         .bind(text)
         .execute(&mut *tx)
@@ -701,16 +886,14 @@ async fn audit(
     Ok(e)
 }
 
-async fn stored_kek_check(tx: &mut sqlx::SqliteConnection) -> Result<Option<Vec<u8>>, StoreError> {
+async fn stored_kek_check(tx: &mut AnyConnection) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(sqlx::query("SELECT check_blob FROM kek WHERE id = 1")
         .fetch_optional(&mut *tx)
         .await?
         .map(|r| r.get(0)))
 }
 
-async fn live_keys(
-    conn: &mut sqlx::SqliteConnection,
-) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+async fn live_keys(conn: &mut AnyConnection) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
     Ok(sqlx::query(
         "SELECT vm_id, generation, wrapped_key FROM vms WHERE wrapped_key IS NOT NULL ORDER BY vm_id",
     )
@@ -723,7 +906,7 @@ async fn live_keys(
 
 /// Every live key re-wrapped at once, or none: `keys` must be exactly the live keys now.
 async fn rekey(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut AnyConnection,
     chain: &mut Chain,
     expect: &[u8],
     check: &[u8],
@@ -743,14 +926,14 @@ async fn rekey(
         return Err(StoreError::RotationRace);
     }
     for (vm_id, generation, _, new) in keys {
-        sqlx::query("UPDATE vms SET wrapped_key = ? WHERE vm_id = ? AND generation = ?")
+        sqlx::query("UPDATE vms SET wrapped_key = $1 WHERE vm_id = $2 AND generation = $3")
             .bind(new)
             .bind(vm_id)
             .bind(i(*generation))
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("INSERT INTO kek (id, check_blob) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET check_blob = excluded.check_blob")
+    sqlx::query("INSERT INTO kek (id, check_blob) VALUES (1, $1) ON CONFLICT(id) DO UPDATE SET check_blob = excluded.check_blob")
         .bind(check)
         .execute(&mut *tx)
         .await?;
@@ -768,7 +951,7 @@ async fn rekey(
 
 /// A decision, re-checked against the state inside the transaction.
 async fn decision(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut AnyConnection,
     chain: &mut Chain,
     c: &Commit,
 ) -> Result<Committed, StoreError> {
@@ -776,7 +959,7 @@ async fn decision(
     let mut lost_race = None;
     if c.spend_nonce {
         // Recorded spent now; a row that is already spent means another decision took it.
-        let n = sqlx::query("INSERT INTO nonces (nonce, vm_id, expires_at, spent) VALUES (?, ?, ?, 1) ON CONFLICT(nonce) DO UPDATE SET spent = 1 WHERE nonces.spent = 0")
+        let n = sqlx::query("INSERT INTO nonces (nonce, vm_id, expires_at, spent) VALUES ($1, $2, $3, 1) ON CONFLICT(nonce) DO UPDATE SET spent = 1 WHERE nonces.spent = 0")
             .bind(&c.nonce[..])
             .bind(&vm_id)
             .bind(i(c.nonce_expires_at))
@@ -790,7 +973,7 @@ async fn decision(
         && let Some(v) = &c.vm_update
     {
         // Only from the boot counter the decision saw, and only while the VM is live.
-        let n = sqlx::query("UPDATE vms SET boot_counter = ?, generation = ? WHERE vm_id = ? AND terminated = 0 AND boot_counter = ? AND wrapped_key IS NOT NULL")
+        let n = sqlx::query("UPDATE vms SET boot_counter = $1, generation = $2 WHERE vm_id = $3 AND terminated = 0 AND boot_counter = $4 AND wrapped_key IS NOT NULL")
             .bind(i(v.boot_counter))
             .bind(i(v.generation))
             .bind(&v.vm_id)
@@ -813,7 +996,7 @@ async fn decision(
     })
 }
 
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn register(
         &self,
         rec: &VmRecord,
@@ -825,7 +1008,7 @@ impl Store for SqliteStore {
     }
 
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {
-        let row = sqlx::query("SELECT vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc FROM vms WHERE vm_id = ?")
+        let row = sqlx::query("SELECT vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc FROM vms WHERE vm_id = $1")
             .bind(vm_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -843,7 +1026,7 @@ impl Store for SqliteStore {
     }
 
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError> {
-        let row = sqlx::query("SELECT vm_id, expires_at, spent FROM nonces WHERE nonce = ?")
+        let row = sqlx::query("SELECT vm_id, expires_at, spent FROM nonces WHERE nonce = $1")
             .bind(&nonce[..])
             .fetch_optional(&self.pool)
             .await?;
@@ -914,7 +1097,7 @@ impl Store for SqliteStore {
 
     async fn audit_log(&self) -> Result<String, StoreError> {
         // One read transaction, so entries and checkpoints are from the same moment.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.backend.begin_snapshot(&self.pool).await?;
         let entries: Vec<String> = sqlx::query("SELECT entry FROM audit ORDER BY seq")
             .fetch_all(&mut *tx)
             .await?
@@ -955,7 +1138,7 @@ impl Store for SqliteStore {
     }
 
     async fn init_kek_check(&self, check: &[u8]) -> Result<Vec<u8>, StoreError> {
-        sqlx::query("INSERT INTO kek (id, check_blob) VALUES (1, ?) ON CONFLICT(id) DO NOTHING")
+        sqlx::query("INSERT INTO kek (id, check_blob) VALUES (1, $1) ON CONFLICT(id) DO NOTHING")
             .bind(check)
             .execute(&self.pool)
             .await?;

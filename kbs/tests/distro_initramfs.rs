@@ -10,10 +10,13 @@
 //! First boot of each: the real `attesta-guest` in the distro's initramfs attests, receives the
 //! key, formats LUKS2 and dm-crypt maps it, all before the root is mounted; the root's own init
 //! then reports the mapping (a `CRYPT-LUKS2` device-mapper uuid), `/run` on tmpfs and the
-//! tenant's SSH key there. The second boot unlocks the same volume. Then the operator
-//! terminates both VMs at the broker, and the next boot of each fails closed: no shell is left
-//! waiting and the root's init never runs; initramfs-tools reboots (the hook's `panic=10`
-//! default: the command line has no `panic=`), dracut powers off (the unit's `FailureAction=`).
+//! tenant's SSH key there. The second boot unlocks the same volume. The third finds a root that
+//! does not mount after the unlock (as a host corrupting it would leave it): the generators' own
+//! failure paths must not open a shell either: initramfs-tools reboots on the hook's `panic=10`
+//! default (the command line has no `panic=`), dracut powers off (`rd.shell=0
+//! rd.emergency=poweroff` from the module). Then the operator terminates both VMs at the broker,
+//! and the next boot of each fails closed in the agent: no shell is left waiting and the root's
+//! init never runs; initramfs-tools reboots, dracut powers off (the unit's `FailureAction=`).
 //! QEMU runs with `-no-reboot`, so either ends it.
 
 mod common;
@@ -230,7 +233,7 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
     }
     let uid = run(Command::new("id").arg("-u"), "id");
     if uid.trim() != "0" {
-        return missing("chroot and bind mounts need root");
+        return missing("chroot and mount namespaces need root");
     }
     let (vmlinuz, modules) = attesta_image::qemu::unpacked_kernel(&kernel_dir).unwrap();
     let kver = modules.file_name().unwrap().to_str().unwrap().to_string();
@@ -321,13 +324,13 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
         .unwrap();
         chroot.install(&p("guest.toml"), "/etc/attesta/guest.toml", "0644");
         let out = format!("/boot/initrd-{generator}.img");
-        let cmdline = match generator {
+        // No panic=: the hook's default must keep a shell from opening.
+        let cmdline = format!("console=ttyS0 root=/dev/vdb ro {IP}");
+        match generator {
             "initramfs-tools" => {
                 // No kernel is installed in the tree, so no update-initramfs: the same
                 // generator, called directly.
                 chroot.run(&["mkinitramfs", "-o", &out, &kver], "mkinitramfs");
-                // No panic=: the hook's default must keep a shell from opening.
-                format!("console=ttyS0 root=/dev/vdb ro {IP}")
             }
             _ => {
                 chroot.run(
@@ -343,9 +346,8 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
                     ],
                     "dracut",
                 );
-                format!("console=ttyS0 root=/dev/vdb ro {IP}")
             }
-        };
+        }
         let initrd = chroot.root.join(out.trim_start_matches('/'));
         let measurement = measure::digest_of_files_with(
             &measure::LaunchFiles {
@@ -383,12 +385,18 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
         };
         let inside = format!("/boot/initrd-{}.img", vm.generator);
         let listed = chroot.run(&[lister, &inside], lister);
+        // And each generator's guard against a shell after the unlock.
+        let guard = match vm.generator {
+            "initramfs-tools" => "conf/conf.d/zz-attesta",
+            _ => "etc/cmdline.d/90attesta.conf",
+        };
         for f in [
             "usr/bin/attesta-guest",
             "etc/attesta/guest.toml",
             "etc/attesta/kbs-ca.crt",
             "virtio_console.ko",
             "dm-crypt.ko",
+            guard,
         ] {
             assert!(
                 listed.contains(f),
@@ -449,9 +457,15 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
     }
 
     // The two generators' VMs boot side by side (one vCPU each).
-    let root = root_image(dir.path());
-    let boot_all = || -> Vec<String> {
-        let (vmlinuz, root, pki, at) = (&vmlinuz, &root, &pki, dir.path());
+    let good_root = root_image(dir.path());
+    // A root with no file system: what a host that corrupted the volume's root would leave.
+    let blank_root = p("blank.ext4");
+    std::fs::File::create(&blank_root)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let boot_all = |root: &Path| -> Vec<String> {
+        let (vmlinuz, pki, at) = (&vmlinuz, &pki, dir.path());
         std::thread::scope(|s| {
             let runs: Vec<_> = vms
                 .iter()
@@ -473,7 +487,7 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
             "unlocked (generation 1, boot 2) as /dev/mapper/attesta-root",
         ),
     ] {
-        for (vm, c) in vms.iter().zip(boot_all()) {
+        for (vm, c) in vms.iter().zip(boot_all(&good_root)) {
             let g = vm.generator;
             let broker = log.lock().unwrap().clone();
             assert!(
@@ -483,11 +497,19 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
             let unlocked = c.find(seen).unwrap_or_else(|| {
                 panic!("{g}, boot {boot_no}: the agent did not unlock:\n{c}\nbroker:\n{broker}")
             });
+            // dracut's agent line reaches the console through the journal, later than the
+            // kernel's: there systemd's own line says when the unit finished.
+            let finished = match g {
+                "initramfs-tools" => unlocked,
+                _ => c.find("Finished attesta-unlock").unwrap_or_else(|| {
+                    panic!("{g}, boot {boot_no}: attesta-unlock did not finish:\n{c}")
+                }),
+            };
             let mounted = c
                 .find("EXT4-fs (vdb): mounted")
                 .unwrap_or_else(|| panic!("{g}, boot {boot_no}: the root was not mounted:\n{c}"));
             assert!(
-                unlocked < mounted,
+                finished < mounted,
                 "{g}, boot {boot_no}: the root was mounted before the volume was unlocked:\n{c}"
             );
             let up = line_with(&c, MARKER).unwrap_or_else(|| {
@@ -502,11 +524,33 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
         }
     }
 
+    // Unlocked, but the root does not mount: no shell, whatever failed after the agent. The
+    // agent itself succeeded here, so this is the generators' own failure path: the hook's
+    // panic= default (initramfs-tools), rd.shell=0 with rd.emergency=poweroff (dracut).
+    for (vm, c) in vms.iter().zip(boot_all(&blank_root)) {
+        let g = vm.generator;
+        assert!(
+            c.contains("unlocked (generation 1, boot 3) as /dev/mapper/attesta-root"),
+            "{g}: the agent did not unlock:\n{c}"
+        );
+        assert!(!c.contains(MARKER), "{g}: a root's init ran:\n{c}");
+        let down: &[&str] = match g {
+            "initramfs-tools" => &[
+                "Rebooting automatically due to panic= boot argument",
+                "reboot: Restarting system",
+            ],
+            _ => &["reboot: Power down"],
+        };
+        for d in down {
+            assert!(c.contains(d), "{g}: no {d:?}:\n{c}");
+        }
+    }
+
     // Terminated at the broker: the next boot of each fails closed.
     for vm in &vms {
         host("terminate", &p(&format!("{}.terminate", vm.vm_id)));
     }
-    for (vm, c) in vms.iter().zip(boot_all()) {
+    for (vm, c) in vms.iter().zip(boot_all(&good_root)) {
         let g = vm.generator;
         assert!(c.contains("vm_terminated"), "{g}: no denial seen:\n{c}");
         assert!(

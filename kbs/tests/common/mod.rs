@@ -1,6 +1,8 @@
 //! What the tests of the real `attesta-kbs` binary share.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
