@@ -458,12 +458,14 @@ fn distro_initramfs_generators_with_attestas_hooks_boot_unlock_and_fail_closed()
 
     // The two generators' VMs boot side by side (one vCPU each).
     let good_root = root_image(dir.path());
-    // A root with no file system: what a host that corrupted the volume's root would leave.
-    let blank_root = p("blank.ext4");
+    // A root that does not mount, as a host that corrupted it would leave it: a swap signature
+    // (a type blkid knows, so initramfs-tools does not wait 30 s for a file system first).
+    let blank_root = p("unmountable.img");
     std::fs::File::create(&blank_root)
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
+    run(Command::new("mkswap").arg(&blank_root), "mkswap");
     let boot_all = |root: &Path| -> Vec<String> {
         let (vmlinuz, pki, at) = (&vmlinuz, &pki, dir.path());
         std::thread::scope(|s| {
