@@ -220,7 +220,11 @@ impl Backend {
         match self {
             Backend::Sqlite => Ok(pool.begin_with("BEGIN IMMEDIATE").await?),
             Backend::Postgres => {
-                let mut tx = pool.begin().await?;
+                // READ COMMITTED: each statement after the lock sees every commit before it
+                // (a snapshot taken before waiting would not).
+                let mut tx = pool
+                    .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+                    .await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(PG_WRITE_LOCK)
                     .execute(&mut *tx)
@@ -241,39 +245,153 @@ impl Backend {
     }
 }
 
-/// Whether a `database` setting is a URL (rather than an SQLite file's path).
+/// Whether a `database` setting is a PostgreSQL URL (rather than an SQLite file's path).
 pub fn is_database_url(s: &str) -> bool {
-    s.starts_with("postgres://") || s.starts_with("postgresql://") || s.starts_with("sqlite:")
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
-/// `database` as it may be shown: a URL's password replaced by `***`.
+/// `database` as it may be shown: a URL without its password (in the userinfo or a `password`
+/// parameter); a URL that does not parse is not shown at all.
 pub fn redacted(database: &str) -> String {
-    let Some((scheme, rest)) = database.split_once("://") else {
+    if !is_database_url(database) {
         return database.to_string();
-    };
-    // The userinfo ends at the last '@' before the path.
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => match rest[..at].split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-            None => database.to_string(),
-        },
-        None => database.to_string(),
     }
+    let Ok(mut u) = url::Url::parse(database) else {
+        return "<a postgres:// URL that does not parse>".into();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    let pairs: Vec<(String, String)> = u
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k.eq_ignore_ascii_case("password") {
+                "***".to_string()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    if !pairs.is_empty() {
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
-/// A `sqlite:` URL for `path` (`?`, `#` and `%` escaped, as sqlx decodes them).
-fn sqlite_url(path: &Path) -> String {
+/// Refuses a PostgreSQL URL whose traffic could be read or forged on the way: a host other than
+/// loopback or a Unix socket needs `sslmode=verify-full` (TLS, the server's certificate and name
+/// checked). The broker relies on the database's answers for "released at most once".
+fn check_postgres_url(database: &str) -> Result<(), StoreError> {
+    let u = url::Url::parse(database)
+        .map_err(|e| StoreError::Db(format!("the database URL does not parse: {e}")))?;
+    let param = |name: &str| {
+        u.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let local = match (param("host"), u.host()) {
+        (Some(h), _) => h.starts_with('/'),
+        (None, None) => true,
+        // A postgres:// URL's host is opaque to the URL parser: an IPv4 address arrives as text.
+        (None, Some(url::Host::Domain(d))) => {
+            d == "localhost" || d.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+        }
+        (None, Some(url::Host::Ipv4(a))) => a.is_loopback(),
+        (None, Some(url::Host::Ipv6(a))) => a.is_loopback(),
+    };
+    if local || param("sslmode").as_deref() == Some("verify-full") {
+        return Ok(());
+    }
+    Err(StoreError::Db(
+        "a database that is not on this machine must be reached with sslmode=verify-full (TLS, its certificate and name checked)".into(),
+    ))
+}
+
+/// A `sqlite:` URL for `path`, made absolute first (a relative one would be read as a host);
+/// every byte outside the unreserved set and `/` percent-encoded, as sqlx decodes them.
+fn sqlite_url(path: &Path) -> Result<String, StoreError> {
+    let abs = std::path::absolute(path)
+        .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+    let text = abs
+        .to_str()
+        .ok_or_else(|| StoreError::Db(format!("{}: the path is not UTF-8", abs.display())))?;
+    if abs
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(StoreError::Db(format!(
+            "{text}: give the path without `..`"
+        )));
+    }
     let mut p = String::new();
-    for c in path.to_string_lossy().chars() {
-        match c {
-            '%' => p.push_str("%25"),
-            '?' => p.push_str("%3F"),
-            '#' => p.push_str("%23"),
-            c => p.push(c),
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            p.push(char::from(b));
+        } else {
+            p.push_str(&format!("%{b:02X}"));
         }
     }
-    format!("sqlite://{p}?mode=rwc")
+    Ok(format!("sqlite://{p}?mode=rwc"))
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_never_shown() {
+        for (url, want) in [
+            (
+                "postgres://kbs:s3cret@db.example/kbs?sslmode=verify-full",
+                "postgres://kbs:***@db.example/kbs?sslmode=verify-full",
+            ),
+            (
+                "postgres://kbs@db.example/kbs?password=s3cret",
+                "postgres://kbs@db.example/kbs?password=***",
+            ),
+            (
+                "postgres://kbs:a/b@host/db",
+                "<a postgres:// URL that does not parse>",
+            ),
+            ("/var/lib/attesta/kbs.db", "/var/lib/attesta/kbs.db"),
+        ] {
+            let shown = redacted(url);
+            assert_eq!(shown, want);
+            assert!(!shown.contains("s3cret"));
+        }
+    }
+
+    #[test]
+    fn remote_databases_need_verified_tls() {
+        for ok in [
+            "postgres://kbs@127.0.0.1:5432/kbs",
+            "postgres://kbs@localhost/kbs",
+            "postgres://kbs@[::1]/kbs",
+            "postgres://kbs@localhost/kbs?host=/run/postgresql",
+            "postgres:///kbs?host=/run/postgresql",
+            "postgres://kbs@db.example/kbs?sslmode=verify-full",
+        ] {
+            assert!(check_postgres_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "postgres://kbs@db.example/kbs",
+            "postgres://kbs@db.example/kbs?sslmode=require",
+            "postgres://kbs@10.0.0.5/kbs?sslmode=prefer",
+            "postgres://kbs@127.0.0.1/kbs?host=db.example",
+        ] {
+            assert!(check_postgres_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sqlite_paths_become_absolute_encoded_urls() {
+        let u = sqlite_url(Path::new("/srv/a b/k#1?.db")).unwrap();
+        assert_eq!(u, "sqlite:///srv/a%20b/k%231%3F.db?mode=rwc");
+        assert!(sqlite_url(Path::new("/srv/../etc/kbs.db")).is_err());
+        let rel = sqlite_url(Path::new("kbs.db")).unwrap();
+        assert!(rel.starts_with("sqlite:///") && rel.ends_with("/kbs.db?mode=rwc"));
+    }
 }
 
 /// How the writer batches and signs.
@@ -365,8 +483,8 @@ impl SqlStore {
         Self::open_with(path, StoreOptions::default()).await
     }
 
-    /// Opens what a `database` setting names: a `postgres://`, `postgresql://` or `sqlite:` URL,
-    /// otherwise an SQLite file's path.
+    /// Opens what a `database` setting names: a `postgres://` or `postgresql://` URL, otherwise
+    /// an SQLite file's path.
     pub async fn open_database(
         database: &Path,
         opts: StoreOptions,
@@ -385,23 +503,23 @@ impl SqlStore {
     /// Opens the SQLite database at `path` with writer options. Must be called inside a Tokio
     /// runtime (the writer is a task).
     pub async fn open_with(path: &Path, opts: StoreOptions) -> Result<SqlStore, StoreError> {
-        Self::open_url(&sqlite_url(path), opts).await
+        Self::open_url(&sqlite_url(path)?, opts).await
     }
 
     /// Opens `database`: a `postgres://` or `postgresql://` URL or a `sqlite:` one. Must be
     /// called inside a Tokio runtime (the writer is a task).
     pub async fn open_url(database: &str, opts: StoreOptions) -> Result<SqlStore, StoreError> {
         sqlx::any::install_default_drivers();
-        let backend =
-            if database.starts_with("postgres://") || database.starts_with("postgresql://") {
-                Backend::Postgres
-            } else if database.starts_with("sqlite:") {
-                Backend::Sqlite
-            } else {
-                return Err(StoreError::Db(
-                    "the database must be a postgres://, postgresql:// or sqlite: URL".into(),
-                ));
-            };
+        let backend = if is_database_url(database) {
+            check_postgres_url(database)?;
+            Backend::Postgres
+        } else if database.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Db(
+                "the database must be a postgres://, postgresql:// or sqlite: URL".into(),
+            ));
+        };
         let conn: AnyConnectOptions = database
             .parse()
             .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
@@ -413,17 +531,24 @@ impl SqlStore {
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |c, _| {
                 Box::pin(async move {
-                    if backend == Backend::Sqlite {
+                    let setup = match backend {
                         // Deleted content is overwritten with zeros, not left in free space or
                         // free pages: a terminated VM's wrapped key must not survive in the file.
-                        sqlx::Executor::execute(
-                            &mut *c,
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; \
-                             PRAGMA secure_delete = ON;",
-                        )
-                        .await?;
-                    }
+                        Backend::Sqlite => {
+                            "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
+                             PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+                             PRAGMA secure_delete = ON;"
+                        }
+                        // Whatever the server, role or URL say: a commit is durable before it
+                        // is answered, and a writer that cannot get the lock (another replica
+                        // stuck, or anyone else holding it) gives up instead of stalling.
+                        Backend::Postgres => {
+                            "SET synchronous_commit = on; SET lock_timeout = '10s'; \
+                             SET idle_in_transaction_session_timeout = '60s'; \
+                             SET default_transaction_isolation = 'read committed';"
+                        }
+                    };
+                    sqlx::Executor::execute(&mut *c, setup).await?;
                     Ok(())
                 })
             })
@@ -625,7 +750,7 @@ async fn prune_nonces(pool: &AnyPool, backend: Backend, before: u64) -> Result<u
             "DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces WHERE expires_at < $1 LIMIT $2)"
         }
         Backend::Postgres => {
-            "DELETE FROM nonces WHERE ctid IN (SELECT ctid FROM nonces WHERE expires_at < $1 LIMIT $2)"
+            "DELETE FROM nonces WHERE nonce IN (SELECT nonce FROM nonces WHERE expires_at < $1 LIMIT $2)"
         }
     };
     let n = sqlx::query(sql)
