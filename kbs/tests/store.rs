@@ -1,6 +1,7 @@
-//! The SQLite store: records, nonces spent once, crypto-shredding, monotonic allowlist epochs,
-//! persistence across restarts with an audit chain that continues and verifies, and no
-//! volume-key bytes anywhere in the database files.
+//! The SQLite store's own properties: persistence across restarts with an audit chain that
+//! continues and verifies, and no volume-key bytes anywhere in the database's files (db, WAL,
+//! index), terminated VMs' wrapped keys included. What both backends share is in
+//! `store_conformance.rs`.
 
 use kbs::audit::{Chain, Line, verify};
 use kbs::keys::{FileKek, Kek, VolumeKey};
@@ -191,68 +192,6 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
             "volume-key bytes found in {name}"
         );
     }
-}
-
-/// Group commit: writes queued together share one transaction (one fsync), and each still gets
-/// its own answer.
-#[tokio::test]
-async fn concurrent_writes_share_transactions() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(&dir.path().join("kbs.db")).await.unwrap();
-    let denial = |n: [u8; 32]| Commit {
-        nonce: n,
-        spend_nonce: true,
-        nonce_expires_at: 100,
-        vm_update: None,
-        audit: (
-            10,
-            "denial".into(),
-            "vm-1".into(),
-            json!({"reasons": ["unknown_vm"]}),
-        ),
-    };
-    let commits: Vec<Commit> = (0..64u8).map(|i| denial([i; 32])).collect();
-    let results = futures_join_all(commits.iter().map(|c| s.commit(c))).await;
-    assert!(results.iter().all(Result::is_ok));
-    let tx = s
-        .stats
-        .transactions
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let writes = s.stats.writes.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(writes, 64);
-    assert!(tx < 64 / 4, "{writes} writes took {tx} transactions");
-    for c in &commits {
-        assert_eq!(s.nonce(&c.nonce).await.unwrap(), Some(NonceState::Spent));
-    }
-    // Each answer is its own: the entries are 64 distinct, consecutive positions in the chain.
-    let mut seqs: Vec<u64> = results.into_iter().map(|r| r.unwrap().entry.seq).collect();
-    seqs.sort_unstable();
-    seqs.dedup();
-    assert_eq!(seqs.len(), 64);
-}
-
-/// Polls every future to completion on this task (no extra dependency for join_all).
-async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pinned: Vec<std::pin::Pin<Box<F>>> = fs.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, o) in pinned.iter_mut().zip(out.iter_mut()) {
-            if o.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *o = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }
 
 /// Which of the database's files (main, WAL, shared-memory index) hold any 16-byte run of
