@@ -3,7 +3,8 @@
 //! index), terminated VMs' wrapped keys included. What both backends share is in
 //! `store_conformance.rs`.
 
-use kbs::audit::{Chain, Line, verify};
+mod common;
+
 use kbs::keys::{FileKek, Kek, VolumeKey};
 use kbs::release::{NonceState, VmState};
 use kbs::store::{Commit, SqliteStore, Store, StoreError, VmRecord};
@@ -163,21 +164,7 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
             "denial"
         ]
     );
-    let audit_key = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
-    let cp = Chain::resume(entries.last().unwrap())
-        .checkpoint(&audit_key)
-        .unwrap();
-    let mut text: String = entries
-        .iter()
-        .map(|e| serde_json::to_string(&Line::Entry(e.clone())).unwrap() + "\n")
-        .collect();
-    text += &(serde_json::to_string(&Line::Checkpoint { checkpoint: cp }).unwrap() + "\n");
-    assert_eq!(
-        verify(&text, &kbs::audit::public_key(&audit_key))
-            .unwrap()
-            .entries,
-        7
-    );
+    assert_eq!(common::verified_entries(&entries), 7);
     drop(s);
 
     // No 16-byte run of the volume key in any file the store wrote (db, WAL, shm).
