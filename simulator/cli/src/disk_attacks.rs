@@ -56,6 +56,7 @@ pub async fn run(
             Ok(()) => {
                 let _ = std::process::Command::new("cryptsetup")
                     .args(["close", "attesta-demo-attack"])
+                    .stdout(std::process::Stdio::null())
                     .status();
                 (false, "activated".into())
             }

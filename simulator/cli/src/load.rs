@@ -367,6 +367,7 @@ pub fn run(
             Ok(()) => {
                 let _ = std::process::Command::new("cryptsetup")
                     .args(["close", "attesta-load"])
+                    .stdout(std::process::Stdio::null())
                     .status();
             }
             Err(luks::LuksError::DeviceMapperUnavailable) => {}
@@ -402,8 +403,9 @@ pub fn run(
 /// `cryptsetup luksFormat` with its defaults (argon2id, benchmarked to ~2 s) and a passphrase,
 /// then the median of three `cryptsetup open --test-passphrase` (the KDF runs, nothing is
 /// activated). `None` if the cryptsetup CLI is missing or fails.
+/// Their standard output goes nowhere: `load --json` owns this process's stdout.
 fn argon2id_unlock_ms(dir: &Path) -> Option<f64> {
-    use std::process::Command;
+    use std::process::{Command, Stdio};
     let img = dir.join("argon2id.img");
     let pass = dir.join("passphrase");
     std::fs::File::create(&img).ok()?.set_len(32 << 20).ok()?;
@@ -418,6 +420,7 @@ fn argon2id_unlock_ms(dir: &Path) -> Option<f64> {
         ])
         .arg(&pass)
         .arg(&img)
+        .stdout(Stdio::null())
         .status()
         .ok()?;
     if !st.success() {
@@ -430,6 +433,7 @@ fn argon2id_unlock_ms(dir: &Path) -> Option<f64> {
             .args(["open", "--test-passphrase", "--key-file"])
             .arg(&pass)
             .arg(&img)
+            .stdout(Stdio::null())
             .status()
             .ok()?;
         if !st.success() {

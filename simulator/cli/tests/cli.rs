@@ -590,7 +590,9 @@ fn demo_json() {
 fn load_json_places_broker_and_guests() {
     let (code, out, err) = sim(&["load", "--vms", "20", "--chips", "2", "--json"], &state());
     assert_eq!(code, 0, "{err}");
-    let j: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!("stdout is not one JSON document ({e}):\n{out}\nstderr:\n{err}")
+    });
     assert_eq!(
         (j["released"].as_u64(), j["failed"].as_u64()),
         (Some(20), Some(0)),

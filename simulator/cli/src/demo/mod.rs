@@ -187,6 +187,7 @@ async fn run_on(
                         activated += 1;
                         let _ = std::process::Command::new("cryptsetup")
                             .args(["close", &format!("attesta-{vm}")])
+                            .stdout(std::process::Stdio::null())
                             .status();
                     }
                     Err(luks::LuksError::DeviceMapperUnavailable) => unlocked += 1,
