@@ -85,8 +85,19 @@ pub fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
     tls.enable_early_data = false;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+    // A broker that died mid-exchange (a replica killed) is given up after IDLE_TIMEOUT, not
+    // quinn's 30 s; keep-alives hold the connection while a live broker works on the evidence.
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok())
+        .keep_alive_interval(Some(IDLE_TIMEOUT / 4));
+    cc.transport_config(Arc::new(transport));
+    Ok(cc)
 }
+
+/// How long a connection may go without a packet from the broker before it is given up.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One request on its own bidirectional stream, and its answer (framed, size-limited).
 pub async fn exchange(conn: &quinn::Connection, req: &Request) -> Result<Response, ClientError> {
@@ -121,6 +132,20 @@ pub async fn fetch(
     fetch_on(&local_endpoint(broker)?, broker, vm_id, device).await
 }
 
+/// [`fetch`] (with the mesh key, if given) that gives up a handshake not done within
+/// `handshake`: for a guest with other brokers to try, one that does not answer (down, or
+/// unreachable) is left for the next rather than waited for.
+pub async fn fetch_within(
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+    mesh_key: Option<&[u8; 32]>,
+    handshake: std::time::Duration,
+) -> Result<Released, ClientError> {
+    let endpoint = local_endpoint(broker)?;
+    fetch_on_with(&endpoint, broker, vm_id, device, mesh_key, Some(handshake)).await
+}
+
 /// A client endpoint on any local address of the broker's family (the route decides).
 fn local_endpoint(broker: &Broker) -> Result<quinn::Endpoint, ClientError> {
     let local: SocketAddr = if broker.addr.is_ipv4() {
@@ -138,7 +163,7 @@ pub async fn fetch_on(
     vm_id: &str,
     device: &impl GuestDevice,
 ) -> Result<Released, ClientError> {
-    fetch_on_with(endpoint, broker, vm_id, device, None).await
+    fetch_on_with(endpoint, broker, vm_id, device, None, None).await
 }
 
 /// [`fetch`], also binding the guest's Ed25519 mesh public key in the report so the broker can
@@ -155,6 +180,7 @@ pub async fn fetch_with_mesh_key(
         vm_id,
         device,
         Some(mesh_key),
+        None,
     )
     .await
 }
@@ -165,12 +191,18 @@ async fn fetch_on_with(
     vm_id: &str,
     device: &impl GuestDevice,
     mesh_key: Option<&[u8; 32]>,
+    handshake: Option<std::time::Duration>,
 ) -> Result<Released, ClientError> {
-    let conn = endpoint
+    let connecting = endpoint
         .connect_with(client_config(broker)?, broker.addr, &broker.server_name)
-        .map_err(|e| ClientError::Connect(e.to_string()))?
-        .await
         .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let conn = match handshake {
+        None => connecting.await,
+        Some(t) => tokio::time::timeout(t, connecting)
+            .await
+            .map_err(|_| ClientError::Connect(format!("no handshake within {t:?}")))?,
+    }
+    .map_err(|e| ClientError::Connect(e.to_string()))?;
     let mut exporter = [0u8; 32];
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
         .map_err(|_| ClientError::Protocol("no exporter".into()))?;

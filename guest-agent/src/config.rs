@@ -55,8 +55,14 @@ fn yes() -> bool {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// UDP address of the broker (or its mesh address).
-    pub address: SocketAddr,
+    /// UDP address of the broker (or its mesh address). Give this or `addresses`.
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+    /// Several brokers on one database (replicas), tried in turn: when one is unreachable or
+    /// cannot reach its store, the exchange starts afresh on the next (a nonce is only good on
+    /// the replica and connection that issued it). All share the pins below.
+    #[serde(default)]
+    pub addresses: Vec<SocketAddr>,
     /// The DNS name in the broker's TLS certificate.
     pub server_name: String,
     /// PEM of the CA that issued the broker's TLS certificate (pinned: no other root is trusted).
@@ -66,6 +72,37 @@ pub struct BrokerConfig {
     /// How long to keep retrying an unreachable broker before failing closed.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+}
+
+/// Brokers a guest tries in turn, at most: each try of an unreachable one costs a connect
+/// timeout, and all must fit in `timeout_secs`.
+pub const MAX_BROKERS: usize = 8;
+
+impl BrokerConfig {
+    /// The brokers to try, in order: `address` or `addresses` (exactly one of them), 1 to
+    /// [`MAX_BROKERS`] of them, none twice.
+    pub fn addresses(&self) -> Result<Vec<SocketAddr>, String> {
+        let list = match (self.address, self.addresses.as_slice()) {
+            (Some(a), []) => vec![a],
+            (None, []) => return Err("broker: give `address` or `addresses`".into()),
+            (None, l) => l.to_vec(),
+            (Some(_), _) => {
+                return Err("broker: give `address` or `addresses`, not both".into());
+            }
+        };
+        if list.len() > MAX_BROKERS {
+            return Err(format!(
+                "broker.addresses: at most {MAX_BROKERS} brokers, {} given",
+                list.len()
+            ));
+        }
+        for (n, a) in list.iter().enumerate() {
+            if list[..n].contains(a) {
+                return Err(format!("broker.addresses: {a} is listed twice"));
+            }
+        }
+        Ok(list)
+    }
 }
 
 fn default_timeout() -> u64 {
@@ -185,6 +222,7 @@ impl GuestConfig {
             }
         }
         c.response_key().map_err(invalid)?;
+        c.broker.addresses().map_err(invalid)?;
         Ok(c)
     }
 

@@ -2,7 +2,7 @@
 //! and place the boot configuration on tmpfs. Every step either succeeds or the whole run fails
 //! with a reason; nothing is written anywhere but the LUKS2 header (first boot) and the tmpfs file.
 
-use crate::client::{Broker, ClientError, Released, fetch};
+use crate::client::{Broker, ClientError, Released, fetch, fetch_within};
 use crate::config::{DeviceConfig, GuestConfig};
 use crate::header::HeaderError;
 use crate::luks::{self, DiskLabel, DiskState, LuksError, VolumeKey};
@@ -177,36 +177,63 @@ pub fn place_mesh_identity(
 
 use snp::certs::pem_encode as pem;
 
-/// Fetches the secrets, retrying only while the broker is unreachable or briefly unavailable; a
-/// denial or a bad signature ends the attempt at once.
+/// Fetches the secrets, retrying only while the brokers are unreachable or briefly unable to
+/// decide; a denial on the evidence or a bad signature ends the attempt at once.
+///
+/// With several brokers (replicas on one database) each try goes to the next one, starting
+/// where the VM's id points so that a fleet spreads over them; a handshake to one that does
+/// not answer is given up after [`HANDSHAKE_PER_TRY`]. Each try is a whole new exchange (its
+/// own connection and nonce): nothing from one broker is shown to another.
 pub async fn fetch_with_retry(
-    broker: &Broker,
+    brokers: &[Broker],
     vm_id: &str,
     device: &impl GuestDevice,
     timeout: Duration,
     mesh_key: Option<&[u8; 32]>,
 ) -> Result<Released, UnlockError> {
+    if brokers.is_empty() {
+        return Err(UnlockError::Config("no broker to ask".into()));
+    }
     let start = Instant::now();
     let mut pause = Duration::from_millis(200);
+    let mut next = first_broker(vm_id, brokers.len());
     loop {
-        let left = timeout.saturating_sub(start.elapsed());
-        let attempt = tokio::time::timeout(left.max(Duration::from_millis(1)), async {
-            match mesh_key {
-                Some(m) => crate::client::fetch_with_mesh_key(broker, vm_id, device, m).await,
-                None => fetch(broker, vm_id, device).await,
+        for _ in 0..brokers.len() {
+            let broker = &brokers[next];
+            next = (next + 1) % brokers.len();
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(UnlockError::Timeout(timeout.as_secs()));
             }
-        })
-        .await;
-        match attempt {
-            Ok(Ok(r)) => return Ok(r),
-            Ok(Err(ClientError::Connect(why))) => {
-                tracing::warn!(%why, "the key broker is unreachable; retrying");
+            // Alone, a broker is waited for as long as the timeout allows (a storm queues at
+            // its door); with others to try, one that does not answer is moved past.
+            let attempt = async {
+                match (brokers.len(), mesh_key) {
+                    (1, Some(m)) => {
+                        crate::client::fetch_with_mesh_key(broker, vm_id, device, m).await
+                    }
+                    (1, None) => fetch(broker, vm_id, device).await,
+                    _ => {
+                        let handshake = left.min(HANDSHAKE_PER_TRY);
+                        fetch_within(broker, vm_id, device, mesh_key, handshake).await
+                    }
+                }
+            };
+            match tokio::time::timeout(left, attempt).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(ClientError::Connect(why))) => {
+                    tracing::warn!(broker = %broker.addr, %why, "the key broker is unreachable");
+                }
+                Ok(Err(ClientError::Protocol(code))) if code == "unavailable" => {
+                    tracing::warn!(broker = %broker.addr, "the key broker is temporarily unavailable");
+                }
+                // Signed, and nothing was released: the broker could not record a decision.
+                Ok(Err(ClientError::Denied(reasons))) if is_storage_unavailable(&reasons) => {
+                    tracing::warn!(broker = %broker.addr, "the key broker cannot reach its store");
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {}
             }
-            Ok(Err(ClientError::Protocol(code))) if code == "unavailable" => {
-                tracing::warn!("the key broker is temporarily unavailable; retrying");
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {}
         }
         if start.elapsed() + pause >= timeout {
             return Err(UnlockError::Timeout(timeout.as_secs()));
@@ -216,14 +243,44 @@ pub async fn fetch_with_retry(
     }
 }
 
+/// With several brokers, how long a handshake may take before the next broker is tried.
+pub const HANDSHAKE_PER_TRY: Duration = Duration::from_secs(10);
+
+/// A denial that says only that the decision could not be stored: worth asking again.
+fn is_storage_unavailable(reasons: &[String]) -> bool {
+    matches!(reasons, [r] if r == "storage_unavailable")
+}
+
+/// Where a VM starts in the broker list: spread by its id (FNV-1a), stable across boots.
+fn first_broker(vm_id: &str, n: usize) -> usize {
+    let h = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    usize::try_from(h % n.max(1) as u64).unwrap_or(0)
+}
+
+/// The brokers as the configuration pins them, in the order given.
+pub fn brokers(cfg: &GuestConfig) -> Result<Vec<Broker>, UnlockError> {
+    let one = broker(cfg)?;
+    let addresses = cfg.broker.addresses().map_err(UnlockError::Config)?;
+    Ok(addresses
+        .into_iter()
+        .map(|addr| Broker {
+            addr,
+            ..one.clone()
+        })
+        .collect())
+}
+
 /// The broker as the configuration pins it.
 pub fn broker(cfg: &GuestConfig) -> Result<Broker, UnlockError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let ca = CertificateDer::from_pem_file(&cfg.broker.ca)
         .map_err(|e| UnlockError::Config(format!("{}: {e}", cfg.broker.ca.display())))?;
+    let addresses = cfg.broker.addresses().map_err(UnlockError::Config)?;
     Ok(Broker {
-        addr: cfg.broker.address,
+        addr: addresses[0],
         server_name: cfg.broker.server_name.clone(),
         ca_der: ca.to_vec(),
         response_key: cfg.response_key().map_err(UnlockError::Config)?,
@@ -329,11 +386,11 @@ pub async fn run_with(
         }
         None => None,
     };
-    let broker = broker(cfg)?;
+    let brokers = brokers(cfg)?;
     // The disk must be readable before anything is asked of the broker.
     luks::probe(&cfg.disk.path)?;
     let released = fetch_with_retry(
-        &broker,
+        &brokers,
         &cfg.vm_id,
         device,
         Duration::from_secs(cfg.broker.timeout_secs),

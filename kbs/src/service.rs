@@ -578,9 +578,15 @@ impl Kbs {
             );
             return self.deny(vm_id, &nonce, &[d.code()]);
         }
-        let Ok(record) = self.store.vm(vm_id).await else {
-            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return Response::error("unavailable", "the store cannot be read now");
+        // Signed, so the guest knows it was this broker that could not decide (and asks again,
+        // or asks another replica); nothing is recorded, as nothing can be.
+        let record = match self.store.vm(vm_id).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "the store cannot be read; denying");
+                return self.deny(vm_id, &nonce, &["storage_unavailable"]);
+            }
         };
         // Evidence for a VM this broker does not hold, or on a nonce issued for another VM,
         // cannot release anything either (challenges are free to ask for): refused before the

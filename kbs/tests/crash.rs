@@ -5,26 +5,16 @@
 
 mod common;
 
-use common::{free_port, kbs};
-use guest_agent::client::{Broker, fetch};
-use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
-use std::collections::{HashMap, HashSet};
+use common::fleet::{Fleet, guest};
+use common::free_port;
+use guest_agent::client::fetch;
+use std::collections::HashMap;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const VMS: usize = 12;
 const ROUNDS: usize = 6;
-
-fn run(c: &mut Command) -> String {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// What guests received: (vm, boot counter) → volume key.
 type Received = Arc<Mutex<Vec<(String, u64, Vec<u8>)>>>;
@@ -36,70 +26,12 @@ fn start(cfg: &std::path::Path) -> std::process::Child {
 
 #[test]
 fn sigkill_during_a_release_storm_loses_nothing_and_repeats_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("kbs");
-    let pki = Arc::new(
-        Pki::cached(
-            snp::Product::Milan,
-            &Seed::from_text("crash-test"),
-            &dir.path().join("state"),
-            |_| {},
-        )
-        .unwrap(),
-    );
-    let chip = Arc::new(Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap());
-    std::fs::write(dir.path().join("ark.der"), &pki.ark.cert).unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    run(kbs()
-        .args(["init", "--dir"])
-        .arg(&d)
-        .args([
-            "--listen",
-            &listen,
-            "--metrics-listen",
-            "none",
-            "--trust-root",
-        ])
-        .arg(dir.path().join("ark.der")));
-    let image = hex::encode([0x4d; 48]);
-    common::sign_allowlist(&d, &image);
-    let cfg = d.join("kbs.toml");
-    let mut toml = std::fs::read_to_string(&cfg).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
     // Frequent checkpoints, so kills also land around checkpoint writes.
-    toml = toml.replace("checkpoint_every = 1000", "checkpoint_every = 7");
-    toml.push_str("allowlist = \"allowlist.signed\"\n");
-    std::fs::write(&cfg, toml).unwrap();
-    for i in 0..VMS {
-        let order = dir.path().join(format!("order-{i}"));
-        run(kbs()
-            .args(["order", "register", "--key"])
-            .arg(d.join("operator.key"))
-            .args(["--vm-id", &format!("vm-{i}"), "--tenant", "t"])
-            .args(["--measurement", &image])
-            .args(["--chip-id", &hex::encode(chip.config.chip_id), "--out"])
-            .arg(&order));
-        run(kbs()
-            .args(["vm", "register"])
-            .arg(&order)
-            .arg("--config")
-            .arg(&cfg));
-    }
-    let broker = Broker {
-        addr: listen.parse().unwrap(),
-        server_name: "kbs.attesta.local".into(),
-        ca_der: snp::certs::pem_blocks(&std::fs::read(d.join("tls-ca.crt")).unwrap())
-            .unwrap()
-            .remove(0),
-        response_key: hex::decode(
-            std::fs::read_to_string(d.join("response.pub"))
-                .unwrap()
-                .trim(),
-        )
-        .unwrap()
-        .try_into()
-        .unwrap(),
-    };
+    let fleet = Fleet::new("crash-test", &listen, VMS, |t| {
+        t.replace("checkpoint_every = 1000", "checkpoint_every = 7")
+    });
+    let (chip, broker, cfg) = (fleet.chip.clone(), fleet.broker.clone(), fleet.cfg.clone());
 
     let received: Received = Arc::default();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -116,10 +48,7 @@ fn sigkill_during_a_release_storm_loses_nothing_and_repeats_nothing() {
                 let (chip, broker, received) = (chip.clone(), broker.clone(), received.clone());
                 rt.spawn(async move {
                     let vm = format!("vm-{i}");
-                    let guest = chip.launch(GuestLaunch {
-                        measurement: [0x4d; 48],
-                        ..Default::default()
-                    });
+                    let guest = guest(&chip);
                     loop {
                         match tokio::time::timeout(
                             Duration::from_secs(2),
@@ -160,11 +89,7 @@ fn sigkill_during_a_release_storm_loses_nothing_and_repeats_nothing() {
         let mut v = vec![];
         for i in 0..VMS {
             let vm = format!("vm-{i}");
-            let guest = chip.launch(GuestLaunch {
-                measurement: [0x4d; 48],
-                ..Default::default()
-            });
-            let r = fetch(&broker, &vm, &guest).await.unwrap();
+            let r = fetch(&broker, &vm, &guest(&chip)).await.unwrap();
             v.push((vm, r.volume_key.to_vec()));
         }
         v
@@ -187,40 +112,10 @@ fn sigkill_during_a_release_storm_loses_nothing_and_repeats_nothing() {
     }
 
     // The log verifies, holds every release a guest received, and no nonce released twice.
-    let export = dir.path().join("audit.jsonl");
-    run(kbs()
-        .args(["audit", "export", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&export));
-    run(kbs()
-        .args(["audit", "verify"])
-        .arg(&export)
-        .arg("--key")
-        .arg(d.join("audit.pub")));
-    let mut nonces = HashSet::new();
-    let mut boots = HashSet::new();
-    for line in std::fs::read_to_string(&export).unwrap().lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        if v["kind"] == "release" {
-            let nonce = v["detail"]["nonce"].as_str().unwrap().to_string();
-            assert!(nonces.insert(nonce.clone()), "nonce {nonce} released twice");
-            let boot = (
-                v["vm_id"].as_str().unwrap().to_string(),
-                v["detail"]["boot_counter"].as_u64().unwrap(),
-            );
-            assert!(boots.insert(boot.clone()), "boot {boot:?} released twice");
-        }
-    }
-    for (vm, boot, _) in &got {
-        assert!(
-            boots.contains(&(vm.clone(), *boot)),
-            "{vm} boot {boot} was answered but is not in the audit log"
-        );
-    }
+    let answered: Vec<(String, u64)> = got.iter().map(|(v, b, _)| (v.clone(), *b)).collect();
+    let logged = fleet.check_audit(&answered);
     eprintln!(
-        "{} releases received across {ROUNDS} kills; {} in the log",
-        got.len(),
-        boots.len()
+        "{} releases received across {ROUNDS} kills; {logged} in the log",
+        got.len()
     );
 }

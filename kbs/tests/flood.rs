@@ -272,7 +272,7 @@ async fn a_flood_from_one_address_locks_no_guest_out() {
             let (broker, guest) = (broker.clone(), guest.clone());
             tokio::spawn(async move {
                 guest_agent::unlock::fetch_with_retry(
-                    &broker,
+                    std::slice::from_ref(&broker),
                     &format!("vm-{i}"),
                     &*guest,
                     GUEST_TIMEOUT,
@@ -614,7 +614,7 @@ async fn flood_figure() {
             let (broker, guest) = (broker.clone(), guest.clone());
             tokio::spawn(async move {
                 let r = guest_agent::unlock::fetch_with_retry(
-                    &broker,
+                    std::slice::from_ref(&broker),
                     &format!("vm-{i}"),
                     &*guest,
                     GUEST_TIMEOUT,

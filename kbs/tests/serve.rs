@@ -7,39 +7,12 @@
 
 mod common;
 
-use common::{free_port, guest, kbs, ok, sign_allowlist, start};
+use common::{free_port, free_tcp_port, guest, http_get, kbs, ok, sign_allowlist, start};
 use guest_agent::client::{Broker, fetch};
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
 use std::io::{Read, Write};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut last = None;
-    for _ in 0..5 {
-        let attempt = (|| -> std::io::Result<String> {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })();
-        match attempt {
-            Ok(o) => return o,
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    panic!("GET {path} on port {port}: {last:?}")
-}
 
 #[test]
 fn deployment_from_the_real_binaries() {

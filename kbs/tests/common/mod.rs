@@ -1,9 +1,10 @@
 //! What the tests of the real `attesta-kbs` binary share.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod postgres;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,35 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A TCP port free a moment ago on loopback.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The whole HTTP answer to `GET path` on loopback `port` (a few tries while it starts).
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut last = None;
+    for _ in 0..5 {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match attempt {
+            Ok(o) => return o,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("GET {path} on port {port}: {last:?}")
 }
 
 /// Starts `serve`, collecting its log lines into `log`; returns once it is serving.

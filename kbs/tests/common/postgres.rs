@@ -102,21 +102,48 @@ impl Cluster {
             socket_dir: dir.path().to_path_buf(),
             _dir: dir,
         };
-        run(
-            c.pg("pg_ctl")
-                .args(["-w", "-t", "60", "-D"])
-                .arg(&c.data)
-                .arg("-l")
-                .arg(c.data.join("server.log"))
-                .arg("-o")
-                .arg(format!(
-                    "-c listen_addresses='' -k {}",
-                    c.socket_dir.display()
-                ))
-                .arg("start"),
-            "pg_ctl start",
-        )?;
+        c.start_again()?;
         Ok(c)
+    }
+
+    /// Starts the server (again, after [`Cluster::stop`]); returns once it accepts connections.
+    pub fn start_again(&self) -> Result<(), String> {
+        let out = self
+            .pg("pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.data.join("server.log"))
+            .arg("-o")
+            .arg(format!(
+                "-c listen_addresses='' -k {}",
+                self.socket_dir.display()
+            ))
+            .arg("start")
+            .output()
+            .map_err(|e| format!("pg_ctl start: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "pg_ctl start: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Stops the server as a crash would (`-m immediate`: no shutdown checkpoint, every client
+    /// cut off at once); [`Cluster::start_again`] recovers it from its WAL.
+    pub fn crash(&self) {
+        let ok = self
+            .pg("pg_ctl")
+            .args(["-w", "-m", "immediate", "-D"])
+            .arg(&self.data)
+            .arg("stop")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "pg_ctl stop -m immediate");
     }
 
     /// The URL of `database` on the cluster (through its socket).

@@ -1,0 +1,292 @@
+//! Several real `attesta-kbs serve` processes on one real PostgreSQL database, under a boot
+//! storm of guests that each know every replica's address:
+//! - two and three replicas, one of them SIGKILLed at pseudo-random points and restarted, again
+//!   and again: no nonce or boot is released twice, every release a guest received is in the
+//!   one audit log, `audit verify` passes, and no VM loses its key;
+//! - PostgreSQL itself crashed mid-storm: the brokers answer with signed `storage_unavailable`
+//!   denials and `/readyz` says 503 meanwhile, none of them exits, and they serve again once it
+//!   is back, without a restart.
+
+mod common;
+
+use common::fleet::{Fleet, guest};
+use common::postgres::Cluster;
+use common::{KillOnDrop, free_port, free_tcp_port, http_get};
+use guest_agent::client::{Broker, ClientError, fetch};
+use guest_agent::unlock::fetch_with_retry;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const VMS: usize = 12;
+
+/// What guests received: (vm, boot counter, volume key).
+type Received = Arc<Mutex<Vec<(String, u64, Vec<u8>)>>>;
+
+/// The replicas of one deployment: their configs, processes and logs.
+struct Replicas {
+    fleet: Fleet,
+    cfgs: Vec<PathBuf>,
+    procs: Vec<Option<KillOnDrop>>,
+    logs: Vec<Arc<Mutex<String>>>,
+    brokers: Vec<Broker>,
+    db: Cluster,
+}
+
+impl Replicas {
+    /// `n` replicas of one deployment on a fresh cluster; `edit` applies to every `kbs.toml`.
+    fn start(seed: &str, n: usize, edit: impl FnOnce(String) -> String) -> Option<Replicas> {
+        let db = Cluster::start()?;
+        let url = db.url("postgres");
+        let listens: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        // Frequent checkpoints, so kills also land around checkpoint writes.
+        let fleet = Fleet::new(seed, &listens[0], VMS, |t| {
+            let t = t
+                .replace("database = \"kbs.db\"", &format!("database = {url:?}"))
+                .replace("checkpoint_every = 1000", "checkpoint_every = 7");
+            assert!(t.contains(&url), "kbs.toml names the database");
+            edit(t)
+        });
+        let mut cfgs = vec![fleet.cfg.clone()];
+        cfgs.extend((1..n).map(|i| fleet.replica_config(i, &listens[i])));
+        let brokers = listens
+            .iter()
+            .map(|l| fleet.broker_at(l.parse().unwrap()))
+            .collect();
+        let mut r = Replicas {
+            fleet,
+            cfgs,
+            procs: (0..n).map(|_| None).collect(),
+            logs: (0..n).map(|_| Arc::default()).collect(),
+            brokers,
+            db,
+        };
+        for i in 0..n {
+            r.launch(i);
+        }
+        Some(r)
+    }
+
+    fn launch(&mut self, i: usize) {
+        self.procs[i] = Some(KillOnDrop(common::start(
+            &self.cfgs[i],
+            self.logs[i].clone(),
+        )));
+    }
+
+    /// SIGKILL, reaped.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.procs[i].take() {
+            p.0.kill().unwrap();
+            p.0.wait().unwrap();
+        }
+    }
+
+    /// Every replica is still running (none exited on its own).
+    fn all_alive(&mut self) {
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            let p = p.as_mut().expect("running");
+            assert!(
+                p.0.try_wait().unwrap().is_none(),
+                "replica {i} exited: {}",
+                self.logs[i].lock().unwrap()
+            );
+        }
+    }
+
+    /// Guests booting again and again, each trying the replicas in turn.
+    fn storm(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        received: &Received,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..VMS)
+            .map(|i| {
+                let (chip, brokers, received) = (
+                    self.fleet.chip.clone(),
+                    self.brokers.clone(),
+                    received.clone(),
+                );
+                rt.spawn(async move {
+                    let vm = format!("vm-{i}");
+                    loop {
+                        let got = fetch_with_retry(
+                            &brokers,
+                            &vm,
+                            &guest(&chip),
+                            Duration::from_secs(30),
+                            None,
+                        )
+                        .await;
+                        match got {
+                            Ok(r) => received.lock().unwrap().push((
+                                vm.clone(),
+                                r.boot_counter,
+                                r.volume_key.to_vec(),
+                            )),
+                            Err(e) => panic!("{vm}: {e}"),
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// After the storm: every VM gets its key from every replica — the key it always had — and
+    /// the log holds every release answered, once.
+    fn check(&self, rt: &tokio::runtime::Runtime, received: &Received) {
+        let got = received.lock().unwrap().clone();
+        assert!(
+            got.len() >= VMS,
+            "the storm released too little to test anything: {}",
+            got.len()
+        );
+        let mut keys: HashMap<String, Vec<u8>> = HashMap::new();
+        rt.block_on(async {
+            for broker in &self.brokers {
+                for i in 0..VMS {
+                    let vm = format!("vm-{i}");
+                    let r = fetch(broker, &vm, &guest(&self.fleet.chip))
+                        .await
+                        .unwrap_or_else(|e| panic!("{vm} at {}: {e}", broker.addr));
+                    let key = keys.entry(vm.clone()).or_insert(r.volume_key.to_vec());
+                    assert_eq!(*key, r.volume_key.to_vec(), "{vm}: replicas disagree");
+                }
+            }
+        });
+        for (vm, _, key) in &got {
+            assert_eq!(&keys[vm], key, "{vm} lost or changed its key");
+        }
+        let answered: Vec<(String, u64)> = got.iter().map(|(v, b, _)| (v.clone(), *b)).collect();
+        let logged = self.fleet.check_audit(&answered);
+        eprintln!("{} releases answered; {logged} in the one log", got.len());
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The storm with one replica SIGKILLed and restarted `rounds` times.
+fn kills(n: usize, rounds: usize) {
+    let Some(mut r) = Replicas::start(&format!("replicas-{n}"), n, |t| t) else {
+        return;
+    };
+    let rt = runtime();
+    let received: Received = Arc::default();
+    let storm = r.storm(&rt, &received);
+    // A fixed pseudo-random schedule of kill points and victims (reproducible failures).
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ n as u64;
+    for round in 0..rounds {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let (at, victim) = (200 + x % 900, (x >> 32) as usize % n);
+        std::thread::sleep(Duration::from_millis(at));
+        let before = received.lock().unwrap().len();
+        r.kill(victim);
+        std::thread::sleep(Duration::from_millis(100 + x % 400));
+        r.launch(victim);
+        eprintln!("round {round}: replica {victim} killed after {at} ms; {before} releases so far");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for t in storm {
+        t.abort();
+    }
+    r.all_alive();
+    // The replicas served at once: each released keys in this storm.
+    for (i, log) in r.logs.iter().enumerate() {
+        assert!(
+            log.lock().unwrap().contains("key released"),
+            "replica {i} released nothing"
+        );
+    }
+    r.check(&rt, &received);
+}
+
+#[test]
+fn two_replicas_one_killed_again_and_again() {
+    kills(2, 6);
+}
+
+#[test]
+fn three_replicas_one_killed_again_and_again() {
+    kills(3, 6);
+}
+
+/// PostgreSQL crashes mid-storm and comes back: meanwhile a replica denies with a signed
+/// `storage_unavailable` and is not ready; afterwards both serve again without a restart.
+#[test]
+fn postgres_restarted_mid_storm() {
+    let metrics = free_tcp_port();
+    let Some(mut r) = Replicas::start("replicas-pg-restart", 2, |t| {
+        t.replace(
+            "# metrics_listen = \"127.0.0.1:9464\"",
+            &format!("metrics_listen = \"127.0.0.1:{metrics}\""),
+        )
+    }) else {
+        return;
+    };
+    assert!(http_get(metrics, "/readyz").starts_with("HTTP/1.1 200"));
+    let rt = runtime();
+    let received: Received = Arc::default();
+    let storm = r.storm(&rt, &received);
+    std::thread::sleep(Duration::from_millis(800));
+
+    r.db.crash();
+    let during = received.lock().unwrap().len();
+    // Every replica, asked directly: a signed denial that says only that, no release.
+    for broker in &r.brokers {
+        let got = rt.block_on(fetch(broker, "vm-0", &guest(&r.fleet.chip)));
+        match got {
+            Err(ClientError::Denied(reasons)) => {
+                assert_eq!(reasons, ["storage_unavailable"], "{}", broker.addr)
+            }
+            other => panic!("{}: while the database is down: {other:?}", broker.addr),
+        }
+    }
+    let ready = http_get(metrics, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    std::thread::sleep(Duration::from_millis(1500));
+    r.all_alive();
+    assert!(
+        received.lock().unwrap().len() <= during + VMS,
+        "releases went on while the database was down"
+    );
+
+    r.db.start_again().unwrap();
+    // Back without a restart: ready again, and the storm goes on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !http_get(metrics, "/readyz").starts_with("HTTP/1.1 200") {
+        assert!(std::time::Instant::now() < deadline, "never ready again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let back = received.lock().unwrap().len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while received.lock().unwrap().len() < back + VMS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the storm did not resume"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for t in storm {
+        t.abort();
+    }
+    r.all_alive();
+    for (i, log) in r.logs.iter().enumerate() {
+        assert!(
+            !log.lock().unwrap().contains("panicked"),
+            "replica {i} panicked"
+        );
+    }
+    r.check(&rt, &received);
+}
