@@ -234,3 +234,54 @@ impl GuestConfig {
             .ok_or_else(|| "broker.response_key: expected 64 hex digits".to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(lines: &str) -> Result<Vec<SocketAddr>, String> {
+        let text = format!(
+            "{lines}\nserver_name = \"kbs\"\nca = \"ca.pem\"\nresponse_key = \"{}\"\n",
+            "00".repeat(32)
+        );
+        toml::from_str::<BrokerConfig>(&text)
+            .map_err(|e| e.to_string())?
+            .addresses()
+    }
+
+    #[test]
+    fn one_address_or_a_list_of_distinct_ones() {
+        let a: SocketAddr = "10.0.2.2:7443".parse().unwrap();
+        let b: SocketAddr = "10.0.2.2:7444".parse().unwrap();
+        assert_eq!(broker("address = \"10.0.2.2:7443\""), Ok(vec![a]));
+        assert_eq!(
+            broker("addresses = [\"10.0.2.2:7444\", \"10.0.2.2:7443\"]"),
+            Ok(vec![b, a]),
+            "kept in the order given"
+        );
+        for (lines, why) in [
+            ("", "give `address` or `addresses`"),
+            ("addresses = []", "give `address` or `addresses`"),
+            (
+                "address = \"10.0.2.2:7443\"\naddresses = [\"10.0.2.2:7444\"]",
+                "not both",
+            ),
+            (
+                "addresses = [\"10.0.2.2:7443\", \"10.0.2.2:7443\"]",
+                "listed twice",
+            ),
+            (
+                "addresses = [\"kbs.example:7443\"]",
+                "invalid socket address",
+            ),
+        ] {
+            let err = broker(lines).expect_err(lines);
+            assert!(err.contains(why), "{lines}: {err}");
+        }
+        let nine: Vec<String> = (0..9)
+            .map(|p| format!("\"10.0.2.2:{}\"", 7000 + p))
+            .collect();
+        let err = broker(&format!("addresses = [{}]", nine.join(", "))).unwrap_err();
+        assert!(err.contains("at most 8"), "{err}");
+    }
+}
