@@ -31,7 +31,8 @@ struct Replicas {
     procs: Vec<Option<KillOnDrop>>,
     logs: Vec<Arc<Mutex<String>>>,
     brokers: Vec<Broker>,
-    db: Cluster,
+    /// The database servers (kept running until the end).
+    db: Vec<Cluster>,
 }
 
 impl Replicas {
@@ -39,6 +40,17 @@ impl Replicas {
     fn start(seed: &str, n: usize, edit: impl FnOnce(String) -> String) -> Option<Replicas> {
         let db = Cluster::start()?;
         let url = db.url("postgres");
+        Some(Self::start_on(seed, n, &url, vec![db], edit))
+    }
+
+    /// `n` replicas of one deployment on the database `url` names (served by `db`).
+    fn start_on(
+        seed: &str,
+        n: usize,
+        url: &str,
+        db: Vec<Cluster>,
+        edit: impl FnOnce(String) -> String,
+    ) -> Replicas {
         let listens: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
@@ -47,7 +59,7 @@ impl Replicas {
             let t = t
                 .replace("database = \"kbs.db\"", &format!("database = {url:?}"))
                 .replace("checkpoint_every = 1000", "checkpoint_every = 7");
-            assert!(t.contains(&url), "kbs.toml names the database");
+            assert!(t.contains(url), "kbs.toml names the database");
             edit(t)
         });
         let mut cfgs = vec![fleet.cfg.clone()];
@@ -67,7 +79,7 @@ impl Replicas {
         for i in 0..n {
             r.launch(i);
         }
-        Some(r)
+        r
     }
 
     fn launch(&mut self, i: usize) {
@@ -241,7 +253,7 @@ fn postgres_restarted_mid_storm() {
     let storm = r.storm(&rt, &received);
     std::thread::sleep(Duration::from_millis(800));
 
-    r.db.crash();
+    r.db[0].crash();
     let during = received.lock().unwrap().len();
     // Every replica, asked directly: a signed denial that says only that, no release.
     for broker in &r.brokers {
@@ -262,7 +274,7 @@ fn postgres_restarted_mid_storm() {
         "releases went on while the database was down"
     );
 
-    r.db.start_again().unwrap();
+    r.db[0].start_again().unwrap();
     // Back without a restart: ready again, and the storm goes on.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !http_get(metrics, "/readyz").starts_with("HTTP/1.1 200") {
@@ -288,5 +300,53 @@ fn postgres_restarted_mid_storm() {
             "replica {i} panicked"
         );
     }
+    r.check(&rt, &received);
+}
+
+/// A primary with a synchronous standby; the brokers are given both, read-write only. The
+/// primary is killed mid-storm and the standby promoted: the brokers move to it on their own,
+/// the storm goes on, and every release a guest was answered is in the promoted database.
+#[test]
+fn standby_promoted_mid_storm() {
+    let Some(primary) = Cluster::start() else {
+        return;
+    };
+    let standby = primary.sync_standby("standby1");
+    // libpq's multi-host form: both servers' sockets, the one taking writes wanted.
+    let url = format!(
+        "{},{}&target_session_attrs=read-write",
+        primary.url("postgres"),
+        standby.url("postgres").split("?host=").nth(1).unwrap()
+    );
+    let mut r = Replicas::start_on("replicas-promote", 2, &url, vec![primary, standby], |t| t);
+    let rt = runtime();
+    let received: Received = Arc::default();
+    let storm = r.storm(&rt, &received);
+    std::thread::sleep(Duration::from_millis(1000));
+
+    r.db[0].crash();
+    let at_crash = received.lock().unwrap().len();
+    assert!(at_crash >= VMS, "too few releases before the crash: {at_crash}");
+    std::thread::sleep(Duration::from_millis(500));
+    r.db[1].promote();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while received.lock().unwrap().len() < at_crash + 2 * VMS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the storm did not resume on the promoted standby"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for t in storm {
+        t.abort();
+    }
+    r.all_alive();
+    for (i, log) in r.logs.iter().enumerate() {
+        assert!(
+            log.lock().unwrap().contains("database server switched"),
+            "replica {i} did not follow the promotion"
+        );
+    }
+    // Read back from the promoted standby alone (the old primary is gone).
     r.check(&rt, &received);
 }

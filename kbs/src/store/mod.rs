@@ -31,7 +31,6 @@
 use crate::audit::{Checkpoint, Entry, Line};
 use crate::release::{NonceState, VmState};
 use aws_lc_rs::signature::Ed25519KeyPair;
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Row};
 use std::path::Path;
 use std::sync::Arc;
@@ -40,11 +39,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 mod database;
+mod pool;
 mod schema;
 mod writer;
 
-use database::{check_postgres_url, sqlite_url};
+use database::sqlite_url;
 pub use database::{is_database_url, redacted};
+use pool::Pools;
 pub use schema::Backend;
 use schema::migrate;
 pub use writer::SPENT_NONCE_GRACE_SECS;
@@ -207,7 +208,7 @@ pub struct StoreStats {
 /// The store on SQLite (WAL mode, full fsync) or PostgreSQL, written by one group-committing
 /// task.
 pub struct SqlStore {
-    pool: AnyPool,
+    pools: Arc<Pools>,
     backend: Backend,
     writer: mpsc::Sender<Job>,
     pub stats: Arc<StoreStats>,
@@ -262,7 +263,6 @@ impl SqlStore {
     pub async fn open_url(database: &str, opts: StoreOptions) -> Result<SqlStore, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = if is_database_url(database) {
-            check_postgres_url(database)?;
             Backend::Postgres
         } else if database.starts_with("sqlite:") {
             Backend::Sqlite
@@ -271,53 +271,26 @@ impl SqlStore {
                 "the database must be a postgres://, postgresql:// or sqlite: URL".into(),
             ));
         };
-        let conn: AnyConnectOptions = database
-            .parse()
-            .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(match backend {
-                Backend::Sqlite => 4,
-                Backend::Postgres => 8,
-            })
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |c, _| {
-                Box::pin(async move {
-                    let setup = match backend {
-                        // Deleted content is overwritten with zeros, not left in free space or
-                        // free pages: a terminated VM's wrapped key must not survive in the file.
-                        Backend::Sqlite => {
-                            "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-                             PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-                             PRAGMA secure_delete = ON;"
-                        }
-                        // Whatever the server, role or URL say: a commit is durable before it
-                        // is answered, and a writer that cannot get the lock (another replica
-                        // stuck, or anyone else holding it) gives up instead of stalling.
-                        Backend::Postgres => {
-                            "SET synchronous_commit = on; SET lock_timeout = '10s'; \
-                             SET idle_in_transaction_session_timeout = '60s'; \
-                             SET default_transaction_isolation = 'read committed';"
-                        }
-                    };
-                    sqlx::Executor::execute(&mut *c, setup).await?;
-                    Ok(())
-                })
-            })
-            .connect_with(conn)
-            .await?;
+        let pools = Pools::open(database, backend).await?;
+        let pool = pools.get();
         migrate(&pool, backend).await?;
         // The log must be readable where it ends, or nothing can be appended to it.
         tail(&mut *pool.acquire().await?).await?;
         let (tx, rx) = mpsc::channel(4096);
         let stats = Arc::new(StoreStats::default());
-        tokio::spawn(writer(pool.clone(), backend, rx, opts, stats.clone()));
+        tokio::spawn(writer(pools.clone(), backend, rx, opts, stats.clone()));
         Ok(SqlStore {
-            pool,
+            pools,
             backend,
             writer: tx,
             stats,
             kek_check: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The pool on the database server in use now.
+    fn pool(&self) -> AnyPool {
+        self.pools.get()
     }
 
     /// From now on, registrations commit only while the store's KEK check value is `check`
@@ -329,7 +302,7 @@ impl SqlStore {
     /// Deletes nonces that expired before `before`, in batches of at most 10,000 (the writer
     /// does this every minute for those expired [`SPENT_NONCE_GRACE_SECS`] ago); how many.
     pub async fn prune_nonces(&self, before: u64) -> Result<u64, StoreError> {
-        prune_nonces(&self.pool, self.backend, before).await
+        prune_nonces(&self.pool(), self.backend, before).await
     }
 
     /// The KEK check value bound with [`SqlStore::bind_kek`].
@@ -371,7 +344,7 @@ impl Store for SqlStore {
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {
         let row = sqlx::query("SELECT vm_id, tenant, generation, boot_counter, terminated, wrapped_key, order_doc FROM vms WHERE vm_id = $1")
             .bind(vm_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.pool())
             .await?;
         Ok(row.map(|r| VmRecord {
             state: VmState {
@@ -389,7 +362,7 @@ impl Store for SqlStore {
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError> {
         let row = sqlx::query("SELECT vm_id, expires_at, spent FROM nonces WHERE nonce = $1")
             .bind(&nonce[..])
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.pool())
             .await?;
         Ok(row.map(|r| {
             if r.get::<i64, _>(2) != 0 {
@@ -422,7 +395,7 @@ impl Store for SqlStore {
 
     async fn allowlist_epoch(&self) -> Result<u64, StoreError> {
         let v: Option<i64> = sqlx::query("SELECT value FROM meta WHERE key = 'allowlist_epoch'")
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.pool())
             .await?
             .map(|r| r.get(0));
         Ok(v.map(u).unwrap_or(0))
@@ -430,7 +403,7 @@ impl Store for SqlStore {
 
     async fn allowlist(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let row = sqlx::query("SELECT epoch, doc FROM allowlist WHERE id = 1")
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.pool())
             .await?;
         Ok(row.map(|r| (u(r.get(0)), r.get(1))))
     }
@@ -444,7 +417,7 @@ impl Store for SqlStore {
 
     async fn audit_entries(&self) -> Result<Vec<Entry>, StoreError> {
         let rows = sqlx::query("SELECT entry FROM audit ORDER BY seq")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.pool())
             .await?;
         rows.into_iter()
             .map(
@@ -458,7 +431,7 @@ impl Store for SqlStore {
 
     async fn audit_log(&self) -> Result<String, StoreError> {
         // One read transaction, so entries and checkpoints are from the same moment.
-        let mut tx = self.backend.begin_snapshot(&self.pool).await?;
+        let mut tx = self.backend.begin_snapshot(&self.pool()).await?;
         let entries: Vec<String> = sqlx::query("SELECT entry FROM audit ORDER BY seq")
             .fetch_all(&mut *tx)
             .await?
@@ -494,23 +467,23 @@ impl Store for SqlStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.pool()).await?;
         Ok(())
     }
 
     async fn init_kek_check(&self, check: &[u8]) -> Result<Vec<u8>, StoreError> {
         sqlx::query("INSERT INTO kek (id, check_blob) VALUES (1, $1) ON CONFLICT(id) DO NOTHING")
             .bind(check)
-            .execute(&self.pool)
+            .execute(&self.pool())
             .await?;
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.pool().acquire().await?;
         stored_kek_check(&mut conn)
             .await?
             .ok_or_else(|| StoreError::Db("the KEK check value is missing".into()))
     }
 
     async fn live_keys(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
-        live_keys(&mut *self.pool.acquire().await?).await
+        live_keys(&mut *self.pool().acquire().await?).await
     }
 
     async fn rekey(

@@ -55,7 +55,7 @@ pub(super) async fn tail(conn: &mut AnyConnection) -> Result<Chain, StoreError> 
 
 /// The one writer: drains the queue into transactions until every sender is gone.
 pub(super) async fn writer(
-    pool: AnyPool,
+    pools: Arc<super::pool::Pools>,
     backend: Backend,
     mut rx: mpsc::Receiver<Job>,
     opts: StoreOptions,
@@ -65,12 +65,14 @@ pub(super) async fn writer(
     let mut last_cp = Instant::now();
     let mut wal_pending = false;
     let mut last_prune = Instant::now();
+    // The pool is fetched at each use: on a multi-host URL it follows the server that takes
+    // writes (see super::pool).
     loop {
         // The spent-nonce table would otherwise grow by one row per decision, forever.
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
             match prune_nonces(
-                &pool,
+                &pools.get(),
                 backend,
                 unix_now().saturating_sub(SPENT_NONCE_GRACE_SECS),
             )
@@ -85,19 +87,25 @@ pub(super) async fn writer(
             Ok(Some(j)) => Some(j),
             Ok(None) => {
                 if wal_pending {
-                    truncate_wal(&pool, backend, 3).await;
+                    truncate_wal(&pools.get(), backend, 3).await;
                 }
                 // Shutting down: cover what was written since the last checkpoint.
                 if unsigned > 0 {
-                    let _ =
-                        apply(&pool, backend, Vec::new(), opts.audit_key.as_deref(), true).await;
+                    let _ = apply(
+                        &pools.get(),
+                        backend,
+                        Vec::new(),
+                        opts.audit_key.as_deref(),
+                        true,
+                    )
+                    .await;
                 }
                 return;
             }
             Err(_) => {
                 // Idle: a good moment to retry emptying the WAL after a terminate.
                 if wal_pending {
-                    wal_pending = !truncate_wal(&pool, backend, 1).await;
+                    wal_pending = !truncate_wal(&pools.get(), backend, 1).await;
                 }
                 None
             }
@@ -117,7 +125,15 @@ pub(super) async fn writer(
         }
         let n = batch.len() as u64;
         let sign = due;
-        if let Ok(appended) = apply(&pool, backend, batch, opts.audit_key.as_deref(), sign).await {
+        if let Ok(appended) = apply(
+            &pools.get(),
+            backend,
+            batch,
+            opts.audit_key.as_deref(),
+            sign,
+        )
+        .await
+        {
             wal_pending |= appended.wal_pending;
             stats.transactions.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(n, Ordering::Relaxed);

@@ -133,6 +133,96 @@ impl Cluster {
         }
     }
 
+    /// A synchronous-replication standby of this cluster, named `name` (its
+    /// `application_name`), from `pg_basebackup`, started and streaming; this cluster then
+    /// waits for it on every commit (`synchronous_standby_names`). Returns once it is in sync.
+    pub fn sync_standby(&self, name: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown the standby's folder");
+        }
+        let data = dir.path().join("data");
+        let conninfo = format!(
+            "host={} user=attesta application_name={name}",
+            self.socket_dir.display()
+        );
+        let out = self
+            .pg("pg_basebackup")
+            .args(["-X", "stream", "-R", "--no-sync", "-d", &conninfo, "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        append(
+            &data.join("postgresql.auto.conf"),
+            &format!("primary_conninfo = '{conninfo}'\n"),
+        );
+        let standby = Cluster {
+            bin: self.bin.clone(),
+            data,
+            socket_dir: dir.path().to_path_buf(),
+            _dir: dir,
+        };
+        standby.start_again().unwrap();
+        append(
+            &self.data.join("postgresql.conf"),
+            &format!("synchronous_standby_names = '{name}'\n"),
+        );
+        let out = self
+            .pg("pg_ctl")
+            .args(["reload", "-D"])
+            .arg(&self.data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl reload");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let state = self.psql("SELECT sync_state FROM pg_stat_replication");
+            if state.trim() == "sync" {
+                return standby;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the standby never reached sync: {state:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Makes this standby the primary (`pg_ctl promote`, waiting until it takes writes).
+    pub fn promote(&self) {
+        let out = self
+            .pg("pg_ctl")
+            .args(["promote", "-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// One query's rows, unaligned (`psql -Atc`), on database `postgres`.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-Atc", sql])
+            .arg(self.url("postgres"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Stops the server as a crash would (`-m immediate`: no shutdown checkpoint, every client
     /// cut off at once); [`Cluster::start_again`] recovers it from its WAL.
     pub fn crash(&self) {
@@ -179,4 +269,11 @@ impl Drop for Cluster {
             .arg("stop")
             .output();
     }
+}
+
+/// Appends `text` to a file of the cluster's (owned by postgres; its owner is kept).
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
 }
