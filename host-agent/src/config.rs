@@ -164,8 +164,12 @@ pub enum PlatformConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KbsConfig {
-    /// `host:port` (UDP, QUIC).
-    pub address: String,
+    /// `host:port` (UDP, QUIC). Give this or `addresses`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Several brokers on one database (replicas), tried in turn until one can be reached.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// The name in the broker's certificate.
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -174,6 +178,28 @@ pub struct KbsConfig {
     /// This host's client certificate (role host, from `attesta-kbs cert issue`) and key.
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+}
+
+impl KbsConfig {
+    /// The brokers to try, in order: `address` or `addresses` (exactly one of them), up to 8,
+    /// none twice.
+    pub fn addresses(&self) -> Result<Vec<String>, String> {
+        let list = match (&self.address, self.addresses.as_slice()) {
+            (Some(a), []) => vec![a.clone()],
+            (None, []) => return Err("kbs: give `address` or `addresses`".into()),
+            (None, l) => l.to_vec(),
+            (Some(_), _) => return Err("kbs: give `address` or `addresses`, not both".into()),
+        };
+        if list.len() > 8 {
+            return Err(format!("kbs.addresses: at most 8, {} given", list.len()));
+        }
+        for (n, a) in list.iter().enumerate() {
+            if list[..n].contains(a) {
+                return Err(format!("kbs.addresses: {a} is listed twice"));
+            }
+        }
+        Ok(list)
+    }
 }
 
 /// Where usage records go.
@@ -305,6 +331,9 @@ impl HostConfig {
                 "operator_keys: at least one operator key is needed to launch anything".into(),
             ));
         }
+        if let Some(k) = &c.kbs {
+            k.addresses().map_err(err)?;
+        }
         if let Some(b) = &c.billing {
             crate::billing::CallKind::parse(&b.call)
                 .map_err(|e| err(format!("billing.call: {e}")))?;
@@ -383,6 +412,29 @@ mod tests {
         let e = HostConfig::parse(&text, path).unwrap_err();
         assert!(e.why.contains("operator_keys"), "{e}");
         assert_eq!(c.snp.mode, SnpMode::Hardware, "never simulated by default");
+    }
+
+    #[test]
+    fn one_broker_or_a_list_of_replicas() {
+        let path = Path::new("/etc/attesta-host/host.toml");
+        let base = "state_dir = \"/s\"\noperator_keys = [\"9f1c0c6c3b1d6a4e2f0e5d8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c\"]\n[kbs]\nca = \"ca\"\nclient_cert = \"c\"\nclient_key = \"k\"\n";
+        let c = HostConfig::parse(
+            &format!("{base}addresses = [\"kbs-1:7443\", \"kbs-2:7443\"]\n"),
+            path,
+        )
+        .unwrap();
+        assert_eq!(
+            c.kbs.unwrap().addresses().unwrap(),
+            ["kbs-1:7443", "kbs-2:7443"]
+        );
+        for (lines, why) in [
+            ("", "give `address` or `addresses`"),
+            ("address = \"a:1\"\naddresses = [\"b:1\"]\n", "not both"),
+            ("addresses = [\"a:1\", \"a:1\"]\n", "twice"),
+        ] {
+            let e = HostConfig::parse(&format!("{base}{lines}"), path).unwrap_err();
+            assert!(e.why.contains(why), "{lines}: {e}");
+        }
     }
 
     #[test]

@@ -664,26 +664,33 @@ impl Daemon {
         let Some(k) = &self.cfg.kbs else {
             return Ok(Relayed::NoBroker);
         };
-        let addr = tokio::net::lookup_host(&k.address)
-            .await
-            .map_err(|e| format!("kbs.address {}: {e}", k.address))?
-            .next()
-            .ok_or_else(|| format!("kbs.address {}: no address", k.address))?;
+        // Every listed broker, resolved now (a replica that does not resolve is passed over).
+        let mut addrs = Vec::new();
+        let mut unresolved = Vec::new();
+        for name in k.addresses()? {
+            match tokio::net::lookup_host(&name).await {
+                Ok(mut found) => addrs.extend(found.next()),
+                Err(e) => unresolved.push(format!("{name}: {e}")),
+            }
+        }
+        let Some(&first) = addrs.first() else {
+            return Err(format!("kbs.address: {}", unresolved.join("; ")));
+        };
         let remote = kbs::client::Remote::from_pem_files(
-            addr,
+            first,
             k.server_name.clone(),
             &k.ca,
             &k.client_cert,
             &k.client_key,
         )?;
-        match kbs::client::send_order(remote, terminate, doc).await {
+        match kbs::client::send_order_any(&addrs, remote, terminate, doc).await {
             Ok(_) => Ok(Relayed::Done),
             Err(kbs::client::OrderError::Refused { code, .. })
                 if (!terminate && code == "vm_exists") || (terminate && code == "no_such_vm") =>
             {
                 Ok(Relayed::Already)
             }
-            Err(e) => Err(format!("broker at {}: {e}", k.address)),
+            Err(e) => Err(format!("broker: {e}")),
         }
     }
 

@@ -23,8 +23,9 @@ pub struct Target {
         required_unless_present = "kbs"
     )]
     pub config: Option<PathBuf>,
-    /// A running broker's UDP address.
-    #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
+    /// A running broker's UDP address, or several replicas' separated by commas (tried in
+    /// turn until one can be reached; once sent, an order is not sent again elsewhere).
+    #[arg(long, value_name = "ADDR[,ADDR…]", requires_all = ["ca", "cert", "key"])]
     pub kbs: Option<String>,
     /// The broker's TLS CA (PEM).
     #[arg(long, value_name = "FILE")]
@@ -92,13 +93,10 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
         let doc = std::fs::read(order).map_err(|e| format!("{}: {e}", order.display()))?;
         let rt = runtime()?;
         let _g = rt.enter();
-        if let Some(addr) = &target.kbs {
+        if let Some(list) = &target.kbs {
+            let (addrs, remote) = remote(target, list)?;
             return rt
-                .block_on(kbs::client::send_order(
-                    remote(target, addr)?,
-                    terminate,
-                    doc,
-                ))
+                .block_on(kbs::client::send_order_any(&addrs, remote, terminate, doc))
                 .map_err(|e| e.to_string());
         }
         let config = target
@@ -133,18 +131,31 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
     }
 }
 
-pub(crate) fn remote(t: &Target, addr: &str) -> Result<kbs::client::Remote, String> {
+/// The brokers `--kbs` lists, and how to reach them.
+pub(crate) fn remote(
+    t: &Target,
+    list: &str,
+) -> Result<(Vec<std::net::SocketAddr>, kbs::client::Remote), String> {
     let need = |p: &Option<PathBuf>, what: &str| {
         p.clone()
             .ok_or_else(|| format!("--{what} is required with --kbs"))
     };
-    kbs::client::Remote::from_pem_files(
-        addr.parse().map_err(|e| format!("--kbs {addr:?}: {e}"))?,
+    let addrs = list
+        .split(',')
+        .map(|a| {
+            a.trim()
+                .parse()
+                .map_err(|e| format!("--kbs {a:?}: {e} (give IP:PORT, comma-separated)"))
+        })
+        .collect::<Result<Vec<std::net::SocketAddr>, String>>()?;
+    let remote = kbs::client::Remote::from_pem_files(
+        addrs[0],
         t.server_name.clone(),
         &need(&t.ca, "ca")?,
         &need(&t.cert, "cert")?,
         &need(&t.key, "key")?,
-    )
+    )?;
+    Ok((addrs, remote))
 }
 
 pub fn audit_export(config: &Path, out: Option<PathBuf>) -> ExitCode {

@@ -60,36 +60,85 @@ pub async fn send_order(
     terminate: bool,
     order: Vec<u8>,
 ) -> Result<String, OrderError> {
-    send(remote, terminate, order).await
+    let first = remote.addr;
+    send_order_any(&[first], remote, terminate, order).await
 }
 
-async fn send(remote: Remote, terminate: bool, order: Vec<u8>) -> Result<String, OrderError> {
+/// With several brokers to try, how long a handshake may take before the next is tried.
+pub const HANDSHAKE_PER_TRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`send_order`] to the first of `addrs` (replicas on one database) that can be reached
+/// (`remote.addr` is not used): one that cannot be connected to is passed over. Once the order
+/// is sent, its answer — or its loss — is final: it may have been applied, so it is not sent
+/// again elsewhere (asking twice would turn a success into `vm_exists`).
+pub async fn send_order_any(
+    addrs: &[SocketAddr],
+    remote: Remote,
+    terminate: bool,
+    order: Vec<u8>,
+) -> Result<String, OrderError> {
+    use OrderError::Transport as T;
+    let config = client_config(remote.ca, remote.client_chain, remote.client_key)?;
+    let mut unreachable = Vec::new();
+    for addr in addrs {
+        let local: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let ep = quinn::Endpoint::client(local).map_err(|e| T(e.to_string()))?;
+        let connecting = ep
+            .connect_with(config.clone(), *addr, &remote.server_name)
+            .map_err(|e| T(e.to_string()))?;
+        let conn = if addrs.len() > 1 {
+            match tokio::time::timeout(HANDSHAKE_PER_TRY, connecting).await {
+                Ok(c) => c.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no handshake within {HANDSHAKE_PER_TRY:?}")),
+            }
+        } else {
+            connecting.await.map_err(|e| e.to_string())
+        };
+        match conn {
+            Ok(conn) => return exchange(&conn, terminate, order).await,
+            Err(e) => unreachable.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(T(format!(
+        "cannot reach the broker at {}",
+        unreachable.join("; ")
+    )))
+}
+
+/// TLS 1.3 with the pinned CA and our client certificate, ALPN, no early data.
+fn client_config(
+    ca: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<quinn::ClientConfig, OrderError> {
     use OrderError::Transport as T;
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(remote.ca).map_err(|e| T(e.to_string()))?;
+    roots.add(ca).map_err(|e| T(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| T(e.to_string()))?
         .with_root_certificates(roots)
-        .with_client_auth_cert(remote.client_chain, remote.client_key)
+        .with_client_auth_cert(chain, key)
         .map_err(|e| T(format!("client certificate: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| T(e.to_string()))?;
-    let local: SocketAddr = if remote.addr.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let mut ep = quinn::Endpoint::client(local).map_err(|e| T(e.to_string()))?;
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = ep
-        .connect(remote.addr, &remote.server_name)
-        .map_err(|e| T(e.to_string()))?
-        .await
-        .map_err(|e| T(format!("cannot reach the broker at {}: {e}", remote.addr)))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// The order on one stream, and the broker's answer.
+async fn exchange(
+    conn: &quinn::Connection,
+    terminate: bool,
+    order: Vec<u8>,
+) -> Result<String, OrderError> {
+    use OrderError::Transport as T;
     // A refused connection (the mesh firewall, a revoked certificate) says why in its close.
     let lost = |e: String| {
         T(match conn.close_reason() {

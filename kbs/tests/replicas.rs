@@ -326,7 +326,10 @@ fn standby_promoted_mid_storm() {
 
     r.db[0].crash();
     let at_crash = received.lock().unwrap().len();
-    assert!(at_crash >= VMS, "too few releases before the crash: {at_crash}");
+    assert!(
+        at_crash >= VMS,
+        "too few releases before the crash: {at_crash}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     r.db[1].promote();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -349,4 +352,64 @@ fn standby_promoted_mid_storm() {
     }
     // Read back from the promoted standby alone (the old primary is gone).
     r.check(&rt, &received);
+}
+
+/// Hosts and operator tools pass over a replica that is down: `vm register --kbs DOWN,UP`
+/// reaches the one that is up; with none up, the error names each.
+#[test]
+fn operator_tools_pass_over_a_replica_that_is_down() {
+    let Some(mut r) = Replicas::start("replicas-tools", 2, |t| t) else {
+        return;
+    };
+    let d = r.fleet.d.clone();
+    let certs = r.fleet.dir.path().join("certs");
+    common::ok(
+        common::kbs()
+            .args(["cert", "issue", "--ca-key"])
+            .arg(d.join("tls-ca.key"))
+            .args(["--name", "miner-1", "--role", "host", "--out-dir"])
+            .arg(&certs)
+            .output()
+            .unwrap(),
+        "cert issue",
+    );
+    let order = r.fleet.dir.path().join("order-extra");
+    common::ok(
+        common::kbs()
+            .args(["order", "register", "--key"])
+            .arg(d.join("operator.key"))
+            .args(["--vm-id", "vm-extra", "--tenant", "t"])
+            .args(["--measurement", &hex::encode(common::fleet::IMAGE)])
+            .args([
+                "--chip-id",
+                &hex::encode(r.fleet.chip.config.chip_id),
+                "--out",
+            ])
+            .arg(&order)
+            .output()
+            .unwrap(),
+        "order register",
+    );
+    let register = |list: &str| {
+        common::kbs()
+            .args(["vm", "register"])
+            .arg(&order)
+            .args(["--kbs", list, "--ca"])
+            .arg(d.join("tls-ca.crt"))
+            .arg("--cert")
+            .arg(certs.join("miner-1.crt"))
+            .arg("--key")
+            .arg(certs.join("miner-1.key"))
+            .output()
+            .unwrap()
+    };
+    r.kill(0);
+    let (down, up) = (r.brokers[0].addr.to_string(), r.brokers[1].addr.to_string());
+    let out = common::ok(register(&format!("{down},{up}")), "register via the list");
+    assert_eq!(out.trim(), "registered vm-extra");
+    r.kill(1);
+    let out = register(&format!("{down},{up}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&down) && err.contains(&up), "{err}");
 }
