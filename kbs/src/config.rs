@@ -237,3 +237,25 @@ fn hex32(s: &str, what: &str) -> Result<[u8; 32], String> {
         .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
         .ok_or_else(|| format!("{what}: expected 64 hex digits (an Ed25519 public key), got {s:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented replica file loads, its database URL kept as written (not made a path).
+    #[test]
+    fn the_replica_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kbs-replica.toml");
+        let c = Config::load(&path).unwrap();
+        let url = c.database.to_str().unwrap();
+        assert!(
+            url.starts_with("postgres://kbs@db1.example,db2.example/kbs?"),
+            "{url}"
+        );
+        assert!(url.contains("target_session_attrs=read-write"), "{url}");
+        assert_eq!(
+            crate::store::redacted(url),
+            "postgres://kbs@db1.example/kbs?sslmode=verify-full | postgres://kbs@db2.example/kbs?sslmode=verify-full"
+        );
+    }
+}
