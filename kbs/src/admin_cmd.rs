@@ -42,10 +42,14 @@ pub struct Target {
 
 #[derive(Subcommand)]
 pub enum VmCmd {
-    /// Register a VM from an operator-signed order (generates and wraps its volume key).
+    /// Register a VM from an operator-signed order (generates and wraps its volume key); or
+    /// many: several files, or folders of them (registered concurrently with `--config`, a
+    /// failure reported and the rest still registered).
     Register {
-        /// The signed order document (`attesta-kbs order register` writes one).
-        order: PathBuf,
+        /// The signed order documents (`attesta-kbs order register` writes one), or folders
+        /// holding only such documents.
+        #[arg(required = true, num_args = 1..)]
+        orders: Vec<PathBuf>,
         #[command(flatten)]
         target: Target,
     },
@@ -85,50 +89,163 @@ pub enum KekCmd {
 }
 
 pub fn vm_cmd(c: &VmCmd) -> ExitCode {
-    let (order, target, terminate, verb) = match c {
-        VmCmd::Register { order, target } => (order, target, false, "register"),
-        VmCmd::Terminate { order, target } => (order, target, true, "terminate"),
+    let (orders, target, terminate, verb) = match c {
+        VmCmd::Register { orders, target } => (orders.clone(), target, false, "register"),
+        VmCmd::Terminate { order, target } => (vec![order.clone()], target, true, "terminate"),
     };
-    let r = (|| -> Result<String, String> {
-        let doc = std::fs::read(order).map_err(|e| format!("{}: {e}", order.display()))?;
-        let rt = runtime()?;
-        let _g = rt.enter();
-        if let Some(list) = &target.kbs {
-            let (addrs, remote) = remote(target, list)?;
-            return rt
-                .block_on(kbs::client::send_order_any(&addrs, remote, terminate, doc))
-                .map_err(|e| e.to_string());
-        }
-        let config = target
-            .config
-            .as_ref()
-            .ok_or("--config or --kbs is required")?;
-        let c = Config::load(config)?;
-        let (kbs, ..) = build(&c)?;
-        if terminate {
-            return rt
-                .block_on(kbs.terminate(&doc, now()))
-                .map_err(|e| e.to_string());
-        }
-        if load_allowlist(&rt, &kbs, &c)?.is_none() {
-            return Err(
-                "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`"
-                    .into(),
-            );
-        }
-        rt.block_on(kbs.register(&doc, now()))
-            .map_err(|e| e.to_string())
-    })();
-    match r {
-        Ok(vm) => {
-            println!("{verb}ed {vm}");
-            ExitCode::SUCCESS
-        }
+    let files = match order_files(&orders) {
+        Ok(f) => f,
         Err(e) => {
             eprintln!("attesta-kbs vm {verb}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let [one] = files.as_slice() {
+        return match send_one(one, target, terminate) {
+            Ok(vm) => {
+                println!("{verb}ed {vm}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("attesta-kbs vm {verb}: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    match register_many(&files, target) {
+        Ok((done, failed)) => {
+            println!("registered {done} VMs ({failed} failed)");
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("attesta-kbs vm register: {e}");
             ExitCode::from(1)
         }
     }
+}
+
+/// The order files named: files as given, folders expanded to their files (sorted).
+fn order_files(given: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    for p in given {
+        if p.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            inside.sort();
+            files.extend(inside);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// One order, to this machine's store or to a running broker; the VM's id.
+fn send_one(order: &Path, target: &Target, terminate: bool) -> Result<String, String> {
+    let doc = std::fs::read(order).map_err(|e| format!("{}: {e}", order.display()))?;
+    let rt = runtime()?;
+    let _g = rt.enter();
+    if let Some(list) = &target.kbs {
+        let (addrs, remote) = remote(target, list)?;
+        return rt
+            .block_on(kbs::client::send_order_any(&addrs, remote, terminate, doc))
+            .map_err(|e| e.to_string());
+    }
+    let config = target
+        .config
+        .as_ref()
+        .ok_or("--config or --kbs is required")?;
+    let c = Config::load(config)?;
+    let (kbs, ..) = build(&c)?;
+    if terminate {
+        return rt
+            .block_on(kbs.terminate(&doc, now()))
+            .map_err(|e| e.to_string());
+    }
+    if load_allowlist(&rt, &kbs, &c)?.is_none() {
+        return Err(
+            "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`".into(),
+        );
+    }
+    rt.block_on(kbs.register(&doc, now()))
+        .map_err(|e| e.to_string())
+}
+
+/// Registrations in flight at once in a bulk registration: enough to fill the store's group
+/// commits.
+const BULK_IN_FLIGHT: usize = 256;
+
+/// Registers every order in `files`: concurrently into this machine's store, or one after the
+/// other to a running broker. Each failure is reported with its file; (registered, failed).
+fn register_many(files: &[PathBuf], target: &Target) -> Result<(usize, usize), String> {
+    let rt = runtime()?;
+    let _g = rt.enter();
+    let total = files.len();
+    let report_every = (total / 20).max(1000);
+    let (mut done, mut failed) = (0usize, 0usize);
+    let note = |file: &Path, r: Result<String, String>, done: &mut usize, failed: &mut usize| {
+        match r {
+            Ok(_) => *done += 1,
+            Err(e) => {
+                *failed += 1;
+                eprintln!("attesta-kbs vm register: {}: {e}", file.display());
+            }
+        }
+        let n = *done + *failed;
+        if n % report_every == 0 && n < total {
+            eprintln!("attesta-kbs vm register: {n}/{total}");
+        }
+    };
+    if let Some(list) = &target.kbs {
+        let (addrs, _) = remote(target, list)?;
+        for f in files {
+            let r = std::fs::read(f).map_err(|e| e.to_string()).and_then(|doc| {
+                let (_, remote) = remote(target, list)?;
+                rt.block_on(kbs::client::send_order_any(&addrs, remote, false, doc))
+                    .map_err(|e| e.to_string())
+            });
+            note(f, r, &mut done, &mut failed);
+        }
+        return Ok((done, failed));
+    }
+    let config = target
+        .config
+        .as_ref()
+        .ok_or("--config or --kbs is required")?;
+    let c = Config::load(config)?;
+    let (kbs, ..) = build(&c)?;
+    if load_allowlist(&rt, &kbs, &c)?.is_none() {
+        return Err(
+            "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`".into(),
+        );
+    }
+    let kbs = std::sync::Arc::new(kbs);
+    for wave in files.chunks(BULK_IN_FLIGHT) {
+        let mut set = tokio::task::JoinSet::new();
+        for (n, f) in wave.iter().enumerate() {
+            let (kbs, f) = (kbs.clone(), f.clone());
+            set.spawn(async move {
+                let r = match tokio::fs::read(&f).await {
+                    Ok(doc) => kbs.register(&doc, now()).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (n, r)
+            });
+        }
+        let mut results: Vec<(usize, Result<String, String>)> = rt.block_on(set.join_all());
+        results.sort_by_key(|(n, _)| *n);
+        for (n, r) in results {
+            note(&wave[n], r, &mut done, &mut failed);
+        }
+    }
+    Ok((done, failed))
 }
 
 /// The brokers `--kbs` lists, and how to reach them.

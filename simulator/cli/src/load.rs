@@ -46,7 +46,7 @@ pub struct LoadReport {
     pub argon2id_unlock_ms: Option<f64>,
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -116,7 +116,7 @@ fn broker_cpu_ns() -> u64 {
 }
 
 /// Pins the calling thread to `cpus` (nothing if empty). Threads it creates inherit the mask.
-fn pin(cpus: &[usize]) {
+pub(crate) fn pin(cpus: &[usize]) {
     use nix::sched::{CpuSet, sched_setaffinity};
     if cpus.is_empty() {
         return;
@@ -129,7 +129,7 @@ fn pin(cpus: &[usize]) {
 }
 
 /// A multi-threaded runtime whose threads (workers and blocking) run on `cpus`.
-fn runtime(name: &str, cpus: &[usize]) -> Result<tokio::runtime::Runtime, String> {
+pub(crate) fn runtime(name: &str, cpus: &[usize]) -> Result<tokio::runtime::Runtime, String> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if !cpus.is_empty() {
         let cpus = cpus.to_vec();
