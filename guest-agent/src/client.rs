@@ -109,15 +109,14 @@ pub async fn exchange(conn: &quinn::Connection, req: &Request) -> Result<Respons
         .await
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let _ = send.finish();
+    // A connection lost before the answer (the broker died, or went silent) is like one never
+    // made: nothing was released on it that the guest could use, and a new exchange is safe.
+    let lost = |e: quinn::ReadExactError| ClientError::Connect(format!("connection lost: {e}"));
     let mut header = [0u8; 4];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    recv.read_exact(&mut header).await.map_err(lost)?;
     let len = frame_len(header, MAX_RESPONSE).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    recv.read_exact(&mut body).await.map_err(lost)?;
     let mut framed = header.to_vec();
     framed.extend_from_slice(&body);
     Response::decode_frame(&framed).map_err(|e| ClientError::Protocol(e.to_string()))
@@ -249,7 +248,12 @@ async fn fetch_on_with(
         return Err(ClientError::Protocol(code.clone()));
     }
     match verify_decision(&broker.response_key, &resp).map_err(|_| ClientError::Signature)? {
-        Decision::Denial(d) => Err(ClientError::Denied(d.reasons)),
+        Decision::Denial(d) if d.vm_id == vm_id && d.nonce == nonce => {
+            Err(ClientError::Denied(d.reasons))
+        }
+        Decision::Denial(_) => Err(ClientError::Protocol(
+            "the denial is for another request".into(),
+        )),
         Decision::Release(body) => {
             if body.vm_id != vm_id || body.nonce != nonce || body.measurement != measurement {
                 return Err(ClientError::Protocol(

@@ -74,34 +74,11 @@ pub struct BrokerConfig {
     pub timeout_secs: u64,
 }
 
-/// Brokers a guest tries in turn, at most: each try of an unreachable one costs a connect
-/// timeout, and all must fit in `timeout_secs`.
-pub const MAX_BROKERS: usize = 8;
-
 impl BrokerConfig {
     /// The brokers to try, in order: `address` or `addresses` (exactly one of them), 1 to
-    /// [`MAX_BROKERS`] of them, none twice.
+    /// [`proto::brokers::MAX_BROKERS`] of them, none twice.
     pub fn addresses(&self) -> Result<Vec<SocketAddr>, String> {
-        let list = match (self.address, self.addresses.as_slice()) {
-            (Some(a), []) => vec![a],
-            (None, []) => return Err("broker: give `address` or `addresses`".into()),
-            (None, l) => l.to_vec(),
-            (Some(_), _) => {
-                return Err("broker: give `address` or `addresses`, not both".into());
-            }
-        };
-        if list.len() > MAX_BROKERS {
-            return Err(format!(
-                "broker.addresses: at most {MAX_BROKERS} brokers, {} given",
-                list.len()
-            ));
-        }
-        for (n, a) in list.iter().enumerate() {
-            if list[..n].contains(a) {
-                return Err(format!("broker.addresses: {a} is listed twice"));
-            }
-        }
-        Ok(list)
+        proto::brokers::broker_list("broker", self.address.as_ref(), &self.addresses)
     }
 }
 

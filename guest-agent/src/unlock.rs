@@ -6,6 +6,7 @@ use crate::client::{Broker, ClientError, Released, fetch, fetch_within};
 use crate::config::{DeviceConfig, GuestConfig};
 use crate::header::HeaderError;
 use crate::luks::{self, DiskLabel, DiskState, LuksError, VolumeKey};
+use proto::brokers::{EXCHANGE_PER_TRY, HANDSHAKE_PER_TRY};
 use snp::device::GuestDevice;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -182,8 +183,9 @@ use snp::certs::pem_encode as pem;
 ///
 /// With several brokers (replicas on one database) each try goes to the next one, starting
 /// where the VM's id points so that a fleet spreads over them; a handshake to one that does
-/// not answer is given up after [`HANDSHAKE_PER_TRY`]. Each try is a whole new exchange (its
-/// own connection and nonce): nothing from one broker is shown to another.
+/// not answer is given up after [`HANDSHAKE_PER_TRY`], an exchange after [`EXCHANGE_PER_TRY`],
+/// a connection lost before the answer at once. Each try is a whole new exchange (its own
+/// connection and nonce): nothing from one broker is shown to another.
 pub async fn fetch_with_retry(
     brokers: &[Broker],
     vm_id: &str,
@@ -219,7 +221,12 @@ pub async fn fetch_with_retry(
                     }
                 }
             };
-            match tokio::time::timeout(left, attempt).await {
+            // With others to try, a broker that took the handshake and then hangs is left too.
+            let this_try = match brokers.len() {
+                1 => left,
+                _ => left.min(EXCHANGE_PER_TRY),
+            };
+            match tokio::time::timeout(this_try, attempt).await {
                 Ok(Ok(r)) => return Ok(r),
                 Ok(Err(ClientError::Connect(why))) => {
                     tracing::warn!(broker = %broker.addr, %why, "the key broker is unreachable");
@@ -232,7 +239,9 @@ pub async fn fetch_with_retry(
                     tracing::warn!(broker = %broker.addr, "the key broker cannot reach its store");
                 }
                 Ok(Err(e)) => return Err(e.into()),
-                Err(_) => {}
+                Err(_) => {
+                    tracing::warn!(broker = %broker.addr, "the key broker did not answer in time");
+                }
             }
         }
         if start.elapsed() + pause >= timeout {
@@ -242,9 +251,6 @@ pub async fn fetch_with_retry(
         pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
-
-/// With several brokers, how long a handshake may take before the next broker is tried.
-pub const HANDSHAKE_PER_TRY: Duration = Duration::from_secs(10);
 
 /// A denial that says only that the decision could not be stored: worth asking again.
 fn is_storage_unavailable(reasons: &[String]) -> bool {

@@ -181,24 +181,10 @@ pub struct KbsConfig {
 }
 
 impl KbsConfig {
-    /// The brokers to try, in order: `address` or `addresses` (exactly one of them), up to 8,
-    /// none twice.
+    /// The brokers to try, in order: `address` or `addresses` (exactly one of them), up to
+    /// [`proto::brokers::MAX_BROKERS`], none twice.
     pub fn addresses(&self) -> Result<Vec<String>, String> {
-        let list = match (&self.address, self.addresses.as_slice()) {
-            (Some(a), []) => vec![a.clone()],
-            (None, []) => return Err("kbs: give `address` or `addresses`".into()),
-            (None, l) => l.to_vec(),
-            (Some(_), _) => return Err("kbs: give `address` or `addresses`, not both".into()),
-        };
-        if list.len() > 8 {
-            return Err(format!("kbs.addresses: at most 8, {} given", list.len()));
-        }
-        for (n, a) in list.iter().enumerate() {
-            if list[..n].contains(a) {
-                return Err(format!("kbs.addresses: {a} is listed twice"));
-            }
-        }
-        Ok(list)
+        proto::brokers::broker_list("kbs", self.address.as_ref(), &self.addresses)
     }
 }
 

@@ -676,6 +676,9 @@ impl Daemon {
         let Some(&first) = addrs.first() else {
             return Err(format!("kbs.address: {}", unresolved.join("; ")));
         };
+        for why in &unresolved {
+            tracing::warn!(%why, "a listed broker does not resolve; trying the others");
+        }
         let remote = kbs::client::Remote::from_pem_files(
             first,
             k.server_name.clone(),

@@ -93,7 +93,19 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
         VmCmd::Register { orders, target } => (orders.clone(), target, false, "register"),
         VmCmd::Terminate { order, target } => (vec![order.clone()], target, true, "terminate"),
     };
+    // A terminate is one order, never a folder: one crypto-shred at a time, on purpose.
     let files = match order_files(&orders) {
+        Ok(f) if terminate && orders.iter().any(|p| p.is_dir()) => {
+            let _ = f;
+            Err(format!(
+                "{}: give one terminate order, not a folder",
+                orders[0].display()
+            ))
+        }
+        Ok(f) if f.is_empty() => Err("no orders: the folder is empty".to_string()),
+        other => other,
+    };
+    let files = match files {
         Ok(f) => f,
         Err(e) => {
             eprintln!("attesta-kbs vm {verb}: {e}");

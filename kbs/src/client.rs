@@ -1,6 +1,7 @@
 //! The broker's own client, for hosts and operators: connect with a client certificate (role
 //! host or operator) and send an order. Guests use `guest_agent::client` instead.
 
+use proto::brokers::HANDSHAKE_PER_TRY;
 use proto::msg::{ALPN, MAX_RESPONSE, Request, Response, VERSION, frame, frame_len};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
@@ -63,9 +64,6 @@ pub async fn send_order(
     let first = remote.addr;
     send_order_any(&[first], remote, terminate, order).await
 }
-
-/// With several brokers to try, how long a handshake may take before the next is tried.
-pub const HANDSHAKE_PER_TRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// [`send_order`] to the first of `addrs` (replicas on one database) that can be reached
 /// (`remote.addr` is not used): one that cannot be connected to is passed over. Once the order

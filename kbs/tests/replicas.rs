@@ -110,17 +110,15 @@ impl Replicas {
     }
 
     /// Guests booting again and again, each trying the replicas in turn.
-    fn storm(
-        &self,
-        rt: &tokio::runtime::Runtime,
-        received: &Received,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..VMS)
+    fn storm(&self, rt: &tokio::runtime::Runtime, received: &Received) -> Storm {
+        let failed: Arc<Mutex<Vec<String>>> = Arc::default();
+        let tasks = (0..VMS)
             .map(|i| {
-                let (chip, brokers, received) = (
+                let (chip, brokers, received, failed) = (
                     self.fleet.chip.clone(),
                     self.brokers.clone(),
                     received.clone(),
+                    failed.clone(),
                 );
                 rt.spawn(async move {
                     let vm = format!("vm-{i}");
@@ -139,13 +137,14 @@ impl Replicas {
                                 r.boot_counter,
                                 r.volume_key.to_vec(),
                             )),
-                            Err(e) => panic!("{vm}: {e}"),
+                            Err(e) => failed.lock().unwrap().push(format!("{vm}: {e}")),
                         }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 })
             })
-            .collect()
+            .collect();
+        Storm { tasks, failed }
     }
 
     /// After the storm: every VM gets its key from every replica — the key it always had — and
@@ -176,6 +175,24 @@ impl Replicas {
         let answered: Vec<(String, u64)> = got.iter().map(|(v, b, _)| (v.clone(), *b)).collect();
         let logged = self.fleet.check_audit(&answered);
         eprintln!("{} releases answered; {logged} in the one log", got.len());
+    }
+}
+
+/// The guests of a storm, and the boots that failed (a guest that got its key from no replica
+/// within its timeout).
+struct Storm {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    failed: Arc<Mutex<Vec<String>>>,
+}
+
+impl Storm {
+    /// Ends the storm; every boot in it got its key.
+    fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let failed = self.failed.lock().unwrap();
+        assert!(failed.is_empty(), "boots failed: {failed:?}");
     }
 }
 
@@ -210,9 +227,7 @@ fn kills(n: usize, rounds: usize) {
         eprintln!("round {round}: replica {victim} killed after {at} ms; {before} releases so far");
     }
     std::thread::sleep(Duration::from_millis(500));
-    for t in storm {
-        t.abort();
-    }
+    storm.stop();
     r.all_alive();
     // The replicas served at once: each released keys in this storm.
     for (i, log) in r.logs.iter().enumerate() {
@@ -290,9 +305,7 @@ fn postgres_restarted_mid_storm() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    for t in storm {
-        t.abort();
-    }
+    storm.stop();
     r.all_alive();
     for (i, log) in r.logs.iter().enumerate() {
         assert!(
@@ -340,9 +353,7 @@ fn standby_promoted_mid_storm() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    for t in storm {
-        t.abort();
-    }
+    storm.stop();
     r.all_alive();
     for (i, log) in r.logs.iter().enumerate() {
         assert!(
@@ -412,4 +423,162 @@ fn operator_tools_pass_over_a_replica_that_is_down() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains(&down) && err.contains(&up), "{err}");
+}
+
+/// `attesta-sim load --store postgres://… --replicas 2`: a storm against two real broker
+/// processes on one database, every boot released, the JSON saying what ran.
+#[test]
+fn load_against_two_replicas_on_postgres() {
+    let Some(db) = Cluster::start() else {
+        return;
+    };
+    let sim = common::sibling("attesta-sim");
+    assert!(
+        sim.exists(),
+        "{} is missing: cargo build -p attesta-sim",
+        sim.display()
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&sim)
+        .args([
+            "load",
+            "--vms",
+            "60",
+            "--registered",
+            "150",
+            "--chips",
+            "3",
+            "--json",
+        ])
+        .args(["--store", &db.url("postgres"), "--replicas", "2"])
+        .arg("--kbs-bin")
+        .arg(common::sibling("attesta-kbs"))
+        .env("ATTESTA_SIM_STATE", state.path())
+        .output()
+        .unwrap();
+    let text = common::ok(out, "attesta-sim load");
+    let j: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(j["store"], "postgres", "{j}");
+    assert_eq!(j["replicas"], 2, "{j}");
+    assert_eq!(j["broker"], "processes", "{j}");
+    assert_eq!(
+        (j["released"].as_u64(), j["failed"].as_u64()),
+        (Some(60), Some(0)),
+        "{j}"
+    );
+    assert_eq!(j["registered"], 150, "{j}");
+    let rss = j["broker_peak_rss_mib"].as_array().unwrap();
+    assert_eq!(rss.len(), 2, "{j}");
+    assert!(rss.iter().all(|m| m.as_f64().unwrap() > 1.0), "{j}");
+    assert!(
+        j["broker_cpu_us"]["per_release"].as_f64().unwrap() > 0.0,
+        "{j}"
+    );
+    // Both replicas wrote to the one database: every storm boot and warm-up is in its log.
+    let releases = db.psql("SELECT count(*) FROM audit WHERE entry LIKE '%\"release\"%'");
+    assert_eq!(
+        releases.trim(),
+        "62",
+        "60 storm boots and one warm-up per replica"
+    );
+}
+
+/// `vm register FOLDER`: every order in it registered concurrently; a bad one is reported by
+/// name and the others still registered; registering them again refuses each.
+#[test]
+fn bulk_registration_reports_each_failure() {
+    let fleet = Fleet::new("bulk", "127.0.0.1:1", 0, |t| t);
+    let orders = fleet.dir.path().join("orders");
+    std::fs::create_dir_all(&orders).unwrap();
+    for i in 0..5 {
+        common::ok(
+            common::kbs()
+                .args(["order", "register", "--key"])
+                .arg(fleet.d.join("operator.key"))
+                .args(["--vm-id", &format!("bulk-{i}"), "--tenant", "t"])
+                .args(["--measurement", &hex::encode(common::fleet::IMAGE)])
+                .args([
+                    "--chip-id",
+                    &hex::encode(fleet.chip.config.chip_id),
+                    "--out",
+                ])
+                .arg(orders.join(format!("o{i}")))
+                .output()
+                .unwrap(),
+            "order register",
+        );
+    }
+    std::fs::write(orders.join("o9-garbage"), b"not an order").unwrap();
+    let register = || {
+        common::kbs()
+            .args(["vm", "register"])
+            .arg(&orders)
+            .arg("--config")
+            .arg(&fleet.cfg)
+            .output()
+            .unwrap()
+    };
+    let out = register();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "registered 5 VMs (1 failed)"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("o9-garbage") && err.lines().count() == 1,
+        "{err}"
+    );
+    let again = register();
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        "registered 0 VMs (6 failed)"
+    );
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(err.matches("already exists").count(), 5, "{err}");
+}
+
+/// Two servers that both take writes (a split brain: a failed primary back beside the promoted
+/// one) are refused: the broker serves from neither. Several hosts without
+/// `target_session_attrs=read-write` are refused too.
+#[test]
+fn two_writable_servers_are_refused() {
+    let (Some(a), Some(b)) = (Cluster::start(), Cluster::start()) else {
+        return;
+    };
+    let both = format!(
+        "{},{}",
+        a.url("postgres"),
+        b.url("postgres").split("?host=").nth(1).unwrap()
+    );
+    for (url, why) in [
+        (
+            format!("{both}&target_session_attrs=read-write"),
+            "split brain",
+        ),
+        (both.clone(), "need target_session_attrs=read-write"),
+    ] {
+        let fleet = Fleet::new("split", "127.0.0.1:1", 0, |t| {
+            t.replace("database = \"kbs.db\"", &format!("database = {url:?}"))
+        });
+        let mut serve = common::kbs()
+            .args(["serve", "--config"])
+            .arg(&fleet.cfg)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while serve.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                serve.kill().unwrap();
+                panic!("serve started on {url}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = serve.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{url}: {err}");
+    }
 }

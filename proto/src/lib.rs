@@ -11,6 +11,7 @@
 //!   domain separator, so a guest accepts only what its pinned broker said.
 #![forbid(unsafe_code)]
 
+pub mod brokers;
 mod hpke;
 pub mod msg;
 pub mod order;

@@ -29,6 +29,8 @@ pub fn redacted(database: &str) -> String {
     let Ok(mut u) = url::Url::parse(database) else {
         return "<a postgres:// URL that does not parse>".into();
     };
+    // Whatever follows a `#` may be a password the URL parser did not see as one.
+    u.set_fragment(None);
     if u.password().is_some() {
         let _ = u.set_password(Some("***"));
     }
@@ -53,24 +55,21 @@ pub fn redacted(database: &str) -> String {
 /// loopback or a Unix socket needs `sslmode=verify-full` (TLS, the server's certificate and name
 /// checked). The broker relies on the database's answers for "released at most once".
 pub(super) fn check_postgres_url(database: &str) -> Result<(), StoreError> {
-    let u = url::Url::parse(database)
-        .map_err(|e| StoreError::Db(format!("the database URL does not parse: {e}")))?;
-    let param = |name: &str| {
-        u.query_pairs()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    };
-    let local = match (param("host"), u.host()) {
-        (Some(h), _) => h.starts_with('/'),
-        (None, None) => true,
-        // A postgres:// URL's host is opaque to the URL parser: an IPv4 address arrives as text.
-        (None, Some(url::Host::Domain(d))) => {
-            d == "localhost" || d.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
-        }
-        (None, Some(url::Host::Ipv4(a))) => a.is_loopback(),
-        (None, Some(url::Host::Ipv6(a))) => a.is_loopback(),
-    };
-    if local || param("sslmode").as_deref() == Some("verify-full") {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    // Judged on what sqlx will connect with (its reading of the URL, repeated and alias
+    // parameters, `hostaddr`, and the PG* environment), not on a reading of our own.
+    let o: PgConnectOptions = database
+        .parse()
+        .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
+    let host = o.get_host();
+    let local = o.get_socket().is_some()
+        || host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if local || matches!(o.get_ssl_mode(), PgSslMode::VerifyFull) {
         return Ok(());
     }
     Err(StoreError::Db(
@@ -99,6 +98,10 @@ pub(super) fn targets(database: &str) -> Result<Targets, StoreError> {
     let (scheme, rest) = database
         .split_once("://")
         .ok_or_else(|| bad("expected postgres://…"))?;
+    // A `#` would start a fragment, hiding what follows from the URL's other readers.
+    if rest.contains('#') {
+        return Err(bad("percent-encode `#` (as %23)"));
+    }
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     // A password with `/`, `?` or `@` unencoded would land here: refuse rather than misread it.
@@ -115,6 +118,12 @@ pub(super) fn targets(database: &str) -> Result<Targets, StoreError> {
     let mut params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();
+    // One reading only: a parameter given twice is refused rather than guessed at.
+    for (n, (k, _)) in params.iter().enumerate() {
+        if params[..n].iter().any(|(seen, _)| seen == k) {
+            return Err(bad(&format!("the parameter {k} is given twice")));
+        }
+    }
     let attrs = take(&mut params, "target_session_attrs");
     let read_write = match attrs.as_deref() {
         None | Some("any") => false,
@@ -248,6 +257,7 @@ mod tests {
                 "<a postgres:// URL that does not parse>",
             ),
             ("/var/lib/attesta/kbs.db", "/var/lib/attesta/kbs.db"),
+            ("postgres://kbs@db/kbs#s3cret", "postgres://kbs@db/kbs"),
         ] {
             let shown = redacted(url);
             assert_eq!(shown, want);
@@ -272,6 +282,11 @@ mod tests {
             "postgres://kbs@db.example/kbs?sslmode=require",
             "postgres://kbs@10.0.0.5/kbs?sslmode=prefer",
             "postgres://kbs@127.0.0.1/kbs?host=db.example",
+            // What sqlx reads, not what a first glance sees: the last of a repeated parameter,
+            // hostaddr, the ssl-mode alias.
+            "postgres://kbs@localhost/kbs?hostaddr=203.0.113.5",
+            "postgres://kbs@db.example/kbs?sslmode=verify-full&sslmode=disable",
+            "postgres://kbs@db.example/kbs?sslmode=verify-full&ssl-mode=disable",
         ] {
             assert!(check_postgres_url(bad).is_err(), "{bad}");
         }
@@ -321,6 +336,8 @@ mod tests {
                 "read-write",
             ),
             ("postgres://kbs:x/y@a,b/kbs", "percent-encode"),
+            ("postgres://kbs:p#w@a,b/kbs", "%23"),
+            ("postgres://a,b/kbs?host=c&host=d", "given twice"),
         ] {
             let e = targets(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

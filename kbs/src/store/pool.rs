@@ -2,15 +2,17 @@
 //! and — for a URL that lists several PostgreSQL hosts — following the one that takes writes
 //! (libpq's `target_session_attrs=read-write`, which sqlx lacks).
 //!
-//! **Failover.** The hosts are tried in the order listed; the first that answers (and, with
-//! `read-write`, is not a standby) is used. A watcher checks it twice a second; once it stops
-//! answering or turns read-only, the list is searched again and the pool replaced. Meanwhile
-//! reads and writes fail, so the broker denies with `storage_unavailable` and commits nothing.
+//! **Failover.** Several hosts need `target_session_attrs=read-write` (or `primary`): the one
+//! host that takes writes is used. A watcher checks it twice a second on a connection of its
+//! own; once it stops answering or turns read-only, every listed host is asked again and the
+//! pool replaced. Meanwhile reads and writes fail, so the broker denies with
+//! `storage_unavailable` and commits nothing. Two hosts taking writes at once (a split brain)
+//! are refused: the broker then serves from neither, rather than from one of two histories.
 //! What makes a promoted standby hold every release a guest was answered is the database's
 //! synchronous replication (`synchronous_standby_names`, with `synchronous_commit = on`, which
 //! every connection sets): the broker answers only after the commit returns. A demoted primary
-//! must never come back writable in the list (rewind it into a standby first): the watcher takes
-//! the first writable host it finds.
+//! must never come back writable in the list (rewind it into a standby first); if it does while
+//! the promoted one also takes writes, the broker stops writing until one of them is gone.
 
 use super::StoreError;
 use super::database::{Targets, check_postgres_url, redacted, targets};
@@ -49,14 +51,20 @@ impl Pools {
                 for u in &t.urls {
                     check_postgres_url(u)?;
                 }
+                if t.urls.len() > 1 && !t.read_write {
+                    return Err(StoreError::Db(
+                        "several database hosts need target_session_attrs=read-write: the broker writes on every decision, and a standby cannot take it".into(),
+                    ));
+                }
                 t
             }
         };
-        let (serving, pool) = match targets.urls.as_slice() {
-            // One host: the pool reconnects on its own; nothing to choose between.
-            [one] if !targets.read_write => (0, connect(one, backend).await?),
-            _ => find(&targets, backend).await?,
+        // One host: the pool reconnects on its own; nothing to choose between.
+        let serving = match targets.urls.as_slice() {
+            [_] if !targets.read_write => 0,
+            _ => find(&targets).await?,
         };
+        let pool = connect(&targets.urls[serving], backend).await?;
         let pools = Arc::new(Pools {
             current: RwLock::new(pool),
             serving: AtomicUsize::new(serving),
@@ -78,64 +86,99 @@ impl Pools {
             .clone()
     }
 
-    /// Searches the host list again and switches to what it finds (one search at a time).
+    /// Asks every host again and switches to the writable one (one search at a time); stays
+    /// when that is the host in use (its pool reconnects on its own).
     async fn hunt(&self) {
         if self.hunting.swap(true, Ordering::AcqRel) {
             return;
         }
-        match find(&self.targets, self.backend).await {
-            Ok((n, pool)) => {
-                let old = std::mem::replace(
-                    &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
-                    pool,
-                );
-                let was = self.serving.swap(n, Ordering::AcqRel);
-                tracing::warn!(
-                    from = %redacted(&self.targets.urls[was]),
-                    to = %redacted(&self.targets.urls[n]),
-                    "database server switched"
-                );
-                tokio::spawn(async move { old.close().await });
-            }
+        let found = find(&self.targets).await;
+        let was = self.serving.load(Ordering::Acquire);
+        match found {
+            Ok(n) if n == was => {}
+            Ok(n) => match connect(&self.targets.urls[n], self.backend).await {
+                Ok(pool) => {
+                    let old = std::mem::replace(
+                        &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+                        pool,
+                    );
+                    self.serving.store(n, Ordering::Release);
+                    tracing::warn!(
+                        from = %redacted(&self.targets.urls[was]),
+                        to = %redacted(&self.targets.urls[n]),
+                        "database server switched"
+                    );
+                    // Connections still out (a commit waiting on a lost standby) are not
+                    // waited for forever.
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(CLOSE_WITHIN, old.close()).await;
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot open the writable database server"),
+            },
             Err(e) => tracing::warn!(error = %e, "no usable database server yet"),
         }
         self.hunting.store(false, Ordering::Release);
     }
 }
 
-/// Checks the server in use; searches again when it does not answer or no longer takes writes.
+/// How long a replaced pool's connections are waited for before they are dropped.
+const CLOSE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Checks the server in use, on a connection of the watcher's own (a busy pool must not look
+/// like a dead server); searches again when it does not answer or no longer takes writes.
 async fn watch(pools: Weak<Pools>) {
+    let mut probe: Option<(usize, AnyConnection)> = None;
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         let Some(p) = pools.upgrade() else {
             return;
         };
-        let pool = p.get();
-        let fine = tokio::time::timeout(PROBE_TIMEOUT, usable_pool(&pool, p.targets.read_write))
+        let serving = p.serving.load(Ordering::Acquire);
+        let check = async {
+            let mut conn = match probe.take() {
+                Some((n, c)) if n == serving => c,
+                _ => open_probe(&p.targets.urls[serving]).await?,
+            };
+            let ok = usable(&mut conn, p.targets.read_write).await?;
+            probe = Some((serving, conn));
+            Ok::<bool, StoreError>(ok)
+        };
+        let fine = tokio::time::timeout(PROBE_TIMEOUT, check)
             .await
             .is_ok_and(|r| r.is_ok_and(|ok| ok));
         if !fine {
+            probe = None;
             p.hunt().await;
         }
     }
 }
 
-/// The first host in the list that answers (and takes writes, when that is asked for), with a
-/// pool on it.
-async fn find(targets: &Targets, backend: Backend) -> Result<(usize, AnyPool), StoreError> {
+/// A connection for probing one host (no pool, no retries).
+async fn open_probe(url: &str) -> Result<AnyConnection, StoreError> {
+    let opts: AnyConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
+    Ok(AnyConnection::connect_with(&opts).await?)
+}
+
+/// The one listed host that answers and takes writes (when asked for). Every host is asked: two
+/// taking writes at once is a split brain, and neither is used.
+async fn find(targets: &Targets) -> Result<usize, StoreError> {
     let mut why = Vec::new();
+    let mut writable = Vec::new();
     for (n, url) in targets.urls.iter().enumerate() {
         let probe = async {
-            let opts: AnyConnectOptions = url
-                .parse()
-                .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
-            let mut conn = AnyConnection::connect_with(&opts).await?;
+            let mut conn = open_probe(url).await?;
             let ok = usable(&mut conn, targets.read_write).await;
+            if ok.as_ref().is_ok_and(|ok| *ok) && targets.urls.len() > 1 {
+                warn_if_asynchronous(&mut conn, url).await;
+            }
             let _ = conn.close().await;
             ok
         };
         match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
-            Ok(Ok(true)) => return Ok((n, connect(url, backend).await?)),
+            Ok(Ok(true)) => writable.push(n),
             Ok(Ok(false)) => why.push(format!("{}: read-only (a standby)", redacted(url))),
             Ok(Err(e)) => why.push(format!("{}: {e}", redacted(url))),
             Err(_) => why.push(format!(
@@ -143,11 +186,41 @@ async fn find(targets: &Targets, backend: Backend) -> Result<(usize, AnyPool), S
                 redacted(url)
             )),
         }
+        // A single host that will not do needs no further search; several are all asked.
+        if targets.urls.len() == 1 || (!targets.read_write && !writable.is_empty()) {
+            break;
+        }
     }
-    Err(StoreError::Db(format!(
-        "no usable database server: {}",
-        why.join("; ")
-    )))
+    match writable.as_slice() {
+        [n] => Ok(*n),
+        [] => Err(StoreError::Db(format!(
+            "no usable database server: {}",
+            why.join("; ")
+        ))),
+        several => Err(StoreError::Db(format!(
+            "refusing to write: {} database servers take writes at once (a split brain: {})",
+            several.len(),
+            several
+                .iter()
+                .map(|n| redacted(&targets.urls[*n]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// A primary without synchronous standbys can lose answered releases on failover: say so.
+async fn warn_if_asynchronous(conn: &mut AnyConnection, url: &str) {
+    let names: Result<String, sqlx::Error> = sqlx::query("SHOW synchronous_standby_names")
+        .fetch_one(&mut *conn)
+        .await
+        .map(|r| r.get(0));
+    if names.is_ok_and(|n| n.trim().is_empty()) {
+        tracing::warn!(
+            server = %redacted(url),
+            "the database has no synchronous standby: a failover can lose answered releases"
+        );
+    }
 }
 
 /// Whether the server behind `conn` will do: it answers and, if asked, takes writes.
@@ -161,10 +234,6 @@ async fn usable(conn: &mut AnyConnection, read_write: bool) -> Result<bool, Stor
         .await?
         .get(0);
     Ok(ro == "off")
-}
-
-async fn usable_pool(pool: &AnyPool, read_write: bool) -> Result<bool, StoreError> {
-    usable(&mut *pool.acquire().await?, read_write).await
 }
 
 /// A pool on one server, every connection set up as the broker needs it.

@@ -246,93 +246,6 @@ fn pki_for(product: Product, seed: &Seed, state: &Path) -> Result<Pki, String> {
     Pki::cached(product, seed, state, |m| eprintln!("attesta-sim: {m}"))
 }
 
-/// `load --store`: the storm against broker processes (see [`load_procs`]).
-fn run_load_procs(
-    a: &LoadArgs,
-    store: &str,
-    milan: Pki,
-    dir: &Path,
-    place: &load::Placement,
-) -> Result<bool, String> {
-    let postgres = kbs::store::is_database_url(store);
-    if !postgres && store != "sqlite" {
-        return Err(format!(
-            "--store {store:?}: give sqlite or a postgres:// URL"
-        ));
-    }
-    if a.replicas > 1 && !postgres {
-        return Err("--replicas above 1 needs --store postgres://… (replicas share one PostgreSQL database)".into());
-    }
-    let registered = a.registered.unwrap_or(a.vms);
-    if registered < a.vms {
-        return Err(format!(
-            "--registered {registered} is below --vms {}",
-            a.vms
-        ));
-    }
-    let o = load_procs::ProcOptions {
-        vms: a.vms,
-        registered,
-        chips: a.chips,
-        store: store.to_string(),
-        replicas: a.replicas,
-        max_sessions: a.max_sessions,
-        kbs_bin: a
-            .kbs_bin
-            .clone()
-            .unwrap_or_else(load_procs::default_kbs_bin),
-        broker_cpus: place.broker.clone(),
-        guest_cpus: place.guests.clone(),
-    };
-    let quiet = a.json;
-    let r = load_procs::run(dir, milan, &o, |m| {
-        if !quiet {
-            eprintln!("attesta-sim load: {m}");
-        }
-    })?;
-    let kind = if postgres { "postgres" } else { "sqlite" };
-    if a.json {
-        let j = serde_json::json!({
-            "vms": a.vms, "registered": registered, "chips": a.chips,
-            "store": kind, "replicas": a.replicas, "broker": "processes",
-            "released": r.released, "failed": r.failed,
-            "broker_cpus": place.broker, "guest_cpus": place.guests,
-            "max_sessions": a.max_sessions,
-            "storm_secs": r.storm_secs,
-            "releases_per_sec": r.releases_per_sec,
-            "boot_ms": {"p50": r.boot_ms.0, "p99": r.boot_ms.1},
-            "release_latency_ms": {"p50": r.release_ms.0, "p99": r.release_ms.1},
-            "broker_cpu_us": {"per_release": r.broker_us_per_release, "busy_in_storm": r.broker_busy},
-            "broker_peak_rss_mib": r.broker_peak_rss_mib,
-            "register_secs": r.register_secs,
-        });
-        println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
-    } else {
-        println!(
-            "attesta load: {} VMs booting at once against {} broker process(es) on {kind} ({registered} VMs registered in {:.1} s)",
-            a.vms, a.replicas, r.register_secs
-        );
-        println!(
-            "  released {} ({} failed) in {:.2} s: {:.0} releases/s",
-            r.released, r.failed, r.storm_secs, r.releases_per_sec
-        );
-        println!(
-            "  evidence round trip: p50 {:.1} ms, p99 {:.1} ms; whole boot: p50 {:.1} ms, p99 {:.1} ms",
-            r.release_ms.0, r.release_ms.1, r.boot_ms.0, r.boot_ms.1
-        );
-        println!(
-            "  broker CPU: {:.0} us per release (all replicas; {:.0}% busy in the storm); peak RSS per broker: {:?} MiB",
-            r.broker_us_per_release,
-            r.broker_busy * 100.0,
-            r.broker_peak_rss_mib
-                .iter()
-                .map(|m| m.round())
-                .collect::<Vec<_>>()
-        );
-    }
-    Ok(r.failed == 0)
-}
-
 fn run_load(a: &LoadArgs) -> Result<bool, String> {
     if a.vms == 0 {
         return Err("--vms must be at least 1".into());
@@ -356,7 +269,7 @@ fn run_load(a: &LoadArgs) -> Result<bool, String> {
         load::Placement::split(cpus)?
     };
     if let Some(store) = &a.store {
-        let r = run_load_procs(a, store, milan, &dir, &place);
+        let r = load_procs::command(a, store, milan, &dir, &place);
         let _ = std::fs::remove_dir_all(&dir);
         return r;
     }
