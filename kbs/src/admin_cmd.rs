@@ -211,7 +211,7 @@ fn register_many(files: &[PathBuf], target: &Target) -> Result<(usize, usize), S
             }
         }
         let n = *done + *failed;
-        if n % report_every == 0 && n < total {
+        if n.is_multiple_of(report_every) && n < total {
             eprintln!("attesta-kbs vm register: {n}/{total}");
         }
     };
