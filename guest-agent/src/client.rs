@@ -86,8 +86,9 @@ pub fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    // A broker that died mid-exchange (a replica killed) is given up after IDLE_TIMEOUT, not
-    // quinn's 30 s; keep-alives hold the connection while a live broker works on the evidence.
+    // Before the handshake completes only this side's idle timeout counts: a guest waiting at
+    // the door of a broker in a boot storm (it admits connections as slots free) waits this
+    // long. Keep-alives hold the connection while a live broker works on the evidence.
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok())
@@ -97,7 +98,11 @@ pub fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
 }
 
 /// How long a connection may go without a packet from the broker before it is given up.
-pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// With other brokers to try, how long each answer may take once connected: a broker that
+/// died or hangs mid-exchange is left for the next.
+pub const ANSWER_PER_TRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One request on its own bidirectional stream, and its answer (framed, size-limited).
 pub async fn exchange(conn: &quinn::Connection, req: &Request) -> Result<Response, ClientError> {
@@ -142,7 +147,8 @@ pub async fn fetch_within(
     handshake: std::time::Duration,
 ) -> Result<Released, ClientError> {
     let endpoint = local_endpoint(broker)?;
-    fetch_on_with(&endpoint, broker, vm_id, device, mesh_key, Some(handshake)).await
+    let limits = Some((handshake, ANSWER_PER_TRY));
+    fetch_on_with(&endpoint, broker, vm_id, device, mesh_key, limits).await
 }
 
 /// A client endpoint on any local address of the broker's family (the route decides).
@@ -190,29 +196,35 @@ async fn fetch_on_with(
     vm_id: &str,
     device: &impl GuestDevice,
     mesh_key: Option<&[u8; 32]>,
-    handshake: Option<std::time::Duration>,
+    limits: Option<(std::time::Duration, std::time::Duration)>,
 ) -> Result<Released, ClientError> {
     let connecting = endpoint
         .connect_with(client_config(broker)?, broker.addr, &broker.server_name)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
-    let conn = match handshake {
+    let conn = match limits {
         None => connecting.await,
-        Some(t) => tokio::time::timeout(t, connecting)
+        Some((t, _)) => tokio::time::timeout(t, connecting)
             .await
             .map_err(|_| ClientError::Connect(format!("no handshake within {t:?}")))?,
     }
     .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let on = &conn;
+    let ask = move |req: Request| async move {
+        match limits {
+            None => exchange(on, &req).await,
+            Some((_, t)) => tokio::time::timeout(t, exchange(on, &req))
+                .await
+                .map_err(|_| ClientError::Connect(format!("no answer within {t:?}")))?,
+        }
+    };
     let mut exporter = [0u8; 32];
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
         .map_err(|_| ClientError::Protocol("no exporter".into()))?;
 
-    let nonce = match exchange(
-        &conn,
-        &Request::Challenge {
-            v: VERSION,
-            vm_id: vm_id.into(),
-        },
-    )
+    let nonce = match ask(Request::Challenge {
+        v: VERSION,
+        vm_id: vm_id.into(),
+    })
     .await?
     {
         Response::Challenge { nonce, .. } => <[u8; 32]>::try_from(nonce.as_slice())
@@ -241,7 +253,7 @@ async fn fetch_on_with(
         mesh_key: mesh_key.map(|m| m.to_vec()).unwrap_or_default(),
     };
     let t0 = std::time::Instant::now();
-    let resp = exchange(&conn, &req).await?;
+    let resp = ask(req).await?;
     let evidence_rtt = t0.elapsed();
     conn.close(0u32.into(), b"done");
     if let Response::Error { code, .. } = &resp {

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{free_port, kbs, ok, sign_allowlist, sign_allowlist_at, start};
-use guest_agent::client::{Broker, ClientError, fetch};
+use guest_agent::client::{ClientError, fetch};
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
@@ -131,21 +131,7 @@ fn an_installed_allowlist_withdraws_an_image_from_a_running_broker() {
             .unwrap(),
         "vm register",
     );
-    let broker = Broker {
-        addr: listen.parse().unwrap(),
-        server_name: "kbs.attesta.local".into(),
-        ca_der: snp::certs::pem_blocks(&std::fs::read(d.join("tls-ca.crt")).unwrap())
-            .unwrap()
-            .remove(0),
-        response_key: hex::decode(
-            std::fs::read_to_string(d.join("response.pub"))
-                .unwrap()
-                .trim(),
-        )
-        .unwrap()
-        .try_into()
-        .unwrap(),
-    };
+    let broker = common::broker_pins(&d, &listen);
     let guest = chip.launch(GuestLaunch {
         measurement: IMAGE,
         ..Default::default()

@@ -8,7 +8,7 @@ mod common;
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use common::{free_port, kbs, ok, sign_allowlist, start};
-use guest_agent::client::{Broker, fetch};
+use guest_agent::client::fetch;
 use kbs::keys::{FileKek, Kek};
 use kbs::service::Kbs;
 use kbs::store::{SqliteStore, Store, StoreError};
@@ -107,21 +107,7 @@ fn rotation_rewraps_every_live_key_and_retires_the_old_kek() {
     }
     order("terminate", "vm-3");
 
-    let broker = Broker {
-        addr: listen.parse().unwrap(),
-        server_name: "kbs.attesta.local".into(),
-        ca_der: snp::certs::pem_blocks(&std::fs::read(d.join("tls-ca.crt")).unwrap())
-            .unwrap()
-            .remove(0),
-        response_key: hex::decode(
-            std::fs::read_to_string(d.join("response.pub"))
-                .unwrap()
-                .trim(),
-        )
-        .unwrap()
-        .try_into()
-        .unwrap(),
-    };
+    let broker = common::broker_pins(&d, &listen);
     let guest = chip.launch(GuestLaunch {
         measurement: IMAGE,
         ..Default::default()

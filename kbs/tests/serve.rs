@@ -8,7 +8,7 @@
 mod common;
 
 use common::{free_port, free_tcp_port, guest, http_get, kbs, ok, sign_allowlist, start};
-use guest_agent::client::{Broker, fetch};
+use guest_agent::client::fetch;
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
 use std::io::{Read, Write};
 use std::process::Command;
@@ -266,17 +266,7 @@ fn deployment_from_the_real_binaries() {
 
     // The key the guest formatted with is the broker's: the cryptsetup CLI opens the keyslot
     // with it (read here by a third boot from inside the test, through the library client).
-    let broker = Broker {
-        addr: listen.parse().unwrap(),
-        server_name: "kbs.attesta.local".into(),
-        ca_der: snp::certs::pem_blocks(&std::fs::read(d.join("tls-ca.crt")).unwrap())
-            .unwrap()
-            .remove(0),
-        response_key: hex::decode(response_pub.trim())
-            .unwrap()
-            .try_into()
-            .unwrap(),
-    };
+    let broker = common::broker_pins(&d, &listen);
     let sim_guest = chip.launch(GuestLaunch {
         measurement: [0x4d; 48],
         ..Default::default()

@@ -80,21 +80,7 @@ impl Fleet {
                 .unwrap();
             ok(reg, "vm register");
         }
-        let broker = Broker {
-            addr: listen.parse().unwrap(),
-            server_name: "kbs.attesta.local".into(),
-            ca_der: snp::certs::pem_blocks(&std::fs::read(d.join("tls-ca.crt")).unwrap())
-                .unwrap()
-                .remove(0),
-            response_key: hex::decode(
-                std::fs::read_to_string(d.join("response.pub"))
-                    .unwrap()
-                    .trim(),
-            )
-            .unwrap()
-            .try_into()
-            .unwrap(),
-        };
+        let broker = super::broker_pins(&d, listen);
         Fleet {
             dir,
             d,

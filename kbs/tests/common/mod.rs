@@ -51,6 +51,26 @@ pub fn http_get(port: u16, path: &str) -> String {
     panic!("GET {path} on port {port}: {last:?}")
 }
 
+/// How a guest reaches and recognises the broker `init` made in `d`, listening on `listen`:
+/// its TLS CA and response key, pinned.
+pub fn broker_pins(d: &Path, listen: &str) -> guest_agent::client::Broker {
+    guest_agent::client::Broker {
+        addr: listen.parse().unwrap(),
+        server_name: "kbs.attesta.local".into(),
+        ca_der: snp::certs::pem_blocks(&std::fs::read(d.join("tls-ca.crt")).unwrap())
+            .unwrap()
+            .remove(0),
+        response_key: hex::decode(
+            std::fs::read_to_string(d.join("response.pub"))
+                .unwrap()
+                .trim(),
+        )
+        .unwrap()
+        .try_into()
+        .unwrap(),
+    }
+}
+
 /// Starts `serve`, collecting its log lines into `log`; returns once it is serving.
 pub fn start(cfg: &Path, log: Arc<Mutex<String>>) -> Child {
     let mut server = kbs()

@@ -56,31 +56,8 @@ impl Cluster {
     }
 
     fn start_in(bin: PathBuf) -> Result<Cluster, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let dir = owned_tempdir()?;
         let data = dir.path().join("data");
-        if is_root() {
-            // initdb refuses root: the cluster is the postgres user's.
-            let ok = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                return Err("cannot give the cluster's folder to the postgres user".into());
-            }
-        }
-        let run = |c: &mut Command, what: &str| -> Result<(), String> {
-            let out = c.output().map_err(|e| format!("{what}: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{what}: {}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            }
-        };
         run(
             as_owner(&bin.join("initdb"))
                 .args([
@@ -108,60 +85,39 @@ impl Cluster {
 
     /// Starts the server (again, after [`Cluster::stop`]); returns once it accepts connections.
     pub fn start_again(&self) -> Result<(), String> {
-        let out = self
-            .pg("pg_ctl")
-            .args(["-w", "-t", "60", "-D"])
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.data.join("server.log"))
-            .arg("-o")
-            .arg(format!(
-                "-c listen_addresses='' -k {}",
-                self.socket_dir.display()
-            ))
-            .arg("start")
-            .output()
-            .map_err(|e| format!("pg_ctl start: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "pg_ctl start: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        run(
+            self.pg("pg_ctl")
+                .args(["-w", "-t", "60", "-D"])
+                .arg(&self.data)
+                .arg("-l")
+                .arg(self.data.join("server.log"))
+                .arg("-o")
+                .arg(format!(
+                    "-c listen_addresses='' -k {}",
+                    self.socket_dir.display()
+                ))
+                .arg("start"),
+            "pg_ctl start",
+        )
     }
 
     /// A synchronous-replication standby of this cluster, named `name` (its
     /// `application_name`), from `pg_basebackup`, started and streaming; this cluster then
     /// waits for it on every commit (`synchronous_standby_names`). Returns once it is in sync.
     pub fn sync_standby(&self, name: &str) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "chown the standby's folder");
-        }
+        let dir = owned_tempdir().unwrap();
         let data = dir.path().join("data");
         let conninfo = format!(
             "host={} user=attesta application_name={name}",
             self.socket_dir.display()
         );
-        let out = self
-            .pg("pg_basebackup")
-            .args(["-X", "stream", "-R", "--no-sync", "-d", &conninfo, "-D"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_basebackup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run(
+            self.pg("pg_basebackup")
+                .args(["-X", "stream", "-R", "--no-sync", "-d", &conninfo, "-D"])
+                .arg(&data),
+            "pg_basebackup",
+        )
+        .unwrap();
         append(
             &data.join("postgresql.auto.conf"),
             &format!("primary_conninfo = '{conninfo}'\n"),
@@ -177,13 +133,11 @@ impl Cluster {
             &self.data.join("postgresql.conf"),
             &format!("synchronous_standby_names = '{name}'\n"),
         );
-        let out = self
-            .pg("pg_ctl")
-            .args(["reload", "-D"])
-            .arg(&self.data)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pg_ctl reload");
+        run(
+            self.pg("pg_ctl").args(["reload", "-D"]).arg(&self.data),
+            "pg_ctl reload",
+        )
+        .unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let state = self.psql("SELECT sync_state FROM pg_stat_replication");
@@ -200,17 +154,13 @@ impl Cluster {
 
     /// Makes this standby the primary (`pg_ctl promote`, waiting until it takes writes).
     pub fn promote(&self) {
-        let out = self
-            .pg("pg_ctl")
-            .args(["promote", "-w", "-t", "60", "-D"])
-            .arg(&self.data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl promote: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run(
+            self.pg("pg_ctl")
+                .args(["promote", "-w", "-t", "60", "-D"])
+                .arg(&self.data),
+            "pg_ctl promote",
+        )
+        .unwrap();
     }
 
     /// One query's rows, unaligned (`psql -Atc`), on database `postgres`.
@@ -247,6 +197,35 @@ impl Cluster {
     pub fn data_dir(&self) -> &Path {
         &self.data
     }
+}
+
+/// Runs `c`; its output in the error when it fails.
+fn run(c: &mut Command, what: &str) -> Result<(), String> {
+    let out = c.output().map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// A temporary folder for a cluster, the postgres user's when we are root (initdb refuses root).
+fn owned_tempdir() -> Result<tempfile::TempDir, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("cannot give the cluster's folder to the postgres user".into());
+        }
+    }
+    Ok(dir)
 }
 
 /// `program` run as the `postgres` user when we are root (PostgreSQL refuses to run as root).
