@@ -7,6 +7,7 @@ use crate::serve_cmd::{build, fail, load_allowlist, runtime};
 use clap::{Args, Subcommand};
 use kbs::config::{Config, KekConfig};
 use kbs::keys::{FileKek, Kek};
+use kbs::service::Kbs;
 use kbs::store::Store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -181,13 +182,19 @@ fn send_one(order: &Path, target: &Target, terminate: bool) -> Result<String, St
             .block_on(kbs.terminate(&doc, now()))
             .map_err(|e| e.to_string());
     }
-    if load_allowlist(&rt, &kbs, &c)?.is_none() {
-        return Err(
-            "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`".into(),
-        );
-    }
+    need_allowlist(&rt, &kbs, &c)?;
     rt.block_on(kbs.register(&doc, now()))
         .map_err(|e| e.to_string())
+}
+
+/// Registrations need an allowlist in force (installed, or the configured file).
+fn need_allowlist(rt: &tokio::runtime::Runtime, kbs: &Kbs, c: &Config) -> Result<(), String> {
+    match load_allowlist(rt, kbs, c)? {
+        Some(_) => Ok(()),
+        None => Err(
+            "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`".into(),
+        ),
+    }
 }
 
 /// Registrations in flight at once in a bulk registration: enough to fill the store's group
@@ -233,11 +240,7 @@ fn register_many(files: &[PathBuf], target: &Target) -> Result<(usize, usize), S
         .ok_or("--config or --kbs is required")?;
     let c = Config::load(config)?;
     let (kbs, ..) = build(&c)?;
-    if load_allowlist(&rt, &kbs, &c)?.is_none() {
-        return Err(
-            "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`".into(),
-        );
-    }
+    need_allowlist(&rt, &kbs, &c)?;
     let kbs = std::sync::Arc::new(kbs);
     for wave in files.chunks(BULK_IN_FLIGHT) {
         let mut set = tokio::task::JoinSet::new();

@@ -66,6 +66,61 @@ fn median(mut v: Vec<f64>) -> f64 {
     pct(&mut v, 50.0)
 }
 
+/// What a storm's boots came to: the whole-boot and evidence round-trip times (ms) of those
+/// that got their key, and why the others did not (reason → how many).
+pub(crate) struct Storm {
+    pub boots: Vec<f64>,
+    pub releases: Vec<f64>,
+    pub failures: std::collections::BTreeMap<String, usize>,
+}
+
+/// Boots `vms` simulated guests at once on `rt`, all over `client`: guest `i` on chip
+/// `i % chips`, against broker `i % brokers`.
+pub(crate) fn storm(
+    rt: &tokio::runtime::Runtime,
+    client: &quinn::Endpoint,
+    chips: &[Arc<Chip>],
+    brokers: &[guest_agent::client::Broker],
+    vms: usize,
+) -> Storm {
+    let tasks: Vec<_> = (0..vms)
+        .map(|i| {
+            let (chip, broker, client) = (
+                chips[i % chips.len()].clone(),
+                brokers[i % brokers.len()].clone(),
+                client.clone(),
+            );
+            rt.spawn(async move {
+                let g = chip.launch(GuestLaunch {
+                    measurement: IMAGE,
+                    ..Default::default()
+                });
+                let t = Instant::now();
+                let r = fetch_on(&client, &broker, &format!("vm-{i}"), &g).await;
+                r.map(|r| (t.elapsed(), r.evidence_rtt))
+            })
+        })
+        .collect();
+    let mut s = Storm {
+        boots: Vec::with_capacity(vms),
+        releases: Vec::with_capacity(vms),
+        failures: Default::default(),
+    };
+    for t in tasks {
+        let why = match rt.block_on(t) {
+            Ok(Ok((b, r))) => {
+                s.boots.push(b.as_secs_f64() * 1000.0);
+                s.releases.push(r.as_secs_f64() * 1000.0);
+                continue;
+            }
+            Ok(Err(x)) => x.to_string(),
+            Err(x) => x.to_string(),
+        };
+        *s.failures.entry(why).or_default() += 1;
+    }
+    s
+}
+
 /// Which CPUs the broker and the simulated guests run on. Empty: no pinning (everything shares
 /// every core, the load generator competing with the broker it measures).
 #[derive(Clone, Debug, Default)]
@@ -214,36 +269,18 @@ pub fn run(
     let w0 = stat(&kbs.store.stats.writes);
     let cpu0 = broker_cpu_ns();
     let start = Instant::now();
-    let tasks: Vec<_> = (0..vms)
-        .map(|i| {
-            let (chip, broker, client) = (
-                chips[i % chips.len()].clone(),
-                broker.clone(),
-                client.clone(),
-            );
-            guest_rt.spawn(async move {
-                let g = chip.launch(GuestLaunch {
-                    measurement: IMAGE,
-                    ..Default::default()
-                });
-                let t = Instant::now();
-                let r = fetch_on(&client, &broker, &format!("vm-{i}"), &g).await;
-                r.map(|r| (t.elapsed(), r.evidence_rtt))
-            })
-        })
-        .collect();
-    let mut boots = Vec::with_capacity(vms);
-    let mut releases = Vec::with_capacity(vms);
-    let mut failed = 0;
-    for t in tasks {
-        match guest_rt.block_on(t) {
-            Ok(Ok((b, r))) => {
-                boots.push(b.as_secs_f64() * 1000.0);
-                releases.push(r.as_secs_f64() * 1000.0);
-            }
-            _ => failed += 1,
-        }
-    }
+    let Storm {
+        mut boots,
+        mut releases,
+        failures,
+    } = storm(
+        &guest_rt,
+        &client,
+        &chips,
+        std::slice::from_ref(&broker),
+        vms,
+    );
+    let failed: usize = failures.values().sum();
     let storm = start.elapsed().as_secs_f64();
     let storm_cpu = broker_cpu_ns().saturating_sub(cpu0) as f64 / 1e9;
     let transactions = stat(&kbs.store.stats.transactions) - tx0;

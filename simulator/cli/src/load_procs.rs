@@ -343,45 +343,15 @@ pub fn run(
     let pids: Vec<u32> = replicas.iter().map(|r| r.child.id()).collect();
     let cpu0 = cpu_secs(&pids);
     let start = Instant::now();
-    let tasks: Vec<_> = (0..o.vms)
-        .map(|i| {
-            let (chip, broker, client) = (
-                chips[i % chips.len()].clone(),
-                brokers[i % brokers.len()].clone(),
-                client.clone(),
-            );
-            rt.spawn(async move {
-                let g = chip.launch(GuestLaunch {
-                    measurement: IMAGE,
-                    ..Default::default()
-                });
-                let t = Instant::now();
-                let r = fetch_on(&client, &broker, &format!("vm-{i}"), &g).await;
-                r.map(|r| (t.elapsed(), r.evidence_rtt))
-            })
-        })
-        .collect();
-    let (mut boots, mut releases, mut failed) = (Vec::new(), Vec::new(), 0);
-    let mut why = std::collections::BTreeMap::<String, usize>::new();
-    for t in tasks {
-        match rt.block_on(t) {
-            Ok(Ok((b, r))) => {
-                boots.push(b.as_secs_f64() * 1000.0);
-                releases.push(r.as_secs_f64() * 1000.0);
-            }
-            Ok(Err(x)) => {
-                failed += 1;
-                *why.entry(x.to_string()).or_default() += 1;
-            }
-            Err(x) => {
-                failed += 1;
-                *why.entry(x.to_string()).or_default() += 1;
-            }
-        }
-    }
-    for (w, n) in &why {
+    let crate::load::Storm {
+        mut boots,
+        mut releases,
+        failures,
+    } = crate::load::storm(&rt, &client, &chips, &brokers, o.vms);
+    for (w, n) in &failures {
         progress(&format!("{n} boots failed: {w}"));
     }
+    let failed: usize = failures.values().sum();
     let storm = start.elapsed().as_secs_f64();
     let cpu = cpu_secs(&pids) - cpu0;
     let rss = pids.iter().map(|p| peak_rss_mib(*p)).collect();
