@@ -37,6 +37,8 @@ pub struct ProcOptions {
 pub struct ProcReport {
     pub released: usize,
     pub failed: usize,
+    /// Why boots failed: reason → how many.
+    pub failures: std::collections::BTreeMap<String, usize>,
     pub storm_secs: f64,
     pub releases_per_sec: f64,
     /// Whole boot and the evidence round trip alone, (p50, p99) in ms.
@@ -98,7 +100,7 @@ pub(crate) fn command(
         let j = serde_json::json!({
             "vms": a.vms, "registered": registered, "chips": a.chips,
             "store": kind, "replicas": a.replicas, "broker": "processes",
-            "released": r.released, "failed": r.failed,
+            "released": r.released, "failed": r.failed, "failures": r.failures,
             "broker_cpus": place.broker, "guest_cpus": place.guests,
             "max_sessions": a.max_sessions,
             "storm_secs": r.storm_secs,
@@ -366,6 +368,7 @@ pub fn run(
     Ok(ProcReport {
         released: releases.len(),
         failed,
+        failures,
         storm_secs: storm,
         releases_per_sec: releases.len() as f64 / storm,
         boot_ms: (pct(&mut boots, 50.0), pct(&mut boots, 99.0)),
