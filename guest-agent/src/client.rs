@@ -100,8 +100,10 @@ pub fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
 /// How long a connection may go without a packet from the broker before it is given up.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// With other brokers to try, how long each answer may take once connected: a broker that
-/// died or hangs mid-exchange is left for the next.
+/// With other brokers to try, how long the challenge may take once connected: a broker that
+/// died or hangs before anything was decided is left for the next. The answer to the evidence
+/// is waited for (up to the idle timeout): a broker may be slow to commit, and leaving it then
+/// would spend this boot's release without receiving it.
 pub const ANSWER_PER_TRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One request on its own bidirectional stream, and its answer (framed, size-limited).
@@ -114,8 +116,10 @@ pub async fn exchange(conn: &quinn::Connection, req: &Request) -> Result<Respons
         .await
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let _ = send.finish();
-    // A connection lost before the answer (the broker died, or went silent) is like one never
-    // made: nothing was released on it that the guest could use, and a new exchange is safe.
+    // A connection lost before the answer (the broker died, or went silent): nothing released
+    // on it reached the guest, and a new exchange (new nonce, new guest key) cannot open
+    // anything of this one. Asking again is no worse than failing the boot; if the lost answer
+    // was a committed release, this boot's counter was spent on it either way.
     let lost = |e: quinn::ReadExactError| ClientError::Connect(format!("connection lost: {e}"));
     let mut header = [0u8; 4];
     recv.read_exact(&mut header).await.map_err(lost)?;
@@ -209,10 +213,11 @@ async fn fetch_on_with(
     }
     .map_err(|e| ClientError::Connect(e.to_string()))?;
     let on = &conn;
-    let ask = move |req: Request| async move {
-        match limits {
+    let challenge_limit = limits.map(|(_, t)| t);
+    let ask = move |req: Request, limit: Option<std::time::Duration>| async move {
+        match limit {
             None => exchange(on, &req).await,
-            Some((_, t)) => tokio::time::timeout(t, exchange(on, &req))
+            Some(t) => tokio::time::timeout(t, exchange(on, &req))
                 .await
                 .map_err(|_| ClientError::Connect(format!("no answer within {t:?}")))?,
         }
@@ -221,10 +226,13 @@ async fn fetch_on_with(
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
         .map_err(|_| ClientError::Protocol("no exporter".into()))?;
 
-    let nonce = match ask(Request::Challenge {
-        v: VERSION,
-        vm_id: vm_id.into(),
-    })
+    let nonce = match ask(
+        Request::Challenge {
+            v: VERSION,
+            vm_id: vm_id.into(),
+        },
+        challenge_limit,
+    )
     .await?
     {
         Response::Challenge { nonce, .. } => <[u8; 32]>::try_from(nonce.as_slice())
@@ -253,7 +261,7 @@ async fn fetch_on_with(
         mesh_key: mesh_key.map(|m| m.to_vec()).unwrap_or_default(),
     };
     let t0 = std::time::Instant::now();
-    let resp = ask(req).await?;
+    let resp = ask(req, None).await?;
     let evidence_rtt = t0.elapsed();
     conn.close(0u32.into(), b"done");
     if let Response::Error { code, .. } = &resp {

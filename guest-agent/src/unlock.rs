@@ -6,7 +6,7 @@ use crate::client::{Broker, ClientError, Released, fetch, fetch_within};
 use crate::config::{DeviceConfig, GuestConfig};
 use crate::header::HeaderError;
 use crate::luks::{self, DiskLabel, DiskState, LuksError, VolumeKey};
-use proto::brokers::{EXCHANGE_PER_TRY, HANDSHAKE_PER_TRY};
+use proto::brokers::HANDSHAKE_PER_TRY;
 use snp::device::GuestDevice;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -183,8 +183,10 @@ use snp::certs::pem_encode as pem;
 ///
 /// With several brokers (replicas on one database) each try goes to the next one, starting
 /// where the VM's id points so that a fleet spreads over them; a handshake to one that does
-/// not answer is given up after [`HANDSHAKE_PER_TRY`], an exchange after [`EXCHANGE_PER_TRY`],
-/// a connection lost before the answer at once. Each try is a whole new exchange (its own
+/// not answer is given up after [`HANDSHAKE_PER_TRY`], one that does not give a challenge
+/// after [`crate::client::ANSWER_PER_TRY`], a connection lost before the answer at once. The
+/// answer to the evidence is waited for: leaving a slow broker then could spend the boot's
+/// release unseen. Each try is a whole new exchange (its own
 /// connection and nonce): nothing from one broker is shown to another.
 pub async fn fetch_with_retry(
     brokers: &[Broker],
@@ -221,12 +223,7 @@ pub async fn fetch_with_retry(
                     }
                 }
             };
-            // With others to try, a broker that took the handshake and then hangs is left too.
-            let this_try = match brokers.len() {
-                1 => left,
-                _ => left.min(EXCHANGE_PER_TRY),
-            };
-            match tokio::time::timeout(this_try, attempt).await {
+            match tokio::time::timeout(left, attempt).await {
                 Ok(Ok(r)) => return Ok(r),
                 Ok(Err(ClientError::Connect(why))) => {
                     tracing::warn!(broker = %broker.addr, %why, "the key broker is unreachable");

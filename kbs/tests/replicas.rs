@@ -127,7 +127,9 @@ impl Replicas {
                             &brokers,
                             &vm,
                             &guest(&chip),
-                            Duration::from_secs(30),
+                            // Longer than the idle timeout: a guest whose replica died after
+                            // its evidence was sent waits that long, then asks the next.
+                            Duration::from_secs(90),
                             None,
                         )
                         .await;
@@ -581,4 +583,52 @@ fn two_writable_servers_are_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{url}: {err}");
     }
+}
+
+/// A second server that takes writes appears while the broker serves (a failed primary back
+/// beside the promoted one): within the watcher's round of every host, the broker stops
+/// writing — a signed `storage_unavailable`, not a release from one of two histories.
+#[test]
+fn a_second_writable_server_stops_the_writes() {
+    let (Some(a), Some(b)) = (Cluster::start(), Cluster::start()) else {
+        return;
+    };
+    b.crash();
+    let url = format!(
+        "{},{}&target_session_attrs=read-write",
+        a.url("postgres"),
+        b.url("postgres").split("?host=").nth(1).unwrap()
+    );
+    let r = Replicas::start_on("replicas-split-late", 1, &url, vec![a, b], |t| t);
+    let rt = runtime();
+    let boot = |vm: &str| {
+        rt.block_on(async {
+            let g = guest(&r.fleet.chip);
+            tokio::time::timeout(Duration::from_secs(10), fetch(&r.brokers[0], vm, &g)).await
+        })
+    };
+    assert!(
+        matches!(boot("vm-0"), Ok(Ok(_))),
+        "serving from the one writable server"
+    );
+    r.db[1].start_again().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match boot("vm-1") {
+            Ok(Err(ClientError::Denied(reasons))) if reasons == ["storage_unavailable"] => break,
+            Ok(Ok(_)) => {}
+            other => panic!("neither a release nor storage_unavailable: {other:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still writing with two writable servers"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        r.logs[0]
+            .lock()
+            .unwrap()
+            .contains("no writes until one of the servers is gone")
+    );
 }

@@ -11,11 +11,6 @@ pub const MAX_BROKERS: usize = 8;
 /// With other brokers to try, how long a handshake may take before the next is asked.
 pub const HANDSHAKE_PER_TRY: Duration = Duration::from_secs(10);
 
-/// With other brokers to try, how long a whole exchange (handshake, challenge, evidence,
-/// answer) may take before the next is asked: a broker that completed the handshake and then
-/// hangs (its database stalled) is left like one that is down.
-pub const EXCHANGE_PER_TRY: Duration = Duration::from_secs(30);
-
 /// The brokers a `section` of a configuration names: `address` (one) or `addresses` (a list),
 /// exactly one of them; 1 to [`MAX_BROKERS`] entries, none twice; in the order given.
 pub fn broker_list<T: Clone + PartialEq + Display>(

@@ -16,6 +16,10 @@ pub fn redacted(database: &str) -> String {
     if !is_database_url(database) {
         return database.to_string();
     }
+    // A `#` in a password would make the URL parser show its start as a port or host.
+    if database.contains('#') {
+        return "<a postgres:// URL with an unencoded #>".into();
+    }
     if let Ok(t) = targets(database)
         && t.urls.len() > 1
     {
@@ -62,7 +66,9 @@ pub(super) fn check_postgres_url(database: &str) -> Result<(), StoreError> {
         .parse()
         .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
     let host = o.get_host();
+    // A host that is a folder is a Unix socket (sqlx reads it so, from PGHOST too).
     let local = o.get_socket().is_some()
+        || host.starts_with('/')
         || host == "localhost"
         || host
             .trim_start_matches('[')
@@ -257,7 +263,14 @@ mod tests {
                 "<a postgres:// URL that does not parse>",
             ),
             ("/var/lib/attesta/kbs.db", "/var/lib/attesta/kbs.db"),
-            ("postgres://kbs@db/kbs#s3cret", "postgres://kbs@db/kbs"),
+            (
+                "postgres://kbs@db/kbs#s3cret",
+                "<a postgres:// URL with an unencoded #>",
+            ),
+            (
+                "postgres://kbs:2024#s3cret@db/kbs",
+                "<a postgres:// URL with an unencoded #>",
+            ),
         ] {
             let shown = redacted(url);
             assert_eq!(shown, want);

@@ -35,6 +35,8 @@ pub(super) struct Pools {
     targets: Targets,
     backend: Backend,
     hunting: AtomicBool,
+    /// Two hosts took writes at once: the pool was closed, and stays so until one is gone.
+    fenced: AtomicBool,
 }
 
 impl Pools {
@@ -62,7 +64,7 @@ impl Pools {
         // One host: the pool reconnects on its own; nothing to choose between.
         let serving = match targets.urls.as_slice() {
             [_] if !targets.read_write => 0,
-            _ => find(&targets).await?,
+            _ => find(&targets, true).await?,
         };
         let pool = connect(&targets.urls[serving], backend).await?;
         let pools = Arc::new(Pools {
@@ -71,6 +73,7 @@ impl Pools {
             targets,
             backend,
             hunting: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
         });
         if pools.targets.urls.len() > 1 {
             tokio::spawn(watch(Arc::downgrade(&pools)));
@@ -92,10 +95,11 @@ impl Pools {
         if self.hunting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let found = find(&self.targets).await;
+        let found = find(&self.targets, false).await;
         let was = self.serving.load(Ordering::Acquire);
+        let fenced = self.fenced.load(Ordering::Acquire);
         match found {
-            Ok(n) if n == was => {}
+            Ok(n) if n == was && !fenced => {}
             Ok(n) => match connect(&self.targets.urls[n], self.backend).await {
                 Ok(pool) => {
                     let old = std::mem::replace(
@@ -103,6 +107,7 @@ impl Pools {
                         pool,
                     );
                     self.serving.store(n, Ordering::Release);
+                    self.fenced.store(false, Ordering::Release);
                     tracing::warn!(
                         from = %redacted(&self.targets.urls[was]),
                         to = %redacted(&self.targets.urls[n]),
@@ -116,11 +121,25 @@ impl Pools {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot open the writable database server"),
             },
-            Err(e) => tracing::warn!(error = %e, "no usable database server yet"),
+            // Writing to either of two histories would let a terminate on one be missed by
+            // a release on the other: no writes at all until one of them is gone.
+            Err(SplitBrain(e)) => {
+                if !self.fenced.swap(true, Ordering::AcqRel) {
+                    tracing::error!(error = %e, "no writes until one of the servers is gone");
+                    let current = self.get();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(CLOSE_WITHIN, current.close()).await;
+                    });
+                }
+            }
+            Err(Unusable(e)) => tracing::warn!(error = %e, "no usable database server yet"),
         }
         self.hunting.store(false, Ordering::Release);
     }
 }
+
+/// Every how many watch rounds all hosts are asked (30 s).
+const ASK_ALL_EVERY: u64 = 60;
 
 /// How long a replaced pool's connections are waited for before they are dropped.
 const CLOSE_WITHIN: Duration = Duration::from_secs(30);
@@ -129,11 +148,19 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(30);
 /// like a dead server); searches again when it does not answer or no longer takes writes.
 async fn watch(pools: Weak<Pools>) {
     let mut probe: Option<(usize, AnyConnection)> = None;
+    let mut round = 0u64;
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         let Some(p) = pools.upgrade() else {
             return;
         };
+        round += 1;
+        // Every host asked again now and then: a second one taking writes is a split brain
+        // even while the one in use answers well; and while fenced, until it is over.
+        if p.fenced.load(Ordering::Acquire) || round.is_multiple_of(ASK_ALL_EVERY) {
+            p.hunt().await;
+            continue;
+        }
         let serving = p.serving.load(Ordering::Acquire);
         let check = async {
             let mut conn = match probe.take() {
@@ -164,14 +191,14 @@ async fn open_probe(url: &str) -> Result<AnyConnection, StoreError> {
 
 /// The one listed host that answers and takes writes (when asked for). Every host is asked: two
 /// taking writes at once is a split brain, and neither is used.
-async fn find(targets: &Targets) -> Result<usize, StoreError> {
+async fn find(targets: &Targets, warn: bool) -> Result<usize, NotFound> {
     let mut why = Vec::new();
     let mut writable = Vec::new();
     for (n, url) in targets.urls.iter().enumerate() {
         let probe = async {
             let mut conn = open_probe(url).await?;
             let ok = usable(&mut conn, targets.read_write).await;
-            if ok.as_ref().is_ok_and(|ok| *ok) && targets.urls.len() > 1 {
+            if warn && ok.as_ref().is_ok_and(|ok| *ok) && targets.urls.len() > 1 {
                 warn_if_asynchronous(&mut conn, url).await;
             }
             let _ = conn.close().await;
@@ -193,11 +220,11 @@ async fn find(targets: &Targets) -> Result<usize, StoreError> {
     }
     match writable.as_slice() {
         [n] => Ok(*n),
-        [] => Err(StoreError::Db(format!(
+        [] => Err(Unusable(format!(
             "no usable database server: {}",
             why.join("; ")
         ))),
-        several => Err(StoreError::Db(format!(
+        several => Err(SplitBrain(format!(
             "refusing to write: {} database servers take writes at once (a split brain: {})",
             several.len(),
             several
@@ -206,6 +233,23 @@ async fn find(targets: &Targets) -> Result<usize, StoreError> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
+    }
+}
+
+/// Why no host was chosen.
+enum NotFound {
+    /// None answered, or none took writes.
+    Unusable(String),
+    /// Several took writes at once.
+    SplitBrain(String),
+}
+use NotFound::{SplitBrain, Unusable};
+
+impl From<NotFound> for StoreError {
+    fn from(n: NotFound) -> StoreError {
+        match n {
+            Unusable(e) | SplitBrain(e) => StoreError::Db(e),
+        }
     }
 }
 
