@@ -171,30 +171,35 @@ fn send_one(order: &Path, target: &Target, terminate: bool) -> Result<String, St
             .block_on(kbs::client::send_order_any(&addrs, remote, terminate, doc))
             .map_err(|e| e.to_string());
     }
+    let kbs = local_broker(&rt, target, !terminate)?;
+    if terminate {
+        return rt
+            .block_on(kbs.terminate(&doc, now()))
+            .map_err(|e| e.to_string());
+    }
+    rt.block_on(kbs.register(&doc, now()))
+        .map_err(|e| e.to_string())
+}
+
+/// The broker `--config` names, on this machine's store; for registrations, with an allowlist
+/// in force (installed, or the configured file).
+fn local_broker(
+    rt: &tokio::runtime::Runtime,
+    target: &Target,
+    registering: bool,
+) -> Result<Kbs, String> {
     let config = target
         .config
         .as_ref()
         .ok_or("--config or --kbs is required")?;
     let c = Config::load(config)?;
     let (kbs, ..) = build(&c)?;
-    if terminate {
-        return rt
-            .block_on(kbs.terminate(&doc, now()))
-            .map_err(|e| e.to_string());
-    }
-    need_allowlist(&rt, &kbs, &c)?;
-    rt.block_on(kbs.register(&doc, now()))
-        .map_err(|e| e.to_string())
-}
-
-/// Registrations need an allowlist in force (installed, or the configured file).
-fn need_allowlist(rt: &tokio::runtime::Runtime, kbs: &Kbs, c: &Config) -> Result<(), String> {
-    match load_allowlist(rt, kbs, c)? {
-        Some(_) => Ok(()),
-        None => Err(
+    if registering && load_allowlist(rt, &kbs, &c)?.is_none() {
+        return Err(
             "no allowlist: install one (`attesta-kbs allowlist install`) or set `allowlist`".into(),
-        ),
+        );
     }
+    Ok(kbs)
 }
 
 /// Registrations in flight at once in a bulk registration: enough to fill the store's group
@@ -234,14 +239,7 @@ fn register_many(files: &[PathBuf], target: &Target) -> Result<(usize, usize), S
         }
         return Ok((done, failed));
     }
-    let config = target
-        .config
-        .as_ref()
-        .ok_or("--config or --kbs is required")?;
-    let c = Config::load(config)?;
-    let (kbs, ..) = build(&c)?;
-    need_allowlist(&rt, &kbs, &c)?;
-    let kbs = std::sync::Arc::new(kbs);
+    let kbs = std::sync::Arc::new(local_broker(&rt, target, true)?);
     for wave in files.chunks(BULK_IN_FLIGHT) {
         let mut set = tokio::task::JoinSet::new();
         for (n, f) in wave.iter().enumerate() {
