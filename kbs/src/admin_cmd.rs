@@ -96,13 +96,10 @@ pub fn vm_cmd(c: &VmCmd) -> ExitCode {
     };
     // A terminate is one order, never a folder: one crypto-shred at a time, on purpose.
     let files = match order_files(&orders) {
-        Ok(f) if terminate && orders.iter().any(|p| p.is_dir()) => {
-            let _ = f;
-            Err(format!(
-                "{}: give one terminate order, not a folder",
-                orders[0].display()
-            ))
-        }
+        _ if terminate && orders.iter().any(|p| p.is_dir()) => Err(format!(
+            "{}: give one terminate order, not a folder",
+            orders[0].display()
+        )),
         Ok(f) if f.is_empty() => Err("no orders: the folder is empty".to_string()),
         other => other,
     };

@@ -181,12 +181,15 @@ async fn watch(pools: Weak<Pools>) {
     }
 }
 
+/// What sqlx makes of `url`.
+fn options(url: &str) -> Result<AnyConnectOptions, StoreError> {
+    url.parse()
+        .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))
+}
+
 /// A connection for probing one host (no pool, no retries).
 async fn open_probe(url: &str) -> Result<AnyConnection, StoreError> {
-    let opts: AnyConnectOptions = url
-        .parse()
-        .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
-    Ok(AnyConnection::connect_with(&opts).await?)
+    Ok(AnyConnection::connect_with(&options(url)?).await?)
 }
 
 /// The one listed host that answers and takes writes (when asked for). Every host is asked: two
@@ -282,9 +285,7 @@ async fn usable(conn: &mut AnyConnection, read_write: bool) -> Result<bool, Stor
 
 /// A pool on one server, every connection set up as the broker needs it.
 async fn connect(url: &str, backend: Backend) -> Result<AnyPool, StoreError> {
-    let conn: AnyConnectOptions = url
-        .parse()
-        .map_err(|e: sqlx::Error| StoreError::Db(format!("the database URL: {e}")))?;
+    let conn = options(url)?;
     Ok(AnyPoolOptions::new()
         .max_connections(match backend {
             Backend::Sqlite => 4,
