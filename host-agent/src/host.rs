@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use virt::connect::Connect;
 use virt::domain::Domain;
+use virt::error::ErrorNumber;
 
 /// Why a host operation failed. Nothing was changed unless the variant says so.
 #[derive(Debug, thiserror::Error)]
@@ -249,13 +250,28 @@ impl Host {
     pub fn list(&self) -> Result<Vec<Vm>, HostError> {
         let mut out = Vec::new();
         for d in self.conn.list_all_domains(0).map_err(lv("list"))? {
-            if let Some(vm_id) = self.vm_id_of(&d) {
-                out.push(Vm {
-                    domain: d.name().map_err(lv("name"))?,
-                    state: Host::state_of(&d)?,
-                    vm_id,
-                });
-            }
+            let Some(vm_id) = self.vm_id_of(&d) else {
+                continue;
+            };
+            // A domain undefined between the listing and these queries (a terminate racing
+            // the list) is gone, not an error.
+            let name = d.name();
+            let active = d.is_active();
+            let (name, active) = match (name, active) {
+                (Ok(n), Ok(a)) => (n, a),
+                (Err(e), _) | (_, Err(e)) if e.code().is(ErrorNumber::NoDomain) => continue,
+                (Err(e), _) => return Err(lv("name")(e)),
+                (_, Err(e)) => return Err(lv("state")(e)),
+            };
+            out.push(Vm {
+                domain: name,
+                state: if active {
+                    State::Running
+                } else {
+                    State::Stopped
+                },
+                vm_id,
+            });
         }
         out.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
         Ok(out)
