@@ -1,6 +1,6 @@
-//! The guest's side of the release protocol: connect to the broker (pinning its CA), get a
-//! nonce, bind it with a fresh guest key and this connection into a report, send the evidence,
-//! verify the broker's signature, and open the sealed secrets. Any failure is an error: the
+//! The guest's side of the release protocol: connect to the broker (pinning its CA), bind this
+//! connection (its TLS exporter) and a fresh guest key into a report, send the evidence as the
+//! connection's one request, verify the broker's signature, and open the sealed secrets. Any failure is an error: the
 //! caller fails closed.
 
 use proto::msg::{
@@ -100,12 +100,6 @@ pub fn client_config(b: &Broker) -> Result<quinn::ClientConfig, ClientError> {
 /// How long a connection may go without a packet from the broker before it is given up.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// With other brokers to try, how long the challenge may take once connected: a broker that
-/// died or hangs before anything was decided is left for the next. The answer to the evidence
-/// is waited for (up to the idle timeout): a broker may be slow to commit, and leaving it then
-/// would spend this boot's release without receiving it.
-pub const ANSWER_PER_TRY: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// One request on its own bidirectional stream, and its answer (framed, size-limited).
 pub async fn exchange(conn: &quinn::Connection, req: &Request) -> Result<Response, ClientError> {
     let (mut send, mut recv) = conn
@@ -117,7 +111,7 @@ pub async fn exchange(conn: &quinn::Connection, req: &Request) -> Result<Respons
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let _ = send.finish();
     // A connection lost before the answer (the broker died, or went silent): nothing released
-    // on it reached the guest, and a new exchange (new nonce, new guest key) cannot open
+    // on it reached the guest, and a new exchange (new connection, new guest key) cannot open
     // anything of this one. Asking again is no worse than failing the boot; if the lost answer
     // was a committed release, this boot's counter was spent on it either way.
     let lost = |e: quinn::ReadExactError| ClientError::Connect(format!("connection lost: {e}"));
@@ -142,7 +136,9 @@ pub async fn fetch(
 
 /// [`fetch`] (with the mesh key, if given) that gives up a handshake not done within
 /// `handshake`: for a guest with other brokers to try, one that does not answer (down, or
-/// unreachable) is left for the next rather than waited for.
+/// unreachable) is left for the next rather than waited for. The answer to the evidence is
+/// waited for (up to the idle timeout): a broker may be slow to commit, and leaving it then
+/// would spend a release without receiving it.
 pub async fn fetch_within(
     broker: &Broker,
     vm_id: &str,
@@ -151,8 +147,7 @@ pub async fn fetch_within(
     handshake: std::time::Duration,
 ) -> Result<Released, ClientError> {
     let endpoint = local_endpoint(broker)?;
-    let limits = Some((handshake, ANSWER_PER_TRY));
-    fetch_on_with(&endpoint, broker, vm_id, device, mesh_key, limits).await
+    fetch_on_with(&endpoint, broker, vm_id, device, mesh_key, Some(handshake)).await
 }
 
 /// A client endpoint on any local address of the broker's family (the route decides).
@@ -200,46 +195,25 @@ async fn fetch_on_with(
     vm_id: &str,
     device: &impl GuestDevice,
     mesh_key: Option<&[u8; 32]>,
-    limits: Option<(std::time::Duration, std::time::Duration)>,
+    handshake: Option<std::time::Duration>,
 ) -> Result<Released, ClientError> {
     let connecting = endpoint
         .connect_with(client_config(broker)?, broker.addr, &broker.server_name)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
-    let conn = match limits {
+    let conn = match handshake {
         None => connecting.await,
-        Some((t, _)) => tokio::time::timeout(t, connecting)
+        Some(t) => tokio::time::timeout(t, connecting)
             .await
             .map_err(|_| ClientError::Connect(format!("no handshake within {t:?}")))?,
     }
     .map_err(|e| ClientError::Connect(e.to_string()))?;
-    let on = &conn;
-    let challenge_limit = limits.map(|(_, t)| t);
-    let ask = move |req: Request, limit: Option<std::time::Duration>| async move {
-        match limit {
-            None => exchange(on, &req).await,
-            Some(t) => tokio::time::timeout(t, exchange(on, &req))
-                .await
-                .map_err(|_| ClientError::Connect(format!("no answer within {t:?}")))?,
-        }
-    };
+    // The connection is the challenge: its exporter, which the broker's half of the handshake
+    // made fresh and which the host relaying the packets cannot know, is bound in the report
+    // and gives the release its nonce. One round trip after the handshake.
     let mut exporter = [0u8; 32];
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
         .map_err(|_| ClientError::Protocol("no exporter".into()))?;
-
-    let nonce = match ask(
-        Request::Challenge {
-            v: VERSION,
-            vm_id: vm_id.into(),
-        },
-        challenge_limit,
-    )
-    .await?
-    {
-        Response::Challenge { nonce, .. } => <[u8; 32]>::try_from(nonce.as_slice())
-            .map_err(|_| ClientError::Protocol("nonce".into()))?,
-        Response::Error { code, .. } => return Err(ClientError::Protocol(code)),
-        _ => return Err(ClientError::Protocol("expected a challenge".into())),
-    };
+    let nonce = proto::connection_nonce(&exporter);
     let key = GuestKey::generate().map_err(|_| ClientError::KeyGen)?;
     let rd = match mesh_key {
         Some(m) => proto::report_data_with_mesh_key(&nonce, &key.public(), &exporter, m),
@@ -254,14 +228,14 @@ async fn fetch_on_with(
     let req = Request::Evidence {
         v: VERSION,
         vm_id: vm_id.into(),
-        nonce: nonce.to_vec(),
+        nonce: Vec::new(),
         report,
         cert_table: table,
         guest_public_key: key.public().to_vec(),
         mesh_key: mesh_key.map(|m| m.to_vec()).unwrap_or_default(),
     };
     let t0 = std::time::Instant::now();
-    let resp = ask(req, None).await?;
+    let resp = exchange(&conn, &req).await?;
     let evidence_rtt = t0.elapsed();
     conn.close(0u32.into(), b"done");
     if let Response::Error { code, .. } = &resp {

@@ -183,11 +183,10 @@ use snp::certs::pem_encode as pem;
 ///
 /// With several brokers (replicas on one database) each try goes to the next one, starting
 /// where the VM's id points so that a fleet spreads over them; a handshake to one that does
-/// not answer is given up after [`HANDSHAKE_PER_TRY`], one that does not give a challenge
-/// after [`crate::client::ANSWER_PER_TRY`], a connection lost before the answer at once. The
-/// answer to the evidence is waited for: leaving a slow broker then could spend the boot's
-/// release unseen. Each try is a whole new exchange (its own
-/// connection and nonce): nothing from one broker is shown to another.
+/// not answer is given up after [`HANDSHAKE_PER_TRY`], a connection lost before the answer at
+/// once. The answer to the evidence is waited for: leaving a slow broker then could spend a
+/// release unseen. Each try is a whole new exchange (its own connection, guest key and report):
+/// nothing from one broker is shown to another.
 pub async fn fetch_with_retry(
     brokers: &[Broker],
     vm_id: &str,

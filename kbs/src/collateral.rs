@@ -389,18 +389,16 @@ impl Collateral {
             }
         }
         let until = match got.as_deref().map(|b| (Crl::from_der_or_pem(b), b)) {
-            Some((Ok(crl), bytes)) if crl.fresh_at(now) => {
-                match crate::service::add_crl(verifier, bytes) {
-                    Ok(p) => {
-                        tracing::info!(product = %p, next_update = ?crl.next_update, "CRL from the collateral sources");
-                        crl.next_update.unwrap_or(now)
-                    }
-                    Err(e) => {
-                        tracing::warn!(%product, error = %e, "CRL refused");
-                        now + CRL_RETRY_SECS
-                    }
+            Some((Ok(crl), bytes)) if crl.fresh_at(now) => match add_crl(verifier, bytes) {
+                Ok(p) => {
+                    tracing::info!(product = %p, next_update = ?crl.next_update, "CRL from the collateral sources");
+                    crl.next_update.unwrap_or(now)
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(%product, error = %e, "CRL refused");
+                    now + CRL_RETRY_SECS
+                }
+            },
             Some(_) => {
                 tracing::warn!(%product, "CRL unusable or not current");
                 now + CRL_RETRY_SECS
@@ -572,4 +570,23 @@ mod tests {
         // Misspelt keys are errors, not silently ignored.
         assert!(parse("kds-url = \"https://kdsintf.amd.com\"").is_err());
     }
+}
+
+/// Gives `verifier` a CRL after checking it is signed by the ARK of one of the products (or a
+/// configured root); says which product's. Freshness is judged at each verification, so a
+/// stale CRL is held but cannot satisfy `revocation = "require"`.
+pub fn add_crl(verifier: &Verifier, bytes: &[u8]) -> Result<snp::Product, snp::verify::CrlError> {
+    let mut last = None;
+    for p in [
+        snp::Product::Milan,
+        snp::Product::Genoa,
+        snp::Product::Turin,
+    ] {
+        match verifier.add_crl(bytes, p) {
+            Ok(()) => return Ok(p),
+            Err(e @ snp::verify::CrlError::Parse(_)) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(snp::verify::CrlError::BadSignature(snp::Product::Milan)))
 }

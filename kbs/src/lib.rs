@@ -4,15 +4,19 @@
 //! clocks passed implicitly); the `attesta-kbs` binary is a thin shell around it.
 #![forbid(unsafe_code)]
 
+pub mod allowlist;
 pub mod audit;
 pub mod client;
 pub mod collateral;
 pub mod config;
+pub mod evidence;
 pub mod floor;
+pub mod guest_issuer;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod nonces;
+pub mod orders;
 pub mod quic;
 pub mod release;
 pub mod service;

@@ -101,7 +101,11 @@ impl AddressSlots {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Spend {
     Challenge,
+    /// Evidence on a nonce this broker issued.
     Evidence,
+    /// Evidence bound to its connection (no nonce): the connection is its challenge, so it is
+    /// the connection's one and last evidence.
+    BoundEvidence,
     /// Orders (hosts and operators only) are not counted.
     Other,
 }
@@ -128,6 +132,13 @@ impl SessionBudget {
                 MAX_EVIDENCE_PER_SESSION,
                 "too_many_evidence",
             ),
+            Spend::BoundEvidence => {
+                if self.evidence >= MAX_EVIDENCE_PER_SESSION {
+                    return Err("too_many_evidence");
+                }
+                self.evidence = MAX_EVIDENCE_PER_SESSION;
+                return Ok(());
+            }
             Spend::Other => return Ok(()),
         };
         if *n >= max {
@@ -185,6 +196,16 @@ mod tests {
         }
         assert_eq!(b.spend(Spend::Challenge), Err("too_many_challenges"));
         assert_eq!(b.spend(Spend::Other), Ok(()));
+        // Evidence bound to the connection is its one and last.
+        let mut b = SessionBudget::default();
+        assert_eq!(b.spend(Spend::BoundEvidence), Ok(()));
+        assert_eq!(b.spend(Spend::BoundEvidence), Err("too_many_evidence"));
+        assert_eq!(b.spend(Spend::Evidence), Err("too_many_evidence"));
+        let mut b = SessionBudget::default();
+        for _ in 0..MAX_EVIDENCE_PER_SESSION {
+            assert_eq!(b.spend(Spend::Evidence), Ok(()));
+        }
+        assert_eq!(b.spend(Spend::BoundEvidence), Err("too_many_evidence"));
     }
 
     #[test]

@@ -170,6 +170,7 @@ mod tests {
                             prop_assert!(used.insert(nonce), "handed out twice");
                         }
                         Some(NonceState::Spent) => prop_assert!(used.contains(&nonce)),
+                        Some(NonceState::Bound) => prop_assert!(false, "the book binds nothing"),
                         None => {}
                     }
                 }

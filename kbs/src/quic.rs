@@ -198,6 +198,9 @@ pub async fn serve_with(
                             Ok(req) => {
                                 let spend = match &req {
                                     Request::Challenge { .. } => Spend::Challenge,
+                                    Request::Evidence { nonce, .. } if nonce.is_empty() => {
+                                        Spend::BoundEvidence
+                                    }
                                     Request::Evidence { .. } => Spend::Evidence,
                                     _ => Spend::Other,
                                 };

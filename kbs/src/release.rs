@@ -3,8 +3,9 @@
 //! VM's secrets or deny — and say which state changes must be committed (durably, atomically)
 //! before the answer is sent.
 //!
-//! Rules: an unknown, expired or spent nonce is denied; a nonce is spent by its first use,
-//! whatever the outcome, so each nonce yields at most one release; a nonce issued for another
+//! Rules: evidence bound to its connection (no nonce) is fresh by construction, and the session
+//! admits one per connection; an unknown, expired or spent issued nonce is denied; an issued
+//! nonce is spent by its first use, whatever the outcome, so each yields at most one release; a nonce issued for another
 //! VM is denied; an unknown or terminated VM is denied; REPORT_DATA must bind the nonce, the guest
 //! key and the connection; the evidence must pass the VM's policy; the reported measurement must
 //! be in the current signed allowlist (none loaded: nothing is released), so an image the
@@ -17,8 +18,15 @@ use snp::Reason;
 /// What the broker holds about a nonce.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NonceState {
-    Issued { vm_id: String, expires_at: u64 },
+    Issued {
+        vm_id: String,
+        expires_at: u64,
+    },
     Spent,
+    /// Derived from the connection the evidence came on ([`proto::connection_nonce`]): fresh
+    /// by construction, good for no other connection, and one per connection (the session's
+    /// budget); nothing to spend, as nothing was kept.
+    Bound,
 }
 
 /// What the store holds about a VM.
@@ -110,6 +118,7 @@ pub fn decide(req: &Request<'_>) -> Decision {
                 deny.push(Denial::NonceForAnotherVm);
             }
         }
+        Some(NonceState::Bound) => {}
     }
     match req.vm {
         None => deny.push(Denial::UnknownVm),
@@ -341,5 +350,40 @@ mod tests {
         // Unknown or spent nonces have nothing to spend.
         assert!(!decide(&req(None, Some(&v), &[])).spend_nonce);
         assert!(!decide(&req(Some(&NonceState::Spent), Some(&v), &[])).spend_nonce);
+    }
+
+    #[test]
+    fn evidence_bound_to_its_connection_releases_only_on_every_other_rule() {
+        let (b, v) = (NonceState::Bound, vm());
+        let d = decide(&req(Some(&b), Some(&v), &[]));
+        assert_eq!(d.outcome.map(|s| s.boot_counter), Ok(8));
+        assert!(!d.spend_nonce, "nothing was kept, so nothing is spent");
+        // No expiry to pass, no VM it was issued for; everything else still holds.
+        let late = decide(&Request {
+            now: u64::MAX,
+            ..req(Some(&b), Some(&v), &[])
+        });
+        assert!(late.outcome.is_ok());
+        let denied = |r: Request<'_>| decide(&r).outcome.unwrap_err();
+        assert_eq!(
+            denied(Request {
+                report_data: [2; 64],
+                ..req(Some(&b), Some(&v), &[])
+            }),
+            vec![Denial::ReportDataMismatch]
+        );
+        assert_eq!(denied(req(Some(&b), None, &[])), vec![Denial::UnknownVm]);
+        let ev = [Reason::ReportSignatureInvalid];
+        assert_eq!(
+            denied(req(Some(&b), Some(&v), &ev)),
+            vec![Denial::Evidence(Reason::ReportSignatureInvalid)]
+        );
+        assert_eq!(
+            denied(Request {
+                allowlist: None,
+                ..req(Some(&b), Some(&v), &[])
+            }),
+            vec![Denial::NoAllowlist]
+        );
     }
 }

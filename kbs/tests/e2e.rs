@@ -677,3 +677,166 @@ async fn a_key_that_cannot_be_sealed_is_recorded_as_a_denial() {
     let vm = kbs.store.vm("vm-1").await.unwrap().unwrap();
     assert_eq!(vm.state.boot_counter, 0, "the boot counter did not move");
 }
+
+/// The connection is the challenge: evidence sent with no nonce binds its connection's TLS
+/// exporter and is released at once (one round trip after the handshake); each connection takes
+/// one; replayed or relayed onto another connection (another replica's, or a host's own) it
+/// matches nothing; nothing is kept for it. The issued-nonce flow still works beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_bound_to_its_connection_needs_no_challenge() {
+    let Setup {
+        dir: _dir,
+        chip,
+        operator,
+        response_pub,
+        kbs,
+        ..
+    } = setup().await;
+    let order = Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Register,
+        vm_id: "vm-c".into(),
+        tenant: "tenant-a".into(),
+        measurements: vec![ByteBuf::from(GOOD.to_vec())],
+        policy: String::new(),
+        chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
+        not_after: now() + 3600,
+        boot_config: ByteBuf::new(),
+        billing: None,
+        mesh_ip: None,
+    };
+    kbs.register(&order.sign(&operator), now()).await.unwrap();
+    let broker = serve_on_loopback(&kbs, response_pub);
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connect = || async {
+        client
+            .connect_with(
+                guest_agent::client::client_config(&broker).unwrap(),
+                broker.addr,
+                "kbs.attesta.test",
+            )
+            .unwrap()
+            .await
+            .unwrap()
+    };
+    let exporter_of = |c: &quinn::Connection| {
+        let mut x = [0u8; 32];
+        c.export_keying_material(&mut x, proto::msg::EXPORTER_LABEL, b"")
+            .unwrap();
+        x
+    };
+    let guest = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    // Evidence for `nonce` on a connection with `exporter`; `sent` is the request's nonce field.
+    let evidence = |nonce: [u8; 32], exporter: [u8; 32], sent: Vec<u8>| {
+        let key = proto::GuestKey::generate().unwrap();
+        let rd = proto::report_data(&nonce, &key.public(), &exporter);
+        let (report, cert_table) = guest.get_ext_report(&rd, 0).unwrap();
+        let req = Request::Evidence {
+            v: VERSION,
+            vm_id: "vm-c".into(),
+            nonce: sent,
+            report,
+            cert_table,
+            guest_public_key: key.public().to_vec(),
+            mesh_key: vec![],
+        };
+        (req, key)
+    };
+    use proto::msg::Decision;
+    let decide = |r: &Response| proto::msg::verify_decision(&response_pub, r).unwrap();
+    let error = |r: Response| match r {
+        Response::Error { code, .. } => code,
+        other => panic!("expected an error, got {other:?}"),
+    };
+
+    // The first request is the evidence: released, sealed to this connection's nonce.
+    let conn = connect().await;
+    let nonce = proto::connection_nonce(&exporter_of(&conn));
+    let (req, key) = evidence(nonce, exporter_of(&conn), vec![]);
+    let r = guest_agent::client::exchange(&conn, &req).await.unwrap();
+    let Decision::Release(body) = decide(&r) else {
+        panic!("{r:?}")
+    };
+    assert_eq!(body.nonce, nonce);
+    assert_eq!(body.boot_counter, 1);
+    let ctx = proto::SealContext {
+        vm_id: "vm-c",
+        generation: body.generation,
+        nonce,
+        measurement: GOOD,
+    };
+    assert!(
+        proto::open(&key, &ctx, &body.sealed().unwrap())
+            .unwrap()
+            .len()
+            >= 64
+    );
+    assert_eq!(
+        kbs.store.prune_nonces(u64::MAX).await.unwrap(),
+        0,
+        "nothing is kept for a connection's evidence"
+    );
+    // The same evidence again, or a new one, on this connection: it has had its one.
+    assert_eq!(
+        error(guest_agent::client::exchange(&conn, &req).await.unwrap()),
+        "too_many_evidence"
+    );
+    let (fresh, _) = evidence(nonce, exporter_of(&conn), vec![]);
+    assert_eq!(
+        error(guest_agent::client::exchange(&conn, &fresh).await.unwrap()),
+        "too_many_evidence"
+    );
+
+    // Replayed onto another connection (what a host that kept the bytes, or a relay to another
+    // replica, would try): it binds the first connection, so it matches nothing here.
+    let other = connect().await;
+    let r = guest_agent::client::exchange(&other, &req).await.unwrap();
+    let Decision::Denial(d) = decide(&r) else {
+        panic!("{r:?}")
+    };
+    assert_eq!(d.reasons, ["report_data_mismatch"]);
+    assert_eq!(d.nonce, proto::connection_nonce(&exporter_of(&other)));
+    // Evidence that names the connection's nonce as if it had been issued: never issued here.
+    let conn = connect().await;
+    let n = proto::connection_nonce(&exporter_of(&conn));
+    let (named, _) = evidence(n, exporter_of(&conn), n.to_vec());
+    let r = guest_agent::client::exchange(&conn, &named).await.unwrap();
+    let Decision::Denial(d) = decide(&r) else {
+        panic!("{r:?}")
+    };
+    assert_eq!(d.reasons, ["unknown_nonce"]);
+
+    // The issued-nonce flow, for clients that want it: challenge, then evidence on that nonce.
+    let conn = connect().await;
+    let Response::Challenge { nonce: issued, .. } = guest_agent::client::exchange(
+        &conn,
+        &Request::Challenge {
+            v: VERSION,
+            vm_id: "vm-c".into(),
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("no challenge")
+    };
+    let issued: [u8; 32] = issued.try_into().unwrap();
+    let (req, _) = evidence(issued, exporter_of(&conn), issued.to_vec());
+    let r = guest_agent::client::exchange(&conn, &req).await.unwrap();
+    let Decision::Release(body) = decide(&r) else {
+        panic!("{r:?}")
+    };
+    assert_eq!((body.nonce, body.boot_counter), (issued.to_vec(), 2));
+    assert_eq!(kbs.store.prune_nonces(u64::MAX).await.unwrap(), 1);
+
+    // The log says which freshness each release had.
+    let entries = kbs.store.audit_entries().await.unwrap();
+    let bound: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.kind == "release")
+        .filter_map(|e| e.detail["bound"].as_str())
+        .collect();
+    assert_eq!(bound, ["connection", "nonce"]);
+}

@@ -1,9 +1,11 @@
 //! # proto — what crosses the wire between a guest and the key broker
 //!
 //! This crate holds the cryptographic bindings of the release protocol, as pure functions:
-//! - [`report_data`]: what a guest puts in REPORT_DATA, binding the broker's single-use nonce, the
-//!   guest's ephemeral X25519 public key and a TLS exporter value of the connection, so a report
-//!   relayed to another connection or replayed later does not match.
+//! - [`report_data`]: what a guest puts in REPORT_DATA, binding a nonce, the guest's ephemeral
+//!   X25519 public key and a TLS exporter value of the connection, so a report relayed to another
+//!   connection or replayed later does not match. The nonce is [`connection_nonce`] (derived from
+//!   the exporter: the connection is the challenge, one round trip per boot) or, for clients that
+//!   cannot bind an exporter's freshness on their own, a single-use one the broker issued.
 //! - [`seal`]/[`open`]: HPKE (RFC 9180: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
 //!   ChaCha20-Poly1305, base mode) of a VM's secrets to the guest key, with info and AAD binding
 //!   the VM id, generation, nonce and measurement.
@@ -37,6 +39,19 @@ pub enum ProtoError {
     BadSignature,
     #[error("key generation failed")]
     KeyGen,
+}
+
+/// The nonce of evidence bound to its connection alone (a [`msg::Request::Evidence`] with no
+/// nonce): derived from the connection's TLS exporter value, which both ends compute and no one
+/// else can (the host relaying the packets included), and which the broker's handshake makes
+/// fresh. So the connection is the challenge: nothing is issued, kept or stored, and evidence made
+/// for one connection matches no other (no other replica's either). One-way, so the exporter
+/// itself never appears in a release, a denial or the audit log.
+pub fn connection_nonce(tls_exporter: &[u8; 32]) -> [u8; 32] {
+    let d = bind(b"\0connection-nonce\0", &[tls_exporter]);
+    let mut n = [0u8; 32];
+    n.copy_from_slice(&d[..32]);
+    n
 }
 
 /// REPORT_DATA for a release request: SHA-512 over a domain separator, the broker's nonce, the
@@ -289,6 +304,14 @@ mod tests {
             expected_report_data(&[1; 32], &[2; 32], &[3; 32], &[4; 31]),
             None
         );
+    }
+
+    #[test]
+    fn a_connection_nonce_is_the_exporter_s_alone() {
+        let n = connection_nonce(&[3; 32]);
+        assert_eq!(n, connection_nonce(&[3; 32]));
+        assert_ne!(n, connection_nonce(&[4; 32]));
+        assert_ne!(&n[..], &[3u8; 32][..], "the exporter itself is never shown");
     }
 
     #[test]

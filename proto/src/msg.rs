@@ -39,7 +39,7 @@ pub enum FrameError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    /// Ask for a single-use nonce.
+    /// Ask for a single-use nonce (optional: evidence bound to its connection needs none).
     Challenge { v: u32, vm_id: String },
     /// Register a VM from an operator-signed order (hosts and operators only: mTLS).
     Register {
@@ -54,11 +54,14 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         order: Vec<u8>,
     },
-    /// Present evidence for a nonce.
+    /// Present evidence. Sent as a connection's first request with `nonce` empty, it is bound to
+    /// the connection alone ([`crate::connection_nonce`]): one per connection, no challenge
+    /// first. With a nonce from [`Request::Challenge`] (the optional older flow), it must be
+    /// that nonce, on the connection that asked for it.
     Evidence {
         v: u32,
         vm_id: String,
-        #[serde(with = "serde_bytes")]
+        #[serde(default, with = "serde_bytes")]
         nonce: Vec<u8>,
         #[serde(with = "serde_bytes")]
         report: Vec<u8>,

@@ -1,0 +1,121 @@
+//! Mesh identities for attested guests: the broker certifies the Ed25519 key a guest bound in
+//! its report, for that VM's name, address and tenant, short-lived.
+
+use proto::order::Order;
+use zeroize::Zeroizing;
+
+/// Issues an attested guest its mesh certificate: name = VM id, the order's `mesh_ip`, group
+/// `tenant:<tenant>`, role guest, short-lived; for the key bound in the guest's report only.
+pub struct GuestIssuer {
+    ca: mesh::cert::MeshCert,
+    /// `ca` and the certificates above it as `guest_ca/ca.crt` lists them (DER), sent with each
+    /// certificate so that an intermediate works without the broker holding the root's key.
+    chain: Vec<serde_bytes::ByteBuf>,
+    key: Zeroizing<String>,
+    /// Validity of a guest certificate, seconds (each boot gets a new one).
+    ttl: u64,
+}
+
+impl GuestIssuer {
+    /// An issuer certifying with `ca` (whose key is `key`); `above` are the certificates over
+    /// it up to the mesh's root, issuer first (empty when `ca` is the root).
+    pub fn new(
+        ca: mesh::cert::MeshCert,
+        above: Vec<mesh::cert::MeshCert>,
+        key: Zeroizing<String>,
+        ttl: u64,
+    ) -> GuestIssuer {
+        let chain = std::iter::once(&ca)
+            .chain(&above)
+            .map(|c| serde_bytes::ByteBuf::from(c.der.clone()))
+            .collect();
+        GuestIssuer {
+            ca,
+            chain,
+            key,
+            ttl,
+        }
+    }
+
+    /// What goes with each certificate: the issuing CA and those above it (DER).
+    pub fn chain(&self) -> &[serde_bytes::ByteBuf] {
+        &self.chain
+    }
+
+    /// The certificate (DER), or why none.
+    pub fn issue(&self, order: &Order, mesh_key: &[u8; 32], now: u64) -> Result<Vec<u8>, String> {
+        // The name is also the certificate's DNS name: a single label, so that a guest can never
+        // hold a service's name (such as the broker's) under the mesh CA clients pin.
+        if !mesh::cert::is_plain_name(&order.vm_id) {
+            return Err(format!(
+                "the VM id {:?} is not a single DNS label: no mesh certificate",
+                order.vm_id
+            ));
+        }
+        let ip = order
+            .mesh_ip
+            .as_deref()
+            .ok_or("the order names no mesh_ip")?;
+        let req = mesh::cert::Request {
+            name: &order.vm_id,
+            claims: mesh::cert::Claims {
+                v: 1,
+                ips: vec![ip.to_string()],
+                groups: vec![format!("tenant:{}", order.tenant)],
+                role: Some(mesh::cert::Role::Guest),
+                // A leaf: no CA constraints (whatever fields the mesh adds for those).
+                ..Default::default()
+            },
+            is_ca: false,
+            not_before: now.saturating_sub(60).max(self.ca.not_before),
+            not_after: now.saturating_add(self.ttl).min(self.ca.not_after),
+            curve: mesh::cert::Curve::Ed25519,
+        };
+        mesh::cert::sign_for_key(&self.ca, &self.key, &req, mesh_key).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::order::{ORDER_VERSION, OrderKind};
+    use serde_bytes::ByteBuf;
+
+    fn order(policy: &str) -> Order {
+        Order {
+            v: ORDER_VERSION,
+            kind: OrderKind::Register,
+            vm_id: "vm".into(),
+            tenant: "t".into(),
+            measurements: vec![ByteBuf::from(vec![1; 48])],
+            policy: policy.into(),
+            chip_ids: vec![ByteBuf::from(vec![2; 64])],
+            not_after: 0,
+            boot_config: ByteBuf::new(),
+            billing: None,
+            mesh_ip: None,
+        }
+    }
+
+    #[test]
+    fn a_guest_mesh_name_is_one_dns_label() {
+        let ca = mesh::cert::LocalCa::root("ca", &[], 1_000, 1_000_000).unwrap();
+        let issuer = GuestIssuer::new(ca.cert.clone(), vec![], ca.key.clone(), 3600);
+        let with = |vm: &str| Order {
+            vm_id: vm.into(),
+            mesh_ip: Some("10.42.2.1/16".into()),
+            ..order("")
+        };
+        let der = issuer.issue(&with("vm-1"), &[7; 32], 5_000).unwrap();
+        let cert = mesh::cert::MeshCert::parse(&der).unwrap();
+        assert_eq!(cert.name, "vm-1");
+        assert_eq!(cert.claims.groups, ["tenant:t"]);
+        for bad in ["kbs.attesta.local", "", "vm 1", "vm/1"] {
+            let e = issuer.issue(&with(bad), &[7; 32], 5_000).unwrap_err();
+            assert!(e.contains("single DNS label"), "{bad}: {e}");
+        }
+        // No address in the order: no certificate.
+        let e = issuer.issue(&order(""), &[7; 32], 5_000).unwrap_err();
+        assert!(e.contains("mesh_ip"), "{e}");
+    }
+}
