@@ -497,6 +497,16 @@ fn demo_json() {
     }
     for (name, reason) in [
         (
+            "live-bound-evidence-replayed-on-another-connection",
+            "report_data_mismatch",
+        ),
+        ("live-bound-evidence-sent-twice", "too_many_evidence"),
+        ("live-connection-nonce-named-as-issued", "unknown_nonce"),
+        (
+            "live-mesh-key-not-bound-in-the-report",
+            "report_data_mismatch",
+        ),
+        (
             "live-evidence-replayed-on-another-connection",
             "report_data_mismatch",
         ),

@@ -172,11 +172,11 @@ impl<'a> HandClient<'a> {
     }
 }
 
-/// Evidence in the protocol's message: `report` and `cert_table` as given, for `vm` and `nonce`,
-/// under the guest key `key`.
+/// Evidence in the protocol's message: `report` and `cert_table` as given, for `vm`, under the
+/// guest key `key`, naming the issued `nonce` (`None`: bound to its connection, as guests send it).
 pub(crate) fn evidence_request(
     vm: &str,
-    nonce: &[u8; 32],
+    nonce: Option<&[u8; 32]>,
     key: &proto::GuestKey,
     report: Vec<u8>,
     cert_table: Vec<u8>,
@@ -184,7 +184,7 @@ pub(crate) fn evidence_request(
     proto::msg::Request::Evidence {
         v: proto::msg::VERSION,
         vm_id: vm.into(),
-        nonce: nonce.to_vec(),
+        nonce: nonce.map(|n| n.to_vec()).unwrap_or_default(),
         report,
         cert_table,
         guest_public_key: key.public().to_vec(),
@@ -193,8 +193,11 @@ pub(crate) fn evidence_request(
 }
 
 /// Attacks on the protocol itself, by a client that speaks it by hand with a genuine guest's
-/// device: evidence replayed on another connection, a spent nonce used again, a nonce issued for
-/// one VM used for another, and an order sent by a guest.
+/// device. Evidence bound to its connection (as guests send it): replayed on another connection
+/// (a host that kept the bytes, or relayed them to another replica), sent twice on its own,
+/// naming its connection's nonce as if issued. Evidence on an issued nonce (the optional flow):
+/// replayed on another connection, a spent nonce used again, a nonce issued for one VM used for
+/// another. And a mesh key the report does not bind, and an order sent by a guest.
 pub(crate) async fn protocol_attacks(
     broker: &Broker,
     vm: &str,
@@ -203,18 +206,50 @@ pub(crate) async fn protocol_attacks(
     use guest_agent::client::exchange;
     use proto::msg::{Request, VERSION};
     let hand = HandClient::new(broker)?;
-    let evidence = |vm: &str, nonce: &[u8; 32], exporter: &[u8; 32]| -> Result<Request, String> {
+    // Evidence binding `nonce` and the connection whose exporter is `exporter`; `named` is the
+    // nonce the request names (`None`: bound to its connection).
+    let evidence = |vm: &str, nonce: &[u8; 32], exporter: &[u8; 32], named: Option<&[u8; 32]>| {
         let key = proto::GuestKey::generate().map_err(|e| e.to_string())?;
         let (report, cert_table) = guest
             .get_ext_report(&proto::report_data(nonce, &key.public(), exporter), 0)
             .map_err(|x| x.to_string())?;
-        Ok(evidence_request(vm, nonce, &key, report, cert_table))
+        Ok::<_, String>(evidence_request(vm, named, &key, report, cert_table))
+    };
+    let bound = |vm: &str, exporter: &[u8; 32]| {
+        evidence(vm, &proto::connection_nonce(exporter), exporter, None)
     };
     let mut out = Vec::new();
-    // A genuine report captured on one connection, replayed on another.
+    // Bound evidence captured on one connection, replayed on another.
+    let (a, xa) = hand.connect().await?;
+    let captured = bound(vm, &xa)?;
+    a.close(0u32.into(), b"");
+    let (b, _) = hand.connect().await?;
+    out.push(hand.judge(
+        "live-bound-evidence-replayed-on-another-connection",
+        "report_data_mismatch",
+        exchange(&b, &captured).await,
+    ));
+    // Bound evidence twice on its own connection: the first releases, the second is refused.
+    let (c, xc) = hand.connect().await?;
+    let ev = bound(vm, &xc)?;
+    let _first = exchange(&c, &ev).await;
+    out.push(hand.judge(
+        "live-bound-evidence-sent-twice",
+        "too_many_evidence",
+        exchange(&c, &ev).await,
+    ));
+    // The connection's nonce named as if the broker had issued it.
+    let (g, xg) = hand.connect().await?;
+    let ng = proto::connection_nonce(&xg);
+    out.push(hand.judge(
+        "live-connection-nonce-named-as-issued",
+        "unknown_nonce",
+        exchange(&g, &evidence(vm, &ng, &xg, Some(&ng))?).await,
+    ));
+    // The issued-nonce flow: a report captured on one connection, replayed on another.
     let (a, xa) = hand.connect().await?;
     let na = hand.challenge(&a, vm).await?;
-    let captured = evidence(vm, &na, &xa)?;
+    let captured = evidence(vm, &na, &xa, Some(&na))?;
     a.close(0u32.into(), b"");
     let (b, _) = hand.connect().await?;
     out.push(hand.judge(
@@ -225,7 +260,7 @@ pub(crate) async fn protocol_attacks(
     // The same evidence twice on its own connection: the first releases, the second must not.
     let (c, xc) = hand.connect().await?;
     let nc = hand.challenge(&c, vm).await?;
-    let ev = evidence(vm, &nc, &xc)?;
+    let ev = evidence(vm, &nc, &xc, Some(&nc))?;
     let _first = exchange(&c, &ev).await;
     out.push(hand.judge(
         "live-nonce-used-twice",
@@ -238,13 +273,12 @@ pub(crate) async fn protocol_attacks(
     out.push(hand.judge(
         "live-nonce-for-another-vm",
         "nonce_for_another_vm",
-        exchange(&d, &evidence(vm, &nd, &xd)?).await,
+        exchange(&d, &evidence(vm, &nd, &xd, Some(&nd))?).await,
     ));
     // A genuine report that binds no mesh key, sent with somebody's key to certify (a miner
     // trying to get its own key into the tenant's mesh on the guest's evidence).
     let (f, xf) = hand.connect().await?;
-    let nf = hand.challenge(&f, vm).await?;
-    let mut smuggled = evidence(vm, &nf, &xf)?;
+    let mut smuggled = bound(vm, &xf)?;
     if let Request::Evidence { mesh_key, .. } = &mut smuggled {
         *mesh_key = vec![0x6d; 32];
     }
@@ -309,13 +343,14 @@ pub(crate) async fn session(
         .register(&order, NOW)
         .await
         .map_err(|x| format!("{vm}: {x}"))?;
+    // Bound to the connection, as guests send it.
     let (c, x) = hand.connect().await?;
-    let nonce = hand.challenge(&c, vm).await?;
+    let nonce = proto::connection_nonce(&x);
     let key = proto::GuestKey::generate().map_err(|e| e.to_string())?;
     let live = build(proto::report_data(&nonce, &key.public(), &x));
     let r = guest_agent::client::exchange(
         &c,
-        &evidence_request(vm, &nonce, &key, live.report, live.cert_table),
+        &evidence_request(vm, None, &key, live.report, live.cert_table),
     )
     .await;
     c.close(0u32.into(), b"");
@@ -323,7 +358,7 @@ pub(crate) async fn session(
 }
 
 /// The whole attack catalogue against live brokers. Each scenario's evidence is bound to a real
-/// session (the broker's nonce, a fresh guest key, this connection's TLS exporter) and sent
+/// session (a fresh guest key and this connection's TLS exporter, as guests send it) and sent
 /// over QUIC by a hand-driven client, for a VM registered with the scenario's policy, to a
 /// broker configured as the scenario needs (trust roots, revocation rule, CRLs held: one
 /// broker per distinct setting). The brokers run at the catalogue's instant, so its
