@@ -486,6 +486,62 @@ fn load_against_two_replicas_on_postgres() {
     );
 }
 
+/// `attesta-sim demo --store postgres://… --replicas 2`: the whole demo with its fleet's broker
+/// as two replicas on one database, one stopped halfway through the second boots; every VM
+/// still unlocked, every attack denied, and both replicas' releases in the one log.
+#[test]
+fn demo_on_two_replicas_one_stopped() {
+    let Some(db) = Cluster::start() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let demo = |store: &str, replicas: &str| {
+        std::process::Command::new(common::sibling("attesta-sim"))
+            .args(["demo", "--vms", "4", "--real-vms", "0", "--json"])
+            .args(["--store", store, "--replicas", replicas])
+            .env("ATTESTA_SIM_STATE", state.path())
+            .output()
+            .unwrap()
+    };
+    let out = demo(&db.url("postgres"), "2");
+    let text = common::ok(out, "attesta-sim demo");
+    let j: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(
+        (&j["store"], &j["replicas"], &j["replica_stopped_mid_boot"]),
+        (
+            &serde_json::json!("postgres"),
+            &serde_json::json!(2),
+            &serde_json::json!(true)
+        ),
+        "{j}"
+    );
+    assert_eq!(j["unlocked"], 4, "{j}");
+    // Two boots of four VMs in the one database's log (and the live attacks' releases).
+    let releases = db.psql("SELECT count(*) FROM audit WHERE entry LIKE '%\"release\"%'");
+    assert!(releases.trim().parse::<u64>().unwrap() >= 8, "{releases}");
+    // Several replicas need PostgreSQL; the count is bounded.
+    for (store, replicas, why) in [
+        ("sqlite", "2", "several replicas need PostgreSQL"),
+        (
+            db.url("postgres").as_str(),
+            "9",
+            "--replicas must be between 1 and 8",
+        ),
+        (
+            "mysql://x",
+            "1",
+            "--store must be `sqlite` or a postgres:// URL",
+        ),
+    ] {
+        let out = demo(store, replicas);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{store} ×{replicas}: {err}");
+    }
+}
+
 /// `vm register FOLDER`: every order in it registered concurrently; a bad one is reported by
 /// name and the others still registered; registering them again refuses each.
 #[test]

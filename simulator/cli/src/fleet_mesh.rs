@@ -241,14 +241,29 @@ impl FleetMesh {
     /// the mesh CA and its revocation lists, admitted by the mesh firewall; attested guests
     /// certified by the mesh CA. Returns what guests pin (the mesh CA, the response key).
     pub async fn serve_broker(&mut self, kbs: Arc<Kbs>) -> Result<Broker, String> {
+        self.serve_replica(kbs).await.map(|(b, _)| b)
+    }
+
+    /// [`FleetMesh::serve_broker`] for one of several replicas (brokers on one store, with the
+    /// same keys): each on its own port, all with the broker's one mesh identity and one view
+    /// of the revocation lists. Closing the endpoint returned stops that replica.
+    pub async fn serve_replica(
+        &mut self,
+        kbs: Arc<Kbs>,
+    ) -> Result<(Broker, quinn::Endpoint), String> {
         let d = self.dir.join("kbs");
-        std::fs::create_dir_all(&d).map_err(io(&d))?;
-        self.issue_files(&d, KBS_NAME, &format!("{KBS_IP}/16"), &["infra"], Role::Kbs)?;
+        if self.broker_trust.is_none() {
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
+            self.issue_files(&d, KBS_NAME, &format!("{KBS_IP}/16"), &["infra"], Role::Kbs)?;
+        }
         let id = Identity::from_pem(
             &std::fs::read(d.join("node.crt")).map_err(io(&d))?,
             &std::fs::read(d.join("node.key")).map_err(io(&d))?,
         )?;
-        let trust = Trust::new(vec![self.ca.cert.clone()]);
+        let trust = self
+            .broker_trust
+            .clone()
+            .unwrap_or_else(|| Trust::new(vec![self.ca.cert.clone()]));
         let rules = Firewall::load(KBS_RULES).map_err(|e| format!("broker rules: {e}"))?;
         let gate = Arc::new(MeshGate::new(trust.clone(), rules));
         // A real deployment gives the broker an intermediate CA limited to the guests' network.
@@ -266,14 +281,15 @@ impl FleetMesh {
         )
         .map_err(|e| e.to_string())?;
         let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
-        tokio::spawn(serve_with(endpoint, kbs.clone(), now, Some(gate)));
+        tokio::spawn(serve_with(endpoint.clone(), kbs.clone(), now, Some(gate)));
         self.broker_trust = Some(trust);
-        Ok(Broker {
+        let broker = Broker {
             addr,
             server_name: KBS_NAME.into(),
             ca_der: self.ca.cert.der.clone(),
             response_key: kbs.response_key.public(),
-        })
+        };
+        Ok((broker, endpoint))
     }
 
     /// An attested guest joins: the certificate the broker issued must be exactly what the

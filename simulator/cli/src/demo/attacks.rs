@@ -396,6 +396,7 @@ pub async fn catalogue_live(
                 clock: || NOW,
                 max_sessions: kbs::service::DEFAULT_MAX_SESSIONS,
                 max_sessions_per_address: usize::MAX,
+                store: None,
             },
         )
         .await?;

@@ -33,6 +33,14 @@ pub struct DemoArgs {
     /// with the simulator feature are at hand, else 0; 0 skips them.
     #[arg(long, value_name = "N")]
     pub real_vms: Option<usize>,
+    /// The fleet's broker's store: `sqlite` (a file in the demo's folder, the embedded default)
+    /// or a `postgres://` URL of an empty database the broker may use (its tables are created).
+    #[arg(long, value_name = "sqlite|postgres://…", default_value = "sqlite")]
+    pub store: String,
+    /// Broker replicas on that store (more than one needs PostgreSQL). Every guest lists them
+    /// all; the last is stopped halfway through the second boots, and its guests pass over it.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub replicas: usize,
     /// In the real VMs, also time an argon2id passphrase unlock of the same disk (cryptsetup's
     /// defaults) right after the agent's unlock: `real_vms.bench` in the JSON.
     #[arg(long)]
@@ -48,6 +56,7 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
             fleet_mesh::MAX_GUESTS
         ));
     }
+    let store = super::StoreChoice::new(&a.store, a.replicas)?;
     let seed = Seed::from_text(&a.seed);
     let state = crate::state_dir(&a.state);
     let [m, g, t, r] = super::seeds(&seed);
@@ -94,7 +103,7 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                let s = super::run(&dir, a.vms, pkis, a.json).await?;
+                let s = super::run(&dir, a.vms, pkis, &store, a.json).await?;
                 let r = match &real_parts {
                     Some((n, parts)) => {
                         let note = |m: &str| {

@@ -53,10 +53,16 @@ fn progress(quiet: bool, msg: &str) {
 }
 
 /// Runs the demo in `dir` with `vms` VMs, everything on the mesh.
-pub async fn run(dir: &Path, vms: usize, pkis: [Pki; 4], quiet: bool) -> Result<Summary, String> {
+pub async fn run(
+    dir: &Path,
+    vms: usize,
+    pkis: [Pki; 4],
+    store: &StoreChoice,
+    quiet: bool,
+) -> Result<Summary, String> {
     progress(quiet, "mesh: CA and two lighthouses");
     let mut mesh = FleetMesh::start(dir).await?;
-    let r = run_on(dir, vms, pkis, quiet, &mut mesh).await;
+    let r = run_on(dir, vms, pkis, store, quiet, &mut mesh).await;
     mesh.shutdown().await;
     r
 }
@@ -65,6 +71,7 @@ async fn run_on(
     dir: &Path,
     vms: usize,
     pkis: [Pki; 4],
+    store: &StoreChoice,
     quiet: bool,
     mesh: &mut FleetMesh,
 ) -> Result<Summary, String> {
@@ -88,12 +95,29 @@ async fn run_on(
     )
     .map_err(|x| x.to_string())?;
 
-    let Stack {
-        kbs: _,
-        broker,
-        operator,
-        ..
-    } = mesh_stack(dir, &milan, image, mesh).await?;
+    progress(
+        quiet,
+        &format!(
+            "key broker: {} replica(s) on {}",
+            store.replicas,
+            store.kind()
+        ),
+    );
+    let Fleet {
+        stack:
+            Stack {
+                kbs: _,
+                broker,
+                operator,
+                ..
+            },
+        others,
+    } = mesh_stack(dir, &milan, image, mesh, store).await?;
+    // Guests list every replica, the first (which the later scenes use) first.
+    let brokers: Vec<Broker> = std::iter::once(broker.clone())
+        .chain(others.iter().map(|(b, _)| b.clone()))
+        .collect();
+    let mut replica_stopped = None;
     let e = |x: &dyn std::fmt::Display| x.to_string();
 
     // The miners: one host agent per machine (chip), each on its own libvirt (the test driver),
@@ -151,10 +175,31 @@ async fn run_on(
                 ..Default::default()
             });
             let mesh_key = MeshKey::generate().map_err(|x| e(&x))?;
+            // With replicas, the last one is stopped halfway through the second boots: the
+            // guests it served pass over it to another.
+            if boot == 2
+                && i == vms / 2
+                && let Some((b, endpoint)) = others.last()
+            {
+                endpoint.close(0u32.into(), b"replica stopped");
+                replica_stopped = Some(b.addr);
+            }
             let t0 = Instant::now();
-            let got = fetch_with_mesh_key(&broker, &vm, &guest, mesh_key.public())
+            let got = if brokers.len() == 1 {
+                fetch_with_mesh_key(&broker, &vm, &guest, mesh_key.public())
+                    .await
+                    .map_err(|x| format!("{vm}: {x}"))?
+            } else {
+                guest_agent::unlock::fetch_with_retry(
+                    &brokers,
+                    &vm,
+                    &guest,
+                    Duration::from_secs(60),
+                    Some(mesh_key.public()),
+                )
                 .await
-                .map_err(|x| format!("{vm}: {x}"))?;
+                .map_err(|x| format!("{vm}: {x}"))?
+            };
             latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
             if got.mesh_cert.is_empty() {
                 return Err(format!("{vm}: the broker issued no mesh certificate"));
@@ -502,6 +547,9 @@ async fn run_on(
         denied,
         attacks,
         latencies_ms: latencies,
+        store: store.kind(),
+        replicas: store.replicas,
+        replica_stopped,
     })
 }
 

@@ -35,6 +35,12 @@ pub struct Summary {
     pub attacks: Vec<LiveAttack>,
     pub latencies_ms: Vec<f64>,
     pub mesh: MeshSummary,
+    /// The fleet broker's store (`sqlite` or `postgres`) and its replicas.
+    pub store: &'static str,
+    pub replicas: usize,
+    /// With replicas: the one stopped halfway through the second boots (its guests passed
+    /// over it to another).
+    pub replica_stopped: Option<std::net::SocketAddr>,
 }
 
 /// What the demo observed on the mesh.
@@ -116,6 +122,7 @@ impl Summary {
             && self.denied == 1
             && self.attacks.iter().all(LiveAttack::as_expected)
             && self.mesh.as_expected(self.vms)
+            && (self.replicas == 1 || self.replica_stopped.is_some())
     }
 
     /// The fleet's, the mesh's and the attacks' parts of the JSON summary.
@@ -134,6 +141,12 @@ impl Summary {
             .collect();
         vec![
             ("vms", json!(self.vms)),
+            ("store", json!(self.store)),
+            ("replicas", json!(self.replicas)),
+            (
+                "replica_stopped_mid_boot",
+                json!(self.replica_stopped.is_some()),
+            ),
             ("hosts", json!(self.hosts)),
             ("domains", json!(self.domains)),
             ("unlocked", json!(self.unlocked)),
@@ -153,6 +166,21 @@ impl Summary {
         println!(
             "attesta demo: {} simulated SEV-SNP VMs, key broker on the mesh (QUIC on loopback), real LUKS2 images",
             self.vms
+        );
+        let stopped = match self.replica_stopped {
+            Some(a) => {
+                format!("; the replica on {a} stopped mid-boot, its guests served by another")
+            }
+            None => String::new(),
+        };
+        println!(
+            "  key broker: {} replica(s) on {}{stopped}",
+            self.replicas,
+            if self.store == "postgres" {
+                "PostgreSQL"
+            } else {
+                "SQLite (embedded)"
+            }
         );
         println!(
             "  mesh: {} lighthouses; the broker, {} host agents (role host) and {} guests on it",
