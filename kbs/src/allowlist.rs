@@ -37,6 +37,8 @@ fn verify_stored(doc: &[u8], epoch: u64, key: &[u8; 32]) -> Result<Allowlist, Re
 }
 
 impl Kbs {
+    /// Installs a newer signed allowlist: verified, stored as the current document (every
+    /// broker process on this store follows it, see [`Kbs::follow_allowlist`]) and adopted here.
     /// Older epochs are refused, here and in the store.
     pub async fn set_allowlist(
         &self,

@@ -523,6 +523,25 @@ pub async fn verify(
     verdict
 }
 
+/// Gives `verifier` a CRL after checking it is signed by the ARK of one of the products (or a
+/// configured root); says which product's. Freshness is judged at each verification, so a
+/// stale CRL is held but cannot satisfy `revocation = "require"`.
+pub fn add_crl(verifier: &Verifier, bytes: &[u8]) -> Result<snp::Product, snp::verify::CrlError> {
+    let mut last = None;
+    for p in [
+        snp::Product::Milan,
+        snp::Product::Genoa,
+        snp::Product::Turin,
+    ] {
+        match verifier.add_crl(bytes, p) {
+            Ok(()) => return Ok(p),
+            Err(e @ snp::verify::CrlError::Parse(_)) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(snp::verify::CrlError::BadSignature(snp::Product::Milan)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,23 +589,4 @@ mod tests {
         // Misspelt keys are errors, not silently ignored.
         assert!(parse("kds-url = \"https://kdsintf.amd.com\"").is_err());
     }
-}
-
-/// Gives `verifier` a CRL after checking it is signed by the ARK of one of the products (or a
-/// configured root); says which product's. Freshness is judged at each verification, so a
-/// stale CRL is held but cannot satisfy `revocation = "require"`.
-pub fn add_crl(verifier: &Verifier, bytes: &[u8]) -> Result<snp::Product, snp::verify::CrlError> {
-    let mut last = None;
-    for p in [
-        snp::Product::Milan,
-        snp::Product::Genoa,
-        snp::Product::Turin,
-    ] {
-        match verifier.add_crl(bytes, p) {
-            Ok(()) => return Ok(p),
-            Err(e @ snp::verify::CrlError::Parse(_)) => return Err(e),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or(snp::verify::CrlError::BadSignature(snp::Product::Milan)))
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use zeroize::Zeroizing;
 
 impl Kbs {
+    /// Issues a single-use nonce for `vm_id` (the optional flow), kept in memory only.
     pub(crate) async fn challenge(&self, vm_id: &str, now: u64) -> Response {
         // Only ids an order could carry: the book keeps a copy of each.
         if !proto::order::is_valid_vm_id(vm_id) {
@@ -37,6 +38,8 @@ impl Kbs {
         }
     }
 
+    /// Decides on one piece of evidence and answers with a signed release or denial, committed
+    /// first. `nonce` empty: bound to the connection whose exporter is `exporter`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn evidence(
         &self,

@@ -93,9 +93,6 @@ impl Kbs {
         }
     }
 
-    /// Installs a newer signed allowlist: verified, stored as the current document (every
-    /// broker process on this store follows it, see [`Kbs::follow_allowlist`]) and adopted here.
-
     /// Answers one request from a peer in `role`. `exporter` is this connection's TLS exporter
     /// value.
     pub async fn handle(&self, req: Request, role: Role, exporter: [u8; 32], now: u64) -> Response {
