@@ -93,15 +93,7 @@ impl Kbs {
             Some(release::NonceState::Issued { .. } | release::NonceState::Bound) => None,
         };
         if let Some(d) = stale {
-            self.metrics
-                .evidence_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                vm_id,
-                reason = d.code(),
-                "evidence refused before a decision"
-            );
-            return self.deny(vm_id, &nonce, &[d.code()]);
+            return self.refuse_early(vm_id, &nonce, &d);
         }
         // Signed, so the guest knows it was this broker that could not decide (and asks again,
         // or asks another replica); nothing is recorded, as nothing can be.
@@ -128,15 +120,7 @@ impl Kbs {
             _ => None,
         };
         if let Some(d) = unowned {
-            self.metrics
-                .evidence_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                vm_id,
-                reason = d.code(),
-                "evidence refused before a decision"
-            );
-            return self.deny(vm_id, &nonce, &[d.code()]);
+            return self.refuse_early(vm_id, &nonce, &d);
         }
         // The evidence, appraised with this VM's order: its policy, images and chips.
         let order = record
@@ -307,6 +291,20 @@ impl Kbs {
         })
     }
 
+    /// Evidence that cannot release anything, refused before a decision: counted, signed, and
+    /// neither stored nor audited.
+    fn refuse_early(&self, vm_id: &str, nonce: &[u8; 32], d: &Denial) -> Response {
+        self.metrics
+            .evidence_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            vm_id,
+            reason = d.code(),
+            "evidence refused before a decision"
+        );
+        self.deny(vm_id, nonce, &[d.code()])
+    }
+
     fn deny(&self, vm_id: &str, nonce: &[u8; 32], reasons: &[&'static str]) -> Response {
         self.metrics.denied(reasons);
         Response::denial(
@@ -359,24 +357,7 @@ pub fn vm_policy(order: Option<&Order>) -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::order::{ORDER_VERSION, OrderKind};
-    use serde_bytes::ByteBuf;
-
-    fn order(policy: &str) -> Order {
-        Order {
-            v: ORDER_VERSION,
-            kind: OrderKind::Register,
-            vm_id: "vm".into(),
-            tenant: "t".into(),
-            measurements: vec![ByteBuf::from(vec![1; 48])],
-            policy: policy.into(),
-            chip_ids: vec![ByteBuf::from(vec![2; 64])],
-            not_after: 0,
-            boot_config: ByteBuf::new(),
-            billing: None,
-            mesh_ip: None,
-        }
-    }
+    use crate::test_support::order;
 
     #[test]
     fn the_vm_policy_follows_the_order_and_fails_closed() {

@@ -80,24 +80,7 @@ pub fn check_order(floor: &Floor, order: &Order) -> Result<(), RegisterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::order::{ORDER_VERSION, OrderKind};
-    use serde_bytes::ByteBuf;
-
-    fn order(policy: &str) -> Order {
-        Order {
-            v: ORDER_VERSION,
-            kind: OrderKind::Register,
-            vm_id: "vm".into(),
-            tenant: "t".into(),
-            measurements: vec![ByteBuf::from(vec![1; 48])],
-            policy: policy.into(),
-            chip_ids: vec![ByteBuf::from(vec![2; 64])],
-            not_after: 0,
-            boot_config: ByteBuf::new(),
-            billing: None,
-            mesh_ip: None,
-        }
-    }
+    use crate::test_support::order;
 
     #[test]
     fn orders_below_the_floor_are_refused_with_their_own_code() {

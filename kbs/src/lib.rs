@@ -21,4 +21,6 @@ pub mod quic;
 pub mod release;
 pub mod service;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 pub mod tls;

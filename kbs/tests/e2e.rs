@@ -55,6 +55,36 @@ fn serve_on_loopback(kbs: &Arc<Kbs>, response_pub: [u8; 32]) -> Broker {
     }
 }
 
+/// A register order for `vm` on `chip`, of the GOOD image, an hour to run.
+fn order_on(vm: &str, chip: &Chip) -> Order {
+    Order {
+        v: ORDER_VERSION,
+        kind: OrderKind::Register,
+        vm_id: vm.into(),
+        tenant: "tenant-a".into(),
+        measurements: vec![ByteBuf::from(GOOD.to_vec())],
+        policy: String::new(),
+        chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
+        not_after: now() + 3600,
+        boot_config: ByteBuf::new(),
+        billing: None,
+        mesh_ip: None,
+    }
+}
+
+/// A guest's connection to `broker` from `client`, for requests written by hand.
+async fn connect(client: &quinn::Endpoint, broker: &Broker) -> quinn::Connection {
+    client
+        .connect_with(
+            guest_agent::client::client_config(broker).unwrap(),
+            broker.addr,
+            &broker.server_name,
+        )
+        .unwrap()
+        .await
+        .unwrap()
+}
+
 async fn setup() -> Setup {
     setup_with(|_| {}).await
 }
@@ -471,19 +501,7 @@ async fn sessions_are_bounded_and_time_limited() {
     })
     .await;
     for i in 0..8 {
-        let o = Order {
-            v: ORDER_VERSION,
-            kind: OrderKind::Register,
-            vm_id: format!("vm-{i}"),
-            tenant: "tenant-a".into(),
-            measurements: vec![ByteBuf::from(GOOD.to_vec())],
-            policy: String::new(),
-            chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
-            not_after: now() + 3600,
-            boot_config: ByteBuf::new(),
-            billing: None,
-            mesh_ip: None,
-        };
+        let o = order_on(&format!("vm-{i}"), &chip);
         kbs.register(&o.sign(&operator), now()).await.unwrap();
     }
     let broker = Arc::new(serve_on_loopback(&kbs, response_pub));
@@ -555,19 +573,8 @@ async fn challenges_are_bounded_per_connection_and_checked() {
         ..
     } = setup().await;
     let broker = serve_on_loopback(&kbs, response_pub);
-    let addr = broker.addr;
     let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let connect = || async {
-        client
-            .connect_with(
-                guest_agent::client::client_config(&broker).unwrap(),
-                addr,
-                "kbs.attesta.test",
-            )
-            .unwrap()
-            .await
-            .unwrap()
-    };
+    let connect = || connect(&client, &broker);
     let challenge = |vm_id: String| Request::Challenge { v: VERSION, vm_id };
     let code = |r: Response| match r {
         Response::Challenge { .. } => "challenge".to_string(),
@@ -692,33 +699,12 @@ async fn evidence_bound_to_its_connection_needs_no_challenge() {
         kbs,
         ..
     } = setup().await;
-    let order = Order {
-        v: ORDER_VERSION,
-        kind: OrderKind::Register,
-        vm_id: "vm-c".into(),
-        tenant: "tenant-a".into(),
-        measurements: vec![ByteBuf::from(GOOD.to_vec())],
-        policy: String::new(),
-        chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
-        not_after: now() + 3600,
-        boot_config: ByteBuf::new(),
-        billing: None,
-        mesh_ip: None,
-    };
-    kbs.register(&order.sign(&operator), now()).await.unwrap();
+    kbs.register(&order_on("vm-c", &chip).sign(&operator), now())
+        .await
+        .unwrap();
     let broker = serve_on_loopback(&kbs, response_pub);
     let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let connect = || async {
-        client
-            .connect_with(
-                guest_agent::client::client_config(&broker).unwrap(),
-                broker.addr,
-                "kbs.attesta.test",
-            )
-            .unwrap()
-            .await
-            .unwrap()
-    };
+    let connect = || connect(&client, &broker);
     let exporter_of = |c: &quinn::Connection| {
         let mut x = [0u8; 32];
         c.export_keying_material(&mut x, proto::msg::EXPORTER_LABEL, b"")
