@@ -79,11 +79,12 @@ impl Kbs {
         } else {
             self.book().take(&nonce, now)
         };
-        // A nonce that is unknown (never issued here, or forgotten), spent or expired cannot
-        // release anything, whatever the evidence: refused before the store is read or written
-        // and without an audit entry (a decision on it was audited when it was first used, or
-        // it never was issued), so a flood of bogus evidence costs neither the store nor the
-        // log. Counted: `attesta_kbs_evidence_refused_total` and the denial reasons.
+        // An issued nonce that is unknown (never issued here, or forgotten), spent or expired
+        // cannot release anything, whatever the evidence: refused before the store is read or
+        // written and without an audit entry (a decision on it was audited when it was first
+        // used, or it never was issued), so a flood of such evidence costs neither the store nor
+        // the log. (Evidence bound to its connection is one per handshake.) Counted:
+        // `attesta_kbs_evidence_refused_total` and the denial reasons.
         let stale = match &nonce_state {
             None => Some(Denial::UnknownNonce),
             Some(release::NonceState::Spent) => Some(Denial::SpentNonce),

@@ -23,9 +23,11 @@ pub use crate::limits::{MAX_CHALLENGES_PER_SESSION, MAX_EVIDENCE_PER_SESSION};
 /// its handshake.
 pub const CLOSE_IDLE: u32 = 0x12;
 
-/// How long a connection may take, after its handshake, to send its first complete request (a
-/// guest asks for its challenge at once): an idle or trickling client frees its slot by then.
-pub const FIRST_REQUEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a connection may take, after its handshake, to send its first complete request: an
+/// idle or trickling client frees its slot by then. A guest's first request is its evidence, so
+/// this covers asking its PSP for a report (milliseconds; longer for a busy PSP in a boot storm,
+/// or a host slow to pass on the guest's request) and sending a few KB.
+pub const FIRST_REQUEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a handshake may hold a slot: a client that does not finish it by then (gone, or
 /// never there) frees the slot for the next.
@@ -97,8 +99,7 @@ fn lock(slots: &Mutex<AddressSlots>) -> std::sync::MutexGuard<'_, AddressSlots> 
 /// `kbs.session_limit` (its handshake for at most [`HANDSHAKE_LIMIT`], then its first request
 /// within [`FIRST_REQUEST_LIMIT`]); a new handshake starts only when a slot frees. In a boot
 /// storm the queue forms at the door (the endpoint holds the waiting handshakes), so a guest
-/// that got in is answered promptly and its nonce does not expire while a thousand others share
-/// the cores, and the broker's memory stays bounded. While every slot is taken, a client whose
+/// that got in is answered promptly while a thousand others share the cores, and the broker's memory stays bounded. While every slot is taken, a client whose
 /// address is not yet validated is sent a QUIC Retry first (as SYN cookies do for TCP): spoofed
 /// Initials cannot queue for slots, only clients that can receive at their address.
 ///

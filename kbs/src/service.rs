@@ -52,8 +52,9 @@ pub struct Kbs {
     /// [`Kbs::new`] sets no cap; kbs.toml's default is a quarter of `max_sessions`.
     pub max_sessions_per_address: usize,
     /// How long one connection may last (default: the nonce TTL + 10 s, at least 20 s): a
-    /// guest's nonce is dead by then anyway, and an order is one request. Bounds what an idle
-    /// client can hold of `max_sessions`.
+    /// guest's evidence is one request, an issued nonce is dead by then anyway, and an order is
+    /// one request. Bounds what an idle client can hold of `max_sessions`, and how long evidence
+    /// bound to a connection can be held back by whoever relays it.
     pub session_limit: std::time::Duration,
     /// The broker's policy floor (`floor` in kbs.toml, followed while serving): orders below
     /// it are refused, and every release is appraised by floor ∧ order. [`Kbs::new`] sets the
@@ -94,7 +95,9 @@ impl Kbs {
     }
 
     /// Answers one request from a peer in `role`. `exporter` is this connection's TLS exporter
-    /// value.
+    /// value. Evidence with no nonce is bound to that connection alone, so the caller must pass
+    /// at most one such evidence per connection ([`crate::quic`] does, by
+    /// [`crate::limits::SessionBudget`]): each would be judged afresh.
     pub async fn handle(&self, req: Request, role: Role, exporter: [u8; 32], now: u64) -> Response {
         // Only ids an order could carry, on every request that names one.
         if let Request::Challenge { vm_id, .. } | Request::Evidence { vm_id, .. } = &req

@@ -666,3 +666,41 @@ async fn flood_figure() {
         "no memory figures read"
     );
 }
+
+/// Bogus evidence bound to its connection (no nonce) is judged like any evidence for a VM the
+/// broker holds: denied, signed and audited, one per connection, so each audited decision costs
+/// its sender a whole handshake; a second on the connection is refused unaudited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bogus_evidence_bound_to_its_connection_costs_a_handshake_each() {
+    let Setup {
+        _dir, kbs, broker, ..
+    } = setup(1, |_| {}).await;
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut bound = bogus_evidence("vm-0");
+    if let Request::Evidence { nonce, .. } = &mut bound {
+        nonce.clear();
+    }
+    let audit0 = audit_len(&kbs).await;
+    for round in 1..=3 {
+        let conn = client
+            .connect_with(held_config(&broker), broker.addr, "kbs.attesta.test")
+            .unwrap()
+            .await
+            .unwrap();
+        let why = reasons(
+            &exchange(&conn, &bound).await.unwrap(),
+            &broker.response_key,
+        );
+        assert!(
+            !why.is_empty() && !why.iter().any(|w| w.contains("nonce")),
+            "judged, not refused on a nonce: {why:?}"
+        );
+        assert_eq!(audit_len(&kbs).await, audit0 + round);
+        let again = reasons(
+            &exchange(&conn, &bound).await.unwrap(),
+            &broker.response_key,
+        );
+        assert_eq!(again, ["too_many_evidence"]);
+        assert_eq!(audit_len(&kbs).await, audit0 + round);
+    }
+}

@@ -207,6 +207,25 @@ async fn a_nonce_releases_once_and_the_counter_never_goes_back(on: On) {
     assert_eq!(s.prune_nonces(150).await.unwrap(), 1);
     assert_eq!(s.nonce(&[10; 32]).await.unwrap(), None);
     assert_eq!(s.nonce(&n).await.unwrap(), Some(NonceState::Spent));
+    // Evidence bound to its connection: nothing spent or kept, the counter still guarded, and a
+    // release that lost its race keeps, as a denial, what freshness it had.
+    let bound = |nonce: [u8; 32], from: u64| Commit {
+        spend_nonce: false,
+        audit: (
+            20,
+            "release".into(),
+            "vm-1".into(),
+            json!({"bound": "connection", "boot_counter": from + 1}),
+        ),
+        ..release("vm-1", nonce, from)
+    };
+    assert!(s.commit(&bound([11; 32], 2)).await.unwrap().released);
+    assert_eq!(s.nonce(&[11; 32]).await.unwrap(), None);
+    let late = s.commit(&bound([12; 32], 2)).await.unwrap();
+    assert_eq!(late.lost_race, Some("vm_changed"));
+    assert_eq!(late.entry.detail["bound"], "connection");
+    assert_eq!(late.entry.detail["reasons"], json!(["vm_changed"]));
+    assert_eq!(s.vm("vm-1").await.unwrap().unwrap().state.boot_counter, 3);
 }
 
 async fn allowlist_epochs_only_move_forward(on: On) {

@@ -54,9 +54,9 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         order: Vec<u8>,
     },
-    /// Present evidence. Sent as a connection's first request with `nonce` empty, it is bound to
-    /// the connection alone ([`crate::connection_nonce`]): one per connection, no challenge
-    /// first. With a nonce from [`Request::Challenge`] (the optional older flow), it must be
+    /// Present evidence. With `nonce` empty it is bound to the connection alone
+    /// ([`crate::connection_nonce`]): no challenge first (guests send it as their first
+    /// request), and it is the connection's one and last evidence. With a nonce from [`Request::Challenge`] (the optional older flow), it must be
     /// that nonce, on the connection that asked for it.
     Evidence {
         v: u32,

@@ -1,6 +1,7 @@
 //! The broker's durable state behind one trait: VM records (with their wrapped keys), spent nonces,
-//! the current signed allowlist (document and epoch) and the audit log. Every release or denial commits its nonce, VM and audit
-//! changes in one transaction before any byte of the answer is sent. Embedded SQLite (WAL,
+//! the current signed allowlist (document and epoch) and the audit log. Every release or denial
+//! commits its VM and audit changes (and spends an issued nonce) in one transaction before any
+//! byte of the answer is sent. Embedded SQLite (WAL,
 //! synchronous=FULL) by default; PostgreSQL implements the same trait for several replicas.
 //!
 //! **Group commit.** All writes go through one writer task that drains whatever is queued (up to
@@ -8,8 +9,8 @@
 //! whole batch, so durability does not cap throughput. Each write still gets its own answer, and
 //! no caller is answered before the batch is durable.
 //!
-//! **Compare-and-set.** A release is re-checked inside the transaction: its nonce must still be
-//! unspent, and the VM must still be live at the boot counter the decision was made on. If another
+//! **Compare-and-set.** A release is re-checked inside the transaction: an issued nonce must
+//! still be unspent, and the VM must still be live at the boot counter the decision was made on. If another
 //! release or a terminate got there first, the release is committed as a denial instead (and
 //! audited as one) — the key is never sent for a state that no longer holds.
 //!

@@ -541,7 +541,12 @@ async fn decision(
     }
     if let Some(why) = lost_race {
         kind = "denial".into();
+        // What the decision said of its freshness (`bound`) stays; the rest is the denial's.
+        let bound = detail.get("bound").cloned();
         detail = serde_json::json!({"nonce": hex::encode(c.nonce), "reasons": [why]});
+        if let (Some(b), Some(d)) = (bound, detail.as_object_mut()) {
+            d.insert("bound".into(), b);
+        }
     }
     let entry = audit(tx, chain, time, &kind, &vm_id, detail).await?;
     Ok(Committed {
