@@ -254,7 +254,7 @@ fn is_storage_unavailable(reasons: &[String]) -> bool {
 }
 
 /// Where a VM starts in the broker list: spread by its id (FNV-1a), stable across boots.
-fn first_broker(vm_id: &str, n: usize) -> usize {
+pub fn first_broker(vm_id: &str, n: usize) -> usize {
     let h = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });

@@ -486,49 +486,70 @@ fn load_against_two_replicas_on_postgres() {
     );
 }
 
-/// `attesta-sim demo --store postgres://… --replicas 2`: the whole demo with its fleet's broker
-/// as two replicas on one database, one stopped halfway through the second boots; every VM
-/// still unlocked, every attack denied, and both replicas' releases in the one log.
+/// `attesta-sim demo --store postgres://… --replicas 3`: the whole demo with its fleet's broker
+/// as three replicas on one database, one stopped halfway through the second boots (seen
+/// refusing a guest) where a later guest starts; that guest passes over it, every VM still
+/// unlocks, the stopped replica releases nothing more, another replica still serving denies the
+/// terminated VM, every attack is denied, and the releases are in the one database's log.
 #[test]
-fn demo_on_two_replicas_one_stopped() {
+fn demo_on_three_replicas_one_stopped() {
     let Some(db) = Cluster::start() else {
         return;
     };
     let state = tempfile::tempdir().unwrap();
     let demo = |store: &str, replicas: &str| {
         std::process::Command::new(common::sibling("attesta-sim"))
-            .args(["demo", "--vms", "4", "--real-vms", "0", "--json"])
+            .args(["demo", "--vms", "6", "--real-vms", "0", "--json"])
             .args(["--store", store, "--replicas", replicas])
             .env("ATTESTA_SIM_STATE", state.path())
             .output()
             .unwrap()
     };
-    let out = demo(&db.url("postgres"), "2");
-    let text = common::ok(out, "attesta-sim demo");
+    let url = db.url("postgres");
+    let text = common::ok(demo(&url, "3"), "attesta-sim demo");
     let j: serde_json::Value =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert_eq!(j["ok"], true, "{j}");
     assert_eq!(
-        (&j["store"], &j["replicas"], &j["replica_stopped_mid_boot"]),
-        (
-            &serde_json::json!("postgres"),
-            &serde_json::json!(2),
-            &serde_json::json!(true)
-        ),
+        (&j["store"], &j["replicas"]),
+        (&"postgres".into(), &3.into())
+    );
+    assert_eq!(j["replica_stopped_mid_boot"], true, "{j}");
+    assert!(j["failed_over"].as_u64().unwrap() >= 1, "{j}");
+    assert_eq!(j["released_by_stopped_after_stop"], 0, "{j}");
+    let per: Vec<u64> = j["replica_releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    assert_eq!(per.len(), 3, "{j}");
+    assert!(per.iter().filter(|n| **n > 0).count() >= 2, "{j}");
+    assert_eq!(j["unlocked"], 6, "{j}");
+    let on_another = j["attacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["name"] == "live-terminated-vm-on-another-replica")
+        .collect::<Vec<_>>();
+    assert_eq!(on_another.len(), 1, "{j}");
+    assert_eq!(on_another[0]["reason"], "vm_terminated", "{j}");
+    // Every release any replica made is in the one database's log.
+    let releases = db.psql("SELECT count(*) FROM audit WHERE entry LIKE '%\"release\"%'");
+    assert_eq!(
+        releases.trim().parse::<u64>().unwrap(),
+        per.iter().sum::<u64>(),
         "{j}"
     );
-    assert_eq!(j["unlocked"], 4, "{j}");
-    // Two boots of four VMs in the one database's log (and the live attacks' releases).
-    let releases = db.psql("SELECT count(*) FROM audit WHERE entry LIKE '%\"release\"%'");
-    assert!(releases.trim().parse::<u64>().unwrap() >= 8, "{releases}");
+    // The same database again: not empty, refused up front.
+    let out = demo(&url, "1");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not empty"), "{err}");
     // Several replicas need PostgreSQL; the count is bounded.
     for (store, replicas, why) in [
         ("sqlite", "2", "several replicas need PostgreSQL"),
-        (
-            db.url("postgres").as_str(),
-            "9",
-            "--replicas must be between 1 and 8",
-        ),
+        (url.as_str(), "9", "--replicas must be between 1 and 8"),
         (
             "mysql://x",
             "1",

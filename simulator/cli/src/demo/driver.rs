@@ -23,7 +23,8 @@ pub struct DemoArgs {
     /// Where generated key hierarchies are kept between runs (see `report --help`).
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
-    /// Keep the broker's database and the disk images here (default: a temporary directory).
+    /// Keep the broker's SQLite database, its KEK and the disk images here (default: a
+    /// temporary directory, removed at the end).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// Also boot this many real VMs (Debian's cloud kernel and OVMF under QEMU, created by a
@@ -37,8 +38,9 @@ pub struct DemoArgs {
     /// or a `postgres://` URL of an empty database the broker may use (its tables are created).
     #[arg(long, value_name = "sqlite|postgres://…", default_value = "sqlite")]
     pub store: String,
-    /// Broker replicas on that store (more than one needs PostgreSQL). Every guest lists them
-    /// all; the last is stopped halfway through the second boots, and its guests pass over it.
+    /// Broker replicas on that store (1 to 8; more than one needs PostgreSQL). Every guest lists
+    /// them all; one is stopped halfway through the second boots, where a guest booting next
+    /// starts, so that guest passes over it.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub replicas: usize,
     /// In the real VMs, also time an argon2id passphrase unlock of the same disk (cryptsetup's

@@ -1,5 +1,6 @@
 //! `attesta-sim demo`: the whole system on one machine, on the mesh. A mesh CA and two
-//! lighthouses; a key broker (embedded SQLite) serving on QUIC loopback with its mesh identity;
+//! lighthouses; a key broker (embedded SQLite, or N replicas on PostgreSQL) serving on QUIC
+//! loopback with its mesh identity;
 //! simulated miners whose host agents (mesh role host) create N simulated SEV-SNP VMs, each with
 //! a real LUKS2 image; every VM booted twice (first boot formats, second unlocks), each boot
 //! binding a mesh key born in the guest that the broker certifies; the guests joining the mesh
@@ -8,7 +9,8 @@
 
 //!
 //! One module per scene, under a small [`driver`] (the command line, the order of the scenes,
-//! the summary): [`stack`] (the brokers the scenes stand on, the operator's orders), this file
+//! the summary): [`stack`] (the brokers the scenes stand on, the operator's orders),
+//! [`replicas`] (the fleet's broker as several replicas, one stopped mid-boot), this file
 //! (the fleet: host agents, boots, the mesh, termination), [`attacks`] (the live attacks on the
 //! protocol, the mesh admission and the whole catalogue; the others are
 //! `crate::{disk_attacks, withdrawal, floor_bypass, flood}`), [`real_vms`] (real VMs through a
@@ -18,6 +20,7 @@
 mod attacks;
 pub mod driver;
 pub mod real_vms;
+mod replicas;
 mod stack;
 mod summary;
 
@@ -25,7 +28,7 @@ pub use attacks::catalogue_live;
 use attacks::{mesh_attacks, protocol_attacks};
 pub use driver::DemoArgs;
 pub use stack::*;
-pub use summary::{LiveAttack, MeshSummary, Summary};
+pub use summary::{LiveAttack, MeshSummary, ReplicaRun, Summary};
 
 use crate::fleet_mesh::{self, FleetMesh, Reach};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
@@ -106,18 +109,14 @@ async fn run_on(
     let Fleet {
         stack:
             Stack {
-                kbs: _,
+                kbs: first,
                 broker,
                 operator,
                 ..
             },
         others,
     } = mesh_stack(dir, &milan, image, mesh, store).await?;
-    // Guests list every replica, the first (which the later scenes use) first.
-    let brokers: Vec<Broker> = std::iter::once(broker.clone())
-        .chain(others.iter().map(|(b, _)| b.clone()))
-        .collect();
-    let mut replica_stopped = None;
+    let mut replicas = replicas::Replicas::new(&broker, &others, vms);
     let e = |x: &dyn std::fmt::Display| x.to_string();
 
     // The miners: one host agent per machine (chip), each on its own libvirt (the test driver),
@@ -175,23 +174,17 @@ async fn run_on(
                 ..Default::default()
             });
             let mesh_key = MeshKey::generate().map_err(|x| e(&x))?;
-            // With replicas, the last one is stopped halfway through the second boots: the
-            // guests it served pass over it to another.
-            if boot == 2
-                && i == vms / 2
-                && let Some((b, endpoint)) = others.last()
-            {
-                endpoint.close(0u32.into(), b"replica stopped");
-                replica_stopped = Some(b.addr);
-            }
+            // With replicas, one is stopped halfway through the second boots: the guests that
+            // start at it pass over it to another.
+            replicas.before_boot(boot, i, &guest).await;
             let t0 = Instant::now();
-            let got = if brokers.len() == 1 {
+            let got = if replicas.brokers.len() == 1 {
                 fetch_with_mesh_key(&broker, &vm, &guest, mesh_key.public())
                     .await
                     .map_err(|x| format!("{vm}: {x}"))?
             } else {
                 guest_agent::unlock::fetch_with_retry(
-                    &brokers,
+                    &replicas.brokers,
                     &vm,
                     &guest,
                     Duration::from_secs(60),
@@ -401,7 +394,7 @@ async fn run_on(
             "live-debug-policy" => "policy_flag_forbidden",
             "live-moved-to-another-chip" => "chip_not_allowed",
             "live-unknown-vm" => "unknown_vm",
-            "live-terminated-vm" => "vm_terminated",
+            "live-terminated-vm" | "live-terminated-vm-on-another-replica" => "vm_terminated",
             "live-non-amd-root" => "ark_not_trusted",
             _ => "not signed by the pinned key",
         };
@@ -470,6 +463,13 @@ async fn run_on(
         ),
         live("live-terminated-vm", fetch(&broker, "vm-0", &guest0).await),
     ];
+    // Every other replica still serving knows it too.
+    for b in replicas.running() {
+        attacks.push(live(
+            "live-terminated-vm-on-another-replica",
+            fetch(b, "vm-0", &guest0).await,
+        ));
+    }
     attacks.extend(
         protocol_attacks(
             &broker,
@@ -549,7 +549,7 @@ async fn run_on(
         latencies_ms: latencies,
         store: store.kind(),
         replicas: store.replicas,
-        replica_stopped,
+        replica: replicas.outcome(&first, vms),
     })
 }
 

@@ -2,6 +2,8 @@
 //! mesh) and the operator's orders and seeds.
 
 use super::*;
+use kbs::store::Store as _;
+use zeroize::Zeroizing;
 
 /// The approved image of the demo's VMs.
 pub const IMAGE: [u8; 48] = [0x4d; 48];
@@ -82,11 +84,22 @@ impl StoreChoice {
 }
 
 /// The fleet's broker and its other replicas: every replica has the same keys (response key,
-/// KEK, operator and allowlist keys) and the same store, as `attesta-kbs serve` replicas do.
+/// KEK, operator and allowlist keys) and the same store, as replicas of `attesta-kbs serve`
+/// with one kbs.toml have (but in this process, and not polling the store for a newer allowlist:
+/// the fleet's does not change).
 pub struct Fleet {
     pub stack: Stack,
-    /// The replicas after the first, each with the endpoint that stops it when closed.
-    pub others: Vec<(Broker, quinn::Endpoint)>,
+    /// The replicas after the first.
+    pub others: Vec<Replica>,
+}
+
+/// One more replica of the fleet's broker.
+pub struct Replica {
+    pub kbs: Arc<Kbs>,
+    /// What guests pin for it (the one response key all replicas share).
+    pub broker: Broker,
+    /// Closing it stops the replica: no new connection is accepted.
+    pub endpoint: quinn::Endpoint,
 }
 
 /// How to start a broker for [`stack_with`].
@@ -129,7 +142,12 @@ impl StackOptions {
 pub async fn stack_with(dir: &Path, o: StackOptions) -> Result<Stack, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let clock = o.clock;
-    let (kbs, operator, allowlist_key) = broker(dir, o).await?;
+    let Made {
+        kbs,
+        operator,
+        allowlist_key,
+        ..
+    } = broker(dir, &o).await?;
     let tls = TlsIdentity::generate("kbs.attesta.local")?;
     let endpoint = kbs::service::server_endpoint(
         tls.server_config()?,
@@ -161,77 +179,67 @@ pub async fn mesh_stack(
     mesh: &mut FleetMesh,
     store: &StoreChoice,
 ) -> Result<Fleet, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
     let o = StackOptions {
         store: store.url.clone(),
         ..StackOptions::trusting(root, image)
     };
-    let (kbs, operator, allowlist_key) = broker(dir, o).await?;
+    let made = broker(dir, &o).await?;
     let mut others = Vec::new();
     for _ in 1..store.replicas {
-        let replica = replica_of(dir, &kbs, root, store, &operator, &allowlist_key).await?;
-        others.push(mesh.serve_replica(replica).await?);
-    }
-    let broker = mesh.serve_broker(kbs.clone()).await?;
-    Ok(Fleet {
-        stack: Stack {
+        let kbs = Arc::new(kbs_on(dir, &o, &made.response, &made.operator, false).await?);
+        // The allowlist the first one installed, from the store.
+        kbs.load_allowlist(None, &pk(&made.allowlist_key), (o.clock)())
+            .await
+            .map_err(|x| e(&x))?
+            .ok_or("the replica found no allowlist in the store")?;
+        let (broker, endpoint) = mesh.serve_replica(kbs.clone()).await?;
+        others.push(Replica {
             kbs,
             broker,
-            operator,
-            allowlist_key,
+            endpoint,
+        });
+    }
+    let broker = mesh.serve_broker(made.kbs.clone()).await?;
+    // A guest pins one response key: every replica must sign with it.
+    if others
+        .iter()
+        .any(|r| r.broker.response_key != broker.response_key)
+    {
+        return Err("the replicas do not share the broker's response key".into());
+    }
+    Ok(Fleet {
+        stack: Stack {
+            kbs: made.kbs,
+            broker,
+            operator: made.operator,
+            allowlist_key: made.allowlist_key,
         },
         others,
     })
 }
 
-/// Another replica of `first` (its store, keys and allowlist), as `attesta-kbs serve` started
-/// with the same kbs.toml on another machine would be.
-async fn replica_of(
-    dir: &Path,
-    first: &Kbs,
-    root: &Pki,
-    store: &StoreChoice,
-    operator: &Ed25519KeyPair,
-    allowlist_key: &Ed25519KeyPair,
-) -> Result<Arc<Kbs>, String> {
-    let e = |x: &dyn std::fmt::Display| x.to_string();
-    let url = store.url.as_deref().ok_or("replicas need a database URL")?;
-    let response = std::fs::read(dir.join("response.pk8")).map_err(|x| e(&x))?;
-    let mut kbs = Kbs::new(
-        kbs::store::SqlStore::open_url(url, Default::default())
-            .await
-            .map_err(|x| e(&x))?,
-        Verifier::new(VerifierConfig {
-            trust_roots: vec![root.ark.cert.clone()],
-            revocation: Revocation::IfAvailable,
-            ..Default::default()
-        }),
-        proto::ResponseKey::from_pkcs8(&response).map_err(|x| e(&x))?,
-        Box::new(FileKek::load(&dir.join("kek")).map_err(|x| e(&x))?),
-        vec![pk(operator)],
-        30,
-    );
-    kbs.max_sessions = first.max_sessions;
-    kbs.max_sessions_per_address = first.max_sessions_per_address;
-    let kbs = Arc::new(kbs);
-    // The allowlist the first one installed, from the store.
-    kbs.load_allowlist(None, &pk(allowlist_key), now())
-        .await
-        .map_err(|x| e(&x))?
-        .ok_or("the replica found no allowlist in the store")?;
-    Ok(kbs)
+/// A broker as [`broker`] makes it, with what its replicas need to be made alike.
+pub(crate) struct Made {
+    pub kbs: Arc<Kbs>,
+    pub operator: Ed25519KeyPair,
+    pub allowlist_key: Ed25519KeyPair,
+    /// The response key (PKCS#8), in memory only: the replicas run in this process.
+    pub response: Zeroizing<Vec<u8>>,
 }
 
-/// The broker's state in `dir` (SQLite or `o.store`, KEK file, response key), an operator key
-/// and a signed allowlist.
-pub(crate) async fn broker(
+/// A broker on the store `o` names (SQLite in `dir`, or `o.store`), with `dir`'s KEK (made when
+/// `new_kek`), the response key `response` and `operator`'s orders; no allowlist yet.
+async fn kbs_on(
     dir: &Path,
-    o: StackOptions,
-) -> Result<(Arc<Kbs>, Ed25519KeyPair, Ed25519KeyPair), String> {
+    o: &StackOptions,
+    response: &[u8],
+    operator: &Ed25519KeyPair,
+    new_kek: bool,
+) -> Result<Kbs, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
-    let operator = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
-    let offline = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
     let verifier = Verifier::new(VerifierConfig {
-        trust_roots: o.trust_roots,
+        trust_roots: o.trust_roots.clone(),
         revocation: o.revocation,
         ..Default::default()
     });
@@ -244,21 +252,49 @@ pub(crate) async fn broker(
         Some(url) => kbs::store::SqlStore::open_url(url, Default::default()).await,
     }
     .map_err(|x| e(&x))?;
-    // Kept (mode 0600) for the replicas, as the broker's key file is.
-    let response =
-        Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).map_err(|x| e(&x))?;
-    write_private(&dir.join("response.pk8"), response.as_ref())?;
+    let kek_file = dir.join("kek");
+    let kek = if new_kek {
+        FileKek::create(&kek_file)
+    } else {
+        FileKek::load(&kek_file)
+    }
+    .map_err(|x| e(&x))?;
     let mut kbs = Kbs::new(
         store,
         verifier,
-        proto::ResponseKey::from_pkcs8(response.as_ref()).map_err(|x| e(&x))?,
-        Box::new(FileKek::create(&dir.join("kek")).map_err(|x| e(&x))?),
-        vec![pk(&operator)],
+        proto::ResponseKey::from_pkcs8(response).map_err(|x| e(&x))?,
+        Box::new(kek),
+        vec![pk(operator)],
         30,
     );
     kbs.max_sessions = o.max_sessions.max(1);
     kbs.max_sessions_per_address = o.max_sessions_per_address.max(1);
-    let kbs = Arc::new(kbs);
+    Ok(kbs)
+}
+
+/// The broker's state in `dir` (SQLite, or the empty database `o.store`; a KEK file), an
+/// operator key and a signed allowlist.
+pub(crate) async fn broker(dir: &Path, o: &StackOptions) -> Result<Made, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let operator = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
+    let offline = Ed25519KeyPair::generate().map_err(|x| e(&x))?;
+    let response = Zeroizing::new(
+        Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+            .map_err(|x| e(&x))?
+            .as_ref()
+            .to_vec(),
+    );
+    let kbs = Arc::new(kbs_on(dir, o, &response, &operator, true).await?);
+    if let Some(url) = &o.store {
+        // The demo registers its own VMs and installs epoch 1: a used database would refuse both.
+        let epoch = kbs.store.allowlist_epoch().await.map_err(|x| e(&x))?;
+        if epoch > 0 {
+            return Err(format!(
+                "the database {} is not empty (allowlist epoch {epoch} installed): give the demo an empty one",
+                kbs::store::redacted(url)
+            ));
+        }
+    }
     let allow = Allowlist {
         v: ORDER_VERSION,
         epoch: 1,
@@ -267,22 +303,12 @@ pub(crate) async fn broker(
     kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), (o.clock)())
         .await
         .map_err(|x| e(&x))?;
-    Ok((kbs, operator, offline))
-}
-
-/// Writes `bytes` to a new file only its owner may read.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|x| format!("{}: {x}", path.display()))?;
-    f.write_all(bytes)
-        .map_err(|x| format!("{}: {x}", path.display()))
+    Ok(Made {
+        kbs,
+        operator,
+        allowlist_key: offline,
+        response,
+    })
 }
 
 /// The operator's register order for VM number `i` of the demo image on `chip_id`.

@@ -38,9 +38,20 @@ pub struct Summary {
     /// The fleet broker's store (`sqlite` or `postgres`) and its replicas.
     pub store: &'static str,
     pub replicas: usize,
-    /// With replicas: the one stopped halfway through the second boots (its guests passed
-    /// over it to another).
-    pub replica_stopped: Option<std::net::SocketAddr>,
+    /// With several replicas: what stopping one halfway through the second boots showed.
+    pub replica: Option<ReplicaRun>,
+}
+
+/// What stopping one of the fleet broker's replicas mid-boot showed.
+pub struct ReplicaRun {
+    /// The stopped replica, once a guest's handshake to it was seen to fail.
+    pub stopped: Option<std::net::SocketAddr>,
+    /// Guests that started at it after the stop and were released by another.
+    pub failed_over: usize,
+    /// What it released after the stop (must be nothing).
+    pub released_after_stop: u64,
+    /// Releases per replica, the first first.
+    pub releases: Vec<u64>,
 }
 
 /// What the demo observed on the mesh.
@@ -122,7 +133,12 @@ impl Summary {
             && self.denied == 1
             && self.attacks.iter().all(LiveAttack::as_expected)
             && self.mesh.as_expected(self.vms)
-            && (self.replicas == 1 || self.replica_stopped.is_some())
+            && self.replica.as_ref().map_or(self.replicas == 1, |r| {
+                r.stopped.is_some()
+                    && r.failed_over >= 1
+                    && r.released_after_stop == 0
+                    && r.releases.len() == self.replicas
+            })
     }
 
     /// The fleet's, the mesh's and the attacks' parts of the JSON summary.
@@ -145,7 +161,19 @@ impl Summary {
             ("replicas", json!(self.replicas)),
             (
                 "replica_stopped_mid_boot",
-                json!(self.replica_stopped.is_some()),
+                json!(self.replica.as_ref().is_some_and(|r| r.stopped.is_some())),
+            ),
+            (
+                "failed_over",
+                json!(self.replica.as_ref().map_or(0, |r| r.failed_over)),
+            ),
+            (
+                "released_by_stopped_after_stop",
+                json!(self.replica.as_ref().map_or(0, |r| r.released_after_stop)),
+            ),
+            (
+                "replica_releases",
+                json!(self.replica.as_ref().map(|r| r.releases.clone())),
             ),
             ("hosts", json!(self.hosts)),
             ("domains", json!(self.domains)),
@@ -167,10 +195,15 @@ impl Summary {
             "attesta demo: {} simulated SEV-SNP VMs, key broker on the mesh (QUIC on loopback), real LUKS2 images",
             self.vms
         );
-        let stopped = match self.replica_stopped {
-            Some(a) => {
-                format!("; the replica on {a} stopped mid-boot, its guests served by another")
-            }
+        let stopped = match &self.replica {
+            Some(ReplicaRun {
+                stopped: Some(a),
+                failed_over,
+                ..
+            }) => format!(
+                "; the replica on {a} stopped mid-boot, {failed_over} guest(s) passed over it"
+            ),
+            Some(_) => "; a replica was to be stopped mid-boot, but was NOT seen stopped".into(),
             None => String::new(),
         };
         println!(
