@@ -192,6 +192,155 @@ pub(crate) fn evidence_request(
     }
 }
 
+/// Where the fleet's own attacks aim.
+pub(crate) struct Target<'a> {
+    pub broker: &'a Broker,
+    /// The broker's other replicas still serving.
+    pub replicas: Vec<&'a Broker>,
+    /// The VM attacked, and the chip it was placed on.
+    pub vm: &'a str,
+    pub home: &'a Chip,
+    /// Another chip of the fleet's.
+    pub away: &'a Chip,
+    /// A hierarchy AMD's roots did not sign.
+    pub rogue: &'a Arc<Pki>,
+    pub image: [u8; 48],
+}
+
+/// The fleet's own attacks on its live broker, once vm-0 is terminated (`guest0` is vm-0's next
+/// boot): a wrong image, a debug policy, a VM moved to another chip, an unknown VM, the
+/// terminated VM (on every replica still serving), the protocol attacks, a non-AMD root and an
+/// impostor response key.
+pub(crate) async fn fleet_attacks(
+    t: &Target<'_>,
+    guest0: &impl snp::device::GuestDevice,
+) -> Result<Vec<LiveAttack>, String> {
+    let (broker, vm, home, away, rogue, image) = (t.broker, t.vm, t.home, t.away, t.rogue, t.image);
+    let live = |name: &'static str, r: Result<guest_agent::client::Released, ClientError>| {
+        let (denied, reason) = match r {
+            Err(ClientError::Denied(reasons)) => (true, reasons.join(", ")),
+            Err(other) => (true, other.to_string()),
+            Ok(_) => (false, "released".into()),
+        };
+        let expected = match name {
+            "live-wrong-image" => "measurement_not_allowed",
+            "live-debug-policy" => "policy_flag_forbidden",
+            "live-moved-to-another-chip" => "chip_not_allowed",
+            "live-unknown-vm" => "unknown_vm",
+            "live-terminated-vm" | "live-terminated-vm-on-another-replica" => "vm_terminated",
+            "live-non-amd-root" => "ark_not_trusted",
+            _ => "not signed by the pinned key",
+        };
+        LiveAttack {
+            name,
+            denied,
+            reason,
+            expected,
+        }
+    };
+    let mut attacks = vec![
+        live(
+            "live-wrong-image",
+            fetch(
+                broker,
+                vm,
+                &home.launch(GuestLaunch {
+                    measurement: [1; 48],
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        live(
+            "live-debug-policy",
+            fetch(
+                broker,
+                vm,
+                &home.launch(GuestLaunch {
+                    measurement: image,
+                    policy: 0x3_001f | (1 << 19),
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        live(
+            "live-moved-to-another-chip",
+            fetch(
+                broker,
+                vm,
+                &away.launch(GuestLaunch {
+                    measurement: image,
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        live(
+            "live-unknown-vm",
+            fetch(
+                broker,
+                "vm-nobody",
+                &home.launch(GuestLaunch {
+                    measurement: image,
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        live("live-terminated-vm", fetch(broker, "vm-0", guest0).await),
+    ];
+    // Every other replica still serving knows it too.
+    for b in &t.replicas {
+        attacks.push(live(
+            "live-terminated-vm-on-another-replica",
+            fetch(b, "vm-0", guest0).await,
+        ));
+    }
+    attacks.extend(
+        protocol_attacks(
+            broker,
+            vm,
+            &home.launch(GuestLaunch {
+                measurement: image,
+                ..Default::default()
+            }),
+        )
+        .await?,
+    );
+    let rogue_chip = Chip::new(rogue.clone(), home.config.clone()).map_err(|x| x.to_string())?;
+    attacks.push(live(
+        "live-non-amd-root",
+        fetch(
+            broker,
+            vm,
+            &rogue_chip.launch(GuestLaunch {
+                measurement: image,
+                ..Default::default()
+            }),
+        )
+        .await,
+    ));
+    let wrong_pin = Broker {
+        response_key: [9; 32],
+        ..(*broker).clone()
+    };
+    attacks.push(live(
+        "live-impostor-broker-key",
+        fetch(
+            &wrong_pin,
+            vm,
+            &home.launch(GuestLaunch {
+                measurement: image,
+                ..Default::default()
+            }),
+        )
+        .await,
+    ));
+
+    Ok(attacks)
+}
+
 /// Attacks on the protocol itself, by a client that speaks it by hand with a genuine guest's
 /// device. Evidence bound to its connection (as guests send it): replayed on another connection
 /// (a host that kept the bytes, or relayed them to another replica), sent twice on its own,

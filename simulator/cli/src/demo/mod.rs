@@ -11,8 +11,8 @@
 //! One module per scene, under a small [`driver`] (the command line, the order of the scenes,
 //! the summary): [`stack`] (the brokers the scenes stand on, the operator's orders),
 //! [`replicas`] (the fleet's broker as several replicas, one stopped mid-boot), this file
-//! (the fleet: host agents, boots, the mesh, termination), [`attacks`] (the live attacks on the
-//! protocol, the mesh admission and the whole catalogue; the others are
+//! (the fleet: host agents, boots, the mesh, termination), [`attacks`] (the fleet's live
+//! attacks on the broker, the protocol, the mesh admission and the whole catalogue; the others are
 //! `crate::{disk_attacks, withdrawal, floor_bypass, flood}`), [`real_vms`] (real VMs through a
 //! host agent on libvirt); [`summary`] holds what each scene observed and its part of the
 //! summary.
@@ -25,7 +25,7 @@ mod stack;
 mod summary;
 
 pub use attacks::catalogue_live;
-use attacks::{mesh_attacks, protocol_attacks};
+use attacks::{Target, fleet_attacks, mesh_attacks};
 pub use driver::DemoArgs;
 pub use stack::*;
 pub use summary::{LiveAttack, MeshSummary, ReplicaRun, Summary};
@@ -383,133 +383,26 @@ async fn run_on(
     }
 
     // Attacks against the live broker.
-    let live = |name: &'static str, r: Result<guest_agent::client::Released, ClientError>| {
-        let (denied, reason) = match r {
-            Err(ClientError::Denied(reasons)) => (true, reasons.join(", ")),
-            Err(other) => (true, other.to_string()),
-            Ok(_) => (false, "released".into()),
-        };
-        let expected = match name {
-            "live-wrong-image" => "measurement_not_allowed",
-            "live-debug-policy" => "policy_flag_forbidden",
-            "live-moved-to-another-chip" => "chip_not_allowed",
-            "live-unknown-vm" => "unknown_vm",
-            "live-terminated-vm" | "live-terminated-vm-on-another-replica" => "vm_terminated",
-            "live-non-amd-root" => "ark_not_trusted",
-            _ => "not signed by the pinned key",
-        };
-        LiveAttack {
-            name,
-            denied,
-            reason,
-            expected,
-        }
-    };
     let vm = "vm-1";
     let home = chip_of(1);
     let away = chips
         .iter()
         .find(|c| c.config.chip_id != home.config.chip_id)
         .unwrap_or(home);
-    let mut attacks = vec![
-        live(
-            "live-wrong-image",
-            fetch(
-                &broker,
-                vm,
-                &home.launch(GuestLaunch {
-                    measurement: [1; 48],
-                    ..Default::default()
-                }),
-            )
-            .await,
-        ),
-        live(
-            "live-debug-policy",
-            fetch(
-                &broker,
-                vm,
-                &home.launch(GuestLaunch {
-                    measurement: image,
-                    policy: 0x3_001f | (1 << 19),
-                    ..Default::default()
-                }),
-            )
-            .await,
-        ),
-        live(
-            "live-moved-to-another-chip",
-            fetch(
-                &broker,
-                vm,
-                &away.launch(GuestLaunch {
-                    measurement: image,
-                    ..Default::default()
-                }),
-            )
-            .await,
-        ),
-        live(
-            "live-unknown-vm",
-            fetch(
-                &broker,
-                "vm-nobody",
-                &home.launch(GuestLaunch {
-                    measurement: image,
-                    ..Default::default()
-                }),
-            )
-            .await,
-        ),
-        live("live-terminated-vm", fetch(&broker, "vm-0", &guest0).await),
-    ];
-    // Every other replica still serving knows it too.
-    for b in replicas.running() {
-        attacks.push(live(
-            "live-terminated-vm-on-another-replica",
-            fetch(b, "vm-0", &guest0).await,
-        ));
-    }
-    attacks.extend(
-        protocol_attacks(
-            &broker,
+    let others_serving: Vec<&Broker> = replicas.running().collect();
+    let mut attacks = fleet_attacks(
+        &Target {
+            broker: &broker,
+            replicas: others_serving,
             vm,
-            &home.launch(GuestLaunch {
-                measurement: image,
-                ..Default::default()
-            }),
-        )
-        .await?,
-    );
-    let rogue_chip = Chip::new(rogue.clone(), home.config.clone()).map_err(|x| e(&x))?;
-    attacks.push(live(
-        "live-non-amd-root",
-        fetch(
-            &broker,
-            vm,
-            &rogue_chip.launch(GuestLaunch {
-                measurement: image,
-                ..Default::default()
-            }),
-        )
-        .await,
-    ));
-    let wrong_pin = Broker {
-        response_key: [9; 32],
-        ..broker.clone()
-    };
-    attacks.push(live(
-        "live-impostor-broker-key",
-        fetch(
-            &wrong_pin,
-            vm,
-            &home.launch(GuestLaunch {
-                measurement: image,
-                ..Default::default()
-            }),
-        )
-        .await,
-    ));
+            home,
+            away,
+            rogue: &rogue,
+            image,
+        },
+        &guest0,
+    )
+    .await?;
 
     attacks.extend(
         crate::disk_attacks::run(
