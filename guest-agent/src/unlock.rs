@@ -230,9 +230,9 @@ pub async fn fetch_with_retry(
                 Ok(Err(ClientError::Protocol(code))) if code == "unavailable" => {
                     tracing::warn!(broker = %broker.addr, "the key broker is temporarily unavailable");
                 }
-                // Signed, and nothing was released: the broker could not record a decision.
-                Ok(Err(ClientError::Denied(reasons))) if is_storage_unavailable(&reasons) => {
-                    tracing::warn!(broker = %broker.addr, "the key broker cannot reach its store");
+                // Signed, and nothing was released: the broker could not decide now.
+                Ok(Err(ClientError::Denied(reasons))) if is_worth_asking_again(&reasons) => {
+                    tracing::warn!(broker = %broker.addr, ?reasons, "the key broker could not decide now");
                 }
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => {
@@ -248,9 +248,12 @@ pub async fn fetch_with_retry(
     }
 }
 
-/// A denial that says only that the decision could not be stored: worth asking again.
-fn is_storage_unavailable(reasons: &[String]) -> bool {
-    matches!(reasons, [r] if r == "storage_unavailable")
+/// A denial that says only that nothing could be decided now, so asking again may release:
+/// the decision could not be stored (`storage_unavailable`), or this VM's boot counter moved
+/// under it (`vm_changed`: an earlier attempt of this boot, given up on after its evidence was
+/// sent, was committed meanwhile). Signed, and nothing was released by it.
+fn is_worth_asking_again(reasons: &[String]) -> bool {
+    matches!(reasons, [r] if r == "storage_unavailable" || r == "vm_changed")
 }
 
 /// Where a VM starts in the broker list: spread by its id (FNV-1a), stable across boots.
@@ -479,5 +482,40 @@ pub async fn run(cfg: &GuestConfig) -> Result<Unlocked, UnlockError> {
                 "this build has no simulator (built without the `simulator` feature)".into(),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_denial_that_decided_nothing_is_asked_again() {
+        let r = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(is_worth_asking_again(&r(&["storage_unavailable"])));
+        assert!(is_worth_asking_again(&r(&["vm_changed"])));
+        for last in [
+            &["vm_terminated"][..],
+            &["vm_changed", "measurement_not_allowed"],
+            &["report_data_mismatch"],
+            &[],
+        ] {
+            assert!(!is_worth_asking_again(&r(last)), "{last:?}");
+        }
+    }
+
+    #[test]
+    fn a_vm_starts_at_the_broker_its_id_picks() {
+        for n in 1..=8 {
+            for i in 0..50 {
+                assert!(first_broker(&format!("vm-{i}"), n) < n);
+            }
+        }
+        assert_eq!(first_broker("vm-7", 0), 0);
+        assert_eq!(first_broker("vm-7", 3), first_broker("vm-7", 3));
+        let picked: std::collections::HashSet<usize> = (0..40)
+            .map(|i| first_broker(&format!("vm-{i}"), 4))
+            .collect();
+        assert_eq!(picked.len(), 4, "a fleet spreads over every broker");
     }
 }

@@ -163,9 +163,21 @@ impl Replicas {
             for broker in &self.brokers {
                 for i in 0..VMS {
                     let vm = format!("vm-{i}");
-                    let r = fetch(broker, &vm, &guest(&self.fleet.chip))
-                        .await
-                        .unwrap_or_else(|e| panic!("{vm} at {}: {e}", broker.addr));
+                    // An aborted guest's evidence may still be in a broker's hands (its commit
+                    // waited out the outage): a release of ours that loses to it is denied
+                    // `vm_changed`, as it must be, and is asked for again.
+                    let mut tries = 0;
+                    let r = loop {
+                        match fetch(broker, &vm, &guest(&self.fleet.chip)).await {
+                            Err(ClientError::Denied(why)) if why == ["vm_changed"] && tries < 5 => {
+                                tries += 1;
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            r => {
+                                break r.unwrap_or_else(|e| panic!("{vm} at {}: {e}", broker.addr));
+                            }
+                        }
+                    };
                     let key = keys.entry(vm.clone()).or_insert(r.volume_key.to_vec());
                     assert_eq!(*key, r.volume_key.to_vec(), "{vm}: replicas disagree");
                 }
