@@ -180,7 +180,7 @@ impl Kbs {
         let release = sealed.as_ref().and(decision.outcome.as_ref().ok());
         // `bound`: which freshness the evidence had (its connection, or an issued nonce).
         let freshness = if bound { "connection" } else { "nonce" };
-        let (kind, detail) = match release {
+        let (kind, mut detail) = match release {
             Some(v) => (
                 "release",
                 serde_json::json!({"nonce": hex::encode(nonce), "bound": freshness,
@@ -192,6 +192,11 @@ impl Kbs {
                     "reasons": codes}),
             ),
         };
+        evidence_detail(&mut detail, &verdict, report, record.as_ref(), &policy);
+        detail["guest_key"] = hex::encode(guest_pk).into();
+        if !mesh_key.is_empty() {
+            detail["mesh_key"] = hex::encode(mesh_key).into();
+        }
         let commit = Commit {
             nonce,
             spend_nonce: decision.spend_nonce,
@@ -319,40 +324,40 @@ impl Kbs {
     }
 }
 
+/// What a third party needs to judge a decision on its own (`attesta-verify`), added to its audit
+/// entry: the report (when it parsed) and the certificate that signed it, the chip and TCB it
+/// names, the hash of the order it was judged under, and the policy applied (the floor and the
+/// order's). Never key material.
+fn evidence_detail(
+    detail: &mut serde_json::Value,
+    verdict: &snp::Verdict,
+    report: &[u8],
+    record: Option<&VmRecord>,
+    policy: &Policy,
+) {
+    if let Some(r) = &verdict.report {
+        detail["report"] = hex::encode(report).into();
+        detail["chip_id"] = hex::encode(r.chip_id).into();
+        detail["reported_tcb"] = format!("{:#018x}", r.reported_tcb).into();
+        detail["measurement"] = hex::encode(r.measurement).into();
+    }
+    if let Some(c) = &verdict.vcek {
+        detail["signer"] = serde_json::json!(verdict.signer);
+        detail["vcek"] = hex::encode(c.der()).into();
+    }
+    if let Some(rec) = record {
+        detail["order_sha256"] = hex::encode(proto::bundle::sha256(&rec.order)).into();
+    }
+    detail["policy"] = policy.to_toml().into();
+}
+
 /// The appraisal policy for a VM: its order's policy, restricted to the order's measurements and
 /// chips. A VM whose order (or its policy) cannot be read allows nothing: fail closed.
 pub fn vm_policy(order: Option<&Order>) -> Policy {
-    let allow_nothing = || Policy {
-        measurements: Some(Vec::new()),
-        chip_ids: Some(Vec::new()),
-        ..Policy::default()
-    };
-    let Some(o) = order else {
-        return allow_nothing();
-    };
-    let parsed = if o.policy.is_empty() {
-        Ok(Policy::default())
-    } else {
-        Policy::from_toml(&o.policy)
-    };
-    let Ok(mut p) = parsed else {
-        return allow_nothing();
-    };
-    p.measurements = Some(
-        o.measurements
-            .iter()
-            .filter_map(|m| <[u8; 48]>::try_from(m.as_slice()).ok())
-            .map(snp::hexbytes::HexBytes)
-            .collect(),
-    );
-    p.chip_ids = Some(
-        o.chip_ids
-            .iter()
-            .filter_map(|c| <[u8; 64]>::try_from(c.as_slice()).ok())
-            .map(snp::hexbytes::HexBytes)
-            .collect(),
-    );
-    p
+    match order {
+        Some(o) => Policy::for_vm(&o.policy, &o.measurements, &o.chip_ids),
+        None => Policy::nothing(),
+    }
 }
 
 #[cfg(test)]

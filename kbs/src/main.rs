@@ -4,6 +4,7 @@
 
 mod admin_cmd;
 mod clock;
+mod evidence_cmd;
 mod init_cmd;
 mod mesh_setup;
 mod ops_cmd;
@@ -52,6 +53,9 @@ enum Cmd {
     /// The key-encryption key.
     #[command(subcommand)]
     Kek(admin_cmd::KekCmd),
+    /// A VM's evidence for its tenant, checked offline with `attesta-verify`.
+    #[command(subcommand)]
+    Evidence(evidence_cmd::EvidenceCmd),
 }
 
 #[derive(Subcommand)]
@@ -131,5 +135,6 @@ fn main() -> ExitCode {
         Cmd::Allowlist(admin_cmd::AllowlistCmd::Sign(a)) => ops_cmd::allowlist_sign(&a),
         Cmd::Allowlist(c) => admin_cmd::allowlist_cmd(&c),
         Cmd::Kek(c) => admin_cmd::kek_cmd(&c),
+        Cmd::Evidence(c) => evidence_cmd::evidence_cmd(&c),
     }
 }

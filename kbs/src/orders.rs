@@ -129,7 +129,13 @@ impl Kbs {
             wrapped_key: Some(wrapped),
         };
         self.store
-            .register(&rec, now, serde_json::json!({"tenant": order.tenant}))
+            .register(
+                &rec,
+                now,
+                // The tenant checks their order against this hash (`attesta-verify`).
+                serde_json::json!({"tenant": order.tenant,
+                    "order_sha256": hex::encode(proto::bundle::sha256(order_doc))}),
+            )
             .await?;
         self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
         tracing::info!(vm_id = %order.vm_id, tenant = %order.tenant, "VM registered");

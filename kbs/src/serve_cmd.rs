@@ -84,17 +84,8 @@ pub(crate) fn build(
             "revocation = \"require\" but no `crls` configured: every release will be denied (crl_unavailable)"
         );
     }
-    let audit_key = match &c.audit_key {
-        Some(p) => {
-            let der = std::fs::read(p).map_err(|e| format!("audit_key {}: {e}", p.display()))?;
-            Some(Arc::new(Ed25519KeyPair::from_pkcs8(&der).map_err(
-                |_| format!("audit_key {}: not an Ed25519 PKCS#8 key", p.display()),
-            )?))
-        }
-        None => None,
-    };
     let opts = StoreOptions {
-        audit_key,
+        audit_key: audit_key(c)?,
         checkpoint_every: c.checkpoint_every.max(1),
         checkpoint_interval: std::time::Duration::from_secs(c.checkpoint_interval_secs.max(1)),
         ..Default::default()
@@ -135,6 +126,17 @@ pub(crate) fn build(
     rt.block_on(kbs.bind_kek())
         .map_err(|e| format!("kek: {e}"))?;
     Ok((kbs, tls, gate))
+}
+
+/// The configured audit signing key, if any.
+pub(crate) fn audit_key(c: &Config) -> Result<Option<Arc<Ed25519KeyPair>>, String> {
+    let Some(p) = &c.audit_key else {
+        return Ok(None);
+    };
+    let der = std::fs::read(p).map_err(|e| format!("audit_key {}: {e}", p.display()))?;
+    Ed25519KeyPair::from_pkcs8(&der)
+        .map(|k| Some(Arc::new(k)))
+        .map_err(|_| format!("audit_key {}: not an Ed25519 PKCS#8 key", p.display()))
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {

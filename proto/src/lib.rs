@@ -13,7 +13,9 @@
 //!   domain separator, so a guest accepts only what its pinned broker said.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod brokers;
+pub mod bundle;
 mod hpke;
 pub mod msg;
 pub mod order;

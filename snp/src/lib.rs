@@ -29,6 +29,7 @@ mod der;
 pub mod device;
 pub mod floor;
 pub mod hexbytes;
+pub mod json;
 pub mod kds;
 pub mod policy;
 mod product;

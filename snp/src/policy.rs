@@ -276,6 +276,46 @@ impl Policy {
         Ok(p)
     }
 
+    /// A policy no report passes (no measurement, no chip): what fail-closed appraisal uses.
+    pub fn nothing() -> Policy {
+        Policy {
+            measurements: Some(Vec::new()),
+            chip_ids: Some(Vec::new()),
+            ..Policy::default()
+        }
+    }
+
+    /// The appraisal policy for one VM: `policy` (TOML; empty means the default) restricted to
+    /// the VM's measurements and chip ids (each of the wrong length is dropped). A policy that
+    /// cannot be read allows nothing: fail closed.
+    pub fn for_vm<M: AsRef<[u8]>, C: AsRef<[u8]>>(
+        policy: &str,
+        measurements: &[M],
+        chip_ids: &[C],
+    ) -> Policy {
+        let parsed = if policy.is_empty() {
+            Ok(Policy::default())
+        } else {
+            Policy::from_toml(policy)
+        };
+        let Ok(mut p) = parsed else {
+            return Policy::nothing();
+        };
+        p.measurements = Some(
+            measurements
+                .iter()
+                .filter_map(|b| <[u8; 48]>::try_from(b.as_ref()).ok().map(HexBytes))
+                .collect(),
+        );
+        p.chip_ids = Some(
+            chip_ids
+                .iter()
+                .filter_map(|b| <[u8; 64]>::try_from(b.as_ref()).ok().map(HexBytes))
+                .collect(),
+        );
+        p
+    }
+
     /// Serializes to TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_default()

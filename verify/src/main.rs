@@ -1,0 +1,197 @@
+//! `attesta-verify`: the tenant's offline verifier. Exit status: 0 all good, 1 a finding,
+//! 2 usage error or unreadable file.
+#![forbid(unsafe_code)]
+
+use attesta_verify::{Expect, Outcome, check_bundle};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "attesta-verify",
+    version,
+    about = "Check, offline, where a broker released your VM's disk key",
+    long_about = "Check, offline and with AMD's built-in roots only, a key broker's evidence bundle \
+                  for one VM (`attesta-kbs evidence export`): every release of the VM's key went to \
+                  a genuine AMD report with an allowed measurement, on a chip the order allowed, \
+                  under the stated policy, and the audit log segment is intact and signed.\n\n\
+                  Exit status: 0 all good, 1 a finding, 2 usage error or unreadable file."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check an evidence bundle.
+    Bundle(BundleArgs),
+}
+
+#[derive(clap::Args)]
+struct BundleArgs {
+    /// The bundle (`attesta-kbs evidence export --vm ID --out FILE`).
+    file: PathBuf,
+    /// Your VM's register order: the signed document you were given.
+    #[arg(long, value_name = "ORDER")]
+    order: PathBuf,
+    /// The broker's response public key (Ed25519): 32 bytes raw, or 64 hex digits.
+    #[arg(long, value_name = "PUB")]
+    broker_key: PathBuf,
+    /// The broker's audit public key, when you hold it (default: the one the broker's signed
+    /// statement names).
+    #[arg(long, value_name = "PUB")]
+    audit_key: Option<PathBuf>,
+    /// A measurement you computed yourself (96 hex digits); repeat for several. Every release
+    /// must be to one of them, on top of the order's.
+    #[arg(long, value_name = "HEX")]
+    measurement: Vec<String>,
+    /// Check certificates at this instant (RFC 3339) instead of each release's own time.
+    #[arg(long, value_name = "RFC3339")]
+    at: Option<String>,
+    /// Also trust this non-AMD chain (PEM: ASK or ASVK, then ARK), e.g. the simulator's. Its
+    /// releases are reported as not AMD-rooted.
+    #[arg(long, value_name = "PEM")]
+    trust_chain: Option<PathBuf>,
+    /// Print JSON: the verdict, every finding, every release with its report's fields.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read(p: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+}
+
+/// A 32-byte public key file: raw, or hex (surrounding whitespace ignored).
+fn key(p: &Path, what: &str) -> Result<[u8; 32], String> {
+    let b = read(p, what)?;
+    let raw = match std::str::from_utf8(&b).map(str::trim) {
+        Ok(t) if t.len() == 64 => hex::decode(t).map_err(|e| format!("{what}: {e}"))?,
+        _ => b,
+    };
+    <[u8; 32]>::try_from(raw.as_slice()).map_err(|_| {
+        format!(
+            "{what} {}: not a 32-byte key (raw or 64 hex digits)",
+            p.display()
+        )
+    })
+}
+
+fn expect_args<'a>(a: &BundleArgs, order: &'a [u8]) -> Result<Expect<'a>, String> {
+    let measurements = a
+        .measurement
+        .iter()
+        .map(|m| {
+            hex::decode(m.trim())
+                .ok()
+                .and_then(|b| <[u8; 48]>::try_from(b).ok())
+                .ok_or_else(|| format!("--measurement {m}: not 96 hex digits"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let at =
+        a.at.as_deref()
+            .map(|t| snp::reason::parse_rfc3339(t).map_err(|e| format!("--at {t}: {e}")))
+            .transpose()?;
+    let trust_chain = match &a.trust_chain {
+        Some(p) => {
+            let blocks = snp::certs::pem_blocks(&read(p, "--trust-chain")?)
+                .map_err(|e| format!("--trust-chain {}: {e}", p.display()))?;
+            match <[Vec<u8>; 2]>::try_from(blocks) {
+                Ok([ask, ark]) => Some((ask, ark)),
+                Err(_) => {
+                    return Err(format!(
+                        "--trust-chain {}: expected two certificates (ASK or ASVK, then ARK)",
+                        p.display()
+                    ));
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(Expect {
+        order,
+        broker_key: key(&a.broker_key, "--broker-key")?,
+        audit_key: a
+            .audit_key
+            .as_deref()
+            .map(|p| key(p, "--audit-key"))
+            .transpose()?,
+        measurements,
+        at,
+        trust_chain,
+    })
+}
+
+fn print_text(o: &Outcome) {
+    let rooted = if o.amd_rooted {
+        "AMD-rooted"
+    } else {
+        "NOT AMD-rooted"
+    };
+    println!(
+        "VM {}: {} releases ({rooted}), {} denials, audit segment of {} entries closed by checkpoint {}",
+        o.vm_id,
+        o.releases.len(),
+        o.denials.len(),
+        o.entries,
+        o.checkpoint_seq
+            .map_or_else(|| "none".to_string(), |s| s.to_string())
+    );
+    for r in &o.releases {
+        println!(
+            "  release  entry {:>6}  {}  boot {:<4} measurement {}  chip {}…  {}",
+            r.seq,
+            snp::reason::rfc3339(r.time),
+            r.boot_counter.map_or_else(|| "?".into(), |b| b.to_string()),
+            r.report["measurement"].as_str().unwrap_or("?"),
+            r.report["chip_id"]
+                .as_str()
+                .map_or("?", |c| &c[..c.len().min(16)]),
+            if r.ok { "ok" } else { "FINDING" }
+        );
+    }
+    for d in &o.denials {
+        println!(
+            "  denial   entry {:>6}  {}  {}",
+            d.seq,
+            snp::reason::rfc3339(d.time),
+            d.reasons.join(", ")
+        );
+    }
+    println!("  revocation: not checked (offline, no CRL)");
+    if o.ok() {
+        println!("OK: every release went to a genuine report the order allows; the log is intact");
+    } else {
+        for f in &o.findings {
+            println!("FINDING {f}");
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let Cmd::Bundle(a) = Cli::parse().cmd;
+    let run = || -> Result<Outcome, String> {
+        let bundle = read(&a.file, "bundle")?;
+        let order = read(&a.order, "--order")?;
+        Ok(check_bundle(&bundle, &expect_args(&a, &order)?))
+    };
+    match run() {
+        Ok(o) => {
+            if a.json {
+                println!("{:#}", o.to_json());
+            } else {
+                print_text(&o);
+            }
+            if o.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("attesta-verify: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
