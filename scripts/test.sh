@@ -80,7 +80,7 @@ log "format"
 cargo fmt --all -- --check
 
 log "production binaries do not depend on the simulator"
-for p in kbs guest-agent host-agent mesh measure; do
+for p in kbs guest-agent host-agent mesh measure attesta-verify; do
   if cargo tree -p "$p" -e normal --no-default-features --locked | grep -q '^[^ ]*simulator v\|[ ─]simulator v'; then
     echo "FAIL: $p depends on the simulator in a default build:" >&2
     cargo tree -p "$p" -e normal --no-default-features --locked -i simulator >&2 || true

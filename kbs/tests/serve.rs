@@ -7,8 +7,9 @@
 
 mod common;
 
-use common::{free_port, free_tcp_port, guest, http_get, kbs, ok, sign_allowlist, start};
+use common::{free_port, free_tcp_port, guest, http_get, kbs, ok, sibling, sign_allowlist, start};
 use guest_agent::client::fetch;
+use serde_json::json;
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
 use std::io::{Read, Write};
 use std::process::Command;
@@ -342,6 +343,96 @@ fn deployment_from_the_real_binaries() {
     for kind in ["register", "release", "denial", "terminate", "allowlist"] {
         assert!(text.contains(&format!("\"kind\":\"{kind}\"")), "{kind}");
     }
+
+    // The tenant's view: the VM's evidence bundle, checked offline by `attesta-verify` with
+    // nothing from the broker but its pinned response key (and here the simulator's chain,
+    // named explicitly, as the chip is simulated).
+    let bundle = p("vm-7.bundle");
+    ok(
+        kbs()
+            .args(["evidence", "export", "--vm", "vm-7", "--out"])
+            .arg(&bundle)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap(),
+        "evidence export",
+    );
+    let chain = p("sim-chain.pem");
+    std::fs::write(
+        &chain,
+        snp::certs::pem_encode("CERTIFICATE", &pki.ask.cert)
+            + &snp::certs::pem_encode("CERTIFICATE", &pki.ark.cert),
+    )
+    .unwrap();
+    let verify = |bundle: &std::path::Path, extra: &[&str]| {
+        let exe = sibling("attesta-verify");
+        assert!(
+            exe.exists(),
+            "{} is missing: cargo build -p attesta-verify",
+            exe.display()
+        );
+        Command::new(exe)
+            .arg("bundle")
+            .arg(bundle)
+            .arg("--order")
+            .arg(p("order.signed"))
+            .arg("--broker-key")
+            .arg(d.join("response.pub"))
+            .arg("--trust-chain")
+            .arg(&chain)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&bundle, &["--json", "--measurement", &image]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{j:#}");
+    assert_eq!(j["verdict"], "ok");
+    // Every release of vm-7 in the broker's whole log is in the bundle, and verified.
+    let released = text
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"release\"") && l.contains("\"vm_id\":\"vm-7\""))
+        .count();
+    assert!(released >= 2);
+    assert_eq!(
+        j["releases"].as_array().map(Vec::len),
+        Some(released),
+        "{j:#}"
+    );
+    assert!(
+        j["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["ok"] == true)
+    );
+    assert_eq!(j["releases"][0]["report"]["chip_id"], json!(chip_id));
+    assert!(
+        j["denials"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["reasons"][0] == "vm_terminated"))
+    );
+    assert_eq!(j["amd_rooted"], false, "the simulator's chain is not AMD's");
+    // Any other tenant's entries are elided; this VM's release edited: a finding, exit 1.
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    let edited = p("vm-7.edited.bundle");
+    std::fs::write(
+        &edited,
+        text.replacen("\"boot_counter\":1", "\"boot_counter\":9", 1),
+    )
+    .unwrap();
+    let out = verify(&edited, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FINDING audit_entry_changed"));
+    // Another image than the one the tenant built: a finding.
+    let out = verify(&bundle, &["--measurement", &"ab".repeat(48)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("measurement_not_expected"));
+    assert_eq!(
+        verify(&bundle, &["--at", "yesterday"]).status.code(),
+        Some(2)
+    );
 
     // No trace of the volume key in any file the broker or the host side wrote, nor in any log:
     // raw, hex or base64, nor any 16-byte run of it.
