@@ -13,6 +13,10 @@ pub struct GuestConfig {
     /// This VM's id, as in its order.
     pub vm_id: String,
     pub broker: BrokerConfig,
+    /// Brokers run by other parties (the tenant's own, say), each holding a share of the
+    /// volume key: see [`SplitConfig`].
+    #[serde(default)]
+    pub split: Option<SplitConfig>,
     pub disk: DiskConfig,
     #[serde(default)]
     pub boot_config: BootConfig,
@@ -74,7 +78,64 @@ pub struct BrokerConfig {
     pub timeout_secs: u64,
 }
 
+/// A volume key split across independent brokers. `[broker]` holds the first share and each
+/// `[[split.brokers]]` another; each broker verifies this guest's evidence on its own (its own
+/// report, bound to its own connection) and releases only its share. The key is the XOR of all
+/// the shares, combined in this process's locked memory, and checked against the volume by the
+/// header's key binding. So no single broker's operator, and not the miner, can open the disk.
+///
+/// Today every share is needed (`threshold` = n): a k-of-n split with k < n needs a share dealt
+/// by the guest and deposited with each broker, which the brokers do not accept yet. A
+/// configuration asking for it is refused rather than weakened.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    /// Shares needed to open the disk: n, the number of brokers (`[broker]` included).
+    pub threshold: usize,
+    /// The other brokers, with their own pins.
+    pub brokers: Vec<BrokerConfig>,
+}
+
+impl SplitConfig {
+    /// n: every broker holding a share, `[broker]` included.
+    pub fn shares(&self) -> usize {
+        1 + self.brokers.len()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let n = self.shares();
+        if self.brokers.is_empty() || n > proto::brokers::MAX_BROKERS {
+            return Err(format!(
+                "split.brokers: 1 to {} brokers besides [broker], {} given",
+                proto::brokers::MAX_BROKERS - 1,
+                self.brokers.len()
+            ));
+        }
+        if self.threshold != n {
+            return Err(format!(
+                "split.threshold = {}: only {n}-of-{n} is supported (every broker's share is needed)",
+                self.threshold
+            ));
+        }
+        for (i, b) in self.brokers.iter().enumerate() {
+            b.response_key()
+                .map_err(|e| format!("split.brokers[{i}].{e}"))?;
+            b.addresses()
+                .map_err(|e| format!("split.brokers[{i}]: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
 impl BrokerConfig {
+    /// The pinned response key.
+    pub fn response_key(&self) -> Result<[u8; 32], String> {
+        hex::decode(self.response_key.trim())
+            .ok()
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+            .ok_or_else(|| "response_key: expected 64 hex digits".to_string())
+    }
+
     /// The brokers to try, in order: `address` or `addresses` (exactly one of them), 1 to
     /// [`proto::brokers::MAX_BROKERS`] of them, none twice.
     pub fn addresses(&self) -> Result<Vec<SocketAddr>, String> {
@@ -193,22 +254,31 @@ impl GuestConfig {
         };
         let mut c: GuestConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.broker.ca, &mut c.disk.path, &mut c.boot_config.path] {
+        let split_cas = c
+            .split
+            .iter_mut()
+            .flat_map(|s| s.brokers.iter_mut().map(|b| &mut b.ca));
+        for p in [&mut c.broker.ca, &mut c.disk.path, &mut c.boot_config.path]
+            .into_iter()
+            .chain(split_cas)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         c.response_key().map_err(invalid)?;
         c.broker.addresses().map_err(invalid)?;
+        if let Some(s) = &c.split {
+            s.check().map_err(invalid)?;
+        }
         Ok(c)
     }
 
-    /// The pinned response key.
+    /// The pinned response key of `[broker]`.
     pub fn response_key(&self) -> Result<[u8; 32], String> {
-        hex::decode(self.broker.response_key.trim())
-            .ok()
-            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
-            .ok_or_else(|| "broker.response_key: expected 64 hex digits".to_string())
+        self.broker
+            .response_key()
+            .map_err(|e| format!("broker.{e}"))
     }
 }
 
@@ -260,5 +330,46 @@ mod tests {
             .collect();
         let err = broker(&format!("addresses = [{}]", nine.join(", "))).unwrap_err();
         assert!(err.contains("at most 8"), "{err}");
+    }
+
+    #[test]
+    fn a_split_needs_every_share_and_pins_each_broker() {
+        let b = |key: &str| {
+            format!(
+                "[[split.brokers]]\naddress = \"10.0.2.2:7444\"\nserver_name = \"t\"\nca = \"t.pem\"\nresponse_key = \"{key}\"\n"
+            )
+        };
+        let check = |text: String| {
+            toml::from_str::<GuestConfig>(&format!(
+                "vm_id = \"v\"\n[broker]\naddress = \"10.0.2.2:7443\"\nserver_name = \"k\"\nca = \"k.pem\"\nresponse_key = \"{}\"\n[disk]\npath = \"d\"\n{text}",
+                "00".repeat(32)
+            ))
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.split.map_or(Ok(0), |s| s.check().map(|()| s.shares())))
+        };
+        let good = b(&"11".repeat(32));
+        assert_eq!(check(format!("[split]\nthreshold = 2\n{good}")), Ok(2));
+        assert_eq!(
+            check(format!("[split]\nthreshold = 3\n{good}{good}")),
+            Ok(3)
+        );
+        for (text, why) in [
+            (format!("[split]\nthreshold = 1\n{good}"), "only 2-of-2"),
+            (
+                format!("[split]\nthreshold = 2\n{good}{good}"),
+                "only 3-of-3",
+            ),
+            (
+                "[split]\nthreshold = 1\nbrokers = []\n".to_string(),
+                "1 to 7 brokers",
+            ),
+            (
+                format!("[split]\nthreshold = 2\n{}", b("zz")),
+                "split.brokers[0].response_key",
+            ),
+        ] {
+            let e = check(text.clone()).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! with a reason; nothing is written anywhere but the LUKS2 header (first boot) and the tmpfs file.
 
 use crate::client::{Broker, ClientError, Released, fetch, fetch_within};
-use crate::config::{DeviceConfig, GuestConfig};
+use crate::config::{BrokerConfig, DeviceConfig, GuestConfig};
 use crate::header::HeaderError;
 use crate::luks::{self, DiskLabel, DiskState, LuksError, VolumeKey};
 use proto::brokers::HANDSHAKE_PER_TRY;
@@ -52,6 +52,8 @@ pub enum UnlockError {
         "the released key opens the disk, but device-mapper is not available here, so it was not activated"
     )]
     NoDeviceMapper(Unlocked),
+    #[error("the brokers' key shares do not fit together: {0}")]
+    Shares(String),
     #[error("cannot write the boot configuration {path}: {why}")]
     BootConfig { path: String, why: String },
 }
@@ -264,32 +266,80 @@ pub fn first_broker(vm_id: &str, n: usize) -> usize {
     usize::try_from(h % n.max(1) as u64).unwrap_or(0)
 }
 
-/// The brokers as the configuration pins them, in the order given.
+/// The brokers of `[broker]` as the configuration pins them, in the order given.
 pub fn brokers(cfg: &GuestConfig) -> Result<Vec<Broker>, UnlockError> {
-    let one = broker(cfg)?;
-    let addresses = cfg.broker.addresses().map_err(UnlockError::Config)?;
-    Ok(addresses
+    pins(&cfg.broker)
+}
+
+/// Every share's brokers: `[broker]`'s first, then each of `[[split.brokers]]`'s.
+pub fn share_groups(cfg: &GuestConfig) -> Result<Vec<Vec<Broker>>, UnlockError> {
+    let mut groups = vec![pins(&cfg.broker)?];
+    for b in cfg.split.iter().flat_map(|s| &s.brokers) {
+        groups.push(pins(b)?);
+    }
+    Ok(groups)
+}
+
+/// One broker's addresses (replicas), each with the broker's pins.
+pub fn pins(b: &BrokerConfig) -> Result<Vec<Broker>, UnlockError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let ca = CertificateDer::from_pem_file(&b.ca)
+        .map_err(|e| UnlockError::Config(format!("{}: {e}", b.ca.display())))?;
+    let response_key = b.response_key().map_err(UnlockError::Config)?;
+    Ok(b.addresses()
+        .map_err(UnlockError::Config)?
         .into_iter()
         .map(|addr| Broker {
             addr,
-            ..one.clone()
+            server_name: b.server_name.clone(),
+            ca_der: ca.to_vec(),
+            response_key,
         })
         .collect())
 }
 
-/// The broker as the configuration pins it.
-pub fn broker(cfg: &GuestConfig) -> Result<Broker, UnlockError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let ca = CertificateDer::from_pem_file(&cfg.broker.ca)
-        .map_err(|e| UnlockError::Config(format!("{}: {e}", cfg.broker.ca.display())))?;
-    let addresses = cfg.broker.addresses().map_err(UnlockError::Config)?;
-    Ok(Broker {
-        addr: addresses[0],
-        server_name: cfg.broker.server_name.clone(),
-        ca_der: ca.to_vec(),
-        response_key: cfg.response_key().map_err(UnlockError::Config)?,
-    })
+/// Fetches one share from each group of brokers in turn (each attested to on its own: its own
+/// connection, guest key and report) and combines them: the volume key is the XOR of all the
+/// shares. The first group's release gives the generation, the boot configuration and the mesh
+/// certificate (only it is asked to certify the mesh key). The boot counter is the highest of
+/// all, so a blank disk is formatted only when every broker says this is the VM's first
+/// release. Any share missing fails the whole fetch: fail closed.
+pub async fn fetch_shares(
+    groups: &[Vec<Broker>],
+    vm_id: &str,
+    device: &impl GuestDevice,
+    timeout: Duration,
+    mesh_key: Option<&[u8; 32]>,
+) -> Result<Released, UnlockError> {
+    let start = Instant::now();
+    let mut combined: Option<Released> = None;
+    for (i, group) in groups.iter().enumerate() {
+        let left = timeout.saturating_sub(start.elapsed());
+        let mesh = if i == 0 { mesh_key } else { None };
+        let share = fetch_with_retry(group, vm_id, device, left, mesh).await?;
+        combined = Some(match combined {
+            None => share,
+            Some(acc) => combine(acc, &share)?,
+        });
+    }
+    combined.ok_or_else(|| UnlockError::Config("no broker to ask".into()))
+}
+
+/// XORs a share into the key (in place: no other copy of the key is made).
+fn combine(mut acc: Released, share: &Released) -> Result<Released, UnlockError> {
+    if share.volume_key.len() != acc.volume_key.len() {
+        return Err(UnlockError::Shares(format!(
+            "a share of {} bytes against one of {}",
+            share.volume_key.len(),
+            acc.volume_key.len()
+        )));
+    }
+    for (k, s) in acc.volume_key.iter_mut().zip(share.volume_key.iter()) {
+        *k ^= s;
+    }
+    acc.boot_counter = acc.boot_counter.max(share.boot_counter);
+    Ok(acc)
 }
 
 /// The disk half. A blank disk is formatted only on the VM's first release (boot counter 1):
@@ -391,11 +441,11 @@ pub async fn run_with(
         }
         None => None,
     };
-    let brokers = brokers(cfg)?;
+    let groups = share_groups(cfg)?;
     // The disk must be readable before anything is asked of the broker.
     luks::probe(&cfg.disk.path)?;
-    let released = fetch_with_retry(
-        &brokers,
+    let released = fetch_shares(
+        &groups,
         &cfg.vm_id,
         device,
         Duration::from_secs(cfg.broker.timeout_secs),
@@ -517,5 +567,33 @@ mod tests {
             .map(|i| first_broker(&format!("vm-{i}"), 4))
             .collect();
         assert_eq!(picked.len(), 4, "a fleet spreads over every broker");
+    }
+
+    fn release(key: &[u8], boot_counter: u64) -> Released {
+        Released {
+            volume_key: zeroize::Zeroizing::new(key.to_vec()),
+            boot_config: b"first".to_vec(),
+            generation: 1,
+            boot_counter,
+            evidence_rtt: Duration::ZERO,
+            mesh_cert: vec![],
+            mesh_chain: vec![],
+        }
+    }
+
+    #[test]
+    fn shares_combine_by_xor_and_the_highest_boot_counter_wins() {
+        let c = combine(release(&[0b1100; 64], 1), &release(&[0b1010; 64], 3)).unwrap();
+        assert_eq!(&c.volume_key[..], &[0b0110; 64][..]);
+        assert_eq!(
+            c.boot_counter, 3,
+            "not a first boot unless every broker says so"
+        );
+        assert_eq!(
+            c.boot_config, b"first",
+            "the first broker's boot configuration"
+        );
+        let e = combine(release(&[1; 64], 1), &release(&[1; 32], 1)).unwrap_err();
+        assert!(matches!(e, UnlockError::Shares(_)), "{e}");
     }
 }

@@ -1,0 +1,149 @@
+//! A volume key split 2-of-2 between two independent brokers — the network operator's and the
+//! tenant's own, each from its own `init` (keys, KEK, store, operator), serving over QUIC. The
+//! guest attests to each on its own, formats the disk on the first boot and opens it on the
+//! second with the XOR of both shares; neither share alone opens it (a broker's store and KEK
+//! yield only its share); the tenant's broker withdrawing the image stops the boot.
+
+mod common;
+
+use common::fleet::{Fleet, guest};
+use common::{KillOnDrop, free_port, kbs, ok, sign_allowlist_at, start};
+use guest_agent::client::fetch;
+use guest_agent::config::GuestConfig;
+use guest_agent::luks::{self, DiskLabel, LuksError, VolumeKey};
+use guest_agent::unlock::{UnlockError, Unlocked, run_with};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The `[broker]`-style table pinning a fleet's broker.
+fn pins(f: &Fleet, listen: &str) -> String {
+    let key = std::fs::read_to_string(f.d.join("response.pub")).unwrap();
+    format!(
+        "address = \"{listen}\"\nserver_name = \"kbs.attesta.local\"\nca = \"{}\"\nresponse_key = \"{}\"\ntimeout_secs = 20\n",
+        f.d.join("tls-ca.crt").display(),
+        key.trim()
+    )
+}
+
+/// A boot that got the key: formatted or not, activated where device-mapper exists.
+fn unlocked(r: Result<Unlocked, UnlockError>) -> Unlocked {
+    match r {
+        Ok(u) | Err(UnlockError::NoDeviceMapper(u)) => u,
+        Err(e) => panic!("expected the disk opened, got: {e}"),
+    }
+}
+
+#[test]
+fn a_key_split_between_two_independent_brokers() {
+    let (la, lb) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    // One simulated chip (same seed), two brokers that share nothing else.
+    let operator = Fleet::new("split-test", &la, 1, |t| t);
+    let tenant = Fleet::new("split-test", &lb, 1, |t| t);
+    let (log_a, log_b) = (
+        Arc::new(Mutex::new(String::new())),
+        Arc::new(Mutex::new(String::new())),
+    );
+    let _a = KillOnDrop(start(&operator.cfg, log_a.clone()));
+    let _b = KillOnDrop(start(&tenant.cfg, log_b.clone()));
+
+    let dir = operator.dir.path();
+    let shm = tempfile::Builder::new()
+        .prefix("attesta-split")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let toml = format!(
+        "vm_id = \"vm-0\"\nrequire_mlock = false\n[broker]\n{}\n[split]\nthreshold = 2\n[[split.brokers]]\n{}\n\
+         [disk]\npath = \"{}\"\n[boot_config]\npath = \"{}\"\n",
+        pins(&operator, &la),
+        pins(&tenant, &lb),
+        disk.display(),
+        shm.path().join("boot-config").display()
+    );
+    std::fs::write(dir.join("guest.toml"), &toml).unwrap();
+    let cfg = GuestConfig::load(&dir.join("guest.toml")).unwrap();
+    // 3-of-2 and 1-of-2 are refused, not weakened.
+    for t in ["threshold = 3", "threshold = 1"] {
+        std::fs::write(dir.join("bad.toml"), toml.replace("threshold = 2", t)).unwrap();
+        let e = GuestConfig::load(&dir.join("bad.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only 2-of-2"), "{t}: {e}");
+    }
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let first = unlocked(rt.block_on(run_with(&cfg, &guest(&operator.chip))));
+    assert!(first.formatted);
+    assert_eq!(first.boot_counter, 1);
+    let second = unlocked(rt.block_on(run_with(&cfg, &guest(&operator.chip))));
+    assert!(!second.formatted);
+    assert_eq!(second.boot_counter, 2);
+
+    // What each broker's operator can get from its own store and KEK: its share, by releasing
+    // it to a guest. Neither share opens the disk; together they do.
+    let share = |f: &Fleet| {
+        rt.block_on(fetch(&f.broker, "vm-0", &guest(&operator.chip)))
+            .unwrap()
+            .volume_key
+    };
+    let (a, b) = (share(&operator), share(&tenant));
+    let label = DiskLabel {
+        vm_id: "vm-0".into(),
+        generation: 1,
+    };
+    let opens = |key: &[u8]| match luks::unlock(
+        &disk,
+        "attesta-split-test",
+        &VolumeKey::from_bytes(key).unwrap(),
+        &label,
+    ) {
+        Ok(()) | Err(LuksError::DeviceMapperUnavailable) => true,
+        Err(_) => false,
+    };
+    assert!(!opens(&a), "the operator's share alone opened the disk");
+    assert!(!opens(&b), "the tenant's share alone opened the disk");
+    let both: Vec<u8> = a.iter().zip(b.iter()).map(|(x, y)| x ^ y).collect();
+    assert!(opens(&both));
+    let _ = std::process::Command::new("dmsetup")
+        .args(["remove", "attesta-split-test"])
+        .status();
+
+    // The tenant withdraws the image at their broker: the operator's broker still releases its
+    // share, but the boot stops.
+    let epoch2 = dir.join("epoch2.signed");
+    sign_allowlist_at(&tenant.d, 2, &[&"0e".repeat(48)], &epoch2);
+    ok(
+        kbs()
+            .args(["allowlist", "install"])
+            .arg(&epoch2)
+            .arg("--config")
+            .arg(&tenant.cfg)
+            .output()
+            .unwrap(),
+        "allowlist install",
+    );
+    let start = Instant::now();
+    while !log_b.lock().unwrap().contains("allowlist epoch changed") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the tenant's broker never followed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_file(shm.path().join("boot-config"));
+    match rt.block_on(run_with(&cfg, &guest(&operator.chip))) {
+        Err(UnlockError::Release(guest_agent::client::ClientError::Denied(r))) => {
+            assert_eq!(r, ["measurement_withdrawn"]);
+        }
+        other => panic!("expected the tenant's denial, got {other:?}"),
+    }
+    assert!(!shm.path().join("boot-config").exists(), "nothing placed");
+    assert!(log_a.lock().unwrap().contains("key released"));
+}
