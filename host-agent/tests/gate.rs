@@ -44,6 +44,7 @@ fn order(kind: OrderKind, vm_id: &str, measurements: Vec<[u8; 48]>, not_after: u
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
 }
 

@@ -43,6 +43,18 @@ pub struct RegisterOrder {
     /// for the key the attested guest binds in its report (needs `guest_ca` in `[mesh]`).
     #[arg(long, value_name = "CIDR")]
     pub mesh_ip: Option<String>,
+    /// The VM's key is split across independent brokers: name each broker holding a share,
+    /// this one included (e.g. --split-broker operator --split-broker tenant), each registering
+    /// its own order; with --split-threshold. Each broker generates only its own share.
+    #[arg(
+        long = "split-broker",
+        value_name = "NAME",
+        requires = "split_threshold"
+    )]
+    pub split_brokers: Vec<String>,
+    /// How many shares open the disk: every one (n-of-n) is what guests support.
+    #[arg(long, value_name = "K", requires = "split_brokers")]
+    pub split_threshold: Option<u32>,
     /// The account (SS58) that pays for the VM's running time; with --rate-per-hour.
     /// Without them the host agent does not bill the VM.
     #[arg(long, value_name = "SS58", requires = "rate_per_hour")]
@@ -185,6 +197,18 @@ pub fn order_cmd(c: &OrderCmd) -> ExitCode {
                         Some(ip) => Some(mesh_ip(ip)?),
                         None => None,
                     },
+                    split: match a.split_threshold {
+                        Some(threshold) => {
+                            let s = proto::order::Split {
+                                threshold,
+                                brokers: a.split_brokers.clone(),
+                            };
+                            s.check()
+                                .map_err(|e| format!("--split-broker/--split-threshold: {e}"))?;
+                            Some(s)
+                        }
+                        None => None,
+                    },
                 };
                 (key(&a.key)?, order, &a.out)
             }
@@ -202,6 +226,7 @@ pub fn order_cmd(c: &OrderCmd) -> ExitCode {
                     boot_config: ByteBuf::new(),
                     billing: None,
                     mesh_ip: None,
+                    split: None,
                 },
                 &a.out,
             ),

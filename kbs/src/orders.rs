@@ -134,7 +134,8 @@ impl Kbs {
                 now,
                 // The tenant checks their order against this hash (`attesta-verify`).
                 serde_json::json!({"tenant": order.tenant,
-                    "order_sha256": hex::encode(proto::bundle::sha256(order_doc))}),
+                    "order_sha256": hex::encode(proto::bundle::sha256(order_doc)),
+                    "split": order.split.as_ref().map(|s| s.label())}),
             )
             .await?;
         self.metrics.registrations.fetch_add(1, Ordering::Relaxed);

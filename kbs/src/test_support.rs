@@ -17,5 +17,6 @@ pub(crate) fn order(policy: &str) -> Order {
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
 }

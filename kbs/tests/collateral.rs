@@ -186,6 +186,7 @@ async fn setup_with(kds_url: &str, offline_dir: Option<&std::path::Path>) -> Set
         boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant".to_vec()),
         billing: None,
         mesh_ip: None,
+        split: None,
     };
     kbs.register(&order.sign(&operator), NOW).await.unwrap();
     Setup {

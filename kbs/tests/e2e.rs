@@ -69,6 +69,7 @@ fn order_on(vm: &str, chip: &Chip) -> Order {
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
 }
 
@@ -157,6 +158,7 @@ async fn attested_release_over_quic() {
         boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant".to_vec()),
         billing: None,
         mesh_ip: None,
+        split: None,
     };
     kbs.register(&order("vm-1", GOOD).sign(&operator), now())
         .await
@@ -379,6 +381,7 @@ async fn attestation_bound_mesh_identity() {
             boot_config: ByteBuf::new(),
             billing: None,
             mesh_ip: ip.map(String::from),
+            split: None,
         };
         kbs.register(&order.sign(&operator), t).await.unwrap();
     }
@@ -656,6 +659,7 @@ async fn a_key_that_cannot_be_sealed_is_recorded_as_a_denial() {
         boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant".to_vec()),
         billing: None,
         mesh_ip: None,
+        split: None,
     };
     kbs.register(&order.sign(&operator), now()).await.unwrap();
     let broker = serve_on_loopback(&kbs, response_pub);

@@ -89,6 +89,7 @@ async fn setup(vms: usize, f: impl FnOnce(&mut Kbs)) -> Setup {
             boot_config: ByteBuf::new(),
             billing: None,
             mesh_ip: None,
+            split: None,
         };
         kbs.register(&o.sign(&operator), now()).await.unwrap();
     }

@@ -106,6 +106,7 @@ fn order(lab: &Lab, vm: &str, policy: &str) -> Vec<u8> {
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
     .sign(&lab.operator)
 }

@@ -191,6 +191,7 @@ fn signed_order(operator: &Ed25519KeyPair, vm: &str) -> Vec<u8> {
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
     .sign(operator)
 }

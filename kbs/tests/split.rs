@@ -40,8 +40,41 @@ fn a_key_split_between_two_independent_brokers() {
         format!("127.0.0.1:{}", free_port()),
     );
     // One simulated chip (same seed), two brokers that share nothing else.
-    let operator = Fleet::new("split-test", &la, 1, |t| t);
-    let tenant = Fleet::new("split-test", &lb, 1, |t| t);
+    let split = [
+        "--split-broker",
+        "operator",
+        "--split-broker",
+        "tenant",
+        "--split-threshold",
+        "2",
+    ];
+    let operator = Fleet::with_orders("split-test", &la, 1, |t| t, &split);
+    let tenant = Fleet::with_orders("split-test", &lb, 1, |t| t, &split);
+    // An order may not claim fewer shares than brokers (the guest needs them all).
+    let mut bad = kbs();
+    bad.args(["order", "register", "--key"])
+        .arg(operator.d.join("operator.key"))
+        .args([
+            "--vm-id",
+            "v",
+            "--tenant",
+            "t",
+            "--measurement",
+            &"4d".repeat(48),
+        ])
+        .args([
+            "--chip-id",
+            &"00".repeat(64),
+            "--split-broker",
+            "a",
+            "--split-broker",
+            "b",
+        ])
+        .args(["--split-threshold", "1", "--out"])
+        .arg(operator.dir.path().join("bad.signed"));
+    let out = bad.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs every share"));
     let (log_a, log_b) = (
         Arc::new(Mutex::new(String::new())),
         Arc::new(Mutex::new(String::new())),
@@ -76,6 +109,23 @@ fn a_key_split_between_two_independent_brokers() {
             .unwrap_err()
             .to_string();
         assert!(e.contains("only 2-of-2"), "{t}: {e}");
+    }
+
+    // Each broker's log states the split it holds a share of.
+    for f in [&operator, &tenant] {
+        let out = f.dir.path().join("audit.jsonl");
+        ok(
+            kbs()
+                .args(["audit", "export", "--config"])
+                .arg(&f.cfg)
+                .arg("--out")
+                .arg(&out)
+                .output()
+                .unwrap(),
+            "audit export",
+        );
+        let log = std::fs::read_to_string(&out).unwrap();
+        assert!(log.contains("\"split\":\"2-of-2\""), "{log}");
     }
 
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -54,6 +54,49 @@ pub struct Order {
     /// Absent: no mesh identity (and left out of the encoding, as `billing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_ip: Option<String>,
+    /// The VM's key is split across independent brokers and this broker holds one share: who
+    /// they are and how many shares open the disk. The guest's measured configuration is what
+    /// enforces it; the order states it, so that each broker's log and the tenant's verifier
+    /// show it. Absent: this broker holds the whole key (and left out of the encoding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
+}
+
+/// A key split across brokers (see [`Order::split`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// Shares needed to open the disk: every one today (n-of-n).
+    pub threshold: u32,
+    /// The brokers holding a share, this one included (names for people: "operator",
+    /// "tenant").
+    pub brokers: Vec<String>,
+}
+
+impl Split {
+    /// "2-of-2".
+    pub fn label(&self) -> String {
+        format!("{}-of-{}", self.threshold, self.brokers.len())
+    }
+
+    /// 2 to [`crate::brokers::MAX_BROKERS`] distinct, non-empty names, and every share needed.
+    pub fn check(&self) -> Result<(), &'static str> {
+        let n = self.brokers.len();
+        if !(2..=crate::brokers::MAX_BROKERS).contains(&n) {
+            return Err("a split names 2 to 8 brokers");
+        }
+        if self
+            .brokers
+            .iter()
+            .enumerate()
+            .any(|(i, b)| b.is_empty() || b.len() > 64 || self.brokers[..i].contains(b))
+        {
+            return Err("a split's broker names are distinct, 1-64 characters");
+        }
+        if self.threshold as usize != n {
+            return Err("a split needs every share (threshold = number of brokers)");
+        }
+        Ok(())
+    }
 }
 
 /// The billing terms of a VM, part of its register order.
@@ -199,6 +242,9 @@ impl Order {
         }
         if o.chip_ids.iter().any(|c| c.len() != 64) {
             return Err(DocumentError::Invalid("every chip id must be 64 bytes"));
+        }
+        if let Some(split) = &o.split {
+            split.check().map_err(DocumentError::Invalid)?;
         }
         if o.kind == OrderKind::Register && (o.measurements.is_empty() || o.chip_ids.is_empty()) {
             return Err(DocumentError::Invalid(

@@ -27,6 +27,7 @@ fn order() -> Order {
         boot_config: ByteBuf::from(b"ssh-ed25519 AAAA tenant@laptop".to_vec()),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
 }
 

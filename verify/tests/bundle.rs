@@ -64,6 +64,7 @@ fn parts(chip_in_order: bool) -> Option<Parts> {
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
     .sign(&operator);
     Some(Parts {

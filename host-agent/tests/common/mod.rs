@@ -68,6 +68,7 @@ pub fn register_order(
         boot_config: ByteBuf::new(),
         billing,
         mesh_ip: None,
+        split: None,
     }
     .sign(op)
 }
@@ -86,6 +87,7 @@ pub fn terminate_order(op: &Ed25519KeyPair, vm_id: &str) -> Vec<u8> {
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
     .sign(op)
 }

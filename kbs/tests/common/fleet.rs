@@ -26,6 +26,17 @@ pub struct Fleet {
 impl Fleet {
     /// `init` on `listen`, `edit` applied to `kbs.toml`, then `vms` VMs (`vm-0`…) registered.
     pub fn new(seed: &str, listen: &str, vms: usize, edit: impl FnOnce(String) -> String) -> Fleet {
+        Fleet::with_orders(seed, listen, vms, edit, &[])
+    }
+
+    /// As [`Fleet::new`], each register order signed with `order_args` added.
+    pub fn with_orders(
+        seed: &str,
+        listen: &str,
+        vms: usize,
+        edit: impl FnOnce(String) -> String,
+        order_args: &[&str],
+    ) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("kbs");
         let pki = Arc::new(
@@ -66,7 +77,9 @@ impl Fleet {
                 .arg(d.join("operator.key"))
                 .args(["--vm-id", &format!("vm-{i}"), "--tenant", "t"])
                 .args(["--measurement", &image])
-                .args(["--chip-id", &hex::encode(chip.config.chip_id), "--out"])
+                .args(["--chip-id", &hex::encode(chip.config.chip_id)])
+                .args(order_args)
+                .arg("--out")
                 .arg(&order)
                 .output()
                 .unwrap();

@@ -475,6 +475,7 @@ pub(crate) fn order_with_policy(vm: &str, policy: &snp::Policy, now: u64) -> Ord
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
 }
 

@@ -324,6 +324,7 @@ async fn run_on(
         boot_config: ByteBuf::new(),
         billing: None,
         mesh_ip: None,
+        split: None,
     };
     let r = agents[0]
         .handle(host_agent::control::ControlRequest::Terminate {

@@ -325,6 +325,7 @@ pub fn order(vm_id: &str, i: usize, chip_id: &[u8; 64], image: &[u8; 48]) -> Ord
         boot_config: ByteBuf::from(format!("ssh-ed25519 AAAA tenant-{}", i % 3).into_bytes()),
         billing: None,
         mesh_ip: None,
+        split: None,
     }
 }
 
