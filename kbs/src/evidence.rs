@@ -193,6 +193,10 @@ impl Kbs {
             ),
         };
         evidence_detail(&mut detail, &verdict, report, record.as_ref(), &policy);
+        // With the nonce, the guest key and the mesh key, the connection's exporter lets a third
+        // party recompute REPORT_DATA: the key was sealed to the key this report bound. (An
+        // exporter value reveals nothing of the session's traffic keys, RFC 8446 §7.5.)
+        detail["exporter"] = hex::encode(exporter).into();
         detail["guest_key"] = hex::encode(guest_pk).into();
         if !mesh_key.is_empty() {
             detail["mesh_key"] = hex::encode(mesh_key).into();

@@ -49,6 +49,28 @@ fn intact_logs_verify() {
     assert_eq!(verify("", &pk), Err(AuditError::NoCheckpoint));
 }
 
+/// An entry shown elided verifies in a segment (a tenant's bundle) but never in a whole log:
+/// the broker's own log must show every entry.
+#[test]
+fn elided_entries_only_in_a_segment() {
+    let k = key();
+    let pk = kbs::audit::public_key(&k);
+    let mut lines: Vec<Line> = log(&k, 8)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    if let Line::Entry(e) = &lines[2] {
+        lines[2] = Line::Elided { elided: e.elide() };
+    }
+    let v = kbs::audit::verify_segment(&lines[1..], &pk).unwrap();
+    assert_eq!((v.first_seq, v.entries, v.unsigned_tail), (1, 7, 0));
+    let whole: String = lines
+        .iter()
+        .map(|l| serde_json::to_string(l).unwrap() + "\n")
+        .collect();
+    assert_eq!(verify(&whole, &pk), Err(AuditError::Elided { seq: 2 }));
+}
+
 #[test]
 fn tampering_is_caught() {
     let k = key();

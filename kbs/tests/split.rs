@@ -161,9 +161,11 @@ fn a_key_split_between_two_independent_brokers() {
     assert!(!opens(&b), "the tenant's share alone opened the disk");
     let both: Vec<u8> = a.iter().zip(b.iter()).map(|(x, y)| x ^ y).collect();
     assert!(opens(&both));
-    let _ = std::process::Command::new("dmsetup")
-        .args(["remove", "attesta-split-test"])
-        .status();
+    if std::path::Path::new("/dev/mapper/control").exists() {
+        let _ = std::process::Command::new("dmsetup")
+            .args(["remove", "attesta-split-test"])
+            .status();
+    }
 
     // The tenant withdraws the image at their broker: the operator's broker still releases its
     // share, but the boot stops.

@@ -68,12 +68,44 @@ struct Hashed<'a> {
     prev: &'a str,
 }
 
-/// Hex of SHA-256 over a detail's JSON (serde_json's bytes: keys sorted, no spaces).
+/// Hex of SHA-256 over a detail's canonical JSON ([`canonical`]).
 pub fn detail_sha256(detail: &serde_json::Value) -> String {
-    let body = serde_json::to_vec(detail).unwrap_or_default();
     let mut m = b"attesta-audit/2\0detail\0".to_vec();
-    m.extend_from_slice(&body);
+    canonical(detail, &mut m);
     hex::encode(digest(&SHA256, &m))
+}
+
+/// JSON with object keys sorted at every depth and no spaces, whatever order the value keeps
+/// its keys in (so a build with serde_json's `preserve_order` hashes alike).
+pub fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(&Value::String(k.clone()), out);
+                out.push(b':');
+                canonical(&map[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(item, out);
+            }
+            out.push(b']');
+        }
+        leaf => out.extend_from_slice(&serde_json::to_vec(leaf).unwrap_or_default()),
+    }
 }
 
 fn entry_hash(
@@ -228,6 +260,8 @@ pub enum AuditError {
     Truncated { seq: u64 },
     #[error("the log has no signed checkpoint")]
     NoCheckpoint,
+    #[error("entry {seq} is elided: a whole log shows every entry")]
+    Elided { seq: u64 },
 }
 
 /// What a verification established.
@@ -293,13 +327,17 @@ fn view(line: &Line) -> Option<(u64, u64, &str, &str, String, &str, &str)> {
 }
 
 fn check(lines: &[Line], key: &[u8], start: Option<Chain>) -> Result<Verified, AuditError> {
+    // A whole log holds every entry whole; only a segment may show some elided.
+    let whole = start.is_some();
     let mut chain = start.clone();
     let mut first_seq = start.as_ref().map_or(0, |c| c.next_seq);
     let mut hashes: Vec<String> = Vec::new();
     let mut checkpoints = 0u64;
     let mut last_cp: Option<Checkpoint> = None;
-    let mut pending: Vec<&Checkpoint> = Vec::new();
     for line in lines {
+        if let (true, Line::Elided { elided }) = (whole, line) {
+            return Err(AuditError::Elided { seq: elided.seq });
+        }
         if let Some((seq, time, kind, vm_id, detail, prev, hash)) = view(line) {
             let c = chain.get_or_insert_with(|| {
                 first_seq = seq;
@@ -320,39 +358,34 @@ fn check(lines: &[Line], key: &[u8], start: Option<Chain>) -> Result<Verified, A
             if entry_hash(seq, time, kind, vm_id, &detail, prev) != hash {
                 return Err(AuditError::Hash { seq });
             }
-            c.next_seq = seq.saturating_add(1);
+            c.next_seq = seq.checked_add(1).ok_or(AuditError::Sequence {
+                seq,
+                expected: c.next_seq,
+            })?;
             c.last_hash = hash.to_string();
             hashes.push(hash.to_string());
-        } else if let Line::Checkpoint { checkpoint } = line {
-            pending.push(checkpoint);
-        }
-        // A checkpoint can only be judged once the entry it names has been read.
-        let next = chain.as_ref().map_or(first_seq, |c| c.next_seq);
-        let mut rest = Vec::new();
-        for c in pending.drain(..) {
-            if c.seq < next {
-                if !checkpoint_signed(c, key) {
-                    return Err(AuditError::Signature { seq: c.seq });
-                }
-                let at = c
-                    .seq
-                    .checked_sub(first_seq)
-                    .and_then(|i| usize::try_from(i).ok());
-                if at.and_then(|i| hashes.get(i)) != Some(&c.hash) {
-                    return Err(AuditError::CheckpointMismatch { seq: c.seq });
-                }
-                checkpoints += 1;
-                if last_cp.as_ref().is_none_or(|l| l.seq < c.seq) {
-                    last_cp = Some(c.clone());
-                }
-            } else {
-                rest.push(c);
+        } else if let Line::Checkpoint { checkpoint: c } = line {
+            // A checkpoint follows the entry it names (as the broker writes them): one naming
+            // an entry not yet read means the log was cut after it.
+            let next = chain.as_ref().map_or(first_seq, |c| c.next_seq);
+            if c.seq >= next {
+                return Err(AuditError::Truncated { seq: c.seq });
+            }
+            if !checkpoint_signed(c, key) {
+                return Err(AuditError::Signature { seq: c.seq });
+            }
+            let at = c
+                .seq
+                .checked_sub(first_seq)
+                .and_then(|i| usize::try_from(i).ok());
+            if at.and_then(|i| hashes.get(i)) != Some(&c.hash) {
+                return Err(AuditError::CheckpointMismatch { seq: c.seq });
+            }
+            checkpoints += 1;
+            if last_cp.as_ref().is_none_or(|l| l.seq < c.seq) {
+                last_cp = Some(c.clone());
             }
         }
-        pending = rest;
-    }
-    if let Some(c) = pending.first() {
-        return Err(AuditError::Truncated { seq: c.seq });
     }
     let Some(last) = last_cp else {
         return Err(AuditError::NoCheckpoint);

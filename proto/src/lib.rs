@@ -47,8 +47,8 @@ pub enum ProtoError {
 /// nonce): derived from the connection's TLS exporter value, which both ends compute and no one
 /// else can (the host relaying the packets included), and which the broker's handshake makes
 /// fresh. So the connection is the challenge: nothing is issued, kept or stored, and evidence made
-/// for one connection matches no other (no other replica's either). One-way, so the exporter
-/// itself never appears in a release, a denial or the audit log.
+/// for one connection matches no other (no other replica's either). The broker's audit entry
+/// keeps the exporter once the decision is made, so that a tenant can recompute REPORT_DATA.
 pub fn connection_nonce(tls_exporter: &[u8; 32]) -> [u8; 32] {
     let d = bind(b"\0connection-nonce\0", &[tls_exporter]);
     let mut n = [0u8; 32];

@@ -58,6 +58,8 @@ pub struct Outcome {
     pub checkpoint_seq: Option<u64>,
     /// Whether every release's chain ends in AMD's own root (false with a named trust chain).
     pub amd_rooted: bool,
+    /// When the broker exported the bundle (signed): nothing after it is shown.
+    pub exported_at: u64,
 }
 
 impl Outcome {
@@ -80,6 +82,7 @@ impl Outcome {
                 .collect::<Vec<_>>(),
             "audit": {"entries": self.entries, "checkpoint_seq": self.checkpoint_seq},
             "amd_rooted": self.amd_rooted,
+            "exported_at": snp::reason::rfc3339(self.exported_at),
             "revocation": "not_checked",
         })
     }
@@ -179,7 +182,12 @@ pub fn check_bundle(bytes: &[u8], e: &Expect<'_>) -> Outcome {
                         .unwrap_or_default(),
                 }),
                 "terminate" => terminated = true,
-                _ => {}
+                "register" if std::ptr::eq(line, &b.log[0]) => {}
+                other => out.findings.push(Finding::new(
+                    "unknown_entry",
+                    Some(en.seq),
+                    format!("an entry of this VM of kind {other:?} (a second register, or a kind this verifier does not know)"),
+                )),
             },
             _ => {}
         }
@@ -187,6 +195,20 @@ pub fn check_bundle(bytes: &[u8], e: &Expect<'_>) -> Outcome {
     if out.releases.is_empty() {
         out.amd_rooted = false;
     }
+    // One report, one release: the same report shown for two releases is a release the report
+    // does not account for.
+    let mut seen = std::collections::HashSet::new();
+    for r in &out.releases {
+        let data = &r.report["report_data"];
+        if !data.is_null() && !seen.insert(data.to_string()) {
+            out.findings.push(Finding::new(
+                "report_reused",
+                Some(r.seq),
+                "this release shows a report an earlier release showed",
+            ));
+        }
+    }
+    out.exported_at = b.exported_at;
     out
 }
 
@@ -261,6 +283,7 @@ fn audit_finding(err: &AuditError) -> Finding {
         | AuditError::CheckpointMismatch { seq }
         | AuditError::Truncated { seq } => ("audit_checkpoint_invalid", Some(*seq)),
         AuditError::NoCheckpoint => ("audit_not_closed", None),
+        AuditError::Elided { seq } => ("vm_entry_elided", Some(*seq)),
         AuditError::Malformed { .. } => ("bundle_malformed", None),
     };
     Finding::new(code, seq, err.to_string())
@@ -335,6 +358,31 @@ fn check_release(
             "stated_policy_unreadable",
             "the entry states no policy".into(),
         ),
+    }
+    if let Some(r) = &verdict.report {
+        let expected = (bytes("nonce"), bytes("guest_key"), bytes("exporter"));
+        let binds = match expected {
+            (Some(n), Some(g), Some(x)) => match (
+                <[u8; 32]>::try_from(n.as_slice()),
+                <[u8; 32]>::try_from(g.as_slice()),
+                <[u8; 32]>::try_from(x.as_slice()),
+            ) {
+                (Ok(n), Ok(g), Ok(x)) => {
+                    let mesh = bytes("mesh_key").unwrap_or_default();
+                    // Evidence bound to its connection has that connection's nonce.
+                    let fresh = d["bound"] != "connection" || proto::connection_nonce(&x) == n;
+                    fresh && proto::expected_report_data(&n, &g, &x, &mesh) == Some(r.report_data)
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if !binds {
+            found(
+                "report_data_mismatch",
+                "the report does not bind the nonce, guest key and connection the key was sealed to".into(),
+            );
+        }
     }
     if let Some(r) = &verdict.report
         && !e.measurements.is_empty()

@@ -15,9 +15,17 @@
 //!   the order's measurements and chips, and the policy the broker states it applied; with
 //!   `--measurement`, its measurement is one of the tenant's.
 //!
+//! - each release's report binds, in REPORT_DATA, the nonce, the guest key the VM's key was
+//!   sealed to and the connection's exporter the entry names, and no report is shown twice.
+//!
 //! Not checked: revocation (offline, no CRL: the output says so); that the segment is the whole
 //! log before the VM was registered (nothing of this VM can precede its register entry); the
-//! order's operator signature (the tenant holds the order they were given).
+//! order's operator signature (the tenant holds the order they were given); anything after the
+//! export time (printed). And the audit chain binds a broker only to what its audit key signed:
+//! an operator holding that key could rebuild the log without a release. The report binding
+//! above still holds then — every release shown went to a genuine, allowed VM — but a release
+//! left out can only be caught with an anchor outside the broker (a checkpoint the tenant saw
+//! earlier, or a witness), which this verifier does not take yet.
 #![forbid(unsafe_code)]
 
 pub mod bundle;

@@ -16,6 +16,9 @@ use std::process::ExitCode;
                   for one VM (`attesta-kbs evidence export`): every release of the VM's key went to \
                   a genuine AMD report with an allowed measurement, on a chip the order allowed, \
                   under the stated policy, and the audit log segment is intact and signed.\n\n\
+                  What it cannot show: that a broker whose operator holds its audit key did not \
+                  rebuild its log without a release (that needs an anchor outside the broker), \
+                  nor anything after the bundle's export time, which it prints.\n\n\
                   Exit status: 0 all good, 1 a finding, 2 usage error or unreadable file."
 )]
 struct Cli {
@@ -59,8 +62,33 @@ struct BundleArgs {
     json: bool,
 }
 
+/// Reads a file of at most [`proto::bundle::MAX_BUNDLE`] bytes (never more into memory).
 fn read(p: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+    use std::io::Read;
+    let limit = proto::bundle::MAX_BUNDLE as u64;
+    let mut out = Vec::new();
+    std::fs::File::open(p)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut out))
+        .map_err(|e| format!("{what} {}: {e}", p.display()))?;
+    if out.len() as u64 > limit {
+        return Err(format!("{what} {}: more than {limit} bytes", p.display()));
+    }
+    Ok(out)
+}
+
+/// A string from the bundle, fit for a terminal: control characters escaped, so a crafted
+/// bundle cannot hide a finding or draw a line of its own.
+fn shown(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let esc: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            esc
+        })
+        .collect()
 }
 
 /// A 32-byte public key file: raw, or hex (surrounding whitespace ignored).
@@ -130,13 +158,14 @@ fn print_text(o: &Outcome) {
         "NOT AMD-rooted"
     };
     println!(
-        "VM {}: {} releases ({rooted}), {} denials, audit segment of {} entries closed by checkpoint {}",
-        o.vm_id,
+        "VM {}: {} releases ({rooted}), {} denials, audit segment of {} entries closed by checkpoint {}, exported {}",
+        shown(&o.vm_id),
         o.releases.len(),
         o.denials.len(),
         o.entries,
         o.checkpoint_seq
-            .map_or_else(|| "none".to_string(), |s| s.to_string())
+            .map_or_else(|| "none".to_string(), |s| s.to_string()),
+        snp::reason::rfc3339(o.exported_at)
     );
     for r in &o.releases {
         println!(
@@ -156,15 +185,19 @@ fn print_text(o: &Outcome) {
             "  denial   entry {:>6}  {}  {}",
             d.seq,
             snp::reason::rfc3339(d.time),
-            d.reasons.join(", ")
+            shown(&d.reasons.join(", "))
         );
     }
     println!("  revocation: not checked (offline, no CRL)");
+    println!(
+        "  complete up to its export: releases after {} are not shown",
+        snp::reason::rfc3339(o.exported_at)
+    );
     if o.ok() {
         println!("OK: every release went to a genuine report the order allows; the log is intact");
     } else {
         for f in &o.findings {
-            println!("FINDING {f}");
+            println!("FINDING {}", shown(&f.to_string()));
         }
     }
 }

@@ -1,6 +1,8 @@
-//! `check_bundle` on bundles around a REAL Milan report from the corpus: a genuine one passes
-//! with AMD's roots only; every edit a broker's operator (who holds the response and audit keys)
-//! or anyone else could make is a finding, each for its reason.
+//! `check_bundle` on bundles a broker would export: around a report from a simulated chip (whose
+//! REPORT_DATA binds the key the release was sealed to, as a guest's does; its chain named with
+//! `trust_chain`) the whole check passes, and every edit a broker's operator (who holds the
+//! response and audit keys) or anyone else could make is a finding, each for its reason; around
+//! a REAL Milan report from the corpus, AMD's built-in roots alone accept the report.
 
 use attesta_verify::{Expect, check_bundle};
 use aws_lc_rs::signature::Ed25519KeyPair;
@@ -9,7 +11,10 @@ use proto::audit::{Chain, Line, public_key};
 use proto::bundle::{BUNDLE_VERSION, Bundle, STATEMENT_KIND, sha256, statement};
 use proto::order::{Order, OrderKind};
 use serde_bytes::ByteBuf;
+use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
+use snp::device::GuestDevice;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 /// The corpus report's guest runs with debugging allowed, at VMPL 0 or not.
 const POLICY: &str = "version = 1\nany_vmpl = true\n[guest_policy]\nallow_debug = true\n";
@@ -41,24 +46,44 @@ struct Parts {
     report: Vec<u8>,
     vcek: Vec<u8>,
     order: Vec<u8>,
+    policy: &'static str,
+    /// What the release was sealed to: nonce, guest key, exporter (hex), bound by the report.
+    binding: serde_json::Value,
+    trust_chain: Option<(Vec<u8>, Vec<u8>)>,
     response: ResponseKey,
     audit: Ed25519KeyPair,
 }
 
-fn parts(chip_in_order: bool) -> Option<Parts> {
-    let dir = corpus()?.join("gosev-milan");
-    let report = std::fs::read(dir.join("report.bin")).unwrap();
-    let vcek = std::fs::read(dir.join("vcek.der")).unwrap();
-    let r = snp::AttestationReport::from_bytes(&report).unwrap();
-    let operator = Ed25519KeyPair::generate().unwrap();
-    let chip = if chip_in_order { r.chip_id } else { [7; 64] };
-    let order = Order {
+/// The simulated guest's policy (not debug, VMPL 0).
+const SIM_POLICY: &str = "version = 1\n";
+const IMAGE: [u8; 48] = [0x4d; 48];
+
+fn sim() -> &'static (Arc<Pki>, Chip) {
+    static SIM: OnceLock<(Arc<Pki>, Chip)> = OnceLock::new();
+    SIM.get_or_init(|| {
+        let state = std::env::temp_dir().join("attesta-verify-test-pki");
+        let pki = Arc::new(
+            Pki::cached(
+                snp::Product::Milan,
+                &Seed::from_text("verify-test"),
+                &state,
+                |_| {},
+            )
+            .unwrap(),
+        );
+        let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap();
+        (pki, chip)
+    })
+}
+
+fn order(measurement: [u8; 48], chip: [u8; 64], policy: &str) -> Vec<u8> {
+    Order {
         v: proto::order::ORDER_VERSION,
         kind: OrderKind::Register,
         vm_id: "vm-7".into(),
         tenant: "acme".into(),
-        measurements: vec![ByteBuf::from(r.measurement.to_vec())],
-        policy: POLICY.into(),
+        measurements: vec![ByteBuf::from(measurement.to_vec())],
+        policy: policy.into(),
         chip_ids: vec![ByteBuf::from(chip.to_vec())],
         not_after: u64::MAX,
         boot_config: ByteBuf::new(),
@@ -66,11 +91,52 @@ fn parts(chip_in_order: bool) -> Option<Parts> {
         mesh_ip: None,
         split: None,
     }
-    .sign(&operator);
-    Some(Parts {
+    .sign(&Ed25519KeyPair::generate().unwrap())
+}
+
+/// A release as a guest on the simulated chip gets it: its report binds a fresh nonce, guest
+/// key and connection exporter.
+fn parts(chip_in_order: bool) -> Parts {
+    let (pki, chip) = sim();
+    let (nonce, guest_key, exporter) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+    let guest = chip.launch(GuestLaunch {
+        measurement: IMAGE,
+        ..Default::default()
+    });
+    let report = guest
+        .get_report(&proto::report_data(&nonce, &guest_key, &exporter), 0)
+        .unwrap();
+    let chip_id = if chip_in_order {
+        chip.config.chip_id
+    } else {
+        [7; 64]
+    };
+    Parts {
         report,
-        vcek,
-        order,
+        vcek: chip.vcek().cert.clone(),
+        order: order(IMAGE, chip_id, SIM_POLICY),
+        policy: SIM_POLICY,
+        binding: serde_json::json!({"nonce": hex::encode(nonce),
+            "guest_key": hex::encode(guest_key), "exporter": hex::encode(exporter)}),
+        trust_chain: Some((pki.ask.cert.clone(), pki.ark.cert.clone())),
+        response: ResponseKey::generate().unwrap(),
+        audit: Ed25519KeyPair::generate().unwrap(),
+    }
+}
+
+/// A release around a real Milan report (whose REPORT_DATA no one here can choose).
+fn corpus_parts() -> Option<Parts> {
+    let dir = corpus()?.join("gosev-milan");
+    let report = std::fs::read(dir.join("report.bin")).unwrap();
+    let r = snp::AttestationReport::from_bytes(&report).unwrap();
+    Some(Parts {
+        vcek: std::fs::read(dir.join("vcek.der")).unwrap(),
+        order: order(r.measurement, r.chip_id, POLICY),
+        report,
+        policy: POLICY,
+        binding: serde_json::json!({"nonce": "00".repeat(32), "guest_key": "00".repeat(32),
+            "exporter": "00".repeat(32)}),
+        trust_chain: None,
         response: ResponseKey::generate().unwrap(),
         audit: Ed25519KeyPair::generate().unwrap(),
     })
@@ -95,15 +161,15 @@ fn log(
             "vm-7",
             serde_json::json!({"tenant": "acme", "order_sha256": order_hash}),
         ),
-        (
-            AT - 8,
-            "release",
-            "vm-7",
-            serde_json::json!({
-            "boot_counter": 1, "report": hex::encode(&p.report), "vcek": hex::encode(&p.vcek),
-            "order_sha256": order_hash, "policy": POLICY,
-            "guest_key": "00".repeat(32)}),
-        ),
+        (AT - 8, "release", "vm-7", {
+            let mut d = serde_json::json!({
+                "boot_counter": 1, "report": hex::encode(&p.report), "vcek": hex::encode(&p.vcek),
+                "order_sha256": order_hash, "policy": p.policy});
+            for (k, v) in p.binding.as_object().unwrap() {
+                d[k] = v.clone();
+            }
+            d
+        }),
         (
             AT - 7,
             "release",
@@ -166,7 +232,7 @@ fn expect(p: &Parts) -> Expect<'_> {
         audit_key: None,
         measurements: Vec::new(),
         at: Some(AT),
-        trust_chain: None,
+        trust_chain: p.trust_chain.clone(),
     }
 }
 
@@ -179,27 +245,46 @@ fn codes(bytes: &[u8], e: &Expect<'_>) -> Vec<&'static str> {
 }
 
 #[test]
-fn a_genuine_bundle_verifies_with_amd_roots_alone() {
-    let Some(p) = parts(true) else { return };
+fn a_genuine_bundle_verifies() {
+    let p = parts(true);
     let o = check_bundle(&bundle(&p, log(&p, |_| {})), &expect(&p));
     assert!(o.ok(), "{:?}", o.findings);
-    assert!(o.amd_rooted);
+    assert!(!o.amd_rooted, "the simulator's chain is not AMD's");
     assert_eq!(o.releases.len(), 1);
     assert_eq!(o.denials.len(), 1);
     assert_eq!(o.releases[0].report["verdict"], "accepted");
     assert_eq!(o.to_json()["verdict"], "ok");
+    assert_eq!(o.to_json()["exported_at"], "2026-06-01T00:00:00Z");
     // The tenant's own measurement, and the audit key they hold, agree.
-    let r = snp::AttestationReport::from_bytes(&p.report).unwrap();
     let mut e = expect(&p);
-    e.measurements = vec![r.measurement];
-    let a = public_key(&p.audit);
-    e.audit_key = Some(a.try_into().unwrap());
+    e.measurements = vec![IMAGE];
+    e.audit_key = Some(public_key(&p.audit).try_into().unwrap());
     assert!(check_bundle(&bundle(&p, log(&p, |_| {})), &e).ok());
+    // Without the simulator's chain named, nothing vouches for its reports.
+    e.trust_chain = None;
+    let c = codes(&bundle(&p, log(&p, |_| {})), &e);
+    assert_eq!(c, ["release_rejected"]);
+}
+
+#[test]
+fn a_real_milan_report_is_accepted_on_amd_roots_alone() {
+    let Some(p) = corpus_parts() else { return };
+    let o = check_bundle(&bundle(&p, log(&p, |_| {})), &expect(&p));
+    assert!(o.amd_rooted);
+    assert_eq!(
+        o.releases[0].report["verdict"], "accepted",
+        "{:#}",
+        o.releases[0].report
+    );
+    assert_eq!(o.releases[0].report["amd_rooted"], true);
+    // Its REPORT_DATA binds a key of its own boot, not the one this made-up release names.
+    let c: Vec<_> = o.findings.iter().map(|f| f.code).collect();
+    assert_eq!(c, ["report_data_mismatch"]);
 }
 
 #[test]
 fn an_edited_removed_or_hidden_entry_is_found() {
-    let Some(p) = parts(true) else { return };
+    let p = parts(true);
     let good = log(&p, |_| {});
     // Edited after the fact: the denial's reasons.
     let mut edited = good.clone();
@@ -244,9 +329,9 @@ fn an_edited_removed_or_hidden_entry_is_found() {
 
 #[test]
 fn the_wrong_order_keys_or_measurement_are_findings() {
-    let Some(p) = parts(true) else { return };
+    let p = parts(true);
     let b = bundle(&p, log(&p, |_| {}));
-    let other = parts(true).unwrap();
+    let other = parts(true);
     let mut e = expect(&p);
     e.order = &other.order;
     assert!(codes(&b, &e).contains(&"order_mismatch"));
@@ -268,7 +353,7 @@ fn the_wrong_order_keys_or_measurement_are_findings() {
 
 #[test]
 fn a_dishonest_broker_with_every_key_still_cannot_forge_a_release() {
-    let Some(p) = parts(true) else { return };
+    let p = parts(true);
     // A report edited (REPORT_DATA, say) and the log re-hashed and re-signed: the AMD
     // signature over the report fails.
     let forged = log(&p, |es| {
@@ -277,15 +362,32 @@ fn a_dishonest_broker_with_every_key_still_cannot_forge_a_release() {
         es[2].3["report"] = hex::encode(r).into();
     });
     let c = check_bundle(&bundle(&p, forged), &expect(&p));
-    assert_eq!(c.findings.len(), 1, "{:?}", c.findings);
-    assert_eq!(c.findings[0].code, "release_rejected");
+    assert_eq!(c.findings[0].code, "release_rejected", "{:?}", c.findings);
     assert!(
         c.findings[0].detail.contains("report_signature_invalid"),
         "{}",
         c.findings[0].detail
     );
+    // Sealed to a key of the operator's, shown with a genuine report of the VM: the report does
+    // not bind it.
+    let resealed = log(&p, |es| es[2].3["guest_key"] = "66".repeat(32).into());
+    assert_eq!(
+        codes(&bundle(&p, resealed), &expect(&p)),
+        ["report_data_mismatch"]
+    );
+    // The same genuine report shown for a second release.
+    let twice = log(&p, |es| {
+        let rel = es[2].clone();
+        es.push((AT - 5, rel.1, rel.2, rel.3));
+    });
+    assert_eq!(codes(&bundle(&p, twice), &expect(&p)), ["report_reused"]);
+    // An entry of this VM of a kind the verifier does not know.
+    let odd = log(&p, |es| {
+        es.push((AT - 5, "Release", "vm-7", serde_json::json!({})))
+    });
+    assert_eq!(codes(&bundle(&p, odd), &expect(&p)), ["unknown_entry"]);
     // A genuine report from a chip the order does not name.
-    let Some(q) = parts(false) else { return };
+    let q = parts(false);
     let c = check_bundle(&bundle(&q, log(&q, |_| {})), &expect(&q));
     assert_eq!(c.findings.len(), 1, "{:?}", c.findings);
     assert!(
@@ -314,7 +416,7 @@ fn a_dishonest_broker_with_every_key_still_cannot_forge_a_release() {
     });
     assert_eq!(
         codes(&bundle(&p, late), &expect(&p)),
-        ["release_after_terminate"]
+        ["release_after_terminate", "report_reused"]
     );
 }
 
@@ -324,7 +426,7 @@ proptest::proptest! {
     /// is never silently accepted unless it is a hex digit's case (the same bytes).
     #[test]
     fn any_byte_flip_is_a_finding_or_the_same_bytes(at in 0usize..100_000, bit in 0u8..8) {
-        let Some(p) = parts(true) else { return Ok(()) };
+        let p = parts(true);
         let good = bundle(&p, log(&p, |_| {}));
         let mut b = good.clone();
         let i = at % b.len();
