@@ -21,11 +21,11 @@ if [ ! -f "$CORPUS/MANIFEST.md" ]; then
   exit 2
 fi
 
-log "building attesta-kbs, attesta-sim, attesta-image and attesta-guest (release)"
+log "building attesta-kbs, attesta-sim, attesta-image, attesta-guest and attesta-verify (release)"
 # attesta-guest with the simulator feature: the demo's real VMs take their reports from the
 # simulated PSP (a production image is built without it).
 cargo build --release --locked -p kbs -p attesta-sim -p attesta-image -p guest-agent \
-  --features guest-agent/simulator --quiet
+  -p attesta-verify --features guest-agent/simulator --quiet
 KBS=target/release/attesta-kbs
 SIM=target/release/attesta-sim
 

@@ -5,8 +5,7 @@ use crate::clock::now;
 use crate::serve_cmd::{audit_key, build, fail, runtime};
 use clap::Subcommand;
 use kbs::config::Config;
-use kbs::store::Store;
-use proto::bundle::{BUNDLE_VERSION, Bundle, STATEMENT_KIND, cut, sha256, statement};
+use proto::bundle::Bundle;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -38,36 +37,7 @@ pub fn evidence_cmd(c: &EvidenceCmd) -> ExitCode {
         let rt = runtime()?;
         let _g = rt.enter();
         let (kbs, ..) = build(&c)?;
-        let (record, log) = rt.block_on(async {
-            let record = kbs.store.vm(vm).await.map_err(|e| e.to_string())?;
-            // Signed now, so the segment reaches the end of the log.
-            kbs.store.checkpoint().await.map_err(|e| e.to_string())?;
-            let log = kbs.store.audit_log().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((record, log))
-        })?;
-        let record = record.ok_or_else(|| format!("no VM {vm} in this broker's store"))?;
-        let segment = cut(&log, vm).map_err(|e| e.to_string())?;
-        let mut bundle = Bundle {
-            v: BUNDLE_VERSION,
-            vm_id: vm.clone(),
-            exported_at: now(),
-            order: hex::encode(&record.order),
-            audit_key: hex::encode(kbs::audit::public_key(&audit)),
-            log: segment,
-            signature: String::new(),
-        };
-        let closing = bundle
-            .closing_checkpoint()
-            .ok_or("the segment does not end with a checkpoint")?;
-        let message = statement(
-            vm,
-            bundle.exported_at,
-            &sha256(&record.order),
-            &kbs::audit::public_key(&audit),
-            closing,
-        );
-        bundle.signature = hex::encode(kbs.response_key.sign(STATEMENT_KIND, &message));
-        Ok(bundle)
+        rt.block_on(kbs.evidence_bundle(vm, &kbs::audit::public_key(&audit), now()))
     })();
     let written = r.and_then(|b| {
         let json = serde_json::to_vec(&b).map_err(|e| e.to_string())?;

@@ -10,6 +10,7 @@ pub mod client;
 pub mod collateral;
 pub mod config;
 pub mod evidence;
+pub mod export;
 pub mod floor;
 pub mod guest_issuer;
 pub mod keys;

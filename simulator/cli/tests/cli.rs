@@ -352,9 +352,12 @@ fn demo_json() {
     // guest kernel, and the workspace build makes attesta-guest with the simulator feature).
     let real = std::env::var_os("ATTESTA_GUEST_KERNEL").is_some()
         || std::env::var("CI").is_ok_and(|v| v == "true");
+    let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_attesta-sim"))
         .args(["demo", "--vms", "3", "--json", "--real-vms"])
         .arg(if real { "1" } else { "0" })
+        .arg("--dir")
+        .arg(dir.path())
         .env("ATTESTA_SIM_STATE", state())
         .output()
         .expect("run attesta-sim demo");
@@ -410,6 +413,48 @@ fn demo_json() {
     } else {
         eprintln!("SKIP: no real VMs in the demo (ATTESTA_GUEST_KERNEL not set)");
         assert!(j["real_vms"].is_null());
+    }
+    // The tenant in control: a 2-of-2 split, the evidence checked by attesta-verify, and what
+    // an outsider needs to run that check again.
+    let t = &j["tenant"];
+    assert_eq!(t["split"], "2-of-2", "{t}");
+    for f in [
+        "unlocked",
+        "one_broker_alone_denied",
+        "bundle_verified",
+        "tampered_bundle_rejected",
+    ] {
+        assert_eq!(t[f], true, "{f}: {t}");
+    }
+    let evidence = dir.path().join("evidence");
+    for f in [
+        "bundle",
+        "order.signed",
+        "broker.pub",
+        "audit.pub",
+        "verify.sh",
+    ] {
+        assert!(
+            evidence.join(f).is_file(),
+            "{f} missing in {}",
+            evidence.display()
+        );
+    }
+    let again = Command::new("sh")
+        .arg(evidence.join("verify.sh"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    for name in [
+        "broker operator opens a split VM's disk alone",
+        "broker operator edits a release in an exported bundle",
+    ] {
+        assert!(attacks.iter().any(|a| a["name"] == name), "{name}");
     }
     assert!(attacks.iter().all(|a| a["denied"] == true), "{j}");
     // Every attack is denied for the reason it names…

@@ -547,6 +547,7 @@ pub async fn catalogue_live(
                 max_sessions: kbs::service::DEFAULT_MAX_SESSIONS,
                 max_sessions_per_address: usize::MAX,
                 store: None,
+                audit_key: None,
             },
         )
         .await?;

@@ -1,8 +1,9 @@
 //! The demo's driver: its command line, the scenes in order (the fleet with its mesh and the
-//! attacks in [`super::run`], then the real VMs in [`super::real_vms`]), and the summary each
-//! scene adds its part to ([`super::summary`], [`super::real_vms::RealVms`]).
+//! attacks in [`super::run`], the tenant's split key and evidence in [`super::tenant`], then the
+//! real VMs in [`super::real_vms`]), and the summary each scene adds its part to
+//! ([`super::summary`], [`super::tenant::Tenant`], [`super::real_vms::RealVms`]).
 
-use super::real_vms;
+use super::{real_vms, tenant};
 use crate::fleet_mesh;
 use clap::Args;
 use simulator::Seed;
@@ -24,7 +25,8 @@ pub struct DemoArgs {
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
     /// Keep the broker's SQLite database, its KEK and the disk images here (default: a
-    /// temporary directory, removed at the end).
+    /// temporary directory, removed at the end); the tenant's evidence, and the exact
+    /// `attesta-verify` command that checked it, are left in DIR/evidence/.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// Also boot this many real VMs (Debian's cloud kernel and OVMF under QEMU, created by a
@@ -102,17 +104,27 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     // Ctrl-C stops the run and drops everything it holds (the guests' keys on tmpfs included).
     let quiet = a.json;
+    let chip0 = simulator::Chip::new(milan.clone(), simulator::ChipConfig::typical(&milan, 0))
+        .map_err(|e| e.to_string())?;
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
                 let s = super::run(&dir, a.vms, pkis, &store, a.json).await?;
+                let note = |m: &str| {
+                    if !quiet {
+                        eprint!("\r\x1b[2K{m}");
+                    }
+                };
+                let t = tenant::run(
+                    &dir.join("tenant"),
+                    &milan,
+                    &chip0,
+                    &dir.join("evidence"),
+                    &note,
+                )
+                .await?;
                 let r = match &real_parts {
                     Some((n, parts)) => {
-                        let note = |m: &str| {
-                            if !quiet {
-                                eprint!("\r\x1b[2K{m}");
-                            }
-                        };
                         Some(
                             real_vms::run(
                                 &dir.join("real-vms"),
@@ -131,7 +143,7 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
                     }
                     None => None,
                 };
-                Ok::<_, String>((s, r))
+                Ok::<_, String>((s, t, r))
             } => r,
             _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
         }
@@ -139,17 +151,20 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let (s, real) = result?;
+    let (mut s, mut t, real) = result?;
     let real_ok = match (&real, &real_parts) {
         (Some(r), Some((n, _))) => r.as_expected(*n, a.bench_unlock),
         _ => true,
     };
-    let ok = s.as_expected() && real_ok;
+    let ok = s.as_expected() && t.as_expected() && real_ok;
+    // The tenant scene's attacks join the catalogue's.
+    s.attacks.append(&mut t.attacks);
     if a.json {
         let mut j = serde_json::Map::new();
         for (k, v) in s.json() {
             j.insert(k.into(), v);
         }
+        j.insert("tenant".into(), t.json());
         j.insert(
             "real_vms".into(),
             real.as_ref().map(|r| r.json(real_ok)).unwrap_or_default(),
@@ -163,6 +178,7 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
         s.print_fleet();
         s.mesh.print();
         s.print_attacks();
+        t.print();
         match &real {
             Some(r) => r.print(),
             None => {

@@ -14,7 +14,8 @@
 //! (the fleet: host agents, boots, the mesh, termination), [`attacks`] (the fleet's live
 //! attacks on the broker, the protocol, the mesh admission and the whole catalogue; the others are
 //! `crate::{disk_attacks, withdrawal, floor_bypass, flood}`), [`real_vms`] (real VMs through a
-//! host agent on libvirt); [`summary`] holds what each scene observed and its part of the
+//! host agent on libvirt), [`tenant`] (a key split between the operator's broker and the
+//! tenant's own, and the tenant's offline check of the evidence); [`summary`] holds what each scene observed and its part of the
 //! summary.
 
 mod attacks;
@@ -23,6 +24,7 @@ pub mod real_vms;
 mod replicas;
 mod stack;
 mod summary;
+pub mod tenant;
 
 pub use attacks::catalogue_live;
 use attacks::{Target, fleet_attacks, mesh_attacks};

@@ -120,6 +120,8 @@ pub struct StackOptions {
     pub max_sessions_per_address: usize,
     /// A `postgres://` URL for the store; `None`: SQLite in the broker's folder.
     pub store: Option<String>,
+    /// Signs the audit log's checkpoints (none: the log is chained but never signed).
+    pub audit_key: Option<Arc<Ed25519KeyPair>>,
 }
 
 impl StackOptions {
@@ -134,6 +136,7 @@ impl StackOptions {
             max_sessions: kbs::service::DEFAULT_MAX_SESSIONS,
             max_sessions_per_address: usize::MAX,
             store: None,
+            audit_key: None,
         }
     }
 }
@@ -247,9 +250,13 @@ async fn kbs_on(
         // A forged CRL is refused here, as `attesta-kbs serve` refuses to start with one.
         let _ = kbs::service::add_crl(&verifier, crl);
     }
+    let opts = kbs::store::StoreOptions {
+        audit_key: o.audit_key.clone(),
+        ..Default::default()
+    };
     let store = match &o.store {
-        None => SqliteStore::open(&dir.join("kbs.db")).await,
-        Some(url) => kbs::store::SqlStore::open_url(url, Default::default()).await,
+        None => SqliteStore::open_with(&dir.join("kbs.db"), opts).await,
+        Some(url) => kbs::store::SqlStore::open_url(url, opts).await,
     }
     .map_err(|x| e(&x))?;
     let kek_file = dir.join("kek");

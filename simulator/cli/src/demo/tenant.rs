@@ -1,0 +1,377 @@
+//! The tenant in control: one VM whose volume key is split 2-of-2 between the network
+//! operator's broker and the tenant's own, each a broker of its own (keys, KEK, store, audit
+//! key) on QUIC loopback. The guest attests to each and combines the shares; neither share
+//! alone opens the disk, and the tenant's broker alone can stop the boot (it withdraws the
+//! image). Then the operator's broker exports the VM's evidence and the tenant's own
+//! `attesta-verify` checks it (accepted), and a copy with an edited entry (a finding).
+//!
+//! The files an outsider needs to repeat the check are left in `evidence/`: `bundle`,
+//! `order.signed`, `broker.pub`, `audit.pub`, the simulator's chain `sim-chain.pem` (the chip
+//! is simulated, so its root is named explicitly) and `verify.sh`, the exact command run.
+
+use super::summary::LiveAttack;
+use super::{IMAGE, StackOptions, now, order, pk, stack_with};
+use aws_lc_rs::signature::Ed25519KeyPair;
+use guest_agent::client::fetch;
+use guest_agent::luks::{self, DiskLabel, LuksError, VolumeKey};
+use guest_agent::unlock::fetch_shares;
+use proto::order::{Allowlist, ORDER_VERSION, Split};
+use serde_bytes::ByteBuf;
+use serde_json::{Value, json};
+use simulator::{Chip, GuestLaunch, Pki};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The VM whose key is split.
+const VM: &str = "tenant-vm";
+
+/// What the scene observed.
+pub struct Tenant {
+    pub split: String,
+    /// First boot formatted with the combined key, second boot opened the disk with it.
+    pub unlocked: bool,
+    /// Neither broker's share alone opens the disk.
+    pub share_alone_opens_nothing: bool,
+    /// The tenant's broker, withdrawing the image, stopped the next boot on its own.
+    pub tenant_withdrawal_stopped_boot: bool,
+    pub bundle_verified: bool,
+    pub tampered_bundle_rejected: bool,
+    /// Where the evidence and `verify.sh` are.
+    pub evidence: PathBuf,
+    /// The scene's attacks, for the catalogue.
+    pub attacks: Vec<LiveAttack>,
+}
+
+impl Tenant {
+    pub fn one_broker_alone_denied(&self) -> bool {
+        self.share_alone_opens_nothing && self.tenant_withdrawal_stopped_boot
+    }
+
+    pub fn as_expected(&self) -> bool {
+        self.unlocked
+            && self.one_broker_alone_denied()
+            && self.bundle_verified
+            && self.tampered_bundle_rejected
+            && self.attacks.iter().all(LiveAttack::as_expected)
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "split": self.split,
+            "unlocked": self.unlocked,
+            "one_broker_alone_denied": self.one_broker_alone_denied(),
+            "share_alone_opens_nothing": self.share_alone_opens_nothing,
+            "tenant_withdrawal_stopped_boot": self.tenant_withdrawal_stopped_boot,
+            "bundle_verified": self.bundle_verified,
+            "tampered_bundle_rejected": self.tampered_bundle_rejected,
+            "evidence": self.evidence.display().to_string(),
+        })
+    }
+
+    pub fn print(&self) {
+        let yes = |b: bool| if b { "yes" } else { "NO" };
+        println!(
+            "  the tenant in control: VM {VM}, key split {} between the operator's broker and the tenant's own",
+            self.split
+        );
+        println!(
+            "    unlocked with both shares (format, then unlock): {}",
+            yes(self.unlocked)
+        );
+        println!(
+            "    either share alone opens nothing:              {}",
+            yes(self.share_alone_opens_nothing)
+        );
+        println!(
+            "    the tenant's broker alone stopped a boot:        {}",
+            yes(self.tenant_withdrawal_stopped_boot)
+        );
+        println!(
+            "    attesta-verify on the exported bundle:           {}",
+            if self.bundle_verified {
+                "accepted"
+            } else {
+                "NOT ACCEPTED"
+            }
+        );
+        println!(
+            "    attesta-verify on a bundle with an edited entry: {}",
+            if self.tampered_bundle_rejected {
+                "finding"
+            } else {
+                "NOT FOUND"
+            }
+        );
+        println!(
+            "    evidence and the command: {}/verify.sh",
+            self.evidence.display()
+        );
+    }
+}
+
+/// `attesta-verify`, beside this binary (`cargo build` and `scripts/demo.sh` build both).
+fn verifier_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("attesta-verify");
+    if exe.is_file() {
+        Ok(exe)
+    } else {
+        Err(format!(
+            "{} is missing: build it (cargo build -p attesta-verify)",
+            exe.display()
+        ))
+    }
+}
+
+/// Runs the scene in `dir`, leaving the evidence in `evidence`.
+pub async fn run(
+    dir: &Path,
+    root: &Arc<Pki>,
+    chip: &Chip,
+    evidence: &Path,
+    note: &dyn Fn(&str),
+) -> Result<Tenant, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let verify_bin = verifier_binary()?;
+    note("tenant: the operator's broker and the tenant's own");
+    let audit = Arc::new(Ed25519KeyPair::generate().map_err(|x| e(&x))?);
+    let mut brokers = Vec::new();
+    for (name, key) in [
+        ("operator", audit.clone()),
+        (
+            "tenant",
+            Arc::new(Ed25519KeyPair::generate().map_err(|x| e(&x))?),
+        ),
+    ] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).map_err(|x| e(&x))?;
+        let s = stack_with(
+            &d,
+            StackOptions {
+                audit_key: Some(key),
+                ..StackOptions::trusting(root, IMAGE)
+            },
+        )
+        .await?;
+        brokers.push(s);
+    }
+    let split = Split {
+        threshold: 2,
+        brokers: vec!["operator".into(), "tenant".into()],
+    };
+    let mut signed = Vec::new();
+    for s in &brokers {
+        let mut o = order(VM, 0, &chip.config.chip_id, &IMAGE);
+        o.split = Some(split.clone());
+        let doc = o.sign(&s.operator);
+        s.kbs.register(&doc, now()).await.map_err(|x| e(&x))?;
+        signed.push(doc);
+    }
+    let groups = vec![
+        vec![brokers[0].broker.clone()],
+        vec![brokers[1].broker.clone()],
+    ];
+    let boot = || {
+        chip.launch(GuestLaunch {
+            measurement: IMAGE,
+            ..Default::default()
+        })
+    };
+    let img = dir.join(format!("{VM}.img"));
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(32 << 20))
+        .map_err(|x| e(&x))?;
+    let label = DiskLabel {
+        vm_id: VM.into(),
+        generation: 1,
+    };
+    // `None`: the key opened the disk; else why the disk refused it.
+    let refusal = |key: &[u8]| -> Result<Option<String>, String> {
+        let key = VolumeKey::from_bytes(key).map_err(|x| e(&x))?;
+        match luks::unlock(&img, "attesta-tenant-vm", &key, &label) {
+            Ok(()) => {
+                let _ = std::process::Command::new("cryptsetup")
+                    .args(["close", "attesta-tenant-vm"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                Ok(None)
+            }
+            Err(LuksError::DeviceMapperUnavailable) => Ok(None),
+            Err(x) => Ok(Some(x.to_string())),
+        }
+    };
+    let opens = |key: &[u8]| refusal(key).map(|r| r.is_none());
+
+    // Two boots with both shares: the first formats, the second opens the disk.
+    let mut unlocked = true;
+    for n in 1..=2u64 {
+        note(&format!("tenant: boot {n} (a share from each broker)"));
+        let g = boot();
+        let got = fetch_shares(&groups, VM, &g, Duration::from_secs(30), None)
+            .await
+            .map_err(|x| format!("{VM}: {x}"))?;
+        if n == 1 {
+            let key = VolumeKey::from_bytes(&got.volume_key).map_err(|x| e(&x))?;
+            luks::format(&img, &key, &label).map_err(|x| e(&x))?;
+        }
+        unlocked &= got.boot_counter == n && opens(&got.volume_key)?;
+    }
+
+    // Each broker's operator, alone: what its store and KEK give is its share (released here to
+    // a genuine guest), and the disk does not open with it.
+    note("tenant: each share alone");
+    let mut share_alone_opens_nothing = true;
+    let mut attacks = Vec::new();
+    for (name, s) in [("operator", &brokers[0]), ("tenant", &brokers[1])] {
+        let share = fetch(&s.broker, VM, &boot())
+            .await
+            .map_err(|x| format!("{VM} at the {name}'s broker: {x}"))?;
+        let refused = refusal(&share.volume_key)?;
+        share_alone_opens_nothing &= refused.is_some();
+        if name == "operator" {
+            attacks.push(LiveAttack {
+                name: "broker operator opens a split VM's disk alone",
+                denied: refused.is_some(),
+                reason: refused.unwrap_or_else(|| "the share opened the disk".into()),
+                expected: "does not open this disk",
+            });
+        }
+    }
+
+    // The evidence, exported by the operator's broker and checked by the tenant.
+    note("tenant: evidence exported and verified");
+    std::fs::create_dir_all(evidence).map_err(|x| e(&x))?;
+    let audit_pub = kbs::audit::public_key(&audit);
+    let bundle = brokers[0]
+        .kbs
+        .evidence_bundle(VM, &audit_pub, now())
+        .await?;
+    let write = |name: &str, bytes: &[u8]| {
+        std::fs::write(evidence.join(name), bytes)
+            .map_err(|x| format!("{}: {x}", evidence.join(name).display()))
+    };
+    write("bundle", &serde_json::to_vec(&bundle).map_err(|x| e(&x))?)?;
+    write("order.signed", &signed[0])?;
+    write(
+        "broker.pub",
+        hex::encode(brokers[0].kbs.response_key.public()).as_bytes(),
+    )?;
+    write("audit.pub", hex::encode(&audit_pub).as_bytes())?;
+    write(
+        "sim-chain.pem",
+        (snp::certs::pem_encode("CERTIFICATE", &root.ask.cert)
+            + &snp::certs::pem_encode("CERTIFICATE", &root.ark.cert))
+            .as_bytes(),
+    )?;
+    let args = |file: &str| -> Vec<String> {
+        [
+            "bundle",
+            file,
+            "--order",
+            "order.signed",
+            "--broker-key",
+            "broker.pub",
+            "--audit-key",
+            "audit.pub",
+            "--measurement",
+            &hex::encode(IMAGE),
+            "--trust-chain",
+            "sim-chain.pem",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let script = format!(
+        "#!/bin/sh\n# The tenant's check of {VM}'s evidence, exactly as `attesta-sim demo` ran it.\n\
+         # The chip is simulated, so the simulator's chain is named with --trust-chain;\n\
+         # for a VM on AMD hardware, leave it out: AMD's built-in roots are always trusted.\n\
+         cd \"$(dirname \"$0\")\" || exit 2\nexec {} {}\n",
+        verify_bin.display(),
+        args("bundle").join(" ")
+    );
+    write("verify.sh", script.as_bytes())?;
+    let run_verify = |file: &str| {
+        std::process::Command::new(&verify_bin)
+            .args(args(file))
+            .current_dir(evidence)
+            .output()
+            .map_err(|x| format!("{}: {x}", verify_bin.display()))
+    };
+    let out = run_verify("bundle")?;
+    let bundle_verified = out.status.code() == Some(0);
+    if !bundle_verified {
+        eprintln!(
+            "attesta-sim demo: attesta-verify did not accept the bundle:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The operator's broker edits its own release entry after the fact (a boot counter).
+    let mut forged = bundle.clone();
+    for line in forged.log.iter_mut() {
+        if let proto::audit::Line::Entry(en) = line
+            && en.vm_id == VM
+            && en.kind == "release"
+        {
+            en.detail["boot_counter"] = json!(99);
+            break;
+        }
+    }
+    write(
+        "bundle.edited",
+        &serde_json::to_vec(&forged).map_err(|x| e(&x))?,
+    )?;
+    let out = run_verify("bundle.edited")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tampered_bundle_rejected =
+        out.status.code() == Some(1) && stdout.contains("audit_entry_changed");
+    attacks.push(LiveAttack {
+        name: "broker operator edits a release in an exported bundle",
+        denied: tampered_bundle_rejected,
+        reason: stdout
+            .lines()
+            .find(|l| l.starts_with("FINDING"))
+            .unwrap_or("accepted")
+            .to_string(),
+        expected: "audit_entry_changed",
+    });
+
+    // The tenant withdraws the image at their broker: the next boot stops there.
+    note("tenant: the tenant's broker withdraws the image");
+    let t = &brokers[1];
+    let withdrawn = Allowlist {
+        v: ORDER_VERSION,
+        epoch: 2,
+        measurements: vec![ByteBuf::from(vec![0x0e; 48])],
+    };
+    t.kbs
+        .set_allowlist(
+            &withdrawn.sign(&t.allowlist_key),
+            &pk(&t.allowlist_key),
+            now(),
+        )
+        .await
+        .map_err(|x| e(&x))?;
+    let stopped = fetch_shares(&groups, VM, &boot(), Duration::from_secs(30), None).await;
+    let tenant_withdrawal_stopped_boot = matches!(
+        &stopped,
+        Err(guest_agent::unlock::UnlockError::Release(
+            guest_agent::client::ClientError::Denied(r)
+        )) if r.iter().any(|c| c == "measurement_withdrawn")
+    );
+    note("");
+    Ok(Tenant {
+        split: split.label(),
+        unlocked,
+        share_alone_opens_nothing,
+        tenant_withdrawal_stopped_boot,
+        bundle_verified,
+        tampered_bundle_rejected,
+        evidence: evidence.to_path_buf(),
+        attacks,
+    })
+}
