@@ -189,14 +189,15 @@ pub async fn fetch_with_mesh_key(
     .await
 }
 
-async fn fetch_on_with(
+/// A connection to the broker (its CA pinned) and its exporter value. The connection is the
+/// challenge: the exporter, which the broker's half of the handshake made fresh and which the
+/// host relaying the packets cannot know, is bound in the report and gives the request its
+/// nonce. One round trip after the handshake.
+async fn connect(
     endpoint: &quinn::Endpoint,
     broker: &Broker,
-    vm_id: &str,
-    device: &impl GuestDevice,
-    mesh_key: Option<&[u8; 32]>,
     handshake: Option<std::time::Duration>,
-) -> Result<Released, ClientError> {
+) -> Result<(quinn::Connection, [u8; 32]), ClientError> {
     let connecting = endpoint
         .connect_with(client_config(broker)?, broker.addr, &broker.server_name)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -207,12 +208,80 @@ async fn fetch_on_with(
             .map_err(|_| ClientError::Connect(format!("no handshake within {t:?}")))?,
     }
     .map_err(|e| ClientError::Connect(e.to_string()))?;
-    // The connection is the challenge: its exporter, which the broker's half of the handshake
-    // made fresh and which the host relaying the packets cannot know, is bound in the report
-    // and gives the release its nonce. One round trip after the handshake.
     let mut exporter = [0u8; 32];
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
         .map_err(|_| ClientError::Protocol("no exporter".into()))?;
+    Ok((conn, exporter))
+}
+
+/// What a lease renewal gave: the new mesh certificate and when it (and the lease) ends.
+#[derive(Clone, Debug)]
+pub struct Renewed {
+    pub mesh_cert: Vec<u8>,
+    pub mesh_chain: Vec<Vec<u8>>,
+    pub not_after: u64,
+}
+
+/// Renews a running VM's lease: a fresh report bound to a new connection and to the mesh key,
+/// the key's signature over the connection's exporter (proof of possession), and the broker's
+/// signed answer, checked to be for this request.
+pub async fn renew(
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+    mesh_key: &aws_lc_rs::signature::Ed25519KeyPair,
+) -> Result<Renewed, ClientError> {
+    use aws_lc_rs::signature::KeyPair;
+    let public: [u8; 32] = mesh_key
+        .public_key()
+        .as_ref()
+        .try_into()
+        .map_err(|_| ClientError::KeyGen)?;
+    let (conn, exporter) = connect(&local_endpoint(broker)?, broker, None).await?;
+    let nonce = proto::connection_nonce(&exporter);
+    let (report, table) = device
+        .get_ext_report(&proto::renew_report_data(&exporter, &public), 0)
+        .map_err(|e| ClientError::Device(e.to_string()))?;
+    let req = Request::Renew {
+        v: VERSION,
+        vm_id: vm_id.into(),
+        report,
+        cert_table: table,
+        mesh_key: public.to_vec(),
+        proof: mesh_key
+            .sign(&proto::renew_proof_message(&exporter))
+            .as_ref()
+            .to_vec(),
+    };
+    let resp = exchange(&conn, &req).await?;
+    conn.close(0u32.into(), b"done");
+    if let Response::Error { code, .. } = &resp {
+        return Err(ClientError::Protocol(code.clone()));
+    }
+    match verify_decision(&broker.response_key, &resp).map_err(|_| ClientError::Signature)? {
+        Decision::Denial(d) if d.vm_id == vm_id && d.nonce == nonce => {
+            Err(ClientError::Denied(d.reasons))
+        }
+        Decision::Renewed(b) if b.vm_id == vm_id && b.nonce == nonce => Ok(Renewed {
+            mesh_cert: b.mesh_cert,
+            mesh_chain: b.mesh_chain.into_iter().map(|c| c.into_vec()).collect(),
+            not_after: b.not_after,
+        }),
+        _ => Err(ClientError::Protocol(
+            "the answer is for another request".into(),
+        )),
+    }
+}
+
+async fn fetch_on_with(
+    endpoint: &quinn::Endpoint,
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+    mesh_key: Option<&[u8; 32]>,
+    handshake: Option<std::time::Duration>,
+) -> Result<Released, ClientError> {
+    let (conn, exporter) = connect(endpoint, broker, handshake).await?;
     let nonce = proto::connection_nonce(&exporter);
     let key = GuestKey::generate().map_err(|_| ClientError::KeyGen)?;
     let rd = match mesh_key {
@@ -245,8 +314,8 @@ async fn fetch_on_with(
         Decision::Denial(d) if d.vm_id == vm_id && d.nonce == nonce => {
             Err(ClientError::Denied(d.reasons))
         }
-        Decision::Denial(_) => Err(ClientError::Protocol(
-            "the denial is for another request".into(),
+        Decision::Denial(_) | Decision::Renewed(_) => Err(ClientError::Protocol(
+            "the answer is for another request".into(),
         )),
         Decision::Release(body) => {
             if body.vm_id != vm_id || body.nonce != nonce || body.measurement != measurement {

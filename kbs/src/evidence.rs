@@ -201,8 +201,27 @@ impl Kbs {
         if !mesh_key.is_empty() {
             detail["mesh_key"] = hex::encode(mesh_key).into();
         }
+        // Every release starts the VM's lease afresh (crate::lease): live when it certifies the
+        // guest's mesh key, else revoked, so that no earlier instance of the VM renews.
+        let lease = match (release, parsed) {
+            (Some(_), Some(r)) => {
+                let certified = mesh_key.len() == 32
+                    && order.as_ref().is_some_and(|o| o.mesh_ip.is_some())
+                    && self.guest_issuer.get().is_some();
+                Some(crate::store::Lease {
+                    vm_id: vm_id.into(),
+                    chip_id: r.chip_id.to_vec(),
+                    measurement: r.measurement.to_vec(),
+                    mesh_key: mesh_key.to_vec(),
+                    renewed_at: now,
+                    revoked: (!certified).then(|| "no_mesh_identity".to_string()),
+                })
+            }
+            _ => None,
+        };
         let commit = Commit {
             nonce,
+            lease,
             spend_nonce: decision.spend_nonce,
             nonce_expires_at: match &nonce_state {
                 Some(release::NonceState::Issued { expires_at, .. }) => *expires_at,

@@ -42,6 +42,11 @@ impl GuestIssuer {
         &self.chain
     }
 
+    /// When a certificate issued at `now` ends: the lease it gives.
+    pub fn not_after(&self, now: u64) -> u64 {
+        now.saturating_add(self.ttl).min(self.ca.not_after)
+    }
+
     /// The certificate (DER), or why none.
     pub fn issue(&self, order: &Order, mesh_key: &[u8; 32], now: u64) -> Result<Vec<u8>, String> {
         // The name is also the certificate's DNS name: a single label, so that a guest can never
@@ -68,7 +73,7 @@ impl GuestIssuer {
             },
             is_ca: false,
             not_before: now.saturating_sub(60).max(self.ca.not_before),
-            not_after: now.saturating_add(self.ttl).min(self.ca.not_after),
+            not_after: self.not_after(now),
             curve: mesh::cert::Curve::Ed25519,
         };
         mesh::cert::sign_for_key(&self.ca, &self.key, &req, mesh_key).map_err(|e| e.to_string())

@@ -14,6 +14,7 @@ pub mod export;
 pub mod floor;
 pub mod guest_issuer;
 pub mod keys;
+pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod nonces;

@@ -34,6 +34,11 @@ pub struct Metrics {
     pub evidence_refused: AtomicU64,
     /// The epoch of the allowlist in force (0: none, every release is denied).
     pub allowlist_epoch: AtomicU64,
+    /// Leases renewed, not renewed (a decision said no: the reason is counted in the denials),
+    /// and revoked (a report from another chip or image under the VM's mesh key).
+    pub lease_renewals: AtomicU64,
+    pub lease_refusals: AtomicU64,
+    pub lease_revocations: AtomicU64,
     denials: Mutex<BTreeMap<&'static str, u64>>,
     latency: Mutex<Histogram>,
 }
@@ -142,6 +147,24 @@ impl Metrics {
             "attesta_kbs_evidence_refused_total",
             "Evidence refused before a decision (unknown, spent or expired nonce; not audited).",
             g(&self.evidence_refused),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_lease_renewals_total",
+            "Running VMs' leases renewed (a fresh report, a new short-lived mesh certificate).",
+            g(&self.lease_renewals),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_lease_refusals_total",
+            "Lease renewals refused (the reasons are in attesta_kbs_denials_total).",
+            g(&self.lease_refusals),
+        );
+        c(
+            &mut o,
+            "attesta_kbs_lease_revocations_total",
+            "Leases revoked: the VM's mesh key attested from another chip or image.",
+            g(&self.lease_revocations),
         );
         let _ = writeln!(
             o,

@@ -202,6 +202,8 @@ pub async fn serve_with(
                                     Request::Evidence { nonce, .. } if nonce.is_empty() => {
                                         Spend::BoundEvidence
                                     }
+                                    // Bound to the connection too: its one and last.
+                                    Request::Renew { .. } => Spend::BoundEvidence,
                                     Request::Evidence { .. } => Spend::Evidence,
                                     _ => Spend::Other,
                                 };

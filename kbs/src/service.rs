@@ -100,7 +100,9 @@ impl Kbs {
     /// [`crate::limits::SessionBudget`]): each would be judged afresh.
     pub async fn handle(&self, req: Request, role: Role, exporter: [u8; 32], now: u64) -> Response {
         // Only ids an order could carry, on every request that names one.
-        if let Request::Challenge { vm_id, .. } | Request::Evidence { vm_id, .. } = &req
+        if let Request::Challenge { vm_id, .. }
+        | Request::Evidence { vm_id, .. }
+        | Request::Renew { vm_id, .. } = &req
             && !proto::order::is_valid_vm_id(vm_id)
         {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -157,6 +159,25 @@ impl Kbs {
                     .await;
                 self.metrics.observe(t0.elapsed().as_secs_f64());
                 r
+            }
+            Request::Renew {
+                vm_id,
+                report,
+                cert_table,
+                mesh_key,
+                proof,
+                ..
+            } => {
+                self.renew(
+                    &vm_id,
+                    &report,
+                    &cert_table,
+                    &mesh_key,
+                    &proof,
+                    exporter,
+                    now,
+                )
+                .await
             }
         }
     }

@@ -250,7 +250,7 @@ async fn boot(s: &Setup, chip: &Chip, t: u64) -> Decision {
 fn reasons(d: &Decision) -> Vec<String> {
     match d {
         Decision::Denial(b) => b.reasons.clone(),
-        Decision::Release(_) => Vec::new(),
+        Decision::Release(_) | Decision::Renewed(_) => Vec::new(),
     }
 }
 

@@ -2,139 +2,21 @@
 //! broker, formats a real LUKS2 image on first boot and verifies the key on the second; wrong
 //! images, wrong chips, terminated and unknown VMs are denied, with signed denials.
 
-use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+mod common;
+
+use aws_lc_rs::signature::Ed25519KeyPair;
+use common::inproc::{GOOD, Setup, connect, now, order_on, serve_on_loopback, setup, setup_with};
 use guest_agent::client::{Broker, ClientError, fetch};
 use guest_agent::luks::{self, DiskLabel, VolumeKey as DiskKey};
 use kbs::keys::FileKek;
-use kbs::service::{Kbs, Role, TlsIdentity, serve};
-use kbs::store::{SqliteStore, Store};
-use proto::ResponseKey;
+use kbs::service::{Role, TlsIdentity};
+use kbs::store::Store;
 use proto::msg::{Request, Response, VERSION};
-use proto::order::{Allowlist, ORDER_VERSION, Order, OrderKind};
+use proto::order::{ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;
-use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
+use simulator::{Chip, GuestLaunch};
 use snp::device::GuestDevice;
-use snp::{Product, Revocation, Verifier, VerifierConfig};
 use std::sync::Arc;
-
-const GOOD: [u8; 48] = [0x4d; 48];
-
-fn now() -> u64 {
-    1_780_272_000 // 2026-06-01: inside the simulated VCEKs' validity
-}
-
-fn pk(k: &Ed25519KeyPair) -> [u8; 32] {
-    k.public_key().as_ref().try_into().unwrap()
-}
-
-/// A broker with an allowlist of GOOD, on a simulated Milan platform: one chip where VMs are
-/// placed and another where they are not.
-struct Setup {
-    dir: tempfile::TempDir,
-    chip: Chip,
-    elsewhere: Chip,
-    operator: Ed25519KeyPair,
-    response_pub: [u8; 32],
-    kbs: Arc<Kbs>,
-}
-
-/// Serves `kbs` on a loopback QUIC endpoint with TLS from a fresh CA; what a guest pins to
-/// reach it.
-fn serve_on_loopback(kbs: &Arc<Kbs>, response_pub: [u8; 32]) -> Broker {
-    let tls = TlsIdentity::generate("kbs.attesta.test").unwrap();
-    let endpoint =
-        quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
-            .unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(serve(endpoint, kbs.clone(), now));
-    Broker {
-        addr,
-        server_name: "kbs.attesta.test".into(),
-        ca_der: tls.ca_der,
-        response_key: response_pub,
-    }
-}
-
-/// A register order for `vm` on `chip`, of the GOOD image, an hour to run.
-fn order_on(vm: &str, chip: &Chip) -> Order {
-    Order {
-        v: ORDER_VERSION,
-        kind: OrderKind::Register,
-        vm_id: vm.into(),
-        tenant: "tenant-a".into(),
-        measurements: vec![ByteBuf::from(GOOD.to_vec())],
-        policy: String::new(),
-        chip_ids: vec![ByteBuf::from(chip.config.chip_id.to_vec())],
-        not_after: now() + 3600,
-        boot_config: ByteBuf::new(),
-        billing: None,
-        mesh_ip: None,
-        split: None,
-    }
-}
-
-/// A guest's connection to `broker` from `client`, for requests written by hand.
-async fn connect(client: &quinn::Endpoint, broker: &Broker) -> quinn::Connection {
-    client
-        .connect_with(
-            guest_agent::client::client_config(broker).unwrap(),
-            broker.addr,
-            &broker.server_name,
-        )
-        .unwrap()
-        .await
-        .unwrap()
-}
-
-async fn setup() -> Setup {
-    setup_with(|_| {}).await
-}
-
-/// [`setup`], with the broker adjusted by `f` before it is shared.
-async fn setup_with(f: impl FnOnce(&mut Kbs)) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Arc::new(Pki::from_seed(Product::Milan, Seed::from_text("e2e")).unwrap());
-    let chip = Chip::new(pki.clone(), ChipConfig::typical(&pki, 0)).unwrap();
-    let elsewhere = Chip::new(pki.clone(), ChipConfig::typical(&pki, 1)).unwrap();
-
-    // Operator and allowlist keys; the broker's keys and store.
-    let (operator, offline) = (
-        Ed25519KeyPair::generate().unwrap(),
-        Ed25519KeyPair::generate().unwrap(),
-    );
-    let response_key = ResponseKey::generate().unwrap();
-    let response_pub = response_key.public();
-    let mut kbs = Kbs::new(
-        SqliteStore::open(&dir.path().join("kbs.db")).await.unwrap(),
-        Verifier::new(VerifierConfig {
-            trust_roots: vec![pki.ark.cert.clone()],
-            revocation: Revocation::IfAvailable,
-            ..Default::default()
-        }),
-        response_key,
-        Box::new(FileKek::create(&dir.path().join("kek")).unwrap()),
-        vec![pk(&operator)],
-        30,
-    );
-    f(&mut kbs);
-    let kbs = Arc::new(kbs);
-    let allow = Allowlist {
-        v: ORDER_VERSION,
-        epoch: 1,
-        measurements: vec![ByteBuf::from(GOOD.to_vec())],
-    };
-    kbs.set_allowlist(&allow.sign(&offline), &pk(&offline), now())
-        .await
-        .unwrap();
-    Setup {
-        dir,
-        chip,
-        elsewhere,
-        operator,
-        response_pub,
-        kbs,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attested_release_over_quic() {
@@ -145,6 +27,7 @@ async fn attested_release_over_quic() {
         operator,
         response_pub,
         kbs,
+        ..
     } = setup().await;
     let order = |vm: &str, m: [u8; 48]| Order {
         v: ORDER_VERSION,

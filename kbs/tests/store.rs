@@ -64,6 +64,7 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
             nonce: n,
             spend_nonce: true,
             nonce_expires_at: 100,
+            lease: None,
             vm_update: Some(VmState {
                 vm_id: "vm-1".into(),
                 generation: 1,
@@ -131,6 +132,7 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
         spend_nonce: true,
         nonce_expires_at: 200,
         vm_update: None,
+        lease: None,
         audit: (
             40,
             "denial".into(),
@@ -218,6 +220,7 @@ async fn terminate_leaves_no_copy_of_the_wrapped_key_on_disk() {
             nonce: [n; 32],
             spend_nonce: true,
             nonce_expires_at: 100,
+            lease: None,
             vm_update: Some(VmState {
                 vm_id: "vm-1".into(),
                 generation: 1,

@@ -72,6 +72,7 @@ fn release(vm: &str, nonce: [u8; 32], from: u64) -> Commit {
         nonce,
         spend_nonce: true,
         nonce_expires_at: 4_000_000_000,
+        lease: None,
         vm_update: Some(VmState {
             vm_id: vm.into(),
             generation: 1,
@@ -93,6 +94,7 @@ fn denial(nonce: [u8; 32]) -> Commit {
         spend_nonce: true,
         nonce_expires_at: 100,
         vm_update: None,
+        lease: None,
         audit: (
             10,
             "denial".into(),

@@ -118,6 +118,22 @@ pub fn expected_report_data(
     }
 }
 
+/// REPORT_DATA of a lease renewal ([`msg::Request::Renew`]): the connection's nonce, the
+/// guest's mesh key and the exporter, under a label of its own (never a release's).
+pub fn renew_report_data(tls_exporter: &[u8; 32], mesh_key: &[u8; 32]) -> [u8; 64] {
+    bind(
+        b"\0renew\0",
+        &[&connection_nonce(tls_exporter), mesh_key, tls_exporter],
+    )
+}
+
+/// What a renewal's mesh key signs: this connection's exporter, under its own label.
+pub fn renew_proof_message(tls_exporter: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"attesta-renew-proof/1\0".to_vec();
+    m.extend_from_slice(tls_exporter);
+    m
+}
+
 /// What a sealed secret is bound to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SealContext<'a> {

@@ -74,6 +74,23 @@ pub enum Request {
         #[serde(default, with = "serde_bytes")]
         mesh_key: Vec<u8>,
     },
+    /// Renew a running VM's lease: a fresh report, bound to this connection and the mesh key
+    /// the broker certified at the VM's last release ([`crate::renew_report_data`]), for a
+    /// new short-lived mesh certificate. Releases nothing; the connection's one and last.
+    Renew {
+        v: u32,
+        vm_id: String,
+        #[serde(with = "serde_bytes")]
+        report: Vec<u8>,
+        #[serde(default, with = "serde_bytes")]
+        cert_table: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        mesh_key: Vec<u8>,
+        /// The mesh key's Ed25519 signature over [`crate::renew_proof_message`]: only the holder
+        /// of the key can renew its lease (or, from another chip, have it revoked).
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+    },
 }
 
 /// Broker → guest.
@@ -96,6 +113,14 @@ pub enum Response {
     },
     /// A signed [`DenialBody`].
     Denial {
+        v: u32,
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+    /// A signed [`RenewedBody`]: the lease renewed.
+    Renewed {
         v: u32,
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
@@ -137,6 +162,21 @@ pub struct ReleaseBody {
     /// with an intermediate `guest_ca` hands out a chain the mesh's root alone verifies.
     #[serde(default)]
     pub mesh_chain: Vec<serde_bytes::ByteBuf>,
+}
+
+/// What a renewal says: the VM's new mesh certificate, valid until `not_after`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewedBody {
+    pub vm_id: String,
+    /// The connection's nonce ([`crate::connection_nonce`]): this answer is for this request.
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub mesh_cert: Vec<u8>,
+    #[serde(default)]
+    pub mesh_chain: Vec<serde_bytes::ByteBuf>,
+    /// Unix seconds: the lease (and the certificate) end then unless renewed again.
+    pub not_after: u64,
 }
 
 /// What a denial says: which VM and nonce, and the reason codes (never secrets).
@@ -212,7 +252,8 @@ impl Request {
             Request::Challenge { v, .. }
             | Request::Register { v, .. }
             | Request::Terminate { v, .. }
-            | Request::Evidence { v, .. } => *v,
+            | Request::Evidence { v, .. }
+            | Request::Renew { v, .. } => *v,
         };
         check_version(v)?;
         Ok(r)
@@ -235,6 +276,7 @@ impl Response {
             Response::Challenge { v, .. }
             | Response::Release { v, .. }
             | Response::Denial { v, .. }
+            | Response::Renewed { v, .. }
             | Response::Done { v, .. }
             | Response::Error { v, .. } => *v,
         };
@@ -248,6 +290,16 @@ impl Response {
         Response::Release {
             v: VERSION,
             signature: key.sign("release", &bytes).to_vec(),
+            body: bytes,
+        }
+    }
+
+    /// A signed renewal.
+    pub fn renewed(key: &ResponseKey, body: &RenewedBody) -> Response {
+        let bytes = to_cbor(body);
+        Response::Renewed {
+            v: VERSION,
+            signature: key.sign("renewed", &bytes).to_vec(),
             body: bytes,
         }
     }
@@ -267,6 +319,7 @@ impl Response {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     Release(ReleaseBody),
+    Renewed(RenewedBody),
     Denial(DenialBody),
 }
 
@@ -282,6 +335,14 @@ pub fn verify_decision(pinned: &[u8; 32], resp: &Response) -> Result<Decision, P
             verify_response(pinned, "release", body, &sig(signature)?)?;
             from_cbor(body)
                 .map(Decision::Release)
+                .map_err(|_| ProtoError::BadSignature)
+        }
+        Response::Renewed {
+            body, signature, ..
+        } => {
+            verify_response(pinned, "renewed", body, &sig(signature)?)?;
+            from_cbor(body)
+                .map(Decision::Renewed)
                 .map_err(|_| ProtoError::BadSignature)
         }
         Response::Denial {

@@ -204,6 +204,44 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Whether this reason judges the report against a policy (its TCB, flags, fields, image,
+    /// chip, firmware) rather than its authenticity. A report whose reasons are all appraisal
+    /// is genuine: signed by an AMD-rooted key for the chip it names. Anything not listed here
+    /// counts as authenticity, so a new reason is never taken for proof of a genuine report.
+    pub fn is_appraisal(&self) -> bool {
+        use Reason::*;
+        matches!(
+            self,
+            ProductNotAllowed(_)
+                | TcbBelowMinimum { .. }
+                | TcbAboveCurrent { .. }
+                | ProvisionalFirmware
+                | PolicyReservedBits(_)
+                | PolicyFlagForbidden(_)
+                | PolicyFlagRequired(_)
+                | AbiTooOld { .. }
+                | PlatformFlagForbidden(_)
+                | PlatformFlagRequired(_)
+                | VmplMismatch { .. }
+                | GuestSvnTooLow { .. }
+                | FieldMismatch(_)
+                | IdBlockRequired
+                | IdKeyNotTrusted(_)
+                | AuthorKeyRequired
+                | AuthorKeyNotTrusted(_)
+                | MeasurementNotAllowed(_)
+                | ChipNotAllowed
+                | FirmwareBuildTooOld { .. }
+                | FirmwareVersionTooOld { .. }
+                | MitigationsMissing { .. }
+                | MitigationsUnavailable
+                | SigningKeyNotAllowed(_)
+                | VlekCspNotAllowed(_)
+                | ReportVersionTooOld { .. }
+                | ReservedNonZero(_)
+        )
+    }
+
     /// A stable machine-readable code.
     pub fn code(&self) -> &'static str {
         use Reason::*;

@@ -104,7 +104,23 @@ pub struct Commit {
     pub nonce_expires_at: u64,
     /// The VM's state after a release (its boot counter one higher than the decision saw).
     pub vm_update: Option<VmState>,
+    /// The VM's lease, set by a release that certified a mesh key or by a renewal (written
+    /// only if the decision holds).
+    pub lease: Option<Lease>,
     pub audit: (u64, String, String, serde_json::Value),
+}
+
+/// A running VM's lease: what its last release certified, and its renewals since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub vm_id: String,
+    pub chip_id: Vec<u8>,
+    pub measurement: Vec<u8>,
+    pub mesh_key: Vec<u8>,
+    /// Unix seconds of the release or the last renewal.
+    pub renewed_at: u64,
+    /// Why the lease was revoked (never renewed again until the VM boots again); `None`: live.
+    pub revoked: Option<String>,
 }
 
 /// What a decision's commit became.
@@ -127,6 +143,8 @@ pub trait Store {
         detail: serde_json::Value,
     ) -> Result<Entry, StoreError>;
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError>;
+    /// The VM's lease, if a release ever certified a mesh key for it.
+    async fn lease(&self, vm_id: &str) -> Result<Option<Lease>, StoreError>;
     /// What the durable record says of a nonce: `Spent` once a decision spent it. (Nonces are
     /// issued from memory, [`crate::nonces::NonceBook`]; only their spending is stored.)
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError>;
@@ -357,6 +375,23 @@ impl Store for SqlStore {
             tenant: r.get(1),
             wrapped_key: r.get(5),
             order: r.get(6),
+        }))
+    }
+
+    async fn lease(&self, vm_id: &str) -> Result<Option<Lease>, StoreError> {
+        let row = sqlx::query(
+            "SELECT vm_id, chip_id, measurement, mesh_key, renewed_at, revoked FROM leases WHERE vm_id = $1",
+        )
+        .bind(vm_id)
+        .fetch_optional(&self.pool())
+        .await?;
+        Ok(row.map(|r| Lease {
+            vm_id: r.get(0),
+            chip_id: r.get(1),
+            measurement: r.get(2),
+            mesh_key: r.get(3),
+            renewed_at: u(r.get(4)),
+            revoked: r.get(5),
         }))
     }
 

@@ -4,7 +4,7 @@
 use super::StoreError;
 use sqlx::{Any, AnyPool, Row, Transaction};
 
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     "CREATE TABLE IF NOT EXISTS vms (
         vm_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, generation INTEGER NOT NULL,
         boot_counter INTEGER NOT NULL, terminated INTEGER NOT NULL DEFAULT 0,
@@ -21,6 +21,11 @@ const MIGRATIONS: [&str; 4] = [
         id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, doc BLOB NOT NULL);",
     // Which KEK the wrapped keys are under: its wrap of a fixed key (opens only with that KEK).
     "CREATE TABLE IF NOT EXISTS kek (id INTEGER PRIMARY KEY CHECK (id = 1), check_blob BLOB NOT NULL);",
+    // Running VMs' leases: what the last release certified (chip, image, mesh key), when the
+    // lease was last renewed, and why it was revoked if it was.
+    "CREATE TABLE IF NOT EXISTS leases (
+        vm_id TEXT PRIMARY KEY, chip_id BLOB NOT NULL, measurement BLOB NOT NULL,
+        mesh_key BLOB NOT NULL, renewed_at INTEGER NOT NULL, revoked TEXT);",
 ];
 
 /// Which database a store is on.
@@ -31,7 +36,7 @@ pub enum Backend {
 }
 
 /// The PostgreSQL schema: the same tables, PostgreSQL's types.
-const PG_MIGRATIONS: [&str; 4] = [
+const PG_MIGRATIONS: [&str; 5] = [
     "CREATE TABLE IF NOT EXISTS vms (
         vm_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, generation BIGINT NOT NULL,
         boot_counter BIGINT NOT NULL, terminated BIGINT NOT NULL DEFAULT 0,
@@ -45,6 +50,9 @@ const PG_MIGRATIONS: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS allowlist (
         id BIGINT PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, doc BYTEA NOT NULL);",
     "CREATE TABLE IF NOT EXISTS kek (id BIGINT PRIMARY KEY CHECK (id = 1), check_blob BYTEA NOT NULL);",
+    "CREATE TABLE IF NOT EXISTS leases (
+        vm_id TEXT PRIMARY KEY, chip_id BYTEA NOT NULL, measurement BYTEA NOT NULL,
+        mesh_key BYTEA NOT NULL, renewed_at BIGINT NOT NULL, revoked TEXT);",
 ];
 
 /// The advisory lock every PostgreSQL write transaction takes first ("attesta" in ASCII).

@@ -539,6 +539,19 @@ async fn decision(
             lost_race = Some("vm_changed");
         }
     }
+    if lost_race.is_none()
+        && let Some(l) = &c.lease
+    {
+        sqlx::query("INSERT INTO leases (vm_id, chip_id, measurement, mesh_key, renewed_at, revoked) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT(vm_id) DO UPDATE SET chip_id = excluded.chip_id, measurement = excluded.measurement, mesh_key = excluded.mesh_key, renewed_at = excluded.renewed_at, revoked = excluded.revoked")
+            .bind(&l.vm_id)
+            .bind(&l.chip_id)
+            .bind(&l.measurement)
+            .bind(&l.mesh_key)
+            .bind(i(l.renewed_at))
+            .bind(&l.revoked)
+            .execute(&mut *tx)
+            .await?;
+    }
     if let Some(why) = lost_race {
         kind = "denial".into();
         // What the decision said of its freshness (`bound`) stays; the rest is the denial's.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod inproc;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,197 @@
+//! A running VM's lease over real QUIC on loopback: the release that certifies the guest's mesh
+//! key starts it; `renew` with a fresh report and the key's proof gives a new certificate; an
+//! older instance's key, a withdrawn image and a terminated VM are not renewed; the VM's key
+//! attesting from another chip revokes the lease for good — recorded, counted, audited.
+
+mod common;
+
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use common::inproc::{GOOD, Setup, now, order_on, pk, serve_on_loopback, setup};
+use guest_agent::client::{ClientError, fetch_with_mesh_key, renew};
+use kbs::store::Store;
+use proto::order::{Allowlist, ORDER_VERSION};
+use serde_bytes::ByteBuf;
+use simulator::GuestLaunch;
+use snp::device::GuestDevice;
+use std::sync::atomic::Ordering;
+
+fn denied(r: Result<guest_agent::client::Renewed, ClientError>) -> Vec<String> {
+    match r {
+        Err(ClientError::Denied(reasons)) => reasons,
+        Err(e) => panic!("expected a signed denial, got {e}"),
+        Ok(_) => panic!("expected a denial, got a renewal"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
+    let Setup {
+        dir: _dir,
+        chip,
+        elsewhere,
+        operator,
+        offline,
+        response_pub,
+        kbs,
+    } = setup().await;
+    let t = now();
+    let ca =
+        mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
+    assert!(
+        kbs.guest_issuer
+            .set(kbs::service::GuestIssuer::new(
+                ca.cert.clone(),
+                vec![],
+                ca.key.clone(),
+                600
+            ))
+            .is_ok()
+    );
+    let mut order = order_on("vm-l", &chip);
+    order.mesh_ip = Some("10.42.7.9/16".into());
+    kbs.register(&order.sign(&operator), t).await.unwrap();
+    let broker = serve_on_loopback(&kbs, response_pub);
+    let guest = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let key = Ed25519KeyPair::generate().unwrap();
+    let public: [u8; 32] = key.public_key().as_ref().try_into().unwrap();
+
+    // Before any release: no lease.
+    assert_eq!(
+        denied(renew(&broker, "vm-l", &guest, &key).await),
+        ["no_lease"]
+    );
+    let released = fetch_with_mesh_key(&broker, "vm-l", &guest, &public)
+        .await
+        .unwrap();
+    assert!(!released.mesh_cert.is_empty());
+
+    // Renewed: a new certificate for the same key, ending a lease from now.
+    let r = renew(&broker, "vm-l", &guest, &key).await.unwrap();
+    let cert = mesh::cert::MeshCert::parse(&r.mesh_cert).unwrap();
+    assert_eq!(cert.name, "vm-l");
+    assert_eq!(r.not_after, t + 600);
+    mesh::cert::verify(&[cert], std::slice::from_ref(&ca.cert), t).unwrap();
+    assert_eq!(kbs.metrics.lease_renewals.load(Ordering::Relaxed), 1);
+
+    // A key no release certified (an earlier instance, say): not renewed, nothing revoked.
+    let other = Ed25519KeyPair::generate().unwrap();
+    assert_eq!(
+        denied(renew(&broker, "vm-l", &guest, &other).await),
+        ["lease_other_mesh_key"]
+    );
+
+    // The image withdrawn: not renewed (the VM drops off the mesh when its certificate ends);
+    // listed again: renewed again — a withdrawal does not revoke.
+    let list = |epoch: u64, images: &[[u8; 48]]| {
+        Allowlist {
+            v: ORDER_VERSION,
+            epoch,
+            measurements: images.iter().map(|m| ByteBuf::from(m.to_vec())).collect(),
+        }
+        .sign(&offline)
+    };
+    kbs.set_allowlist(&list(2, &[[0x0e; 48]]), &pk(&offline), t)
+        .await
+        .unwrap();
+    assert_eq!(
+        denied(renew(&broker, "vm-l", &guest, &key).await),
+        ["measurement_withdrawn"]
+    );
+    kbs.set_allowlist(&list(3, &[GOOD]), &pk(&offline), t)
+        .await
+        .unwrap();
+    renew(&broker, "vm-l", &guest, &key).await.unwrap();
+
+    // The VM's key on another chip (a clone, or a key taken out of the VM): revoked, whatever
+    // the order says of that chip — and from then on the genuine VM is not renewed either.
+    let clone = elsewhere.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let reasons = denied(renew(&broker, "vm-l", &clone, &key).await);
+    assert!(
+        reasons.contains(&"lease_other_chip".to_string()),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        denied(renew(&broker, "vm-l", &guest, &key).await),
+        ["lease_revoked"]
+    );
+    assert_eq!(kbs.metrics.lease_revocations.load(Ordering::Relaxed), 1);
+    let lease = kbs.store.lease("vm-l").await.unwrap().unwrap();
+    assert!(
+        lease
+            .revoked
+            .is_some_and(|r| r.contains("lease_other_chip"))
+    );
+
+    // Another image under the VM's key, from a VM booted again (a new lease): revoked too.
+    let released = fetch_with_mesh_key(&broker, "vm-l", &guest, &public)
+        .await
+        .unwrap();
+    assert!(!released.mesh_cert.is_empty());
+    renew(&broker, "vm-l", &guest, &key).await.unwrap();
+    kbs.set_allowlist(&list(4, &[GOOD, [0x11; 48]]), &pk(&offline), t)
+        .await
+        .unwrap();
+    let other_image = chip.launch(GuestLaunch {
+        measurement: [0x11; 48],
+        ..Default::default()
+    });
+    let reasons = denied(renew(&broker, "vm-l", &other_image, &key).await);
+    assert!(
+        reasons.contains(&"lease_other_measurement".to_string()),
+        "{reasons:?}"
+    );
+    assert_eq!(kbs.metrics.lease_revocations.load(Ordering::Relaxed), 2);
+
+    // A proof by another key than the one named: decided nothing, recorded nothing.
+    let exporter = [5u8; 32];
+    let (report, cert_table) = guest
+        .get_ext_report(&proto::renew_report_data(&exporter, &public), 0)
+        .unwrap();
+    let before = kbs.store.audit_log().await.unwrap();
+    let r = kbs
+        .handle(
+            proto::msg::Request::Renew {
+                v: proto::msg::VERSION,
+                vm_id: "vm-l".into(),
+                report,
+                cert_table,
+                mesh_key: public.to_vec(),
+                proof: other
+                    .sign(&proto::renew_proof_message(&exporter))
+                    .as_ref()
+                    .to_vec(),
+            },
+            kbs::service::Role::Guest,
+            exporter,
+            t,
+        )
+        .await;
+    let proto::msg::Decision::Denial(d) = proto::msg::verify_decision(&response_pub, &r).unwrap()
+    else {
+        panic!("{r:?}")
+    };
+    assert_eq!(d.reasons, ["bad_mesh_key_proof"]);
+    assert_eq!(kbs.store.audit_log().await.unwrap(), before);
+
+    let metrics = kbs.metrics.render(&Default::default());
+    assert!(
+        metrics.contains("attesta_kbs_lease_renewals_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("attesta_kbs_lease_revocations_total 2"),
+        "{metrics}"
+    );
+
+    // Every decision is in the audit log.
+    let log = kbs.store.audit_log().await.unwrap();
+    for kind in ["lease_renewed", "lease_refused", "lease_revoked"] {
+        assert!(log.contains(&format!("\"kind\":\"{kind}\"")), "{kind}");
+    }
+}
