@@ -9,7 +9,7 @@ mod common;
 
 use kbs::audit::{Chain, Line, verify};
 use kbs::release::{NonceState, VmState};
-use kbs::store::{Backend, Commit, SqlStore, Store, StoreError, StoreOptions, VmRecord};
+use kbs::store::{Backend, Commit, Lease, SqlStore, Store, StoreError, StoreOptions, VmRecord};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -126,7 +126,72 @@ conformance!(
     one_audit_chain_across_reopen_with_signed_checkpoints,
     group_commit,
     two_replicas_never_both_release_for_one_boot,
+    a_lease_is_written_with_its_decision_only,
 );
+
+/// A release starts the lease, a renewal updates it, a revocation records why; a release that
+/// loses its race writes no lease.
+async fn a_lease_is_written_with_its_decision_only(on: On) {
+    let Some(db) = database(on) else {
+        return;
+    };
+    let s = open(&db.url).await;
+    s.register(&record("vm-1", b"wrapped"), 10, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(s.lease("vm-1").await.unwrap(), None);
+    let lease = Lease {
+        vm_id: "vm-1".into(),
+        chip_id: vec![0xc1; 64],
+        measurement: vec![0x4d; 48],
+        mesh_key: vec![7; 32],
+        renewed_at: 20,
+        revoked: None,
+    };
+    let with = |c: Commit, l: &Lease| Commit {
+        lease: Some(l.clone()),
+        ..c
+    };
+    assert!(
+        s.commit(&with(release("vm-1", [1; 32], 0), &lease))
+            .await
+            .unwrap()
+            .released
+    );
+    assert_eq!(s.lease("vm-1").await.unwrap(), Some(lease.clone()));
+    // The same boot again loses its race: its lease is not written.
+    let other = Lease {
+        mesh_key: vec![8; 32],
+        ..lease.clone()
+    };
+    let lost = s
+        .commit(&with(release("vm-1", [2; 32], 0), &other))
+        .await
+        .unwrap();
+    assert_eq!(lost.lost_race, Some("vm_changed"));
+    assert_eq!(s.lease("vm-1").await.unwrap(), Some(lease.clone()));
+    // A renewal (no release, no nonce spent), then a revocation.
+    let renewal = |l: Lease| Commit {
+        nonce: [3; 32],
+        spend_nonce: false,
+        nonce_expires_at: 30,
+        vm_update: None,
+        lease: Some(l),
+        audit: (30, "lease_renewed".into(), "vm-1".into(), json!({})),
+    };
+    let renewed = Lease {
+        renewed_at: 30,
+        ..lease.clone()
+    };
+    s.commit(&renewal(renewed.clone())).await.unwrap();
+    assert_eq!(s.lease("vm-1").await.unwrap(), Some(renewed.clone()));
+    let revoked = Lease {
+        revoked: Some("lease_other_chip".into()),
+        ..renewed
+    };
+    s.commit(&renewal(revoked.clone())).await.unwrap();
+    assert_eq!(s.lease("vm-1").await.unwrap(), Some(revoked));
+}
 
 async fn records_and_crypto_shredding(on: On) {
     let Some(db) = database(on) else {
