@@ -30,12 +30,46 @@ pub struct GuestConfig {
     /// the broker after the release; certificate and key go to `dir` (tmpfs only).
     #[serde(default)]
     pub mesh: Option<MeshIdentity>,
+    /// The running VM's lease (`attesta-guest keepalive`).
+    #[serde(default)]
+    pub keepalive: KeepaliveConfig,
     /// After unlocking, also time an argon2id passphrase unlock of the same disk (see
     /// [`crate::bench`]). Only in builds with the `simulator` feature: a production agent
     /// refuses the setting as unknown.
     #[cfg(feature = "simulator")]
     #[serde(default)]
     pub bench_passphrase: bool,
+}
+
+/// How often the running VM re-attests to renew its lease (its short-lived mesh certificate).
+/// The broker's certificate lifetime is the lease; renewing at a quarter of it leaves three
+/// more tries before the VM drops off the mesh.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    /// Seconds between renewals (default 900: a quarter of the default one-hour lease).
+    #[serde(default = "default_keepalive")]
+    pub interval_secs: u64,
+    /// Seconds before trying again after a failed renewal (default 60).
+    #[serde(default = "default_keepalive_retry")]
+    pub retry_secs: u64,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig {
+            interval_secs: default_keepalive(),
+            retry_secs: default_keepalive_retry(),
+        }
+    }
+}
+
+fn default_keepalive() -> u64 {
+    900
+}
+
+fn default_keepalive_retry() -> u64 {
+    60
 }
 
 /// Where the guest's attestation-bound mesh identity is placed.

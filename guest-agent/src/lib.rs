@@ -5,8 +5,8 @@
 //! lives only in guest memory (zeroized, never written, never logged); any failure fails closed.
 //!
 //! Modules: [`client`] (the release protocol over QUIC), [`device`] (`/dev/sev-guest`),
-//! [`luks`] (the disk), [`config`] (`guest.toml`) and [`unlock`] (the whole boot-time run that
-//! the `attesta-guest unlock` binary performs).
+//! [`luks`] (the disk), [`config`] (`guest.toml`), [`unlock`] (the whole boot-time run that
+//! the `attesta-guest unlock` binary performs) and [`keepalive`] (the running VM's lease).
 // No unsafe code of our own; the one exception is the C logging callback that libcryptsetup-rs's
 // macro generates (see `luks::quiet_libcryptsetup`).
 #![deny(unsafe_code)]
@@ -17,7 +17,9 @@ pub mod client;
 pub mod config;
 pub mod device;
 pub mod header;
+pub mod keepalive;
 pub mod luks;
 #[cfg(feature = "simulator")]
 pub mod psp;
 pub mod unlock;
+mod with_device;

@@ -34,6 +34,18 @@ enum Cmd {
         #[arg(long, value_name = "FILE", default_value = "/etc/attesta/guest.toml")]
         config: PathBuf,
     },
+    /// In the running system: renew the VM's lease (its short-lived mesh certificate) with a
+    /// fresh report every `[keepalive] interval_secs`, replacing `node.crt` in `[mesh] dir`.
+    /// Runs until stopped (attesta-keepalive.service); refusals are logged and tried again.
+    ///
+    /// Exit status (with --once): 0 renewed; 1 refused or unreachable; 2 unusable configuration.
+    Keepalive {
+        #[arg(long, value_name = "FILE", default_value = "/etc/attesta/guest.toml")]
+        config: PathBuf,
+        /// Renew once and exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,11 +60,19 @@ fn main() -> ExitCode {
     } else {
         logs.init();
     }
-    let Cmd::Unlock { config } = cli.cmd;
+    let (config, keepalive) = match cli.cmd {
+        Cmd::Unlock { config } => (config, None),
+        Cmd::Keepalive { config, once } => (config, Some(once)),
+    };
+    let name = if keepalive.is_some() {
+        "keepalive"
+    } else {
+        "unlock"
+    };
     let cfg = match GuestConfig::load(&config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("attesta-guest unlock: {e}");
+            eprintln!("attesta-guest {name}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -70,6 +90,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(once) = keepalive {
+        return match rt.block_on(guest_agent::keepalive::run(&cfg, once)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("attesta-guest keepalive: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
     match rt.block_on(run(&cfg)) {
         Ok(u) => {
             println!(

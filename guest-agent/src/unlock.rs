@@ -3,7 +3,7 @@
 //! with a reason; nothing is written anywhere but the LUKS2 header (first boot) and the tmpfs file.
 
 use crate::client::{Broker, ClientError, Released, fetch, fetch_within};
-use crate::config::{BrokerConfig, DeviceConfig, GuestConfig};
+use crate::config::{BrokerConfig, GuestConfig};
 use crate::header::HeaderError;
 use crate::luks::{self, DiskLabel, DiskState, LuksError, VolumeKey};
 use proto::brokers::HANDSHAKE_PER_TRY;
@@ -170,12 +170,28 @@ pub fn place_mesh_identity(
 ) -> Result<(), UnlockError> {
     check_tmpfs(&dir.join("node.key"))?;
     write_boot_config(&dir.join("node.key"), key.pem.as_bytes())?;
+    place_mesh_identity_cert(dir, cert_der, chain)
+}
+
+/// Writes (or replaces, for a renewed lease) `node.crt` in `dir`, which must be on tmpfs:
+/// written beside it and renamed over it, so a mesh node reloading it never reads half a file.
+pub fn place_mesh_identity_cert(
+    dir: &Path,
+    cert_der: &[u8],
+    chain: &[Vec<u8>],
+) -> Result<(), UnlockError> {
+    check_tmpfs(&dir.join("node.crt"))?;
     // Leaf first, then the issuer and up: what `attesta-mesh cert sign` writes and a node loads.
     let bundle: String = std::iter::once(cert_der)
         .chain(chain.iter().map(Vec::as_slice))
         .map(|der| pem("CERTIFICATE", der))
         .collect();
-    write_boot_config(&dir.join("node.crt"), bundle.as_bytes())
+    let next = dir.join("node.crt.next");
+    write_boot_config(&next, bundle.as_bytes())?;
+    std::fs::rename(&next, dir.join("node.crt")).map_err(|e| UnlockError::BootConfig {
+        path: dir.join("node.crt").display().to_string(),
+        why: e.to_string(),
+    })
 }
 
 use snp::certs::pem_encode as pem;
@@ -481,58 +497,7 @@ pub async fn run_with(
 
 /// The whole run with the configured device.
 pub async fn run(cfg: &GuestConfig) -> Result<Unlocked, UnlockError> {
-    match &cfg.device {
-        DeviceConfig::SevGuest => {
-            let dev =
-                crate::device::SevGuest::open().map_err(|e| UnlockError::Device(e.to_string()))?;
-            run_with(cfg, &dev).await
-        }
-        #[cfg(feature = "simulator")]
-        DeviceConfig::Simulator {
-            seed,
-            product,
-            chip,
-            measurement,
-            policy,
-            state_dir,
-        } => {
-            let d = |e: String| UnlockError::Device(format!("simulator: {e}"));
-            let product: snp::Product = product.parse().map_err(|e| d(format!("{e}")))?;
-            let m = hex::decode(measurement.trim())
-                .ok()
-                .and_then(|v| <[u8; 48]>::try_from(v.as_slice()).ok())
-                .ok_or_else(|| d("measurement: expected 96 hex digits".into()))?;
-            let (pki, config) = simulator::ChipConfig::typical_cached(
-                product,
-                seed,
-                *chip,
-                state_dir.as_deref(),
-                |n| tracing::info!("{n}"),
-            )
-            .map_err(d)?;
-            let chip = simulator::Chip::new(pki, config).map_err(|e| d(e.to_string()))?;
-            let mut launch = simulator::GuestLaunch {
-                measurement: m,
-                ..Default::default()
-            };
-            if let Some(p) = policy {
-                launch.policy = *p;
-            }
-            run_with(cfg, &chip.launch(launch)).await
-        }
-        #[cfg(feature = "simulator")]
-        DeviceConfig::VirtioPsp { port } => {
-            let dev = crate::psp::VirtioPsp::open(port)
-                .map_err(|e| UnlockError::Device(e.to_string()))?;
-            run_with(cfg, &dev).await
-        }
-        #[cfg(not(feature = "simulator"))]
-        DeviceConfig::Simulator { .. } | DeviceConfig::VirtioPsp { .. } => {
-            Err(UnlockError::Device(
-                "this build has no simulator (built without the `simulator` feature)".into(),
-            ))
-        }
-    }
+    crate::with_device!(cfg, dev => run_with(cfg, dev).await)
 }
 
 #[cfg(test)]

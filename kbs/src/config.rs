@@ -120,13 +120,17 @@ pub struct MeshSection {
     /// the sensible choice) with which the broker certifies each attested guest's mesh key.
     #[serde(default)]
     pub guest_ca: Option<PathBuf>,
-    /// Validity of a guest's mesh certificate, seconds (default a day; each boot gets a new one).
+    /// Validity of a guest's mesh certificate, seconds: the VM's lease. Each boot gets one and
+    /// `attesta-guest keepalive` renews it with a fresh report (every 15 minutes by default);
+    /// a VM not renewed drops off the mesh when it ends. Default an hour: 100,000 VMs renewing
+    /// every 900 s are 111 renewals/s, a tenth of what one broker decides on two cores
+    /// (~1,100 releases/s, BENCHMARKS.md), and a withdrawn image leaves the mesh within the hour.
     #[serde(default = "default_guest_cert_secs")]
     pub guest_cert_secs: u64,
 }
 
 fn default_guest_cert_secs() -> u64 {
-    86_400
+    3_600
 }
 
 fn default_mesh_reload() -> u64 {

@@ -195,3 +195,127 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
         assert!(log.contains(&format!("\"kind\":\"{kind}\"")), "{kind}");
     }
 }
+
+/// The real `attesta-guest keepalive --once` in a running guest's place: it reads the mesh key
+/// `unlock` left on tmpfs, renews, and replaces `node.crt` with the new certificate for that key;
+/// once the image is withdrawn it fails (exit 1) and leaves `node.crt` as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
+    let Setup {
+        dir,
+        chip,
+        operator,
+        offline,
+        response_pub,
+        kbs,
+        ..
+    } = setup().await;
+    let t = now();
+    let ca =
+        mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
+    let _ = kbs.guest_issuer.set(kbs::service::GuestIssuer::new(
+        ca.cert.clone(),
+        vec![],
+        ca.key.clone(),
+        600,
+    ));
+    let mut order = order_on("vm-k", &chip);
+    order.mesh_ip = Some("10.42.7.10/16".into());
+    kbs.register(&order.sign(&operator), t).await.unwrap();
+    let broker = serve_on_loopback(&kbs, response_pub);
+
+    // What `unlock` leaves: the mesh key and its certificate on tmpfs.
+    let shm = tempfile::Builder::new()
+        .prefix("attesta-keepalive")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).unwrap();
+    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let public: [u8; 32] = key.public_key().as_ref().try_into().unwrap();
+    std::fs::write(
+        shm.path().join("node.key"),
+        snp::certs::pem_encode("PRIVATE KEY", pkcs8.as_ref()),
+    )
+    .unwrap();
+    let guest = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let released = fetch_with_mesh_key(&broker, "vm-k", &guest, &public)
+        .await
+        .unwrap();
+    let first = snp::certs::pem_encode("CERTIFICATE", &released.mesh_cert);
+    std::fs::write(shm.path().join("node.crt"), &first).unwrap();
+
+    std::fs::write(
+        dir.path().join("ca.crt"),
+        snp::certs::pem_encode("CERTIFICATE", &broker.ca_der),
+    )
+    .unwrap();
+    let cfg = dir.path().join("guest.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "vm_id = \"vm-k\"\nrequire_mlock = false\n\
+             [broker]\naddress = \"{}\"\nserver_name = \"{}\"\nca = \"ca.crt\"\nresponse_key = \"{}\"\n\
+             [disk]\npath = \"unused.img\"\n[mesh]\ndir = \"{}\"\n\
+             [device]\nkind = \"simulator\"\nseed = \"e2e\"\nproduct = \"milan\"\nchip = 0\n\
+             measurement = \"{}\"\nstate_dir = \"{}\"\n",
+            broker.addr,
+            broker.server_name,
+            hex::encode(response_pub),
+            shm.path().display(),
+            hex::encode(GOOD),
+            dir.path().join("sim-state").display(),
+        ),
+    )
+    .unwrap();
+    let keepalive = || {
+        common::guest()
+            .args(["keepalive", "--once", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let out = keepalive();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let renewed = std::fs::read_to_string(shm.path().join("node.crt")).unwrap();
+    assert_ne!(renewed, first, "node.crt was replaced");
+    let der = snp::certs::pem_blocks(renewed.as_bytes())
+        .unwrap()
+        .remove(0);
+    let cert = mesh::cert::MeshCert::parse(&der).unwrap();
+    let mut spki = hex::decode("302a300506032b6570032100").unwrap();
+    spki.extend_from_slice(&public);
+    assert_eq!(
+        cert.key_hash.to_vec(),
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki).as_ref(),
+        "the renewed certificate is for the key on tmpfs"
+    );
+
+    // The image withdrawn: refused, exit 1, node.crt left as it was (it ends with its lease).
+    let withdrawn = Allowlist {
+        v: ORDER_VERSION,
+        epoch: 2,
+        measurements: vec![ByteBuf::from(vec![0x0e; 48])],
+    };
+    kbs.set_allowlist(&withdrawn.sign(&offline), &pk(&offline), t)
+        .await
+        .unwrap();
+    let out = keepalive();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("measurement_withdrawn"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(shm.path().join("node.crt")).unwrap(),
+        renewed
+    );
+}
