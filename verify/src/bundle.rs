@@ -60,6 +60,8 @@ pub struct Outcome {
     pub amd_rooted: bool,
     /// When the broker exported the bundle (signed): nothing after it is shown.
     pub exported_at: u64,
+    /// Lease renewals, refusals and revocations of the running VM (no key released by any).
+    pub lease_events: u64,
 }
 
 impl Outcome {
@@ -81,6 +83,7 @@ impl Outcome {
                 "seq": d.seq, "time": snp::reason::rfc3339(d.time), "reasons": d.reasons}))
                 .collect::<Vec<_>>(),
             "audit": {"entries": self.entries, "checkpoint_seq": self.checkpoint_seq},
+            "lease_events": self.lease_events,
             "amd_rooted": self.amd_rooted,
             "exported_at": snp::reason::rfc3339(self.exported_at),
             "revocation": "not_checked",
@@ -182,6 +185,8 @@ pub fn check_bundle(bytes: &[u8], e: &Expect<'_>) -> Outcome {
                         .unwrap_or_default(),
                 }),
                 "terminate" => terminated = true,
+                // A running VM's lease (crate docs): no key is released by it.
+                "lease_renewed" | "lease_refused" | "lease_revoked" => out.lease_events += 1,
                 "register" if std::ptr::eq(line, &b.log[0]) => {}
                 other => out.findings.push(Finding::new(
                     "unknown_entry",

@@ -109,6 +109,8 @@ pub struct FleetMesh {
     broker_trust: Option<Arc<Trust>>,
     /// Everything the operator has revoked so far, and the newest list's number.
     revoked: Body,
+    /// How long the certificates a broker served here gives guests last: their lease.
+    pub guest_cert_secs: u64,
 }
 
 impl FleetMesh {
@@ -145,6 +147,7 @@ impl FleetMesh {
             lighthouse_nodes: Vec::new(),
             guests: Vec::new(),
             broker_trust: None,
+            guest_cert_secs: 86_400,
         };
         // The lighthouses must know each other's ports before either starts: pick free ones,
         // and pick again in the rare case another process took one meanwhile.
@@ -272,7 +275,7 @@ impl FleetMesh {
                 self.ca.cert.clone(),
                 vec![],
                 self.ca.key.clone(),
-                86_400,
+                self.guest_cert_secs,
             ))
             .map_err(|_| "the broker already certifies guests with another CA".to_string())?;
         let endpoint = server_endpoint(
@@ -290,6 +293,11 @@ impl FleetMesh {
             response_key: kbs.response_key.public(),
         };
         Ok((broker, endpoint))
+    }
+
+    /// Where a guest's mesh key and certificate are (tmpfs): what its node reads and reloads.
+    pub fn guest_dir(&self, vm_id: &str) -> PathBuf {
+        self.shm.path().join(vm_id)
     }
 
     /// An attested guest joins: the certificate the broker issued must be exactly what the
@@ -321,7 +329,7 @@ impl FleetMesh {
             return Err(bad("is not a guest's".into()));
         }
         let rules = guest_rules(want.tenant)?;
-        let d = self.shm.path().join(vm_id);
+        let d = self.guest_dir(vm_id);
         place_mesh_identity(&d, key, cert_der, &[]).map_err(|e| format!("{vm_id}: {e}"))?;
         let cfg = self.node_config(
             NodeFiles {

@@ -41,6 +41,7 @@ fn answer(broker: &Broker, r: &Response) -> String {
         _ => match verify_decision(&broker.response_key, r) {
             Ok(Decision::Denial(d)) => d.reasons.join(","),
             Ok(Decision::Release(_)) => "released".into(),
+            Ok(Decision::Renewed(_)) => "renewed".into(),
             Err(e) => e.to_string(),
         },
     }

@@ -426,6 +426,16 @@ fn demo_json() {
     ] {
         assert_eq!(t[f], true, "{f}: {t}");
     }
+    // The lease: renewed with fresh reports, then, with the image withdrawn, not renewed and
+    // off the mesh within the scene's lease.
+    assert!(t["lease_renewals"].as_u64().is_some_and(|n| n >= 2), "{t}");
+    let lease_ms = t["lease_secs"].as_u64().unwrap() * 1000;
+    assert!(
+        t["withdrawn_vm_dropped_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 0 && ms <= lease_ms + 2000),
+        "{t}"
+    );
     let evidence = dir.path().join("evidence");
     for f in [
         "bundle",
@@ -453,6 +463,7 @@ fn demo_json() {
     for name in [
         "broker operator opens a split VM's disk alone",
         "broker operator edits a release in an exported bundle",
+        "keepalive from a cloned VM on another chip",
     ] {
         assert!(attacks.iter().any(|a| a["name"] == name), "{name}");
     }

@@ -159,6 +159,7 @@ impl<'a> HandClient<'a> {
             Ok(resp) => match verify_decision(&self.broker.response_key, &resp) {
                 Ok(Decision::Denial(d)) => (true, d.reasons.join(", ")),
                 Ok(Decision::Release(_)) => (false, "released".to_string()),
+                Ok(Decision::Renewed(_)) => (false, "renewed".to_string()),
                 Err(x) => (true, x.to_string()),
             },
             Err(x) => (true, x.to_string()),

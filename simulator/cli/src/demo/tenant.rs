@@ -11,20 +11,26 @@
 
 use super::summary::LiveAttack;
 use super::{IMAGE, StackOptions, now, order, pk, stack_with};
+use crate::fleet_mesh::{self, Expected, FleetMesh};
 use aws_lc_rs::signature::Ed25519KeyPair;
-use guest_agent::client::fetch;
+use guest_agent::client::{ClientError, fetch, fetch_with_mesh_key, renew};
 use guest_agent::luks::{self, DiskLabel, LuksError, VolumeKey};
-use guest_agent::unlock::fetch_shares;
+use guest_agent::unlock::{MeshKey, fetch_shares, place_mesh_identity_cert};
 use proto::order::{Allowlist, ORDER_VERSION, Split};
 use serde_bytes::ByteBuf;
 use serde_json::{Value, json};
 use simulator::{Chip, GuestLaunch, Pki};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The VM whose key is split.
 const VM: &str = "tenant-vm";
+/// Another VM of the same tenant (on the operator's broker alone), its peer on the mesh.
+const PEER: &str = "tenant-peer";
+/// The lease the operator's broker gives here (its mesh certificates' lifetime), seconds: short,
+/// so that a VM no longer renewed is seen dropping off the mesh.
+const LEASE_SECS: u64 = 4;
 
 /// What the scene observed.
 pub struct Tenant {
@@ -39,6 +45,11 @@ pub struct Tenant {
     pub tampered_bundle_rejected: bool,
     /// Where the evidence and `verify.sh` are.
     pub evidence: PathBuf,
+    /// Renewals of the VM's lease (fresh reports, new certificates).
+    pub lease_renewals: u64,
+    /// From the operator's broker withdrawing the image to the VM's mesh connection closing
+    /// (its certificate not renewed, run out); `None`: it did not close.
+    pub withdrawn_vm_dropped_ms: Option<f64>,
     /// The scene's attacks, for the catalogue.
     pub attacks: Vec<LiveAttack>,
 }
@@ -53,6 +64,10 @@ impl Tenant {
             && self.one_broker_alone_denied()
             && self.bundle_verified
             && self.tampered_bundle_rejected
+            && self.lease_renewals >= 2
+            && self
+                .withdrawn_vm_dropped_ms
+                .is_some_and(|ms| ms <= (LEASE_SECS as f64 + 2.0) * 1000.0)
             && self.attacks.iter().all(LiveAttack::as_expected)
     }
 
@@ -65,6 +80,9 @@ impl Tenant {
             "tenant_withdrawal_stopped_boot": self.tenant_withdrawal_stopped_boot,
             "bundle_verified": self.bundle_verified,
             "tampered_bundle_rejected": self.tampered_bundle_rejected,
+            "lease_renewals": self.lease_renewals,
+            "withdrawn_vm_dropped_ms": self.withdrawn_vm_dropped_ms.map(|ms| ms.round() as u64),
+            "lease_secs": LEASE_SECS,
             "evidence": self.evidence.display().to_string(),
         })
     }
@@ -102,6 +120,15 @@ impl Tenant {
             } else {
                 "NOT FOUND"
             }
+        );
+        println!(
+            "    lease ({LEASE_SECS} s here) renewed with fresh reports: {} times",
+            self.lease_renewals
+        );
+        println!(
+            "    image withdrawn: not renewed, off the mesh in     {}",
+            self.withdrawn_vm_dropped_ms
+                .map_or("NOT DROPPED".into(), |ms| format!("{ms:.0} ms"))
         );
         println!(
             "    evidence and the command: {}/verify.sh",
@@ -157,6 +184,11 @@ pub async fn run(
         .await?;
         brokers.push(s);
     }
+    // The operator's broker also serves on a mesh of its own here, certifying guests' mesh
+    // keys for LEASE_SECS: the lease.
+    let mut mesh = FleetMesh::start(dir).await?;
+    mesh.guest_cert_secs = LEASE_SECS;
+    let on_mesh = mesh.serve_broker(brokers[0].kbs.clone()).await?;
     let split = Split {
         threshold: 2,
         brokers: vec!["operator".into(), "tenant".into()],
@@ -165,14 +197,20 @@ pub async fn run(
     for s in &brokers {
         let mut o = order(VM, 0, &chip.config.chip_id, &IMAGE);
         o.split = Some(split.clone());
+        o.mesh_ip = Some(fleet_mesh::guest_ip(0));
         let doc = o.sign(&s.operator);
         s.kbs.register(&doc, now()).await.map_err(|x| e(&x))?;
         signed.push(doc);
     }
-    let groups = vec![
-        vec![brokers[0].broker.clone()],
-        vec![brokers[1].broker.clone()],
-    ];
+    let mut peer = order(PEER, 0, &chip.config.chip_id, &IMAGE);
+    peer.mesh_ip = Some(fleet_mesh::guest_ip(1));
+    brokers[0]
+        .kbs
+        .register(&peer.sign(&brokers[0].operator), now())
+        .await
+        .map_err(|x| e(&x))?;
+    let tenant = peer.tenant.clone();
+    let groups = vec![vec![on_mesh.clone()], vec![brokers[1].broker.clone()]];
     let boot = || {
         chip.launch(GuestLaunch {
             measurement: IMAGE,
@@ -206,13 +244,18 @@ pub async fn run(
     let opens = |key: &[u8]| refusal(key).map(|r| r.is_none());
 
     // Two boots with both shares: the first formats, the second opens the disk.
+    let mut attacks = Vec::new();
+    // Each boot binds a mesh key born in the guest; the operator's broker certifies it.
     let mut unlocked = true;
+    let mut identity = None;
     for n in 1..=2u64 {
         note(&format!("tenant: boot {n} (a share from each broker)"));
         let g = boot();
-        let got = fetch_shares(&groups, VM, &g, Duration::from_secs(30), None)
+        let key = MeshKey::generate().map_err(|x| e(&x))?;
+        let got = fetch_shares(&groups, VM, &g, Duration::from_secs(30), Some(key.public()))
             .await
             .map_err(|x| format!("{VM}: {x}"))?;
+        identity = Some((key, got.mesh_cert.clone()));
         if n == 1 {
             let key = VolumeKey::from_bytes(&got.volume_key).map_err(|x| e(&x))?;
             luks::format(&img, &key, &label).map_err(|x| e(&x))?;
@@ -220,11 +263,115 @@ pub async fn run(
         unlocked &= got.boot_counter == n && opens(&got.volume_key)?;
     }
 
+    // The lease: the VM and its peer join the mesh; the VM's keepalive renews its certificate
+    // with fresh reports; the operator withdraws the image, renewals stop, and the VM's
+    // connection closes when its certificate runs out. Then its key, used from another chip,
+    // revokes the lease.
+    note("tenant: the VM's lease on the mesh");
+    let (key, cert) = identity.ok_or("no boot")?;
+    let vm_ip = mesh
+        .join(
+            Expected {
+                vm_id: VM,
+                tenant: &tenant,
+                ip: &fleet_mesh::guest_ip(0),
+            },
+            &key,
+            &cert,
+        )
+        .await?
+        .ip;
+    let peer_key = MeshKey::generate().map_err(|x| e(&x))?;
+    let peer_release = fetch_with_mesh_key(&on_mesh, PEER, &boot(), peer_key.public())
+        .await
+        .map_err(|x| format!("{PEER}: {x}"))?;
+    mesh.join(
+        Expected {
+            vm_id: PEER,
+            tenant: &tenant,
+            ip: &fleet_mesh::guest_ip(1),
+        },
+        &peer_key,
+        &peer_release.mesh_cert,
+    )
+    .await?;
+    let vm_dir = mesh.guest_dir(VM);
+    let lease_key = guest_agent::keepalive::mesh_key(&vm_dir).map_err(|x| e(&x))?;
+    let mut lease_renewals = 0;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = renew(&on_mesh, VM, &boot(), &lease_key)
+            .await
+            .map_err(|x| format!("{VM}: lease: {x}"))?;
+        place_mesh_identity_cert(&vm_dir, &r.mesh_cert, &r.mesh_chain).map_err(|x| e(&x))?;
+        lease_renewals += 1;
+    }
+    // The node reloads its certificate within 250 ms; a connection made now runs on it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let peer_node = &mesh
+        .guests
+        .iter()
+        .find(|g| g.vm_id == PEER)
+        .ok_or("the peer did not join")?
+        .node;
+    let conn = fleet_mesh::open_echo(peer_node, vm_ip)
+        .await
+        .map_err(|x| format!("{PEER} -> {VM}: {x}"))?;
+    let op = &brokers[0];
+    let allow = |epoch: u64, images: Vec<ByteBuf>| {
+        Allowlist {
+            v: ORDER_VERSION,
+            epoch,
+            measurements: images,
+        }
+        .sign(&op.allowlist_key)
+    };
+    op.kbs
+        .set_allowlist(
+            &allow(2, vec![ByteBuf::from(vec![0x0e; 48])]),
+            &pk(&op.allowlist_key),
+            now(),
+        )
+        .await
+        .map_err(|x| e(&x))?;
+    let withdrawn_at = Instant::now();
+    let refused = renew(&on_mesh, VM, &boot(), &lease_key).await;
+    let not_renewed = matches!(&refused, Err(ClientError::Denied(r)) if r.iter().any(|c| c == "measurement_withdrawn"));
+    let closed = tokio::time::timeout(Duration::from_secs(LEASE_SECS + 5), conn.closed()).await;
+    let withdrawn_vm_dropped_ms =
+        (not_renewed && closed.is_ok()).then(|| withdrawn_at.elapsed().as_secs_f64() * 1000.0);
+    // A keepalive from a clone: the VM's key, a genuine report from another chip.
+    let elsewhere = simulator::Chip::new(root.clone(), simulator::ChipConfig::typical(root, 1))
+        .map_err(|x| e(&x))?;
+    let cloned = elsewhere.launch(GuestLaunch {
+        measurement: IMAGE,
+        ..Default::default()
+    });
+    let clone_reasons = match renew(&on_mesh, VM, &cloned, &lease_key).await {
+        Err(ClientError::Denied(r)) => r.join(", "),
+        Err(x) => x.to_string(),
+        Ok(_) => "renewed".into(),
+    };
+    attacks.push(LiveAttack {
+        name: "keepalive from a cloned VM on another chip",
+        denied: clone_reasons.contains("lease_other_chip"),
+        reason: clone_reasons,
+        expected: "lease_other_chip",
+    });
+    op.kbs
+        .set_allowlist(
+            &allow(3, vec![ByteBuf::from(IMAGE.to_vec())]),
+            &pk(&op.allowlist_key),
+            now(),
+        )
+        .await
+        .map_err(|x| e(&x))?;
+    mesh.shutdown().await;
+
     // Each broker's operator, alone: what its store and KEK give is its share (released here to
     // a genuine guest), and the disk does not open with it.
     note("tenant: each share alone");
     let mut share_alone_opens_nothing = true;
-    let mut attacks = Vec::new();
     for (name, s) in [("operator", &brokers[0]), ("tenant", &brokers[1])] {
         let share = fetch(&s.broker, VM, &boot())
             .await
@@ -371,6 +518,8 @@ pub async fn run(
         tenant_withdrawal_stopped_boot,
         bundle_verified,
         tampered_bundle_rejected,
+        lease_renewals,
+        withdrawn_vm_dropped_ms,
         evidence: evidence.to_path_buf(),
         attacks,
     })
