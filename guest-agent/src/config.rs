@@ -118,13 +118,13 @@ pub struct BrokerConfig {
 /// the shares, combined in this process's locked memory, and checked against the volume by the
 /// header's key binding. So no single broker's operator, and not the miner, can open the disk.
 ///
-/// Today every share is needed (`threshold` = n): a k-of-n split with k < n needs a share dealt
-/// by the guest and deposited with each broker, which the brokers do not accept yet. A
-/// configuration asking for it is refused rather than weakened.
+/// With `threshold` = n the key is the XOR of every share. With k < n the guest deals the key on
+/// the first boot (every share needed then) and keeps it sealed on the disk once per set of k
+/// brokers (`crate::split`); any k open it on later boots.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SplitConfig {
-    /// Shares needed to open the disk: n, the number of brokers (`[broker]` included).
+    /// Shares needed to open the disk: 2 to n, the number of brokers (`[broker]` included).
     pub threshold: usize,
     /// The other brokers, with their own pins.
     pub brokers: Vec<BrokerConfig>,
@@ -145,9 +145,9 @@ impl SplitConfig {
                 self.brokers.len()
             ));
         }
-        if self.threshold != n {
+        if self.threshold < 2 || self.threshold > n {
             return Err(format!(
-                "split.threshold = {}: only {n}-of-{n} is supported (every broker's share is needed)",
+                "split.threshold = {}: between 2 (no broker alone) and {n} (every broker)",
                 self.threshold
             ));
         }
@@ -304,6 +304,18 @@ impl GuestConfig {
         c.broker.addresses().map_err(invalid)?;
         if let Some(s) = &c.split {
             s.check().map_err(invalid)?;
+            // The same broker twice would give the same share twice (cancelled by the XOR, or
+            // one broker counted as two toward k).
+            let mut keys = vec![c.broker.response_key.trim().to_lowercase()];
+            for b in &s.brokers {
+                let k = b.response_key.trim().to_lowercase();
+                if keys.contains(&k) {
+                    return Err(invalid(format!(
+                        "split.brokers: the broker with response key {k} is listed twice"
+                    )));
+                }
+                keys.push(k);
+            }
         }
         Ok(c)
     }
@@ -367,7 +379,7 @@ mod tests {
     }
 
     #[test]
-    fn a_split_needs_every_share_and_pins_each_broker() {
+    fn a_split_needs_two_shares_at_least_and_pins_each_broker() {
         let b = |key: &str| {
             format!(
                 "[[split.brokers]]\naddress = \"10.0.2.2:7444\"\nserver_name = \"t\"\nca = \"t.pem\"\nresponse_key = \"{key}\"\n"
@@ -387,11 +399,18 @@ mod tests {
             check(format!("[split]\nthreshold = 3\n{good}{good}")),
             Ok(3)
         );
+        assert_eq!(
+            check(format!("[split]\nthreshold = 2\n{good}{good}")),
+            Ok(3)
+        );
         for (text, why) in [
-            (format!("[split]\nthreshold = 1\n{good}"), "only 2-of-2"),
             (
-                format!("[split]\nthreshold = 2\n{good}{good}"),
-                "only 3-of-3",
+                format!("[split]\nthreshold = 1\n{good}"),
+                "between 2 (no broker alone) and 2",
+            ),
+            (
+                format!("[split]\nthreshold = 4\n{good}{good}"),
+                "between 2 (no broker alone) and 3",
             ),
             (
                 "[split]\nthreshold = 1\nbrokers = []\n".to_string(),

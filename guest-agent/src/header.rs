@@ -491,11 +491,22 @@ fn layout(j: &Value, expect: &Expect<'_>) -> Result<Vec<u8>, HeaderError> {
     if t.get("type").and_then(Value::as_str) != Some(TOKEN_TYPE) {
         return Err(HeaderError::NoToken);
     }
-    exact_keys(
-        t,
-        &["generation", "keyslots", "mac", "type", "vm_id"],
-        "the Attesta token",
-    )?;
+    // A key split k-of-n (k < n) keeps its wraps here (`crate::split`), in exactly their shape.
+    if let Some(split) = t.get("split") {
+        exact_keys(
+            t,
+            &["generation", "keyslots", "mac", "split", "type", "vm_id"],
+            "the Attesta token",
+        )?;
+        crate::split::check(split)
+            .map_err(|why| HeaderError::Unexpected(format!("the Attesta token: {why}")))?;
+    } else {
+        exact_keys(
+            t,
+            &["generation", "keyslots", "mac", "type", "vm_id"],
+            "the Attesta token",
+        )?;
+    }
     if t.get("keyslots") != Some(&zero) {
         return Err(unexpected("the Attesta token", "keyslots"));
     }

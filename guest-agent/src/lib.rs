@@ -21,5 +21,7 @@ pub mod keepalive;
 pub mod luks;
 #[cfg(feature = "simulator")]
 pub mod psp;
+pub mod shares;
+pub mod split;
 pub mod unlock;
 mod with_device;

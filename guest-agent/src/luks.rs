@@ -181,6 +181,17 @@ fn cheap_pbkdf() -> CryptPbkdfType {
 /// PBKDF2: the key is uniformly random), and an Attesta token naming the VM and generation and
 /// carrying the header's MAC under the key. Refuses a disk that is not blank.
 pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String, LuksError> {
+    format_with(path, key, label, None)
+}
+
+/// [`format`], with a k-of-n split's wraps (`crate::split::deal`) kept in the token, under the
+/// header's MAC like the rest of it.
+pub fn format_with(
+    path: &Path,
+    key: &VolumeKey,
+    label: &DiskLabel,
+    split: Option<&serde_json::Value>,
+) -> Result<String, LuksError> {
     if !header::is_blank(&read_metadata(path)?) {
         return Err(LuksError::AlreadyFormatted);
     }
@@ -220,6 +231,9 @@ pub fn format(path: &Path, key: &VolumeKey, label: &DiskLabel) -> Result<String,
         "vm_id": label.vm_id,
         "generation": label.generation,
     });
+    if let Some(split) = split {
+        token["split"] = split.clone();
+    }
     let id = dev
         .token_handle()
         .json_set(TokenInput::AddToken(&token))
@@ -325,6 +339,21 @@ pub fn label(path: &Path) -> Result<Option<DiskLabel>, LuksError> {
                 .to_string(),
             generation: t.get("generation").and_then(|v| v.as_u64()).unwrap_or(0),
         }))
+}
+
+/// The wraps of a k-of-n split (`crate::split`) in the disk's Attesta token, unjudged: each is
+/// sealed to its set of shares, and the header's MAC is checked with the key they open.
+pub fn split_wraps(path: &Path) -> Result<Option<serde_json::Value>, LuksError> {
+    let json = header::json_of(&read_metadata(path)?)?;
+    Ok(json
+        .get("tokens")
+        .and_then(|t| t.as_object())
+        .and_then(|t| {
+            t.values()
+                .find(|t| t.get("type").and_then(|v| v.as_str()) == Some(TOKEN_TYPE))
+        })
+        .and_then(|t| t.get("split"))
+        .cloned())
 }
 
 /// A detached copy of the judged header in an anonymous memory file: what libcryptsetup loads

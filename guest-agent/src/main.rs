@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = harden(cfg.require_mlock) {
-        eprintln!("attesta-guest unlock: {e}");
+        eprintln!("attesta-guest {name}: {e}");
         return ExitCode::from(e.exit_code());
     }
     let rt = match tokio::runtime::Builder::new_current_thread()

@@ -315,55 +315,22 @@ pub fn pins(b: &BrokerConfig) -> Result<Vec<Broker>, UnlockError> {
         .collect())
 }
 
-/// Fetches one share from each group of brokers in turn (each attested to on its own: its own
-/// connection, guest key and report) and combines them: the volume key is the XOR of all the
-/// shares. The first group's release gives the generation, the boot configuration and the mesh
-/// certificate (only it is asked to certify the mesh key). The boot counter is the highest of
-/// all, so a blank disk is formatted only when every broker says this is the VM's first
-/// release. Any share missing fails the whole fetch: fail closed.
-pub async fn fetch_shares(
-    groups: &[Vec<Broker>],
-    vm_id: &str,
-    device: &impl GuestDevice,
-    timeout: Duration,
-    mesh_key: Option<&[u8; 32]>,
-) -> Result<Released, UnlockError> {
-    let start = Instant::now();
-    let mut combined: Option<Released> = None;
-    for (i, group) in groups.iter().enumerate() {
-        let left = timeout.saturating_sub(start.elapsed());
-        let mesh = if i == 0 { mesh_key } else { None };
-        let share = fetch_with_retry(group, vm_id, device, left, mesh).await?;
-        combined = Some(match combined {
-            None => share,
-            Some(acc) => combine(acc, &share)?,
-        });
-    }
-    combined.ok_or_else(|| UnlockError::Config("no broker to ask".into()))
-}
-
-/// XORs a share into the key (in place: no other copy of the key is made).
-fn combine(mut acc: Released, share: &Released) -> Result<Released, UnlockError> {
-    if share.volume_key.len() != acc.volume_key.len() {
-        return Err(UnlockError::Shares(format!(
-            "a share of {} bytes against one of {}",
-            share.volume_key.len(),
-            acc.volume_key.len()
-        )));
-    }
-    for (k, s) in acc.volume_key.iter_mut().zip(share.volume_key.iter()) {
-        *k ^= s;
-    }
-    acc.boot_counter = acc.boot_counter.max(share.boot_counter);
-    Ok(acc)
-}
-
 /// The disk half. A blank disk is formatted only on the VM's first release (boot counter 1):
 /// blank on a later boot means the host wiped it, to have the guest write fresh ciphertext under
 /// the same key, and is refused. Then the header is judged and the disk activated from the
 /// judged copy ([`luks::unlock`]): it must be exactly what the agent writes, for this VM and
 /// generation, bound to the key.
 pub fn open_disk(cfg: &GuestConfig, released: &Released) -> Result<Unlocked, UnlockError> {
+    open_disk_with(cfg, released, None)
+}
+
+/// [`open_disk`]; a first boot of a k-of-n split also writes the split's wraps (`split`) into
+/// the token.
+pub fn open_disk_with(
+    cfg: &GuestConfig,
+    released: &Released,
+    split: Option<&serde_json::Value>,
+) -> Result<Unlocked, UnlockError> {
     let key = VolumeKey::from_bytes(&released.volume_key)?;
     let path = &cfg.disk.path;
     let label = DiskLabel {
@@ -376,7 +343,7 @@ pub fn open_disk(cfg: &GuestConfig, released: &Released) -> Result<Unlocked, Unl
             return Err(UnlockError::BlankAfterFirstBoot(released.boot_counter));
         }
         DiskState::Blank => {
-            luks::format(path, &key, &label)?;
+            luks::format_with(path, &key, &label, split)?;
             true
         }
         DiskState::Luks2 { .. } => false,
@@ -460,9 +427,9 @@ pub async fn run_with(
     let groups = share_groups(cfg)?;
     // The disk must be readable before anything is asked of the broker.
     luks::probe(&cfg.disk.path)?;
-    let released = fetch_shares(
+    let (released, split) = crate::shares::obtain(
+        cfg,
         &groups,
-        &cfg.vm_id,
         device,
         Duration::from_secs(cfg.broker.timeout_secs),
         mesh.as_ref().map(|(_, k)| &k.public),
@@ -474,7 +441,7 @@ pub async fn run_with(
         boot = released.boot_counter,
         "key released"
     );
-    let result = open_disk(cfg, &released);
+    let result = open_disk_with(cfg, &released, split.as_ref());
     // The boot configuration is placed only once the disk is known to be this VM's.
     match &result {
         Ok(_) | Err(UnlockError::NoDeviceMapper(_)) => {
@@ -532,33 +499,5 @@ mod tests {
             .map(|i| first_broker(&format!("vm-{i}"), 4))
             .collect();
         assert_eq!(picked.len(), 4, "a fleet spreads over every broker");
-    }
-
-    fn release(key: &[u8], boot_counter: u64) -> Released {
-        Released {
-            volume_key: zeroize::Zeroizing::new(key.to_vec()),
-            boot_config: b"first".to_vec(),
-            generation: 1,
-            boot_counter,
-            evidence_rtt: Duration::ZERO,
-            mesh_cert: vec![],
-            mesh_chain: vec![],
-        }
-    }
-
-    #[test]
-    fn shares_combine_by_xor_and_the_highest_boot_counter_wins() {
-        let c = combine(release(&[0b1100; 64], 1), &release(&[0b1010; 64], 3)).unwrap();
-        assert_eq!(&c.volume_key[..], &[0b0110; 64][..]);
-        assert_eq!(
-            c.boot_counter, 3,
-            "not a first boot unless every broker says so"
-        );
-        assert_eq!(
-            c.boot_config, b"first",
-            "the first broker's boot configuration"
-        );
-        let e = combine(release(&[1; 64], 1), &release(&[1; 32], 1)).unwrap_err();
-        assert!(matches!(e, UnlockError::Shares(_)), "{e}");
     }
 }

@@ -222,6 +222,7 @@ impl Kbs {
         let commit = Commit {
             nonce,
             lease,
+            lease_from: None,
             spend_nonce: decision.spend_nonce,
             nonce_expires_at: match &nonce_state {
                 Some(release::NonceState::Issued { expires_at, .. }) => *expires_at,

@@ -169,6 +169,20 @@ impl Kbs {
             (Ok(None), _) => return refuse("unknown_vm"),
             _ => return refuse("storage_unavailable"),
         };
+        // Only the holder of the VM's current lease key gets a decision (a verification and an
+        // audit entry), and not more often than `lease_min_interval`: anyone else, or a VM
+        // renewing in a loop, is refused before that.
+        match &lease {
+            None => return refuse("no_lease"),
+            Some(l) if l.revoked.is_some() => return refuse("lease_revoked"),
+            Some(l) if l.mesh_key.as_slice() != mesh_key.as_slice() => {
+                return refuse("lease_other_mesh_key");
+            }
+            Some(l) if now < l.renewed_at.saturating_add(self.lease_min_interval) => {
+                return refuse("renewed_too_soon");
+            }
+            Some(_) => {}
+        }
         let order = Order::decode_stored(&record.order).ok();
         let policy = self
             .floor()
@@ -247,12 +261,23 @@ impl Kbs {
             nonce_expires_at: now,
             vm_update: None,
             lease: lease_update,
+            // Written only if the lease is still the one judged (see Commit::lease_from).
+            lease_from: lease.as_ref().map(|l| l.mesh_key.clone()),
             audit: (now, kind.into(), vm_id.into(), detail),
         };
-        if let Err(e) = self.store.commit(&commit).await {
-            tracing::error!(error = %e, "renewal could not be committed; refusing");
-            return refuse("storage_unavailable");
-        }
+        let committed = match self.store.commit(&commit).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "renewal could not be committed; refusing");
+                return refuse("storage_unavailable");
+            }
+        };
+        // The lease changed under the decision (a new boot, a revocation, a terminate): the
+        // commit recorded a refusal, and that is the answer.
+        let (codes, revokes) = match committed.lost_race {
+            Some(why) => (vec![why], false),
+            None => (codes, revokes),
+        };
         match issued {
             Ok((mesh_cert, mesh_chain, not_after)) if codes.is_empty() => {
                 self.metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);

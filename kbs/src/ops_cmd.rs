@@ -52,7 +52,7 @@ pub struct RegisterOrder {
         requires = "split_threshold"
     )]
     pub split_brokers: Vec<String>,
-    /// How many shares open the disk: every one (n-of-n) is what guests support.
+    /// How many shares open the disk: 2 (no broker alone) to the number of brokers.
     #[arg(long, value_name = "K", requires = "split_brokers")]
     pub split_threshold: Option<u32>,
     /// The account (SS58) that pays for the VM's running time; with --rate-per-hour.

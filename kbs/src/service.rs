@@ -63,6 +63,10 @@ pub struct Kbs {
     /// Where VCEKs, chains and CRLs a guest's evidence lacks come from (`[collateral]`); unset:
     /// only the certificate table.
     pub collateral: std::sync::OnceLock<crate::collateral::Collateral>,
+    /// Seconds a VM's lease must have run before it is renewed again ([`crate::lease`]): a
+    /// renewal sooner is refused before it costs a verification or an audit entry. Default 60
+    /// (a keepalive renews every 900).
+    pub lease_min_interval: u64,
 }
 
 impl Kbs {
@@ -91,6 +95,7 @@ impl Kbs {
             session_limit: std::time::Duration::from_secs(nonce_ttl.clamp(10, 86_400) + 10),
             floor: std::sync::RwLock::new(snp::Floor::default()),
             collateral: std::sync::OnceLock::new(),
+            lease_min_interval: 60,
         }
     }
 

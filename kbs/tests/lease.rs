@@ -6,7 +6,7 @@
 mod common;
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use common::inproc::{GOOD, Setup, now, order_on, pk, serve_on_loopback, setup};
+use common::inproc::{GOOD, Setup, now, order_on, pk, serve_on_loopback, setup, setup_with};
 use guest_agent::client::{ClientError, fetch_with_mesh_key, renew};
 use kbs::store::Store;
 use proto::order::{Allowlist, ORDER_VERSION};
@@ -33,7 +33,7 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
         offline,
         response_pub,
         kbs,
-    } = setup().await;
+    } = setup_with(|k| k.lease_min_interval = 0).await;
     let t = now();
     let ca =
         mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
@@ -209,7 +209,7 @@ async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
         response_pub,
         kbs,
         ..
-    } = setup().await;
+    } = setup_with(|k| k.lease_min_interval = 0).await;
     let t = now();
     let ca =
         mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
@@ -318,4 +318,46 @@ async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
         std::fs::read_to_string(shm.path().join("node.crt")).unwrap(),
         renewed
     );
+}
+
+/// A lease renewed again sooner than `lease_min_interval` is refused before any verification or
+/// audit entry: a VM (or whoever holds its key) renewing in a loop costs the broker nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_too_soon_costs_nothing() {
+    let Setup {
+        dir: _dir,
+        chip,
+        operator,
+        response_pub,
+        kbs,
+        ..
+    } = setup().await;
+    let t = now();
+    let ca =
+        mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
+    let _ = kbs.guest_issuer.set(kbs::service::GuestIssuer::new(
+        ca.cert.clone(),
+        vec![],
+        ca.key.clone(),
+        600,
+    ));
+    let mut order = order_on("vm-s", &chip);
+    order.mesh_ip = Some("10.42.7.11/16".into());
+    kbs.register(&order.sign(&operator), t).await.unwrap();
+    let broker = serve_on_loopback(&kbs, response_pub);
+    let guest = chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let key = Ed25519KeyPair::generate().unwrap();
+    let public: [u8; 32] = key.public_key().as_ref().try_into().unwrap();
+    fetch_with_mesh_key(&broker, "vm-s", &guest, &public)
+        .await
+        .unwrap();
+    let before = kbs.store.audit_log().await.unwrap();
+    assert_eq!(
+        denied(renew(&broker, "vm-s", &guest, &key).await),
+        ["renewed_too_soon"]
+    );
+    assert_eq!(kbs.store.audit_log().await.unwrap(), before);
 }

@@ -65,6 +65,7 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
             spend_nonce: true,
             nonce_expires_at: 100,
             lease: None,
+            lease_from: None,
             vm_update: Some(VmState {
                 vm_id: "vm-1".into(),
                 generation: 1,
@@ -133,6 +134,7 @@ async fn lifecycle_persistence_and_no_key_bytes_on_disk() {
         nonce_expires_at: 200,
         vm_update: None,
         lease: None,
+        lease_from: None,
         audit: (
             40,
             "denial".into(),
@@ -221,6 +223,7 @@ async fn terminate_leaves_no_copy_of_the_wrapped_key_on_disk() {
             spend_nonce: true,
             nonce_expires_at: 100,
             lease: None,
+            lease_from: None,
             vm_update: Some(VmState {
                 vm_id: "vm-1".into(),
                 generation: 1,

@@ -73,6 +73,7 @@ fn release(vm: &str, nonce: [u8; 32], from: u64) -> Commit {
         spend_nonce: true,
         nonce_expires_at: 4_000_000_000,
         lease: None,
+        lease_from: None,
         vm_update: Some(VmState {
             vm_id: vm.into(),
             generation: 1,
@@ -95,6 +96,7 @@ fn denial(nonce: [u8; 32]) -> Commit {
         nonce_expires_at: 100,
         vm_update: None,
         lease: None,
+        lease_from: None,
         audit: (
             10,
             "denial".into(),
@@ -170,26 +172,36 @@ async fn a_lease_is_written_with_its_decision_only(on: On) {
         .unwrap();
     assert_eq!(lost.lost_race, Some("vm_changed"));
     assert_eq!(s.lease("vm-1").await.unwrap(), Some(lease.clone()));
-    // A renewal (no release, no nonce spent), then a revocation.
-    let renewal = |l: Lease| Commit {
+    // A renewal (no release, no nonce spent) of the lease with key 7, then a revocation.
+    let renewal = |l: Lease, from: u8| Commit {
         nonce: [3; 32],
         spend_nonce: false,
         nonce_expires_at: 30,
         vm_update: None,
         lease: Some(l),
+        lease_from: Some(vec![from; 32]),
         audit: (30, "lease_renewed".into(), "vm-1".into(), json!({})),
     };
     let renewed = Lease {
         renewed_at: 30,
         ..lease.clone()
     };
-    s.commit(&renewal(renewed.clone())).await.unwrap();
+    let c = s.commit(&renewal(renewed.clone(), 7)).await.unwrap();
+    assert_eq!(c.lost_race, None);
     assert_eq!(s.lease("vm-1").await.unwrap(), Some(renewed.clone()));
+    // A renewal judged on another key (the VM booted again meanwhile) writes nothing.
+    let stale = s.commit(&renewal(renewed.clone(), 8)).await.unwrap();
+    assert_eq!(stale.lost_race, Some("lease_changed"));
+    assert_eq!(stale.entry.kind, "lease_refused");
     let revoked = Lease {
         revoked: Some("lease_other_chip".into()),
-        ..renewed
+        ..renewed.clone()
     };
-    s.commit(&renewal(revoked.clone())).await.unwrap();
+    s.commit(&renewal(revoked.clone(), 7)).await.unwrap();
+    assert_eq!(s.lease("vm-1").await.unwrap(), Some(revoked.clone()));
+    // Once revoked, a renewal that read the lease before cannot bring it back.
+    let late = s.commit(&renewal(renewed, 7)).await.unwrap();
+    assert_eq!(late.lost_race, Some("lease_changed"));
     assert_eq!(s.lease("vm-1").await.unwrap(), Some(revoked));
 }
 

@@ -65,7 +65,7 @@ pub struct Order {
 /// A key split across brokers (see [`Order::split`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Split {
-    /// Shares needed to open the disk: every one today (n-of-n).
+    /// Shares needed to open the disk: 2 (no broker alone) to n.
     pub threshold: u32,
     /// The brokers holding a share, this one included (names for people: "operator",
     /// "tenant").
@@ -78,7 +78,7 @@ impl Split {
         format!("{}-of-{}", self.threshold, self.brokers.len())
     }
 
-    /// 2 to [`crate::brokers::MAX_BROKERS`] distinct, non-empty names, and every share needed.
+    /// 2 to [`crate::brokers::MAX_BROKERS`] distinct, non-empty names; a threshold of 2 to n.
     pub fn check(&self) -> Result<(), &'static str> {
         let n = self.brokers.len();
         if !(2..=crate::brokers::MAX_BROKERS).contains(&n) {
@@ -92,8 +92,8 @@ impl Split {
         {
             return Err("a split's broker names are distinct, 1-64 characters");
         }
-        if self.threshold as usize != n {
-            return Err("a split needs every share (threshold = number of brokers)");
+        if self.threshold < 2 || self.threshold as usize > n {
+            return Err("a split's threshold is 2 (no broker alone) to the number of brokers");
         }
         Ok(())
     }

@@ -107,6 +107,11 @@ pub struct Commit {
     /// The VM's lease, set by a release that certified a mesh key or by a renewal (written
     /// only if the decision holds).
     pub lease: Option<Lease>,
+    /// For a renewal: the mesh key of the lease it judged. The lease is then written only if it
+    /// still holds that key, unrevoked, for a VM not terminated — else the renewal lost a race
+    /// (`lease_changed`: a new boot, a revocation or a terminate came first). `None` (a
+    /// release): written as the release's compare-and-set allows.
+    pub lease_from: Option<Vec<u8>>,
     pub audit: (u64, String, String, serde_json::Value),
 }
 

@@ -540,6 +540,19 @@ async fn decision(
         }
     }
     if lost_race.is_none()
+        && let (Some(l), Some(from)) = (&c.lease, &c.lease_from)
+    {
+        let n = sqlx::query("UPDATE leases SET renewed_at = $1, revoked = $2 WHERE vm_id = $3 AND mesh_key = $4 AND revoked IS NULL AND EXISTS (SELECT 1 FROM vms WHERE vms.vm_id = $3 AND terminated = 0)")
+            .bind(i(l.renewed_at))
+            .bind(&l.revoked)
+            .bind(&l.vm_id)
+            .bind(from)
+            .execute(&mut *tx)
+            .await?;
+        if n.rows_affected() != 1 {
+            lost_race = Some("lease_changed");
+        }
+    } else if lost_race.is_none()
         && let Some(l) = &c.lease
     {
         sqlx::query("INSERT INTO leases (vm_id, chip_id, measurement, mesh_key, renewed_at, revoked) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT(vm_id) DO UPDATE SET chip_id = excluded.chip_id, measurement = excluded.measurement, mesh_key = excluded.mesh_key, renewed_at = excluded.renewed_at, revoked = excluded.revoked")
@@ -553,7 +566,12 @@ async fn decision(
             .await?;
     }
     if let Some(why) = lost_race {
-        kind = "denial".into();
+        kind = if c.vm_update.is_some() {
+            "denial"
+        } else {
+            "lease_refused"
+        }
+        .into();
         // What the decision said of its freshness (`bound`) stays; the rest is the denial's.
         let bound = detail.get("bound").cloned();
         detail = serde_json::json!({"nonce": hex::encode(c.nonce), "reasons": [why]});

@@ -549,6 +549,7 @@ pub async fn catalogue_live(
                 max_sessions_per_address: usize::MAX,
                 store: None,
                 audit_key: None,
+                lease_min_interval: 60,
             },
         )
         .await?;

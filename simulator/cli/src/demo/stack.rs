@@ -122,6 +122,8 @@ pub struct StackOptions {
     pub store: Option<String>,
     /// Signs the audit log's checkpoints (none: the log is chained but never signed).
     pub audit_key: Option<Arc<Ed25519KeyPair>>,
+    /// Seconds a lease must run before it is renewed again (`Kbs::lease_min_interval`).
+    pub lease_min_interval: u64,
 }
 
 impl StackOptions {
@@ -137,6 +139,7 @@ impl StackOptions {
             max_sessions_per_address: usize::MAX,
             store: None,
             audit_key: None,
+            lease_min_interval: 60,
         }
     }
 }
@@ -276,6 +279,7 @@ async fn kbs_on(
     );
     kbs.max_sessions = o.max_sessions.max(1);
     kbs.max_sessions_per_address = o.max_sessions_per_address.max(1);
+    kbs.lease_min_interval = o.lease_min_interval;
     Ok(kbs)
 }
 

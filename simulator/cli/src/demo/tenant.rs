@@ -15,7 +15,8 @@ use crate::fleet_mesh::{self, Expected, FleetMesh};
 use aws_lc_rs::signature::Ed25519KeyPair;
 use guest_agent::client::{ClientError, fetch, fetch_with_mesh_key, renew};
 use guest_agent::luks::{self, DiskLabel, LuksError, VolumeKey};
-use guest_agent::unlock::{MeshKey, fetch_shares, place_mesh_identity_cert};
+use guest_agent::shares::fetch_shares;
+use guest_agent::unlock::{MeshKey, place_mesh_identity_cert};
 use proto::order::{Allowlist, ORDER_VERSION, Split};
 use serde_bytes::ByteBuf;
 use serde_json::{Value, json};
@@ -178,6 +179,8 @@ pub async fn run(
             &d,
             StackOptions {
                 audit_key: Some(key),
+                // The scene's lease is LEASE_SECS: renewals come well within a second.
+                lease_min_interval: 0,
                 ..StackOptions::trusting(root, IMAGE)
             },
         )
@@ -340,6 +343,14 @@ pub async fn run(
     let closed = tokio::time::timeout(Duration::from_secs(LEASE_SECS + 5), conn.closed()).await;
     let withdrawn_vm_dropped_ms =
         (not_renewed && closed.is_ok()).then(|| withdrawn_at.elapsed().as_secs_f64() * 1000.0);
+    op.kbs
+        .set_allowlist(
+            &allow(3, vec![ByteBuf::from(IMAGE.to_vec())]),
+            &pk(&op.allowlist_key),
+            now(),
+        )
+        .await
+        .map_err(|x| e(&x))?;
     // A keepalive from a clone: the VM's key, a genuine report from another chip.
     let elsewhere = simulator::Chip::new(root.clone(), simulator::ChipConfig::typical(root, 1))
         .map_err(|x| e(&x))?;
@@ -352,20 +363,18 @@ pub async fn run(
         Err(x) => x.to_string(),
         Ok(_) => "renewed".into(),
     };
+    // The lease is revoked: the genuine VM is not renewed either until it boots again.
+    let after = match renew(&on_mesh, VM, &boot(), &lease_key).await {
+        Err(ClientError::Denied(r)) => r.join(", "),
+        Err(x) => x.to_string(),
+        Ok(_) => "renewed".into(),
+    };
     attacks.push(LiveAttack {
         name: "keepalive from a cloned VM on another chip",
-        denied: clone_reasons.contains("lease_other_chip"),
-        reason: clone_reasons,
+        denied: clone_reasons.contains("lease_other_chip") && after == "lease_revoked",
+        reason: format!("{clone_reasons}; then the VM itself: {after}"),
         expected: "lease_other_chip",
     });
-    op.kbs
-        .set_allowlist(
-            &allow(3, vec![ByteBuf::from(IMAGE.to_vec())]),
-            &pk(&op.allowlist_key),
-            now(),
-        )
-        .await
-        .map_err(|x| e(&x))?;
     mesh.shutdown().await;
 
     // Each broker's operator, alone: what its store and KEK give is its share (released here to
