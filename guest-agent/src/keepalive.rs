@@ -83,11 +83,34 @@ pub async fn run_with(
         if once {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_secs(wait.max(1))).await;
+        tokio::time::sleep(jittered(wait)).await;
     }
+}
+
+/// `secs` less up to a tenth, at random: VMs booted together do not renew together.
+fn jittered(secs: u64) -> Duration {
+    let mut r = [0u8; 2];
+    let _ = aws_lc_rs::rand::fill(&mut r);
+    let tenth_ms = secs.max(1) * 100;
+    let off = u64::from(u16::from_le_bytes(r)) % tenth_ms.max(1);
+    Duration::from_millis(secs.max(1) * 1000 - off)
 }
 
 /// The whole keepalive with the configured device.
 pub async fn run(cfg: &GuestConfig, once: bool) -> Result<(), UnlockError> {
     crate::with_device!(cfg, dev => run_with(cfg, dev, once).await)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn waits_are_spread_over_the_last_tenth() {
+        for secs in [1u64, 60, 900] {
+            for _ in 0..50 {
+                let d = super::jittered(secs).as_millis() as u64;
+                assert!(d <= secs * 1000 && d > secs * 900, "{secs}: {d}");
+            }
+        }
+        assert!(super::jittered(0).as_millis() > 0);
+    }
 }

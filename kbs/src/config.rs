@@ -64,6 +64,11 @@ pub struct Config {
     /// backoff. Default: a quarter of `max_sessions` (16), at least 1. See `kbs::limits`.
     #[serde(default)]
     pub max_sessions_per_address: Option<usize>,
+    /// Seconds a running VM's lease must have run before it is renewed again; a renewal sooner
+    /// is refused before any verification or audit entry (default 60; keepalives renew every
+    /// 900). See `kbs::lease`.
+    #[serde(default = "default_lease_min_interval")]
+    pub lease_min_interval_secs: u64,
     /// Ed25519 key (PKCS#8, mode 0600) that signs audit checkpoints; `audit verify` checks them
     /// with its public half. Without it the log is chained but unsigned.
     #[serde(default)]
@@ -127,6 +132,10 @@ pub struct MeshSection {
     /// (~1,100 releases/s, BENCHMARKS.md), and a withdrawn image leaves the mesh within the hour.
     #[serde(default = "default_guest_cert_secs")]
     pub guest_cert_secs: u64,
+}
+
+fn default_lease_min_interval() -> u64 {
+    60
 }
 
 fn default_guest_cert_secs() -> u64 {

@@ -111,6 +111,7 @@ pub(crate) fn build(
         return Err("max_sessions must be at least 1".into());
     }
     kbs.max_sessions = c.max_sessions;
+    kbs.lease_min_interval = c.lease_min_interval_secs;
     kbs.max_sessions_per_address = match c.max_sessions_per_address {
         Some(0) => return Err("max_sessions_per_address must be at least 1".into()),
         Some(n) => n,
