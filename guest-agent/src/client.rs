@@ -253,15 +253,7 @@ pub async fn renew(
             .as_ref()
             .to_vec(),
     };
-    let resp = exchange(&conn, &req).await?;
-    conn.close(0u32.into(), b"done");
-    if let Response::Error { code, .. } = &resp {
-        return Err(ClientError::Protocol(code.clone()));
-    }
-    match verify_decision(&broker.response_key, &resp).map_err(|_| ClientError::Signature)? {
-        Decision::Denial(d) if d.vm_id == vm_id && d.nonce == nonce => {
-            Err(ClientError::Denied(d.reasons))
-        }
+    match decided(&conn, &req, broker, vm_id, &nonce).await? {
         Decision::Renewed(b) if b.vm_id == vm_id && b.nonce == nonce => Ok(Renewed {
             mesh_cert: b.mesh_cert,
             mesh_chain: b.mesh_chain.into_iter().map(|c| c.into_vec()).collect(),
@@ -270,6 +262,28 @@ pub async fn renew(
         _ => Err(ClientError::Protocol(
             "the answer is for another request".into(),
         )),
+    }
+}
+
+/// Sends the connection's one request and closes it; the answer's signature checked against
+/// the pinned key, a denial of this request turned into [`ClientError::Denied`].
+async fn decided(
+    conn: &quinn::Connection,
+    req: &Request,
+    broker: &Broker,
+    vm_id: &str,
+    nonce: &[u8; 32],
+) -> Result<Decision, ClientError> {
+    let resp = exchange(conn, req).await?;
+    conn.close(0u32.into(), b"done");
+    if let Response::Error { code, .. } = &resp {
+        return Err(ClientError::Protocol(code.clone()));
+    }
+    match verify_decision(&broker.response_key, &resp).map_err(|_| ClientError::Signature)? {
+        Decision::Denial(d) if d.vm_id == vm_id && d.nonce == nonce => {
+            Err(ClientError::Denied(d.reasons))
+        }
+        other => Ok(other),
     }
 }
 
@@ -304,16 +318,9 @@ async fn fetch_on_with(
         mesh_key: mesh_key.map(|m| m.to_vec()).unwrap_or_default(),
     };
     let t0 = std::time::Instant::now();
-    let resp = exchange(&conn, &req).await?;
+    let decision = decided(&conn, &req, broker, vm_id, &nonce).await?;
     let evidence_rtt = t0.elapsed();
-    conn.close(0u32.into(), b"done");
-    if let Response::Error { code, .. } = &resp {
-        return Err(ClientError::Protocol(code.clone()));
-    }
-    match verify_decision(&broker.response_key, &resp).map_err(|_| ClientError::Signature)? {
-        Decision::Denial(d) if d.vm_id == vm_id && d.nonce == nonce => {
-            Err(ClientError::Denied(d.reasons))
-        }
+    match decision {
         Decision::Denial(_) | Decision::Renewed(_) => Err(ClientError::Protocol(
             "the answer is for another request".into(),
         )),

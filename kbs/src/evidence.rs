@@ -123,22 +123,9 @@ impl Kbs {
         if let Some(d) = unowned {
             return self.refuse_early(vm_id, &nonce, &d);
         }
-        // The evidence, appraised with this VM's order: its policy, images and chips.
-        let order = record
-            .as_ref()
-            .and_then(|r| Order::decode_stored(&r.order).ok());
-        let policy = self.floor().effective(&vm_policy(order.as_ref()));
-        // What the certificate table lacks comes from `[collateral]` (see crate::collateral).
-        let verdict = crate::collateral::verify(
-            &self.verifier,
-            self.collateral.get(),
-            report,
-            cert_table,
-            order.as_ref(),
-            &policy,
-            now,
-        )
-        .await;
+        let (order, policy, verdict) = self
+            .appraise(record.as_ref(), report, cert_table, now)
+            .await;
         let parsed = verdict.report.as_ref();
         let decision = {
             // Held for the decision only (no await inside): the allowlist in force now.
@@ -272,6 +259,31 @@ impl Kbs {
                 &[committed.lost_race.unwrap_or("unknown_vm")],
             ),
         }
+    }
+
+    /// Evidence appraised with the VM's order (its policy, images and chips) under the floor in
+    /// force now; what the certificate table lacks comes from `[collateral]`. With no record
+    /// or an unreadable order, nothing passes.
+    pub(crate) async fn appraise(
+        &self,
+        record: Option<&VmRecord>,
+        report: &[u8],
+        cert_table: &[u8],
+        now: u64,
+    ) -> (Option<Order>, Policy, snp::Verdict) {
+        let order = record.and_then(|r| Order::decode_stored(&r.order).ok());
+        let policy = self.floor().effective(&vm_policy(order.as_ref()));
+        let verdict = crate::collateral::verify(
+            &self.verifier,
+            self.collateral.get(),
+            report,
+            cert_table,
+            order.as_ref(),
+            &policy,
+            now,
+        )
+        .await;
+        (order, policy, verdict)
     }
 
     /// The nonce book (a poisoned lock is still a consistent book: every method leaves it so).

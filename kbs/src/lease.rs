@@ -13,7 +13,7 @@ use crate::release::VmState;
 use crate::service::Kbs;
 use crate::store::{Commit, Lease, Store};
 use proto::msg::{DenialBody, RenewedBody, Response};
-use proto::order::{Allowlist, Order};
+use proto::order::Allowlist;
 use snp::Reason;
 use std::sync::atomic::Ordering;
 
@@ -183,20 +183,7 @@ impl Kbs {
             }
             Some(_) => {}
         }
-        let order = Order::decode_stored(&record.order).ok();
-        let policy = self
-            .floor()
-            .effective(&crate::evidence::vm_policy(order.as_ref()));
-        let verdict = crate::collateral::verify(
-            &self.verifier,
-            self.collateral.get(),
-            report,
-            cert_table,
-            order.as_ref(),
-            &policy,
-            now,
-        )
-        .await;
+        let (order, _, verdict) = self.appraise(Some(&record), report, cert_table, now).await;
         let parsed = verdict.report.as_ref();
         let decision = {
             let allowlist = self.allowlist.read().await;

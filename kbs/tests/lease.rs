@@ -7,7 +7,7 @@ mod common;
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use common::inproc::{GOOD, Setup, now, order_on, pk, serve_on_loopback, setup, setup_with};
-use guest_agent::client::{ClientError, fetch_with_mesh_key, renew};
+use guest_agent::client::{Broker, ClientError, fetch_with_mesh_key, renew};
 use kbs::store::Store;
 use proto::order::{Allowlist, ORDER_VERSION};
 use serde_bytes::ByteBuf;
@@ -23,22 +23,15 @@ fn denied(r: Result<guest_agent::client::Renewed, ClientError>) -> Vec<String> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
-    let Setup {
-        dir: _dir,
-        chip,
-        elsewhere,
-        operator,
-        offline,
-        response_pub,
-        kbs,
-    } = setup_with(|k| k.lease_min_interval = 0).await;
+/// The broker certifying guests' mesh keys for 600 s (the lease) under a fresh guest CA, `vm`
+/// registered on `setup`'s chip with overlay address `ip`, served on loopback.
+async fn leasing(s: &Setup, vm: &str, ip: &str) -> (Broker, mesh::cert::LocalCa) {
     let t = now();
     let ca =
         mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
     assert!(
-        kbs.guest_issuer
+        s.kbs
+            .guest_issuer
             .set(kbs::service::GuestIssuer::new(
                 ca.cert.clone(),
                 vec![],
@@ -47,10 +40,25 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
             ))
             .is_ok()
     );
-    let mut order = order_on("vm-l", &chip);
-    order.mesh_ip = Some("10.42.7.9/16".into());
-    kbs.register(&order.sign(&operator), t).await.unwrap();
-    let broker = serve_on_loopback(&kbs, response_pub);
+    let mut order = order_on(vm, &s.chip);
+    order.mesh_ip = Some(ip.into());
+    s.kbs.register(&order.sign(&s.operator), t).await.unwrap();
+    (serve_on_loopback(&s.kbs, s.response_pub), ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
+    let s = setup_with(|k| k.lease_min_interval = 0).await;
+    let (broker, ca) = leasing(&s, "vm-l", "10.42.7.9/16").await;
+    let Setup {
+        chip,
+        elsewhere,
+        offline,
+        response_pub,
+        kbs,
+        ..
+    } = &s;
+    let t = now();
     let guest = chip.launch(GuestLaunch {
         measurement: GOOD,
         ..Default::default()
@@ -201,28 +209,17 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
 /// once the image is withdrawn it fails (exit 1) and leaves `node.crt` as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
+    let s = setup_with(|k| k.lease_min_interval = 0).await;
+    let (broker, _ca) = leasing(&s, "vm-k", "10.42.7.10/16").await;
     let Setup {
         dir,
         chip,
-        operator,
         offline,
         response_pub,
         kbs,
         ..
-    } = setup_with(|k| k.lease_min_interval = 0).await;
+    } = &s;
     let t = now();
-    let ca =
-        mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
-    let _ = kbs.guest_issuer.set(kbs::service::GuestIssuer::new(
-        ca.cert.clone(),
-        vec![],
-        ca.key.clone(),
-        600,
-    ));
-    let mut order = order_on("vm-k", &chip);
-    order.mesh_ip = Some("10.42.7.10/16".into());
-    kbs.register(&order.sign(&operator), t).await.unwrap();
-    let broker = serve_on_loopback(&kbs, response_pub);
 
     // What `unlock` leaves: the mesh key and its certificate on tmpfs.
     let shm = tempfile::Builder::new()
@@ -324,27 +321,9 @@ async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
 /// audit entry: a VM (or whoever holds its key) renewing in a loop costs the broker nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewing_too_soon_costs_nothing() {
-    let Setup {
-        dir: _dir,
-        chip,
-        operator,
-        response_pub,
-        kbs,
-        ..
-    } = setup().await;
-    let t = now();
-    let ca =
-        mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
-    let _ = kbs.guest_issuer.set(kbs::service::GuestIssuer::new(
-        ca.cert.clone(),
-        vec![],
-        ca.key.clone(),
-        600,
-    ));
-    let mut order = order_on("vm-s", &chip);
-    order.mesh_ip = Some("10.42.7.11/16".into());
-    kbs.register(&order.sign(&operator), t).await.unwrap();
-    let broker = serve_on_loopback(&kbs, response_pub);
+    let s = setup().await;
+    let (broker, _ca) = leasing(&s, "vm-s", "10.42.7.11/16").await;
+    let Setup { chip, kbs, .. } = &s;
     let guest = chip.launch(GuestLaunch {
         measurement: GOOD,
         ..Default::default()
