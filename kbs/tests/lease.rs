@@ -99,16 +99,16 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
             epoch,
             measurements: images.iter().map(|m| ByteBuf::from(m.to_vec())).collect(),
         }
-        .sign(&offline)
+        .sign(offline)
     };
-    kbs.set_allowlist(&list(2, &[[0x0e; 48]]), &pk(&offline), t)
+    kbs.set_allowlist(&list(2, &[[0x0e; 48]]), &pk(offline), t)
         .await
         .unwrap();
     assert_eq!(
         denied(renew(&broker, "vm-l", &guest, &key).await),
         ["measurement_withdrawn"]
     );
-    kbs.set_allowlist(&list(3, &[GOOD]), &pk(&offline), t)
+    kbs.set_allowlist(&list(3, &[GOOD]), &pk(offline), t)
         .await
         .unwrap();
     renew(&broker, "vm-l", &guest, &key).await.unwrap();
@@ -142,7 +142,7 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
         .unwrap();
     assert!(!released.mesh_cert.is_empty());
     renew(&broker, "vm-l", &guest, &key).await.unwrap();
-    kbs.set_allowlist(&list(4, &[GOOD, [0x11; 48]]), &pk(&offline), t)
+    kbs.set_allowlist(&list(4, &[GOOD, [0x11; 48]]), &pk(offline), t)
         .await
         .unwrap();
     let other_image = chip.launch(GuestLaunch {
@@ -180,7 +180,7 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
             t,
         )
         .await;
-    let proto::msg::Decision::Denial(d) = proto::msg::verify_decision(&response_pub, &r).unwrap()
+    let proto::msg::Decision::Denial(d) = proto::msg::verify_decision(response_pub, &r).unwrap()
     else {
         panic!("{r:?}")
     };
@@ -301,7 +301,7 @@ async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
         epoch: 2,
         measurements: vec![ByteBuf::from(vec![0x0e; 48])],
     };
-    kbs.set_allowlist(&withdrawn.sign(&offline), &pk(&offline), t)
+    kbs.set_allowlist(&withdrawn.sign(offline), &pk(offline), t)
         .await
         .unwrap();
     let out = keepalive();
