@@ -151,6 +151,14 @@ impl SplitConfig {
                 self.threshold
             ));
         }
+        if self.threshold < n && !crate::split::fits(self.threshold, n) {
+            return Err(format!(
+                "split.threshold = {}: {}-of-{n} has more sets of brokers than the disk's header can hold wraps for (at most {})",
+                self.threshold,
+                self.threshold,
+                crate::split::MAX_WRAPS
+            ));
+        }
         for (i, b) in self.brokers.iter().enumerate() {
             b.response_key()
                 .map_err(|e| format!("split.brokers[{i}].{e}"))?;

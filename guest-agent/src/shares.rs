@@ -10,6 +10,7 @@ use crate::luks::{self, DiskState};
 use crate::unlock::{UnlockError, fetch_with_retry};
 use snp::device::GuestDevice;
 use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
 
 /// Fetches one share from each group of brokers in turn (each attested to on its own: its own
 /// connection, guest key and report) and combines them: the volume key is the XOR of all the
@@ -86,7 +87,9 @@ fn combine(mut acc: Released, share: &Released) -> Result<Released, UnlockError>
 
 /// The volume key as the configuration says to obtain it and — on a k-of-n split's first boot —
 /// the wraps the token must carry. The disk is looked at first: blank (a first boot) needs every
-/// share, a formatted one any k.
+/// share, a formatted one any k. A share that does not fit (a broker releasing a wrong share,
+/// or another boot configuration) makes the guest ask the brokers not asked yet: one bad
+/// broker must not stop a VM that k good ones could open.
 pub async fn obtain(
     cfg: &GuestConfig,
     groups: &[Vec<Broker>],
@@ -100,49 +103,98 @@ pub async fn obtain(
         let r = fetch_shares(groups, &cfg.vm_id, device, timeout, mesh_key).await?;
         return Ok((r, None));
     }
-    let blank = matches!(luks::probe(&cfg.disk.path)?, DiskState::Blank);
-    let want = if blank { n } else { k };
-    let got = gather(groups, &cfg.vm_id, device, timeout, mesh_key, want).await?;
-    let Some((_, first)) = got.first() else {
-        return Err(UnlockError::Shares("no broker released a share".into()));
-    };
-    for (_, other) in &got[1..] {
-        agree(first, other)?;
+    let start = Instant::now();
+    let vm_id = &cfg.vm_id;
+    if matches!(luks::probe(&cfg.disk.path)?, DiskState::Blank) {
+        let got = gather(groups, 0, vm_id, device, timeout, mesh_key, n).await?;
+        let refs: Vec<&Released> = got.iter().map(|(_, r)| r).collect();
+        for other in &refs[1..] {
+            agree(refs[0], other)?;
+        }
+        // The wraps are bound to the key's generation (a split's brokers keep generation 1).
+        let generation = refs[0].generation;
+        let all: Vec<&[u8]> = refs.iter().map(|r| &r.volume_key[..]).collect();
+        let (key, wraps) = crate::split::deal(k, &all, vm_id, generation)
+            .map_err(|e| UnlockError::Shares(e.to_string()))?;
+        return Ok((with_key(got, key, &[])?, Some(wraps)));
     }
-    // The wraps are bound to the key's generation as the first broker to answer states it (a
-    // split's brokers all keep generation 1: a broker with another fails the boot closed).
-    let generation = first.generation;
-    let bad = |e: crate::split::SplitError| UnlockError::Shares(e.to_string());
-    let (key, wraps) = if blank {
-        let all: Vec<&[u8]> = got.iter().map(|(_, r)| &r.volume_key[..]).collect();
-        let (key, wraps) = crate::split::deal(k, &all, &cfg.vm_id, generation).map_err(bad)?;
-        (key, Some(wraps))
-    } else {
-        let wraps = luks::split_wraps(&cfg.disk.path)?.ok_or_else(|| {
-            UnlockError::Shares("the disk's token holds no wraps for this split".into())
-        })?;
-        let have: Vec<(usize, &[u8])> = got.iter().map(|(i, r)| (*i, &r.volume_key[..])).collect();
-        let key = crate::split::open(&wraps, k, n, &have, &cfg.vm_id, generation).map_err(bad)?;
-        (key, None)
-    };
+    let wraps = luks::split_wraps(&cfg.disk.path)?.ok_or_else(|| {
+        UnlockError::Shares("the disk's token holds no wraps for this split".into())
+    })?;
+    let mut got = gather(groups, 0, vm_id, device, timeout, mesh_key, k).await?;
+    let mut asked = got.last().map_or(n, |(i, _)| i + 1);
+    loop {
+        match open_with(&wraps, k, n, &got, vm_id) {
+            Ok((key, set)) => return Ok((with_key(got, key, &set)?, None)),
+            Err(e) if asked >= n => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "the shares at hand do not open the disk; asking the other brokers");
+                let left = timeout.saturating_sub(start.elapsed());
+                // The rest, whatever they give (none may be needed if one more fits).
+                got.extend(gather(groups, asked, vm_id, device, left, None, 0).await?);
+                asked = n;
+            }
+        }
+    }
+}
+
+/// The key from the first set of k shares at hand that agree (boot configuration, generation)
+/// and open their wrap; the set it came from.
+fn open_with(
+    wraps: &serde_json::Value,
+    k: usize,
+    n: usize,
+    got: &[(usize, Released)],
+    vm_id: &str,
+) -> Result<(Zeroizing<Vec<u8>>, Vec<usize>), UnlockError> {
+    let mut last = UnlockError::Shares(format!("{} of the {k} shares needed", got.len()));
+    for set in crate::split::subsets(got.len(), k) {
+        let members: Vec<&(usize, Released)> = set.iter().map(|&j| &got[j]).collect();
+        if let Some(e) = members[1..]
+            .iter()
+            .find_map(|(_, r)| agree(&members[0].1, r).err())
+        {
+            last = e;
+            continue;
+        }
+        let have: Vec<(usize, &[u8])> = members
+            .iter()
+            .map(|(i, r)| (*i, &r.volume_key[..]))
+            .collect();
+        match crate::split::open(wraps, k, n, &have, vm_id, members[0].1.generation) {
+            Ok(key) => return Ok((key, members.iter().map(|(i, _)| *i).collect())),
+            Err(e) => last = UnlockError::Shares(e.to_string()),
+        }
+    }
+    Err(last)
+}
+
+/// The release that carries the rest — the first of `set` (or of all) to arrive: its boot
+/// configuration; the mesh certificate when it is [broker]'s — with the volume key in place of
+/// its share. Not a first boot unless every share says so.
+fn with_key(
+    got: Vec<(usize, Released)>,
+    key: Zeroizing<Vec<u8>>,
+    set: &[usize],
+) -> Result<Released, UnlockError> {
     let boot_counter = got.iter().map(|(_, r)| r.boot_counter).max().unwrap_or(0);
     let mut released = got
         .into_iter()
-        .next()
+        .find(|(i, _)| set.is_empty() || set.contains(i))
         .map(|(_, r)| r)
         .ok_or_else(|| UnlockError::Shares("no broker released a share".into()))?;
-    // The first release to arrive carries the rest (its boot configuration; the mesh
-    // certificate when it is [broker]'s). Not a first boot unless every share says so.
     released.volume_key = key;
     released.boot_counter = boot_counter;
-    Ok((released, wraps))
+    Ok(released)
 }
 
-/// Asks the groups in turn until `want` of them released a share, each with an equal part of
-/// the time left (an unreachable broker cannot use up the others' time). A broker that refuses
-/// or cannot be reached is passed over; fewer than `want` shares fail closed, saying why.
+/// Asks the groups from `from` on, in turn, until `want` of them released a share (0: all of
+/// them), each with an equal part of the time left (an unreachable broker cannot use up the
+/// others' time). A broker that refuses or cannot be reached is passed over; fewer than `want`
+/// shares fail closed, saying why.
 pub async fn gather(
     groups: &[Vec<Broker>],
+    from: usize,
     vm_id: &str,
     device: &impl GuestDevice,
     timeout: Duration,
@@ -152,9 +204,10 @@ pub async fn gather(
     let start = Instant::now();
     let mut got = Vec::new();
     let mut why = Vec::new();
-    for (i, group) in groups.iter().enumerate() {
+    let all = want == 0;
+    for (i, group) in groups.iter().enumerate().skip(from) {
         // Enough already, or too few left to reach `want`.
-        if got.len() >= want || got.len() + (groups.len() - i) < want {
+        if !all && (got.len() >= want || got.len() + (groups.len() - i) < want) {
             break;
         }
         let slice = timeout.saturating_sub(start.elapsed()) / (groups.len() - i) as u32;

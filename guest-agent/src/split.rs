@@ -24,7 +24,9 @@ const TAG_LEN: usize = 16;
 /// Why the shares do not open the volume key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SplitError {
-    #[error("a split needs 2 <= k < n <= {MAX_SHARES}, not {k}-of-{n}")]
+    #[error(
+        "a split needs 2 <= k < n <= {MAX_SHARES} and at most {MAX_WRAPS} sets of k, not {k}-of-{n}"
+    )]
     Shape { k: usize, n: usize },
     #[error("share {0} is not {KEY_LEN} bytes")]
     ShareLength(usize),
@@ -60,12 +62,21 @@ pub fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// Wraps a header holds at most: each is about 230 bytes of the LUKS2 JSON area's 12 KiB,
+/// which also holds the keyslot, digest and segment (2-of-8 needs 28, 3-of-7 would need 35).
+pub const MAX_WRAPS: usize = 32;
+
 fn shape(k: usize, n: usize) -> Result<(), SplitError> {
-    if k >= 2 && k < n && n <= MAX_SHARES {
+    if k >= 2 && k < n && n <= MAX_SHARES && subsets(n, k).len() <= MAX_WRAPS {
         Ok(())
     } else {
         Err(SplitError::Shape { k, n })
     }
+}
+
+/// Whether a k-of-n split (k < n) can be written: 2 <= k, n <= 8, at most [`MAX_WRAPS`] sets.
+pub fn fits(k: usize, n: usize) -> bool {
+    shape(k, n).is_ok()
 }
 
 struct Len(usize);
@@ -130,15 +141,18 @@ pub fn deal(
         let sealer = set_key(&mine, &set, vm_id, generation)?;
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| SplitError::Random)?;
-        let mut ct = key.to_vec();
+        // Room for the tag from the start: growing the buffer would leave a copy of the key in
+        // freed memory.
+        let mut ct = Zeroizing::new(Vec::with_capacity(KEY_LEN + TAG_LEN));
+        ct.extend_from_slice(&key);
         sealer
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(context(&set, vm_id, generation)),
-                &mut ct,
+                &mut *ct,
             )
             .map_err(|_| SplitError::Random)?;
-        wraps.push(json!({"set": set, "nonce": hex::encode(nonce), "ct": hex::encode(ct)}));
+        wraps.push(json!({"set": set, "nonce": hex::encode(nonce), "ct": hex::encode(&*ct)}));
     }
     Ok((key, json!({"k": k, "n": n, "wraps": wraps})))
 }
@@ -162,7 +176,11 @@ pub fn open(
         });
     }
     let have: Vec<usize> = shares.iter().map(|(i, _)| *i).collect();
+    if let Some((i, _)) = shares.iter().find(|(_, s)| s.len() != KEY_LEN) {
+        return Err(SplitError::ShareLength(*i));
+    }
     let share = |i: usize| shares.iter().find(|(j, _)| *j == i).map(|(_, s)| *s);
+    let mut failed = None;
     for w in split["wraps"].as_array().into_iter().flatten() {
         let set: Vec<usize> = w["set"]
             .as_array()
@@ -177,25 +195,32 @@ pub fn open(
         else {
             continue;
         };
-        let (Some(nonce), Some(ct)) = (
-            w["nonce"].as_str().and_then(|h| hex::decode(h).ok()),
-            w["ct"].as_str().and_then(|h| hex::decode(h).ok()),
-        ) else {
-            return Err(SplitError::Open(set));
-        };
-        let opener = set_key(&mine, &set, vm_id, generation)?;
-        let nonce =
-            Nonce::try_assume_unique_for_key(&nonce).map_err(|_| SplitError::Open(set.clone()))?;
-        let mut buf = Zeroizing::new(ct);
-        let plain = opener
-            .open_in_place(nonce, Aad::from(context(&set, vm_id, generation)), &mut buf)
-            .map_err(|_| SplitError::Open(set.clone()))?;
-        if plain.len() != KEY_LEN {
-            return Err(SplitError::Open(set));
+        match open_one(w, &mine, &set, vm_id, generation) {
+            Some(key) => return Ok(key),
+            // Another covered set may still open (a share of this one may be a bad broker's).
+            None => failed = Some(SplitError::Open(set)),
         }
-        return Ok(Zeroizing::new(plain.to_vec()));
     }
-    Err(SplitError::NoSet(have))
+    Err(failed.unwrap_or(SplitError::NoSet(have)))
+}
+
+/// One wrap opened with its set's shares, if it opens.
+fn open_one(
+    w: &Value,
+    shares: &[&[u8]],
+    set: &[usize],
+    vm_id: &str,
+    generation: u64,
+) -> Option<Zeroizing<Vec<u8>>> {
+    let nonce = w["nonce"].as_str().and_then(|h| hex::decode(h).ok())?;
+    let ct = w["ct"].as_str().and_then(|h| hex::decode(h).ok())?;
+    let opener = set_key(shares, set, vm_id, generation).ok()?;
+    let nonce = Nonce::try_assume_unique_for_key(&nonce).ok()?;
+    let mut buf = Zeroizing::new(ct);
+    let plain = opener
+        .open_in_place(nonce, Aad::from(context(set, vm_id, generation)), &mut buf)
+        .ok()?;
+    (plain.len() == KEY_LEN).then(|| Zeroizing::new(plain.to_vec()))
 }
 
 /// The token's `split` value has exactly the shape [`deal`] writes: `k`, `n` (2 <= k < n <= 8)

@@ -194,3 +194,31 @@ fn the_simulated_device_is_not_in_the_default_build() {
         assert!(e.to_string().contains("no simulator"), "{e}");
     }
 }
+
+/// The largest split a configuration may ask for (2-of-8: 28 wraps) fits the LUKS2 header the
+/// agent writes, and the header judge accepts it only with the key the wraps hold; 3-of-8 is
+/// refused before any broker is asked.
+#[test]
+fn the_largest_split_fits_the_header() {
+    use guest_agent::split;
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk(dir.path());
+    let shares: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 64]).collect();
+    let refs: Vec<&[u8]> = shares.iter().map(Vec::as_slice).collect();
+    let (key, wraps) = split::deal(2, &refs, "vm-1", 1).unwrap();
+    assert_eq!(wraps["wraps"].as_array().map(Vec::len), Some(28));
+    let label = DiskLabel {
+        vm_id: "vm-1".into(),
+        generation: 1,
+    };
+    let vk = VolumeKey::from_bytes(&key).unwrap();
+    luks::format_with(&img, &vk, &label, Some(&wraps)).unwrap();
+    let on_disk = luks::split_wraps(&img).unwrap().unwrap();
+    let opened = split::open(&on_disk, 2, 8, &[(3, refs[3]), (6, refs[6])], "vm-1", 1).unwrap();
+    assert_eq!(opened, key);
+    match luks::unlock(&img, "attesta-split-fit", &vk, &label) {
+        Ok(()) | Err(luks::LuksError::DeviceMapperUnavailable) => {}
+        Err(e) => panic!("{e}"),
+    }
+    assert!(!split::fits(3, 8) && split::fits(2, 8) && split::fits(6, 8));
+}

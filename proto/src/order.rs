@@ -92,8 +92,16 @@ impl Split {
         {
             return Err("a split's broker names are distinct, 1-64 characters");
         }
-        if self.threshold < 2 || self.threshold as usize > n {
+        let k = self.threshold as usize;
+        if k < 2 || k > n {
             return Err("a split's threshold is 2 (no broker alone) to the number of brokers");
+        }
+        // As many sets of k as the guest's disk header holds wraps for (guest-agent's split).
+        let sets = (0..k).fold(1u64, |c, i| c * (n - i) as u64 / (i + 1) as u64);
+        if k < n && sets > 32 {
+            return Err(
+                "a split's sets of k brokers must number 32 at most (the disk header holds their wraps)",
+            );
         }
         Ok(())
     }
