@@ -220,6 +220,8 @@ pub struct Renewed {
     pub mesh_cert: Vec<u8>,
     pub mesh_chain: Vec<Vec<u8>>,
     pub not_after: u64,
+    /// Tenants' nonces the VM is asked to attest to ([`attest`]).
+    pub challenges: Vec<[u8; 32]>,
 }
 
 /// Renews a running VM's lease: a fresh report bound to a new connection and to the mesh key,
@@ -258,10 +260,55 @@ pub async fn renew(
             mesh_cert: b.mesh_cert,
             mesh_chain: b.mesh_chain.into_iter().map(|c| c.into_vec()).collect(),
             not_after: b.not_after,
+            challenges: b
+                .challenges
+                .iter()
+                .filter_map(|c| <[u8; 32]>::try_from(c.as_slice()).ok())
+                .collect(),
         }),
         _ => Err(ClientError::Protocol(
             "the answer is for another request".into(),
         )),
+    }
+}
+
+/// Answers a tenant's challenge: a report bound to the tenant's `nonce` and the VM's mesh key,
+/// sent on a new connection with the key's proof of possession.
+pub async fn attest(
+    broker: &Broker,
+    vm_id: &str,
+    device: &impl GuestDevice,
+    mesh_key: &aws_lc_rs::signature::Ed25519KeyPair,
+    nonce: &[u8; 32],
+) -> Result<(), ClientError> {
+    use aws_lc_rs::signature::KeyPair;
+    let public: [u8; 32] = mesh_key
+        .public_key()
+        .as_ref()
+        .try_into()
+        .map_err(|_| ClientError::KeyGen)?;
+    let (conn, exporter) = connect(&local_endpoint(broker)?, broker, None).await?;
+    let (report, table) = device
+        .get_ext_report(&proto::tenant_report_data(nonce, &public), 0)
+        .map_err(|e| ClientError::Device(e.to_string()))?;
+    let req = Request::Attest {
+        v: VERSION,
+        vm_id: vm_id.into(),
+        nonce: nonce.to_vec(),
+        report,
+        cert_table: table,
+        mesh_key: public.to_vec(),
+        proof: mesh_key
+            .sign(&proto::renew_proof_message(&exporter))
+            .as_ref()
+            .to_vec(),
+    };
+    let resp = exchange(&conn, &req).await?;
+    conn.close(0u32.into(), b"done");
+    match resp {
+        Response::Done { vm_id: v, .. } if v == vm_id => Ok(()),
+        Response::Error { code, .. } => Err(ClientError::Protocol(code)),
+        _ => Err(ClientError::Protocol("unexpected answer".into())),
     }
 }
 

@@ -4,9 +4,10 @@
 //! and replaces `node.crt` with the renewed certificate, which the mesh node picks up without a
 //! restart. A refusal is logged and tried again: if the broker keeps refusing (the image
 //! withdrawn, the firmware below the floor, the VM terminated or revoked), the certificate ends
-//! and the mesh closes the VM's connections. Nothing here touches the disk or its key.
+//! and the mesh closes the VM's connections. Tenants' challenges handed over with a renewal are
+//! answered with reports bound to their nonces. Nothing here touches the disk or its key.
 
-use crate::client::{Broker, ClientError, Renewed, renew};
+use crate::client::{Broker, ClientError, Renewed, attest, renew};
 use crate::config::GuestConfig;
 use crate::unlock::{UnlockError, brokers, place_mesh_identity_cert};
 use aws_lc_rs::signature::Ed25519KeyPair;
@@ -47,6 +48,13 @@ pub async fn renew_once(
         match renew(b, &cfg.vm_id, device, &key).await {
             Ok(r) => {
                 place_mesh_identity_cert(dir, &r.mesh_cert, &r.mesh_chain)?;
+                // Tenants asked this VM to attest with nonces of their own.
+                for nonce in &r.challenges {
+                    match attest(b, &cfg.vm_id, device, &key, nonce).await {
+                        Ok(()) => tracing::info!("a tenant's challenge answered"),
+                        Err(e) => tracing::warn!(error = %e, "a tenant's challenge not answered"),
+                    }
+                }
                 return Ok(r);
             }
             Err(e @ ClientError::Connect(_)) => {

@@ -1,5 +1,6 @@
 //! The broker's own client, for hosts and operators: connect with a client certificate (role
-//! host or operator) and send an order. Guests use `guest_agent::client` instead.
+//! host or operator) and send an order; and for tenants, anonymous: ask a running VM to attest
+//! with a nonce of their own. Guests use `guest_agent::client` instead.
 
 use proto::brokers::HANDSHAKE_PER_TRY;
 use proto::msg::{ALPN, MAX_RESPONSE, Request, Response, VERSION, frame, frame_len};
@@ -76,7 +77,7 @@ pub async fn send_order_any(
     order: Vec<u8>,
 ) -> Result<String, OrderError> {
     use OrderError::Transport as T;
-    let config = client_config(remote.ca, remote.client_chain, remote.client_key)?;
+    let config = client_config(remote.ca, Some((remote.client_chain, remote.client_key)))?;
     let mut unreachable = Vec::new();
     for addr in addrs {
         let local: SocketAddr = if addr.is_ipv4() {
@@ -107,27 +108,55 @@ pub async fn send_order_any(
     )))
 }
 
-/// TLS 1.3 with the pinned CA and our client certificate, ALPN, no early data.
+/// TLS 1.3 with the pinned CA and (hosts, operators) our client certificate, ALPN, no early
+/// data.
 fn client_config(
     ca: CertificateDer<'static>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<quinn::ClientConfig, OrderError> {
     use OrderError::Transport as T;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca).map_err(|e| T(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| T(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| T(format!("client certificate: {e}")))?;
+        .with_root_certificates(roots);
+    let mut tls = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| T(format!("client certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| T(e.to_string()))?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// Asks the broker at `addr` (its TLS CA `ca`, its name `server_name`) one request without a
+/// client certificate, as a tenant: the answer, whatever it is.
+pub async fn ask(
+    addr: SocketAddr,
+    server_name: &str,
+    ca: CertificateDer<'static>,
+    req: &Request,
+) -> Result<Response, OrderError> {
+    use OrderError::Transport as T;
+    let config = client_config(ca, None)?;
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let ep = quinn::Endpoint::client(local).map_err(|e| T(e.to_string()))?;
+    let conn = ep
+        .connect_with(config, addr, server_name)
+        .map_err(|e| T(e.to_string()))?
+        .await
+        .map_err(|e| T(format!("cannot reach the broker at {addr}: {e}")))?;
+    one_request(&conn, req).await
 }
 
 /// The order on one stream, and the broker's answer.
@@ -137,6 +166,24 @@ async fn exchange(
     order: Vec<u8>,
 ) -> Result<String, OrderError> {
     use OrderError::Transport as T;
+    let req = if terminate {
+        Request::Terminate { v: VERSION, order }
+    } else {
+        Request::Register { v: VERSION, order }
+    };
+    match one_request(conn, &req).await? {
+        Response::Done { vm_id, .. } => Ok(vm_id),
+        Response::Error { code, detail, .. } => Err(OrderError::Refused {
+            code: code.to_string(),
+            detail: detail.to_string(),
+        }),
+        _ => Err(T("unexpected answer".into())),
+    }
+}
+
+/// One request on one stream, its answer, and the connection closed.
+async fn one_request(conn: &quinn::Connection, req: &Request) -> Result<Response, OrderError> {
+    use OrderError::Transport as T;
     // A refused connection (the mesh firewall, a revoked certificate) says why in its close.
     let lost = |e: String| {
         T(match conn.close_reason() {
@@ -145,12 +192,7 @@ async fn exchange(
         })
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-    let req = if terminate {
-        Request::Terminate { v: VERSION, order }
-    } else {
-        Request::Register { v: VERSION, order }
-    };
-    send.write_all(&frame(&req))
+    send.write_all(&frame(req))
         .await
         .map_err(|e| lost(e.to_string()))?;
     let _ = send.finish();
@@ -166,12 +208,5 @@ async fn exchange(
     let mut framed = header.to_vec();
     framed.extend_from_slice(&body);
     conn.close(0u32.into(), b"done");
-    match Response::decode_frame(&framed).map_err(|e| T(e.to_string()))? {
-        Response::Done { vm_id, .. } => Ok(vm_id),
-        Response::Error { code, detail, .. } => Err(OrderError::Refused {
-            code: code.to_string(),
-            detail: detail.to_string(),
-        }),
-        _ => Err(T("unexpected answer".into())),
-    }
+    Response::decode_frame(&framed).map_err(|e| T(e.to_string()))
 }

@@ -269,6 +269,15 @@ impl Kbs {
             Ok((mesh_cert, mesh_chain, not_after)) if codes.is_empty() => {
                 self.metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(vm_id, not_after, "lease renewed");
+                // Tenants' challenges ride on the renewal to the VM.
+                let challenges = self
+                    .challenges
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .waiting(vm_id, now)
+                    .iter()
+                    .map(|n| serde_bytes::ByteBuf::from(n.to_vec()))
+                    .collect();
                 Response::renewed(
                     &self.response_key,
                     &RenewedBody {
@@ -277,6 +286,7 @@ impl Kbs {
                         mesh_cert,
                         mesh_chain,
                         not_after,
+                        challenges,
                     },
                 )
             }
@@ -300,6 +310,100 @@ impl Kbs {
                     },
                 )
             }
+        }
+    }
+}
+
+impl Kbs {
+    /// A tenant's "attest now with my nonce": the VM's answer if it gave one, else the nonce
+    /// waits for the VM's next renewal. Only for VMs this broker holds a live lease for.
+    pub(crate) async fn tenant_challenge(&self, vm_id: &str, nonce: &[u8], now: u64) -> Response {
+        let Ok(nonce) = <[u8; 32]>::try_from(nonce) else {
+            return Response::error("bad_request", "the nonce must be 32 bytes");
+        };
+        match self.store.lease(vm_id).await {
+            Ok(Some(l)) if l.revoked.is_none() => {}
+            Ok(_) => {
+                return Response::error(
+                    "no_lease",
+                    "the VM is not running under a lease of this broker",
+                );
+            }
+            Err(_) => return Response::error("unavailable", "the store cannot be read now"),
+        }
+        let asked = self
+            .challenges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ask(vm_id, nonce, now);
+        match asked {
+            crate::challenges::Asked::Answered(a) => Response::Attested {
+                v: proto::msg::VERSION,
+                vm_id: vm_id.into(),
+                nonce: nonce.to_vec(),
+                report: a.report,
+                cert_table: a.cert_table,
+                mesh_key: a.mesh_key.to_vec(),
+            },
+            crate::challenges::Asked::Pending => Response::error(
+                "pending",
+                "passed on to the VM with its next lease renewal: ask again",
+            ),
+            crate::challenges::Asked::Busy => {
+                Response::error("busy", "too many challenges waiting: ask again later")
+            }
+        }
+    }
+
+    /// A running VM's answer to a tenant's challenge, from the holder of its lease's mesh key
+    /// (proof over this connection's exporter). Kept for the tenant; the report is judged by the
+    /// tenant, not here.
+    pub(crate) async fn attest(
+        &self,
+        vm_id: &str,
+        nonce: &[u8],
+        (report, cert_table): (Vec<u8>, Vec<u8>),
+        (mesh_key, proof): (&[u8], &[u8]),
+        exporter: [u8; 32],
+        now: u64,
+    ) -> Response {
+        let (Ok(nonce), Ok(mesh_key)) =
+            (<[u8; 32]>::try_from(nonce), <[u8; 32]>::try_from(mesh_key))
+        else {
+            return Response::error("bad_request", "the nonce and the mesh key must be 32 bytes");
+        };
+        let signed =
+            aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, &mesh_key)
+                .verify(&proto::renew_proof_message(&exporter), proof)
+                .is_ok();
+        let holder = matches!(
+            self.store.lease(vm_id).await,
+            Ok(Some(l)) if l.revoked.is_none() && l.mesh_key.as_slice() == mesh_key.as_slice()
+        );
+        if !signed || !holder {
+            return Response::error(
+                "forbidden",
+                "only the holder of the VM's lease key answers its challenges",
+            );
+        }
+        let answer = crate::challenges::Answer {
+            report,
+            cert_table,
+            mesh_key,
+        };
+        let kept = self
+            .challenges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .answer(vm_id, nonce, answer, now);
+        if kept {
+            tracing::info!(vm_id, "a tenant's challenge answered");
+            Response::Done {
+                v: proto::msg::VERSION,
+                vm_id: vm_id.into(),
+            }
+        } else {
+            Response::error("unknown_challenge", "no such challenge waits for this VM")
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod allowlist;
 pub mod audit;
+pub mod challenges;
 pub mod client;
 pub mod collateral;
 pub mod config;

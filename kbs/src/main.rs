@@ -56,6 +56,9 @@ enum Cmd {
     /// A VM's evidence for its tenant, checked offline with `attesta-verify`.
     #[command(subcommand)]
     Evidence(evidence_cmd::EvidenceCmd),
+    /// Ask a running VM, through its broker, to attest with a nonce of your own (the tenant's
+    /// "attest now"); check the answer with `attesta-verify report`. Exit 0 answered, 1 not.
+    Challenge(evidence_cmd::ChallengeArgs),
 }
 
 #[derive(Subcommand)]
@@ -136,5 +139,6 @@ fn main() -> ExitCode {
         Cmd::Allowlist(c) => admin_cmd::allowlist_cmd(&c),
         Cmd::Kek(c) => admin_cmd::kek_cmd(&c),
         Cmd::Evidence(c) => evidence_cmd::evidence_cmd(&c),
+        Cmd::Challenge(a) => evidence_cmd::challenge_cmd(&a),
     }
 }

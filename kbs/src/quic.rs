@@ -203,7 +203,11 @@ pub async fn serve_with(
                                         Spend::BoundEvidence
                                     }
                                     // Bound to the connection too: its one and last.
-                                    Request::Renew { .. } => Spend::BoundEvidence,
+                                    Request::Renew { .. } | Request::Attest { .. } => {
+                                        Spend::BoundEvidence
+                                    }
+                                    // Bounded per connection like a nonce.
+                                    Request::TenantChallenge { .. } => Spend::Challenge,
                                     Request::Evidence { .. } => Spend::Evidence,
                                     _ => Spend::Other,
                                 };

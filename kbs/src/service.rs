@@ -67,6 +67,8 @@ pub struct Kbs {
     /// renewal sooner is refused before it costs a verification or an audit entry. Default 60
     /// (a keepalive renews every 900).
     pub lease_min_interval: u64,
+    /// Tenants' challenges to running VMs, in memory ([`crate::challenges`]).
+    pub challenges: std::sync::Mutex<crate::challenges::ChallengeBook>,
 }
 
 impl Kbs {
@@ -96,6 +98,7 @@ impl Kbs {
             floor: std::sync::RwLock::new(snp::Floor::default()),
             collateral: std::sync::OnceLock::new(),
             lease_min_interval: 60,
+            challenges: std::sync::Mutex::new(Default::default()),
         }
     }
 
@@ -107,7 +110,9 @@ impl Kbs {
         // Only ids an order could carry, on every request that names one.
         if let Request::Challenge { vm_id, .. }
         | Request::Evidence { vm_id, .. }
-        | Request::Renew { vm_id, .. } = &req
+        | Request::Renew { vm_id, .. }
+        | Request::TenantChallenge { vm_id, .. }
+        | Request::Attest { vm_id, .. } = &req
             && !proto::order::is_valid_vm_id(vm_id)
         {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -164,6 +169,22 @@ impl Kbs {
                     .await;
                 self.metrics.observe(t0.elapsed().as_secs_f64());
                 r
+            }
+            Request::TenantChallenge { vm_id, nonce, .. } => {
+                self.tenant_challenge(&vm_id, &nonce, now).await
+            }
+            Request::Attest {
+                vm_id,
+                nonce,
+                report,
+                cert_table,
+                mesh_key,
+                proof,
+                ..
+            } => {
+                let answer = (report, cert_table);
+                self.attest(&vm_id, &nonce, answer, (&mesh_key, &proof), exporter, now)
+                    .await
             }
             Request::Renew {
                 vm_id,

@@ -25,7 +25,7 @@ fn denied(r: Result<guest_agent::client::Renewed, ClientError>) -> Vec<String> {
 
 /// The broker certifying guests' mesh keys for 600 s (the lease) under a fresh guest CA, `vm`
 /// registered on `setup`'s chip with overlay address `ip`, served on loopback.
-async fn leasing(s: &Setup, vm: &str, ip: &str) -> (Broker, mesh::cert::LocalCa) {
+async fn leasing(s: &Setup, vm: &str, ip: &str) -> (Broker, mesh::cert::LocalCa, Vec<u8>) {
     let t = now();
     let ca =
         mesh::cert::LocalCa::root("guest-ca", &["10.42.0.0/16"], t - 86_400, t + 86_400).unwrap();
@@ -42,14 +42,15 @@ async fn leasing(s: &Setup, vm: &str, ip: &str) -> (Broker, mesh::cert::LocalCa)
     );
     let mut order = order_on(vm, &s.chip);
     order.mesh_ip = Some(ip.into());
-    s.kbs.register(&order.sign(&s.operator), t).await.unwrap();
-    (serve_on_loopback(&s.kbs, s.response_pub), ca)
+    let signed = order.sign(&s.operator);
+    s.kbs.register(&signed, t).await.unwrap();
+    (serve_on_loopback(&s.kbs, s.response_pub), ca, signed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
     let s = setup_with(|k| k.lease_min_interval = 0).await;
-    let (broker, ca) = leasing(&s, "vm-l", "10.42.7.9/16").await;
+    let (broker, ca, _) = leasing(&s, "vm-l", "10.42.7.9/16").await;
     let Setup {
         chip,
         elsewhere,
@@ -210,7 +211,7 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
     let s = setup_with(|k| k.lease_min_interval = 0).await;
-    let (broker, _ca) = leasing(&s, "vm-k", "10.42.7.10/16").await;
+    let (broker, _ca, order) = leasing(&s, "vm-k", "10.42.7.10/16").await;
     let Setup {
         dir,
         chip,
@@ -295,6 +296,88 @@ async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
         "the renewed certificate is for the key on tmpfs"
     );
 
+    // The tenant's "attest now with my nonce": asked through the broker, passed to the VM with
+    // its next renewal, answered by its keepalive, and checked by the tenant offline.
+    let asked = dir.path().join("asked");
+    let nonce = "5a".repeat(32);
+    let tenant = common::kbs()
+        .args([
+            "challenge",
+            "--vm",
+            "vm-k",
+            "--kbs",
+            &broker.addr.to_string(),
+        ])
+        .arg("--ca")
+        .arg(dir.path().join("ca.crt"))
+        .args(["--server-name", &broker.server_name, "--nonce", &nonce])
+        .args(["--wait", "60", "--poll", "1", "--out"])
+        .arg(&asked)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The challenge waits at the broker before the VM renews.
+    let t0 = std::time::Instant::now();
+    while kbs.challenges.lock().unwrap().waiting("vm-k", t).is_empty() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "never asked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let out = keepalive();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answered = tokio::task::spawn_blocking(move || tenant.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        answered.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&answered.stderr)
+    );
+    std::fs::write(dir.path().join("order.signed"), &order).unwrap();
+    let chain = dir.path().join("sim-chain.pem");
+    std::fs::write(
+        &chain,
+        snp::certs::pem_encode("CERTIFICATE", &s.pki.ask.cert)
+            + &snp::certs::pem_encode("CERTIFICATE", &s.pki.ark.cert),
+    )
+    .unwrap();
+    let verify = |nonce: &str| {
+        std::process::Command::new(common::sibling("attesta-verify"))
+            .arg("report")
+            .arg(&asked)
+            .args(["--nonce", nonce, "--at", "2026-06-01T00:00:00Z", "--json"])
+            .arg("--order")
+            .arg(dir.path().join("order.signed"))
+            .arg("--trust-chain")
+            .arg(&chain)
+            .output()
+            .unwrap()
+    };
+    let good = verify(&nonce);
+    let j: serde_json::Value = serde_json::from_slice(&good.stdout).unwrap();
+    assert_eq!(good.status.code(), Some(0), "{j:#}");
+    assert_eq!(j["report"]["measurement"], hex::encode(GOOD));
+    assert_eq!(
+        std::fs::read_to_string(asked.join("mesh_key")).unwrap(),
+        hex::encode(public)
+    );
+    // Another nonce: not an answer to that challenge.
+    let other = verify(&"6b".repeat(32));
+    assert_eq!(other.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&other.stdout).contains("report_data_mismatch"));
+
+    // That renewal replaced node.crt again.
+    let renewed = std::fs::read_to_string(shm.path().join("node.crt")).unwrap();
+
     // The image withdrawn: refused, exit 1, node.crt left as it was (it ends with its lease).
     let withdrawn = Allowlist {
         v: ORDER_VERSION,
@@ -322,7 +405,7 @@ async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewing_too_soon_costs_nothing() {
     let s = setup().await;
-    let (broker, _ca) = leasing(&s, "vm-s", "10.42.7.11/16").await;
+    let (broker, _ca, _) = leasing(&s, "vm-s", "10.42.7.11/16").await;
     let Setup { chip, kbs, .. } = &s;
     let guest = chip.launch(GuestLaunch {
         measurement: GOOD,

@@ -127,6 +127,12 @@ pub fn renew_report_data(tls_exporter: &[u8; 32], mesh_key: &[u8; 32]) -> [u8; 6
     )
 }
 
+/// REPORT_DATA of a running VM's answer to a tenant's challenge: the tenant's nonce and the
+/// VM's mesh key (the one its lease certified), under a label of their own.
+pub fn tenant_report_data(nonce: &[u8; 32], mesh_key: &[u8; 32]) -> [u8; 64] {
+    bind(b"\0tenant-challenge\0", &[nonce, mesh_key])
+}
+
 /// What a renewal's mesh key signs: this connection's exporter, under its own label.
 pub fn renew_proof_message(tls_exporter: &[u8; 32]) -> Vec<u8> {
     let mut m = b"attesta-renew-proof/1\0".to_vec();

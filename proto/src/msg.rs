@@ -91,6 +91,32 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         proof: Vec<u8>,
     },
+    /// A tenant's "attest now, with my nonce" for a running VM (anyone may ask: the answer is
+    /// an AMD-signed report, public). The broker passes the nonce to the VM with its next lease
+    /// renewal; asked again later, it answers [`Response::Attested`] once the VM has.
+    TenantChallenge {
+        v: u32,
+        vm_id: String,
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+    },
+    /// The running VM's answer to a tenant's challenge: a report whose REPORT_DATA is
+    /// [`crate::tenant_report_data`] (the tenant's nonce and the VM's mesh key), sent by the
+    /// holder of the lease's mesh key (its signature over [`crate::renew_proof_message`]).
+    Attest {
+        v: u32,
+        vm_id: String,
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        report: Vec<u8>,
+        #[serde(default, with = "serde_bytes")]
+        cert_table: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        mesh_key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+    },
 }
 
 /// Broker → guest.
@@ -126,6 +152,20 @@ pub enum Response {
         body: Vec<u8>,
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
+    },
+    /// A running VM's answer to a tenant's challenge, as the VM sent it: not signed by the
+    /// broker (the report is AMD's, bound to the tenant's nonce; `attesta-verify report`).
+    Attested {
+        v: u32,
+        vm_id: String,
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        report: Vec<u8>,
+        #[serde(default, with = "serde_bytes")]
+        cert_table: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        mesh_key: Vec<u8>,
     },
     /// An order was carried out.
     Done { v: u32, vm_id: String },
@@ -177,6 +217,9 @@ pub struct RenewedBody {
     pub mesh_chain: Vec<serde_bytes::ByteBuf>,
     /// Unix seconds: the lease (and the certificate) end then unless renewed again.
     pub not_after: u64,
+    /// Tenants' nonces waiting for this VM to attest to ([`Request::Attest`]).
+    #[serde(default)]
+    pub challenges: Vec<serde_bytes::ByteBuf>,
 }
 
 /// What a denial says: which VM and nonce, and the reason codes (never secrets).
@@ -253,7 +296,9 @@ impl Request {
             | Request::Register { v, .. }
             | Request::Terminate { v, .. }
             | Request::Evidence { v, .. }
-            | Request::Renew { v, .. } => *v,
+            | Request::Renew { v, .. }
+            | Request::TenantChallenge { v, .. }
+            | Request::Attest { v, .. } => *v,
         };
         check_version(v)?;
         Ok(r)
@@ -277,6 +322,7 @@ impl Response {
             | Response::Release { v, .. }
             | Response::Denial { v, .. }
             | Response::Renewed { v, .. }
+            | Response::Attested { v, .. }
             | Response::Done { v, .. }
             | Response::Error { v, .. } => *v,
         };

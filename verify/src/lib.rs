@@ -18,6 +18,10 @@
 //! - each release's report binds, in REPORT_DATA, the nonce, the guest key the VM's key was
 //!   sealed to and the connection's exporter the entry names, and no report is shown twice.
 //!
+//! And [`check_report`]: a running VM's answer to the tenant's own challenge (`attesta-kbs
+//! challenge`) is a genuine report, bound to the tenant's nonce and the VM's mesh key, that the
+//! order's policy allows.
+//!
 //! Not checked: revocation (offline, no CRL: the output says so); that the segment is the whole
 //! log before the VM was registered (nothing of this VM can precede its register entry); the
 //! order's operator signature (the tenant holds the order they were given); anything after the
@@ -29,8 +33,10 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod report;
 
 pub use bundle::{Expect, Outcome, check_bundle};
+pub use report::{ReportExpect, ReportOutcome, check_report};
 
 /// One thing wrong, in a closed vocabulary (`code`) with what was seen (`detail`).
 #[derive(Clone, Debug, PartialEq, Eq)]

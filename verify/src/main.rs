@@ -2,7 +2,7 @@
 //! 2 usage error or unreadable file.
 #![forbid(unsafe_code)]
 
-use attesta_verify::{Expect, Outcome, check_bundle};
+use attesta_verify::{Expect, Outcome, ReportExpect, check_bundle, check_report};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,6 +30,36 @@ struct Cli {
 enum Cmd {
     /// Check an evidence bundle.
     Bundle(BundleArgs),
+    /// Check a running VM's answer to your own challenge (`attesta-kbs challenge --out DIR`):
+    /// a genuine report binding your nonce and the VM's mesh key, that your order allows.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// The folder `attesta-kbs challenge` wrote (report.bin, cert_table.bin, mesh_key).
+    dir: PathBuf,
+    /// The nonce you chose (64 hex digits): the report must bind it.
+    #[arg(long, value_name = "HEX")]
+    nonce: String,
+    /// Your VM's register order: the signed document you were given.
+    #[arg(long, value_name = "ORDER")]
+    order: PathBuf,
+    /// The VM's mesh key (64 hex digits), from its mesh certificate (default: DIR/mesh_key).
+    #[arg(long, value_name = "HEX")]
+    mesh_key: Option<String>,
+    /// A measurement you computed yourself (96 hex digits); repeat for several.
+    #[arg(long, value_name = "HEX")]
+    measurement: Vec<String>,
+    /// Check certificates at this instant (RFC 3339; default now).
+    #[arg(long, value_name = "RFC3339")]
+    at: Option<String>,
+    /// Also trust this non-AMD chain (PEM: ASK or ASVK, then ARK), e.g. the simulator's.
+    #[arg(long, value_name = "PEM")]
+    trust_chain: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -106,37 +136,48 @@ fn key(p: &Path, what: &str) -> Result<[u8; 32], String> {
     })
 }
 
-fn expect_args<'a>(a: &BundleArgs, order: &'a [u8]) -> Result<Expect<'a>, String> {
-    let measurements = a
-        .measurement
-        .iter()
+/// 32 bytes from 64 hex digits.
+fn hex32(h: &str, what: &str) -> Result<[u8; 32], String> {
+    hex::decode(h.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| format!("{what}: expected 64 hex digits"))
+}
+
+fn measurements(list: &[String]) -> Result<Vec<[u8; 48]>, String> {
+    list.iter()
         .map(|m| {
             hex::decode(m.trim())
                 .ok()
                 .and_then(|b| <[u8; 48]>::try_from(b).ok())
                 .ok_or_else(|| format!("--measurement {m}: not 96 hex digits"))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let at =
-        a.at.as_deref()
-            .map(|t| snp::reason::parse_rfc3339(t).map_err(|e| format!("--at {t}: {e}")))
-            .transpose()?;
-    let trust_chain = match &a.trust_chain {
-        Some(p) => {
-            let blocks = snp::certs::pem_blocks(&read(p, "--trust-chain")?)
-                .map_err(|e| format!("--trust-chain {}: {e}", p.display()))?;
-            match <[Vec<u8>; 2]>::try_from(blocks) {
-                Ok([ask, ark]) => Some((ask, ark)),
-                Err(_) => {
-                    return Err(format!(
-                        "--trust-chain {}: expected two certificates (ASK or ASVK, then ARK)",
-                        p.display()
-                    ));
-                }
-            }
-        }
-        None => None,
-    };
+        .collect()
+}
+
+fn instant(at: &Option<String>) -> Result<Option<u64>, String> {
+    at.as_deref()
+        .map(|t| snp::reason::parse_rfc3339(t).map_err(|e| format!("--at {t}: {e}")))
+        .transpose()
+}
+
+/// An explicitly trusted non-AMD chain: the ASK (or ASVK) and the ARK, DER.
+type Chain = (Vec<u8>, Vec<u8>);
+
+fn trust_chain(p: &Option<PathBuf>) -> Result<Option<Chain>, String> {
+    let Some(p) = p else { return Ok(None) };
+    let blocks = snp::certs::pem_blocks(&read(p, "--trust-chain")?)
+        .map_err(|e| format!("--trust-chain {}: {e}", p.display()))?;
+    match <[Vec<u8>; 2]>::try_from(blocks) {
+        Ok([ask, ark]) => Ok(Some((ask, ark))),
+        Err(_) => Err(format!(
+            "--trust-chain {}: expected two certificates (ASK or ASVK, then ARK)",
+            p.display()
+        )),
+    }
+}
+
+fn expect_args<'a>(a: &BundleArgs, order: &'a [u8]) -> Result<Expect<'a>, String> {
     Ok(Expect {
         order,
         broker_key: key(&a.broker_key, "--broker-key")?,
@@ -145,10 +186,74 @@ fn expect_args<'a>(a: &BundleArgs, order: &'a [u8]) -> Result<Expect<'a>, String
             .as_deref()
             .map(|p| key(p, "--audit-key"))
             .transpose()?,
-        measurements,
-        at,
-        trust_chain,
+        measurements: measurements(&a.measurement)?,
+        at: instant(&a.at)?,
+        trust_chain: trust_chain(&a.trust_chain)?,
     })
+}
+
+/// `attesta-verify report`: exit 0 good, 1 a finding, 2 usage.
+fn report_cmd(a: &ReportArgs) -> ExitCode {
+    let run = || -> Result<attesta_verify::ReportOutcome, String> {
+        let report = read(&a.dir.join("report.bin"), "report")?;
+        let table = read(&a.dir.join("cert_table.bin"), "certificate table")?;
+        let order = read(&a.order, "--order")?;
+        let mesh_key = match &a.mesh_key {
+            Some(h) => hex32(h, "--mesh-key")?,
+            None => {
+                let t = read(&a.dir.join("mesh_key"), "mesh key")?;
+                hex32(&String::from_utf8_lossy(&t), "DIR/mesh_key")?
+            }
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let e = ReportExpect {
+            order: &order,
+            nonce: hex32(&a.nonce, "--nonce")?,
+            mesh_key,
+            measurements: measurements(&a.measurement)?,
+            at: instant(&a.at)?.unwrap_or(now),
+            trust_chain: trust_chain(&a.trust_chain)?,
+        };
+        Ok(check_report(&report, &table, &e))
+    };
+    match run() {
+        Ok(o) => {
+            if a.json {
+                println!("{:#}", o.to_json());
+            } else {
+                println!(
+                    "report: {} (measurement {}, chip {}…)",
+                    o.report["verdict"].as_str().unwrap_or("?"),
+                    o.report["measurement"].as_str().unwrap_or("?"),
+                    o.report["chip_id"]
+                        .as_str()
+                        .map_or("?", |c| &c[..c.len().min(16)]),
+                );
+                println!("  revocation: not checked (offline, no CRL)");
+                if o.ok() {
+                    println!(
+                        "OK: a genuine report, bound to your nonce and the VM's mesh key, that your order allows"
+                    );
+                } else {
+                    for f in &o.findings {
+                        println!("FINDING {}", shown(&f.to_string()));
+                    }
+                }
+            }
+            if o.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("attesta-verify report: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn print_text(o: &Outcome) {
@@ -203,7 +308,10 @@ fn print_text(o: &Outcome) {
 }
 
 fn main() -> ExitCode {
-    let Cmd::Bundle(a) = Cli::parse().cmd;
+    let a = match Cli::parse().cmd {
+        Cmd::Bundle(a) => a,
+        Cmd::Report(r) => return report_cmd(&r),
+    };
     let run = || -> Result<Outcome, String> {
         let bundle = read(&a.file, "bundle")?;
         let order = read(&a.order, "--order")?;

@@ -438,3 +438,79 @@ proptest::proptest! {
         }
     }
 }
+
+/// `check_report`: a running VM's answer to the tenant's own challenge.
+#[test]
+fn a_challenge_answer_is_checked_against_the_nonce_key_and_order() {
+    use attesta_verify::{ReportExpect, check_report};
+    let (pki, chip) = sim();
+    let (nonce, mesh_key) = ([0x5a; 32], [0x33; 32]);
+    let guest = chip.launch(GuestLaunch {
+        measurement: IMAGE,
+        ..Default::default()
+    });
+    let (report, table) = guest
+        .get_ext_report(&proto::tenant_report_data(&nonce, &mesh_key), 0)
+        .unwrap();
+    let signed = order(IMAGE, chip.config.chip_id, SIM_POLICY);
+    let e = ReportExpect {
+        order: &signed,
+        nonce,
+        mesh_key,
+        measurements: vec![IMAGE],
+        at: AT,
+        trust_chain: Some((pki.ask.cert.clone(), pki.ark.cert.clone())),
+    };
+    let codes = |r: &[u8], e: &ReportExpect<'_>| -> Vec<&'static str> {
+        check_report(r, &table, e)
+            .findings
+            .iter()
+            .map(|f| f.code)
+            .collect()
+    };
+    assert_eq!(codes(&report, &e), Vec::<&str>::new());
+    assert_eq!(
+        codes(
+            &report,
+            &ReportExpect {
+                nonce: [1; 32],
+                ..e.clone()
+            }
+        ),
+        ["report_data_mismatch"]
+    );
+    assert_eq!(
+        codes(
+            &report,
+            &ReportExpect {
+                measurements: vec![[9; 48]],
+                ..e.clone()
+            }
+        ),
+        ["measurement_not_expected"]
+    );
+    let mut forged = report.clone();
+    forged[0x50] ^= 1;
+    assert!(codes(&forged, &e).contains(&"report_rejected"));
+    assert_eq!(
+        codes(
+            &report,
+            &ReportExpect {
+                trust_chain: None,
+                ..e.clone()
+            }
+        ),
+        ["report_rejected"]
+    );
+    let elsewhere = order(IMAGE, [7; 64], SIM_POLICY);
+    assert_eq!(
+        codes(
+            &report,
+            &ReportExpect {
+                order: &elsewhere,
+                ..e.clone()
+            }
+        ),
+        ["report_rejected"]
+    );
+}

@@ -27,6 +27,9 @@ pub fn pk(k: &Ed25519KeyPair) -> [u8; 32] {
 /// placed and another where they are not.
 pub struct Setup {
     pub dir: tempfile::TempDir,
+    /// The simulated platform's key hierarchy (its ARK and ASK: what a tenant names with
+    /// `attesta-verify --trust-chain`).
+    pub pki: Arc<Pki>,
     pub chip: Chip,
     pub elsewhere: Chip,
     pub operator: Ed25519KeyPair,
@@ -126,6 +129,7 @@ pub async fn setup_with(f: impl FnOnce(&mut Kbs)) -> Setup {
         .unwrap();
     Setup {
         dir,
+        pki,
         chip,
         elsewhere,
         operator,
