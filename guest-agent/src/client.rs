@@ -260,10 +260,12 @@ pub async fn renew(
             mesh_cert: b.mesh_cert,
             mesh_chain: b.mesh_chain.into_iter().map(|c| c.into_vec()).collect(),
             not_after: b.not_after,
+            // As many as a broker keeps for one VM: no more reports than that per renewal.
             challenges: b
                 .challenges
                 .iter()
                 .filter_map(|c| <[u8; 32]>::try_from(c.as_slice()).ok())
+                .take(4)
                 .collect(),
         }),
         _ => Err(ClientError::Protocol(
@@ -289,7 +291,7 @@ pub async fn attest(
         .map_err(|_| ClientError::KeyGen)?;
     let (conn, exporter) = connect(&local_endpoint(broker)?, broker, None).await?;
     let (report, table) = device
-        .get_ext_report(&proto::tenant_report_data(nonce, &public), 0)
+        .get_ext_report(&proto::tenant_report_data(nonce, &public, vm_id), 0)
         .map_err(|e| ClientError::Device(e.to_string()))?;
     let req = Request::Attest {
         v: VERSION,
@@ -299,7 +301,7 @@ pub async fn attest(
         cert_table: table,
         mesh_key: public.to_vec(),
         proof: mesh_key
-            .sign(&proto::renew_proof_message(&exporter))
+            .sign(&proto::attest_proof_message(&exporter))
             .as_ref()
             .to_vec(),
     };

@@ -76,7 +76,8 @@ impl ChallengeBook {
             return Asked::Busy;
         }
         let waiting = self.by_vm.entry(vm_id.to_string()).or_default();
-        if waiting.len() >= PER_VM {
+        // Answered challenges are kept for their tenants but hold no slot.
+        if waiting.iter().filter(|p| p.answer.is_none()).count() >= PER_VM {
             return Asked::Busy;
         }
         waiting.push(Pending {
@@ -162,6 +163,9 @@ mod tests {
             assert_eq!(b.ask("vm", [i; 32], 1), Asked::Pending);
         }
         assert_eq!(b.ask("vm", [99; 32], 1), Asked::Busy);
+        // An answer frees its slot.
+        assert!(b.answer("vm", [0; 32], answer(), 2));
+        assert_eq!(b.ask("vm", [99; 32], 2), Asked::Pending);
         for i in 1..MAX_VMS {
             assert_eq!(b.ask(&format!("vm-{i}"), [0; 32], 1), Asked::Pending);
         }

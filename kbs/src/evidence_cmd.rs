@@ -55,8 +55,9 @@ pub struct ChallengeArgs {
     /// Seconds between asks while waiting.
     #[arg(long, default_value_t = 5)]
     pub poll: u64,
-    /// Where to write report.bin, cert_table.bin, nonce and mesh_key (for `attesta-verify
-    /// report DIR --nonce ...`).
+    /// Where to write report.bin, cert_table.bin, nonce and mesh_key (the key the VM says it
+    /// has; check it against the one you know: `attesta-verify report DIR --nonce ...
+    /// --mesh-key ...`).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 }
@@ -111,7 +112,10 @@ pub fn challenge_cmd(a: &ChallengeArgs) -> ExitCode {
                     write("mesh_key", hex::encode(&mesh_key).as_bytes())?;
                     return Ok(hex::encode(nonce));
                 }
-                Response::Error { code, .. } if code == "pending" || code == "busy" => {
+                Response::Error { code, detail, .. } if code == "busy" => {
+                    return Err(format!("busy: {detail}"));
+                }
+                Response::Error { code, .. } if code == "pending" => {
                     if !told {
                         eprintln!(
                             "attesta-kbs challenge: asked {}; its answer comes with its next lease renewal (waiting up to {} s)",
@@ -132,13 +136,18 @@ pub fn challenge_cmd(a: &ChallengeArgs) -> ExitCode {
     match r {
         Ok(nonce) => {
             eprintln!(
-                "attesta-kbs challenge: {} answered; check it with: attesta-verify report {} --nonce {nonce} --order ORDER",
+                "attesta-kbs challenge: {} answered; check it with: attesta-verify report {} --nonce {nonce} --mesh-key KEY --order ORDER",
                 a.vm,
                 a.out.display()
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail("challenge", e),
+        // Not answered (refused, busy, no answer in time, unreachable): 1; usage problems were
+        // reported by clap (2) before this ran.
+        Err(e) => {
+            eprintln!("attesta-kbs challenge: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -314,6 +314,9 @@ impl Kbs {
     }
 }
 
+/// Largest certificate table kept with a challenge's answer (VCEK, ASK, ARK and some).
+const MAX_ANSWER_TABLE: usize = 16 * 1024;
+
 impl Kbs {
     /// A tenant's "attest now with my nonce": the VM's answer if it gave one, else the nonce
     /// waits for the VM's next renewal. Only for VMs this broker holds a live lease for.
@@ -321,8 +324,8 @@ impl Kbs {
         let Ok(nonce) = <[u8; 32]>::try_from(nonce) else {
             return Response::error("bad_request", "the nonce must be 32 bytes");
         };
-        match self.store.lease(vm_id).await {
-            Ok(Some(l)) if l.revoked.is_none() => {}
+        let live_key = match self.store.lease(vm_id).await {
+            Ok(Some(l)) if l.revoked.is_none() => l.mesh_key,
             Ok(_) => {
                 return Response::error(
                     "no_lease",
@@ -330,13 +333,23 @@ impl Kbs {
                 );
             }
             Err(_) => return Response::error("unavailable", "the store cannot be read now"),
-        }
+        };
         let asked = self
             .challenges
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ask(vm_id, nonce, now);
         match asked {
+            // An answer from an earlier instance of the VM (its lease key changed since) is
+            // not this VM's any more.
+            crate::challenges::Asked::Answered(a)
+                if a.mesh_key.as_slice() != live_key.as_slice() =>
+            {
+                Response::error(
+                    "pending",
+                    "answered by an earlier instance of the VM: ask with a new nonce",
+                )
+            }
             crate::challenges::Asked::Answered(a) => Response::Attested {
                 v: proto::msg::VERSION,
                 vm_id: vm_id.into(),
@@ -374,8 +387,19 @@ impl Kbs {
         };
         let signed =
             aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, &mesh_key)
-                .verify(&proto::renew_proof_message(&exporter), proof)
+                .verify(&proto::attest_proof_message(&exporter), proof)
                 .is_ok();
+        // Only a report that answers this challenge is kept (a report's size, bound to the nonce,
+        // the key and the VM), with a certificate table of bounded size: the tenant judges the
+        // rest.
+        let bound = snp::AttestationReport::from_bytes(&report)
+            .is_ok_and(|r| r.report_data == proto::tenant_report_data(&nonce, &mesh_key, vm_id));
+        if !bound || cert_table.len() > MAX_ANSWER_TABLE {
+            return Response::error(
+                "bad_request",
+                "not a report answering this challenge, or an oversized certificate table",
+            );
+        }
         let holder = matches!(
             self.store.lease(vm_id).await,
             Ok(Some(l)) if l.revoked.is_none() && l.mesh_key.as_slice() == mesh_key.as_slice()

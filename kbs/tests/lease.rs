@@ -355,6 +355,7 @@ async fn attesta_guest_keepalive_renews_the_certificate_on_tmpfs() {
             .arg("report")
             .arg(&asked)
             .args(["--nonce", nonce, "--at", "2026-06-01T00:00:00Z", "--json"])
+            .args(["--mesh-key", &hex::encode(public)])
             .arg("--order")
             .arg(dir.path().join("order.signed"))
             .arg("--trust-chain")

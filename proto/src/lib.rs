@@ -127,10 +127,20 @@ pub fn renew_report_data(tls_exporter: &[u8; 32], mesh_key: &[u8; 32]) -> [u8; 6
     )
 }
 
-/// REPORT_DATA of a running VM's answer to a tenant's challenge: the tenant's nonce and the
-/// VM's mesh key (the one its lease certified), under a label of their own.
-pub fn tenant_report_data(nonce: &[u8; 32], mesh_key: &[u8; 32]) -> [u8; 64] {
-    bind(b"\0tenant-challenge\0", &[nonce, mesh_key])
+/// REPORT_DATA of a running VM's answer to a tenant's challenge: the tenant's nonce, the VM's
+/// mesh key (the one its lease certified) and the VM's id, under a label of their own.
+pub fn tenant_report_data(nonce: &[u8; 32], mesh_key: &[u8; 32], vm_id: &str) -> [u8; 64] {
+    let id = digest(&SHA512, vm_id.as_bytes());
+    let mut vm = [0u8; 32];
+    vm.copy_from_slice(&id.as_ref()[..32]);
+    bind(b"\0tenant-challenge\0", &[nonce, mesh_key, &vm])
+}
+
+/// What a VM's mesh key signs when it answers a tenant's challenge: the connection's exporter.
+pub fn attest_proof_message(tls_exporter: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"attesta-attest-proof/1\0".to_vec();
+    m.extend_from_slice(tls_exporter);
+    m
 }
 
 /// What a renewal's mesh key signs: this connection's exporter, under its own label.

@@ -101,8 +101,8 @@ pub enum Request {
         nonce: Vec<u8>,
     },
     /// The running VM's answer to a tenant's challenge: a report whose REPORT_DATA is
-    /// [`crate::tenant_report_data`] (the tenant's nonce and the VM's mesh key), sent by the
-    /// holder of the lease's mesh key (its signature over [`crate::renew_proof_message`]).
+    /// [`crate::tenant_report_data`] (the tenant's nonce, the VM's mesh key and id), sent by the
+    /// holder of the lease's mesh key (its signature over [`crate::attest_proof_message`]).
     Attest {
         v: u32,
         vm_id: String,

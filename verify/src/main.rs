@@ -37,7 +37,7 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct ReportArgs {
-    /// The folder `attesta-kbs challenge` wrote (report.bin, cert_table.bin, mesh_key).
+    /// The folder `attesta-kbs challenge` wrote (report.bin, cert_table.bin).
     dir: PathBuf,
     /// The nonce you chose (64 hex digits): the report must bind it.
     #[arg(long, value_name = "HEX")]
@@ -45,9 +45,11 @@ struct ReportArgs {
     /// Your VM's register order: the signed document you were given.
     #[arg(long, value_name = "ORDER")]
     order: PathBuf,
-    /// The VM's mesh key (64 hex digits), from its mesh certificate (default: DIR/mesh_key).
+    /// The VM's mesh key (64 hex digits) as you know it: from your own mesh connection to the
+    /// VM (its certificate), or the evidence bundle's last release. Not taken from DIR (the
+    /// broker's answer): the report must bind the key you know.
     #[arg(long, value_name = "HEX")]
-    mesh_key: Option<String>,
+    mesh_key: String,
     /// A measurement you computed yourself (96 hex digits); repeat for several.
     #[arg(long, value_name = "HEX")]
     measurement: Vec<String>,
@@ -198,13 +200,7 @@ fn report_cmd(a: &ReportArgs) -> ExitCode {
         let report = read(&a.dir.join("report.bin"), "report")?;
         let table = read(&a.dir.join("cert_table.bin"), "certificate table")?;
         let order = read(&a.order, "--order")?;
-        let mesh_key = match &a.mesh_key {
-            Some(h) => hex32(h, "--mesh-key")?,
-            None => {
-                let t = read(&a.dir.join("mesh_key"), "mesh key")?;
-                hex32(&String::from_utf8_lossy(&t), "DIR/mesh_key")?
-            }
-        };
+        let mesh_key = hex32(&a.mesh_key, "--mesh-key")?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -1,7 +1,10 @@
 //! `attesta-verify report`: the pure check of a running VM's answer to the tenant's own
 //! challenge (`attesta-kbs challenge`): a genuine AMD report (AMD's roots, or a chain named
-//! explicitly), whose REPORT_DATA binds the tenant's nonce and the VM's mesh key, passing the
-//! order's policy (its measurements and chips) and, if given, one of the tenant's measurements.
+//! explicitly), whose REPORT_DATA binds the tenant's nonce, the VM's mesh key and its id, passing
+//! the order's policy (its measurements and chips) and, if given, one of the tenant's
+//! measurements. The mesh key is the tenant's to supply (from their own mesh connection to the
+//! VM, or the evidence bundle's last release), never taken from the broker's answer: only then
+//! does a pass say the report is *this* VM's.
 
 use crate::Finding;
 use proto::order::{Order, OrderKind};
@@ -50,17 +53,18 @@ impl ReportOutcome {
 /// Checks a report and its certificate table (as the VM's host supplied it) for the tenant.
 pub fn check_report(report: &[u8], cert_table: &[u8], e: &ReportExpect<'_>) -> ReportOutcome {
     let mut f = Vec::new();
-    let policy = match Order::decode_stored(e.order) {
-        Ok(o) if o.kind == OrderKind::Register => {
-            Policy::for_vm(&o.policy, &o.measurements, &o.chip_ids)
-        }
+    let (policy, vm_id) = match Order::decode_stored(e.order) {
+        Ok(o) if o.kind == OrderKind::Register => (
+            Policy::for_vm(&o.policy, &o.measurements, &o.chip_ids),
+            o.vm_id,
+        ),
         Ok(_) => {
             f.push(Finding::new("order_mismatch", None, "not a register order"));
-            Policy::nothing()
+            (Policy::nothing(), String::new())
         }
         Err(err) => {
             f.push(Finding::new("order_unreadable", None, err.to_string()));
-            Policy::nothing()
+            (Policy::nothing(), String::new())
         }
     };
     let table = CertTable::parse(cert_table).unwrap_or_default();
@@ -82,11 +86,11 @@ pub fn check_report(report: &[u8], cert_table: &[u8], e: &ReportExpect<'_>) -> R
         f.push(Finding::new("report_rejected", None, codes.join(", ")));
     }
     if let Some(r) = &verdict.report {
-        if r.report_data != proto::tenant_report_data(&e.nonce, &e.mesh_key) {
+        if r.report_data != proto::tenant_report_data(&e.nonce, &e.mesh_key, &vm_id) {
             f.push(Finding::new(
                 "report_data_mismatch",
                 None,
-                "the report does not bind this nonce and mesh key (not an answer to this challenge)",
+                "the report does not bind this nonce, mesh key and VM (not this VM's answer to this challenge)",
             ));
         }
         if !e.measurements.is_empty() && !e.measurements.contains(&r.measurement) {

@@ -450,7 +450,7 @@ fn a_challenge_answer_is_checked_against_the_nonce_key_and_order() {
         ..Default::default()
     });
     let (report, table) = guest
-        .get_ext_report(&proto::tenant_report_data(&nonce, &mesh_key), 0)
+        .get_ext_report(&proto::tenant_report_data(&nonce, &mesh_key, "vm-7"), 0)
         .unwrap();
     let signed = order(IMAGE, chip.config.chip_id, SIM_POLICY);
     let e = ReportExpect {
@@ -474,6 +474,17 @@ fn a_challenge_answer_is_checked_against_the_nonce_key_and_order() {
             &report,
             &ReportExpect {
                 nonce: [1; 32],
+                ..e.clone()
+            }
+        ),
+        ["report_data_mismatch"]
+    );
+    // Another VM's key (a second instance of the image, say): not this VM's answer.
+    assert_eq!(
+        codes(
+            &report,
+            &ReportExpect {
+                mesh_key: [0x44; 32],
                 ..e.clone()
             }
         ),
