@@ -233,12 +233,7 @@ pub async fn renew(
     device: &impl GuestDevice,
     mesh_key: &aws_lc_rs::signature::Ed25519KeyPair,
 ) -> Result<Renewed, ClientError> {
-    use aws_lc_rs::signature::KeyPair;
-    let public: [u8; 32] = mesh_key
-        .public_key()
-        .as_ref()
-        .try_into()
-        .map_err(|_| ClientError::KeyGen)?;
+    let public = public_of(mesh_key)?;
     let (conn, exporter) = connect(&local_endpoint(broker)?, broker, None).await?;
     let nonce = proto::connection_nonce(&exporter);
     let (report, table) = device
@@ -274,6 +269,15 @@ pub async fn renew(
     }
 }
 
+/// The public half of a mesh key, as requests carry it.
+fn public_of(key: &aws_lc_rs::signature::Ed25519KeyPair) -> Result<[u8; 32], ClientError> {
+    use aws_lc_rs::signature::KeyPair;
+    key.public_key()
+        .as_ref()
+        .try_into()
+        .map_err(|_| ClientError::KeyGen)
+}
+
 /// Answers a tenant's challenge: a report bound to the tenant's `nonce` and the VM's mesh key,
 /// sent on a new connection with the key's proof of possession.
 pub async fn attest(
@@ -283,12 +287,7 @@ pub async fn attest(
     mesh_key: &aws_lc_rs::signature::Ed25519KeyPair,
     nonce: &[u8; 32],
 ) -> Result<(), ClientError> {
-    use aws_lc_rs::signature::KeyPair;
-    let public: [u8; 32] = mesh_key
-        .public_key()
-        .as_ref()
-        .try_into()
-        .map_err(|_| ClientError::KeyGen)?;
+    let public = public_of(mesh_key)?;
     let (conn, exporter) = connect(&local_endpoint(broker)?, broker, None).await?;
     let (report, table) = device
         .get_ext_report(&proto::tenant_report_data(nonce, &public, vm_id), 0)

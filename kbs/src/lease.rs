@@ -157,10 +157,7 @@ impl Kbs {
         let Ok(mesh_key) = <[u8; 32]>::try_from(mesh_key) else {
             return Response::error("bad_request", "the mesh key must be 32 bytes");
         };
-        let signed =
-            aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, &mesh_key)
-                .verify(&proto::renew_proof_message(&exporter), proof)
-                .is_ok();
+        let signed = held(&mesh_key, &proto::renew_proof_message(&exporter), proof);
         if !signed {
             return refuse("bad_mesh_key_proof");
         }
@@ -314,6 +311,14 @@ impl Kbs {
     }
 }
 
+/// Whether `proof` is `mesh_key`'s Ed25519 signature over `message` (this connection's
+/// exporter under a request's own label): the sender holds the key.
+fn held(mesh_key: &[u8; 32], message: &[u8], proof: &[u8]) -> bool {
+    aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, mesh_key)
+        .verify(message, proof)
+        .is_ok()
+}
+
 /// Largest certificate table kept with a challenge's answer (VCEK, ASK, ARK and some).
 const MAX_ANSWER_TABLE: usize = 16 * 1024;
 
@@ -385,10 +390,7 @@ impl Kbs {
         else {
             return Response::error("bad_request", "the nonce and the mesh key must be 32 bytes");
         };
-        let signed =
-            aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, &mesh_key)
-                .verify(&proto::attest_proof_message(&exporter), proof)
-                .is_ok();
+        let signed = held(&mesh_key, &proto::attest_proof_message(&exporter), proof);
         // Only a report that answers this challenge is kept (a report's size, bound to the nonce,
         // the key and the VM), with a certificate table of bounded size: the tenant judges the
         // rest.

@@ -25,6 +25,20 @@ fn pins(f: &Fleet, listen: &str) -> String {
     )
 }
 
+/// A blank 32 MiB disk image in `dir`, and a tmpfs folder for the boot configuration.
+fn blank_disk(dir: &std::path::Path, prefix: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let shm = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    (shm, disk)
+}
+
 /// A boot that got the key: formatted or not, activated where device-mapper exists.
 fn unlocked(r: Result<Unlocked, UnlockError>) -> Unlocked {
     match r {
@@ -83,15 +97,7 @@ fn a_key_split_between_two_independent_brokers() {
     let _b = KillOnDrop(start(&tenant.cfg, log_b.clone()));
 
     let dir = operator.dir.path();
-    let shm = tempfile::Builder::new()
-        .prefix("attesta-split")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
+    let (shm, disk) = blank_disk(dir, "attesta-split");
     let toml = format!(
         "vm_id = \"vm-0\"\nrequire_mlock = false\n[broker]\n{}\n[split]\nthreshold = 2\n[[split.brokers]]\n{}\n\
          [disk]\npath = \"{}\"\n[boot_config]\npath = \"{}\"\n",
@@ -231,15 +237,7 @@ fn a_key_split_two_of_three() {
         .map(|(f, l)| Some(KillOnDrop(start(&f.cfg, l.clone()))))
         .collect();
     let dir = fleets[0].dir.path();
-    let shm = tempfile::Builder::new()
-        .prefix("attesta-split3")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
+    let (shm, disk) = blank_disk(dir, "attesta-split3");
     std::fs::write(
         dir.join("guest.toml"),
         format!(
