@@ -322,28 +322,7 @@ fn verify_digest(
 }
 
 /// The Attesta token of a formatted disk, as its primary header copy says (unjudged).
-pub fn label(path: &Path) -> Result<Option<DiskLabel>, LuksError> {
-    let meta = read_metadata(path)?;
-    let json = header::json_of(&meta)?;
-    let Some(tokens) = json.get("tokens").and_then(|t| t.as_object()) else {
-        return Ok(None);
-    };
-    Ok(tokens
-        .values()
-        .find(|t| t.get("type").and_then(|v| v.as_str()) == Some(TOKEN_TYPE))
-        .map(|t| DiskLabel {
-            vm_id: t
-                .get("vm_id")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string(),
-            generation: t.get("generation").and_then(|v| v.as_u64()).unwrap_or(0),
-        }))
-}
-
-/// The wraps of a k-of-n split (`crate::split`) in the disk's Attesta token, unjudged: each is
-/// sealed to its set of shares, and the header's MAC is checked with the key they open.
-pub fn split_wraps(path: &Path) -> Result<Option<serde_json::Value>, LuksError> {
+fn attesta_token(path: &Path) -> Result<Option<serde_json::Value>, LuksError> {
     let json = header::json_of(&read_metadata(path)?)?;
     Ok(json
         .get("tokens")
@@ -352,8 +331,25 @@ pub fn split_wraps(path: &Path) -> Result<Option<serde_json::Value>, LuksError> 
             t.values()
                 .find(|t| t.get("type").and_then(|v| v.as_str()) == Some(TOKEN_TYPE))
         })
-        .and_then(|t| t.get("split"))
         .cloned())
+}
+
+/// The VM and generation the disk's Attesta token names (unjudged).
+pub fn label(path: &Path) -> Result<Option<DiskLabel>, LuksError> {
+    Ok(attesta_token(path)?.map(|t| DiskLabel {
+        vm_id: t
+            .get("vm_id")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        generation: t.get("generation").and_then(|v| v.as_u64()).unwrap_or(0),
+    }))
+}
+
+/// The wraps of a k-of-n split (`crate::split`) in the disk's Attesta token, unjudged: each is
+/// sealed to its set of shares, and the header's MAC is checked with the key they open.
+pub fn split_wraps(path: &Path) -> Result<Option<serde_json::Value>, LuksError> {
+    Ok(attesta_token(path)?.and_then(|t| t.get("split").cloned()))
 }
 
 /// A detached copy of the judged header in an anonymous memory file: what libcryptsetup loads

@@ -279,19 +279,18 @@ pub struct Verified {
 
 /// Verifies a whole log (JSON Lines text, from entry 0) against the audit public key.
 pub fn verify(log: &str, audit_public_key: &[u8]) -> Result<Verified, AuditError> {
-    let mut lines = Vec::new();
-    for (i, raw) in log.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
-        }
-        lines.push(
-            serde_json::from_str::<Line>(raw).map_err(|e| AuditError::Malformed {
-                line: i + 1,
-                why: e.to_string(),
-            })?,
-        );
-    }
+    let lines = parse_log(log).map_err(|(line, why)| AuditError::Malformed { line, why })?;
     check(&lines, audit_public_key, Some(Chain::default()))
+}
+
+/// The lines of a log (JSON Lines text; blank lines skipped), or the first unreadable one's
+/// number (from 1) and why.
+pub fn parse_log(log: &str) -> Result<Vec<Line>, (usize, String)> {
+    log.lines()
+        .enumerate()
+        .filter(|(_, raw)| !raw.trim().is_empty())
+        .map(|(i, raw)| serde_json::from_str::<Line>(raw).map_err(|e| (i + 1, e.to_string())))
+        .collect()
 }
 
 /// Verifies a contiguous segment of a log, starting wherever its first entry does: each entry

@@ -113,18 +113,8 @@ impl Bundle {
 /// entries elided, checkpoints kept. The caller signs a checkpoint just before, so the segment
 /// reaches the end of the log.
 pub fn cut(log: &str, vm_id: &str) -> Result<Vec<Line>, BundleError> {
-    let mut lines = Vec::new();
-    for (i, raw) in log.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
-        }
-        lines.push(
-            serde_json::from_str::<Line>(raw).map_err(|e| BundleError::Log {
-                line: i + 1,
-                why: e.to_string(),
-            })?,
-        );
-    }
+    let mut lines =
+        crate::audit::parse_log(log).map_err(|(line, why)| BundleError::Log { line, why })?;
     let start = lines
         .iter()
         .position(|l| matches!(l, Line::Entry(e) if e.vm_id == vm_id && e.kind == "register"))
