@@ -97,6 +97,7 @@ pub(super) async fn writer(
                         Vec::new(),
                         opts.audit_key.as_deref(),
                         true,
+                        None,
                     )
                     .await;
                 }
@@ -123,7 +124,6 @@ pub(super) async fn writer(
         if batch.is_empty() && !due {
             continue;
         }
-        let n = batch.len() as u64;
         let sign = due;
         if let Ok(appended) = apply(
             &pools.get(),
@@ -131,12 +131,11 @@ pub(super) async fn writer(
             batch,
             opts.audit_key.as_deref(),
             sign,
+            Some(&stats),
         )
         .await
         {
             wal_pending |= appended.wal_pending;
-            stats.transactions.fetch_add(1, Ordering::Relaxed);
-            stats.writes.fetch_add(n, Ordering::Relaxed);
             unsigned += appended.entries;
             if appended.checkpointed {
                 stats.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -227,7 +226,9 @@ async fn apply(
     batch: Vec<Job>,
     key: Option<&Ed25519KeyPair>,
     checkpoint: bool,
+    stats: Option<&StoreStats>,
 ) -> Result<Applied, ()> {
+    let n = batch.len() as u64;
     let mut ops = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
     for j in batch {
@@ -244,6 +245,12 @@ async fn apply(
             if shredded && !truncate_wal(pool, backend, 3).await {
                 tracing::warn!("a terminated VM's old pages are still in the WAL; retrying");
                 applied.wal_pending = true;
+            }
+            // Counted before anyone is answered: whoever reads the counters after an answer
+            // sees the transaction that carried it.
+            if let Some(stats) = stats {
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                stats.writes.fetch_add(n, Ordering::Relaxed);
             }
             for (r, reply) in results.into_iter().zip(replies) {
                 let _ = reply.send(r);
