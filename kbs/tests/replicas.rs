@@ -97,6 +97,24 @@ impl Replicas {
         }
     }
 
+    /// Replica 0's `/readyz` (on `port`) says 200 within `limit`; else fails with its last
+    /// answer and the replica's log.
+    fn ready_within(&self, port: u16, limit: Duration, when: &str) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let got = http_get(port, "/readyz");
+            if got.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not ready {when}: {got}\nreplica 0's log:\n{}",
+                self.logs[0].lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Every replica is still running (none exited on its own).
     fn all_alive(&mut self) {
         for (i, p) in self.procs.iter_mut().enumerate() {
@@ -276,7 +294,7 @@ fn postgres_restarted_mid_storm() {
     }) else {
         return;
     };
-    assert!(http_get(metrics, "/readyz").starts_with("HTTP/1.1 200"));
+    r.ready_within(metrics, Duration::from_secs(30), "at start");
     let rt = runtime();
     let received: Received = Arc::default();
     let storm = r.storm(&rt, &received);
@@ -305,11 +323,7 @@ fn postgres_restarted_mid_storm() {
 
     r.db[0].start_again().unwrap();
     // Back without a restart: ready again, and the storm goes on.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !http_get(metrics, "/readyz").starts_with("HTTP/1.1 200") {
-        assert!(std::time::Instant::now() < deadline, "never ready again");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    r.ready_within(metrics, Duration::from_secs(30), "after the database came back");
     let back = received.lock().unwrap().len();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while received.lock().unwrap().len() < back + VMS {
