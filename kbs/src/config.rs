@@ -132,6 +132,13 @@ pub struct MeshSection {
     /// (~1,100 releases/s, BENCHMARKS.md), and a withdrawn image leaves the mesh within the hour.
     #[serde(default = "default_guest_cert_secs")]
     pub guest_cert_secs: u64,
+    /// The mesh's lighthouses: overlay address → underlay addresses, e.g.
+    /// `{ "10.42.0.1" = ["203.0.113.7:4242"] }`. With an intermediate `guest_ca`, the broker
+    /// joins the mesh through them (its own certificate, no announcements, no services) to
+    /// publish its guests' revocation list the moment a lease is revoked: a cloned VM is cut
+    /// off at once instead of when its certificate ends.
+    #[serde(default)]
+    pub lighthouses: std::collections::BTreeMap<std::net::IpAddr, Vec<std::net::SocketAddr>>,
 }
 
 fn default_lease_min_interval() -> u64 {

@@ -11,6 +11,8 @@ pub struct GuestIssuer {
     /// `ca` and the certificates above it as `guest_ca/ca.crt` lists them (DER), sent with each
     /// certificate so that an intermediate works without the broker holding the root's key.
     chain: Vec<serde_bytes::ByteBuf>,
+    /// The certificates above `ca`, parsed (empty when `ca` is the root).
+    above: Vec<mesh::cert::MeshCert>,
     key: Zeroizing<String>,
     /// Validity of a guest certificate, seconds (each boot gets a new one).
     ttl: u64,
@@ -32,9 +34,38 @@ impl GuestIssuer {
         GuestIssuer {
             ca,
             chain,
+            above,
             key,
             ttl,
         }
+    }
+
+    /// Whether this CA can sign a revocation list of its own: an intermediate can (its list
+    /// revokes only what it issued); a root's list would replace the mesh operator's.
+    pub fn can_revoke(&self) -> bool {
+        !self.ca.issued_by(&self.ca)
+    }
+
+    /// The CA's name (a delegated list's `ca`).
+    pub fn ca_name(&self) -> &str {
+        &self.ca.name
+    }
+
+    /// A guest certificate's lifetime, seconds.
+    pub fn ttl(&self) -> u64 {
+        self.ttl
+    }
+
+    /// `body` signed as this CA's delegated revocation list.
+    pub fn sign_revocations(&self, body: &mesh::revocation::Body) -> Result<Vec<u8>, String> {
+        if !self.can_revoke() {
+            return Err(format!(
+                "guest CA {} is a root: its list would replace the mesh operator's",
+                self.ca.name
+            ));
+        }
+        mesh::revocation::sign_delegated(&self.ca, &self.above, &self.key, body)
+            .map_err(|e| e.to_string())
     }
 
     /// What goes with each certificate: the issuing CA and those above it (DER).

@@ -294,6 +294,8 @@ impl Kbs {
                         .lease_revocations
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(vm_id, reasons = ?codes, "lease revoked: the VM's mesh key attested elsewhere");
+                    // Its certificates are revoked on the mesh now, not when they expire.
+                    self.lease_revoked.notify_one();
                 } else {
                     tracing::info!(vm_id, reasons = ?codes, "lease not renewed");
                 }

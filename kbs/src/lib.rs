@@ -14,6 +14,7 @@ pub mod evidence;
 pub mod export;
 pub mod floor;
 pub mod guest_issuer;
+pub mod guest_revocation;
 pub mod keys;
 pub mod lease;
 pub mod limits;

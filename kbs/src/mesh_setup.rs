@@ -162,3 +162,41 @@ pub(crate) async fn reload_mesh(
         }
     }
 }
+
+/// The broker's own mesh node, through which it publishes its guests' revocation list: its
+/// certificate, no announcements, no services, connected to `[mesh] lighthouses`. None when
+/// none are configured.
+pub(crate) async fn revocation_node(
+    c: &Config,
+    m: &MeshSection,
+) -> Result<Option<mesh::node::Node>, String> {
+    if m.lighthouses.is_empty() {
+        return Ok(None);
+    }
+    let cfg = mesh::node::NodeConfig {
+        cert: c.tls_cert.clone(),
+        key: c.tls_key.clone(),
+        ca: m.ca.clone(),
+        rules: m.rules.clone(),
+        listen: (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        advertise: vec![],
+        lighthouse: false,
+        lighthouses: m.lighthouses.keys().copied().collect(),
+        static_hosts: m.lighthouses.clone(),
+        revocation: None,
+        revocation_max_age: None,
+        announce_secs: 30,
+        reload_ms: 1000,
+        announce: false,
+        tun: None,
+        echo: false,
+    };
+    let node = mesh::node::Node::start(cfg, vec![])
+        .await
+        .map_err(|e| format!("[mesh] lighthouses: the broker's mesh node: {e}"))?;
+    tracing::info!(
+        lighthouses = m.lighthouses.len(),
+        "on the mesh through the lighthouses, to revoke cloned guests at once"
+    );
+    Ok(Some(node))
+}

@@ -254,6 +254,25 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             tracing::info!(
                 "on the mesh: clients verified by the mesh CA, hosts and operators by role, guests for attestation only"
             );
+            let outlets = kbs::guest_revocation::Outlets {
+                gate: Some(g.trust.clone()),
+                node: rt.block_on(crate::mesh_setup::revocation_node(&c, m))?,
+            };
+            match kbs.guest_issuer.get() {
+                Some(i) if i.can_revoke() => {
+                    rt.spawn(kbs::guest_revocation::follow(
+                        kbs.clone(),
+                        outlets,
+                        std::time::Duration::from_secs(60),
+                        now,
+                    ));
+                }
+                Some(i) => tracing::warn!(
+                    ca = i.ca_name(),
+                    "guest_ca is a root: a cloned VM's certificate cannot be revoked at once (it ends with its lease); give the broker an intermediate"
+                ),
+                None => {}
+            }
             rt.spawn(reload_mesh(
                 c.clone(),
                 m.clone(),

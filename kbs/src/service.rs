@@ -69,6 +69,9 @@ pub struct Kbs {
     pub lease_min_interval: u64,
     /// Tenants' challenges to running VMs, in memory ([`crate::challenges`]).
     pub challenges: std::sync::Mutex<crate::challenges::ChallengeBook>,
+    /// Woken when a lease is revoked: the broker's revocation list is published again at once
+    /// ([`crate::guest_revocation`]).
+    pub lease_revoked: tokio::sync::Notify,
 }
 
 impl Kbs {
@@ -99,6 +102,7 @@ impl Kbs {
             collateral: std::sync::OnceLock::new(),
             lease_min_interval: 60,
             challenges: std::sync::Mutex::new(Default::default()),
+            lease_revoked: tokio::sync::Notify::new(),
         }
     }
 

@@ -298,6 +298,11 @@ impl MeshCert {
     }
 
     /// Whether `issuer` signed this certificate (names and signature; not constraints).
+    /// Whether `ca` issued this certificate: its subject is our issuer and its key signed us.
+    pub fn issued_by(&self, ca: &MeshCert) -> bool {
+        ca.subject_der == self.issuer_der && self.signed_by(ca).is_ok()
+    }
+
     fn signed_by(&self, issuer: &MeshCert) -> Result<(), CertError> {
         let pk = issuer.public_key()?;
         let ok = match issuer.alg_of_key() {
@@ -598,6 +603,20 @@ pub fn sign_for_key(
     Ok(cert.der().to_vec())
 }
 
+/// The [`MeshCert::key_hash`] of any certificate for this Ed25519 public key: SHA-256 of its
+/// SubjectPublicKeyInfo. Revokes a key without holding its certificates.
+pub fn ed25519_key_hash(public: &[u8; 32]) -> [u8; 32] {
+    // SEQUENCE { SEQUENCE { OID 1.3.101.112 }, BIT STRING (0 unused bits) key }
+    const PREFIX: [u8; 12] = [
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    let mut spki = PREFIX.to_vec();
+    spki.extend_from_slice(public);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki).as_ref());
+    out
+}
+
 /// The CA as an rcgen issuer, after checking the key is the certificate's.
 fn issuer_of(
     ca: &MeshCert,
@@ -692,6 +711,45 @@ impl LocalCa {
         })
     }
 
+    /// An intermediate CA under this one for `roles` within `networks` and `names` (e.g. the
+    /// guests' CA a broker holds), valid over `[not_before, not_after]`. Its certificate is
+    /// `cert`; a node it signs presents it after the leaf.
+    pub fn intermediate(
+        &self,
+        name: &str,
+        networks: &[&str],
+        roles: &[Role],
+        names: &[&str],
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<LocalCa, CertError> {
+        let i = sign(
+            &self.cert,
+            &self.key,
+            &Request {
+                name,
+                claims: Claims {
+                    v: 1,
+                    role: Some(Role::Ca),
+                    networks: networks.iter().map(|n| n.to_string()).collect(),
+                    roles: roles.to_vec(),
+                    names: names.iter().map(|n| n.to_string()).collect(),
+                    ..Default::default()
+                },
+                is_ca: true,
+                not_before,
+                not_after,
+                curve: Curve::Ed25519,
+            },
+        )?;
+        let cert = parse_bundle(i.cert_pem.as_bytes())?.remove(0);
+        Ok(LocalCa {
+            cert,
+            pem: i.cert_pem,
+            key: i.key_pem,
+        })
+    }
+
     /// A node certificate (Ed25519) for `name` at overlay address `ip` (with prefix).
     pub fn issue(
         &self,
@@ -752,6 +810,29 @@ mod tests {
         let key = new_key(Curve::Ed25519).unwrap();
         let cert = params(&req).unwrap().signed_by(&key, &issuer).unwrap();
         MeshCert::parse(cert.der()).unwrap()
+    }
+
+    #[test]
+    fn a_keys_hash_is_the_hash_its_certificates_carry() {
+        let ca = LocalCa::root("root", &[], NOW - 60, NOW + 60).unwrap();
+        let public = [7u8; 32];
+        let req = Request {
+            name: "vm-1",
+            claims: Claims {
+                v: 1,
+                ips: vec!["10.42.1.1/16".into()],
+                role: Some(Role::Guest),
+                ..Default::default()
+            },
+            is_ca: false,
+            not_before: NOW - 60,
+            not_after: NOW + 60,
+            curve: Curve::Ed25519,
+        };
+        let der = sign_for_key(&ca.cert, &ca.key, &req, &public).unwrap();
+        let c = MeshCert::parse(&der).unwrap();
+        assert_eq!(c.key_hash, ed25519_key_hash(&public));
+        assert_ne!(c.key_hash, ed25519_key_hash(&[8u8; 32]));
     }
 
     fn root() -> LocalCa {

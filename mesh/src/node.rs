@@ -982,6 +982,27 @@ impl Node {
         }
     }
 
+    /// Publishes a signed revocation list made here (a broker's delegated list for the guests
+    /// it certified): installs it, keeps it on disk, re-checks live connections, and sends it
+    /// to every lighthouse this node is connected to, which push it on to every node. Ok(false):
+    /// that number was held already (sent again all the same: sending is idempotent).
+    pub fn publish(&self, list: &[u8]) -> Result<bool, crate::revocation::RevocationError> {
+        let newer = self.inner.trust.install(list, now())?;
+        if newer {
+            if let Some(p) = &self.inner.cfg.revocation {
+                persist(p, list);
+            }
+            self.inner.changed.notify_one();
+            if self.inner.cfg.lighthouse {
+                self.push_lists();
+            }
+        }
+        self.relay_to_lighthouses(Msg::Revocations {
+            docs: vec![String::from_utf8_lossy(list).into_owned()],
+        });
+        Ok(newer)
+    }
+
     /// Installs lists that verify and are newer; keeps them on disk, re-checks live
     /// connections, and (a lighthouse) pushes them on.
     fn take_lists(&self, docs: &[String]) {
@@ -1103,6 +1124,16 @@ impl Node {
             tokio::spawn(self.clone().take_pushes(conn.clone()));
             if let Ok(Msg::Revocations { docs }) = request(&conn, &Msg::GetRevocations).await {
                 self.take_lists(&docs);
+            }
+            // And the other way: a list published here while the lighthouse was out of reach
+            // (the lighthouse keeps only what is newer).
+            let ours = self.inner.trust.lists();
+            if !ours.is_empty() {
+                let docs = ours
+                    .into_iter()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect();
+                let _ = request(&conn, &Msg::Revocations { docs }).await;
             }
             if self.inner.cfg.lighthouse
                 && let Ok(Msg::Entries { docs }) = request(&conn, &Msg::Dump).await

@@ -7,8 +7,15 @@
 //! The file is JSON: `{"body": "<the body's exact JSON>", "signature": "<hex>"}`; the signature
 //! covers a domain-separation prefix and the body's bytes as written, so nothing is
 //! re-serialised before checking.
+//!
+//! **Delegated lists.** An intermediate CA may sign a list too, with `"chain": [hex DER, …]`
+//! (the intermediate, then those above it) that must verify to a trusted root. Such a list
+//! revokes only certificates that intermediate issued (same issuer, its signature), so a
+//! broker holding the guests' intermediate can cut a VM off at once and nothing else. It never
+//! counts towards `revocation_max_age`, which is about the root's list, and a root's name
+//! cannot be used by one.
 
-use crate::cert::{CertError, MeshCert, sign_with};
+use crate::cert::{CertError, MeshCert, sign_with, verify_ca};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -79,6 +86,9 @@ impl Body {
 struct Envelope {
     body: String,
     signature: String,
+    /// A delegated list's signer and the CAs above it (hex DER); empty: a root signed it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    chain: Vec<String>,
 }
 
 /// A verified list.
@@ -89,6 +99,8 @@ pub struct RevocationList {
     pub bytes: Vec<u8>,
     serials: HashSet<(String, Vec<u8>)>,
     keys: HashSet<[u8; 32]>,
+    /// A delegated list's signer and those above it; empty for a root's list.
+    pub chain: Vec<MeshCert>,
 }
 
 /// Why a list was refused.
@@ -108,6 +120,14 @@ pub enum RevocationError {
     Future { issued_at: u64, now: u64 },
     #[error("revocation list: number {number} is not newer than the {have} already held")]
     NotNewer { number: u64, have: u64 },
+    #[error("revocation list: signed by intermediate {ca:?}, whose chain does not verify: {why}")]
+    Chain { ca: String, why: String },
+    #[error(
+        "revocation list: intermediate {ca:?} may revoke only what it issued, not {issuer:?}'s"
+    )]
+    OutOfScope { ca: String, issuer: String },
+    #[error("revocation list: signed by intermediate {0:?}, whose chain is revoked")]
+    RevokedSigner(String),
     #[error("revocation list: {0}")]
     Sign(#[from] CertError),
 }
@@ -134,21 +154,27 @@ impl RevocationList {
         if body.v != 1 {
             return Err(RevocationError::Version(body.v));
         }
-        let ca = roots
-            .iter()
-            .find(|r| r.name == body.ca && r.is_ca)
-            .ok_or_else(|| RevocationError::UnknownCa(body.ca.clone()))?;
         let sig = hex::decode(&env.signature)
             .map_err(|_| RevocationError::Malformed("the signature is not hex".into()))?;
         let mut msg = DOMAIN.to_vec();
         msg.extend_from_slice(env.body.as_bytes());
-        // Two roots may share a name during a rollover: any trusted root of that name may sign.
-        let signed = roots
-            .iter()
-            .filter(|r| r.name == body.ca && r.is_ca)
-            .any(|r| r.verify_signed(&msg, &sig));
+        let chain = delegated_chain(&env.chain, &body, roots, now)?;
+        let signed = match chain.first() {
+            Some(signer) => signer.verify_signed(&msg, &sig),
+            None => {
+                if !roots.iter().any(|r| r.name == body.ca && r.is_ca) {
+                    return Err(RevocationError::UnknownCa(body.ca.clone()));
+                }
+                // Two roots may share a name during a rollover: any trusted root of that name
+                // may sign.
+                roots
+                    .iter()
+                    .filter(|r| r.name == body.ca && r.is_ca)
+                    .any(|r| r.verify_signed(&msg, &sig))
+            }
+        };
         if !signed {
-            return Err(RevocationError::Signature(ca.name.clone()));
+            return Err(RevocationError::Signature(body.ca.clone()));
         }
         if body.issued_at > now.saturating_add(MAX_SKEW) {
             return Err(RevocationError::Future {
@@ -158,6 +184,12 @@ impl RevocationList {
         }
         let mut serials = HashSet::new();
         for e in &body.serials {
+            if !chain.is_empty() && e.issuer != body.ca {
+                return Err(RevocationError::OutOfScope {
+                    ca: body.ca.clone(),
+                    issuer: e.issuer.clone(),
+                });
+            }
             let s = hex::decode(&e.serial).map_err(|_| {
                 RevocationError::Malformed(format!("serial {:?} is not hex", e.serial))
             })?;
@@ -174,13 +206,25 @@ impl RevocationList {
             bytes: bytes.to_vec(),
             serials,
             keys,
+            chain,
         })
     }
 
-    /// Whether this list revokes the certificate (by issuer and serial, or by key).
+    /// Whether this list revokes the certificate (by issuer and serial, or by key); a delegated
+    /// list only certificates its signer issued.
     pub fn revokes(&self, c: &MeshCert) -> bool {
-        self.serials.contains(&(c.issuer.clone(), c.serial.clone()))
-            || self.keys.contains(&c.key_hash)
+        let listed = self.serials.contains(&(c.issuer.clone(), c.serial.clone()))
+            || self.keys.contains(&c.key_hash);
+        listed
+            && match self.chain.first() {
+                None => true,
+                Some(signer) => c.issued_by(signer),
+            }
+    }
+
+    /// Whether a root signed it (what `revocation_max_age` is about).
+    pub fn is_root_list(&self) -> bool {
+        self.chain.is_empty()
     }
 
     pub fn entries(&self) -> usize {
@@ -188,8 +232,56 @@ impl RevocationList {
     }
 }
 
+/// A delegated list's chain, parsed and verified to `roots` at `now` (empty for a root's).
+fn delegated_chain(
+    hex_der: &[String],
+    body: &Body,
+    roots: &[MeshCert],
+    now: u64,
+) -> Result<Vec<MeshCert>, RevocationError> {
+    if hex_der.is_empty() {
+        return Ok(Vec::new());
+    }
+    let chain_err = |why: String| RevocationError::Chain {
+        ca: body.ca.clone(),
+        why,
+    };
+    let chain = hex_der
+        .iter()
+        .map(|h| {
+            let der = hex::decode(h).map_err(|_| chain_err("a link is not hex".into()))?;
+            MeshCert::parse(&der).map_err(|e| chain_err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    verify_ca(&chain, roots, now).map_err(|e| chain_err(e.to_string()))?;
+    let signer = &chain[0];
+    if signer.name != body.ca {
+        return Err(chain_err(format!(
+            "the chain starts with {:?}, not the list's CA",
+            signer.name
+        )));
+    }
+    // A root's list is keyed by the root's name: an intermediate may not take its place.
+    if roots.iter().any(|r| r.name == body.ca) {
+        return Err(chain_err("a root's name: only that root signs its list".into()));
+    }
+    Ok(chain)
+}
+
 /// Signs a list with the CA's key (the `attesta-mesh revoke` command).
 pub fn sign(ca: &MeshCert, ca_key_pem: &str, body: &Body) -> Result<Vec<u8>, RevocationError> {
+    sign_delegated(ca, &[], ca_key_pem, body)
+}
+
+/// Signs a list with an intermediate CA's key, `above` being the CAs over it up to the root
+/// (not included): a list that revokes only what `ca` issued. With `above` empty and `ca` a
+/// root, the same as [`sign`].
+pub fn sign_delegated(
+    ca: &MeshCert,
+    above: &[MeshCert],
+    ca_key_pem: &str,
+    body: &Body,
+) -> Result<Vec<u8>, RevocationError> {
     if body.ca != ca.name {
         return Err(RevocationError::Malformed(format!(
             "the body names CA {:?}, the key is {:?}'s",
@@ -201,9 +293,18 @@ pub fn sign(ca: &MeshCert, ca_key_pem: &str, body: &Body) -> Result<Vec<u8>, Rev
     let mut msg = DOMAIN.to_vec();
     msg.extend_from_slice(text.as_bytes());
     let sig = sign_with(ca, ca_key_pem, &msg)?;
+    let chain = if above.is_empty() && ca.issued_by(ca) {
+        Vec::new()
+    } else {
+        std::iter::once(ca)
+            .chain(above)
+            .map(|c| hex::encode(&c.der))
+            .collect()
+    };
     let env = Envelope {
         body: text,
         signature: hex::encode(sig),
+        chain,
     };
     let mut out =
         serde_json::to_vec_pretty(&env).map_err(|e| RevocationError::Malformed(e.to_string()))?;
@@ -214,8 +315,8 @@ pub fn sign(ca: &MeshCert, ca_key_pem: &str, body: &Body) -> Result<Vec<u8>, Rev
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cert::Curve;
-    use crate::test_pki::{NOW, ca, node};
+    use crate::cert::{Curve, LocalCa, Role};
+    use crate::test_pki::{Ca, NOW, ca, node};
     use crate::transport::Trust;
 
     fn body(ca: &str, number: u64) -> Body {
@@ -360,6 +461,132 @@ mod tests {
             .unwrap();
         assert!(trust.fresh(NOW + 3600).is_ok());
         assert!(trust.fresh(NOW + 3601).is_err());
+    }
+
+    /// The root, the guests' intermediate under it (as `test_pki::Ca`), and a second
+    /// intermediate of the same name under the same root (another key).
+    fn delegation() -> (Ca, Ca, Ca) {
+        let root = LocalCa::root("root", &[], NOW - 86_400, NOW + 86_400).unwrap();
+        let guests = |r: &LocalCa| {
+            let i = r
+                .intermediate("guests", &[], &[Role::Guest], &[], NOW - 3600, NOW + 3600)
+                .unwrap();
+            Ca {
+                cert: i.cert,
+                key: i.key.to_string(),
+            }
+        };
+        let (a, b) = (guests(&root), guests(&root));
+        let root = Ca {
+            cert: root.cert,
+            key: root.key.to_string(),
+        };
+        (root, a, b)
+    }
+
+    #[test]
+    fn an_intermediates_list_revokes_what_it_issued_and_nothing_else() {
+        let (root, guests, twin) = delegation();
+        let roots = [root.cert.clone()];
+        let (_, _, vm) = node(&guests, "vm-1", "10.42.1.1/16");
+        let (_, _, twins_vm) = node(&twin, "vm-2", "10.42.1.2/16");
+        let (_, _, host) = node(&root, "host", "10.42.0.9/16");
+        // It lists all three, by key and by serial under its own name.
+        let mut b = body("guests", 7);
+        for c in [&vm, &twins_vm, &host] {
+            b.keys.push(hex::encode(c.key_hash));
+        }
+        b.serials.push(SerialEntry::of(&vm));
+        b.normalize();
+        let bytes = sign_delegated(&guests.cert, &[], &guests.key, &b).unwrap();
+        let list = RevocationList::verify(&bytes, &roots, NOW).unwrap();
+        assert!(!list.is_root_list());
+        assert!(list.revokes(&vm), "its own VM is revoked");
+        assert!(
+            !list.revokes(&host) && !list.revokes(&twins_vm),
+            "the root's host and another CA of the same name are beyond it"
+        );
+        let trust = Trust::new(roots.to_vec());
+        assert_eq!(trust.install(&bytes, NOW), Ok(true));
+        assert!(trust.is_revoked(&vm) && !trust.is_revoked(&host));
+        // It does not satisfy a maximum age: that is about the root's list.
+        trust.set_max_age(Some(3600));
+        assert!(trust.fresh(NOW).is_err());
+        trust
+            .install(&sign(&root.cert, &root.key, &body("root", 1)).unwrap(), NOW)
+            .unwrap();
+        assert!(trust.fresh(NOW).is_ok());
+        // Both lists held, each under its CA, each relayed.
+        assert_eq!(trust.lists().len(), 2);
+    }
+
+    #[test]
+    fn delegated_lists_out_of_scope_unchained_or_from_a_revoked_signer_are_refused() {
+        let (root, guests, twin) = delegation();
+        let roots = [root.cert.clone()];
+        // A serial entry under another issuer's name.
+        let mut b = body("guests", 1);
+        b.serials.push(SerialEntry {
+            issuer: "root".into(),
+            serial: "01".into(),
+        });
+        let l = sign_delegated(&guests.cert, &[], &guests.key, &b).unwrap();
+        assert_eq!(
+            RevocationList::verify(&l, &roots, NOW).unwrap_err(),
+            RevocationError::OutOfScope {
+                ca: "guests".into(),
+                issuer: "root".into()
+            }
+        );
+        // Without its chain, an intermediate is an unknown CA.
+        let text = String::from_utf8(sign(&guests.cert, &guests.key, &body("guests", 1)).unwrap())
+            .unwrap();
+        let mut unchained: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(unchained.as_object_mut().unwrap().remove("chain").is_some());
+        assert_eq!(
+            RevocationList::verify(unchained.to_string().as_bytes(), &roots, NOW).unwrap_err(),
+            RevocationError::UnknownCa("guests".into())
+        );
+        // Signed by the twin's key while presenting the guests' chain.
+        let mut env: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let twins = sign_delegated(&twin.cert, &[], &twin.key, &body("guests", 1)).unwrap();
+        let twins: serde_json::Value = serde_json::from_slice(&twins).unwrap();
+        env["signature"] = twins["signature"].clone();
+        assert_eq!(
+            RevocationList::verify(env.to_string().as_bytes(), &roots, NOW).unwrap_err(),
+            RevocationError::Signature("guests".into())
+        );
+        // A chain to a root this node does not trust, expired, or under a root's name.
+        let stranger = ca("stranger", Curve::Ed25519);
+        let good = sign_delegated(&guests.cert, &[], &guests.key, &body("guests", 1)).unwrap();
+        assert!(matches!(
+            RevocationList::verify(&good, std::slice::from_ref(&stranger.cert), NOW),
+            Err(RevocationError::Chain { .. })
+        ));
+        assert!(matches!(
+            RevocationList::verify(&good, &roots, NOW + 7200),
+            Err(RevocationError::Chain { .. })
+        ));
+        let root2 = LocalCa::root("root", &[], NOW - 86_400, NOW + 86_400).unwrap();
+        let named_root = root2
+            .intermediate("root", &[], &[], &[], NOW - 60, NOW + 60)
+            .unwrap();
+        let l = sign_delegated(&named_root.cert, &[], &named_root.key, &body("root", 9)).unwrap();
+        assert!(matches!(
+            RevocationList::verify(&l, std::slice::from_ref(&root2.cert), NOW),
+            Err(RevocationError::Chain { .. })
+        ));
+        // The root revoked the intermediate: its lists are refused from then on.
+        let trust = Trust::new(roots.to_vec());
+        let mut r = body("root", 1);
+        r.revoke(&guests.cert);
+        trust
+            .install(&sign(&root.cert, &root.key, &r).unwrap(), NOW)
+            .unwrap();
+        assert_eq!(
+            trust.install(&good, NOW),
+            Err(RevocationError::RevokedSigner("guests".into()))
+        );
     }
 
     proptest::proptest! {

@@ -94,6 +94,9 @@ impl Trust {
     /// for its CA. Ok(false): the same number again (relays repeat themselves; not an error).
     pub fn install(&self, bytes: &[u8], now: u64) -> Result<bool, RevocationError> {
         let list = RevocationList::verify(bytes, &read(&self.roots), now)?;
+        if let Some(c) = list.chain.iter().find(|c| self.is_revoked(c)) {
+            return Err(RevocationError::RevokedSigner(c.name.clone()));
+        }
         let mut lists = self.lists.write().unwrap_or_else(|e| e.into_inner());
         if let Some(have) = lists.get(&list.body.ca) {
             if have.body.number == list.body.number {
@@ -148,7 +151,13 @@ impl Trust {
         let Some(max) = *read(&self.max_age) else {
             return Ok(());
         };
-        let newest = read(&self.lists).values().map(|l| l.body.issued_at).max();
+        // A root's list only: a delegated one (a broker's, for its guests) says nothing of the
+        // root's revocations.
+        let newest = read(&self.lists)
+            .values()
+            .filter(|l| l.is_root_list())
+            .map(|l| l.body.issued_at)
+            .max();
         match newest {
             Some(t) if now.saturating_sub(t) <= max => Ok(()),
             Some(t) => Err(format!(

@@ -3,7 +3,8 @@
 //! lighthouse that dies and comes back recovers its directory from the other), the firewall on
 //! each connection with hot-reloaded rules (a file whose tests fail is refused, the old rules
 //! stay), a revocation list dropped on a lighthouse closing a live connection to the revoked
-//! node within 5 s, failing closed on a stale list, and rotation of the CA bundle, certificate
+//! node within 5 s, a broker's delegated list cutting off the guest it certified and nobody else,
+//! failing closed on a stale list, and rotation of the CA bundle, certificate
 //! and key without a restart. The whole directory goes to lighthouses only: a guest that asks
 //! for it is refused and may still look up one address.
 
@@ -494,6 +495,101 @@ async fn a_list_dropped_on_a_lighthouse_cuts_the_revoked_off_within_five_seconds
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(lh.trust().is_revoked(&b_cert) && a.trust().is_revoked(&b_cert));
     for n in [a, b, lh] {
+        n.shutdown().await;
+    }
+}
+
+/// A broker holding the guests' intermediate CA publishes a list of its own through its node:
+/// the lighthouse takes it and pushes it on, the guest it names is cut off at once, and a node
+/// the root certified stays, though the list names its key too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brokers_delegated_list_cuts_its_guest_off_and_nobody_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = ca("mesh-ca");
+    let guests = root
+        .intermediate(
+            "guest-ca",
+            &["10.42.0.0/16"],
+            &[Role::Guest],
+            &[],
+            now() - 60,
+            now() + 3600,
+        )
+        .unwrap();
+    let l1 = free_port();
+    let lhs = [("10.42.0.1", l1)];
+    let node = |name, ip, group, role, extra| {
+        write_node(
+            tmp.path(),
+            &root,
+            &Spec::new(name, ip, group, role, &lhs, extra),
+            if role == Role::Lighthouse {
+                l1
+            } else {
+                free_port()
+            },
+        )
+    };
+    let lh_dir = node("lh1", "10.42.0.1", "infra", Role::Lighthouse, "");
+    let a_dir = node("a", "10.42.1.1", "tenant:a", Role::Guest, "");
+    // The attested guest: its certificate from the guests' CA, presented with that CA.
+    let vm_dir = node("vm", "10.42.1.2", "tenant:a", Role::Guest, "");
+    let n = guests
+        .issue(
+            "vm",
+            "10.42.1.2/16",
+            &["tenant:a"],
+            Role::Guest,
+            now() - 60,
+            now() + 3600,
+        )
+        .unwrap();
+    std::fs::write(
+        vm_dir.join("node.crt"),
+        format!("{}{}", n.issued.cert_pem, guests.pem),
+    )
+    .unwrap();
+    std::fs::write(vm_dir.join("node.key"), n.issued.key_pem.as_bytes()).unwrap();
+    let kbs_dir = node("kbs", "10.42.0.5", "infra", Role::Kbs, "announce = false");
+    let lh = start(&lh_dir).await;
+    let a = start(&a_dir).await;
+    let vm = start(&vm_dir).await;
+    let kbs = start(&kbs_dir).await;
+    let live = reach(&vm, "10.42.1.1", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (vm_cert, a_cert) = (vm.cert(), a.cert());
+    assert_eq!(vm_cert.issuer, "guest-ca");
+
+    let mut body = Body {
+        v: 1,
+        ca: "guest-ca".into(),
+        number: 1,
+        issued_at: now(),
+        serials: vec![],
+        keys: vec![],
+    };
+    // By key (what a broker knows of a VM), a's as well: beyond this CA, so ignored.
+    body.keys = [&vm_cert, &a_cert]
+        .iter()
+        .map(|c| hex::encode(c.key_hash))
+        .collect();
+    body.normalize();
+    let list = mesh::revocation::sign_delegated(&guests.cert, &[], &guests.key, &body).unwrap();
+    let t = Instant::now();
+    assert_eq!(kbs.publish(&list), Ok(true));
+    let code = closed_with(&live, Duration::from_secs(5)).await;
+    eprintln!("a delegated list closed the connection in {:?}", t.elapsed());
+    assert_eq!(code, Some(close::REVOKED), "closed by a, as revoked");
+    for n in [&lh, &a, &kbs] {
+        assert!(n.trust().is_revoked(&vm_cert) && !n.trust().is_revoked(&a_cert));
+    }
+    // a still serves its tenant: a node joining now reaches it.
+    let c = start(&node("c", "10.42.1.3", "tenant:a", Role::Guest, "")).await;
+    reach(&c, "10.42.1.1", Duration::from_secs(10))
+        .await
+        .expect("a is not revoked");
+    for n in [a, c, vm, kbs, lh] {
         n.shutdown().await;
     }
 }

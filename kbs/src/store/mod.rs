@@ -150,6 +150,10 @@ pub trait Store {
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError>;
     /// The VM's lease, if a release ever certified a mesh key for it.
     async fn lease(&self, vm_id: &str) -> Result<Option<Lease>, StoreError>;
+    /// Mesh keys whose leases were revoked at or after `since` (certificates for them may
+    /// still be valid), newest first: what the broker's revocation list names. At most
+    /// [`MAX_REVOKED_LISTED`].
+    async fn revoked_mesh_keys(&self, since: u64) -> Result<Vec<RevokedKey>, StoreError>;
     /// What the durable record says of a nonce: `Spent` once a decision spent it. (Nonces are
     /// issued from memory, [`crate::nonces::NonceBook`]; only their spending is stored.)
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError>;
@@ -239,6 +243,31 @@ pub struct SqlStore {
     /// The KEK check value this process wraps keys under ([`SqlStore::bind_kek`]): a
     /// registration is refused once the store's differs (the KEK was rotated meanwhile).
     kek_check: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+/// A mesh key whose lease was revoked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokedKey {
+    pub vm_id: String,
+    pub mesh_key: Vec<u8>,
+    pub revoked_at: u64,
+    pub why: String,
+}
+
+/// Most revoked keys one revocation list names (about 10,000 entries fit in a list; each
+/// key is one entry). More at once than this is an incident, not a clone: the oldest wait
+/// for their certificates to expire.
+pub const MAX_REVOKED_LISTED: usize = 8_000;
+
+fn lease_of(r: &sqlx::any::AnyRow) -> Lease {
+    Lease {
+        vm_id: r.get(0),
+        chip_id: r.get(1),
+        measurement: r.get(2),
+        mesh_key: r.get(3),
+        renewed_at: u(r.get(4)),
+        revoked: r.get(5),
+    }
 }
 
 pub(super) fn i(v: u64) -> i64 {
@@ -390,14 +419,27 @@ impl Store for SqlStore {
         .bind(vm_id)
         .fetch_optional(&self.pool())
         .await?;
-        Ok(row.map(|r| Lease {
-            vm_id: r.get(0),
-            chip_id: r.get(1),
-            measurement: r.get(2),
-            mesh_key: r.get(3),
-            renewed_at: u(r.get(4)),
-            revoked: r.get(5),
-        }))
+        Ok(row.map(|r| lease_of(&r)))
+    }
+
+    async fn revoked_mesh_keys(&self, since: u64) -> Result<Vec<RevokedKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT vm_id, mesh_key, revoked_at, why FROM revoked_mesh_keys \
+             WHERE revoked_at >= $1 ORDER BY revoked_at DESC LIMIT $2",
+        )
+        .bind(i(since))
+        .bind(MAX_REVOKED_LISTED as i64)
+        .fetch_all(&self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| RevokedKey {
+                vm_id: r.get(0),
+                mesh_key: r.get(1),
+                revoked_at: u(r.get(2)),
+                why: r.get(3),
+            })
+            .collect())
     }
 
     async fn nonce(&self, nonce: &[u8; 32]) -> Result<Option<NonceState>, StoreError> {

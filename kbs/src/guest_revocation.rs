@@ -1,0 +1,173 @@
+//! Cutting a cloned VM off the mesh at once. When a lease is revoked (the VM's mesh key
+//! attested on another chip or with another image, [`crate::lease`]), the broker does not wait
+//! for the VM's certificates to expire: it signs a revocation list with its guests' CA — an
+//! intermediate, whose list revokes only certificates it issued (`mesh::revocation`, delegated
+//! lists) — installs it on its own mesh gate and sends it to the lighthouses, which push it to
+//! every node; they close live connections to the revoked key within a second or so.
+//!
+//! The list names, by key, every mesh key revoked within the last certificate lifetime (plus a
+//! minute): a certificate for an older one has expired anyway. It is published when a lease is
+//! revoked and whenever that set changes (an entry ages out), numbered by the clock in
+//! milliseconds (never below the last number + 1), so that replicas on one database publish
+//! lists that supersede each other. A root guest CA cannot do this (its list would replace the
+//! mesh operator's): then VMs drop off within the lease, as before, and start says so.
+//!
+//! Not done: terminate and a withdrawn image or raised floor only stop renewals (the VM drops
+//! off within its lease); only a clone is revoked at once.
+
+use crate::service::Kbs;
+use crate::store::{RevokedKey, Store};
+use mesh::revocation::Body;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Slack on top of a certificate's lifetime before an entry leaves the list (clock skew).
+const SLACK_SECS: u64 = 60;
+
+/// The list's body: each revoked key (Ed25519, 32 bytes) by the hash its certificates carry.
+/// Pure: the same keys always give the same body for a number and time.
+pub fn list_body(ca: &str, number: u64, now: u64, keys: &[RevokedKey]) -> Body {
+    let mut body = Body {
+        v: 1,
+        ca: ca.into(),
+        number,
+        issued_at: now,
+        serials: Vec::new(),
+        keys: keys
+            .iter()
+            .filter_map(|k| <[u8; 32]>::try_from(k.mesh_key.as_slice()).ok())
+            .map(|k| hex::encode(mesh::cert::ed25519_key_hash(&k)))
+            .collect(),
+    };
+    body.normalize();
+    body
+}
+
+/// The next list's number: the clock in milliseconds, and always above the last one.
+pub fn next_number(last: u64, now_ms: u64) -> u64 {
+    now_ms.max(last.saturating_add(1))
+}
+
+/// Where a signed list goes: the broker's own gate, and the mesh through a node of its own.
+#[derive(Clone, Default)]
+pub struct Outlets {
+    /// The broker's mesh gate (a revoked guest's keepalive is refused at the handshake).
+    pub gate: Option<Arc<mesh::transport::Trust>>,
+    /// A node connected to the lighthouses (`[mesh] lighthouses`).
+    pub node: Option<mesh::node::Node>,
+}
+
+/// Publishes the broker's list whenever a lease is revoked or the listed set changes (checked
+/// every `every`), until the process ends. Does nothing without a guest CA that can revoke.
+pub async fn follow(kbs: Arc<Kbs>, out: Outlets, every: Duration, clock: fn() -> u64) {
+    let mut last_number = 0;
+    let mut last_keys: Option<Vec<String>> = None;
+    loop {
+        match publish_once(&kbs, &out, last_number, &last_keys, clock()).await {
+            Ok(Some((number, keys))) => {
+                last_number = number;
+                last_keys = Some(keys);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "guest revocation list not published"),
+        }
+        tokio::select! {
+            () = kbs.lease_revoked.notified() => {}
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// One round: the list as the store has it now, published if it differs from the last one.
+/// Ok(Some((number, keys))) when one went out.
+async fn publish_once(
+    kbs: &Kbs,
+    out: &Outlets,
+    last_number: u64,
+    last_keys: &Option<Vec<String>>,
+    now: u64,
+) -> Result<Option<(u64, Vec<String>)>, String> {
+    let Some(issuer) = kbs.guest_issuer.get().filter(|i| i.can_revoke()) else {
+        return Ok(None);
+    };
+    let since = now.saturating_sub(issuer.ttl().saturating_add(SLACK_SECS));
+    let keys = kbs
+        .store
+        .revoked_mesh_keys(since)
+        .await
+        .map_err(|e| e.to_string())?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let body = list_body(
+        issuer.ca_name(),
+        next_number(last_number, now_ms),
+        now,
+        &keys,
+    );
+    // Nothing new: neither a first list with nothing in it, nor the same set again.
+    match last_keys {
+        None if body.keys.is_empty() => return Ok(None),
+        Some(k) if *k == body.keys => return Ok(None),
+        _ => {}
+    }
+    let bytes = issuer.sign_revocations(&body)?;
+    if let Some(t) = &out.gate {
+        t.install(&bytes, now).map_err(|e| e.to_string())?;
+    }
+    if let Some(n) = &out.node {
+        n.publish(&bytes).map_err(|e| e.to_string())?;
+    }
+    tracing::info!(
+        number = body.number,
+        keys = body.keys.len(),
+        "guest revocation list published"
+    );
+    Ok(Some((body.number, body.keys)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8, at: u64) -> RevokedKey {
+        RevokedKey {
+            vm_id: format!("vm-{b}"),
+            mesh_key: vec![b; 32],
+            revoked_at: at,
+            why: "lease_other_chip".into(),
+        }
+    }
+
+    #[test]
+    fn the_body_names_each_key_once_by_its_certificates_hash() {
+        let a = list_body("guests", 5, 100, &[key(1, 10), key(2, 20), key(1, 30)]);
+        let b = list_body("guests", 5, 100, &[key(2, 20), key(1, 10)]);
+        assert_eq!(a, b);
+        assert_eq!(
+            a.keys,
+            {
+                let mut k = vec![
+                    hex::encode(mesh::cert::ed25519_key_hash(&[1; 32])),
+                    hex::encode(mesh::cert::ed25519_key_hash(&[2; 32])),
+                ];
+                k.sort();
+                k
+            },
+            "hashes, not the raw keys"
+        );
+        assert!(a.serials.is_empty());
+        // A key of the wrong length is skipped, not listed as garbage.
+        let mut bad = key(3, 1);
+        bad.mesh_key.pop();
+        assert!(list_body("guests", 1, 1, &[bad]).keys.is_empty());
+    }
+
+    #[test]
+    fn numbers_only_go_up() {
+        assert_eq!(next_number(0, 1_000), 1_000);
+        assert_eq!(next_number(1_000, 1_000), 1_001, "same millisecond");
+        assert_eq!(next_number(5_000, 1_000), 5_001, "a clock stepped back");
+        assert_eq!(next_number(u64::MAX, 1), u64::MAX);
+    }
+}
