@@ -205,6 +205,114 @@ async fn a_lease_is_renewed_refused_and_revoked_for_its_reasons() {
     }
 }
 
+/// With an intermediate guest CA, a clone's revocation reaches the mesh at once: the broker's
+/// list (here installed on its gate) names the VM's key as soon as the lease is revoked, and
+/// still does after the VM boots again with a new key, which is not named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_lease_revokes_the_vms_certificates_at_once() {
+    let s = setup_with(|k| k.lease_min_interval = 0).await;
+    let t = now();
+    let root = mesh::cert::LocalCa::root("mesh-ca", &["10.42.0.0/16"], t - 60, t + 86_400).unwrap();
+    let guests = root
+        .intermediate(
+            "guest-ca",
+            &["10.42.0.0/16"],
+            &[mesh::cert::Role::Guest],
+            &["*"],
+            t - 60,
+            t + 86_400,
+        )
+        .unwrap();
+    assert!(
+        s.kbs
+            .guest_issuer
+            .set(kbs::service::GuestIssuer::new(
+                guests.cert.clone(),
+                vec![],
+                guests.key.clone(),
+                3600
+            ))
+            .is_ok()
+    );
+    let mut order = order_on("vm-r", &s.chip);
+    order.mesh_ip = Some("10.42.7.10/16".into());
+    s.kbs.register(&order.sign(&s.operator), t).await.unwrap();
+    let broker = serve_on_loopback(&s.kbs, s.response_pub);
+    let gate = mesh::transport::Trust::new(vec![root.cert.clone()]);
+    tokio::spawn(kbs::guest_revocation::follow(
+        s.kbs.clone(),
+        kbs::guest_revocation::Outlets {
+            gate: Some(gate.clone()),
+            node: None,
+        },
+        std::time::Duration::from_secs(600),
+        now,
+    ));
+    let guest = s.chip.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let key = Ed25519KeyPair::generate().unwrap();
+    let public: [u8; 32] = key.public_key().as_ref().try_into().unwrap();
+    let released = fetch_with_mesh_key(&broker, "vm-r", &guest, &public)
+        .await
+        .unwrap();
+    let cert = mesh::cert::MeshCert::parse(&released.mesh_cert).unwrap();
+    assert_eq!(cert.issuer, "guest-ca");
+    let renewed = renew(&broker, "vm-r", &guest, &key).await.unwrap();
+    let renewed = mesh::cert::MeshCert::parse(&renewed.mesh_cert).unwrap();
+    // Renewals and releases revoke nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!gate.is_revoked(&cert) && !gate.is_revoked(&renewed));
+    assert!(
+        gate.list_summary().is_empty(),
+        "no list before a revocation"
+    );
+
+    let clone = s.elsewhere.launch(GuestLaunch {
+        measurement: GOOD,
+        ..Default::default()
+    });
+    let reasons = denied(renew(&broker, "vm-r", &clone, &key).await);
+    assert!(
+        reasons.contains(&"lease_other_chip".to_string()),
+        "{reasons:?}"
+    );
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !gate.is_revoked(&renewed) {
+        assert!(std::time::Instant::now() < until, "never revoked");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        gate.is_revoked(&cert),
+        "every certificate for the key, by key"
+    );
+
+    // The VM boots again with a new key: its new lease is not revoked, the old key still is.
+    let key2 = Ed25519KeyPair::generate().unwrap();
+    let public2: [u8; 32] = key2.public_key().as_ref().try_into().unwrap();
+    let again = fetch_with_mesh_key(&broker, "vm-r", &guest, &public2)
+        .await
+        .unwrap();
+    let new_cert = mesh::cert::MeshCert::parse(&again.mesh_cert).unwrap();
+    let listed = s.kbs.store.revoked_mesh_keys(0).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].mesh_key, public.to_vec());
+    assert_eq!(listed[0].vm_id, "vm-r");
+    assert!(
+        listed[0].why.contains("lease_other_chip"),
+        "{:?}",
+        listed[0]
+    );
+    s.kbs.lease_revoked.notify_one();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(gate.is_revoked(&renewed) && !gate.is_revoked(&new_cert));
+    // The list is the guest CA's, delegated: one list, from the intermediate.
+    let lists = gate.list_summary();
+    assert_eq!(lists.len(), 1);
+    assert_eq!((lists[0].0.as_str(), lists[0].3), ("guest-ca", 1));
+}
+
 /// The real `attesta-guest keepalive --once` in a running guest's place: it reads the mesh key
 /// `unlock` left on tmpfs, renews, and replaces `node.crt` with the new certificate for that key;
 /// once the image is withdrawn it fails (exit 1) and leaves `node.crt` as it was.

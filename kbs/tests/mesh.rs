@@ -4,7 +4,9 @@
 //! at the handshake, a hot-reloaded rules file and a revocation list dropped beside the broker
 //! each shut a host out without a restart, and a guest without any certificate still reaches
 //! attestation (its evidence gets a signed answer). The broker certifies guests with an
-//! intermediate CA (role guest only) and hands them the whole chain up to the root.
+//! intermediate CA (role guest only) and hands them the whole chain up to the root; when a
+//! guest's key attests from another chip, the list the broker signs with that intermediate
+//! reaches a real lighthouse at once.
 
 mod common;
 
@@ -163,12 +165,33 @@ fn the_broker_on_the_mesh() {
         )
         .replace("client_ca = \"tls-ca.crt\"\n", "");
     assert!(toml.contains("kbs.attesta.local.crt") && !toml.contains("client_ca"));
+    // A lighthouse of the mesh, through which the broker publishes its guests' revocations.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lh_listen = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let lh = {
+        let l = p("lighthouse");
+        std::fs::create_dir_all(&l).unwrap();
+        issue(&l, &root, "lighthouse", "10.42.0.1/16", Role::Lighthouse);
+        std::fs::write(l.join("ca.crt"), &root.pem).unwrap();
+        std::fs::write(l.join("rules.toml"), "version = 1\n").unwrap();
+        let cfg = format!(
+            "cert = \"lighthouse.crt\"\nkey = \"lighthouse.key\"\nca = \"ca.crt\"\n\
+             rules = \"rules.toml\"\nlisten = \"{lh_listen}\"\nlighthouse = true\nreload_ms = 200\n"
+        );
+        std::fs::write(l.join("node.toml"), cfg).unwrap();
+        let cfg = mesh::node::NodeConfig::load(&l.join("node.toml")).unwrap();
+        rt.block_on(mesh::node::Node::start(cfg, vec![])).unwrap()
+    };
     std::fs::write(
         d.join("kbs.toml"),
         format!(
-            "{toml}allowlist = \"allowlist.signed\"\n[mesh]\nca = \"mesh-ca.crt\"\n\
+            "{toml}allowlist = \"allowlist.signed\"\nlease_min_interval_secs = 0\n[mesh]\nca = \"mesh-ca.crt\"\n\
              rules = \"mesh-rules.toml\"\nrevocation = \"mesh-revocation.json\"\nreload_secs = 1\n\
-             guest_ca = \"guest-ca\"\nguest_cert_secs = 3600\n"
+             guest_ca = \"guest-ca\"\nguest_cert_secs = 3600\n\
+             lighthouses = {{ \"10.42.0.1\" = [\"{lh_listen}\"] }}\n"
         ),
     )
     .unwrap();
@@ -263,6 +286,7 @@ fn the_broker_on_the_mesh() {
     );
     let crt = std::fs::read(mesh_dir.join("node.crt")).unwrap();
     let key = std::fs::read_to_string(mesh_dir.join("node.key")).unwrap();
+    let lease_key = guest_agent::keepalive::mesh_key(&mesh_dir).unwrap();
     drop(shm_dir);
     let chain = parse_bundle(&crt).unwrap();
     // Leaf, the broker's intermediate, the root.
@@ -289,7 +313,6 @@ fn the_broker_on_the_mesh() {
     mesh::cert::sign_with(&cert, &key, b"probe").unwrap();
 
     // A guest with no certificate reaches attestation: an unknown VM gets a signed denial.
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let response_pub = std::fs::read_to_string(d.join("response.pub")).unwrap();
     let mut rk = [0u8; 32];
     hex::decode_to_slice(response_pub.trim(), &mut rk).unwrap();
@@ -306,6 +329,40 @@ fn the_broker_on_the_mesh() {
         why.contains("unknown_vm"),
         "a signed denial for an unknown VM, got {why:?}"
     );
+
+    // The VM's mesh key attests from another chip (a clone): the lease is revoked, and the
+    // broker's list — signed by its intermediate — reaches the lighthouse at once, where a
+    // certificate valid for another hour is revoked.
+    let other = simulator::Chip::new(pki.clone(), simulator::ChipConfig::typical(&pki, 1)).unwrap();
+    let clone = other.launch(simulator::GuestLaunch {
+        measurement: [0x4d; 48],
+        ..Default::default()
+    });
+    let got = rt.block_on(guest_agent::client::renew(
+        &broker, "vm-g", &clone, &lease_key,
+    ));
+    let why = got.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(why.contains("lease_other_chip"), "{why}");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !lh.trust().is_revoked(&cert) {
+        assert!(
+            Instant::now() < end,
+            "the lighthouse never learnt: {}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(cert.not_after > now() + 3000, "revoked long before it ends");
+    assert!(
+        !lh.trust().is_revoked(&host),
+        "a delegated list reaches no further"
+    );
+    assert!(
+        log.lock()
+            .unwrap()
+            .contains("guest revocation list published")
+    );
+    rt.block_on(lh.shutdown());
 
     // From here, vm-1 again is the probe: an admitted host hears `vm_exists`, a refused one
     // never reaches the broker's order handling.

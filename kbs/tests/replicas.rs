@@ -323,7 +323,11 @@ fn postgres_restarted_mid_storm() {
 
     r.db[0].start_again().unwrap();
     // Back without a restart: ready again, and the storm goes on.
-    r.ready_within(metrics, Duration::from_secs(30), "after the database came back");
+    r.ready_within(
+        metrics,
+        Duration::from_secs(30),
+        "after the database came back",
+    );
     let back = received.lock().unwrap().len();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while received.lock().unwrap().len() < back + VMS {

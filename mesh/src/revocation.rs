@@ -263,7 +263,9 @@ fn delegated_chain(
     }
     // A root's list is keyed by the root's name: an intermediate may not take its place.
     if roots.iter().any(|r| r.name == body.ca) {
-        return Err(chain_err("a root's name: only that root signs its list".into()));
+        return Err(chain_err(
+            "a root's name: only that root signs its list".into(),
+        ));
     }
     Ok(chain)
 }

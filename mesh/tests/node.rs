@@ -579,7 +579,10 @@ async fn a_brokers_delegated_list_cuts_its_guest_off_and_nobody_else() {
     let t = Instant::now();
     assert_eq!(kbs.publish(&list), Ok(true));
     let code = closed_with(&live, Duration::from_secs(5)).await;
-    eprintln!("a delegated list closed the connection in {:?}", t.elapsed());
+    eprintln!(
+        "a delegated list closed the connection in {:?}",
+        t.elapsed()
+    );
     assert_eq!(code, Some(close::REVOKED), "closed by a, as revoked");
     for n in [&lh, &a, &kbs] {
         assert!(n.trust().is_revoked(&vm_cert) && !n.trust().is_revoked(&a_cert));
