@@ -197,12 +197,36 @@ async fn a_lease_is_written_with_its_decision_only(on: On) {
         revoked: Some("lease_other_chip".into()),
         ..renewed.clone()
     };
+    assert!(s.revoked_mesh_keys(0).await.unwrap().is_empty());
     s.commit(&renewal(revoked.clone(), 7)).await.unwrap();
     assert_eq!(s.lease("vm-1").await.unwrap(), Some(revoked.clone()));
+    // The revoked key is kept for the mesh's list, committed with the revocation.
+    let listed = kbs::store::RevokedKey {
+        vm_id: "vm-1".into(),
+        mesh_key: vec![7; 32],
+        revoked_at: 30,
+        why: "lease_other_chip".into(),
+    };
+    assert_eq!(s.revoked_mesh_keys(30).await.unwrap(), [listed.clone()]);
+    assert!(s.revoked_mesh_keys(31).await.unwrap().is_empty(), "older");
     // Once revoked, a renewal that read the lease before cannot bring it back.
     let late = s.commit(&renewal(renewed, 7)).await.unwrap();
     assert_eq!(late.lost_race, Some("lease_changed"));
     assert_eq!(s.lease("vm-1").await.unwrap(), Some(revoked));
+    // The VM boots again with another key: a new lease, the old key still listed.
+    let next = Lease {
+        mesh_key: vec![9; 32],
+        renewed_at: 40,
+        ..lease.clone()
+    };
+    assert!(
+        s.commit(&with(release("vm-1", [4; 32], 1), &next))
+            .await
+            .unwrap()
+            .released
+    );
+    assert_eq!(s.lease("vm-1").await.unwrap(), Some(next));
+    assert_eq!(s.revoked_mesh_keys(0).await.unwrap(), [listed]);
 }
 
 async fn records_and_crypto_shredding(on: On) {
