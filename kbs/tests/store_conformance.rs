@@ -207,7 +207,10 @@ async fn a_lease_is_written_with_its_decision_only(on: On) {
         revoked_at: 30,
         why: "lease_other_chip".into(),
     };
-    assert_eq!(s.revoked_mesh_keys(30).await.unwrap(), [listed.clone()]);
+    assert_eq!(
+        s.revoked_mesh_keys(30).await.unwrap(),
+        std::slice::from_ref(&listed)
+    );
     assert!(s.revoked_mesh_keys(31).await.unwrap().is_empty(), "older");
     // Once revoked, a renewal that read the lease before cannot bring it back.
     let late = s.commit(&renewal(renewed, 7)).await.unwrap();
