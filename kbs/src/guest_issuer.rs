@@ -40,15 +40,22 @@ impl GuestIssuer {
         }
     }
 
-    /// Whether this CA can sign a revocation list of its own: an intermediate can (its list
-    /// revokes only what it issued); a root's list would replace the mesh operator's.
+    /// Whether this CA can sign a revocation list of its own: an intermediate the root issued
+    /// directly can (its list revokes only what it issued; nodes take lists from no deeper CA);
+    /// a root's list would replace the mesh operator's.
     pub fn can_revoke(&self) -> bool {
-        !self.ca.issued_by(&self.ca)
+        let root = |c: &mesh::cert::MeshCert| c.issued_by(c);
+        !root(&self.ca) && self.above.iter().all(root)
     }
 
     /// The CA's name (a delegated list's `ca`).
     pub fn ca_name(&self) -> &str {
         &self.ca.name
+    }
+
+    /// What nodes hold this CA's revocation list under.
+    pub fn list_id(&self) -> String {
+        mesh::revocation::delegated_id(&self.ca)
     }
 
     /// A guest certificate's lifetime, seconds.

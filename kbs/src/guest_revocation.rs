@@ -5,12 +5,17 @@
 //! lists) — installs it on its own mesh gate and sends it to the lighthouses, which push it to
 //! every node; they close live connections to the revoked key within a second or so.
 //!
-//! The list names, by key, every mesh key revoked within the last certificate lifetime (plus a
-//! minute): a certificate for an older one has expired anyway. It is published when a lease is
-//! revoked and whenever that set changes (an entry ages out), numbered by the clock in
-//! milliseconds (never below the last number + 1), so that replicas on one database publish
-//! lists that supersede each other. A root guest CA cannot do this (its list would replace the
-//! mesh operator's): then VMs drop off within the lease, as before, and start says so.
+//! The list names, by key, every revoked mesh key whose last certificate was issued within the
+//! longest lease (`guest_cert_secs`, counted as at least a day in case it was longer before a
+//! restart) plus a minute: a certificate for an older one has expired anyway. The broker
+//! compares it with the list the mesh holds for its CA — what its own node pulled from the
+//! lighthouses, else what its gate holds — when a lease is revoked and every minute, and
+//! publishes when they differ, numbered by the clock in milliseconds read before the store
+//! (and above the number held). So replicas on one database converge on one list: one that
+//! publishes from a stale read is corrected by the next round of any replica, and a send lost
+//! on the way is made good the same way. A root guest CA cannot do this (its list would
+//! replace the mesh operator's), nor one below another intermediate (nodes take lists only from
+//! CAs a root issued): then VMs drop off within the lease, as before, and start says so.
 //!
 //! Not done: terminate and a withdrawn image or raised floor only stop renewals (the VM drops
 //! off within its lease); only a clone is revoked at once.
@@ -23,6 +28,8 @@ use std::time::Duration;
 
 /// Slack on top of a certificate's lifetime before an entry leaves the list (clock skew).
 const SLACK_SECS: u64 = 60;
+/// The shortest window an entry stays listed, whatever `guest_cert_secs` is now.
+const MIN_WINDOW_SECS: u64 = 86_400;
 
 /// The list's body: each revoked key (Ed25519, 32 bytes) by the hash its certificates carry.
 /// Pure: the same keys always give the same body for a number and time.
@@ -57,19 +64,13 @@ pub struct Outlets {
     pub node: Option<mesh::node::Node>,
 }
 
-/// Publishes the broker's list whenever a lease is revoked or the listed set changes (checked
-/// every `every`), until the process ends. Does nothing without a guest CA that can revoke.
+/// Publishes the broker's list whenever a lease is revoked, and whenever the mesh's copy
+/// differs from the store (checked every `every`), until the process ends. Does nothing
+/// without a guest CA that can revoke.
 pub async fn follow(kbs: Arc<Kbs>, out: Outlets, every: Duration, clock: fn() -> u64) {
-    let mut last_number = 0;
-    let mut last_keys: Option<Vec<String>> = None;
     loop {
-        match publish_once(&kbs, &out, last_number, &last_keys, clock()).await {
-            Ok(Some((number, keys))) => {
-                last_number = number;
-                last_keys = Some(keys);
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "guest revocation list not published"),
+        if let Err(e) = publish_once(&kbs, &out, clock()).await {
+            tracing::warn!(error = %e, "guest revocation list not published");
         }
         tokio::select! {
             () = kbs.lease_revoked.notified() => {}
@@ -78,37 +79,47 @@ pub async fn follow(kbs: Arc<Kbs>, out: Outlets, every: Duration, clock: fn() ->
     }
 }
 
-/// One round: the list as the store has it now, published if it differs from the last one.
-/// Ok(Some((number, keys))) when one went out.
-async fn publish_once(
-    kbs: &Kbs,
-    out: &Outlets,
-    last_number: u64,
-    last_keys: &Option<Vec<String>>,
-    now: u64,
-) -> Result<Option<(u64, Vec<String>)>, String> {
+/// One round: the list as the store has it now, published if the mesh holds another.
+/// Ok(true) when one went out.
+pub async fn publish_once(kbs: &Kbs, out: &Outlets, now: u64) -> Result<bool, String> {
     let Some(issuer) = kbs.guest_issuer.get().filter(|i| i.can_revoke()) else {
-        return Ok(None);
+        return Ok(false);
     };
-    let since = now.saturating_sub(issuer.ttl().saturating_add(SLACK_SECS));
-    let keys = kbs
-        .store
-        .revoked_mesh_keys(since)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Read before the store: a list made from a later read gets a higher number.
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    let window = issuer.ttl().max(MIN_WINDOW_SECS).saturating_add(SLACK_SECS);
+    let keys = kbs
+        .store
+        .revoked_mesh_keys(now.saturating_sub(window))
+        .await
+        .map_err(|e| e.to_string())?;
+    if keys.len() >= crate::store::MAX_REVOKED_LISTED {
+        tracing::warn!(
+            listed = keys.len(),
+            "more revoked mesh keys than one list holds: the oldest are left to expire"
+        );
+    }
+    let held = out
+        .node
+        .as_ref()
+        .map(|n| n.trust())
+        .or_else(|| out.gate.clone())
+        .and_then(|t| t.list(&issuer.list_id()));
+    // Another replica's list, come through the lighthouses: the gate holds it too.
+    if let (Some(h), Some(g), Some(_)) = (&held, &out.gate, &out.node) {
+        let _ = g.install(&h.bytes, now);
+    }
     let body = list_body(
         issuer.ca_name(),
-        next_number(last_number, now_ms),
+        next_number(held.as_ref().map_or(0, |l| l.body.number), now_ms),
         now,
         &keys,
     );
-    // Nothing new: neither a first list with nothing in it, nor the same set again.
-    match last_keys {
-        None if body.keys.is_empty() => return Ok(None),
-        Some(k) if *k == body.keys => return Ok(None),
+    match &held {
+        None if body.keys.is_empty() => return Ok(false),
+        Some(h) if h.body.keys == body.keys => return Ok(false),
         _ => {}
     }
     let bytes = issuer.sign_revocations(&body)?;
@@ -123,7 +134,7 @@ async fn publish_once(
         keys = body.keys.len(),
         "guest revocation list published"
     );
-    Ok(Some((body.number, body.keys)))
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -134,7 +145,7 @@ mod tests {
         RevokedKey {
             vm_id: format!("vm-{b}"),
             mesh_key: vec![b; 32],
-            revoked_at: at,
+            certified_at: at,
             why: "lease_other_chip".into(),
         }
     }

@@ -164,8 +164,9 @@ pub(crate) async fn reload_mesh(
 }
 
 /// The broker's own mesh node, through which it publishes its guests' revocation list: its
-/// certificate, no announcements, no services, connected to `[mesh] lighthouses`. None when
-/// none are configured.
+/// certificate, no announcements and no services of its own (it still answers the mesh's
+/// control protocol on an ephemeral UDP port, as every node does), connected to `[mesh]
+/// lighthouses`. None when none are configured.
 pub(crate) async fn revocation_node(
     c: &Config,
     m: &MeshSection,

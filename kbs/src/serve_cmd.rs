@@ -260,6 +260,11 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             };
             match kbs.guest_issuer.get() {
                 Some(i) if i.can_revoke() => {
+                    if outlets.node.is_none() {
+                        tracing::warn!(
+                            "no [mesh] lighthouses: a cloned VM's certificate is revoked at this broker only; the rest of the mesh drops it when its lease ends"
+                        );
+                    }
                     rt.spawn(kbs::guest_revocation::follow(
                         kbs.clone(),
                         outlets,
@@ -269,7 +274,7 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
                 }
                 Some(i) => tracing::warn!(
                     ca = i.ca_name(),
-                    "guest_ca is a root: a cloned VM's certificate cannot be revoked at once (it ends with its lease); give the broker an intermediate"
+                    "guest_ca is not an intermediate the mesh root issued directly: a cloned VM's certificate cannot be revoked at once (it ends with its lease)"
                 ),
                 None => {}
             }

@@ -304,13 +304,32 @@ async fn a_revoked_lease_revokes_the_vms_certificates_at_once() {
         "{:?}",
         listed[0]
     );
-    s.kbs.lease_revoked.notify_one();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(gate.is_revoked(&renewed) && !gate.is_revoked(&new_cert));
+    // The mesh's list is still what the store says (the boot removed nothing from it): nothing
+    // to publish.
+    let outlets = kbs::guest_revocation::Outlets {
+        gate: Some(gate.clone()),
+        node: None,
+    };
+    assert_eq!(
+        kbs::guest_revocation::publish_once(&s.kbs, &outlets, now()).await,
+        Ok(false)
+    );
     // The list is the guest CA's, delegated: one list, from the intermediate.
     let lists = gate.list_summary();
     assert_eq!(lists.len(), 1);
     assert_eq!((lists[0].0.as_str(), lists[0].3), ("guest-ca", 1));
+    // A list the mesh lost (here: a gate that never had it) is published again.
+    let fresh = mesh::transport::Trust::new(vec![root.cert.clone()]);
+    let outlets = kbs::guest_revocation::Outlets {
+        gate: Some(fresh.clone()),
+        node: None,
+    };
+    assert_eq!(
+        kbs::guest_revocation::publish_once(&s.kbs, &outlets, now()).await,
+        Ok(true)
+    );
+    assert!(fresh.is_revoked(&renewed) && fresh.is_revoked(&cert));
 }
 
 /// The real `attesta-guest keepalive --once` in a running guest's place: it reads the mesh key

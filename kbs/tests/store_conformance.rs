@@ -204,7 +204,7 @@ async fn a_lease_is_written_with_its_decision_only(on: On) {
     let listed = kbs::store::RevokedKey {
         vm_id: "vm-1".into(),
         mesh_key: vec![7; 32],
-        revoked_at: 30,
+        certified_at: 30,
         why: "lease_other_chip".into(),
     };
     assert_eq!(

@@ -297,12 +297,12 @@ impl MeshCert {
         Ok(spki.subject_public_key.raw_bytes().to_vec())
     }
 
-    /// Whether `issuer` signed this certificate (names and signature; not constraints).
     /// Whether `ca` issued this certificate: its subject is our issuer and its key signed us.
     pub fn issued_by(&self, ca: &MeshCert) -> bool {
         ca.subject_der == self.issuer_der && self.signed_by(ca).is_ok()
     }
 
+    /// Whether `issuer` signed this certificate (names and signature; not constraints).
     fn signed_by(&self, issuer: &MeshCert) -> Result<(), CertError> {
         let pk = issuer.public_key()?;
         let ok = match issuer.alg_of_key() {

@@ -963,15 +963,17 @@ impl Node {
                     }
                 }
             }
-            Msg::GetRevocations => Msg::Revocations {
-                docs: self
-                    .inner
-                    .trust
-                    .lists()
-                    .into_iter()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .collect(),
-            },
+            Msg::GetRevocations => {
+                let (docs, left_out) = within_message(self.inner.trust.lists());
+                if left_out > 0 {
+                    // Pushed one by one when they change; a pull carries what fits.
+                    tracing::warn!(
+                        left_out,
+                        "revocation lists left out of a reply: more than one message holds"
+                    );
+                }
+                Msg::Revocations { docs }
+            }
             Msg::Revocations { docs } => {
                 self.take_lists(&docs);
                 Msg::Ok
@@ -989,9 +991,7 @@ impl Node {
     pub fn publish(&self, list: &[u8]) -> Result<bool, crate::revocation::RevocationError> {
         let newer = self.inner.trust.install(list, now())?;
         if newer {
-            if let Some(p) = &self.inner.cfg.revocation {
-                persist(p, list);
-            }
+            self.keep(list);
             self.inner.changed.notify_one();
             if self.inner.cfg.lighthouse {
                 self.push_lists();
@@ -1011,9 +1011,7 @@ impl Node {
             match self.inner.trust.install(d.as_bytes(), now()) {
                 Ok(true) => {
                     newer = true;
-                    if let Some(p) = &self.inner.cfg.revocation {
-                        persist(p, d.as_bytes());
-                    }
+                    self.keep(d.as_bytes());
                 }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "revocation list refused"),
@@ -1028,24 +1026,41 @@ impl Node {
         }
     }
 
-    /// A lighthouse pushes its lists to every node connected for control (both directions).
+    /// Keeps a root's list in the `revocation` file (what a restart starts from). Delegated
+    /// lists are not kept there: the file holds one list, the root's, and they come back from
+    /// the lighthouses.
+    fn keep(&self, list: &[u8]) {
+        if let (Some(p), Some((_, _, true))) =
+            (&self.inner.cfg.revocation, crate::revocation::peek(list))
+        {
+            persist(p, list);
+        }
+    }
+
+    /// A lighthouse pushes its lists to every node connected for control (both directions),
+    /// one list per stream, so that no number of lists outgrows a message.
     fn push_lists(&self) {
-        let docs: Vec<String> = self
+        let frames: Vec<Vec<u8>> = self
             .inner
             .trust
             .lists()
             .into_iter()
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .filter_map(|b| {
+                Msg::Revocations {
+                    docs: vec![String::from_utf8_lossy(&b).into_owned()],
+                }
+                .encode()
+                .ok()
+            })
             .collect();
-        let Ok(frame) = (Msg::Revocations { docs }).encode() else {
-            return;
-        };
         for conn in self.control_conns(|_| true) {
-            let frame = frame.clone();
+            let frames = frames.clone();
             tokio::spawn(async move {
-                if let Ok(mut s) = conn.open_uni().await {
-                    let _ = s.write_all(&frame).await;
-                    let _ = s.finish();
+                for frame in frames {
+                    if let Ok(mut s) = conn.open_uni().await {
+                        let _ = s.write_all(&frame).await;
+                        let _ = s.finish();
+                    }
                 }
             });
         }
@@ -1124,16 +1139,11 @@ impl Node {
             tokio::spawn(self.clone().take_pushes(conn.clone()));
             if let Ok(Msg::Revocations { docs }) = request(&conn, &Msg::GetRevocations).await {
                 self.take_lists(&docs);
-            }
-            // And the other way: a list published here while the lighthouse was out of reach
-            // (the lighthouse keeps only what is newer).
-            let ours = self.inner.trust.lists();
-            if !ours.is_empty() {
-                let docs = ours
-                    .into_iter()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .collect();
-                let _ = request(&conn, &Msg::Revocations { docs }).await;
+                // And the other way: what the lighthouse lacks or holds older (a list
+                // published here while it was out of reach), one list per request.
+                for doc in missing_from(&docs, self.inner.trust.lists()) {
+                    let _ = request(&conn, &Msg::Revocations { docs: vec![doc] }).await;
+                }
             }
             if self.inner.cfg.lighthouse
                 && let Ok(Msg::Entries { docs }) = request(&conn, &Msg::Dump).await
@@ -1341,6 +1351,45 @@ impl Node {
     }
 }
 
+/// Room for lists in one control message, with margin for the framing and JSON escaping.
+const LISTS_PER_MESSAGE: usize = crate::lighthouse::MAX_MESSAGE - (256 << 10);
+
+/// The lists (as [`Trust::lists`] orders them: roots first) that fit in one message, escaped
+/// size counted, and how many were left out.
+fn within_message(lists: Vec<Vec<u8>>) -> (Vec<String>, usize) {
+    let mut used = 0;
+    let mut docs = Vec::new();
+    let mut left_out = 0;
+    for b in lists {
+        let doc = String::from_utf8_lossy(&b).into_owned();
+        // Each list is a JSON string inside the message: quotes and backslashes double.
+        let size = serde_json::to_string(&doc).map_or(usize::MAX, |e| e.len());
+        if used + size <= LISTS_PER_MESSAGE {
+            used += size;
+            docs.push(doc);
+        } else {
+            left_out += 1;
+        }
+    }
+    (docs, left_out)
+}
+
+/// Of `ours`, the lists a peer holding `theirs` lacks or holds an older number of.
+fn missing_from(theirs: &[String], ours: Vec<Vec<u8>>) -> Vec<String> {
+    let held: HashMap<String, u64> = theirs
+        .iter()
+        .filter_map(|d| crate::revocation::peek(d.as_bytes()))
+        .map(|(id, number, _)| (id, number))
+        .collect();
+    ours.into_iter()
+        .filter(|b| {
+            crate::revocation::peek(b)
+                .is_some_and(|(id, number, _)| held.get(&id).is_none_or(|&n| n < number))
+        })
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect()
+}
+
 fn persist(path: &Path, bytes: &[u8]) {
     if let Err(e) = crate::watch::write_atomic(path, bytes) {
         tracing::warn!(path = %path.display(), error = %e, "cannot keep the revocation list");
@@ -1373,4 +1422,79 @@ pub async fn request(conn: &Connection, m: &Msg) -> Result<Msg, NodeError> {
         .await
         .map_err(|_| NodeError::Control("no answer within 10 s".into()))?
         .map_err(NodeError::Control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cert::{Curve, LocalCa, Role};
+    use crate::revocation::{Body, sign, sign_delegated};
+    use crate::test_pki::{NOW, ca};
+
+    fn body(ca: &str, number: u64, keys: usize) -> Body {
+        Body {
+            v: 1,
+            ca: ca.into(),
+            number,
+            issued_at: NOW,
+            serials: vec![],
+            keys: (0..keys)
+                .map(|i| hex::encode([(i % 251) as u8; 32]))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_reply_carries_the_roots_list_first_and_what_fits() {
+        let root = ca("root", Curve::Ed25519);
+        let local = LocalCa {
+            cert: root.cert.clone(),
+            pem: String::new(),
+            key: zeroize::Zeroizing::new(root.key.clone()),
+        };
+        // A root's list near its limit, then delegated ones near theirs: not all fit.
+        let mut lists = vec![sign(&root.cert, &root.key, &body("root", 1, 14_000)).unwrap()];
+        for i in 0..3 {
+            let c = local
+                .intermediate(
+                    &format!("ca-{i}"),
+                    &[],
+                    &[Role::Guest],
+                    &[],
+                    NOW - 60,
+                    NOW + 60,
+                )
+                .unwrap();
+            lists.push(
+                sign_delegated(&c.cert, &[], &c.key, &body(&format!("ca-{i}"), 1, 8_500)).unwrap(),
+            );
+        }
+        let (docs, left_out) = within_message(lists.clone());
+        assert_eq!(docs[0].as_bytes(), lists[0].as_slice(), "the root's first");
+        assert!(left_out >= 1 && docs.len() + left_out == lists.len());
+        let frame = Msg::Revocations { docs }.encode();
+        assert!(frame.is_ok(), "what is sent fits one message");
+        // A list alone always fits its own message (what a push sends).
+        for l in &lists {
+            let one = Msg::Revocations {
+                docs: vec![String::from_utf8_lossy(l).into_owned()],
+            };
+            assert!(one.encode().is_ok());
+        }
+    }
+
+    #[test]
+    fn a_peer_is_sent_only_what_it_lacks_or_holds_older() {
+        let root = ca("root", Curve::Ed25519);
+        let l = |n| sign(&root.cert, &root.key, &body("root", n, 1)).unwrap();
+        let s = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        assert_eq!(missing_from(&[], vec![l(1)]), [s(l(1))]);
+        assert!(missing_from(&[s(l(2))], vec![l(2)]).is_empty(), "the same");
+        assert!(
+            missing_from(&[s(l(3))], vec![l(2)]).is_empty(),
+            "newer there"
+        );
+        assert_eq!(missing_from(&[s(l(1))], vec![l(2)]), [s(l(2))]);
+        assert!(missing_from(&[], vec![b"junk".to_vec()]).is_empty());
+    }
 }

@@ -1,26 +1,33 @@
 //! Distributed revocation: a CA-signed, numbered list of revoked certificates, keyed by issuer
 //! and serial and by public-key hash (so a key re-certified under a new serial stays revoked).
 //! Lighthouses relay the newest list to every node; anyone may relay it, because only the CA's
-//! signature makes it count, and a list never replaces one with a higher number (an attacker
-//! cannot roll a node back to an older list). Sans-IO: bytes in, decisions out.
+//! signature makes it count, and a list never replaces one of its CA's with a higher number (an
+//! attacker cannot roll a node back to an older list). Sans-IO: bytes in, decisions out.
 //!
-//! The file is JSON: `{"body": "<the body's exact JSON>", "signature": "<hex>"}`; the signature
+//! The file is JSON: `{"body": "<the body's exact JSON>", "signature": "<hex>"}` (and `"chain"`
+//! for a delegated list, below); the signature
 //! covers a domain-separation prefix and the body's bytes as written, so nothing is
 //! re-serialised before checking.
 //!
-//! **Delegated lists.** An intermediate CA may sign a list too, with `"chain": [hex DER, …]`
-//! (the intermediate, then those above it) that must verify to a trusted root. Such a list
-//! revokes only certificates that intermediate issued (same issuer, its signature), so a
-//! broker holding the guests' intermediate can cut a VM off at once and nothing else. It never
-//! counts towards `revocation_max_age`, which is about the root's list, and a root's name
-//! cannot be used by one.
+//! **Delegated lists.** An intermediate CA that a trusted root issued directly may sign a list
+//! too, with `"chain": ["<its certificate, hex DER>"]`. Such a list revokes only certificates
+//! that intermediate issued (its subject as issuer, its signature), so a broker holding the
+//! guests' intermediate can cut a VM off at once and nothing else. It is held and numbered by
+//! its signer's key (not its name: another CA of that name cannot displace it), never counts
+//! towards `revocation_max_age` (which is about the root's list), may not use a root's name,
+//! and is at most [`MAX_DELEGATED_LIST`] bytes. Only the root's operator can make such signers,
+//! so how many lists a node may hold is in the root operator's hands (and capped by
+//! `transport::MAX_DELEGATED_LISTS`); a sub-CA below an intermediate cannot sign one.
 
 use crate::cert::{CertError, MeshCert, sign_with, verify_ca};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
-/// Largest list accepted (about 10,000 entries).
+/// Largest list accepted (about 15,000 key entries).
 pub const MAX_LIST: usize = 1 << 20;
+/// Largest delegated list accepted (about 9,000 key entries): several fit in one control message
+/// beside a root's list.
+pub const MAX_DELEGATED_LIST: usize = 640 << 10;
 /// How far in the future a list's `issued_at` may lie (clock skew).
 pub const MAX_SKEW: u64 = 300;
 const DOMAIN: &[u8] = b"attesta-mesh revocation list v1\0";
@@ -38,7 +45,7 @@ pub struct SerialEntry {
 #[serde(deny_unknown_fields)]
 pub struct Body {
     pub v: u32,
-    /// The signing CA's name (one of the trusted roots).
+    /// The signing CA's name: a trusted root's, or a delegated list's intermediate's.
     pub ca: String,
     /// Strictly increasing per CA: a node keeps the highest it has seen.
     pub number: u64,
@@ -128,6 +135,8 @@ pub enum RevocationError {
     OutOfScope { ca: String, issuer: String },
     #[error("revocation list: signed by intermediate {0:?}, whose chain is revoked")]
     RevokedSigner(String),
+    #[error("revocation list: {0} delegated lists are held already, the most a node keeps")]
+    TooMany(usize),
     #[error("revocation list: {0}")]
     Sign(#[from] CertError),
 }
@@ -158,6 +167,9 @@ impl RevocationList {
             .map_err(|_| RevocationError::Malformed("the signature is not hex".into()))?;
         let mut msg = DOMAIN.to_vec();
         msg.extend_from_slice(env.body.as_bytes());
+        if !env.chain.is_empty() && bytes.len() > MAX_DELEGATED_LIST {
+            return Err(RevocationError::TooLarge(bytes.len()));
+        }
         let chain = delegated_chain(&env.chain, &body, roots, now)?;
         let signed = match chain.first() {
             Some(signer) => signer.verify_signed(&msg, &sig),
@@ -210,6 +222,15 @@ impl RevocationList {
         })
     }
 
+    /// What the list is held under: a root's name, or for a delegated list its CA's name and
+    /// signing key, so that no other CA — whatever its name — replaces or blocks it.
+    pub fn id(&self) -> String {
+        match self.chain.first() {
+            None => self.body.ca.clone(),
+            Some(signer) => delegated_id(signer),
+        }
+    }
+
     /// Whether this list revokes the certificate (by issuer and serial, or by key); a delegated
     /// list only certificates its signer issued.
     pub fn revokes(&self, c: &MeshCert) -> bool {
@@ -229,6 +250,29 @@ impl RevocationList {
 
     pub fn entries(&self) -> usize {
         self.serials.len() + self.keys.len()
+    }
+}
+
+/// The id a delegated list signed by `ca` is held under: its name and the hash of its key.
+pub fn delegated_id(ca: &MeshCert) -> String {
+    format!("{}#{}", ca.name, hex::encode(ca.key_hash))
+}
+
+/// What a list says it is, unverified: (the id it would be held under, its number, whether a
+/// root signed it). For deciding what to store or send; [`RevocationList::verify`] decides
+/// what counts. None: not a list.
+pub fn peek(bytes: &[u8]) -> Option<(String, u64, bool)> {
+    if bytes.len() > MAX_LIST {
+        return None;
+    }
+    let env: Envelope = serde_json::from_slice(bytes).ok()?;
+    let body: Body = serde_json::from_str(&env.body).ok()?;
+    match env.chain.first() {
+        None => Some((body.ca, body.number, true)),
+        Some(h) => {
+            let signer = MeshCert::parse(&hex::decode(h).ok()?).ok()?;
+            Some((delegated_id(&signer), body.number, false))
+        }
     }
 }
 
@@ -253,6 +297,13 @@ fn delegated_chain(
             MeshCert::parse(&der).map_err(|e| chain_err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Signed by a CA a root issued itself: the root's operator decides who may publish lists.
+    if chain.len() != 1 {
+        return Err(chain_err(format!(
+            "{} links: only an intermediate a root issued directly signs a list",
+            chain.len()
+        )));
+    }
     verify_ca(&chain, roots, now).map_err(|e| chain_err(e.to_string()))?;
     let signer = &chain[0];
     if signer.name != body.ca {
@@ -276,8 +327,9 @@ pub fn sign(ca: &MeshCert, ca_key_pem: &str, body: &Body) -> Result<Vec<u8>, Rev
 }
 
 /// Signs a list with an intermediate CA's key, `above` being the CAs over it up to the root
-/// (not included): a list that revokes only what `ca` issued. With `above` empty and `ca` a
-/// root, the same as [`sign`].
+/// (not included; nodes accept a delegated list only from an intermediate a root issued
+/// directly, so `above` is empty for one they take): a list that revokes only what `ca`
+/// issued. With `above` empty and `ca` a root, the same as [`sign`].
 pub fn sign_delegated(
     ca: &MeshCert,
     above: &[MeshCert],
@@ -298,8 +350,9 @@ pub fn sign_delegated(
     let chain = if above.is_empty() && ca.issued_by(ca) {
         Vec::new()
     } else {
+        // A root in `above` (a CA file that ends with it) is the node's to know, not sent.
         std::iter::once(ca)
-            .chain(above)
+            .chain(above.iter().filter(|c| !c.issued_by(c)))
             .map(|c| hex::encode(&c.der))
             .collect()
     };
@@ -503,6 +556,15 @@ mod tests {
         let bytes = sign_delegated(&guests.cert, &[], &guests.key, &b).unwrap();
         let list = RevocationList::verify(&bytes, &roots, NOW).unwrap();
         assert!(!list.is_root_list());
+        // Signed from a CA file that ends with the root: the root is not sent, the same list.
+        let with_root = sign_delegated(
+            &guests.cert,
+            std::slice::from_ref(&root.cert),
+            &guests.key,
+            &b,
+        )
+        .unwrap();
+        assert_eq!(with_root, bytes);
         assert!(list.revokes(&vm), "its own VM is revoked");
         assert!(
             !list.revokes(&host) && !list.revokes(&twins_vm),
@@ -559,25 +621,61 @@ mod tests {
             RevocationError::Signature("guests".into())
         );
         // A chain to a root this node does not trust, expired, or under a root's name.
+        let chain_why = |r: Result<RevocationList, RevocationError>| match r {
+            Err(RevocationError::Chain { why, .. }) => why,
+            other => panic!("{other:?}"),
+        };
         let stranger = ca("stranger", Curve::Ed25519);
         let good = sign_delegated(&guests.cert, &[], &guests.key, &body("guests", 1)).unwrap();
-        assert!(matches!(
-            RevocationList::verify(&good, std::slice::from_ref(&stranger.cert), NOW),
-            Err(RevocationError::Chain { .. })
+        let why = chain_why(RevocationList::verify(
+            &good,
+            std::slice::from_ref(&stranger.cert),
+            NOW,
         ));
-        assert!(matches!(
-            RevocationList::verify(&good, &roots, NOW + 7200),
-            Err(RevocationError::Chain { .. })
-        ));
+        assert!(why.contains("issuer"), "{why}");
+        let why = chain_why(RevocationList::verify(&good, &roots, NOW + 7200));
+        assert!(why.contains("valid") || why.contains("expired"), "{why}");
         let root2 = LocalCa::root("root", &[], NOW - 86_400, NOW + 86_400).unwrap();
         let named_root = root2
             .intermediate("root", &[], &[], &[], NOW - 60, NOW + 60)
             .unwrap();
         let l = sign_delegated(&named_root.cert, &[], &named_root.key, &body("root", 9)).unwrap();
-        assert!(matches!(
-            RevocationList::verify(&l, std::slice::from_ref(&root2.cert), NOW),
-            Err(RevocationError::Chain { .. })
+        let why = chain_why(RevocationList::verify(
+            &l,
+            std::slice::from_ref(&root2.cert),
+            NOW,
         ));
+        assert!(why.contains("a root's name"), "{why}");
+        // A sub-CA of the intermediate (which the intermediate's holder can make at will) does
+        // not sign lists: only what the root issued itself.
+        let guests_local = LocalCa {
+            cert: guests.cert.clone(),
+            pem: String::new(),
+            key: zeroize::Zeroizing::new(guests.key.clone()),
+        };
+        let sub = guests_local
+            .intermediate("sub", &[], &[Role::Guest], &[], NOW - 60, NOW + 60)
+            .unwrap();
+        let l = sign_delegated(
+            &sub.cert,
+            std::slice::from_ref(&guests.cert),
+            &sub.key,
+            &body("sub", 1),
+        )
+        .unwrap();
+        let why = chain_why(RevocationList::verify(&l, &roots, NOW));
+        assert!(why.contains("2 links"), "{why}");
+        // Larger than a delegated list may be (a root's may be larger).
+        let mut big = body("guests", 2);
+        big.keys = (0..10_000u32)
+            .map(|i| hex::encode([(i % 251) as u8; 32]))
+            .collect();
+        let l = sign_delegated(&guests.cert, &[], &guests.key, &big).unwrap();
+        assert!(l.len() > MAX_DELEGATED_LIST && l.len() <= MAX_LIST);
+        assert_eq!(
+            RevocationList::verify(&l, &roots, NOW).unwrap_err(),
+            RevocationError::TooLarge(l.len())
+        );
         // The root revoked the intermediate: its lists are refused from then on.
         let trust = Trust::new(roots.to_vec());
         let mut r = body("root", 1);
@@ -588,6 +686,94 @@ mod tests {
         assert_eq!(
             trust.install(&good, NOW),
             Err(RevocationError::RevokedSigner("guests".into()))
+        );
+    }
+
+    #[test]
+    fn another_ca_of_the_same_name_neither_displaces_nor_blocks_a_delegated_list() {
+        let (root, guests, twin) = delegation();
+        let roots = [root.cert.clone()];
+        let trust = Trust::new(roots.to_vec());
+        let (_, _, vm) = node(&guests, "vm-1", "10.42.1.1/16");
+        let mut b = body("guests", 5);
+        b.keys.push(hex::encode(vm.key_hash));
+        let mine = sign_delegated(&guests.cert, &[], &guests.key, &b).unwrap();
+        assert_eq!(trust.install(&mine, NOW), Ok(true));
+        // The twin (same name, another key) signs an empty list with the highest number.
+        let theirs = sign_delegated(&twin.cert, &[], &twin.key, &body("guests", u64::MAX)).unwrap();
+        assert_eq!(
+            trust.install(&theirs, NOW),
+            Ok(true),
+            "held beside, by its key"
+        );
+        assert!(trust.is_revoked(&vm), "still revoked");
+        // And the real CA's next list still goes in.
+        let next = sign_delegated(&guests.cert, &[], &guests.key, &{
+            let mut n = b.clone();
+            n.number = 6;
+            n
+        })
+        .unwrap();
+        assert_eq!(trust.install(&next, NOW), Ok(true));
+        assert_eq!(trust.lists().len(), 2);
+        // What a list says it is, before checking: its id, number and kind.
+        let l = RevocationList::verify(&next, &roots, NOW).unwrap();
+        assert_eq!(peek(&next), Some((l.id(), 6, false)));
+        assert_ne!(
+            l.id(),
+            RevocationList::verify(&theirs, &roots, NOW).unwrap().id()
+        );
+        let rl = sign(&root.cert, &root.key, &body("root", 3)).unwrap();
+        assert_eq!(peek(&rl), Some(("root".into(), 3, true)));
+        assert_eq!(peek(b"not a list"), None);
+    }
+
+    #[test]
+    fn a_node_holds_a_bounded_number_of_delegated_lists_and_drops_expired_ones() {
+        let root = LocalCa::root("root", &[], NOW - 86_400, NOW + 86_400).unwrap();
+        let roots = [root.cert.clone()];
+        let trust = Trust::new(roots.to_vec());
+        let mut signers = Vec::new();
+        for i in 0..=crate::transport::MAX_DELEGATED_LISTS {
+            let until = if i == 0 { NOW + 10 } else { NOW + 3600 };
+            let c = root
+                .intermediate(
+                    &format!("ca-{i}"),
+                    &[],
+                    &[Role::Guest],
+                    &[],
+                    NOW - 60,
+                    until,
+                )
+                .unwrap();
+            let l = sign_delegated(&c.cert, &[], &c.key, &body(&format!("ca-{i}"), 1)).unwrap();
+            signers.push(l);
+        }
+        let (last, first) = (signers.pop().unwrap(), &signers);
+        for l in first {
+            assert_eq!(trust.install(l, NOW), Ok(true));
+        }
+        assert_eq!(
+            trust.install(&last, NOW),
+            Err(RevocationError::TooMany(
+                crate::transport::MAX_DELEGATED_LISTS
+            ))
+        );
+        // A root's list is never crowded out.
+        assert_eq!(
+            trust.install(&sign(&root.cert, &root.key, &body("root", 1)).unwrap(), NOW),
+            Ok(true)
+        );
+        // ca-0's certificate has ended: its list goes, and makes room.
+        assert_eq!(trust.install(&last, NOW + 20), Ok(true));
+        assert_eq!(
+            trust.lists().len(),
+            crate::transport::MAX_DELEGATED_LISTS + 1
+        );
+        assert!(trust.list_summary().iter().all(|(ca, ..)| ca != "ca-0"));
+        assert!(
+            crate::revocation::peek(&trust.lists()[0]).is_some_and(|(_, _, root)| root),
+            "the root's first"
         );
     }
 

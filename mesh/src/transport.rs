@@ -28,6 +28,9 @@ impl Revoked {
     }
 }
 
+/// Most delegated lists a node holds (each from an intermediate a root issued directly).
+pub const MAX_DELEGATED_LISTS: usize = 32;
+
 /// What a node trusts: CA roots (two during a rollover), the CA-signed revocation lists (the
 /// newest per CA) and a local blocklist. Shared with the verifiers and swapped in place, so an
 /// update applies to the next handshake and the next sweep of live connections, without a
@@ -91,14 +94,22 @@ impl Trust {
     }
 
     /// Installs a signed list if it verifies against the roots and is newer than the one held
-    /// for its CA. Ok(false): the same number again (relays repeat themselves; not an error).
+    /// for its CA (for a delegated list: its signer, [`RevocationList::id`]). Ok(false): the
+    /// same number again (relays repeat themselves; not an error). Delegated lists whose signer
+    /// has expired are dropped here, and at most [`MAX_DELEGATED_LISTS`] are held.
     pub fn install(&self, bytes: &[u8], now: u64) -> Result<bool, RevocationError> {
         let list = RevocationList::verify(bytes, &read(&self.roots), now)?;
         if let Some(c) = list.chain.iter().find(|c| self.is_revoked(c)) {
             return Err(RevocationError::RevokedSigner(c.name.clone()));
         }
+        let id = list.id();
         let mut lists = self.lists.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(have) = lists.get(&list.body.ca) {
+        lists.retain(|_, l| l.chain.iter().all(|c| c.not_after >= now));
+        let delegated = lists.values().filter(|l| !l.is_root_list()).count();
+        if !list.is_root_list() && !lists.contains_key(&id) && delegated >= MAX_DELEGATED_LISTS {
+            return Err(RevocationError::TooMany(delegated));
+        }
+        if let Some(have) = lists.get(&id) {
             if have.body.number == list.body.number {
                 return Ok(false);
             }
@@ -109,18 +120,23 @@ impl Trust {
                 });
             }
         }
-        lists.insert(list.body.ca.clone(), list);
+        lists.insert(id, list);
         drop(lists);
         self.bump();
         Ok(true)
     }
 
-    /// The held lists, as signed, to relay.
+    /// The held lists, as signed, to relay: the roots' first, then delegated ones, newest first.
     pub fn lists(&self) -> Vec<Vec<u8>> {
-        read(&self.lists)
-            .values()
-            .map(|l| l.bytes.clone())
-            .collect()
+        let lists = read(&self.lists);
+        let mut v: Vec<&RevocationList> = lists.values().collect();
+        v.sort_by_key(|l| (!l.is_root_list(), std::cmp::Reverse(l.body.issued_at)));
+        v.into_iter().map(|l| l.bytes.clone()).collect()
+    }
+
+    /// The list held under `id` ([`RevocationList::id`]), if any.
+    pub fn list(&self, id: &str) -> Option<RevocationList> {
+        read(&self.lists).get(id).cloned()
     }
 
     /// (CA, number, issued_at, entries) of each held list.

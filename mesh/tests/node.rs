@@ -587,6 +587,11 @@ async fn a_brokers_delegated_list_cuts_its_guest_off_and_nobody_else() {
     for n in [&lh, &a, &kbs] {
         assert!(n.trust().is_revoked(&vm_cert) && !n.trust().is_revoked(&a_cert));
     }
+    // The `revocation` file keeps the root's list only (none here): a delegated one comes
+    // back from the lighthouses, and never stands in the root's place after a restart.
+    for d in [&lh_dir, &a_dir, &kbs_dir] {
+        assert!(!d.join("revocation.json").exists(), "{}", d.display());
+    }
     // a still serves its tenant: a node joining now reaches it.
     let c = start(&node("c", "10.42.1.3", "tenant:a", Role::Guest, "")).await;
     reach(&c, "10.42.1.1", Duration::from_secs(10))

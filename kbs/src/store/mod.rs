@@ -150,9 +150,9 @@ pub trait Store {
     async fn vm(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError>;
     /// The VM's lease, if a release ever certified a mesh key for it.
     async fn lease(&self, vm_id: &str) -> Result<Option<Lease>, StoreError>;
-    /// Mesh keys whose leases were revoked at or after `since` (certificates for them may
-    /// still be valid), newest first: what the broker's revocation list names. At most
-    /// [`MAX_REVOKED_LISTED`].
+    /// Mesh keys whose leases were revoked and whose last certificate was issued at or after
+    /// `since` (so it may still be valid), newest first: what the broker's revocation list
+    /// names. At most [`MAX_REVOKED_LISTED`].
     async fn revoked_mesh_keys(&self, since: u64) -> Result<Vec<RevokedKey>, StoreError>;
     /// What the durable record says of a nonce: `Spent` once a decision spent it. (Nonces are
     /// issued from memory, [`crate::nonces::NonceBook`]; only their spending is stored.)
@@ -250,13 +250,16 @@ pub struct SqlStore {
 pub struct RevokedKey {
     pub vm_id: String,
     pub mesh_key: Vec<u8>,
-    pub revoked_at: u64,
+    /// When the last certificate for the key was issued (the release or renewal before the
+    /// revocation): every certificate for it has ended a lease after this.
+    pub certified_at: u64,
+    /// The revocation's reasons.
     pub why: String,
 }
 
-/// Most revoked keys one revocation list names (about 10,000 entries fit in a list; each
-/// key is one entry). More at once than this is an incident, not a clone: the oldest wait
-/// for their certificates to expire.
+/// Most revoked keys one revocation list names (a delegated list holds about 9,000; each key
+/// is one entry of ~70 bytes). More at once than this is an incident, not a clone: the oldest
+/// wait for their certificates to expire, and the broker says so in its log.
 pub const MAX_REVOKED_LISTED: usize = 8_000;
 
 fn lease_of(r: &sqlx::any::AnyRow) -> Lease {
@@ -424,8 +427,8 @@ impl Store for SqlStore {
 
     async fn revoked_mesh_keys(&self, since: u64) -> Result<Vec<RevokedKey>, StoreError> {
         let rows = sqlx::query(
-            "SELECT vm_id, mesh_key, revoked_at, why FROM revoked_mesh_keys \
-             WHERE revoked_at >= $1 ORDER BY revoked_at DESC LIMIT $2",
+            "SELECT vm_id, mesh_key, certified_at, why FROM revoked_mesh_keys \
+             WHERE certified_at >= $1 ORDER BY certified_at DESC LIMIT $2",
         )
         .bind(i(since))
         .bind(MAX_REVOKED_LISTED as i64)
@@ -436,7 +439,7 @@ impl Store for SqlStore {
             .map(|r| RevokedKey {
                 vm_id: r.get(0),
                 mesh_key: r.get(1),
-                revoked_at: u(r.get(2)),
+                certified_at: u(r.get(2)),
                 why: r.get(3),
             })
             .collect())

@@ -26,12 +26,12 @@ const MIGRATIONS: [&str; 6] = [
     "CREATE TABLE IF NOT EXISTS leases (
         vm_id TEXT PRIMARY KEY, chip_id BLOB NOT NULL, measurement BLOB NOT NULL,
         mesh_key BLOB NOT NULL, renewed_at INTEGER NOT NULL, revoked TEXT);",
-    // Mesh keys whose leases were revoked (a clone): the broker's revocation list names them
-    // while a certificate for them may still be valid, even after the VM's next boot replaced
-    // its lease.
+    // Mesh keys whose leases were revoked (a clone), with when their last certificate was
+    // issued: the broker's revocation list names them while a certificate for them may still be
+    // valid, even after the VM's next boot replaced its lease.
     "CREATE TABLE IF NOT EXISTS revoked_mesh_keys (
-        mesh_key BLOB PRIMARY KEY, vm_id TEXT NOT NULL, revoked_at INTEGER NOT NULL, why TEXT NOT NULL);
-     CREATE INDEX IF NOT EXISTS revoked_mesh_keys_at ON revoked_mesh_keys (revoked_at);",
+        mesh_key BLOB PRIMARY KEY, vm_id TEXT NOT NULL, certified_at INTEGER NOT NULL, why TEXT NOT NULL);
+     CREATE INDEX IF NOT EXISTS revoked_mesh_keys_at ON revoked_mesh_keys (certified_at);",
 ];
 
 /// Which database a store is on.
@@ -60,8 +60,8 @@ const PG_MIGRATIONS: [&str; 6] = [
         vm_id TEXT PRIMARY KEY, chip_id BYTEA NOT NULL, measurement BYTEA NOT NULL,
         mesh_key BYTEA NOT NULL, renewed_at BIGINT NOT NULL, revoked TEXT);",
     "CREATE TABLE IF NOT EXISTS revoked_mesh_keys (
-        mesh_key BYTEA PRIMARY KEY, vm_id TEXT NOT NULL, revoked_at BIGINT NOT NULL, why TEXT NOT NULL);
-     CREATE INDEX IF NOT EXISTS revoked_mesh_keys_at ON revoked_mesh_keys (revoked_at);",
+        mesh_key BYTEA PRIMARY KEY, vm_id TEXT NOT NULL, certified_at BIGINT NOT NULL, why TEXT NOT NULL);
+     CREATE INDEX IF NOT EXISTS revoked_mesh_keys_at ON revoked_mesh_keys (certified_at);",
 ];
 
 /// The advisory lock every PostgreSQL write transaction takes first ("attesta" in ASCII).

@@ -560,7 +560,7 @@ async fn decision(
             lost_race = Some("lease_changed");
         } else if let Some(why) = &l.revoked {
             // Listed for the mesh until every certificate for the key has expired.
-            sqlx::query("INSERT INTO revoked_mesh_keys (mesh_key, vm_id, revoked_at, why) VALUES ($1, $2, $3, $4) ON CONFLICT(mesh_key) DO UPDATE SET revoked_at = excluded.revoked_at, why = excluded.why")
+            sqlx::query("INSERT INTO revoked_mesh_keys (mesh_key, vm_id, certified_at, why) VALUES ($1, $2, $3, $4) ON CONFLICT(mesh_key) DO UPDATE SET certified_at = excluded.certified_at, why = excluded.why")
                 .bind(from)
                 .bind(&l.vm_id)
                 .bind(i(l.renewed_at))

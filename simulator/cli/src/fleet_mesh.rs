@@ -1,8 +1,10 @@
 //! The demo's mesh: the overlay every part of the system talks over. A mesh CA; two lighthouses
-//! that replicate; the broker's identity (role kbs, certifying attested guests with the mesh
-//! CA); each miner's identity (role host); and every attested guest as a mesh node with the
-//! certificate the broker issued for the key born in that guest. Guests reach their own tenant's
-//! guests and nobody else's; a revoked guest is cut off through the lighthouses.
+//! that replicate; the broker's identity (role kbs, certifying attested guests with an
+//! intermediate of the mesh CA, and on the mesh through a node of its own, where it publishes
+//! that intermediate's revocation list the moment a lease is revoked); each miner's identity
+//! (role host); and every attested guest as a mesh node with the certificate the broker issued
+//! for the key born in that guest. Guests reach their own tenant's guests and nobody else's; a
+//! revoked guest is cut off through the lighthouses.
 
 use crate::demo::now;
 use guest_agent::client::Broker;
@@ -111,6 +113,11 @@ pub struct FleetMesh {
     revoked: Body,
     /// How long the certificates a broker served here gives guests last: their lease.
     pub guest_cert_secs: u64,
+    /// The guests' CA the broker holds: an intermediate under `ca` for role guest only, as a
+    /// real deployment has it (its revocation lists reach only the guests it certified).
+    guest_ca: LocalCa,
+    /// The broker's own node, through which it publishes those lists.
+    broker_node: Option<Node>,
 }
 
 impl FleetMesh {
@@ -127,6 +134,16 @@ impl FleetMesh {
         )
         .map_err(|e| e.to_string())?;
         std::fs::write(dir.join("ca.crt"), &ca.pem).map_err(io(&dir))?;
+        let guest_ca = ca
+            .intermediate(
+                "attesta-demo-guests",
+                &[NETWORK],
+                &[Role::Guest],
+                &["*"],
+                ca.cert.not_before,
+                ca.cert.not_after,
+            )
+            .map_err(|e| e.to_string())?;
         let shm = tempfile::Builder::new()
             .prefix("attesta-demo-")
             .tempdir_in("/dev/shm")
@@ -148,6 +165,8 @@ impl FleetMesh {
             guests: Vec::new(),
             broker_trust: None,
             guest_cert_secs: 86_400,
+            guest_ca,
+            broker_node: None,
         };
         // The lighthouses must know each other's ports before either starts: pick free ones,
         // and pick again in the rare case another process took one meanwhile.
@@ -269,15 +288,40 @@ impl FleetMesh {
             .unwrap_or_else(|| Trust::new(vec![self.ca.cert.clone()]));
         let rules = Firewall::load(KBS_RULES).map_err(|e| format!("broker rules: {e}"))?;
         let gate = Arc::new(MeshGate::new(trust.clone(), rules));
-        // A real deployment gives the broker an intermediate CA limited to the guests' network.
         kbs.guest_issuer
             .set(GuestIssuer::new(
-                self.ca.cert.clone(),
+                self.guest_ca.cert.clone(),
                 vec![],
-                self.ca.key.clone(),
+                self.guest_ca.key.clone(),
                 self.guest_cert_secs,
             ))
             .map_err(|_| "the broker already certifies guests with another CA".to_string())?;
+        // The first replica publishes the revocation list for all of them (one store).
+        if self.broker_node.is_none() {
+            let mut cfg = self.node_config(
+                NodeFiles {
+                    dir: &d,
+                    rules: KBS_RULES,
+                    lighthouse: false,
+                },
+                (Ipv4Addr::LOCALHOST, 0).into(),
+            )?;
+            cfg.announce = false;
+            cfg.echo = false;
+            let node = Node::start(cfg, vec![])
+                .await
+                .map_err(|e| format!("the broker's mesh node: {e}"))?;
+            tokio::spawn(kbs::guest_revocation::follow(
+                kbs.clone(),
+                kbs::guest_revocation::Outlets {
+                    gate: Some(trust.clone()),
+                    node: Some(node.clone()),
+                },
+                Duration::from_secs(60),
+                now,
+            ));
+            self.broker_node = Some(node);
+        }
         let endpoint = server_endpoint(
             mesh_server_config(id.chain, id.key, trust.clone())?,
             (Ipv4Addr::LOCALHOST, 0).into(),
@@ -330,7 +374,14 @@ impl FleetMesh {
         }
         let rules = guest_rules(want.tenant)?;
         let d = self.guest_dir(vm_id);
-        place_mesh_identity(&d, key, cert_der, &[]).map_err(|e| format!("{vm_id}: {e}"))?;
+        // Presented with the broker's intermediate, as the guest agent places it.
+        place_mesh_identity(
+            &d,
+            key,
+            cert_der,
+            std::slice::from_ref(&self.guest_ca.cert.der),
+        )
+        .map_err(|e| format!("{vm_id}: {e}"))?;
         let cfg = self.node_config(
             NodeFiles {
                 dir: &d,
@@ -418,9 +469,47 @@ impl FleetMesh {
         self.lighthouse_nodes.len()
     }
 
+    /// A tenant's own node beside its VMs (a console, say): certified by the mesh CA for a
+    /// day, in the tenant's group, at overlay address `ip`. It watches a VM's lease from outside
+    /// the lease (its own certificate never runs out during the demo).
+    pub async fn tenant_console(&mut self, tenant: &str, ip: &str) -> Result<&Guest, String> {
+        let name = format!("{tenant}-console");
+        let d = self.shm.path().join(&name);
+        std::fs::create_dir_all(&d).map_err(io(&d))?;
+        let group = format!("tenant:{tenant}");
+        self.issue_files(&d, &name, ip, &[&group], Role::Guest)?;
+        let rules = guest_rules(tenant)?;
+        let cfg = self.node_config(
+            NodeFiles {
+                dir: &d,
+                rules: &rules,
+                lighthouse: false,
+            },
+            (Ipv4Addr::LOCALHOST, 0).into(),
+        )?;
+        let node = Node::start(cfg, vec![])
+            .await
+            .map_err(|e| format!("{name} on the mesh: {e}"))?;
+        let ip: ipnet::IpNet = ip
+            .parse()
+            .map_err(|_| format!("{name}: bad address {ip}"))?;
+        self.guests.push(Guest {
+            vm_id: name,
+            tenant: tenant.into(),
+            ip: ip.addr(),
+            node,
+        });
+        self.guests
+            .last()
+            .ok_or_else(|| "no console joined".to_string())
+    }
+
     pub async fn shutdown(self) {
         for g in &self.guests {
             g.node.shutdown().await;
+        }
+        if let Some(n) = &self.broker_node {
+            n.shutdown().await;
         }
         for n in &self.lighthouse_nodes {
             n.shutdown().await;

@@ -436,6 +436,14 @@ fn demo_json() {
             .is_some_and(|ms| ms > 0 && ms <= lease_ms + 2000),
         "{t}"
     );
+    // A clone's keepalive revokes the lease, and the broker's list closes the VM's connection
+    // as revoked, before its freshly renewed certificate could have run out.
+    assert!(
+        t["revoked_vm_dropped_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms < lease_ms),
+        "{t}"
+    );
     let evidence = dir.path().join("evidence");
     for f in [
         "bundle",

@@ -51,6 +51,10 @@ pub struct Tenant {
     /// From the operator's broker withdrawing the image to the VM's mesh connection closing
     /// (its certificate not renewed, run out); `None`: it did not close.
     pub withdrawn_vm_dropped_ms: Option<f64>,
+    /// From a clone's keepalive (the lease revoked) to the VM's mesh connection closing as
+    /// revoked — the broker's list through the lighthouses, long before its certificate ends;
+    /// `None`: it was not closed as revoked.
+    pub revoked_vm_dropped_ms: Option<f64>,
     /// The scene's attacks, for the catalogue.
     pub attacks: Vec<LiveAttack>,
 }
@@ -69,6 +73,9 @@ impl Tenant {
             && self
                 .withdrawn_vm_dropped_ms
                 .is_some_and(|ms| ms <= (LEASE_SECS as f64 + 2.0) * 1000.0)
+            && self
+                .revoked_vm_dropped_ms
+                .is_some_and(|ms| ms < LEASE_SECS as f64 * 1000.0)
             && self.attacks.iter().all(LiveAttack::as_expected)
     }
 
@@ -83,6 +90,7 @@ impl Tenant {
             "tampered_bundle_rejected": self.tampered_bundle_rejected,
             "lease_renewals": self.lease_renewals,
             "withdrawn_vm_dropped_ms": self.withdrawn_vm_dropped_ms.map(|ms| ms.round() as u64),
+            "revoked_vm_dropped_ms": self.revoked_vm_dropped_ms.map(|ms| ms.round() as u64),
             "lease_secs": LEASE_SECS,
             "evidence": self.evidence.display().to_string(),
         })
@@ -132,9 +140,30 @@ impl Tenant {
                 .map_or("NOT DROPPED".into(), |ms| format!("{ms:.0} ms"))
         );
         println!(
+            "    a clone's keepalive: lease revoked, off the mesh in {}",
+            self.revoked_vm_dropped_ms
+                .map_or("NOT CUT OFF".into(), |ms| format!("{ms:.0} ms"))
+        );
+        println!(
             "    evidence and the command: {}/verify.sh",
             self.evidence.display()
         );
+    }
+}
+
+/// An echo connection from the tenant's console to the VM, retried for a few seconds while the
+/// VM (back with a valid certificate) reconnects to the lighthouses.
+async fn echo_within(
+    console: &mesh::node::Node,
+    vm: std::net::IpAddr,
+) -> Result<quinn::Connection, String> {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        match fleet_mesh::open_echo(console, vm).await {
+            Ok(c) => return Ok(c),
+            Err(x) if Instant::now() >= end => return Err(format!("console -> {VM}: {x}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
 }
 
@@ -266,10 +295,11 @@ pub async fn run(
         unlocked &= got.boot_counter == n && opens(&got.volume_key)?;
     }
 
-    // The lease: the VM and its peer join the mesh; the VM's keepalive renews its certificate
-    // with fresh reports; the operator withdraws the image, renewals stop, and the VM's
-    // connection closes when its certificate runs out. Then its key, used from another chip,
-    // revokes the lease.
+    // The lease: the VM and its peer join the mesh, and the tenant's console watches; the VM's
+    // keepalive renews its certificate with fresh reports; the operator withdraws the image,
+    // renewals stop, and the VM's connection closes when its certificate runs out. Listed
+    // again, the VM renews and is back; then its key, used from another chip, revokes the
+    // lease, and the broker's list cuts the VM off at once.
     note("tenant: the VM's lease on the mesh");
     let (key, cert) = identity.ok_or("no boot")?;
     let vm_ip = mesh
@@ -298,6 +328,11 @@ pub async fn run(
         &peer_release.mesh_cert,
     )
     .await?;
+    let console = mesh
+        .tenant_console(&tenant, &fleet_mesh::guest_ip(2))
+        .await?
+        .node
+        .clone();
     let vm_dir = mesh.guest_dir(VM);
     let lease_key = guest_agent::keepalive::mesh_key(&vm_dir).map_err(|x| e(&x))?;
     let mut lease_renewals = 0;
@@ -311,15 +346,7 @@ pub async fn run(
     }
     // The node reloads its certificate within 250 ms; a connection made now runs on it.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let peer_node = &mesh
-        .guests
-        .iter()
-        .find(|g| g.vm_id == PEER)
-        .ok_or("the peer did not join")?
-        .node;
-    let conn = fleet_mesh::open_echo(peer_node, vm_ip)
-        .await
-        .map_err(|x| format!("{PEER} -> {VM}: {x}"))?;
+    let conn = echo_within(&console, vm_ip).await?;
     let op = &brokers[0];
     let allow = |epoch: u64, images: Vec<ByteBuf>| {
         Allowlist {
@@ -351,6 +378,14 @@ pub async fn run(
         )
         .await
         .map_err(|x| e(&x))?;
+    // Listed again: renewed again (a withdrawal does not revoke), and back on the mesh.
+    let r = renew(&on_mesh, VM, &boot(), &lease_key)
+        .await
+        .map_err(|x| format!("{VM}: lease after listing again: {x}"))?;
+    place_mesh_identity_cert(&vm_dir, &r.mesh_cert, &r.mesh_chain).map_err(|x| e(&x))?;
+    lease_renewals += 1;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let conn = echo_within(&console, vm_ip).await?;
     // A keepalive from a clone: the VM's key, a genuine report from another chip.
     let elsewhere = simulator::Chip::new(root.clone(), simulator::ChipConfig::typical(root, 1))
         .map_err(|x| e(&x))?;
@@ -358,11 +393,21 @@ pub async fn run(
         measurement: IMAGE,
         ..Default::default()
     });
+    let revoked_at = Instant::now();
     let clone_reasons = match renew(&on_mesh, VM, &cloned, &lease_key).await {
         Err(ClientError::Denied(r)) => r.join(", "),
         Err(x) => x.to_string(),
         Ok(_) => "renewed".into(),
     };
+    // Closed as revoked (not as expired: the certificate has seconds left).
+    let revoked_vm_dropped_ms = fleet_mesh::closed_with(
+        &conn,
+        mesh::node::close::REVOKED,
+        Duration::from_secs(LEASE_SECS),
+    )
+    .await
+    .ok()
+    .map(|_| revoked_at.elapsed().as_secs_f64() * 1000.0);
     // The lease is revoked: the genuine VM is not renewed either until it boots again.
     let after = match renew(&on_mesh, VM, &boot(), &lease_key).await {
         Err(ClientError::Denied(r)) => r.join(", "),
@@ -529,6 +574,7 @@ pub async fn run(
         tampered_bundle_rejected,
         lease_renewals,
         withdrawn_vm_dropped_ms,
+        revoked_vm_dropped_ms,
         evidence: evidence.to_path_buf(),
         attacks,
     })
