@@ -469,6 +469,11 @@ impl FleetMesh {
         self.lighthouse_nodes.len()
     }
 
+    /// The broker's guests' CA certificate (PEM): what a guest presents after its own.
+    pub fn guest_ca_pem(&self) -> String {
+        self.guest_ca.pem.clone()
+    }
+
     /// A tenant's own node beside its VMs (a console, say): certified by the mesh CA for a
     /// day, in the tenant's group, at overlay address `ip`. It watches a VM's lease from outside
     /// the lease (its own certificate never runs out during the demo).

@@ -437,11 +437,11 @@ fn demo_json() {
         "{t}"
     );
     // A clone's keepalive revokes the lease, and the broker's list closes the VM's connection
-    // as revoked, before its freshly renewed certificate could have run out.
+    // well before its freshly renewed certificate (a full lease) could have run out.
     assert!(
         t["revoked_vm_dropped_ms"]
             .as_u64()
-            .is_some_and(|ms| ms < lease_ms),
+            .is_some_and(|ms| ms < lease_ms / 2),
         "{t}"
     );
     let evidence = dir.path().join("evidence");

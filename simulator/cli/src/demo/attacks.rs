@@ -67,8 +67,11 @@ pub(crate) async fn mesh_attacks(
         .await,
     ));
     // A guest's genuine mesh identity: admitted (attestation), but not to send orders.
+    // A guest presents its certificate with the broker's intermediate, as its node does.
+    let guest_pem =
+        |cert: &[u8]| snp::certs::pem_encode("CERTIFICATE", cert) + &mesh.guest_ca_pem();
     if let Some((_, key, cert)) = identities.iter().find(|(i, _, _)| *i != 0) {
-        let pem = snp::certs::pem_encode("CERTIFICATE", cert);
+        let pem = guest_pem(cert);
         out.push(judged(
             "mesh-guest-identity-sends-an-order",
             "forbidden",
@@ -82,7 +85,7 @@ pub(crate) async fn mesh_attacks(
     }
     // Terminated vm-0's identity, revoked: refused at the handshake.
     if let Some((_, key, cert)) = identities.iter().find(|(i, _, _)| *i == 0) {
-        let pem = snp::certs::pem_encode("CERTIFICATE", cert);
+        let pem = guest_pem(cert);
         out.push(judged(
             "mesh-revoked-guest-identity-at-the-broker",
             "is revoked",

@@ -51,9 +51,9 @@ pub struct Tenant {
     /// From the operator's broker withdrawing the image to the VM's mesh connection closing
     /// (its certificate not renewed, run out); `None`: it did not close.
     pub withdrawn_vm_dropped_ms: Option<f64>,
-    /// From a clone's keepalive (the lease revoked) to the VM's mesh connection closing as
-    /// revoked — the broker's list through the lighthouses, long before its certificate ends;
-    /// `None`: it was not closed as revoked.
+    /// From a clone's keepalive (the lease revoked) to the VM's mesh connection closing — the
+    /// broker's list through the lighthouses, long before its freshly renewed certificate
+    /// ends; `None`: it did not close.
     pub revoked_vm_dropped_ms: Option<f64>,
     /// The scene's attacks, for the catalogue.
     pub attacks: Vec<LiveAttack>,
@@ -75,7 +75,7 @@ impl Tenant {
                 .is_some_and(|ms| ms <= (LEASE_SECS as f64 + 2.0) * 1000.0)
             && self
                 .revoked_vm_dropped_ms
-                .is_some_and(|ms| ms < LEASE_SECS as f64 * 1000.0)
+                .is_some_and(|ms| ms < LEASE_SECS as f64 * 1000.0 / 2.0)
             && self.attacks.iter().all(LiveAttack::as_expected)
     }
 
@@ -399,15 +399,13 @@ pub async fn run(
         Err(x) => x.to_string(),
         Ok(_) => "renewed".into(),
     };
-    // Closed as revoked (not as expired: the certificate has seconds left).
-    let revoked_vm_dropped_ms = fleet_mesh::closed_with(
-        &conn,
-        mesh::node::close::REVOKED,
-        Duration::from_secs(LEASE_SECS),
-    )
-    .await
-    .ok()
-    .map(|_| revoked_at.elapsed().as_secs_f64() * 1000.0);
+    // Closed by the console once the broker's list reached it: in milliseconds, where the
+    // certificate just renewed would have run for seconds more.
+    let revoked_vm_dropped_ms =
+        tokio::time::timeout(Duration::from_secs(LEASE_SECS + 2), conn.closed())
+            .await
+            .ok()
+            .map(|_| revoked_at.elapsed().as_secs_f64() * 1000.0);
     // The lease is revoked: the genuine VM is not renewed either until it boots again.
     let after = match renew(&on_mesh, VM, &boot(), &lease_key).await {
         Err(ClientError::Denied(r)) => r.join(", "),
