@@ -723,26 +723,21 @@ impl LocalCa {
         not_before: u64,
         not_after: u64,
     ) -> Result<LocalCa, CertError> {
-        let i = sign(
-            &self.cert,
-            &self.key,
-            &Request {
-                name,
-                claims: Claims {
-                    v: 1,
-                    role: Some(Role::Ca),
-                    networks: networks.iter().map(|n| n.to_string()).collect(),
-                    roles: roles.to_vec(),
-                    names: names.iter().map(|n| n.to_string()).collect(),
-                    ..Default::default()
-                },
-                is_ca: true,
-                not_before,
-                not_after,
-                curve: Curve::Ed25519,
+        let (i, cert) = self.sign_parsed(&Request {
+            name,
+            claims: Claims {
+                v: 1,
+                role: Some(Role::Ca),
+                networks: networks.iter().map(|n| n.to_string()).collect(),
+                roles: roles.to_vec(),
+                names: names.iter().map(|n| n.to_string()).collect(),
+                ..Default::default()
             },
-        )?;
-        let cert = parse_bundle(i.cert_pem.as_bytes())?.remove(0);
+            is_ca: true,
+            not_before,
+            not_after,
+            curve: Curve::Ed25519,
+        })?;
         Ok(LocalCa {
             cert,
             pem: i.cert_pem,
@@ -760,26 +755,28 @@ impl LocalCa {
         not_before: u64,
         not_after: u64,
     ) -> Result<LocalNode, CertError> {
-        let issued = sign(
-            &self.cert,
-            &self.key,
-            &Request {
-                name,
-                claims: Claims {
-                    v: 1,
-                    ips: vec![ip.into()],
-                    groups: groups.iter().map(|g| g.to_string()).collect(),
-                    role: Some(role),
-                    ..Default::default()
-                },
-                is_ca: false,
-                not_before,
-                not_after,
-                curve: Curve::Ed25519,
+        let (issued, cert) = self.sign_parsed(&Request {
+            name,
+            claims: Claims {
+                v: 1,
+                ips: vec![ip.into()],
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                role: Some(role),
+                ..Default::default()
             },
-        )?;
-        let cert = parse_bundle(issued.cert_pem.as_bytes())?.remove(0);
+            is_ca: false,
+            not_before,
+            not_after,
+            curve: Curve::Ed25519,
+        })?;
         Ok(LocalNode { issued, cert })
+    }
+
+    /// `req` signed by this CA, and the certificate parsed.
+    fn sign_parsed(&self, req: &Request<'_>) -> Result<(Issued, MeshCert), CertError> {
+        let issued = sign(&self.cert, &self.key, req)?;
+        let cert = parse_bundle(issued.cert_pem.as_bytes())?.remove(0);
+        Ok((issued, cert))
     }
 }
 

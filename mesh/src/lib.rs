@@ -96,14 +96,18 @@ pub(crate) mod test_pki {
         }
     }
 
-    /// A node: (chain DER, key PEM, leaf).
-    pub fn node(ca: &Ca, name: &str, ip: &str) -> (Vec<CertificateDer<'static>>, String, MeshCert) {
-        let local = LocalCa {
+    /// The CA as a [`LocalCa`] (to issue with).
+    pub fn local(ca: &Ca) -> LocalCa {
+        LocalCa {
             cert: ca.cert.clone(),
             pem: String::new(),
             key: zeroize::Zeroizing::new(ca.key.clone()),
-        };
-        let n = local
+        }
+    }
+
+    /// A node: (chain DER, key PEM, leaf).
+    pub fn node(ca: &Ca, name: &str, ip: &str) -> (Vec<CertificateDer<'static>>, String, MeshCert) {
+        let n = local(ca)
             .issue(name, ip, &["tenant:a"], Role::Guest, NOW - 3600, NOW + 3600)
             .unwrap();
         (

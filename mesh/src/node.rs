@@ -1427,9 +1427,9 @@ pub async fn request(conn: &Connection, m: &Msg) -> Result<Msg, NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cert::{Curve, LocalCa, Role};
+    use crate::cert::{Curve, Role};
     use crate::revocation::{Body, sign, sign_delegated};
-    use crate::test_pki::{NOW, ca};
+    use crate::test_pki::{NOW, ca, local};
 
     fn body(ca: &str, number: u64, keys: usize) -> Body {
         Body {
@@ -1447,11 +1447,7 @@ mod tests {
     #[test]
     fn a_reply_carries_the_roots_list_first_and_what_fits() {
         let root = ca("root", Curve::Ed25519);
-        let local = LocalCa {
-            cert: root.cert.clone(),
-            pem: String::new(),
-            key: zeroize::Zeroizing::new(root.key.clone()),
-        };
+        let local = local(&root);
         // A root's list near its limit, then delegated ones near theirs: not all fit.
         let mut lists = vec![sign(&root.cert, &root.key, &body("root", 1, 14_000)).unwrap()];
         for i in 0..3 {

@@ -648,12 +648,7 @@ mod tests {
         assert!(why.contains("a root's name"), "{why}");
         // A sub-CA of the intermediate (which the intermediate's holder can make at will) does
         // not sign lists: only what the root issued itself.
-        let guests_local = LocalCa {
-            cert: guests.cert.clone(),
-            pem: String::new(),
-            key: zeroize::Zeroizing::new(guests.key.clone()),
-        };
-        let sub = guests_local
+        let sub = crate::test_pki::local(&guests)
             .intermediate("sub", &[], &[Role::Guest], &[], NOW - 60, NOW + 60)
             .unwrap();
         let l = sign_delegated(

@@ -372,7 +372,8 @@ impl FleetMesh {
         if cert.claims.role != Some(Role::Guest) || cert.is_ca {
             return Err(bad("is not a guest's".into()));
         }
-        let rules = guest_rules(want.tenant)?;
+        // An odd tenant name is refused before anything is placed.
+        guest_rules(want.tenant)?;
         let d = self.guest_dir(vm_id);
         // Presented with the broker's intermediate, as the guest agent places it.
         place_mesh_identity(
@@ -382,9 +383,22 @@ impl FleetMesh {
             std::slice::from_ref(&self.guest_ca.cert.der),
         )
         .map_err(|e| format!("{vm_id}: {e}"))?;
+        self.start_guest(vm_id, want.tenant, ip.addr(), &d).await
+    }
+
+    /// Starts the tenant-node in `d` (its identity placed there) with its tenant's rules, and
+    /// keeps it among the guests.
+    async fn start_guest(
+        &mut self,
+        name: &str,
+        tenant: &str,
+        ip: IpAddr,
+        d: &Path,
+    ) -> Result<&Guest, String> {
+        let rules = guest_rules(tenant)?;
         let cfg = self.node_config(
             NodeFiles {
-                dir: &d,
+                dir: d,
                 rules: &rules,
                 lighthouse: false,
             },
@@ -392,16 +406,16 @@ impl FleetMesh {
         )?;
         let node = Node::start(cfg, vec![])
             .await
-            .map_err(|e| format!("{vm_id} on the mesh: {e}"))?;
+            .map_err(|e| format!("{name} on the mesh: {e}"))?;
         self.guests.push(Guest {
-            vm_id: vm_id.into(),
-            tenant: want.tenant.into(),
-            ip: ip.addr(),
+            vm_id: name.into(),
+            tenant: tenant.into(),
+            ip,
             node,
         });
         self.guests
             .last()
-            .ok_or_else(|| "no guest joined".to_string())
+            .ok_or_else(|| format!("{name} did not join"))
     }
 
     /// The operator revokes `certs` (with everything revoked before): the next numbered list,
@@ -483,30 +497,10 @@ impl FleetMesh {
         std::fs::create_dir_all(&d).map_err(io(&d))?;
         let group = format!("tenant:{tenant}");
         self.issue_files(&d, &name, ip, &[&group], Role::Guest)?;
-        let rules = guest_rules(tenant)?;
-        let cfg = self.node_config(
-            NodeFiles {
-                dir: &d,
-                rules: &rules,
-                lighthouse: false,
-            },
-            (Ipv4Addr::LOCALHOST, 0).into(),
-        )?;
-        let node = Node::start(cfg, vec![])
-            .await
-            .map_err(|e| format!("{name} on the mesh: {e}"))?;
-        let ip: ipnet::IpNet = ip
+        let net: ipnet::IpNet = ip
             .parse()
             .map_err(|_| format!("{name}: bad address {ip}"))?;
-        self.guests.push(Guest {
-            vm_id: name,
-            tenant: tenant.into(),
-            ip: ip.addr(),
-            node,
-        });
-        self.guests
-            .last()
-            .ok_or_else(|| "no console joined".to_string())
+        self.start_guest(&name, tenant, net.addr(), &d).await
     }
 
     pub async fn shutdown(self) {
