@@ -530,7 +530,14 @@ impl Submitter {
         r: &Record,
         json: &str,
     ) -> Result<subxt::transactions::DynamicPayload<Vec<Value>>, String> {
-        Ok(match &self.call {
+        // The agent's own records (answers to the chain's tasks: account `#…`) always go as
+        // remarks, whatever carries usage.
+        let call = if r.account.starts_with('#') {
+            &CallKind::Remark
+        } else {
+            &self.call
+        };
+        Ok(match call {
             CallKind::Remark => dynamic::transaction(
                 "System",
                 "remark_with_event",
@@ -561,7 +568,10 @@ impl Submitter {
                 return Ok(None);
             };
             match account_value(&r.account) {
-                Err(why) if matches!(self.call, CallKind::Usage { .. }) => {
+                Err(why)
+                    if matches!(self.call, CallKind::Usage { .. })
+                        && !r.account.starts_with('#') =>
+                {
                     outbox.mark_failed(r.period, &r.account, why).await?;
                 }
                 _ => break r,
@@ -591,6 +601,7 @@ impl Submitter {
             .max(highest_signed);
         let mut txs = at.transactions();
         let name = match &self.call {
+            _ if r.account.starts_with('#') => "System.remark_with_event".to_string(),
             CallKind::Remark => "System.remark_with_event".to_string(),
             CallKind::Usage { pallet, call } => format!("{pallet}.{call}"),
         };

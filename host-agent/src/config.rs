@@ -43,6 +43,33 @@ pub struct HostConfig {
     pub billing: Option<BillingConfig>,
     /// The credit check before each hour; none: no VM is stopped for credit.
     pub credit: Option<CreditConfig>,
+    /// What this host takes: vCPUs, memory, disk, VMs per tenant (see [`crate::capacity`]);
+    /// none: no limit beyond libvirt's.
+    #[serde(default)]
+    pub capacity: crate::capacity::CapacityConfig,
+    /// VM tasks from the chain (see [`crate::intake`]); none: only the control socket creates.
+    pub chain: Option<ChainConfig>,
+}
+
+/// `[chain]`: following finalized blocks for validators' VM assignments to this miner. Answers
+/// go through the billing outbox (`[billing]` is required), signed by the billing key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// Accounts (SS58 or 0x hex) whose assignments count.
+    pub validators: Vec<String>,
+    /// This miner's account, as assignments name it; default: the billing key's.
+    pub miner: Option<String>,
+    /// The first block read on the very first start; default: the finalized head then (what
+    /// was assigned before the agent existed is not its business).
+    pub from_block: Option<u64>,
+    /// Seconds between looks at the finalized head.
+    #[serde(default = "default_chain_poll")]
+    pub poll_secs: u64,
+}
+
+fn default_chain_poll() -> u64 {
+    6
 }
 
 /// Overrides for the platform's SEV parameters.
@@ -328,6 +355,22 @@ impl HostConfig {
             && argv.is_empty()
         {
             return Err(err("credit.argv: give the command to run".into()));
+        }
+        if let Some(ch) = &c.chain {
+            if c.billing.is_none() {
+                return Err(err(
+                    "[chain]: answers go on chain through the billing outbox; configure [billing]"
+                        .into(),
+                ));
+            }
+            if ch.validators.is_empty() {
+                return Err(err(
+                    "chain.validators: name the validators whose assignments count".into(),
+                ));
+            }
+            for a in ch.validators.iter().chain(&ch.miner) {
+                crate::billing::account_id(a).map_err(|e| err(format!("[chain]: {e}")))?;
+            }
         }
         if matches!(c.credit, Some(CreditConfig::ChainBalance { .. })) && c.billing.is_none() {
             return Err(err(

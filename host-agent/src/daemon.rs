@@ -9,6 +9,9 @@
 //! first, and the VM is destroyed and its disk wiped only once the broker has shredded the key.
 //! Time comes from the [`Clock`] the caller passes, so tests can close hours without waiting.
 
+mod tasks;
+pub use tasks::IntakeRound;
+
 use crate::agent::{self, Credit, Ev};
 use crate::billing::{CallKind, Outbox, State as RecordState, Submitter};
 use crate::config::{CreditConfig, HostConfig, OnError, SnpMode};
@@ -18,6 +21,7 @@ use crate::gate;
 use crate::host::{Host, HostError};
 use crate::lifecycle::{Action, State};
 use crate::platform::{self, Platform};
+use crate::refusal::CreateError;
 use crate::spec::VmSpec;
 use crate::state::{StateDb, VmRecord};
 use crate::usage::{HOUR, Terms};
@@ -39,6 +43,28 @@ fn simulated_psp(cfg: &HostConfig) -> Result<Box<dyn crate::host::SimulatedPsp>,
 #[cfg(not(feature = "simulator"))]
 fn simulated_psp(_: &HostConfig) -> Result<Box<dyn crate::host::SimulatedPsp>, String> {
     Err("[snp] mode = \"simulated\": built without the simulator feature".into())
+}
+
+/// What a VM holds of this host's capacity.
+fn shape(spec: &crate::spec::VmSpec, tenant: &str) -> crate::capacity::Shape {
+    crate::capacity::Shape {
+        vcpus: u64::from(spec.vcpus),
+        memory_mib: spec.memory_mib,
+        disk_gib: spec.disk.size_gib,
+        tenant: tenant.into(),
+    }
+}
+
+/// What the VMs on record hold (every one not terminated, running or not).
+fn holding(vms: &[VmRecord]) -> Vec<crate::capacity::Shape> {
+    vms.iter()
+        .filter(|v| v.terminated_at.is_none())
+        .filter_map(|v| {
+            let spec = VmSpec::parse(&v.spec).ok()?;
+            let tenant = Order::decode_stored(&v.order).ok()?.tenant;
+            Some(shape(&spec.spec, &tenant))
+        })
+        .collect()
 }
 
 /// Unix seconds, as the daemon sees them.
@@ -426,9 +452,10 @@ impl Daemon {
     /// Answers one control request.
     pub async fn handle(&self, req: ControlRequest) -> ControlResponse {
         let r = match req {
-            ControlRequest::Create { spec, order, start } => {
-                self.create(&spec, &order, start).await
-            }
+            ControlRequest::Create { spec, order, start } => self
+                .create(&spec, &order, start)
+                .await
+                .map_err(String::from),
             ControlRequest::Start { vm_id } => self.start(&vm_id).await,
             ControlRequest::Stop { vm_id } => self.simple(&vm_id, Action::Stop).await,
             ControlRequest::Reboot { vm_id } => self.simple(&vm_id, Action::Reboot).await,
@@ -454,21 +481,24 @@ impl Daemon {
             .ok_or_else(|| format!("no VM {vm_id} is managed by this agent"))
     }
 
-    async fn create(
+    /// Creates a VM from a spec and an operator's register order (base64): the launch gate,
+    /// this host's chip, the VM id never used here, capacity; then the broker registers the
+    /// order and libvirt defines the domain. The same path for the control socket and the chain.
+    pub(crate) async fn create(
         &self,
         spec: &str,
         order_b64: &str,
         start: bool,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, CreateError> {
         let order = base64::engine::general_purpose::STANDARD
             .decode(order_b64.trim())
-            .map_err(|_| "the order is not base64".to_string())?;
-        let c = VmSpec::parse(spec).map_err(|e| format!("spec: {e}"))?;
+            .map_err(|_| CreateError::OrderEncoding)?;
+        let c = VmSpec::parse(spec).map_err(|e| CreateError::Spec(e.to_string()))?;
         let now = self.now();
         let registered = {
             let _g = self.ops.lock().await;
             let ok = gate::admit_with(&c, &order, &self.keys, now, self.firmware)
-                .map_err(|e| format!("launch gate: {e}"))?;
+                .map_err(|e| CreateError::Gate(e.to_string()))?;
             if let Some(p) = &self.platform
                 && !ok
                     .order
@@ -476,18 +506,18 @@ impl Daemon {
                     .iter()
                     .any(|id| id.as_slice() == p.chip_id.as_slice())
             {
-                return Err(format!(
-                    "this host's chip ({}) is not among the order's {} chip id(s): the broker would deny every release",
-                    hex::encode(&p.chip_id),
-                    ok.order.chip_ids.len()
-                ));
+                return Err(CreateError::Chip {
+                    chip: hex::encode(&p.chip_id),
+                    count: ok.order.chip_ids.len(),
+                });
             }
-            if self.db.vms().await?.iter().any(|v| v.vm_id == c.spec.vm_id) {
-                return Err(format!(
-                    "VM id {} was used on this host before",
-                    c.spec.vm_id
-                ));
+            let vms = self.db.vms().await.map_err(CreateError::Store)?;
+            if vms.iter().any(|v| v.vm_id == c.spec.vm_id) {
+                return Err(CreateError::Duplicate(c.spec.vm_id.clone()));
             }
+            self.cfg
+                .capacity
+                .admit(&holding(&vms), &shape(&c.spec, &ok.order.tenant))?;
             let registered = match self.relay(false, order.clone()).await? {
                 Relayed::Done => "registered with the broker",
                 Relayed::Already => "already registered with the broker",
@@ -502,11 +532,12 @@ impl Daemon {
                     stop_reason: None,
                     terminated_at: None,
                 })
-                .await?;
+                .await
+                .map_err(CreateError::Store)?;
             let c2 = c.clone();
             if let Err(e) = self.libvirt(move |h| h.create(&c2)).await {
                 let _ = self.db.mark_terminated(&c.spec.vm_id, now).await;
-                return Err(e);
+                return Err(CreateError::Libvirt(e));
             }
             tracing::info!(vm_id = %c.spec.vm_id, digest = %hex::encode(ok.digest), broker = registered, "VM created");
             if !start {
@@ -517,7 +548,11 @@ impl Daemon {
             }
             registered
         };
-        let mut v = self.start(&c.spec.vm_id).await?;
+        // Created: a start that fails leaves the VM defined and stopped (the error says why).
+        let mut v = self
+            .start(&c.spec.vm_id)
+            .await
+            .map_err(CreateError::NotStarted)?;
         v["broker"] = serde_json::json!(registered);
         Ok(v)
     }
@@ -660,21 +695,25 @@ impl Daemon {
         Ok(serde_json::Value::Array(out))
     }
 
-    async fn relay(&self, terminate: bool, doc: Vec<u8>) -> Result<Relayed, String> {
+    async fn relay(&self, terminate: bool, doc: Vec<u8>) -> Result<Relayed, CreateError> {
         let Some(k) = &self.cfg.kbs else {
             return Ok(Relayed::NoBroker);
         };
+        let unreachable = CreateError::BrokerUnreachable;
         // Every listed broker, resolved now (a replica that does not resolve is passed over).
         let mut addrs = Vec::new();
         let mut unresolved = Vec::new();
-        for name in k.addresses()? {
+        for name in k.addresses().map_err(unreachable)? {
             match tokio::net::lookup_host(&name).await {
                 Ok(mut found) => addrs.extend(found.next()),
                 Err(e) => unresolved.push(format!("{name}: {e}")),
             }
         }
         let Some(&first) = addrs.first() else {
-            return Err(format!("kbs.address: {}", unresolved.join("; ")));
+            return Err(unreachable(format!(
+                "kbs.address: {}",
+                unresolved.join("; ")
+            )));
         };
         for why in &unresolved {
             tracing::warn!(%why, "a listed broker does not resolve; trying the others");
@@ -685,7 +724,8 @@ impl Daemon {
             &k.ca,
             &k.client_cert,
             &k.client_key,
-        )?;
+        )
+        .map_err(unreachable)?;
         match kbs::client::send_order_any(&addrs, remote, terminate, doc).await {
             Ok(_) => Ok(Relayed::Done),
             Err(kbs::client::OrderError::Refused { code, .. })
@@ -693,7 +733,10 @@ impl Daemon {
             {
                 Ok(Relayed::Already)
             }
-            Err(e) => Err(format!("broker: {e}")),
+            Err(kbs::client::OrderError::Refused { code, detail }) => {
+                Err(CreateError::BrokerRefused { code, detail })
+            }
+            Err(kbs::client::OrderError::Transport(e)) => Err(unreachable(e)),
         }
     }
 
@@ -712,6 +755,9 @@ impl Daemon {
                 }
             }
         });
+        if self.cfg.chain.is_some() {
+            tokio::spawn(self.clone().follow_chain());
+        }
         let d = self.clone();
         tokio::spawn(async move {
             loop {

@@ -13,10 +13,15 @@
 //! - [`gate`]: the launch gate — a signed register order whose measurements include the digest
 //!   of exactly what the spec starts; terminate only on a signed terminate order.
 //! - [`usage`]: metering per UTC hour and the canonical usage document with its hash.
+//! - [`capacity`]: whether one more VM fits (vCPUs, memory, disk, VMs per tenant).
+//! - [`intake`]: VM tasks from the chain — the versioned remark encoding of validators'
+//!   assignments and of the miner's answers, and which remarks are this miner's.
+//! - [`refusal`]: why a create did not happen, as the closed vocabulary answers carry.
 //! - [`agent`]: the daemon's decisions (reconcile with libvirt, hours to close, usage from
 //!   recorded events, whom the credit check stops, retry backoff).
 //!
 //! IO shells: [`host`] (libvirt), [`billing`] (the durable outbox and `subxt` submission),
+//! [`chain`] (finalized blocks' remarks, with `subxt`),
 //! [`state`] (the agent's database), [`credit`] (chain balance or a command), [`platform`]
 //! (chip id and TCB), [`control`] (the local socket protocol) and [`daemon`]
 //! (`attesta-host serve`); with the `simulator` feature, `sim_psp` (the simulated PSP of a
@@ -28,7 +33,9 @@
 
 pub mod agent;
 pub mod billing;
+pub mod capacity;
 pub mod caps;
+pub mod chain;
 pub mod config;
 pub mod control;
 pub mod credit;
@@ -36,8 +43,10 @@ pub mod daemon;
 pub mod domain;
 pub mod gate;
 pub mod host;
+pub mod intake;
 pub mod lifecycle;
 pub mod platform;
+pub mod refusal;
 #[cfg(feature = "simulator")]
 pub mod sim_psp;
 pub mod spec;

@@ -1,7 +1,9 @@
 //! The agent's own durable state (SQLite, WAL, synchronous=FULL): the VMs it manages with the
 //! spec and signed order each was admitted on, the lifecycle events metering is computed from,
-//! the last hour closed and a heartbeat. Lost with the host, but never needed by anyone else:
-//! the broker holds the keys, the chain the bills.
+//! the last hour closed and a heartbeat; and, when it takes tasks from the chain, the last
+//! finalized block it processed and what became of each assignment (so a restart replays from
+//! there and acts on none twice). Lost with the host, but never needed by anyone else: the
+//! broker holds the keys, the chain the bills and the tasks.
 
 use crate::agent::Ev;
 use sqlx::Row as _;
@@ -36,7 +38,12 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS vms (
     CREATE TABLE IF NOT EXISTS events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, vm_id TEXT NOT NULL, running INTEGER NOT NULL,
         at INTEGER NOT NULL);
-    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);";
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS chain_cursor (
+        id INTEGER PRIMARY KEY CHECK (id = 1), number INTEGER NOT NULL, hash BLOB NOT NULL);
+    CREATE TABLE IF NOT EXISTS assignments (
+        id BLOB PRIMARY KEY, block INTEGER NOT NULL, vm_id TEXT NOT NULL, code TEXT,
+        reason TEXT, at INTEGER NOT NULL);";
 
 /// One connection to a SQLite file (created if missing) that survives power loss — WAL,
 /// synchronous=FULL — with `schema` applied: the agent's database and the billing outbox.
@@ -153,6 +160,114 @@ impl StateDb {
                 vm_id: r.get(0),
                 running: r.get(1),
                 at: r.get::<i64, _>(2).max(0) as u64,
+            })
+            .collect())
+    }
+
+    /// The last finalized block whose tasks were all decided: (number, hash).
+    pub async fn cursor(&self) -> Result<Option<(u64, [u8; 32])>, String> {
+        let row = sqlx::query("SELECT number, hash FROM chain_cursor WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(row.and_then(|r| {
+            let hash: Vec<u8> = r.get(1);
+            Some((r.get::<i64, _>(0).max(0) as u64, hash.try_into().ok()?))
+        }))
+    }
+
+    pub async fn set_cursor(&self, number: u64, hash: &[u8; 32]) -> Result<(), String> {
+        sqlx::query(
+            "INSERT INTO chain_cursor (id, number, hash) VALUES (1, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET number = excluded.number, hash = excluded.hash",
+        )
+        .bind(i(number))
+        .bind(&hash[..])
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
+    /// Whether assignment `id` was decided.
+    pub async fn assignment_decided(&self, id: &[u8; 32]) -> Result<bool, String> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM assignments WHERE id = ?")
+            .bind(&id[..])
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(n > 0)
+    }
+
+    /// Records what became of assignment `id` (in block `block`): created (`refusal` None), or
+    /// refused with (code, reason). Once: a decided assignment keeps its first outcome.
+    pub async fn decide_assignment(
+        &self,
+        id: &[u8; 32],
+        block: u64,
+        vm_id: &str,
+        refusal: Option<(&str, &str)>,
+        at: u64,
+    ) -> Result<(), String> {
+        sqlx::query(
+            "INSERT INTO assignments (id, block, vm_id, code, reason, at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&id[..])
+        .bind(i(block))
+        .bind(vm_id)
+        .bind(refusal.map(|r| r.0))
+        .bind(refusal.map(|r| r.1))
+        .bind(i(at))
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
+    /// The assignments of block `block` that were refused, in the order decided.
+    pub async fn refusals_in(&self, block: u64) -> Result<Vec<crate::intake::Refused>, String> {
+        let rows = sqlx::query(
+            "SELECT id, vm_id, code, reason FROM assignments
+             WHERE block = ? AND code IS NOT NULL ORDER BY rowid",
+        )
+        .bind(i(block))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let id: Vec<u8> = r.get(0);
+                Some(crate::intake::Refused {
+                    assignment: id.try_into().ok()?,
+                    vm_id: r.get(1),
+                    code: r.get(2),
+                    reason: r.get::<Option<String>, _>(3).unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    /// Every decided assignment: (id, block, vm_id, code), oldest first.
+    pub async fn assignments(
+        &self,
+    ) -> Result<Vec<([u8; 32], u64, String, Option<String>)>, String> {
+        let rows =
+            sqlx::query("SELECT id, block, vm_id, code FROM assignments ORDER BY block, rowid")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(e)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let id: Vec<u8> = r.get(0);
+                Some((
+                    id.try_into().ok()?,
+                    r.get::<i64, _>(1).max(0) as u64,
+                    r.get(2),
+                    r.get(3),
+                ))
             })
             .collect())
     }

@@ -464,3 +464,65 @@ async fn unreachable_chain_keeps_vms_and_backs_off() {
         })
         .await);
 }
+
+/// `[capacity]`: a create beyond the host's vCPUs or the tenant's VM limit is refused with its
+/// code before anything is registered or defined, and a stopped VM still holds its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_beyond_capacity_or_quota_are_refused_with_the_reason() {
+    // Room for one 4-vCPU VM and a half; tenant-a may have two VMs.
+    let f = fixture("[capacity]\nvcpus = 6\ntenants = { \"tenant-a\" = 2 }\n").await;
+    let d = f.dir.path();
+    f.set(real_now());
+    let agent = f.open().await;
+    let create = |vm: &str| {
+        let s = spec(d, vm);
+        R::Create {
+            order: b64(&f.register(vm, &s, &f.chip_id, None)),
+            spec: s,
+            start: true,
+        }
+    };
+    assert_eq!(
+        ok(agent.handle(create("vm-cap1")).await)["state"],
+        "running"
+    );
+    ok(agent
+        .handle(R::Stop {
+            vm_id: "vm-cap1".into(),
+        })
+        .await);
+    // Stopped, vm-c1 still holds its 4 vCPUs: 4 more do not fit in 6.
+    let e = refused(agent.handle(create("vm-cap2")).await);
+    assert!(
+        e.contains("capacity_vcpus: 4 vCPUs asked, 4 of 6 in use"),
+        "{e}"
+    );
+    assert!(
+        f.kbs.store.vm("vm-cap2").await.unwrap().is_none(),
+        "not registered"
+    );
+    let list = ok(agent.handle(R::List).await);
+    assert_eq!(state_of(&list, "vm-cap2"), None, "not defined");
+
+    // Room for vCPUs, but the tenant's limit is one VM here.
+    let f =
+        fixture("[capacity]\nvcpus = 64\nmax_vms_per_tenant = 8\ntenants = { \"tenant-a\" = 1 }\n")
+            .await;
+    let d = f.dir.path();
+    f.set(real_now());
+    let agent = f.open().await;
+    let create = |vm: &str| {
+        let s = spec(d, vm);
+        R::Create {
+            order: b64(&f.register(vm, &s, &f.chip_id, None)),
+            spec: s,
+            start: false,
+        }
+    };
+    ok(agent.handle(create("vm-quota1")).await);
+    let e = refused(agent.handle(create("vm-quota2")).await);
+    assert!(
+        e.contains("tenant_quota: tenant tenant-a has 1 VM(s) here, its limit is 1"),
+        "{e}"
+    );
+}

@@ -48,6 +48,11 @@ impl GuestIssuer {
         !root(&self.ca) && self.above.iter().all(root)
     }
 
+    /// Whether one of `roots` issued this CA itself (what nodes require of a list's signer).
+    pub fn issued_by_one_of(&self, roots: &[mesh::cert::MeshCert]) -> bool {
+        roots.iter().any(|r| self.ca.issued_by(r))
+    }
+
     /// The CA's name (a delegated list's `ca`).
     pub fn ca_name(&self) -> &str {
         &self.ca.name

@@ -101,30 +101,33 @@ pub async fn publish_once(kbs: &Kbs, out: &Outlets, now: u64) -> Result<bool, St
             "more revoked mesh keys than one list holds: the oldest are left to expire"
         );
     }
-    let held = out
-        .node
-        .as_ref()
-        .map(|n| n.trust())
-        .or_else(|| out.gate.clone())
-        .and_then(|t| t.list(&issuer.list_id()));
+    let id = issuer.list_id();
+    let on_gate = out.gate.as_ref().and_then(|t| t.list(&id));
+    let held = match &out.node {
+        Some(n) => n.trust().list(&id),
+        None => on_gate.clone(),
+    };
     // Another replica's list, come through the lighthouses: the gate holds it too.
     if let (Some(h), Some(g), Some(_)) = (&held, &out.gate, &out.node) {
         let _ = g.install(&h.bytes, now);
     }
-    let body = list_body(
-        issuer.ca_name(),
-        next_number(held.as_ref().map_or(0, |l| l.body.number), now_ms),
-        now,
-        &keys,
-    );
+    // Above every number either holds (the gate may hold one the mesh never got).
+    let highest = [&held, &on_gate]
+        .iter()
+        .filter_map(|l| l.as_ref().map(|l| l.body.number))
+        .max()
+        .unwrap_or(0);
+    let body = list_body(issuer.ca_name(), next_number(highest, now_ms), now, &keys);
     match &held {
         None if body.keys.is_empty() => return Ok(false),
         Some(h) if h.body.keys == body.keys => return Ok(false),
         _ => {}
     }
     let bytes = issuer.sign_revocations(&body)?;
-    if let Some(t) = &out.gate {
-        t.install(&bytes, now).map_err(|e| e.to_string())?;
+    if let Some(t) = &out.gate
+        && let Err(e) = t.install(&bytes, now)
+    {
+        tracing::warn!(error = %e, "the broker's own gate refused its revocation list");
     }
     if let Some(n) = &out.node {
         n.publish(&bytes).map_err(|e| e.to_string())?;

@@ -258,8 +258,9 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
                 gate: Some(g.trust.clone()),
                 node: rt.block_on(crate::mesh_setup::revocation_node(&c, m))?,
             };
+            let roots = crate::mesh_setup::mesh_roots(m)?;
             match kbs.guest_issuer.get() {
-                Some(i) if i.can_revoke() => {
+                Some(i) if i.can_revoke() && i.issued_by_one_of(&roots) => {
                     if outlets.node.is_none() {
                         tracing::warn!(
                             "no [mesh] lighthouses: a cloned VM's certificate is revoked at this broker only; the rest of the mesh drops it when its lease ends"

@@ -446,10 +446,19 @@ impl Node {
             && p.exists()
         {
             let bytes = read_file(p)?;
-            trust.install(&bytes, now()).map_err(|e| NodeError::File {
-                path: p.clone(),
-                why: e.to_string(),
-            })?;
+            match trust.install(&bytes, now()) {
+                Ok(_) => {}
+                // A delegated list kept by an older build: it comes back from the lighthouses.
+                Err(e) if crate::revocation::peek(&bytes).is_some_and(|(_, _, root)| !root) => {
+                    tracing::warn!(path = %p.display(), error = %e, "a delegated revocation list in the file is not used");
+                }
+                Err(e) => {
+                    return Err(NodeError::File {
+                        path: p.clone(),
+                        why: e.to_string(),
+                    });
+                }
+            }
         }
         let mut services: HashMap<Vec<u8>, Service> =
             services.into_iter().map(|s| (s.alpn.clone(), s)).collect();
@@ -716,6 +725,11 @@ impl Node {
         }
         if peer.service == CONTROL_ALPN {
             tokio::spawn(self.clone().take_pushes(conn.clone()));
+            // Everything a lighthouse holds, one list per stream: a reply to a pull carries
+            // only what fits one message.
+            if self.inner.cfg.lighthouse {
+                self.push_to(&conn, self.inner.trust.lists());
+            }
         }
         loop {
             let Ok((send, recv)) = conn.accept_bi().await else {
@@ -989,39 +1003,41 @@ impl Node {
     /// to every lighthouse this node is connected to, which push it on to every node. Ok(false):
     /// that number was held already (sent again all the same: sending is idempotent).
     pub fn publish(&self, list: &[u8]) -> Result<bool, crate::revocation::RevocationError> {
+        // Sent on whatever this node makes of it (a node full of other CAs' lists may refuse
+        // to hold it; the lighthouses judge for themselves).
+        self.relay_to_lighthouses(Msg::Revocations {
+            docs: vec![String::from_utf8_lossy(list).into_owned()],
+        });
         let newer = self.inner.trust.install(list, now())?;
         if newer {
             self.keep(list);
             self.inner.changed.notify_one();
             if self.inner.cfg.lighthouse {
-                self.push_lists();
+                self.push_lists(vec![list.to_vec()]);
             }
         }
-        self.relay_to_lighthouses(Msg::Revocations {
-            docs: vec![String::from_utf8_lossy(list).into_owned()],
-        });
         Ok(newer)
     }
 
     /// Installs lists that verify and are newer; keeps them on disk, re-checks live
     /// connections, and (a lighthouse) pushes them on.
     fn take_lists(&self, docs: &[String]) {
-        let mut newer = false;
+        let mut newer = Vec::new();
         for d in docs {
             match self.inner.trust.install(d.as_bytes(), now()) {
                 Ok(true) => {
-                    newer = true;
+                    newer.push(d.as_bytes().to_vec());
                     self.keep(d.as_bytes());
                 }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "revocation list refused"),
             }
         }
-        if newer {
+        if !newer.is_empty() {
             tracing::info!(lists = ?self.inner.trust.list_summary(), "revocation list installed");
             self.inner.changed.notify_one();
             if self.inner.cfg.lighthouse {
-                self.push_lists();
+                self.push_lists(newer);
             }
         }
     }
@@ -1037,13 +1053,18 @@ impl Node {
         }
     }
 
-    /// A lighthouse pushes its lists to every node connected for control (both directions),
-    /// one list per stream, so that no number of lists outgrows a message.
-    fn push_lists(&self) {
-        let frames: Vec<Vec<u8>> = self
-            .inner
-            .trust
-            .lists()
+    /// A lighthouse pushes lists it has just installed to every node connected for control
+    /// (both directions).
+    fn push_lists(&self, lists: Vec<Vec<u8>>) {
+        for conn in self.control_conns(|_| true) {
+            self.push_to(&conn, lists.clone());
+        }
+    }
+
+    /// Pushes `lists` to one peer, one list per stream, so that no number of lists outgrows a
+    /// message.
+    fn push_to(&self, conn: &Connection, lists: Vec<Vec<u8>>) {
+        let frames: Vec<Vec<u8>> = lists
             .into_iter()
             .filter_map(|b| {
                 Msg::Revocations {
@@ -1053,16 +1074,29 @@ impl Node {
                 .ok()
             })
             .collect();
-        for conn in self.control_conns(|_| true) {
-            let frames = frames.clone();
-            tokio::spawn(async move {
-                for frame in frames {
-                    if let Ok(mut s) = conn.open_uni().await {
-                        let _ = s.write_all(&frame).await;
-                        let _ = s.finish();
-                    }
+        if frames.is_empty() {
+            return;
+        }
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            for frame in frames {
+                if let Ok(mut s) = conn.open_uni().await {
+                    let _ = s.write_all(&frame).await;
+                    let _ = s.finish();
                 }
-            });
+            }
+        });
+    }
+
+    /// One exchange of lists with a lighthouse: take what it holds, then send what it lacks or
+    /// holds older (a list published here while it was out of reach, or a send that was
+    /// lost), one list per request.
+    async fn sync_lists(&self, conn: &Connection) {
+        if let Ok(Msg::Revocations { docs }) = request(conn, &Msg::GetRevocations).await {
+            self.take_lists(&docs);
+            for doc in missing_from(&docs, self.inner.trust.lists()) {
+                let _ = request(conn, &Msg::Revocations { docs: vec![doc] }).await;
+            }
         }
     }
 
@@ -1137,14 +1171,7 @@ impl Node {
                 .locked()
                 .insert(lh, conn.clone());
             tokio::spawn(self.clone().take_pushes(conn.clone()));
-            if let Ok(Msg::Revocations { docs }) = request(&conn, &Msg::GetRevocations).await {
-                self.take_lists(&docs);
-                // And the other way: what the lighthouse lacks or holds older (a list
-                // published here while it was out of reach), one list per request.
-                for doc in missing_from(&docs, self.inner.trust.lists()) {
-                    let _ = request(&conn, &Msg::Revocations { docs: vec![doc] }).await;
-                }
-            }
+            self.sync_lists(&conn).await;
             if self.inner.cfg.lighthouse
                 && let Ok(Msg::Entries { docs }) = request(&conn, &Msg::Dump).await
             {
@@ -1163,10 +1190,9 @@ impl Node {
                     _ = conn.closed() => break,
                     _ = tokio::time::sleep(Duration::from_secs(self.inner.cfg.announce_secs.max(1))) => {}
                 }
-                // Pull as well as push: a list pushed while this connection was down arrives here.
-                if let Ok(Msg::Revocations { docs }) = request(&conn, &Msg::GetRevocations).await {
-                    self.take_lists(&docs);
-                }
+                // Pull as well as push (a list pushed while this connection was down arrives
+                // here), and make good what the lighthouse lacks.
+                self.sync_lists(&conn).await;
             }
             self.inner.lighthouse_conns.locked().remove(&lh);
             tracing::info!(lighthouse = %lh, "lighthouse connection lost; reconnecting");
@@ -1319,6 +1345,7 @@ impl Node {
     /// Closes live connections that would not be admitted now.
     fn sweep(&self) {
         let t = now();
+        self.inner.trust.prune(t);
         let live: Vec<(Connection, Arc<PeerInfo>)> = self
             .inner
             .live
@@ -1357,14 +1384,14 @@ const LISTS_PER_MESSAGE: usize = crate::lighthouse::MAX_MESSAGE - (256 << 10);
 /// The lists (as [`Trust::lists`] orders them: roots first) that fit in one message, escaped
 /// size counted, and how many were left out.
 fn within_message(lists: Vec<Vec<u8>>) -> (Vec<String>, usize) {
-    let mut used = 0;
+    let mut used: usize = 0;
     let mut docs = Vec::new();
     let mut left_out = 0;
     for b in lists {
         let doc = String::from_utf8_lossy(&b).into_owned();
         // Each list is a JSON string inside the message: quotes and backslashes double.
         let size = serde_json::to_string(&doc).map_or(usize::MAX, |e| e.len());
-        if used + size <= LISTS_PER_MESSAGE {
+        if used.saturating_add(size) <= LISTS_PER_MESSAGE {
             used += size;
             docs.push(doc);
         } else {

@@ -682,6 +682,16 @@ mod tests {
             trust.install(&good, NOW),
             Err(RevocationError::RevokedSigner("guests".into()))
         );
+        // Held before the root revoked its signer: pruned, its slot freed.
+        let trust = Trust::new(roots.to_vec());
+        assert_eq!(trust.install(&good, NOW), Ok(true));
+        trust
+            .install(&sign(&root.cert, &root.key, &r).unwrap(), NOW)
+            .unwrap();
+        assert_eq!(trust.lists().len(), 2);
+        trust.prune(NOW);
+        assert_eq!(trust.list_summary().len(), 1);
+        assert_eq!(trust.list_summary()[0].0, "root");
     }
 
     #[test]

@@ -104,7 +104,7 @@ impl Trust {
         }
         let id = list.id();
         let mut lists = self.lists.write().unwrap_or_else(|e| e.into_inner());
-        lists.retain(|_, l| l.chain.iter().all(|c| c.not_after >= now));
+        prune_lists(&mut lists, now);
         let delegated = lists.values().filter(|l| !l.is_root_list()).count();
         if !list.is_root_list() && !lists.contains_key(&id) && delegated >= MAX_DELEGATED_LISTS {
             return Err(RevocationError::TooMany(delegated));
@@ -124,6 +124,19 @@ impl Trust {
         drop(lists);
         self.bump();
         Ok(true)
+    }
+
+    /// Drops delegated lists whose signer has expired or is revoked by a root's list: they
+    /// revoke nothing any more, and would hold a slot.
+    pub fn prune(&self, now: u64) {
+        let mut lists = self.lists.write().unwrap_or_else(|e| e.into_inner());
+        let before = lists.len();
+        prune_lists(&mut lists, now);
+        let changed = lists.len() != before;
+        drop(lists);
+        if changed {
+            self.bump();
+        }
     }
 
     /// The held lists, as signed, to relay: the roots' first, then delegated ones, newest first.
@@ -191,6 +204,20 @@ impl Trust {
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
+}
+
+/// See [`Trust::prune`].
+fn prune_lists(lists: &mut HashMap<String, RevocationList>, now: u64) {
+    let by_roots: Vec<RevocationList> = lists
+        .values()
+        .filter(|l| l.is_root_list())
+        .cloned()
+        .collect();
+    lists.retain(|_, l| {
+        l.chain
+            .iter()
+            .all(|c| c.not_after >= now && !by_roots.iter().any(|r| r.revokes(c)))
+    });
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

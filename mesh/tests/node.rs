@@ -551,10 +551,17 @@ async fn a_brokers_delegated_list_cuts_its_guest_off_and_nobody_else() {
     .unwrap();
     std::fs::write(vm_dir.join("node.key"), n.issued.key_pem.as_bytes()).unwrap();
     let kbs_dir = node("kbs", "10.42.0.5", "infra", Role::Kbs, "announce = false");
+    // The root's own list, which every node keeps in its `revocation` file.
+    let root_list = revocation_list(&root, 1, now(), &[]);
+    mesh::watch::write_atomic(&lh_dir.join("revocation.json"), &root_list).unwrap();
     let lh = start(&lh_dir).await;
     let a = start(&a_dir).await;
     let vm = start(&vm_dir).await;
     let kbs = start(&kbs_dir).await;
+    eventually("a holds the root's list", Duration::from_secs(10), || {
+        std::fs::read(a_dir.join("revocation.json")).is_ok_and(|b| b == root_list)
+    })
+    .await;
     let live = reach(&vm, "10.42.1.1", Duration::from_secs(10))
         .await
         .unwrap();
@@ -587,10 +594,15 @@ async fn a_brokers_delegated_list_cuts_its_guest_off_and_nobody_else() {
     for n in [&lh, &a, &kbs] {
         assert!(n.trust().is_revoked(&vm_cert) && !n.trust().is_revoked(&a_cert));
     }
-    // The `revocation` file keeps the root's list only (none here): a delegated one comes
-    // back from the lighthouses, and never stands in the root's place after a restart.
+    // The `revocation` file keeps the root's list: a delegated one comes back from the
+    // lighthouses, and never stands in the root's place after a restart.
     for d in [&lh_dir, &a_dir, &kbs_dir] {
-        assert!(!d.join("revocation.json").exists(), "{}", d.display());
+        assert_eq!(
+            std::fs::read(d.join("revocation.json")).unwrap(),
+            root_list,
+            "{}",
+            d.display()
+        );
     }
     // a still serves its tenant: a node joining now reaches it.
     let c = start(&node("c", "10.42.1.3", "tenant:a", Role::Guest, "")).await;

@@ -1,6 +1,8 @@
 //! Helpers shared by the host agent's integration tests.
 #![allow(dead_code)]
 
+pub mod chain;
+
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use proto::order::{Billing, ORDER_VERSION, Order, OrderKind};
 use serde_bytes::ByteBuf;

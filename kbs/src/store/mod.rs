@@ -428,7 +428,7 @@ impl Store for SqlStore {
     async fn revoked_mesh_keys(&self, since: u64) -> Result<Vec<RevokedKey>, StoreError> {
         let rows = sqlx::query(
             "SELECT vm_id, mesh_key, certified_at, why FROM revoked_mesh_keys \
-             WHERE certified_at >= $1 ORDER BY certified_at DESC LIMIT $2",
+             WHERE certified_at >= $1 ORDER BY certified_at DESC, mesh_key LIMIT $2",
         )
         .bind(i(since))
         .bind(MAX_REVOKED_LISTED as i64)

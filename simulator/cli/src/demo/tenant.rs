@@ -383,6 +383,7 @@ pub async fn run(
         .await
         .map_err(|x| format!("{VM}: lease after listing again: {x}"))?;
     place_mesh_identity_cert(&vm_dir, &r.mesh_cert, &r.mesh_chain).map_err(|x| e(&x))?;
+    let vm_cert = mesh::cert::MeshCert::parse(&r.mesh_cert).map_err(|x| e(&x))?;
     lease_renewals += 1;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let conn = echo_within(&console, vm_ip).await?;
@@ -401,11 +402,15 @@ pub async fn run(
     };
     // Closed by the console once the broker's list reached it: in milliseconds, where the
     // certificate just renewed would have run for seconds more.
+    // Counted only if the console closed it while the VM's current certificate was still
+    // valid, and holds it revoked by the broker's list.
     let revoked_vm_dropped_ms =
         tokio::time::timeout(Duration::from_secs(LEASE_SECS + 2), conn.closed())
             .await
             .ok()
-            .map(|_| revoked_at.elapsed().as_secs_f64() * 1000.0);
+            .filter(|_| now() < vm_cert.not_after)
+            .map(|_| revoked_at.elapsed().as_secs_f64() * 1000.0)
+            .filter(|_| console.trust().is_revoked(&vm_cert));
     // The lease is revoked: the genuine VM is not renewed either until it boots again.
     let after = match renew(&on_mesh, VM, &boot(), &lease_key).await {
         Err(ClientError::Denied(r)) => r.join(", "),

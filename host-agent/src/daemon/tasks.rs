@@ -1,0 +1,245 @@
+//! Taking VM tasks from the chain (`[chain]`): each finalized block after the last one
+//! processed, in order; each assignment to this miner created through the same path as a
+//! control-socket create (launch gate, chip, capacity, broker), or refused with its code; the
+//! block's refusals answered on chain through the billing outbox; then the block is done.
+//!
+//! **Exactly once.** An assignment's outcome is recorded before its block is done, and a
+//! decided assignment is never acted on again; a crash between a create and its record is
+//! recognised on replay (the VM is there, under the same order) and recorded as created. The
+//! answer is built from the records, so a replay enqueues the same bytes, which the outbox
+//! keeps once. A create that could succeed later (broker or database out of reach) is neither
+//! recorded nor answered: the block is read again next round. Only finalized blocks are read,
+//! and the block last done must still be the chain's at its number, or intake stops.
+
+use super::Daemon;
+use crate::chain::{Follower, blake2_256};
+use crate::intake::{self, Malformed};
+use crate::refusal::CreateError;
+use crate::spec::VmSpec;
+use base64::Engine as _;
+
+/// Blocks read in one round at most (a long outage is caught up over several).
+const BLOCKS_PER_ROUND: u64 = 200;
+
+/// What one round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IntakeRound {
+    /// Blocks done.
+    pub blocks: u64,
+    /// VMs created from assignments.
+    pub created: Vec<String>,
+    /// (VM id, code) of assignments refused.
+    pub refused: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// One round of intake: the finalized blocks after the last done (at most
+    /// [`BLOCKS_PER_ROUND`]). Does nothing without `[chain]`.
+    pub async fn intake_once(&self, f: &Follower) -> Result<IntakeRound, String> {
+        let mut round = IntakeRound::default();
+        let Some(c) = &self.cfg.chain else {
+            return Ok(round);
+        };
+        let validators = c
+            .validators
+            .iter()
+            .map(|v| crate::billing::account_id(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let me = self.miner_account()?;
+        let head = f.finalized().await?;
+        let start = match self.db.cursor().await? {
+            Some((n, hash)) => {
+                let now = f.hash_at(n).await?;
+                if now != hash {
+                    return Err(format!(
+                        "finalized block {n} is {} on this chain, {} when it was processed: not the chain this agent followed; intake stopped",
+                        hex::encode(now),
+                        hex::encode(hash)
+                    ));
+                }
+                n + 1
+            }
+            None => c.from_block.unwrap_or(head),
+        };
+        let end = head.min(start.saturating_add(BLOCKS_PER_ROUND - 1));
+        for n in start..=end {
+            let (hash, remarks) = f.remarks(n).await?;
+            for r in remarks {
+                let parsed = intake::parse(
+                    &r.bytes,
+                    r.signer.as_ref(),
+                    &validators,
+                    &me,
+                    crate::billing::account_id,
+                    blake2_256,
+                );
+                match parsed {
+                    None => {}
+                    Some(Err((id, why))) => self.malformed(n, &id, &why, &mut round).await?,
+                    Some(Ok(a)) => self.take(n, &a, &mut round).await?,
+                }
+            }
+            // The block's answer, from the records (the same bytes on a replay); then done.
+            let refused = self.db.refusals_in(n).await?;
+            if !refused.is_empty() {
+                self.outbox
+                    .enqueue(&intake::answers_doc(n, &refused))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.kick.notify_one();
+            }
+            self.db.set_cursor(n, &hash).await?;
+            round.blocks += 1;
+        }
+        Ok(round)
+    }
+
+    /// This miner's account: `[chain] miner`, else the billing key's.
+    fn miner_account(&self) -> Result<[u8; 32], String> {
+        let Some(c) = &self.cfg.chain else {
+            return Err("no [chain] configured".into());
+        };
+        if let Some(m) = &c.miner {
+            return crate::billing::account_id(m);
+        }
+        let b = self
+            .cfg
+            .billing
+            .as_ref()
+            .ok_or("[chain] needs [billing] (the answers' key)")?;
+        let secret = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&b.signer_file)
+                .map_err(|e| format!("billing.signer_file {}: {e}", b.signer_file.display()))?,
+        );
+        let uri: subxt_signer::SecretUri = secret
+            .trim()
+            .parse()
+            .map_err(|e: subxt_signer::SecretUriError| format!("billing key: {e}"))?;
+        let pair = subxt_signer::sr25519::Keypair::from_uri(&uri)
+            .map_err(|e| format!("billing key: {e}"))?;
+        Ok(pair.public_key().0)
+    }
+
+    async fn malformed(
+        &self,
+        block: u64,
+        id: &[u8; 32],
+        why: &Malformed,
+        round: &mut IntakeRound,
+    ) -> Result<(), String> {
+        if self.db.assignment_decided(id).await? {
+            return Ok(());
+        }
+        round.refused.push((String::new(), "malformed".into()));
+        tracing::warn!(block, assignment = %hex::encode(id), error = %why, "a validator's assignment cannot be read");
+        self.db
+            .decide_assignment(
+                id,
+                block,
+                "",
+                Some(("malformed", &why.to_string())),
+                self.now(),
+            )
+            .await
+    }
+
+    async fn take(
+        &self,
+        block: u64,
+        a: &intake::Assignment,
+        round: &mut IntakeRound,
+    ) -> Result<(), String> {
+        if self.db.assignment_decided(&a.id).await? {
+            return Ok(());
+        }
+        let vm_id = VmSpec::parse(&a.spec)
+            .map(|c| c.spec.vm_id)
+            .unwrap_or_default();
+        let outcome = match self.create(&a.spec, &a.order, true).await {
+            Ok(_) => None,
+            Err(CreateError::NotStarted(why)) => {
+                tracing::warn!(vm_id, error = %why, "created from the chain, not started");
+                None
+            }
+            Err(e) if e.transient() => {
+                return Err(format!(
+                    "block {block}: {vm_id}: {e} (tried again next round)"
+                ));
+            }
+            Err(CreateError::Duplicate(_)) if self.created_from(&vm_id, &a.order).await? => {
+                // Created before a crash took the record: it is this assignment's.
+                None
+            }
+            Err(e) => Some((e.code(), e.to_string())),
+        };
+        let at = self.now();
+        match &outcome {
+            None => {
+                tracing::info!(block, vm_id, assignment = %hex::encode(a.id), "VM created from the chain");
+                round.created.push(vm_id.clone());
+            }
+            Some((code, why)) => {
+                tracing::warn!(block, vm_id, code, reason = %why, "assignment refused");
+                round.refused.push((vm_id.clone(), code.to_string()));
+            }
+        }
+        let refusal = outcome.as_ref().map(|(c, w)| (*c, w.as_str()));
+        self.db
+            .decide_assignment(&a.id, block, &vm_id, refusal, at)
+            .await
+    }
+
+    /// Whether `vm_id` is on record under exactly this order (base64).
+    async fn created_from(&self, vm_id: &str, order_b64: &str) -> Result<bool, String> {
+        let Ok(order) = base64::engine::general_purpose::STANDARD.decode(order_b64.trim()) else {
+            return Ok(false);
+        };
+        Ok(self
+            .db
+            .vms()
+            .await?
+            .iter()
+            .any(|v| v.vm_id == vm_id && v.order == order))
+    }
+
+    /// Follows the chain until the process ends: a round every `poll_secs`, reconnecting with
+    /// backoff when the node cannot be reached.
+    pub(crate) async fn follow_chain(self: std::sync::Arc<Self>) {
+        let Some(c) = self.cfg.chain.clone() else {
+            return;
+        };
+        let Some(url) = self.cfg.billing.as_ref().map(|b| b.chain.clone()) else {
+            return;
+        };
+        let poll = std::time::Duration::from_secs(c.poll_secs.max(1));
+        let mut failures = 0u32;
+        loop {
+            let r: Result<(), String> = match Follower::connect(&url).await {
+                Ok(f) => loop {
+                    match self.intake_once(&f).await {
+                        Ok(r) => {
+                            failures = 0;
+                            if r.blocks > 0 {
+                                tracing::debug!(
+                                    blocks = r.blocks,
+                                    created = r.created.len(),
+                                    refused = r.refused.len(),
+                                    "chain intake"
+                                );
+                            }
+                            tokio::time::sleep(poll).await;
+                        }
+                        Err(e) => break Err(e),
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                failures = failures.saturating_add(1);
+                let wait = crate::agent::backoff(failures, 300);
+                tracing::warn!(error = %e, retry_in_secs = wait, "chain intake");
+                tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! VM tasks from a real chain (Chopsticks, see tests/common/chain.rs): a validator's
+//! assignments in `System.remark_with_event` create VMs through the launch gate and capacity
+//! checks; a refusal is answered on chain with its code, through the billing outbox; remarks
+//! from others, or for other miners, are not acted on; a replay after a restart (or after a
+//! crash between a create and its record) creates nothing twice.
+
+use aws_lc_rs::signature::Ed25519KeyPair;
+use base64::Engine as _;
+use common::chain::{ALICE, BOB, Chain, remarked_hashes};
+use host_agent::chain::Follower;
+use host_agent::control::ControlRequest as R;
+use host_agent::intake::assignment_remark;
+use std::sync::Arc;
+
+mod common;
+
+/// `signer` puts `remark` on chain (`System.remark_with_event`), finalized.
+async fn remark(url: &str, signer: &str, remark: &[u8]) {
+    let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(url)
+        .await
+        .unwrap();
+    let pair = subxt_signer::sr25519::Keypair::from_uri(&signer.parse().unwrap()).unwrap();
+    let call = subxt::dynamic::transaction(
+        "System",
+        "remark_with_event",
+        vec![subxt::dynamic::Value::from_bytes(remark)],
+    );
+    api.at_current_block()
+        .await
+        .unwrap()
+        .transactions()
+        .sign_and_submit_then_watch_default(&call, &pair)
+        .await
+        .unwrap()
+        .wait_for_finalized_success()
+        .await
+        .unwrap();
+}
+
+fn vms(list: &serde_json::Value) -> Vec<String> {
+    let mut v: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["vm_id"].as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
+    let Some(chain) = Chain::start() else { return };
+    let url = chain.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let op = Ed25519KeyPair::generate().unwrap();
+    std::fs::write(d.join("billing.secret"), "//Bob\n").unwrap();
+    let config = d.join("host.toml");
+    let extra = format!(
+        "[platform]\nkind = \"simulator\"\nchip = 5\n\
+         [billing]\nchain = \"{url}\"\nsigner_file = \"billing.secret\"\ncall = \"System.remark_with_event\"\n\
+         [chain]\nvalidators = [\"{ALICE}\"]\nfrom_block = 1\n\
+         [capacity]\ntenants = {{ \"tenant-a\" = 1 }}\n"
+    );
+    std::fs::write(&config, common::host_toml(&op, &extra)).unwrap();
+    let chip = common::chip_id("milan", 5);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let task = |vm: &str, miner: &str| {
+        let spec = common::spec(d, vm);
+        let order = common::register_order(&op, vm, &spec, &chip, None);
+        assignment_remark(miner, &b64(&order), &spec)
+    };
+    // vm-t1 for this miner (Bob, the billing key); vm-t2 too, beyond tenant-a's one VM; vm-t3
+    // for another miner; vm-t4 assigned by someone who is not a validator; and an assignment
+    // that cannot be read.
+    let t1 = task("vm-t1", BOB);
+    remark(&url, "//Alice", &t1).await;
+    remark(&url, "//Alice", &task("vm-t2", BOB)).await;
+    remark(&url, "//Alice", &task("vm-t3", ALICE)).await;
+    remark(&url, "//Bob", &task("vm-t4", BOB)).await;
+    let garbled = b"attesta/v1 assign {\"miner\": 7}".to_vec();
+    remark(&url, "//Alice", &garbled).await;
+
+    let clock: host_agent::daemon::Clock = Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    });
+    let open = || async {
+        host_agent::daemon::Daemon::open(
+            host_agent::config::HostConfig::load(&config).unwrap(),
+            clock.clone(),
+        )
+        .await
+        .unwrap()
+    };
+    let agent = open().await;
+    let f = Follower::connect(&url).await.unwrap();
+    let round = agent.intake_once(&f).await.unwrap();
+    assert_eq!(round.created, ["vm-t1"], "{round:?}");
+    assert_eq!(
+        round.refused,
+        [
+            ("vm-t2".to_string(), "tenant_quota".to_string()),
+            (String::new(), "malformed".to_string())
+        ],
+        "{round:?}"
+    );
+    let list = agent.handle(R::List).await.result.unwrap();
+    assert_eq!(vms(&list), ["vm-t1"], "{list}");
+    assert_eq!(
+        agent.intake_once(&f).await.unwrap().blocks,
+        0,
+        "nothing new"
+    );
+
+    // The answers go on chain, signed by the billing key: one per block with a refusal.
+    let drained = agent.drain_if_due().await.unwrap().unwrap();
+    assert_eq!((drained.submitted, drained.failed), (2, 0), "{drained:?}");
+    let answers: Vec<String> = {
+        let mut v = Vec::new();
+        for r in agent.outbox().records().await.unwrap() {
+            assert_eq!(r.account, "#answers");
+            v.push(
+                agent
+                    .outbox()
+                    .doc_and_tx(r.period, &r.account)
+                    .await
+                    .unwrap()
+                    .0,
+            );
+        }
+        v
+    };
+    assert!(
+        answers[0].starts_with("attesta/v1 answers {\"block\":"),
+        "{answers:?}"
+    );
+    assert!(
+        answers[0].contains("\"code\":\"tenant_quota\"")
+            && answers[0].contains("\"vm_id\":\"vm-t2\""),
+        "{answers:?}"
+    );
+    assert!(answers[1].contains("\"code\":\"malformed\""), "{answers:?}");
+    let on_chain = remarked_hashes(&url).await;
+    for a in &answers {
+        assert!(on_chain.contains(&host_agent::chain::blake2_256(a.as_bytes())));
+    }
+    // The assignment's id is the hash the chain recorded for it.
+    assert!(on_chain.contains(&host_agent::chain::blake2_256(&t1)));
+
+    // A restart that replays every block, once after a crash took vm-t1's record (the VM was
+    // created, its outcome not recorded): nothing is created twice, nothing answered twice.
+    drop(agent);
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", d.join("state/host.db").display()))
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM assignments WHERE vm_id = 'vm-t1'")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE chain_cursor SET number = 0, hash = (SELECT hash FROM chain_cursor)")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let agent = open().await;
+    // (The cursor's hash is no longer block 0's: intake refuses a chain it did not follow.)
+    let e = agent.intake_once(&f).await.unwrap_err();
+    assert!(e.contains("not the chain this agent followed"), "{e}");
+    let genesis = {
+        let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(&url)
+            .await
+            .unwrap();
+        api.at_block(0u64).await.unwrap().block_hash().0
+    };
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", d.join("state/host.db").display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE chain_cursor SET hash = ?")
+        .bind(&genesis[..])
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let round = agent.intake_once(&f).await.unwrap();
+    assert!(round.blocks >= 5, "{round:?}");
+    assert_eq!(
+        round.created,
+        ["vm-t1"],
+        "recognised as this task's VM: {round:?}"
+    );
+    assert!(round.refused.is_empty(), "{round:?}");
+    let list = agent.handle(R::List).await.result.unwrap();
+    assert_eq!(vms(&list), ["vm-t1"], "{list}");
+    assert_eq!(agent.outbox().records().await.unwrap().len(), 2);
+    assert!(
+        agent.drain_if_due().await.unwrap().is_none(),
+        "nothing new to send"
+    );
+}
