@@ -66,6 +66,13 @@ pub struct ChainConfig {
     /// Seconds between looks at the finalized head.
     #[serde(default = "default_chain_poll")]
     pub poll_secs: u64,
+    /// Lifecycle transitions go on chain in one batch per this many seconds at most.
+    #[serde(default = "default_lifecycle_interval")]
+    pub lifecycle_interval_secs: u64,
+}
+
+fn default_lifecycle_interval() -> u64 {
+    60
 }
 
 fn default_chain_poll() -> u64 {

@@ -9,6 +9,7 @@
 //! first, and the VM is destroyed and its disk wiped only once the broker has shredded the key.
 //! Time comes from the [`Clock`] the caller passes, so tests can close hours without waiting.
 
+mod lifecycle_chain;
 mod tasks;
 pub use tasks::IntakeRound;
 
@@ -257,6 +258,8 @@ impl Daemon {
         let hb = self.db.meta(HEARTBEAT).await?;
         let evs = agent::reconcile(&recorded, &observed, hb, true, now);
         self.db.record(&evs).await?;
+        self.journal_observed(&evs, "changed while the agent was down")
+            .await?;
         for e in &evs {
             tracing::warn!(vm_id = %e.vm_id, running = e.running, at = e.at, "changed while the agent was down");
         }
@@ -308,11 +311,16 @@ impl Daemon {
         let recorded = agent::last_states(&self.db.events().await?);
         let evs = agent::reconcile(&recorded, &observed, None, false, now);
         self.db.record(&evs).await?;
+        self.journal_observed(&evs, "changed outside the agent")
+            .await?;
         for e in &evs {
             tracing::info!(vm_id = %e.vm_id, running = e.running, "state changed outside the agent");
         }
         self.db.set_meta(HEARTBEAT, now).await?;
         let closed = self.close_hours(now).await?;
+        if let Err(e) = self.lifecycle_if_due(now).await {
+            tracing::warn!(error = %e, "lifecycle records not batched");
+        }
         let stopped = if closed.is_empty() {
             Vec::new()
         } else {
@@ -387,6 +395,9 @@ impl Daemon {
                         }])
                         .await?;
                     self.db.set_stop_reason(&vm, Some(&why)).await?;
+                    self.db
+                        .journal(&vm, "credit_stopped", self.now(), Some(&why))
+                        .await?;
                     done.push((vm, why));
                 }
                 Err(e) => tracing::error!(vm_id = %vm, error = %e, "could not stop"),
@@ -539,6 +550,10 @@ impl Daemon {
                 let _ = self.db.mark_terminated(&c.spec.vm_id, now).await;
                 return Err(CreateError::Libvirt(e));
             }
+            self.db
+                .journal(&c.spec.vm_id, "created", now, None)
+                .await
+                .map_err(CreateError::Store)?;
             tracing::info!(vm_id = %c.spec.vm_id, digest = %hex::encode(ok.digest), broker = registered, "VM created");
             if !start {
                 return Ok(serde_json::json!({
@@ -598,6 +613,7 @@ impl Daemon {
             }])
             .await?;
         self.db.set_stop_reason(vm_id, None).await?;
+        self.db.journal(vm_id, "running", self.now(), None).await?;
         tracing::info!(vm_id, "VM started");
         Ok(serde_json::json!({
             "vm_id": vm_id, "state": state_name(state), "measurement": hex::encode(ok.digest),
@@ -618,6 +634,12 @@ impl Daemon {
                 }])
                 .await?;
         }
+        let event = match action {
+            Action::Stop => "stopped",
+            Action::Reboot => "rebooted",
+            _ => "changed",
+        };
+        self.db.journal(vm_id, event, self.now(), None).await?;
         tracing::info!(vm_id, ?action, "done");
         Ok(serde_json::json!({"vm_id": vm_id, "state": state_name(state)}))
     }
@@ -656,6 +678,7 @@ impl Daemon {
                 .await?;
         }
         self.db.mark_terminated(vm_id, now).await?;
+        self.db.journal(vm_id, "terminated", now, None).await?;
         tracing::info!(
             vm_id,
             broker,

@@ -147,6 +147,48 @@ pub fn answers_doc(block: u64, refused: &[Refused]) -> crate::usage::UsageDoc {
     }
 }
 
+/// The outbox's account for lifecycle records.
+pub const LIFECYCLE_ACCOUNT: &str = "#lifecycle";
+/// The prefix of a version-1 lifecycle batch.
+pub const LIFECYCLE: &str = "attesta/v1 lifecycle ";
+
+/// One journalled transition of a VM on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LifeRecord {
+    /// The journal's sequence number (batches are contiguous runs of it).
+    pub seq: u64,
+    pub vm_id: String,
+    /// created, running, stopped, rebooted, terminated, credit_stopped.
+    pub event: String,
+    pub at: u64,
+    pub reason: Option<String>,
+}
+
+/// A batch of transitions as an outbox record (period = the batch's last sequence number, so
+/// a batch is recorded once and the next starts after it): `attesta/v1 lifecycle {"records":
+/// [{"at":…,"event":…,"reason":…|null,"seq":…,"vm_id":…}]}`, canonical. None for no records.
+pub fn lifecycle_doc(records: &[LifeRecord]) -> Option<crate::usage::UsageDoc> {
+    use sha2::Digest as _;
+    let last = records.last()?.seq;
+    let records: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "at": r.at, "event": r.event, "reason": r.reason, "seq": r.seq, "vm_id": r.vm_id,
+            })
+        })
+        .collect();
+    let json = format!("{LIFECYCLE}{}", serde_json::json!({ "records": records }));
+    Some(crate::usage::UsageDoc {
+        period: last,
+        account: LIFECYCLE_ACCOUNT.into(),
+        total: 0,
+        lines: Vec::new(),
+        hash: sha2::Sha256::digest(json.as_bytes()).into(),
+        json,
+    })
+}
+
 /// The 32-byte account of an extrinsic's signer from its address bytes: `MultiAddress::Id`
 /// (a 0x00 byte, then the account) only.
 pub fn signer_of(address: Option<&[u8]>) -> Option<[u8; 32]> {
@@ -274,6 +316,28 @@ mod tests {
         assert_eq!(scale_bytes(&[3 << 2, 1, 2]), None, "short");
         assert_eq!(scale_bytes(&[]), None);
         assert_eq!(scale_bytes(&[0b11]), None, "big-integer mode");
+    }
+
+    #[test]
+    fn lifecycle_batches_are_canonical_and_named_by_their_last_record() {
+        let r = |seq: u64, event: &str, reason: Option<&str>| LifeRecord {
+            seq,
+            vm_id: "vm-1".into(),
+            event: event.into(),
+            at: 100 + seq,
+            reason: reason.map(str::to_string),
+        };
+        assert!(lifecycle_doc(&[]).is_none());
+        let d = lifecycle_doc(&[
+            r(4, "created", None),
+            r(5, "credit_stopped", Some("cannot pay")),
+        ])
+        .unwrap();
+        assert_eq!((d.period, d.account.as_str()), (5, LIFECYCLE_ACCOUNT));
+        assert_eq!(
+            d.json,
+            "attesta/v1 lifecycle {\"records\":[{\"at\":104,\"event\":\"created\",\"reason\":null,\"seq\":4,\"vm_id\":\"vm-1\"},{\"at\":105,\"event\":\"credit_stopped\",\"reason\":\"cannot pay\",\"seq\":5,\"vm_id\":\"vm-1\"}]}"
+        );
     }
 
     proptest! {

@@ -1,6 +1,8 @@
 //! `attesta-host`: the miner's host agent.
 #![forbid(unsafe_code)]
 
+mod chain_cmd;
+
 use clap::{Args, Parser, Subcommand};
 use host_agent::domain::{SevParams, domain_xml};
 use host_agent::spec::VmSpec;
@@ -43,9 +45,24 @@ enum Cmd {
     /// The billing outbox: usage records and their submission to the chain.
     #[command(subcommand)]
     Billing(BillingCmd),
+    /// VM tasks from the chain and what goes back to it (answers, lifecycle records).
+    #[command(subcommand)]
+    Chain(ChainCmd),
     /// Compute the SEV-SNP launch measurement of the artifacts and VM shape about to be
     /// launched (the same digest as `sev-snp-measure --mode snp`); lowercase hex, last line.
     Measure(MeasureArgs),
+}
+
+#[derive(Subcommand)]
+enum ChainCmd {
+    /// The last finalized block processed, each assignment's outcome, lifecycle transitions
+    /// not yet batched, and the answers and lifecycle batches still on their way.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -525,6 +542,7 @@ fn main() -> ExitCode {
         Cmd::Vm(c) => vm_op(c),
         Cmd::Measure(a) => measure(a),
         Cmd::Billing(c) => billing(c),
+        Cmd::Chain(ChainCmd::Status { config, json }) => chain_cmd::status(config, *json),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -43,7 +43,10 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS vms (
         id INTEGER PRIMARY KEY CHECK (id = 1), number INTEGER NOT NULL, hash BLOB NOT NULL);
     CREATE TABLE IF NOT EXISTS assignments (
         id BLOB PRIMARY KEY, block INTEGER NOT NULL, vm_id TEXT NOT NULL, code TEXT,
-        reason TEXT, at INTEGER NOT NULL);";
+        reason TEXT, at INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS lifecycle (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, vm_id TEXT NOT NULL, event TEXT NOT NULL,
+        at INTEGER NOT NULL, reason TEXT);";
 
 /// One connection to a SQLite file (created if missing) that survives power loss — WAL,
 /// synchronous=FULL — with `schema` applied: the agent's database and the billing outbox.
@@ -160,6 +163,52 @@ impl StateDb {
                 vm_id: r.get(0),
                 running: r.get(1),
                 at: r.get::<i64, _>(2).max(0) as u64,
+            })
+            .collect())
+    }
+
+    /// Journals a lifecycle transition (created, running, stopped, rebooted, terminated,
+    /// credit_stopped), for the chain's record of what ran where.
+    pub async fn journal(
+        &self,
+        vm_id: &str,
+        event: &str,
+        at: u64,
+        reason: Option<&str>,
+    ) -> Result<(), String> {
+        sqlx::query("INSERT INTO lifecycle (vm_id, event, at, reason) VALUES (?, ?, ?, ?)")
+            .bind(vm_id)
+            .bind(event)
+            .bind(i(at))
+            .bind(reason)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    /// Journalled transitions after `seq`, oldest first, at most `limit`.
+    pub async fn lifecycle_after(
+        &self,
+        seq: u64,
+        limit: u64,
+    ) -> Result<Vec<crate::intake::LifeRecord>, String> {
+        let rows = sqlx::query(
+            "SELECT seq, vm_id, event, at, reason FROM lifecycle WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(i(seq))
+        .bind(i(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::intake::LifeRecord {
+                seq: r.get::<i64, _>(0).max(0) as u64,
+                vm_id: r.get(1),
+                event: r.get(2),
+                at: r.get::<i64, _>(3).max(0) as u64,
+                reason: r.get(4),
             })
             .collect())
     }

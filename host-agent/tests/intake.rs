@@ -1,8 +1,9 @@
 //! VM tasks from a real chain (Chopsticks, see tests/common/chain.rs): a validator's
 //! assignments in `System.remark_with_event` create VMs through the launch gate and capacity
 //! checks; a refusal is answered on chain with its code, through the billing outbox; remarks
-//! from others, or for other miners, are not acted on; a replay after a restart (or after a
-//! crash between a create and its record) creates nothing twice.
+//! from others, or for other miners, are not acted on; the VM's lifecycle goes on chain in a
+//! batch; `attesta-host chain status` says what was decided and what is left to send; a replay
+//! after a restart (or after a crash between a create and its record) creates nothing twice.
 
 use aws_lc_rs::signature::Ed25519KeyPair;
 use base64::Engine as _;
@@ -122,7 +123,9 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
     let answers: Vec<String> = {
         let mut v = Vec::new();
         for r in agent.outbox().records().await.unwrap() {
-            assert_eq!(r.account, "#answers");
+            if r.account != host_agent::intake::ANSWERS_ACCOUNT {
+                continue;
+            }
             v.push(
                 agent
                     .outbox()
@@ -150,6 +153,66 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
     }
     // The assignment's id is the hash the chain recorded for it.
     assert!(on_chain.contains(&host_agent::chain::blake2_256(&t1)));
+
+    // Lifecycle on chain: vm-t1 created and running, one batch, signed by the billing key.
+    let through = agent.flush_lifecycle().await.unwrap().expect("a batch");
+    assert_eq!(agent.flush_lifecycle().await.unwrap(), None, "nothing new");
+    let (batch, _) = agent
+        .outbox()
+        .doc_and_tx(through, "#lifecycle")
+        .await
+        .unwrap();
+    assert!(
+        batch.starts_with("attesta/v1 lifecycle {\"records\":["),
+        "{batch}"
+    );
+    for event in ["\"event\":\"created\"", "\"event\":\"running\""] {
+        assert!(batch.contains(event) && batch.contains("vm-t1"), "{batch}");
+    }
+    assert!(
+        !batch.contains("vm-t2"),
+        "a refused task never ran: {batch}"
+    );
+    let drained = agent.drain_if_due().await.unwrap().unwrap();
+    assert_eq!((drained.submitted, drained.failed), (1, 0), "{drained:?}");
+    assert!(
+        remarked_hashes(&url)
+            .await
+            .contains(&host_agent::chain::blake2_256(batch.as_bytes()))
+    );
+    // What `attesta-host chain status` says: all decided, nothing left to send.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attesta-host"))
+        .args(["chain", "status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        st["cursor"]["block"].as_u64().is_some_and(|b| b >= 5),
+        "{st}"
+    );
+    let outcomes: Vec<&str> = st["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["created", "tenant_quota", "malformed"], "{st}");
+    assert_eq!(st["lifecycle"]["unbatched"], 0, "{st}");
+    assert_eq!(st["outbox"].as_array().unwrap().len(), 3, "{st}");
+    assert!(
+        st["outbox"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "done"),
+        "{st}"
+    );
 
     // A restart that replays every block, once after a crash took vm-t1's record (the VM was
     // created, its outcome not recorded): nothing is created twice, nothing answered twice.
@@ -195,9 +258,13 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
     assert!(round.refused.is_empty(), "{round:?}");
     let list = agent.handle(R::List).await.result.unwrap();
     assert_eq!(vms(&list), ["vm-t1"], "{list}");
-    assert_eq!(agent.outbox().records().await.unwrap().len(), 2);
-    assert!(
-        agent.drain_if_due().await.unwrap().is_none(),
-        "nothing new to send"
-    );
+    assert_eq!(agent.outbox().records().await.unwrap().len(), 3);
+    // No VM was created again (whatever the restart observed is journalled as observed).
+    if let Some(n) = agent.flush_lifecycle().await.unwrap() {
+        let (batch, _) = agent.outbox().doc_and_tx(n, "#lifecycle").await.unwrap();
+        assert!(!batch.contains("\"created\""), "{batch}");
+        eprintln!("after the restart: {batch}");
+    }
+    let d = agent.drain_if_due().await.unwrap();
+    assert!(d.as_ref().is_none_or(|d| d.submitted <= 1), "no answer again: {d:?}");
 }
