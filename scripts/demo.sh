@@ -4,8 +4,9 @@
 # images booted twice, attested guests joining the mesh with broker-issued identities and reaching
 # their own tenant only, a terminated VM denied and revoked, attacks against the live broker;
 # and a real VM — Debian's cloud kernel under QEMU, created by a host agent on qemu:///system
-# from an attesta-image image, dm-crypt in the guest and a simulated PSP), then the verifier
-# over every real report in the corpus.
+# from an attesta-image image, dm-crypt in the guest and a simulated PSP; a Substrate runtime
+# under Chopsticks from which the first miner takes a VM task), then the verifier over every
+# real report in the corpus.
 #   VMS=16 bash scripts/demo.sh        # more simulated VMs (default 8)
 #   REAL_VMS=0 bash scripts/demo.sh    # no real VMs (default 1)
 set -euo pipefail
@@ -28,6 +29,9 @@ cargo build --release --locked -p kbs -p attesta-sim -p attesta-image -p guest-a
   -p attesta-verify --features guest-agent/simulator --quiet
 KBS=target/release/attesta-kbs
 SIM=target/release/attesta-sim
+
+log "the chain (Chopsticks on loopback: the first miner takes a VM task from it and records lifecycle there)"
+bash scripts/chain-deps.sh
 
 if [ "${REAL_VMS:-1}" != 0 ]; then
   log "libvirt's daemons (the real VMs' host agent drives qemu:///system)"

@@ -65,16 +65,8 @@ if ! command -v sev-snp-measure >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check 'sev-snp-measure==0.0.13'
 fi
 
-# A real Substrate runtime for the billing tests: Chopsticks (npm) serving Rococo Asset Hub's
-# chain spec offline on loopback (see tests/chain/package.json; native sqlite build skipped).
-if ! command -v npm >/dev/null 2>&1; then
-  log "installing nodejs and npm (for Chopsticks)"
-  apt-get install -y -qq --no-install-recommends nodejs npm
-fi
-if [ ! -x tests/chain/node_modules/.bin/chopsticks ] || [ tests/chain/package-lock.json -nt tests/chain/node_modules ]; then
-  log "installing Chopsticks (tests/chain)"
-  (cd tests/chain && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
-fi
+# A real Substrate runtime for the billing and chain-intake tests and the demo's chain.
+bash scripts/chain-deps.sh
 
 log "format"
 cargo fmt --all -- --check

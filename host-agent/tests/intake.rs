@@ -266,5 +266,76 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
         eprintln!("after the restart: {batch}");
     }
     let d = agent.drain_if_due().await.unwrap();
-    assert!(d.as_ref().is_none_or(|d| d.submitted <= 1), "no answer again: {d:?}");
+    assert!(
+        d.as_ref().is_none_or(|d| d.submitted <= 1),
+        "no answer again: {d:?}"
+    );
+}
+
+/// Assignments processed per second from the chain, against a plain `subxt` read of the same
+/// blocks (each block's extrinsics and their events), in the same run:
+/// `cargo test --release -p host-agent --features simulator --test intake -- --ignored --nocapture intake_throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load run for BENCHMARKS.md"]
+async fn intake_throughput() {
+    let Some(chain) = Chain::start() else { return };
+    let url = chain.url();
+    let n = 30usize;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let op = Ed25519KeyPair::generate().unwrap();
+    std::fs::write(d.join("billing.secret"), "//Bob\n").unwrap();
+    let config = d.join("host.toml");
+    let extra = format!(
+        "[platform]\nkind = \"simulator\"\nchip = 5\n\
+         [billing]\nchain = \"{url}\"\nsigner_file = \"billing.secret\"\ncall = \"System.remark_with_event\"\n\
+         [chain]\nvalidators = [\"{ALICE}\"]\nfrom_block = 1\n"
+    );
+    std::fs::write(&config, common::host_toml(&op, &extra)).unwrap();
+    let chip = common::chip_id("milan", 5);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    for i in 0..n {
+        let vm = format!("vm-b{i}");
+        let spec = common::spec(d, &vm);
+        let order = common::register_order(&op, &vm, &spec, &chip, None);
+        remark(
+            &url,
+            "//Alice",
+            &assignment_remark(BOB, &b64(&order), &spec),
+        )
+        .await;
+    }
+    let agent = host_agent::daemon::Daemon::open(
+        host_agent::config::HostConfig::load(&config).unwrap(),
+        host_agent::daemon::system_clock(),
+    )
+    .await
+    .unwrap();
+    let f = Follower::connect(&url).await.unwrap();
+    let t = std::time::Instant::now();
+    let round = agent.intake_once(&f).await.unwrap();
+    let ours = round.created.len() as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(round.created.len(), n, "{round:?}");
+
+    let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(&url)
+        .await
+        .unwrap();
+    let head = api.at_current_block().await.unwrap().block_number();
+    let t = std::time::Instant::now();
+    let mut seen = 0;
+    for b in 1..=head {
+        let at = api.at_block(b).await.unwrap();
+        for x in at.extrinsics().fetch().await.unwrap().iter().flatten() {
+            if x.call_name() == "remark_with_event" {
+                x.events().await.unwrap();
+                seen += 1;
+            }
+        }
+    }
+    let raw = seen as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(seen, n);
+    println!(
+        "intake: {n} assignments; agent {ours:.1}/s (gate, capacity, libvirt define and start, records), plain subxt read {raw:.1}/s, ratio {:.2}",
+        ours / raw
+    );
 }

@@ -414,6 +414,22 @@ fn demo_json() {
         eprintln!("SKIP: no real VMs in the demo (ATTESTA_GUEST_KERNEL not set)");
         assert!(j["real_vms"].is_null());
     }
+    // The chain (Chopsticks; always on CI): vm-0 taken from a validator's assignment, a task
+    // for another chip refused with its reason on chain, the lifecycle recorded there.
+    let chain_here = std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/chain/node_modules/.bin/chopsticks")
+            .exists();
+    if chain_here {
+        let c = &j["chain"];
+        assert_eq!(c["assignments_taken"], 1, "{c}");
+        assert_eq!(c["refused_with_reason"], 1, "{c}");
+        assert!(
+            c["lifecycle_records"].as_u64().is_some_and(|n| n >= 2),
+            "{c}"
+        );
+        assert_eq!(c["all_on_chain"], true, "{c}");
+    }
     // The tenant in control: a 2-of-2 split, the evidence checked by attesta-verify, and what
     // an outsider needs to run that check again.
     let t = &j["tenant"];

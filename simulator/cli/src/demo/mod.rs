@@ -19,6 +19,7 @@
 //! summary.
 
 mod attacks;
+mod chain;
 pub mod driver;
 pub mod real_vms;
 mod replicas;
@@ -126,14 +127,29 @@ async fn run_on(
     // through its miner's agent: the launch gate, the order relayed to the broker over the mesh,
     // a blank disk, a domain.
     let chip_of = |i: usize| &chips[i % chips.len()];
+    // The chain, where Chopsticks is installed: the first miner takes vm-0 from a validator's
+    // assignment there and records its VMs' lifecycle there.
+    progress(quiet, "chain: starting Chopsticks");
+    let demo_chain = match chain::DemoChain::start()? {
+        Ok(c) => Some(c),
+        Err(why) => {
+            if !quiet {
+                eprintln!("\rattesta-sim demo: no chain: {why}");
+            }
+            None
+        }
+    };
+    let chain_url = demo_chain.as_ref().map(chain::DemoChain::url);
     let mut agents = Vec::new();
     for (m, chip) in chips.iter().enumerate() {
         progress(
             quiet,
             &format!("starting host agent {}/{}", m + 1, chips.len()),
         );
-        agents.push(host_agent_for(dir, m, chip, &broker, mesh, &operator).await?);
+        let on_chain = chain_url.as_deref().filter(|_| m == 0);
+        agents.push(host_agent_for(dir, m, chip, &broker, mesh, &operator, on_chain).await?);
     }
+    let mut chain_run = chain::ChainSummary::default();
     let b64 = |b: &[u8]| {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(b)
@@ -147,6 +163,33 @@ async fn run_on(
         o.tenant = tenant_of(i, vms);
         o.boot_config = ByteBuf::from(format!("ssh-ed25519 AAAA {}", o.tenant).into_bytes());
         o.mesh_ip = Some(fleet_mesh::guest_ip(i));
+        if let (0, Some(url)) = (i, &chain_url) {
+            // vm-0 from the chain: the validator assigns it to the first miner, with a task
+            // that miner cannot honour (an order for another machine's chip) beside it.
+            progress(
+                quiet,
+                "chain: a validator assigns vm-0 (and a task for another chip)",
+            );
+            let mut elsewhere = order("vm-elsewhere", 1, &chips[1].config.chip_id, &image);
+            elsewhere.tenant = o.tenant.clone();
+            for (v, doc) in [
+                (vm.as_str(), o.sign(&operator)),
+                ("vm-elsewhere", elsewhere.sign(&operator)),
+            ] {
+                let task =
+                    host_agent::intake::assignment_remark(chain::MINER, &b64(&doc), &spec_of(v));
+                chain::remark(url, "//Alice", &task).await?;
+            }
+            let f = host_agent::chain::Follower::connect(url).await?;
+            let round = agents[0].intake_once(&f).await?;
+            chain_run.assignments_taken = round.created.len();
+            chain_run.refused_with_reason = round.refused.len();
+            if round.created != [vm.clone()] {
+                return Err(format!("vm-0 from the chain: {round:?}"));
+            }
+            domains += 1;
+            continue;
+        }
         let r = agents[i % chips.len()]
             .handle(host_agent::control::ControlRequest::Create {
                 spec: spec_of(&vm),
@@ -433,6 +476,11 @@ async fn run_on(
     let lab = simulator::attacks::Lab::from_shared(milan.clone(), genoa, turin, rogue)
         .map_err(|x| e(&x))?;
     attacks.extend(catalogue_live(dir, &lab).await?);
+    if let Some(url) = &chain_url {
+        progress(quiet, "chain: lifecycle records and answers to the chain");
+        chain_lifecycle(&agents[0], url, &mut chain_run).await?;
+    }
+    drop(demo_chain);
     Ok(Summary {
         vms,
         mesh: m,
@@ -446,7 +494,38 @@ async fn run_on(
         store: store.kind(),
         replicas: store.replicas,
         replica: replicas.outcome(&first, vms),
+        chain: chain_url.map(|_| chain_run),
     })
+}
+
+/// The first miner batches its VMs' lifecycle and drains its outbox (the answer and the
+/// batches) to the chain; counts what got there.
+async fn chain_lifecycle(
+    agent: &host_agent::daemon::Daemon,
+    url: &str,
+    run: &mut chain::ChainSummary,
+) -> Result<(), String> {
+    agent.flush_lifecycle().await?;
+    agent.drain_if_due().await?;
+    let on_chain = chain::remarked(url).await?;
+    let mut all = true;
+    for r in agent.outbox().records().await.map_err(|e| e.to_string())? {
+        if !r.account.starts_with('#') {
+            continue;
+        }
+        let (doc, _) = agent
+            .outbox()
+            .doc_and_tx(r.period, &r.account)
+            .await
+            .map_err(|e| e.to_string())?;
+        all &= r.state == host_agent::billing::State::Done
+            && on_chain.contains(&host_agent::chain::blake2_256(doc.as_bytes()));
+        if r.account == host_agent::intake::LIFECYCLE_ACCOUNT {
+            run.lifecycle_records += doc.matches("\"event\":").count();
+        }
+    }
+    run.all_on_chain = all;
+    Ok(())
 }
 
 /// The VM spec the demo's host agents launch `vm` with.
@@ -473,6 +552,7 @@ async fn host_agent_for(
     broker: &Broker,
     mesh: &FleetMesh,
     operator: &Ed25519KeyPair,
+    chain: Option<&str>,
 ) -> Result<Arc<host_agent::daemon::Daemon>, String> {
     let home = dir.join("miners").join(format!("miner-{m}"));
     std::fs::create_dir_all(&home).map_err(|x| x.to_string())?;
@@ -501,6 +581,21 @@ async fn host_agent_for(
         addr = broker.addr,
         name = broker.server_name,
     );
+    // On the chain: billing with //Bob's key (its answers and lifecycle records), tasks from
+    // //Alice, the validator.
+    let text = match chain {
+        Some(url) => {
+            simulator::pki::write_file(&home.join("billing.secret"), b"//Bob\n", true)
+                .map_err(|x| format!("billing.secret: {x}"))?;
+            format!(
+                "{text}[billing]\nchain = \"{url}\"\nsigner_file = \"billing.secret\"\n\
+                 call = \"System.remark_with_event\"\n\
+                 [chain]\nvalidators = [\"{}\"]\nfrom_block = 1\n",
+                chain::VALIDATOR
+            )
+        }
+        None => text,
+    };
     w("host.toml", text.as_bytes())?;
     let cfg = host_agent::config::HostConfig::parse(&text, &config).map_err(|x| x.to_string())?;
     let platform = host_agent::platform::Platform {

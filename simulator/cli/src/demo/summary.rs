@@ -40,6 +40,8 @@ pub struct Summary {
     pub replicas: usize,
     /// With several replicas: what stopping one halfway through the second boots showed.
     pub replica: Option<ReplicaRun>,
+    /// Where Chopsticks was at hand: what the chain saw of the fleet.
+    pub chain: Option<super::chain::ChainSummary>,
 }
 
 /// What stopping one of the fleet broker's replicas mid-boot showed.
@@ -133,6 +135,7 @@ impl Summary {
             && self.denied == 1
             && self.attacks.iter().all(LiveAttack::as_expected)
             && self.mesh.as_expected(self.vms)
+            && self.chain.as_ref().is_none_or(|c| c.as_expected())
             && self.replica.as_ref().map_or(self.replicas == 1, |r| {
                 r.stopped.is_some()
                     && r.failed_over >= 1
@@ -186,6 +189,10 @@ impl Summary {
                 json!({"p50": self.percentile(50.0), "p99": self.percentile(99.0)}),
             ),
             ("mesh", self.mesh.json(self.vms)),
+            (
+                "chain",
+                self.chain.as_ref().map(|c| c.json()).unwrap_or_default(),
+            ),
         ]
     }
 
@@ -223,6 +230,20 @@ impl Summary {
             "  host agents (one per machine, libvirt test driver): {} created {} SEV-SNP domains via signed orders",
             self.hosts, self.domains
         );
+        match &self.chain {
+            Some(c) => println!(
+                "  chain (Chopsticks): {} assignment(s) taken, {} refused with the reason on chain, {} lifecycle record(s) on chain{}",
+                c.assignments_taken,
+                c.refused_with_reason,
+                c.lifecycle_records,
+                if c.all_on_chain {
+                    ""
+                } else {
+                    " — NOT ALL ON CHAIN"
+                }
+            ),
+            None => println!("  chain: none (Chopsticks not installed: scripts/chain-deps.sh)"),
+        }
         println!(
             "  first boot (format) and second boot (unlock): {} of {} VMs unlocked",
             self.unlocked, self.vms
