@@ -3,7 +3,10 @@
 //! [`crate::intake`]'s to say; acting on them is the daemon's.
 //!
 //! Only finalized blocks are read (the client's current block is the finalized head), so an
-//! assignment in a block that is not finalized — or never will be — is never acted on.
+//! assignment in a block that is not finalized — or never will be — is never acted on. The node
+//! must keep the state of the blocks the agent has yet to read (an archive node, or one that
+//! prunes no nearer than the agent can fall behind): reading a block needs its runtime version
+//! and events.
 
 use subxt::{OnlineClient, PolkadotConfig};
 
@@ -44,14 +47,27 @@ impl Follower {
             .block_number())
     }
 
-    /// Block `n`'s hash and its successful remarks, in order.
-    pub async fn remarks(&self, n: u64) -> Result<([u8; 32], Vec<Remark>), String> {
+    /// Block `n`'s hash and the successful remarks in it that `keep` (signer, bytes) wants, in
+    /// order. The block's events are read once, and only when a remark is kept: anyone can
+    /// fill blocks with remarks, and only a validator's assignment costs more than a look.
+    pub async fn remarks(
+        &self,
+        n: u64,
+        keep: impl Fn(Option<&[u8; 32]>, &[u8]) -> bool,
+    ) -> Result<([u8; 32], Vec<Remark>), String> {
         let at = self.client.at_block(n).await.map_err(chain)?;
         let hash = at.block_hash().0;
         let body = at.extrinsics().fetch().await.map_err(chain)?;
-        let mut out = Vec::new();
-        // An extrinsic this client cannot decode is not a remark: skipped.
-        for x in body.iter().filter_map(Result::ok) {
+        let mut kept = Vec::new();
+        for x in body.iter() {
+            let x = match x {
+                Ok(x) => x,
+                // Not a remark this client could read: one the runtime's types have changed.
+                Err(e) => {
+                    tracing::warn!(block = n, error = %e, "an extrinsic cannot be decoded; skipped");
+                    continue;
+                }
+            };
             if x.pallet_name() != "System"
                 || !matches!(x.call_name(), "remark" | "remark_with_event")
             {
@@ -60,21 +76,33 @@ impl Follower {
             let Some(bytes) = crate::intake::scale_bytes(x.call_data_field_bytes()) else {
                 continue;
             };
-            // A remark whose extrinsic failed did not happen.
-            let events = x.events().await.map_err(chain)?;
-            let mut failed = false;
-            for ev in events.iter() {
-                let ev = ev.map_err(chain)?;
-                failed |= ev.pallet_name() == "System" && ev.event_name() == "ExtrinsicFailed";
-            }
-            if !failed {
-                out.push(Remark {
-                    signer: crate::intake::signer_of(x.address_bytes()),
-                    bytes: bytes.to_vec(),
-                });
+            let signer = crate::intake::signer_of(x.address_bytes());
+            if keep(signer.as_ref(), bytes) {
+                kept.push((x.index() as u32, signer, bytes.to_vec()));
             }
         }
-        Ok((hash, out))
+        if kept.is_empty() {
+            return Ok((hash, Vec::new()));
+        }
+        // A remark whose extrinsic failed did not happen.
+        let events = at.events().fetch().await.map_err(chain)?;
+        let mut failed = std::collections::HashSet::new();
+        for ev in events.iter() {
+            let ev = ev.map_err(chain)?;
+            if let subxt::events::Phase::ApplyExtrinsic(i) = ev.phase()
+                && ev.pallet_name() == "System"
+                && ev.event_name() == "ExtrinsicFailed"
+            {
+                failed.insert(i);
+            }
+        }
+        Ok((
+            hash,
+            kept.into_iter()
+                .filter(|(i, ..)| !failed.contains(i))
+                .map(|(_, signer, bytes)| Remark { signer, bytes })
+                .collect(),
+        ))
     }
 
     /// Block `n`'s hash (to check the chain is still the one followed).

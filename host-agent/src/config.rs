@@ -69,6 +69,11 @@ pub struct ChainConfig {
     /// Lifecycle transitions go on chain in one batch per this many seconds at most.
     #[serde(default = "default_lifecycle_interval")]
     pub lifecycle_interval_secs: u64,
+    /// Folders a task's boot files (OVMF, kernel, initrd) must be in: a spec from the chain is
+    /// written by a validator, so it reads nothing of this host's but these images.
+    pub image_dirs: Vec<PathBuf>,
+    /// The folder a task's disk goes in, as `<disk_dir>/<vm_id>.img` (nowhere else).
+    pub disk_dir: PathBuf,
 }
 
 fn default_lifecycle_interval() -> u64 {
@@ -378,6 +383,17 @@ impl HostConfig {
             for a in ch.validators.iter().chain(&ch.miner) {
                 crate::billing::account_id(a).map_err(|e| err(format!("[chain]: {e}")))?;
             }
+            if ch.image_dirs.is_empty() {
+                return Err(err(
+                    "chain.image_dirs: name the folders tasks' boot files may come from".into(),
+                ));
+            }
+            let cap = &c.capacity;
+            if cap.vcpus.is_none() || cap.memory_mib.is_none() || cap.disk_gib.is_none() {
+                return Err(err(
+                    "[chain]: validators place VMs here, so [capacity] must set vcpus, memory_mib and disk_gib".into(),
+                ));
+            }
         }
         if matches!(c.credit, Some(CreditConfig::ChainBalance { .. })) && c.billing.is_none() {
             return Err(err(
@@ -401,6 +417,10 @@ impl HostConfig {
         }
         if let Some(b) = &mut c.billing {
             rel(&mut b.signer_file);
+        }
+        if let Some(ch) = &mut c.chain {
+            ch.image_dirs.iter_mut().for_each(&rel);
+            rel(&mut ch.disk_dir);
         }
         if let PlatformConfig::Simulator {
             state_dir: Some(d), ..

@@ -56,14 +56,20 @@ fn shape(spec: &crate::spec::VmSpec, tenant: &str) -> crate::capacity::Shape {
     }
 }
 
-/// What the VMs on record hold (every one not terminated, running or not).
-fn holding(vms: &[VmRecord]) -> Vec<crate::capacity::Shape> {
+/// What the VMs on record hold (every one not terminated, running or not). A record that no
+/// longer reads fails the check rather than counting as nothing.
+fn holding(vms: &[VmRecord]) -> Result<Vec<crate::capacity::Shape>, CreateError> {
     vms.iter()
         .filter(|v| v.terminated_at.is_none())
-        .filter_map(|v| {
-            let spec = VmSpec::parse(&v.spec).ok()?;
-            let tenant = Order::decode_stored(&v.order).ok()?.tenant;
-            Some(shape(&spec.spec, &tenant))
+        .map(|v| {
+            let bad = |why: String| {
+                CreateError::Store(format!("VM {} on record cannot be read: {why}", v.vm_id))
+            };
+            let spec = VmSpec::parse(&v.spec).map_err(|e| bad(e.to_string()))?;
+            let tenant = Order::decode_stored(&v.order)
+                .map_err(|e| bad(e.to_string()))?
+                .tenant;
+            Ok(shape(&spec.spec, &tenant))
         })
         .collect()
 }
@@ -112,6 +118,8 @@ pub struct Daemon {
     ops: tokio::sync::Mutex<()>,
     retry: tokio::sync::Mutex<Retry>,
     kick: tokio::sync::Notify,
+    /// Tries of chain tasks that failed for a reason that could pass (see `tasks`).
+    task_tries: std::sync::Mutex<std::collections::HashMap<[u8; 32], u32>>,
 }
 
 const CLOSED_THROUGH: &str = "closed_through";
@@ -213,6 +221,7 @@ impl Daemon {
                 next_at: 0,
             }),
             kick: tokio::sync::Notify::new(),
+            task_tries: Default::default(),
             cfg,
         };
         d.adopt().await?;
@@ -508,8 +517,18 @@ impl Daemon {
         let now = self.now();
         let registered = {
             let _g = self.ops.lock().await;
+            // A VM id used before is refused before anything is read from disk.
+            let vms = self.db.vms().await.map_err(CreateError::Store)?;
+            if vms.iter().any(|v| v.vm_id == c.spec.vm_id) {
+                return Err(CreateError::Duplicate(c.spec.vm_id.clone()));
+            }
             let ok = gate::admit_with(&c, &order, &self.keys, now, self.firmware)
                 .map_err(|e| CreateError::Gate(e.to_string()))?;
+            if let Some(b) = &ok.order.billing
+                && b.account.starts_with('#')
+            {
+                return Err(CreateError::BillingAccount(b.account.clone()));
+            }
             if let Some(p) = &self.platform
                 && !ok
                     .order
@@ -522,13 +541,9 @@ impl Daemon {
                     count: ok.order.chip_ids.len(),
                 });
             }
-            let vms = self.db.vms().await.map_err(CreateError::Store)?;
-            if vms.iter().any(|v| v.vm_id == c.spec.vm_id) {
-                return Err(CreateError::Duplicate(c.spec.vm_id.clone()));
-            }
             self.cfg
                 .capacity
-                .admit(&holding(&vms), &shape(&c.spec, &ok.order.tenant))?;
+                .admit(&holding(&vms)?, &shape(&c.spec, &ok.order.tenant))?;
             let registered = match self.relay(false, order.clone()).await? {
                 Relayed::Done => "registered with the broker",
                 Relayed::Already => "already registered with the broker",

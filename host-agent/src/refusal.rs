@@ -10,6 +10,12 @@ pub enum CreateError {
     OrderEncoding,
     #[error("spec: {0}")]
     Spec(String),
+    /// A task from the chain names files outside what `[chain]` allows.
+    #[error("spec: {0}")]
+    SpecPath(String),
+    /// The order bills an account this agent keeps for its own records (`#…`).
+    #[error("the order bills {0:?}, which is not an account")]
+    BillingAccount(String),
     #[error("launch gate: {0}")]
     Gate(String),
     #[error(
@@ -42,6 +48,8 @@ impl CreateError {
         match self {
             CreateError::OrderEncoding => "order_encoding",
             CreateError::Spec(_) => "spec",
+            CreateError::SpecPath(_) => "spec_path",
+            CreateError::BillingAccount(_) => "billing_account",
             CreateError::Gate(_) => "gate",
             CreateError::Chip { .. } => "chip",
             CreateError::Duplicate(_) => "duplicate",
@@ -51,6 +59,37 @@ impl CreateError {
             CreateError::Libvirt(_) => "libvirt",
             CreateError::Store(_) => "store",
             CreateError::NotStarted(_) => "not_started",
+        }
+    }
+
+    /// What an answer on chain says beside the code: a fixed text per code, so that nothing a
+    /// task sent is echoed into a transaction and nothing of this host's files is told.
+    pub fn public_reason(&self) -> &'static str {
+        match self {
+            CreateError::OrderEncoding => "the order is not base64",
+            CreateError::Spec(_) => "the VM spec is not valid",
+            CreateError::SpecPath(_) => {
+                "the spec names files outside this host's image and disk folders"
+            }
+            CreateError::BillingAccount(_) => "the order bills no chain account",
+            CreateError::Gate(_) => {
+                "the launch gate refused: the operator's order does not allow this spec"
+            }
+            CreateError::Chip { .. } => "the order does not name this host's chip",
+            CreateError::Duplicate(_) => "this VM id was used on this host before",
+            CreateError::Capacity(r) => match r {
+                crate::capacity::Refusal::Vcpus { .. } => "not enough vCPUs free on this host",
+                crate::capacity::Refusal::Memory { .. } => "not enough memory free on this host",
+                crate::capacity::Refusal::Disk { .. } => "not enough disk free on this host",
+                crate::capacity::Refusal::TenantQuota { .. } => {
+                    "the tenant's VM limit on this host is reached"
+                }
+            },
+            CreateError::BrokerRefused { .. } => "the key broker refused the order",
+            CreateError::BrokerUnreachable(_) => "the key broker could not be reached",
+            CreateError::Libvirt(_) => "the hypervisor could not define the VM",
+            CreateError::Store(_) => "the host agent's database failed",
+            CreateError::NotStarted(_) => "created, but it could not be started",
         }
     }
 

@@ -61,8 +61,8 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
     let extra = format!(
         "[platform]\nkind = \"simulator\"\nchip = 5\n\
          [billing]\nchain = \"{url}\"\nsigner_file = \"billing.secret\"\ncall = \"System.remark_with_event\"\n\
-         [chain]\nvalidators = [\"{ALICE}\"]\nfrom_block = 1\n\
-         [capacity]\ntenants = {{ \"tenant-a\" = 1 }}\n"
+         [chain]\nvalidators = [\"{ALICE}\"]\nfrom_block = 1\nimage_dirs = [{d:?}]\ndisk_dir = {d:?}\n\
+         [capacity]\nvcpus = 64\nmemory_mib = 262144\ndisk_gib = 4096\ntenants = {{ \"tenant-a\" = 1 }}\n"
     );
     std::fs::write(&config, common::host_toml(&op, &extra)).unwrap();
     let chip = common::chip_id("milan", 5);
@@ -73,15 +73,26 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
         assignment_remark(miner, &b64(&order), &spec)
     };
     // vm-t1 for this miner (Bob, the billing key); vm-t2 too, beyond tenant-a's one VM; vm-t3
-    // for another miner; vm-t4 assigned by someone who is not a validator; and an assignment
-    // that cannot be read.
+    // for another miner; vm-t4 assigned by someone who is not a validator; an assignment to this
+    // miner that cannot be read; vm-t5 whose kernel is a file of the host's outside the image
+    // folder; and vm-t1 again, with another spec (a validator racing the first).
     let t1 = task("vm-t1", BOB);
     remark(&url, "//Alice", &t1).await;
     remark(&url, "//Alice", &task("vm-t2", BOB)).await;
     remark(&url, "//Alice", &task("vm-t3", ALICE)).await;
     remark(&url, "//Bob", &task("vm-t4", BOB)).await;
-    let garbled = b"attesta/v1 assign {\"miner\": 7}".to_vec();
-    remark(&url, "//Alice", &garbled).await;
+    let garbled = format!("attesta/v1 assign {{\"miner\": \"{BOB}\", \"spec\": 7}}");
+    remark(&url, "//Alice", garbled.as_bytes()).await;
+    let outside = String::from_utf8(task("vm-t5", BOB))
+        .unwrap()
+        .replace(&d.join("vmlinuz").display().to_string(), "/etc/hostname");
+    assert!(outside.contains("/etc/hostname"));
+    remark(&url, "//Alice", outside.as_bytes()).await;
+    let again = String::from_utf8(task("vm-t1", BOB))
+        .unwrap()
+        .replace("memory_mib = 8192", "memory_mib = 256");
+    assert_ne!(again.as_bytes(), t1.as_slice());
+    remark(&url, "//Alice", again.as_bytes()).await;
 
     let clock: host_agent::daemon::Clock = Arc::new(|| {
         std::time::SystemTime::now()
@@ -105,7 +116,9 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
         round.refused,
         [
             ("vm-t2".to_string(), "tenant_quota".to_string()),
-            (String::new(), "malformed".to_string())
+            (String::new(), "malformed".to_string()),
+            ("vm-t5".to_string(), "spec_path".to_string()),
+            ("vm-t1".to_string(), "duplicate".to_string()),
         ],
         "{round:?}"
     );
@@ -119,7 +132,7 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
 
     // The answers go on chain, signed by the billing key: one per block with a refusal.
     let drained = agent.drain_if_due().await.unwrap().unwrap();
-    assert_eq!((drained.submitted, drained.failed), (2, 0), "{drained:?}");
+    assert_eq!((drained.submitted, drained.failed), (4, 0), "{drained:?}");
     let answers: Vec<String> = {
         let mut v = Vec::new();
         for r in agent.outbox().records().await.unwrap() {
@@ -147,6 +160,9 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
         "{answers:?}"
     );
     assert!(answers[1].contains("\"code\":\"malformed\""), "{answers:?}");
+    assert!(answers[2].contains("\"code\":\"spec_path\""), "{answers:?}");
+    // The reason on chain is the code's fixed text: nothing of the host's files is told.
+    assert!(!answers[2].contains("/etc/hostname"), "{answers:?}");
     let on_chain = remarked_hashes(&url).await;
     for a in &answers {
         assert!(on_chain.contains(&host_agent::chain::blake2_256(a.as_bytes())));
@@ -202,9 +218,19 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
         .iter()
         .map(|a| a["outcome"].as_str().unwrap())
         .collect();
-    assert_eq!(outcomes, ["created", "tenant_quota", "malformed"], "{st}");
+    assert_eq!(
+        outcomes,
+        [
+            "created",
+            "tenant_quota",
+            "malformed",
+            "spec_path",
+            "duplicate"
+        ],
+        "{st}"
+    );
     assert_eq!(st["lifecycle"]["unbatched"], 0, "{st}");
-    assert_eq!(st["outbox"].as_array().unwrap().len(), 3, "{st}");
+    assert_eq!(st["outbox"].as_array().unwrap().len(), 5, "{st}");
     assert!(
         st["outbox"]
             .as_array()
@@ -214,13 +240,16 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
         "{st}"
     );
 
-    // A restart that replays every block, once after a crash took vm-t1's record (the VM was
-    // created, its outcome not recorded): nothing is created twice, nothing answered twice.
+    // A restart that replays every block, after a crash took vm-t1's record between the VM's
+    // record and its domain: the create is finished (defined, started) and recorded as the
+    // task's; nothing is created twice, nothing answered twice.
     drop(agent);
     let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", d.join("state/host.db").display()))
         .await
         .unwrap();
-    sqlx::query("DELETE FROM assignments WHERE vm_id = 'vm-t1'")
+    // (A crash after the VM was on record and before its domain and disk were made.)
+    std::fs::remove_file(d.join("vm-t1.img")).unwrap();
+    sqlx::query("DELETE FROM assignments WHERE vm_id = 'vm-t1' AND code IS NULL")
         .execute(&db)
         .await
         .unwrap();
@@ -258,7 +287,7 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
     assert!(round.refused.is_empty(), "{round:?}");
     let list = agent.handle(R::List).await.result.unwrap();
     assert_eq!(vms(&list), ["vm-t1"], "{list}");
-    assert_eq!(agent.outbox().records().await.unwrap().len(), 3);
+    assert_eq!(agent.outbox().records().await.unwrap().len(), 5);
     // No VM was created again (whatever the restart observed is journalled as observed).
     if let Some(n) = agent.flush_lifecycle().await.unwrap() {
         let (batch, _) = agent.outbox().doc_and_tx(n, "#lifecycle").await.unwrap();
@@ -289,7 +318,8 @@ async fn intake_throughput() {
     let extra = format!(
         "[platform]\nkind = \"simulator\"\nchip = 5\n\
          [billing]\nchain = \"{url}\"\nsigner_file = \"billing.secret\"\ncall = \"System.remark_with_event\"\n\
-         [chain]\nvalidators = [\"{ALICE}\"]\nfrom_block = 1\n"
+         [chain]\nvalidators = [\"{ALICE}\"]\nfrom_block = 1\nimage_dirs = [{d:?}]\ndisk_dir = {d:?}\n\
+         [capacity]\nvcpus = 1024\nmemory_mib = 4194304\ndisk_gib = 65536\n"
     );
     std::fs::write(&config, common::host_toml(&op, &extra)).unwrap();
     let chip = common::chip_id("milan", 5);

@@ -24,7 +24,8 @@ impl Daemon {
             .await
             .map_err(|e| e.to_string())?
             .iter()
-            .filter(|r| r.account == LIFECYCLE_ACCOUNT)
+            // A batch that failed at dispatch is not on chain: its transitions go again.
+            .filter(|r| r.account == LIFECYCLE_ACCOUNT && r.state != crate::billing::State::Failed)
             .map(|r| r.period)
             .max()
             .unwrap_or(0))

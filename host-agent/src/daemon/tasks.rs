@@ -20,6 +20,11 @@ use base64::Engine as _;
 
 /// Blocks read in one round at most (a long outage is caught up over several).
 const BLOCKS_PER_ROUND: u64 = 200;
+/// Largest boot file a task may name (OVMF, kernel, initrd).
+const MAX_BOOT_FILE: u64 = 1 << 30;
+/// Rounds a task may fail for a reason that could pass (broker or database out of reach)
+/// before it is refused with that reason.
+const TRIES: u32 = 10;
 
 /// What one round did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -63,8 +68,22 @@ impl Daemon {
         };
         let end = head.min(start.saturating_add(BLOCKS_PER_ROUND - 1));
         for n in start..=end {
-            let (hash, remarks) = f.remarks(n).await?;
+            let (hash, remarks) = f
+                .remarks(n, |signer, bytes| {
+                    intake::worth_reading(signer, bytes, &validators)
+                })
+                .await?;
+            let mut per_validator = std::collections::HashMap::new();
             for r in remarks {
+                let given = per_validator.entry(r.signer).or_insert(0usize);
+                *given += 1;
+                if *given > intake::MAX_PER_VALIDATOR_BLOCK {
+                    tracing::warn!(
+                        block = n,
+                        "more assignments from one validator in one block than are acted on; the rest are not"
+                    );
+                    continue;
+                }
                 let parsed = intake::parse(
                     &r.bytes,
                     r.signer.as_ref(),
@@ -137,7 +156,7 @@ impl Daemon {
                 id,
                 block,
                 "",
-                Some(("malformed", &why.to_string())),
+                Some(("malformed", "the assignment is not of the version-1 shape")),
                 self.now(),
             )
             .await
@@ -152,25 +171,39 @@ impl Daemon {
         if self.db.assignment_decided(&a.id).await? {
             return Ok(());
         }
-        let vm_id = VmSpec::parse(&a.spec)
-            .map(|c| c.spec.vm_id)
+        let parsed = VmSpec::parse(&a.spec);
+        let vm_id = parsed
+            .as_ref()
+            .map(|c| c.spec.vm_id.clone())
             .unwrap_or_default();
-        let outcome = match self.create(&a.spec, &a.order, true).await {
-            Ok(_) => None,
-            Err(CreateError::NotStarted(why)) => {
-                tracing::warn!(vm_id, error = %why, "created from the chain, not started");
-                None
+        let known = self.db.vms().await?.iter().any(|v| v.vm_id == vm_id);
+        let attempt = match parsed {
+            Ok(_) if known => Err(CreateError::Duplicate(vm_id.clone())),
+            // A spec from the chain reads only the configured images and writes only its disk.
+            Ok(c) => match self.confine(&c.spec) {
+                Ok(()) => self.create(&a.spec, &a.order, true).await.map(|_| ()),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(CreateError::Spec(e.to_string())),
+        };
+        let attempt = match attempt {
+            // Created before a crash took the record: finish it, it is this assignment's.
+            Err(CreateError::Duplicate(_)) if self.claimed_by(&vm_id, a).await? => {
+                self.finish(&vm_id).await
             }
-            Err(e) if e.transient() => {
+            other => other,
+        };
+        let outcome = match attempt {
+            Ok(()) => None,
+            Err(e) if e.transient() && self.try_again(&a.id) => {
                 return Err(format!(
                     "block {block}: {vm_id}: {e} (tried again next round)"
                 ));
             }
-            Err(CreateError::Duplicate(_)) if self.created_from(&vm_id, &a.order).await? => {
-                // Created before a crash took the record: it is this assignment's.
-                None
+            Err(e) => {
+                tracing::warn!(block, vm_id, code = e.code(), error = %e, "assignment refused");
+                Some((e.code(), e.public_reason()))
             }
-            Err(e) => Some((e.code(), e.to_string())),
         };
         let at = self.now();
         match &outcome {
@@ -178,28 +211,121 @@ impl Daemon {
                 tracing::info!(block, vm_id, assignment = %hex::encode(a.id), "VM created from the chain");
                 round.created.push(vm_id.clone());
             }
-            Some((code, why)) => {
-                tracing::warn!(block, vm_id, code, reason = %why, "assignment refused");
-                round.refused.push((vm_id.clone(), code.to_string()));
-            }
+            Some((code, _)) => round.refused.push((vm_id.clone(), code.to_string())),
         }
-        let refusal = outcome.as_ref().map(|(c, w)| (*c, w.as_str()));
+        let refusal = outcome.as_ref().map(|(c, w)| (*c, *w));
         self.db
             .decide_assignment(&a.id, block, &vm_id, refusal, at)
             .await
     }
 
-    /// Whether `vm_id` is on record under exactly this order (base64).
-    async fn created_from(&self, vm_id: &str, order_b64: &str) -> Result<bool, String> {
-        let Ok(order) = base64::engine::general_purpose::STANDARD.decode(order_b64.trim()) else {
+    /// Whether `vm_id` is on record, not terminated, under exactly this assignment's order and
+    /// spec, and no other assignment was recorded as creating it: then the create was this
+    /// assignment's, and a crash took its record.
+    async fn claimed_by(&self, vm_id: &str, a: &intake::Assignment) -> Result<bool, CreateError> {
+        let Ok(order) = base64::engine::general_purpose::STANDARD.decode(a.order.trim()) else {
             return Ok(false);
         };
-        Ok(self
+        let ours = self
             .db
             .vms()
-            .await?
+            .await
+            .map_err(CreateError::Store)?
             .iter()
-            .any(|v| v.vm_id == vm_id && v.order == order))
+            .any(|v| {
+                v.vm_id == vm_id
+                    && v.order == order
+                    && v.spec == a.spec
+                    && v.terminated_at.is_none()
+            });
+        let taken = self
+            .db
+            .assignments()
+            .await
+            .map_err(CreateError::Store)?
+            .iter()
+            .any(|(id, _, vm, code)| vm == vm_id && code.is_none() && *id != a.id);
+        Ok(ours && !taken)
+    }
+
+    /// Finishes a create a crash interrupted: the domain defined, and started.
+    async fn finish(&self, vm_id: &str) -> Result<(), CreateError> {
+        let listed = self
+            .libvirt(|h| h.list())
+            .await
+            .map_err(CreateError::Libvirt)?;
+        let running = match listed.iter().find(|v| v.vm_id == vm_id) {
+            Some(v) => v.state == crate::lifecycle::State::Running,
+            None => {
+                let rec = self.record(vm_id).await.map_err(CreateError::Store)?;
+                let c = VmSpec::parse(&rec.spec).map_err(|e| CreateError::Spec(e.to_string()))?;
+                // A disk without its domain may hold a volume: never replaced on a guess.
+                if std::fs::symlink_metadata(&c.spec.disk.path).is_ok() {
+                    return Err(CreateError::Libvirt(format!(
+                        "{vm_id}'s disk exists but its domain does not: not recreated"
+                    )));
+                }
+                self.libvirt(move |h| h.create(&c))
+                    .await
+                    .map_err(CreateError::Libvirt)?;
+                false
+            }
+        };
+        if !running {
+            self.start(vm_id).await.map_err(CreateError::NotStarted)?;
+        }
+        Ok(())
+    }
+
+    /// A spec from the chain may read boot files only from `[chain] image_dirs` (regular files,
+    /// at most [`MAX_BOOT_FILE`] bytes) and put its disk only at `<disk_dir>/<vm_id>.img`,
+    /// which must not exist yet: a validator names the files, not the miner.
+    fn confine(&self, spec: &VmSpec) -> Result<(), CreateError> {
+        let Some(c) = &self.cfg.chain else {
+            return Ok(());
+        };
+        let bad = |why: String| CreateError::SpecPath(why);
+        let dirs: Vec<_> = c
+            .image_dirs
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .collect();
+        let boot = [
+            Some(&spec.boot.ovmf),
+            spec.boot.kernel.as_ref(),
+            spec.boot.initrd.as_ref(),
+        ];
+        for p in boot.into_iter().flatten() {
+            let real =
+                std::fs::canonicalize(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+            if !dirs.iter().any(|d| real.starts_with(d)) {
+                return Err(bad(format!("{} is not in [chain] image_dirs", p.display())));
+            }
+            let md = std::fs::metadata(&real).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+            if !md.is_file() || md.len() > MAX_BOOT_FILE {
+                return Err(bad(format!(
+                    "{} is not a regular file of at most {MAX_BOOT_FILE} bytes",
+                    p.display()
+                )));
+            }
+        }
+        let disk = c.disk_dir.join(format!("{}.img", spec.vm_id));
+        if spec.disk.path != disk {
+            return Err(bad(format!("the disk must be {}", disk.display())));
+        }
+        if std::fs::symlink_metadata(&disk).is_ok() {
+            return Err(bad(format!("{} exists already", disk.display())));
+        }
+        Ok(())
+    }
+
+    /// Counts a try of task `id` that failed for a reason that could pass; false once it has
+    /// had [`TRIES`] (then it is refused, and intake moves on).
+    fn try_again(&self, id: &[u8; 32]) -> bool {
+        let mut tries = self.task_tries.lock().unwrap_or_else(|e| e.into_inner());
+        let n = tries.entry(*id).or_insert(0);
+        *n += 1;
+        *n < TRIES
     }
 
     /// Follows the chain until the process ends: a round every `poll_secs`, reconnecting with

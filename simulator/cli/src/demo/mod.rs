@@ -590,8 +590,11 @@ async fn host_agent_for(
             format!(
                 "{text}[billing]\nchain = \"{url}\"\nsigner_file = \"billing.secret\"\n\
                  call = \"System.remark_with_event\"\n\
-                 [chain]\nvalidators = [\"{}\"]\nfrom_block = 1\n",
-                chain::VALIDATOR
+                 [chain]\nvalidators = [\"{}\"]\nfrom_block = 1\nimage_dirs = [{:?}]\ndisk_dir = {:?}\n\
+                 [capacity]\nvcpus = 256\nmemory_mib = 1048576\ndisk_gib = 16384\n",
+                chain::VALIDATOR,
+                dir.join("images"),
+                dir,
             )
         }
         None => text,
