@@ -245,14 +245,24 @@ pub async fn serve_http(
         };
         let kbs = kbs.clone();
         tokio::spawn(async move {
+            // The request line may come in several segments: read until the headers end (or
+            // the cap, or 5 s), not just what the first read returns.
             let mut buf = [0u8; 1024];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
+            let mut n = 0;
+            let read_head = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+            };
+            if tokio::time::timeout(std::time::Duration::from_secs(5), read_head)
+                .await
+                .is_err()
+            {
+                return;
+            }
             let line = String::from_utf8_lossy(&buf[..n]);
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {

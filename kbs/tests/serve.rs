@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{free_port, free_tcp_port, guest, http_get, kbs, ok, sibling, sign_allowlist, start};
+use common::{
+    KillOnDrop, free_port, free_tcp_port, guest, http_get, kbs, ok, sibling, sign_allowlist, start,
+};
 use guest_agent::client::fetch;
 use serde_json::json;
 use simulator::{Chip, ChipConfig, GuestLaunch, Pki, Seed};
@@ -130,7 +132,8 @@ fn deployment_from_the_real_binaries() {
 
     let cfg = d.join("kbs.toml");
     let log = Arc::new(Mutex::new(String::new()));
-    let mut server = start(&cfg, log.clone());
+    // Stopped even when an assertion fails (an orphan would hold the test's output open).
+    let mut server = KillOnDrop(start(&cfg, log.clone()));
     let remote = |cmd: &str, order: &str| {
         kbs()
             .args(["vm", cmd])
@@ -296,6 +299,19 @@ fn deployment_from_the_real_binaries() {
     assert!(m.contains("attesta_kbs_releases_total 5"), "{m}");
     assert!(m.contains("attesta_kbs_registrations_total 1"), "{m}");
     assert!(http_get(metrics, "/nope").starts_with("HTTP/1.1 404"));
+    // A request that arrives in pieces is read whole (a scraper's segments, a slow client).
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+        s.set_nodelay(true).unwrap();
+        for piece in ["GET ", "/readyz", " HTTP/1.1\r\nHost: x\r\n", "\r\n"] {
+            s.write_all(piece.as_bytes()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
 
     // Terminate: the key is crypto-shredded and the next boot fails closed.
     assert!(ok(remote("terminate", "terminate.signed"), "vm terminate").contains("vm-7"));
@@ -314,9 +330,9 @@ fn deployment_from_the_real_binaries() {
 
     // A clean stop signs a final checkpoint; the exported log verifies.
     let _ = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+        .args(["-TERM", &server.0.id().to_string()])
         .status();
-    assert!(server.wait().unwrap().success());
+    assert!(server.0.wait().unwrap().success());
     let export = p("audit.jsonl");
     ok(
         kbs()

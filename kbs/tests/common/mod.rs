@@ -38,7 +38,7 @@ pub fn http_get(port: u16, path: &str) -> String {
     for _ in 0..5 {
         let attempt = (|| -> std::io::Result<String> {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)
