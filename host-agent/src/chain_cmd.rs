@@ -29,12 +29,7 @@ pub fn status(config: &Path, json: bool) -> Result<(), String> {
             .into_iter()
             .filter(|r| r.account == ANSWERS_ACCOUNT || r.account == LIFECYCLE_ACCOUNT)
             .collect();
-        let through = records
-            .iter()
-            .filter(|r| r.account == LIFECYCLE_ACCOUNT)
-            .map(|r| r.period)
-            .max()
-            .unwrap_or(0);
+        let through = host_agent::daemon::lifecycle_through(&records);
         let unbatched = db.lifecycle_after(through, u64::MAX >> 1).await?;
         let assignments = db.assignments().await?;
         let cursor = db.cursor().await?;

@@ -11,6 +11,7 @@
 
 mod lifecycle_chain;
 mod tasks;
+pub use lifecycle_chain::lifecycle_through;
 pub use tasks::IntakeRound;
 
 use crate::agent::{self, Credit, Ev};

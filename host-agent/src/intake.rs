@@ -3,8 +3,9 @@
 //! out; [`crate::chain`] reads the blocks and [`crate::daemon`] acts.
 //!
 //! **Encoding, version 1** (for runtimes without a marketplace pallet, where assignments and
-//! answers travel as `System.remark_with_event`): a remark is the ASCII prefix, one space, and
-//! a JSON object (UTF-8, at most [`MAX_REMARK`] bytes).
+//! answers travel as remarks: `System.remark` or `remark_with_event` are read, answers are sent
+//! with `remark_with_event`): a remark is the ASCII prefix, one space, and a JSON object
+//! (UTF-8, at most [`MAX_REMARK`] bytes).
 //!
 //! - Assignment, signed by a validator: `attesta/v1 assign {"miner":"<SS58 or 0x hex>",
 //!   "order":"<base64 of the operator-signed register order>","spec":"<the VM spec, TOML>"}`.

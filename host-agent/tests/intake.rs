@@ -292,7 +292,6 @@ async fn assignments_from_the_chain_create_once_and_refusals_are_answered() {
     if let Some(n) = agent.flush_lifecycle().await.unwrap() {
         let (batch, _) = agent.outbox().doc_and_tx(n, "#lifecycle").await.unwrap();
         assert!(!batch.contains("\"created\""), "{batch}");
-        eprintln!("after the restart: {batch}");
     }
     let d = agent.drain_if_due().await.unwrap();
     assert!(

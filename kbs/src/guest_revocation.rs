@@ -3,7 +3,7 @@
 //! for the VM's certificates to expire: it signs a revocation list with its guests' CA — an
 //! intermediate, whose list revokes only certificates it issued (`mesh::revocation`, delegated
 //! lists) — installs it on its own mesh gate and sends it to the lighthouses, which push it to
-//! every node; they close live connections to the revoked key within a second or so.
+//! every node; they close live connections to the revoked key in milliseconds.
 //!
 //! The list names, by key, every revoked mesh key whose last certificate was issued within the
 //! longest lease (`guest_cert_secs`, counted as at least a day in case it was longer before a

@@ -254,13 +254,14 @@ pub fn serve_cmd(a: &ServeArgs) -> ExitCode {
             tracing::info!(
                 "on the mesh: clients verified by the mesh CA, hosts and operators by role, guests for attestation only"
             );
-            let outlets = kbs::guest_revocation::Outlets {
-                gate: Some(g.trust.clone()),
-                node: rt.block_on(crate::mesh_setup::revocation_node(&c, m))?,
-            };
             let roots = crate::mesh_setup::mesh_roots(m)?;
             match kbs.guest_issuer.get() {
                 Some(i) if i.can_revoke() && i.issued_by_one_of(&roots) => {
+                    // On the mesh through a node of its own only when it has lists to publish.
+                    let outlets = kbs::guest_revocation::Outlets {
+                        gate: Some(g.trust.clone()),
+                        node: rt.block_on(crate::mesh_setup::revocation_node(&c, m))?,
+                    };
                     if outlets.node.is_none() {
                         tracing::warn!(
                             "no [mesh] lighthouses: a cloned VM's certificate is revoked at this broker only; the rest of the mesh drops it when its lease ends"

@@ -999,8 +999,9 @@ impl Node {
     }
 
     /// Publishes a signed revocation list made here (a broker's delegated list for the guests
-    /// it certified): installs it, keeps it on disk, re-checks live connections, and sends it
-    /// to every lighthouse this node is connected to, which push it on to every node. Ok(false):
+    /// it certified): sends it to every lighthouse this node is connected to, which push it on
+    /// to every node, and installs it here (re-checking live connections; a root's list is also
+    /// kept in the `revocation` file). Ok(false):
     /// that number was held already (sent again all the same: sending is idempotent).
     pub fn publish(&self, list: &[u8]) -> Result<bool, crate::revocation::RevocationError> {
         // Sent on whatever this node makes of it (a node full of other CAs' lists may refuse

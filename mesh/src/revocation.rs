@@ -93,7 +93,8 @@ impl Body {
 struct Envelope {
     body: String,
     signature: String,
-    /// A delegated list's signer and the CAs above it (hex DER); empty: a root signed it.
+    /// A delegated list's signer (hex DER; one certificate, issued by a trusted root); empty: a
+    /// root signed it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     chain: Vec<String>,
 }
@@ -106,7 +107,7 @@ pub struct RevocationList {
     pub bytes: Vec<u8>,
     serials: HashSet<(String, Vec<u8>)>,
     keys: HashSet<[u8; 32]>,
-    /// A delegated list's signer and those above it; empty for a root's list.
+    /// A delegated list's signer (one certificate); empty for a root's list.
     pub chain: Vec<MeshCert>,
 }
 

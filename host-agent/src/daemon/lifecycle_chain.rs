@@ -6,7 +6,8 @@
 //! **Idempotent.** A batch is an outbox record named by its last journal sequence number, and
 //! the next batch starts after the highest one the outbox holds: the outbox is the one record
 //! of what was batched, so a crash between building and recording a batch re-makes the same
-//! batch, and nothing is batched twice.
+//! batch, and nothing is batched twice. A batch that fails at dispatch is marked failed in the
+//! outbox for an operator (as a usage record is) and not sent again.
 
 use super::Daemon;
 use crate::intake::{LIFECYCLE_ACCOUNT, lifecycle_doc};
@@ -18,17 +19,8 @@ const LIFECYCLE_AT: &str = "lifecycle_batched_at";
 impl Daemon {
     /// The last journal sequence number batched, from the outbox.
     async fn lifecycle_through(&self) -> Result<u64, String> {
-        Ok(self
-            .outbox
-            .records()
-            .await
-            .map_err(|e| e.to_string())?
-            .iter()
-            // A batch that failed at dispatch is not on chain: its transitions go again.
-            .filter(|r| r.account == LIFECYCLE_ACCOUNT && r.state != crate::billing::State::Failed)
-            .map(|r| r.period)
-            .max()
-            .unwrap_or(0))
+        let records = self.outbox.records().await.map_err(|e| e.to_string())?;
+        Ok(lifecycle_through(&records))
     }
 
     /// Batches the journal into the outbox now (what `tick` does once per interval); the
@@ -77,4 +69,17 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// The last journal sequence number the outbox holds in a batch: the highest batch's. A batch
+/// that failed at dispatch counts too — its transitions are not sent again (they stay in the
+/// journal and in `attesta-host chain status`'s failed records, for an operator), so that one
+/// failed batch never holds up every later one.
+pub fn lifecycle_through(records: &[crate::billing::Record]) -> u64 {
+    records
+        .iter()
+        .filter(|r| r.account == LIFECYCLE_ACCOUNT)
+        .map(|r| r.period)
+        .max()
+        .unwrap_or(0)
 }

@@ -75,15 +75,6 @@ impl Daemon {
                 .await?;
             let mut per_validator = std::collections::HashMap::new();
             for r in remarks {
-                let given = per_validator.entry(r.signer).or_insert(0usize);
-                *given += 1;
-                if *given > intake::MAX_PER_VALIDATOR_BLOCK {
-                    tracing::warn!(
-                        block = n,
-                        "more assignments from one validator in one block than are acted on; the rest are not"
-                    );
-                    continue;
-                }
                 let parsed = intake::parse(
                     &r.bytes,
                     r.signer.as_ref(),
@@ -92,6 +83,18 @@ impl Daemon {
                     crate::billing::account_id,
                     blake2_256,
                 );
+                // Counted among this miner's tasks only: other miners' do not crowd them out.
+                if parsed.is_some() {
+                    let given = per_validator.entry(r.signer).or_insert(0usize);
+                    *given += 1;
+                    if *given > intake::MAX_PER_VALIDATOR_BLOCK {
+                        tracing::warn!(
+                            block = n,
+                            "more assignments to this miner from one validator in one block than are acted on; the rest are not"
+                        );
+                        continue;
+                    }
+                }
                 match parsed {
                     None => {}
                     Some(Err((id, why))) => self.malformed(n, &id, &why, &mut round).await?,
@@ -213,6 +216,10 @@ impl Daemon {
             }
             Some((code, _)) => round.refused.push((vm_id.clone(), code.to_string())),
         }
+        self.task_tries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&a.id);
         let refusal = outcome.as_ref().map(|(c, w)| (*c, *w));
         self.db
             .decide_assignment(&a.id, block, &vm_id, refusal, at)

@@ -97,7 +97,7 @@ fn ready(port: u16) -> bool {
 }
 
 impl DemoChain {
-    /// Starts Chopsticks, or `Ok(None)` (and why) where it is not installed.
+    /// Starts Chopsticks; `Ok(Err(why))` where it is not installed.
     pub fn start() -> Result<Result<DemoChain, String>, String> {
         let dir = chain_dir();
         let bin = dir.join("node_modules/.bin/chopsticks");
