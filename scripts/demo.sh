@@ -33,6 +33,10 @@ SIM=target/release/attesta-sim
 log "the chain (Chopsticks on loopback: the first miner takes a VM task from it and records lifecycle there)"
 bash scripts/chain-deps.sh
 
+log "S3 storage (Garage on loopback: a real VM is backed up there and restored on the other host)"
+bash scripts/s3-deps.sh
+export ATTESTA_GARAGE=/var/cache/attesta/garage/bin/garage
+
 if [ "${REAL_VMS:-1}" != 0 ]; then
   log "libvirt's daemons (the real VMs' host agent drives qemu:///system)"
   bash scripts/libvirt-up.sh

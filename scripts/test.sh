@@ -67,6 +67,9 @@ fi
 
 # A real Substrate runtime for the billing and chain-intake tests and the demo's chain.
 bash scripts/chain-deps.sh
+# A real S3 server (Garage) for the backup tests and the demo's backup scene.
+bash scripts/s3-deps.sh
+export ATTESTA_GARAGE=/var/cache/attesta/garage/bin/garage
 
 log "format"
 cargo fmt --all -- --check

@@ -49,6 +49,45 @@ pub struct HostConfig {
     pub capacity: crate::capacity::CapacityConfig,
     /// VM tasks from the chain (see [`crate::intake`]); none: only the control socket creates.
     pub chain: Option<ChainConfig>,
+    /// Backups of VMs' disks to S3-compatible storage (see [`crate::backup`]); none: no
+    /// backups, and `attesta-host backup` / `restore` are refused.
+    pub backup: Option<BackupConfig>,
+}
+
+/// `[backup]`: where disk backups go. Only ciphertext does: a disk is the guest's LUKS2 volume.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// The S3 endpoint, e.g. `https://s3.example.net` (`http://` only to a loopback address).
+    pub endpoint: String,
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub access_key_id: String,
+    /// A file (mode 0600) holding the secret access key.
+    pub secret_key_file: PathBuf,
+    /// Object names begin `<prefix>/<vm_id>/`.
+    #[serde(default = "default_backup_prefix")]
+    pub prefix: String,
+    /// Chunk size: the unit of change between backups and one multipart part (5 MiB at least).
+    #[serde(default = "default_chunk_mib")]
+    pub chunk_mib: u64,
+    /// Backups kept per VM: after each backup, older ones go (and every pack only they read).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_backup_prefix() -> String {
+    "attesta".into()
+}
+fn default_chunk_mib() -> u64 {
+    8
+}
+fn default_keep() -> usize {
+    7
 }
 
 /// `[chain]`: following finalized blocks for validators' VM assignments to this miner. Answers
@@ -395,6 +434,9 @@ impl HostConfig {
                 ));
             }
         }
+        if let Some(b) = &c.backup {
+            crate::backup::check_config(b).map_err(|e| err(format!("[backup]: {e}")))?;
+        }
         if matches!(c.credit, Some(CreditConfig::ChainBalance { .. })) && c.billing.is_none() {
             return Err(err(
                 "credit: kind = \"chain-balance\" asks the billing chain; configure [billing]"
@@ -417,6 +459,9 @@ impl HostConfig {
         }
         if let Some(b) = &mut c.billing {
             rel(&mut b.signer_file);
+        }
+        if let Some(b) = &mut c.backup {
+            rel(&mut b.secret_key_file);
         }
         if let Some(ch) = &mut c.chain {
             ch.image_dirs.iter_mut().for_each(&rel);

@@ -38,6 +38,24 @@ pub enum ControlRequest {
     },
     List,
     Platform,
+    /// Back the VM's disk up to `[backup]` storage (the VM must not be running).
+    Backup {
+        vm_id: String,
+    },
+    /// The VM's backups in `[backup]` storage.
+    Backups {
+        vm_id: String,
+    },
+    /// Create a VM, as `Create`, on a disk restored from backup `backup` (default: the newest)
+    /// of the spec's VM.
+    Restore {
+        spec: String,
+        order: String,
+        #[serde(default)]
+        backup: Option<u64>,
+        #[serde(default)]
+        start: bool,
+    },
 }
 
 /// The daemon's answer.

@@ -9,6 +9,7 @@
 //! first, and the VM is destroyed and its disk wiped only once the broker has shredded the key.
 //! Time comes from the [`Clock`] the caller passes, so tests can close hours without waiting.
 
+mod backups;
 mod lifecycle_chain;
 mod tasks;
 pub use lifecycle_chain::lifecycle_through;
@@ -121,6 +122,9 @@ pub struct Daemon {
     kick: tokio::sync::Notify,
     /// Tries of chain tasks that failed for a reason that could pass (see `tasks`).
     task_tries: std::sync::Mutex<std::collections::HashMap<[u8; 32], u32>>,
+    /// `[backup]` storage, and the backups running now (see `backups`).
+    backups: Option<crate::backup::Backups>,
+    backing_up: backups::Running,
 }
 
 const CLOSED_THROUGH: &str = "closed_through";
@@ -208,7 +212,13 @@ impl Daemon {
         let outbox = Outbox::open(&cfg.outbox())
             .await
             .map_err(|e| e.to_string())?;
+        let backups = match &cfg.backup {
+            Some(b) => Some(crate::backup::Backups::open(b).map_err(|e| e.to_string())?),
+            None => None,
+        };
         let d = Daemon {
+            backups,
+            backing_up: Default::default(),
             keys,
             firmware,
             host: Arc::new(Mutex::new(host)),
@@ -328,6 +338,7 @@ impl Daemon {
         }
         self.db.set_meta(HEARTBEAT, now).await?;
         let closed = self.close_hours(now).await?;
+        self.retry_backup_deletions().await;
         if let Err(e) = self.lifecycle_if_due(now).await {
             tracing::warn!(error = %e, "lifecycle records not batched");
         }
@@ -482,6 +493,14 @@ impl Daemon {
             ControlRequest::Reboot { vm_id } => self.simple(&vm_id, Action::Reboot).await,
             ControlRequest::Terminate { vm_id, order } => self.terminate(&vm_id, &order).await,
             ControlRequest::List => self.list().await,
+            ControlRequest::Backup { vm_id } => self.backup(&vm_id).await,
+            ControlRequest::Backups { vm_id } => self.backups_of(&vm_id).await,
+            ControlRequest::Restore {
+                spec,
+                order,
+                backup,
+                start,
+            } => self.restore(&spec, &order, backup, start).await,
             ControlRequest::Platform => match &self.platform {
                 Some(p) => Ok(p.to_json()),
                 None => platform::read(&self.cfg.platform).map(|p| p.to_json()),
@@ -510,6 +529,17 @@ impl Daemon {
         spec: &str,
         order_b64: &str,
         start: bool,
+    ) -> Result<serde_json::Value, CreateError> {
+        self.create_on(spec, order_b64, start, None).await
+    }
+
+    /// `create`, on a prepared disk (`restore`) instead of a blank one.
+    async fn create_on(
+        &self,
+        spec: &str,
+        order_b64: &str,
+        start: bool,
+        prepared: Option<&Path>,
     ) -> Result<serde_json::Value, CreateError> {
         let order = base64::engine::general_purpose::STANDARD
             .decode(order_b64.trim())
@@ -562,7 +592,14 @@ impl Daemon {
                 .await
                 .map_err(CreateError::Store)?;
             let c2 = c.clone();
-            if let Err(e) = self.libvirt(move |h| h.create(&c2)).await {
+            let disk = prepared.map(Path::to_path_buf);
+            let defined = self
+                .libvirt(move |h| match &disk {
+                    None => h.create(&c2),
+                    Some(p) => h.create_on(&c2, p),
+                })
+                .await;
+            if let Err(e) = defined {
                 let _ = self.db.mark_terminated(&c.spec.vm_id, now).await;
                 return Err(CreateError::Libvirt(e));
             }
@@ -591,6 +628,7 @@ impl Daemon {
     async fn start(&self, vm_id: &str) -> Result<serde_json::Value, String> {
         let _g = self.ops.lock().await;
         let rec = self.record(vm_id).await?;
+        self.backing_up.refuse_start(vm_id)?;
         let c = VmSpec::parse(&rec.spec).map_err(|e| format!("spec on record: {e}"))?;
         // The order's expiry is judged when it was admitted; its signature and measurements
         // bind every launch.
@@ -695,12 +733,16 @@ impl Daemon {
         }
         self.db.mark_terminated(vm_id, now).await?;
         self.db.journal(vm_id, "terminated", now, None).await?;
+        let backups = self.delete_backups(vm_id).await;
         tracing::info!(
             vm_id,
             broker,
+            backups,
             "VM terminated: domain destroyed and undefined, disk wiped"
         );
-        Ok(serde_json::json!({"vm_id": vm_id, "state": "terminated", "broker": broker}))
+        Ok(serde_json::json!({
+            "vm_id": vm_id, "state": "terminated", "broker": broker, "backups": backups,
+        }))
     }
 
     async fn list(&self) -> Result<serde_json::Value, String> {

@@ -219,6 +219,16 @@ impl Host {
 
     /// Defines the VM (blank disk created first); it is then stopped.
     pub fn create(&self, c: &Checked) -> Result<Vm, HostError> {
+        self.define(c, None)
+    }
+
+    /// Defines the VM on a disk already prepared (a restored backup, `prepared`), which is
+    /// moved to the spec's disk path; that path must not exist. It is then stopped.
+    pub fn create_on(&self, c: &Checked, prepared: &Path) -> Result<Vm, HostError> {
+        self.define(c, Some(prepared))
+    }
+
+    fn define(&self, c: &Checked, prepared: Option<&Path>) -> Result<Vm, HostError> {
         let name = c.domain_name();
         if self.conn.lookup_domain_by_name(&name).is_ok() {
             return Err(HostError::Exists(c.spec.vm_id.clone()));
@@ -234,7 +244,10 @@ impl Host {
                 },
             ),
         };
-        blank_disk(&c.spec.disk.path, c.spec.disk.size_gib)?;
+        match prepared {
+            None => blank_disk(&c.spec.disk.path, c.spec.disk.size_gib)?,
+            Some(p) => move_disk(p, &c.spec.disk.path)?,
+        }
         if let Err(e) = self.conn.define_domain_xml(&xml) {
             let _ = std::fs::remove_file(&c.spec.disk.path);
             return Err(lv("define")(e));
@@ -440,6 +453,23 @@ fn blank_disk(path: &Path, gib: u64) -> Result<(), HostError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err(e.to_string()))
+}
+
+/// Moves a prepared disk to `path` (same file system), refusing to replace anything there.
+fn move_disk(from: &Path, path: &Path) -> Result<(), HostError> {
+    let err = |why: String| HostError::Disk {
+        path: path.into(),
+        why,
+    };
+    // A hard link fails if `path` exists, where a rename would replace it.
+    std::fs::hard_link(from, path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            err("already exists (refusing to reuse another VM's disk)".into())
+        } else {
+            err(format!("from {}: {e}", from.display()))
+        }
+    })?;
+    std::fs::remove_file(from).map_err(|e| err(format!("{}: {e}", from.display())))
 }
 
 /// Overwrites the LUKS2 header area with zeros, syncs, removes the file.

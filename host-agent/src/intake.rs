@@ -169,7 +169,7 @@ pub struct LifeRecord {
     /// The journal's sequence number (batches are contiguous runs of it).
     pub seq: u64,
     pub vm_id: String,
-    /// created, running, stopped, rebooted, terminated, credit_stopped.
+    /// created, running, stopped, rebooted, terminated, credit_stopped, backups_deleted.
     pub event: String,
     pub at: u64,
     pub reason: Option<String>,

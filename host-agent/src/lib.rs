@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod backup;
 pub mod billing;
 pub mod capacity;
 pub mod caps;

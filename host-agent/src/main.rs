@@ -1,6 +1,7 @@
 //! `attesta-host`: the miner's host agent.
 #![forbid(unsafe_code)]
 
+mod backup_cmd;
 mod chain_cmd;
 
 use clap::{Args, Parser, Subcommand};
@@ -48,6 +49,12 @@ enum Cmd {
     /// VM tasks from the chain and what goes back to it (answers, lifecycle records).
     #[command(subcommand)]
     Chain(ChainCmd),
+    /// Back a VM's disk (LUKS2 ciphertext) up to the `[backup]` S3 bucket: only the chunks
+    /// changed since its last backup; resumes an interrupted one. `--list` shows its backups.
+    Backup(backup_cmd::BackupArgs),
+    /// Create a VM on this host from its backup (any miner's, same bucket): the launch gate,
+    /// chip and capacity as for a create; every chunk's hash is checked first.
+    Restore(backup_cmd::RestoreArgs),
     /// Compute the SEV-SNP launch measurement of the artifacts and VM shape about to be
     /// launched (the same digest as `sev-snp-measure --mode snp`); lowercase hex, last line.
     Measure(MeasureArgs),
@@ -493,6 +500,9 @@ fn vm_op(c: &VmCmd) -> Result<(), String> {
                     .unwrap_or_default(),
                 s("broker").map(|b| format!("; {b}")).unwrap_or_default()
             );
+            if let Some(b) = s("backups") {
+                println!("backups: {b}");
+            }
         }
     }
     Ok(())
@@ -541,6 +551,8 @@ fn main() -> ExitCode {
         Cmd::Vm(VmCmd::Admit(a)) => admit(a),
         Cmd::Vm(c) => vm_op(c),
         Cmd::Measure(a) => measure(a),
+        Cmd::Backup(a) => backup_cmd::backup(a),
+        Cmd::Restore(a) => backup_cmd::restore(a),
         Cmd::Billing(c) => billing(c),
         Cmd::Chain(ChainCmd::Status { config, json }) => chain_cmd::status(config, *json),
     };

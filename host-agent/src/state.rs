@@ -46,7 +46,9 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS vms (
         reason TEXT, at INTEGER NOT NULL);
     CREATE TABLE IF NOT EXISTS lifecycle (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, vm_id TEXT NOT NULL, event TEXT NOT NULL,
-        at INTEGER NOT NULL, reason TEXT);";
+        at INTEGER NOT NULL, reason TEXT);
+    CREATE TABLE IF NOT EXISTS backup_resume (vm_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS backup_deletions (vm_id TEXT PRIMARY KEY, since INTEGER NOT NULL);";
 
 /// One connection to a SQLite file (created if missing) that survives power loss — WAL,
 /// synchronous=FULL — with `schema` applied: the agent's database and the billing outbox.
@@ -184,6 +186,58 @@ impl StateDb {
             .execute(&self.pool)
             .await
             .map_err(e)?;
+        Ok(())
+    }
+
+    /// The VM's unfinished backup (its plan and parts, JSON), if any.
+    pub async fn backup_resume(&self, vm_id: &str) -> Result<Option<String>, String> {
+        let row = sqlx::query("SELECT doc FROM backup_resume WHERE vm_id = ?")
+            .bind(vm_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Records (or with `None` forgets) the VM's unfinished backup.
+    pub async fn set_backup_resume(&self, vm_id: &str, doc: Option<&str>) -> Result<(), String> {
+        let q = match doc {
+            Some(d) => sqlx::query(
+                "INSERT INTO backup_resume (vm_id, doc) VALUES (?, ?) \
+                 ON CONFLICT (vm_id) DO UPDATE SET doc = excluded.doc",
+            )
+            .bind(vm_id)
+            .bind(d),
+            None => sqlx::query("DELETE FROM backup_resume WHERE vm_id = ?").bind(vm_id),
+        };
+        q.execute(&self.pool).await.map_err(e)?;
+        Ok(())
+    }
+
+    /// Terminated VMs whose backups are still to be deleted (the storage was unreachable).
+    pub async fn backup_deletions(&self) -> Result<Vec<String>, String> {
+        let rows = sqlx::query("SELECT vm_id FROM backup_deletions ORDER BY since")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Marks (`pending`) or clears the VM's backups as still to be deleted.
+    pub async fn set_backup_deletion(
+        &self,
+        vm_id: &str,
+        pending: bool,
+        at: u64,
+    ) -> Result<(), String> {
+        let q = if pending {
+            sqlx::query("INSERT OR IGNORE INTO backup_deletions (vm_id, since) VALUES (?, ?)")
+                .bind(vm_id)
+                .bind(i(at))
+        } else {
+            sqlx::query("DELETE FROM backup_deletions WHERE vm_id = ?").bind(vm_id)
+        };
+        q.execute(&self.pool).await.map_err(e)?;
         Ok(())
     }
 

@@ -58,6 +58,17 @@ pub fn register_order(
     chip: &[u8],
     billing: Option<Billing>,
 ) -> Vec<u8> {
+    register_order_on(op, vm_id, spec, &[chip], billing)
+}
+
+/// `register_order` allowing several chips.
+pub fn register_order_on(
+    op: &Ed25519KeyPair,
+    vm_id: &str,
+    spec: &str,
+    chips: &[&[u8]],
+    billing: Option<Billing>,
+) -> Vec<u8> {
     Order {
         v: ORDER_VERSION,
         kind: OrderKind::Register,
@@ -65,7 +76,7 @@ pub fn register_order(
         tenant: "tenant-a".into(),
         measurements: vec![ByteBuf::from(digest(spec).to_vec())],
         policy: String::new(),
-        chip_ids: vec![ByteBuf::from(chip.to_vec())],
+        chip_ids: chips.iter().map(|c| ByteBuf::from(c.to_vec())).collect(),
         not_after: in_30_days(),
         boot_config: ByteBuf::new(),
         billing,

@@ -1,0 +1,369 @@
+//! Backups on a real S3 server: Garage, started here on loopback (`testkit`), reached through
+//! a relay that can cut the network at a chosen byte. Two host agents in process, each its own
+//! simulated chip on libvirt's test driver, one operator order allowing both chips.
+//!
+//! Shown: a first backup uploads only the chunks that are not zeros, the next only what
+//! changed; a running VM is not backed up; an upload cut in the middle resumes from its last
+//! part; retention keeps the newest backups and every pack they read; a chunk damaged in the
+//! bucket fails the restore and leaves nothing; the backup restores on the other host
+//! byte-exact; terminate deletes every object (and, with the store unreachable, deletes them
+//! on a later tick), and journals it for the chain.
+
+mod common;
+
+use aws_lc_rs::signature::Ed25519KeyPair;
+use host_agent::config::HostConfig;
+use host_agent::control::{ControlRequest as R, ControlResponse};
+use host_agent::daemon::{Daemon, system_clock};
+use host_agent::state::StateDb;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore as _, ObjectStoreExt as _};
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+use std::sync::Arc;
+use testkit::cut::Cut;
+use testkit::garage::Garage;
+
+const MIB: u64 = 1 << 20;
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// Garage, or `None` (skipped with a message) where it is not installed, except under CI.
+fn garage(dir: &Path) -> Option<Garage> {
+    if testkit::garage::binary().is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but no Garage binary (scripts/test.sh installs it)"
+        );
+        eprintln!("skipped: no Garage binary (set ATTESTA_GARAGE or run scripts/test.sh)");
+        return None;
+    }
+    Some(Garage::start(dir, "backups").unwrap())
+}
+
+async fn ask(d: &Daemon, r: R) -> Result<serde_json::Value, String> {
+    let ControlResponse { ok, result, error } = d.handle(r).await;
+    if ok {
+        Ok(result.unwrap_or_default())
+    } else {
+        Err(error.unwrap_or_default())
+    }
+}
+
+/// A host agent in `dir` on simulated chip `chip`, backing up to `endpoint` (the relay).
+async fn agent(
+    op: &Ed25519KeyPair,
+    dir: &Path,
+    chip: u64,
+    g: &Garage,
+    endpoint: &str,
+) -> Arc<Daemon> {
+    let backup = g
+        .backup_toml(&dir.join("s3.secret"), "keep = 2\n")
+        .unwrap()
+        .replace(&g.endpoint, endpoint);
+    // Each host its own libvirt: a test driver of its own (test:///default is one per process).
+    std::fs::write(dir.join("node.xml"), "<node/>").unwrap();
+    let text = common::host_toml(
+        op,
+        &format!("[platform]\nkind = \"simulator\"\nchip = {chip}\n{backup}"),
+    )
+    .replace(
+        "test:///default",
+        &format!("test://{}", dir.join("node.xml").display()),
+    );
+    let path = dir.join("host.toml");
+    std::fs::write(&path, text).unwrap();
+    Daemon::open(HostConfig::load(&path).unwrap(), system_clock())
+        .await
+        .unwrap()
+}
+
+/// Writes 8 MiB of random bytes (as ciphertext looks) at chunk `i`.
+fn scribble(disk: &Path, i: u64) {
+    let mut b = vec![0u8; (8 * MIB) as usize];
+    aws_lc_rs::rand::fill(&mut b).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    f.write_all_at(&b, i * 8 * MIB).unwrap();
+}
+
+fn sha256_file(p: &Path) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(std::fs::read(p).unwrap()).to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_deleted_on_terminate() {
+    let top = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let Some(g) = garage(top.path()) else { return };
+    let port: u16 = g.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let cut = Cut::start(([127, 0, 0, 1], port).into()).unwrap();
+    let via = format!("http://{}", cut.addr);
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&g.endpoint)
+        .with_allow_http(true)
+        .with_bucket_name(&g.bucket)
+        .with_region(&g.region)
+        .with_access_key_id(&g.key_id)
+        .with_secret_access_key(&g.secret)
+        .build()
+        .unwrap();
+    let objects = async || -> Vec<String> {
+        let mut names: Vec<String> = futures::TryStreamExt::try_collect::<Vec<_>>(
+            s3.list(Some(&ObjPath::from("attesta/vm-b1"))),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.location.to_string())
+        .collect();
+        names.sort();
+        names
+    };
+
+    let op = Ed25519KeyPair::generate().unwrap();
+    let (da, db) = (top.path().join("a"), top.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let spec_a = common::spec(&da, "vm-b1");
+    let disk_a = da.join("vm-b1.img");
+    let disk_b = db.join("vm-b1.img");
+    let spec_b = spec_a.replace(&disk_a.display().to_string(), &disk_b.display().to_string());
+    let (chip3, chip4) = (common::chip_id("milan", 3), common::chip_id("milan", 4));
+    let order = common::register_order_on(&op, "vm-b1", &spec_a, &[&chip3, &chip4], None);
+    let a = agent(&op, &da, 3, &g, &via).await;
+
+    ask(
+        &a,
+        R::Create {
+            spec: spec_a.clone(),
+            order: b64(&order),
+            start: false,
+        },
+    )
+    .await
+    .unwrap();
+    for i in [0, 5, 100] {
+        scribble(&disk_a, i);
+    }
+    let first = ask(
+        &a,
+        R::Backup {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(first["backup"], 1);
+    assert_eq!(first["chunks"], 128, "1 GiB in 8 MiB chunks");
+    assert_eq!(first["chunks_uploaded"], 3, "zeros are not uploaded");
+    assert_eq!(first["bytes_uploaded"], 24 * MIB);
+
+    // Running: refused, nothing uploaded.
+    ask(
+        &a,
+        R::Start {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let e = ask(
+        &a,
+        R::Backup {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("is running"), "{e}");
+    ask(
+        &a,
+        R::Stop {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(objects().await.len(), 2, "one pack, one manifest");
+
+    scribble(&disk_a, 5);
+    let second = ask(
+        &a,
+        R::Backup {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(second["backup"], 2);
+    assert_eq!(second["chunks_uploaded"], 1, "only the changed chunk");
+    assert_eq!(second["bytes_uploaded"], 8 * MIB);
+
+    // Ten more chunks; the network is cut after 40 MiB of them went out.
+    for i in 20..30 {
+        scribble(&disk_a, i);
+    }
+    cut.after(40 * MIB);
+    let e = ask(
+        &a,
+        R::Backup {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(cut.is_down(), "the upload was not cut: {e}");
+    // What the agent committed before the cut: the upload and the parts done.
+    let state_a = StateDb::open(&da.join("state").join("host.db"))
+        .await
+        .unwrap();
+    let pending: serde_json::Value =
+        serde_json::from_str(&state_a.backup_resume("vm-b1").await.unwrap().unwrap()).unwrap();
+    let done_before = pending["parts"].as_array().unwrap().len() as u64;
+    assert!(pending["upload_id"].is_string());
+    cut.heal();
+    let third = ask(
+        &a,
+        R::Backup {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(third["backup"], 3, "the same backup, finished: {third}");
+    assert_eq!(third["chunks_uploaded"], 10);
+    assert!((1..10).contains(&done_before), "{pending}");
+    assert_eq!(
+        third["parts_resumed"], done_before,
+        "the parts sent before the cut are not sent again: {third}"
+    );
+    assert_eq!(state_a.backup_resume("vm-b1").await.unwrap(), None);
+    // Retention (keep = 2): backup 1 goes; pack 1 stays, backups 2 and 3 read it.
+    assert_eq!(third["removed"], serde_json::json!([1]));
+    let listed = ask(
+        &a,
+        R::Backups {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let nums: Vec<u64> = listed["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["backup"].as_u64().unwrap())
+        .collect();
+    assert_eq!(nums, vec![2, 3]);
+    assert_eq!(
+        objects().await,
+        vec![
+            "attesta/vm-b1/manifests/0000000002.json",
+            "attesta/vm-b1/manifests/0000000003.json",
+            "attesta/vm-b1/packs/0000000001",
+            "attesta/vm-b1/packs/0000000002",
+            "attesta/vm-b1/packs/0000000003",
+        ]
+    );
+
+    // Host B: a chunk damaged in the bucket fails the restore and leaves nothing behind.
+    let b = agent(&op, &db, 4, &g, &via).await;
+    let pack = ObjPath::from("attesta/vm-b1/packs/0000000002");
+    let good = s3.get(&pack).await.unwrap().bytes().await.unwrap();
+    let mut bad = good.to_vec();
+    bad[4096] ^= 1;
+    s3.put(&pack, bad.into()).await.unwrap();
+    let restore = R::Restore {
+        spec: spec_b.clone(),
+        order: b64(&order),
+        backup: None,
+        start: false,
+    };
+    let e = ask(&b, restore.clone()).await.unwrap_err();
+    assert!(
+        e.contains("chunk 5 from pack 2 does not match its SHA-256"),
+        "{e}"
+    );
+    assert!(!disk_b.exists());
+    assert!(std::fs::read_dir(&db).unwrap().all(|f| {
+        !f.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("restoring")
+    }));
+    let listed = ask(&b, R::List).await.unwrap();
+    assert!(
+        !listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["vm_id"] == "vm-b1"),
+        "no VM was created: {listed}"
+    );
+    s3.put(&pack, good.into()).await.unwrap();
+
+    // Restored on host B, byte for byte, through B's launch gate and chip check.
+    let v = ask(&b, restore).await.unwrap();
+    assert_eq!(v["restored_from"], 3);
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(sha256_file(&disk_b), sha256_file(&disk_a));
+
+    // Terminated on B with the store unreachable: pending, then done on a tick.
+    cut.after(0);
+    let t = ask(
+        &b,
+        R::Terminate {
+            vm_id: "vm-b1".into(),
+            order: b64(&common::terminate_order(&op, "vm-b1")),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        t["backups"]
+            .as_str()
+            .unwrap()
+            .starts_with("deletion pending"),
+        "{t}"
+    );
+    assert_eq!(
+        objects().await.len(),
+        5,
+        "nothing deleted while unreachable"
+    );
+    cut.heal();
+    b.tick().await.unwrap();
+    assert_eq!(
+        objects().await,
+        Vec::<String>::new(),
+        "every object deleted"
+    );
+    // Journalled for the chain's lifecycle record.
+    let journal = StateDb::open(&db.join("state").join("host.db"))
+        .await
+        .unwrap()
+        .lifecycle_after(0, 100)
+        .await
+        .unwrap();
+    let last = journal.last().unwrap();
+    assert_eq!(
+        (last.event.as_str(), last.reason.as_deref()),
+        ("backups_deleted", Some("5 objects"))
+    );
+    assert!(journal.iter().any(|r| r.event == "terminated"));
+    // Host A's record of the VM still runs; terminated there, nothing is left to delete.
+    let t = ask(
+        &a,
+        R::Terminate {
+            vm_id: "vm-b1".into(),
+            order: b64(&common::terminate_order(&op, "vm-b1")),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(t["backups"], "0 objects deleted");
+}

@@ -1,0 +1,7 @@
+//! Real servers that the tests and the main job start and stop on loopback, instead of mocks:
+//! [`garage`], a production S3-compatible object store. Only test code and `attesta-sim`
+//! depend on this crate.
+#![forbid(unsafe_code)]
+
+pub mod cut;
+pub mod garage;
