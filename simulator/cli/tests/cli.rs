@@ -391,7 +391,9 @@ fn demo_json() {
         let r = &j["real_vms"];
         assert_eq!(
             (
-                r["booted"].as_u64(),
+                r["booted"]
+                    .as_u64()
+                    .map(|n| n - u64::from(j["backup"].is_object())),
                 r["unlocked_in_guest"].as_u64(),
                 r["second_boot_unlocked"].as_u64()
             ),
@@ -410,9 +412,27 @@ fn demo_json() {
                 .as_f64()
                 .is_some_and(|ms| ms > 0.0)
         );
+        // Where Garage is installed (always on CI): the first real VM backed up to S3,
+        // restored on the other host, unlocked there, and every object deleted on terminate.
+        if testkit::garage::binary().is_some() || std::env::var("CI").is_ok_and(|v| v == "true") {
+            let b = &j["backup"];
+            assert!(b["bytes"].as_u64().is_some_and(|n| n > 0), "{b}");
+            for f in [
+                "restored_on_other_host",
+                "unlocked_after_restore",
+                "deleted_on_terminate",
+            ] {
+                assert_eq!(b[f], true, "{f}: {b}");
+            }
+            assert_eq!(
+                r["booted"], 6,
+                "two boots, the restored one, three attacks: {r}"
+            );
+        }
     } else {
         eprintln!("SKIP: no real VMs in the demo (ATTESTA_GUEST_KERNEL not set)");
         assert!(j["real_vms"].is_null());
+        assert!(j["backup"].is_null());
     }
     // The chain (Chopsticks; always on CI): vm-0 taken from a validator's assignment, a task
     // for another chip refused with its reason on chain, the lifecycle recorded there.

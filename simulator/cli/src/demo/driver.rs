@@ -169,6 +169,14 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
             "real_vms".into(),
             real.as_ref().map(|r| r.json(real_ok)).unwrap_or_default(),
         );
+        // The first real VM's backup to S3 and restore on the other host (issue: `backup`).
+        j.insert(
+            "backup".into(),
+            real.as_ref()
+                .and_then(|r| r.backup.as_ref())
+                .map(|b| b.json())
+                .unwrap_or_default(),
+        );
         j.insert("ok".into(), ok.into());
         println!(
             "{}",

@@ -19,6 +19,7 @@
 //! summary.
 
 mod attacks;
+pub mod backup;
 mod chain;
 pub mod driver;
 pub mod real_vms;

@@ -7,6 +7,11 @@
 //! edited to cipher_null, its initrd swapped by redefining the domain behind the agent's gate,
 //! and its next boot after termination. Every VM is then terminated through the agent. What
 //! the summary's `real_vms` says is what the consoles and libvirt showed.
+//!
+//! Where Garage is installed, the first VM is also backed up to S3 after its second boot and
+//! restored by a second host agent on another chip, as a miner's machine that is lost would
+//! be replaced ([`super::backup`]); it boots and unlocks there, and the attacks and the
+//! terminate happen on that host.
 
 use crate::demo::{Stack, StackOptions, order, stack_with};
 use attesta_image::build::{Inputs, Launch};
@@ -37,6 +42,8 @@ pub struct RealVms {
     /// the agent had mapped the root, and an argon2id passphrase unlock of the same disk with
     /// cryptsetup's defaults, timed right after in the same VM).
     pub bench: Vec<serde_json::Value>,
+    /// The first VM's backup and restore on the other host, where S3 storage was at hand.
+    pub backup: Option<super::backup::BackupRun>,
 }
 
 impl RealVms {
@@ -47,8 +54,10 @@ impl RealVms {
                 && self.bench.iter().all(|b| {
                     b.get("failed").is_none() && b["passphrase_unlock_ms"].as_f64().is_some()
                 }));
+        let restored = usize::from(self.backup.is_some());
         benched
-            && self.booted == 2 * n + 3
+            && self.backup.as_ref().is_none_or(|b| b.as_expected())
+            && self.booted == 2 * n + 3 + restored
             && self.unlocked_in_guest == n
             && self.second_boot_unlocked == n
             && self.terminated_failed_closed
@@ -93,6 +102,10 @@ impl RealVms {
             yes(self.swapped_initrd_denied),
             yes(self.terminated_failed_closed)
         );
+        match &self.backup {
+            Some(b) => b.print(),
+            None => println!("  backup: none (Garage not installed: scripts/s3-deps.sh)"),
+        }
         for b in &self.bench {
             println!(
                 "    bench, {} boot {}: kernel start to root mapped {} ms; argon2id passphrase unlock (cryptsetup defaults: {} KiB, t={}, p={}) {} ms",
@@ -241,9 +254,16 @@ impl Drop for Agent {
 
 impl Agent {
     async fn ask(&self, req: host_agent::control::ControlRequest) -> Result<(), String> {
+        self.answer(req).await.map(|_| ())
+    }
+
+    async fn answer(
+        &self,
+        req: host_agent::control::ControlRequest,
+    ) -> Result<serde_json::Value, String> {
         let r = self.daemon.handle(req).await;
         match r.ok {
-            true => Ok(()),
+            true => Ok(r.result.unwrap_or_default()),
             false => Err(r.error.unwrap_or_default()),
         }
     }
@@ -288,6 +308,40 @@ impl Agent {
             .map_err(|x| format!("{vm}: host agent: start: {x}"))?;
         self.boot(vm, t).await
     }
+}
+
+/// A host agent in `home` on the system libvirt, simulated SEV-SNP, its PSP signing as chip
+/// `chip` of the hierarchy the broker trusts; `extra` is appended to its configuration.
+async fn host_agent(
+    home: &Path,
+    op_hex: &str,
+    seed: &str,
+    state: &Path,
+    chip: u64,
+    extra: &str,
+) -> Result<Agent, String> {
+    let config = home.join("host.toml");
+    let text = format!(
+        "libvirt_uri = \"{URI}\"\nstate_dir = \"state\"\ncontrol_socket = \"host.sock\"\n\
+         operator_keys = [\"{op_hex}\"]\nstop_grace_secs = 5\n\
+         [snp]\nmode = \"simulated\"\nrun_dir = \"run\"\n\
+         [platform]\nkind = \"simulator\"\nseed = \"{seed}\"\nproduct = \"milan\"\nchip = {chip}\n\
+         state_dir = \"{state}\"\n{extra}",
+        state = std::path::absolute(state)
+            .unwrap_or_else(|_| state.to_path_buf())
+            .display(),
+    );
+    std::fs::write(&config, &text).map_err(|x| x.to_string())?;
+    let cfg = host_agent::config::HostConfig::parse(&text, &config).map_err(|x| x.to_string())?;
+    let run_dir = cfg.snp.run_dir.clone();
+    let daemon = host_agent::daemon::Daemon::open(cfg, host_agent::daemon::system_clock())
+        .await
+        .map_err(|x| format!("host agent: {x}"))?;
+    Ok(Agent {
+        daemon,
+        domains: Vec::new(),
+        run_dir,
+    })
 }
 
 /// The agent's `bench:` line in a console, as JSON (numbers where they are numbers).
@@ -444,8 +498,21 @@ pub async fn run(
         .await
         .map_err(|x| e(&x))?;
     let chip = ChipConfig::typical(root, 0);
+    let storage = match n {
+        0 => None,
+        _ => super::backup::Storage::start(dir)?,
+    };
+    // The first VM may also run on chip 1, where the second host agent restores its backup.
+    let chip1 = ChipConfig::typical(root, 1);
+    let order_of = |vm: &str, i: usize, m: &[u8; 48]| {
+        let mut o = order(vm, i, &chip.chip_id, m);
+        if i == 0 && storage.is_some() {
+            o.chip_ids.push(ByteBuf::from(chip1.chip_id.to_vec()));
+        }
+        o
+    };
     for (i, (vm, _, m)) in vms.iter().enumerate() {
-        kbs.register(&order(vm, i, &chip.chip_id, m).sign(&operator), now)
+        kbs.register(&order_of(vm, i, m).sign(&operator), now)
             .await
             .map_err(|x| format!("{vm}: {x}"))?;
     }
@@ -453,31 +520,21 @@ pub async fn run(
     // The miner's host agent: simulated SEV-SNP on the system libvirt, its PSP signing as
     // chip 0 of the hierarchy the broker trusts.
     progress("real VMs: starting the host agent (qemu:///system, simulated SEV-SNP)");
-    let home = dir.join("host");
-    std::fs::create_dir_all(&home).map_err(|x| e(&x))?;
-    let config = home.join("host.toml");
-    let text = format!(
-        "libvirt_uri = \"{URI}\"\nstate_dir = \"state\"\ncontrol_socket = \"host.sock\"\n\
-         operator_keys = [\"{op}\"]\nstop_grace_secs = 5\n\
-         [snp]\nmode = \"simulated\"\nrun_dir = \"run\"\n\
-         [platform]\nkind = \"simulator\"\nseed = \"{seed}\"\nproduct = \"milan\"\nchip = 0\n\
-         state_dir = \"{state}\"\n",
-        op = hex::encode(crate::demo::pk(&operator)),
-        state = std::path::absolute(state)
-            .unwrap_or_else(|_| state.to_path_buf())
-            .display(),
-    );
-    std::fs::write(&config, &text).map_err(|x| e(&x))?;
-    let cfg = host_agent::config::HostConfig::parse(&text, &config).map_err(|x| e(&x))?;
-    let run_dir = cfg.snp.run_dir.clone();
-    let daemon = host_agent::daemon::Daemon::open(cfg, host_agent::daemon::system_clock())
-        .await
-        .map_err(|x| format!("host agent: {x}"))?;
-    let mut agent = Agent {
-        daemon,
-        domains: Vec::new(),
-        run_dir,
+    let op_hex = hex::encode(crate::demo::pk(&operator));
+    let host = |name: &str, chip: u64| {
+        let home = dir.join(name);
+        let storage = &storage;
+        let op_hex = &op_hex;
+        async move {
+            std::fs::create_dir_all(&home).map_err(|x| e(&x))?;
+            let backup = match storage {
+                Some(s) => s.toml(&home)?,
+                None => String::new(),
+            };
+            host_agent(&home, op_hex, seed, state, chip, &backup).await
+        }
     };
+    let mut agent = host("host", 0).await?;
     let b64 = |b: &[u8]| {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(b)
@@ -485,7 +542,7 @@ pub async fn run(
 
     let mut r = RealVms::default();
     for (i, (vm, img, m)) in vms.iter().enumerate() {
-        let disk = dir.join(format!("{vm}.img"));
+        let mut disk = dir.join(format!("{vm}.img"));
         let cmdline = std::fs::read_to_string(img.join("cmdline")).map_err(|x| e(&x))?;
         let spec = format!(
             "vm_id = \"{vm}\"\nvcpus = 1\nmemory_mib = 512\nvcpu_type = \"EPYC-Milan\"\n\
@@ -510,7 +567,7 @@ pub async fn run(
                 agent
                     .ask(host_agent::control::ControlRequest::Create {
                         spec: spec.clone(),
-                        order: b64(&order(vm, i, &chip.chip_id, m).sign(&operator)),
+                        order: b64(&order_of(vm, i, m).sign(&operator)),
                         start: true,
                     })
                     .await
@@ -545,6 +602,58 @@ pub async fn run(
         let mut t = order(vm, i, &chip.chip_id, m);
         t.kind = OrderKind::Terminate;
         let terminate = t.sign(&operator);
+        if let (0, Some(_)) = (i, &storage) {
+            progress(&format!(
+                "real VMs: {vm} backed up to S3, restored on another host"
+            ));
+            let b = super::backup::BackupRun {
+                bytes: agent
+                    .answer(host_agent::control::ControlRequest::Backup { vm_id: vm.clone() })
+                    .await
+                    .map_err(|x| format!("{vm}: host agent: backup: {x}"))?["bytes_uploaded"]
+                    .as_u64()
+                    .unwrap_or(0),
+                ..Default::default()
+            };
+            // The first machine is lost (its domain goes with it); a second host agent, on
+            // chip 1, restores the disk from the bucket and starts the VM there.
+            let domain = host_agent::spec::domain_name(vm);
+            virsh(&["undefine", &domain])?;
+            agent.domains.retain(|d| *d != domain);
+            let lost = std::mem::replace(&mut agent, host("host-b", 1).await?);
+            drop(lost);
+            let moved = dir.join(format!("{vm}-b.img"));
+            let t = Instant::now();
+            let restored = agent
+                .ask(host_agent::control::ControlRequest::Restore {
+                    spec: spec.replace(&disk.display().to_string(), &moved.display().to_string()),
+                    order: b64(&order_of(vm, i, m).sign(&operator)),
+                    backup: None,
+                    start: true,
+                })
+                .await;
+            agent.domains.push(domain);
+            disk = moved;
+            r.backup = Some(super::backup::BackupRun {
+                restored_on_other_host: restored.is_ok(),
+                ..b
+            });
+            restored.map_err(|x| format!("{vm}: host agent: restore: {x}"))?;
+            let b = agent.boot(vm, t).await?;
+            r.booted += 1;
+            if let Some(run) = &mut r.backup {
+                // The volume the guest unlocks is the one it made: its root counts a third boot.
+                run.unlocked_after_restore = b.ended == "shutdown"
+                    && b.console.contains(" unlocked (generation 1")
+                    && b.console.contains("ATTESTA-ROOT-UP boots_on_this_root=3");
+            }
+            if !r.backup.as_ref().is_some_and(|b| b.unlocked_after_restore) {
+                eprintln!(
+                    "{vm} after its restore did not come up ({}):\n{}",
+                    b.ended, b.console
+                );
+            }
+        }
         if i == 0 {
             // The miner's attacks on the first VM, each on the disk or the definition while
             // the VM is off, then a start through the agent.
@@ -617,6 +726,9 @@ pub async fn run(
         agent
             .domains
             .retain(|d| *d != host_agent::spec::domain_name(vm));
+        if let (0, Some(s), Some(run)) = (i, &storage, &mut r.backup) {
+            run.deleted_on_terminate = s.objects(vm).await? == 0;
+        }
     }
     progress("");
     Ok(r)
