@@ -338,7 +338,6 @@ impl Daemon {
         }
         self.db.set_meta(HEARTBEAT, now).await?;
         let closed = self.close_hours(now).await?;
-        self.retry_backup_deletions().await;
         if let Err(e) = self.lifecycle_if_due(now).await {
             tracing::warn!(error = %e, "lifecycle records not batched");
         }
@@ -699,7 +698,7 @@ impl Daemon {
     }
 
     async fn terminate(&self, vm_id: &str, order_b64: &str) -> Result<serde_json::Value, String> {
-        let _g = self.ops.lock().await;
+        let ops = self.ops.lock().await;
         let order = base64::engine::general_purpose::STANDARD
             .decode(order_b64.trim())
             .map_err(|_| "the order is not base64".to_string())?;
@@ -731,8 +730,12 @@ impl Daemon {
                 }])
                 .await?;
         }
-        self.db.mark_terminated(vm_id, now).await?;
+        // Its backups are to be deleted, committed with the termination itself.
+        self.db
+            .mark_terminated_deleting_backups(vm_id, now, self.backups.is_some())
+            .await?;
         self.db.journal(vm_id, "terminated", now, None).await?;
+        drop(ops);
         let backups = self.delete_backups(vm_id).await;
         tracing::info!(
             vm_id,
@@ -834,6 +837,8 @@ impl Daemon {
                 if let Err(e) = d.tick().await {
                     tracing::error!(error = %e, "poll failed");
                 }
+                // Outside the operation lock: the store may be slow or down.
+                d.retry_backup_deletions().await;
             }
         });
         if self.cfg.chain.is_some() {

@@ -105,6 +105,52 @@ impl StateDb {
         Ok(())
     }
 
+    /// Marks the VM terminated and, with `backups`, its backups to be deleted, in one
+    /// transaction: a crash cannot leave a terminated VM whose backups are forgotten.
+    pub async fn mark_terminated_deleting_backups(
+        &self,
+        vm_id: &str,
+        at: u64,
+        backups: bool,
+    ) -> Result<(), String> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        sqlx::query("UPDATE vms SET terminated_at = ? WHERE vm_id = ?")
+            .bind(i(at))
+            .bind(vm_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+        if backups {
+            sqlx::query("INSERT OR IGNORE INTO backup_deletions (vm_id, since) VALUES (?, ?)")
+                .bind(vm_id)
+                .bind(i(at))
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+        }
+        tx.commit().await.map_err(e)
+    }
+
+    /// Journals that the VM's backups are deleted and clears their pending deletion, at once.
+    pub async fn backups_deleted(&self, vm_id: &str, at: u64, objects: u64) -> Result<(), String> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        sqlx::query(
+            "INSERT INTO lifecycle (vm_id, event, at, reason) VALUES (?, 'backups_deleted', ?, ?)",
+        )
+        .bind(vm_id)
+        .bind(i(at))
+        .bind(format!("{objects} objects"))
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        sqlx::query("DELETE FROM backup_deletions WHERE vm_id = ?")
+            .bind(vm_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+        tx.commit().await.map_err(e)
+    }
+
     pub async fn set_stop_reason(&self, vm_id: &str, why: Option<&str>) -> Result<(), String> {
         sqlx::query("UPDATE vms SET stop_reason = ? WHERE vm_id = ?")
             .bind(why)
@@ -221,24 +267,6 @@ impl StateDb {
             .await
             .map_err(e)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
-
-    /// Marks (`pending`) or clears the VM's backups as still to be deleted.
-    pub async fn set_backup_deletion(
-        &self,
-        vm_id: &str,
-        pending: bool,
-        at: u64,
-    ) -> Result<(), String> {
-        let q = if pending {
-            sqlx::query("INSERT OR IGNORE INTO backup_deletions (vm_id, since) VALUES (?, ?)")
-                .bind(vm_id)
-                .bind(i(at))
-        } else {
-            sqlx::query("DELETE FROM backup_deletions WHERE vm_id = ?").bind(vm_id)
-        };
-        q.execute(&self.pool).await.map_err(e)?;
-        Ok(())
     }
 
     /// Journalled transitions after `seq`, oldest first, at most `limit`.

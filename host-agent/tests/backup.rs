@@ -270,9 +270,81 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
         ]
     );
 
-    // Host B: a chunk damaged in the bucket fails the restore and leaves nothing behind.
+    // Cut again, and the disk changes before the next attempt: the unfinished upload is stale
+    // (aborted), and the backup starts over under the same number.
+    for i in 40..46 {
+        scribble(&disk_a, i);
+    }
+    cut.after(20 * MIB);
+    ask(
+        &a,
+        R::Backup {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(cut.is_down());
+    cut.heal();
+    scribble(&disk_a, 46);
+    let fourth = ask(
+        &a,
+        R::Backup {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            &fourth["backup"],
+            &fourth["chunks_uploaded"],
+            &fourth["parts_resumed"]
+        ),
+        (
+            &serde_json::json!(4),
+            &serde_json::json!(7),
+            &serde_json::json!(0)
+        ),
+        "{fourth}"
+    );
+    assert_eq!(fourth["removed"], serde_json::json!([2]));
+
+    // Host B: a backup of another size is refused before anything is downloaded.
     let b = agent(&op, &db, 4, &g, &via).await;
-    let pack = ObjPath::from("attesta/vm-b1/packs/0000000002");
+    let e = ask(
+        &b,
+        R::Restore {
+            spec: spec_b.replace("size_gib = 1", "size_gib = 2"),
+            order: b64(&order),
+            backup: None,
+            start: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.contains("is a disk of 1073741824 bytes; the spec's is 2 GiB"),
+        "{e}"
+    );
+    // An order that does not allow B's chip: refused before the download too.
+    let only_a = common::register_order_on(&op, "vm-b1", &spec_a, &[&chip3], None);
+    let e = ask(
+        &b,
+        R::Restore {
+            spec: spec_b.clone(),
+            order: b64(&only_a),
+            backup: None,
+            start: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("does not allow this host's chip"), "{e}");
+    assert!(!disk_b.exists());
+
+    // A chunk damaged in the bucket fails the restore and leaves nothing behind.
+    let pack = ObjPath::from("attesta/vm-b1/packs/0000000004");
     let good = s3.get(&pack).await.unwrap().bytes().await.unwrap();
     let mut bad = good.to_vec();
     bad[4096] ^= 1;
@@ -285,7 +357,7 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     };
     let e = ask(&b, restore.clone()).await.unwrap_err();
     assert!(
-        e.contains("chunk 5 from pack 2 does not match its SHA-256"),
+        e.contains("chunk 40 from pack 4 does not match its SHA-256"),
         "{e}"
     );
     assert!(!disk_b.exists());
@@ -308,7 +380,7 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
 
     // Restored on host B, byte for byte, through B's launch gate and chip check.
     let v = ask(&b, restore).await.unwrap();
-    assert_eq!(v["restored_from"], 3);
+    assert_eq!(v["restored_from"], 4);
     assert_eq!(v["state"], "stopped");
     assert_eq!(sha256_file(&disk_b), sha256_file(&disk_a));
 
@@ -332,15 +404,15 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     );
     assert_eq!(
         objects().await.len(),
-        5,
+        6,
         "nothing deleted while unreachable"
     );
     cut.heal();
-    b.tick().await.unwrap();
+    b.retry_backup_deletions().await;
     assert_eq!(
         objects().await,
-        Vec::<String>::new(),
-        "every object deleted"
+        vec!["attesta/vm-b1/terminated"],
+        "every backup deleted; the marker left"
     );
     // Journalled for the chain's lifecycle record.
     let journal = StateDb::open(&db.join("state").join("host.db"))
@@ -352,7 +424,7 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     let last = journal.last().unwrap();
     assert_eq!(
         (last.event.as_str(), last.reason.as_deref()),
-        ("backups_deleted", Some("5 objects"))
+        ("backups_deleted", Some("6 objects"))
     );
     assert!(journal.iter().any(|r| r.event == "terminated"));
     // Host A's record of the VM still runs; terminated there, nothing is left to delete.
@@ -366,4 +438,131 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     .await
     .unwrap();
     assert_eq!(t["backups"], "0 objects deleted");
+    // A terminated VM is not restored from the bucket again.
+    let c = ask(
+        &b,
+        R::Backups {
+            vm_id: "vm-b1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(c["backups"], serde_json::json!([]));
+}
+
+/// A load run, not a test (`cargo test -p host-agent --features simulator --test backup --
+/// --ignored --nocapture`): a first (full) backup and a restore of 512 MiB of ciphertext on a
+/// 1 GiB disk against a plain S3 multipart upload and a plain download of the same bytes,
+/// same Garage, same client library, part size and parts in flight, same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn backup_and_restore_throughput_against_plain_s3() {
+    use futures::StreamExt as _;
+    use object_store::multipart::MultipartStore as _;
+    let top = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let g = garage(top.path()).expect("Garage");
+    let s3 = Arc::new(
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&g.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(&g.bucket)
+            .with_region(&g.region)
+            .with_access_key_id(&g.key_id)
+            .with_secret_access_key(&g.secret)
+            .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
+            .build()
+            .unwrap(),
+    );
+    let op = Ed25519KeyPair::generate().unwrap();
+    let chips = [common::chip_id("milan", 3), common::chip_id("milan", 4)];
+    let mb = |bytes: u64, s: f64| bytes as f64 / s / 1e6;
+    for round in 0..2 {
+        let vm = format!("vm-t{round}");
+        let (da, db) = (
+            top.path().join(format!("a{round}")),
+            top.path().join(format!("b{round}")),
+        );
+        std::fs::create_dir_all(&da).unwrap();
+        std::fs::create_dir_all(&db).unwrap();
+        let spec_a = common::spec(&da, &vm);
+        let disk_a = da.join(format!("{vm}.img"));
+        let disk_b = db.join(format!("{vm}.img"));
+        let spec_b = spec_a.replace(&disk_a.display().to_string(), &disk_b.display().to_string());
+        let order = common::register_order_on(&op, &vm, &spec_a, &[&chips[0], &chips[1]], None);
+        let a = agent(&op, &da, 3, &g, &g.endpoint).await;
+        ask(
+            &a,
+            R::Create {
+                spec: spec_a.clone(),
+                order: b64(&order),
+                start: false,
+            },
+        )
+        .await
+        .unwrap();
+        for i in 0..64 {
+            scribble(&disk_a, i * 2);
+        }
+        let data = 64 * 8 * MIB;
+
+        // Plain: the same 64 chunks as one multipart object, 8 MiB parts, 4 in flight.
+        let path = ObjPath::from(format!("plain/{vm}"));
+        let t = std::time::Instant::now();
+        let id = s3.create_multipart(&path).await.unwrap();
+        let parts: Vec<_> = futures::stream::iter(0..64u64)
+            .map(|k| {
+                let (s3, path, id, disk) = (s3.clone(), path.clone(), id.clone(), disk_a.clone());
+                async move {
+                    let mut b = vec![0u8; (8 * MIB) as usize];
+                    std::fs::File::open(&disk)
+                        .unwrap()
+                        .read_exact_at(&mut b, k * 2 * 8 * MIB)
+                        .unwrap();
+                    s3.put_part(&path, &id, k as usize, b.into()).await.unwrap()
+                }
+            })
+            .buffered(4)
+            .collect()
+            .await;
+        s3.complete_multipart(&path, &id, parts).await.unwrap();
+        let plain_up = t.elapsed().as_secs_f64();
+
+        let t = std::time::Instant::now();
+        let v = ask(&a, R::Backup { vm_id: vm.clone() }).await.unwrap();
+        let backup = t.elapsed().as_secs_f64();
+        assert_eq!(v["bytes_uploaded"], data);
+
+        let t = std::time::Instant::now();
+        let got = s3.get(&path).await.unwrap().bytes().await.unwrap();
+        let out = db.join("plain.img");
+        std::fs::write(&out, &got).unwrap();
+        std::fs::File::open(&out).unwrap().sync_all().unwrap();
+        let plain_down = t.elapsed().as_secs_f64();
+        assert_eq!(got.len() as u64, data);
+
+        let b = agent(&op, &db, 4, &g, &g.endpoint).await;
+        let t = std::time::Instant::now();
+        ask(
+            &b,
+            R::Restore {
+                spec: spec_b,
+                order: b64(&order),
+                backup: None,
+                start: false,
+            },
+        )
+        .await
+        .unwrap();
+        let restore = t.elapsed().as_secs_f64();
+        println!(
+            "round {round}: 512 MiB of ciphertext on a 1 GiB disk — plain multipart upload {:.1} MB/s, \
+             backup {:.1} MB/s (ratio {:.2}); plain download {:.1} MB/s, restore {:.1} MB/s (ratio {:.2})",
+            mb(data, plain_up),
+            mb(data, backup),
+            plain_up / backup,
+            mb(data, plain_down),
+            mb(data, restore),
+            plain_down / restore
+        );
+    }
 }

@@ -15,29 +15,33 @@
 //!   manifest before the file is used; a damaged or missing chunk fails it.
 //! - **Retention.** After each backup, only the newest `keep` backups stay, with every pack
 //!   they read; older manifests go first, then packs no kept backup reads.
-//! - **Terminate deletes them all**, with the key's crypto-shred (see the daemon).
+//! - **Terminate deletes them all**, with the key's crypto-shred (see the daemon), and leaves
+//!   a marker (`<prefix>/<vm_id>/terminated`) after which the VM is never backed up again.
 //!
-//! A VM is backed up while it is not running: a copy of a disk in use is torn.
+//! A VM is backed up while it is not running (a copy of a disk in use is torn), by one host
+//! at a time: a VM restored on another miner is backed up from there, once the first is gone.
+//! A bucket should also have a lifecycle rule that aborts incomplete multipart uploads after a
+//! day or so, for uploads whose host disappeared.
 
+mod disk;
 pub mod plan;
+mod restore;
+mod upload;
 
 use crate::config::BackupConfig;
 use crate::state::StateDb;
 use futures::{StreamExt as _, TryStreamExt as _};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::multipart::{MultipartStore as _, PartId};
+use object_store::multipart::MultipartStore as _;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore as _, ObjectStoreExt as _, PutPayload};
-use plan::{Manifest, Names, PlanError, chunk_len};
+use object_store::{ObjectStore as _, ObjectStoreExt as _};
+pub use plan::Manifest;
+use plan::{Names, PlanError};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use zeroize::Zeroizing;
-
-/// Parts in flight at once, up or down.
-const IN_FLIGHT: usize = 4;
 
 /// Why a backup, restore or deletion did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +64,10 @@ pub enum BackupError {
     None(String),
     #[error("the uploaded pack is {found} bytes, {wanted} were sent")]
     PackSize { found: u64, wanted: u64 },
+    #[error("VM {0} was terminated: its backups are gone and it is not backed up again")]
+    Terminated(String),
+    #[error("the store no longer knows the unfinished upload; the next backup starts over")]
+    StaleUpload,
     #[error("cancelled: the VM was terminated")]
     Cancelled,
     #[error("agent state: {0}")]
@@ -83,33 +91,29 @@ fn disk(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
 
 /// The checks `[backup]` must pass, without reading anything.
 pub fn check_config(b: &BackupConfig) -> Result<(), String> {
-    let rest = if let Some(r) = b.endpoint.strip_prefix("https://") {
-        r
-    } else if let Some(r) = b.endpoint.strip_prefix("http://") {
-        let host = r.split('/').next().unwrap_or_default();
-        let host = match host.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or_default(),
-            None => host.split(':').next().unwrap_or_default(),
-        };
-        let loopback = host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        if !loopback {
+    let u = url::Url::parse(&b.endpoint).map_err(|e| format!("endpoint {}: {e}", b.endpoint))?;
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!(
+            "endpoint {}: no user or password in it",
+            b.endpoint
+        ));
+    }
+    let loopback = match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err(format!("endpoint {}: no host", b.endpoint)),
+    };
+    match u.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
             return Err(format!(
                 "endpoint {}: plain http only to a loopback address; use https",
                 b.endpoint
             ));
         }
-        r
-    } else {
-        return Err(format!(
-            "endpoint {}: give an https:// (or loopback http://) URL",
-            b.endpoint
-        ));
-    };
-    if rest.is_empty() {
-        return Err("endpoint: no host".into());
+        other => return Err(format!("endpoint {}: scheme {other}", b.endpoint)),
     }
     let name_ok = |s: &str| {
         !s.is_empty()
@@ -127,8 +131,8 @@ pub fn check_config(b: &BackupConfig) -> Result<(), String> {
             b.prefix
         ));
     }
-    if !(5..=5120).contains(&b.chunk_mib) {
-        return Err(format!("chunk_mib {}: 5 to 5120", b.chunk_mib));
+    if !(5..=128).contains(&b.chunk_mib) {
+        return Err(format!("chunk_mib {}: 5 to 128", b.chunk_mib));
     }
     if b.keep == 0 {
         return Err("keep: at least 1".into());
@@ -146,6 +150,9 @@ pub struct Resume {
     pub upload: Vec<u64>,
     pub upload_id: Option<String>,
     pub parts: Vec<String>,
+    /// The pack is complete in the store (only its manifest was still to be written).
+    #[serde(default)]
+    pub completed: bool,
 }
 
 /// What one backup did.
@@ -172,6 +179,9 @@ pub struct Listed {
     pub created_at: u64,
     pub disk_bytes: u64,
     pub bytes_uploaded: u64,
+    /// Why its manifest does not read, if it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A bucket of backups.
@@ -241,232 +251,56 @@ impl Backups {
         Ok((manifests, packs))
     }
 
-    /// Backup `seq`'s manifest, checked.
+    /// Backup `seq`'s manifest, checked; a `Store` error if it cannot be fetched, a `Plan`
+    /// error if what was fetched is not a manifest of this VM's.
     pub async fn manifest(&self, vm_id: &str, seq: u64) -> Result<Manifest, BackupError> {
         let path = ObjPath::from(self.names.manifest(vm_id, seq));
+        // At most MAX_MANIFEST + 1 bytes are read, whatever the object's size.
         let bytes = self
             .s3
-            .get(&path)
-            .await
-            .map_err(store(format!("get {path}")))?
-            .bytes()
+            .get_range(&path, 0..plan::MAX_MANIFEST + 1)
             .await
             .map_err(store(format!("get {path}")))?;
         Ok(Manifest::parse(&bytes, vm_id)?)
     }
 
-    /// The VM's backups, oldest first (those whose manifest reads).
+    /// The VM's backups, oldest first; a manifest that does not read is listed with why.
     pub async fn list(&self, vm_id: &str) -> Result<Vec<Listed>, BackupError> {
         let (manifests, _) = self.scan_bucket(vm_id).await?;
         let mut out = Vec::new();
         for s in manifests {
-            let m = self.manifest(vm_id, s).await?;
-            out.push(Listed {
-                backup: m.seq,
-                created_at: m.created_at,
-                disk_bytes: m.disk_bytes,
-                bytes_uploaded: m.uploaded_bytes,
+            out.push(match self.manifest(vm_id, s).await {
+                Ok(m) => Listed {
+                    backup: m.seq,
+                    created_at: m.created_at,
+                    disk_bytes: m.disk_bytes,
+                    bytes_uploaded: m.uploaded_bytes,
+                    error: None,
+                },
+                Err(BackupError::Plan(e)) => Listed {
+                    backup: s,
+                    created_at: 0,
+                    disk_bytes: 0,
+                    bytes_uploaded: 0,
+                    error: Some(e.to_string()),
+                },
+                Err(e) => return Err(e),
             });
         }
         Ok(out)
     }
 
-    /// Backs up the VM's disk (which must not be in use): the chunks that changed since its
-    /// last backup, as one pack; then its manifest; then retention. Picks up an unfinished
-    /// attempt recorded in `db`.
-    pub async fn backup(
-        &self,
-        db: &StateDb,
-        vm_id: &str,
-        disk_path: &Path,
-        now: u64,
-        cancel: &std::sync::atomic::AtomicBool,
-    ) -> Result<Done, BackupError> {
-        let cancelled = || cancel.load(std::sync::atomic::Ordering::SeqCst);
-        let (manifests, packs) = self.scan_bucket(vm_id).await?;
-        let previous = match manifests.last() {
-            Some(s) => Some(self.manifest(vm_id, *s).await?),
-            None => None,
-        };
-        let next = manifests
-            .iter()
-            .chain(&packs)
-            .max()
-            .copied()
-            .unwrap_or(0)
-            .saturating_add(1);
-        let chunk = self.chunk;
-        let p = disk_path.to_path_buf();
-        let (disk_bytes, scan, root) = tokio::task::spawn_blocking(move || scan_disk(&p, chunk))
-            .await
-            .map_err(|e| BackupError::State(e.to_string()))??;
-        tracing::info!(vm_id, disk_bytes, "backup: disk read");
-        let resume = db
-            .backup_resume(vm_id)
-            .await
-            .map_err(BackupError::State)?
-            .and_then(|j| serde_json::from_str::<Resume>(&j).ok());
-        let mut planned = None;
-        if let Some(r) = resume {
-            let again = plan::plan(
-                vm_id,
-                r.manifest.seq,
-                r.manifest.created_at,
-                disk_bytes,
-                chunk,
-                root,
-                &scan,
-                previous.as_ref(),
-            )?;
-            if again.manifest == r.manifest && r.manifest.seq >= next.saturating_sub(1) {
-                tracing::info!(vm_id, parts = r.parts.len(), "backup: resuming");
-                planned = Some(r);
-            } else {
-                tracing::info!(vm_id, "backup: the unfinished one is stale; starting over");
-                self.abort(vm_id, &r).await;
-                db.set_backup_resume(vm_id, None)
-                    .await
-                    .map_err(BackupError::State)?;
-            }
+    fn tombstone(&self, vm_id: &str) -> ObjPath {
+        ObjPath::from(format!("{}/terminated", self.names.vm(vm_id)))
+    }
+
+    /// Whether terminate has left its marker for the VM.
+    async fn terminated(&self, vm_id: &str) -> Result<bool, BackupError> {
+        match self.s3.head(&self.tombstone(vm_id)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store("head the terminated marker")(e)),
         }
-        let mut r = match planned {
-            Some(r) => r,
-            None => {
-                let p = plan::plan(
-                    vm_id,
-                    next,
-                    now,
-                    disk_bytes,
-                    chunk,
-                    root,
-                    &scan,
-                    previous.as_ref(),
-                )?;
-                Resume {
-                    manifest: p.manifest,
-                    upload: p.upload,
-                    upload_id: None,
-                    parts: Vec::new(),
-                }
-            }
-        };
-        let seq = r.manifest.seq;
-        let pack = ObjPath::from(self.names.pack(vm_id, seq));
-        let parts_resumed = r.parts.len();
-        if !r.upload.is_empty() {
-            let id = match &r.upload_id {
-                Some(id) => id.clone(),
-                None => {
-                    let id = self
-                        .s3
-                        .create_multipart(&pack)
-                        .await
-                        .map_err(store(format!("create multipart {pack}")))?;
-                    r.upload_id = Some(id.clone());
-                    self.save(db, vm_id, &r).await?;
-                    id
-                }
-            };
-            let todo: Vec<(usize, u64)> = r
-                .upload
-                .iter()
-                .copied()
-                .enumerate()
-                .skip(r.parts.len())
-                .collect();
-            let total = r.upload.len();
-            let mut parts = futures::stream::iter(todo)
-                .map(|(k, i)| {
-                    let want = r.manifest.chunks[i as usize]
-                        .as_ref()
-                        .map(|c| c.sha256.clone());
-                    let (p, pack, id) = (disk_path.to_path_buf(), pack.clone(), id.clone());
-                    async move {
-                        let bytes = tokio::task::spawn_blocking(move || {
-                            read_chunk(&p, disk_bytes, chunk, i)
-                        })
-                        .await
-                        .map_err(|e| BackupError::State(e.to_string()))??;
-                        if Some(hex::encode(Sha256::digest(&bytes))) != want {
-                            return Err(BackupError::Changed(i));
-                        }
-                        let part = self
-                            .s3
-                            .put_part(&pack, &id, k, PutPayload::from(bytes))
-                            .await
-                            .map_err(store(format!("upload part {k} of {pack}")))?;
-                        Ok::<_, BackupError>(part.content_id)
-                    }
-                })
-                .buffered(IN_FLIGHT);
-            while let Some(part) = parts.next().await {
-                if cancelled() {
-                    drop(parts);
-                    self.abort(vm_id, &r).await;
-                    return Err(BackupError::Cancelled);
-                }
-                r.parts.push(part?);
-                self.save(db, vm_id, &r).await?;
-                let done = r.parts.len();
-                if done.is_multiple_of(16) || done == total {
-                    tracing::info!(vm_id, parts = done, of = total, "backup: uploading");
-                }
-            }
-            drop(parts);
-            let ids = r
-                .parts
-                .iter()
-                .map(|c| PartId {
-                    content_id: c.clone(),
-                })
-                .collect();
-            self.s3
-                .complete_multipart(&pack, &id, ids)
-                .await
-                .map_err(store(format!("complete {pack}")))?;
-            let found = self
-                .s3
-                .head(&pack)
-                .await
-                .map_err(store(format!("head {pack}")))?
-                .size;
-            if found != r.manifest.uploaded_bytes {
-                return Err(BackupError::PackSize {
-                    found,
-                    wanted: r.manifest.uploaded_bytes,
-                });
-            }
-        }
-        if cancelled() {
-            return Err(BackupError::Cancelled);
-        }
-        let json =
-            serde_json::to_vec(&r.manifest).map_err(|e| BackupError::State(e.to_string()))?;
-        let mpath = ObjPath::from(self.names.manifest(vm_id, seq));
-        self.s3
-            .put(&mpath, PutPayload::from(json))
-            .await
-            .map_err(store(format!("put {mpath}")))?;
-        db.set_backup_resume(vm_id, None)
-            .await
-            .map_err(BackupError::State)?;
-        let removed = self.sweep(vm_id).await?;
-        tracing::info!(
-            vm_id,
-            backup = seq,
-            bytes = r.manifest.uploaded_bytes,
-            "backup: done"
-        );
-        Ok(Done {
-            vm_id: vm_id.into(),
-            backup: seq,
-            disk_bytes,
-            chunks: r.manifest.chunks.len(),
-            chunks_uploaded: r.upload.len(),
-            bytes_uploaded: r.manifest.uploaded_bytes,
-            parts_resumed,
-            removed,
-        })
     }
 
     async fn save(&self, db: &StateDb, vm_id: &str, r: &Resume) -> Result<(), BackupError> {
@@ -476,24 +310,38 @@ impl Backups {
             .map_err(BackupError::State)
     }
 
-    async fn abort(&self, vm_id: &str, r: &Resume) {
-        if let Some(id) = &r.upload_id {
-            let pack = ObjPath::from(self.names.pack(vm_id, r.manifest.seq));
-            if let Err(e) = self.s3.abort_multipart(&pack, id).await {
-                tracing::warn!(vm_id, error = %e, "backup: aborting a stale upload failed");
-            }
+    /// Aborts an unfinished upload (an upload the store no longer knows is no error).
+    async fn abort(&self, vm_id: &str, r: &Resume) -> Result<(), BackupError> {
+        let Some(id) = &r.upload_id else {
+            return Ok(());
+        };
+        if r.completed {
+            return Ok(());
+        }
+        let pack = ObjPath::from(self.names.pack(vm_id, r.manifest.seq));
+        match self.s3.abort_multipart(&pack, id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store(format!("abort the upload of {pack}"))(e)),
         }
     }
 
     /// Retention: drops all but the newest `keep` backups, then the packs none of them reads.
+    /// Any manifest that cannot be fetched stops it; while any manifest does not read, no
+    /// pack is deleted (which packs it reads is not known).
     async fn sweep(&self, vm_id: &str) -> Result<Vec<u64>, BackupError> {
         let (manifests, packs) = self.scan_bucket(vm_id).await?;
         let mut reads = BTreeMap::new();
+        let mut unreadable = false;
         for s in &manifests {
-            // A manifest that does not read is kept out of the reckoning, and so not deleted
-            // (someone may want to look at it); the packs it names are not protected.
-            if let Ok(m) = self.manifest(vm_id, *s).await {
-                reads.insert(*s, m.packs());
+            match self.manifest(vm_id, *s).await {
+                Ok(m) => {
+                    reads.insert(*s, m.packs());
+                }
+                Err(BackupError::Plan(e)) => {
+                    tracing::warn!(vm_id, backup = s, error = %e, "retention: manifest does not read; kept, no pack deleted");
+                    unreadable = true;
+                }
+                Err(e) => return Err(e),
             }
         }
         let (drop, orphans) = plan::retention(self.keep, &reads, &packs);
@@ -504,122 +352,53 @@ impl Backups {
                 .await
                 .map_err(store(format!("delete {p}")))?;
         }
-        for s in orphans {
-            let p = ObjPath::from(self.names.pack(vm_id, s));
-            self.s3
-                .delete(&p)
-                .await
-                .map_err(store(format!("delete {p}")))?;
+        if !unreadable {
+            for s in orphans {
+                let p = ObjPath::from(self.names.pack(vm_id, s));
+                self.s3
+                    .delete(&p)
+                    .await
+                    .map_err(store(format!("delete {p}")))?;
+            }
         }
         Ok(drop)
     }
 
-    /// Restores backup `seq` (default: the newest) of the VM into a new file `out` (which must
-    /// not exist), verifying every chunk and the disk's digest. On any failure the file is
-    /// removed.
-    pub async fn restore(
-        &self,
-        vm_id: &str,
-        seq: Option<u64>,
-        out: &Path,
-    ) -> Result<Manifest, BackupError> {
-        let seq = match seq {
-            Some(s) => s,
-            None => *self
-                .scan_bucket(vm_id)
-                .await?
-                .0
-                .last()
-                .ok_or_else(|| BackupError::None(vm_id.into()))?,
-        };
-        let m = self.manifest(vm_id, seq).await?;
-        let r = self.restore_into(vm_id, &m, out).await;
-        if r.is_err() {
-            let _ = std::fs::remove_file(out);
-        }
-        r.map(|()| m)
-    }
-
-    async fn restore_into(&self, vm_id: &str, m: &Manifest, out: &Path) -> Result<(), BackupError> {
-        use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(out)
-            .map_err(disk(out))?;
-        f.set_len(m.disk_bytes).map_err(disk(out))?;
-        let f = Arc::new(f);
-        let jobs: Vec<(u64, plan::ChunkRef)> = m
-            .chunks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.clone().map(|c| (i as u64, c)))
-            .collect();
-        let total = jobs.len();
-        let mut got = futures::stream::iter(jobs)
-            .map(|(i, c)| {
-                let len = chunk_len(m.disk_bytes, m.chunk_bytes, i);
-                let pack = ObjPath::from(self.names.pack(vm_id, c.pack));
-                async move {
-                    let bytes = self
-                        .s3
-                        .get_range(&pack, c.offset..c.offset + len)
-                        .await
-                        .map_err(store(format!("get chunk {i} from {pack}")))?;
-                    if bytes.len() as u64 != len || hex::encode(Sha256::digest(&bytes)) != c.sha256
-                    {
-                        return Err(BackupError::Corrupt {
-                            chunk: i,
-                            pack: c.pack,
-                        });
-                    }
-                    Ok::<_, BackupError>((i, bytes))
-                }
-            })
-            .buffered(IN_FLIGHT);
-        let mut done = 0usize;
-        while let Some((i, bytes)) = got.try_next().await? {
-            let (f, at) = (f.clone(), i * m.chunk_bytes);
-            tokio::task::spawn_blocking(move || f.write_all_at(&bytes, at))
-                .await
-                .map_err(|e| BackupError::State(e.to_string()))?
-                .map_err(disk(out))?;
-            done += 1;
-            if done.is_multiple_of(16) || done == total {
-                tracing::info!(vm_id, chunks = done, of = total, "restore: downloading");
+    /// Deletes every object of the VM's (manifests, packs) after aborting its unfinished
+    /// upload, and leaves the terminated marker; the number of objects deleted. An abort that
+    /// fails fails it (it is retried: the upload's parts are data of the VM's too).
+    pub async fn delete_all(&self, db: &StateDb, vm_id: &str) -> Result<u64, BackupError> {
+        if let Some(j) = db.backup_resume(vm_id).await.map_err(BackupError::State)? {
+            match serde_json::from_str::<Resume>(&j) {
+                Ok(r) => self.abort(vm_id, &r).await?,
+                Err(e) => tracing::warn!(vm_id, error = %e, "unfinished backup record unreadable"),
             }
         }
-        if root_of(m) != Some(m.disk_root.clone()) {
-            return Err(BackupError::Digest);
-        }
-        f.sync_all().map_err(disk(out))
-    }
-
-    /// Deletes every object of the VM's (manifests, packs) and its unfinished upload; the
-    /// number of objects deleted.
-    pub async fn delete_all(&self, db: &StateDb, vm_id: &str) -> Result<u64, BackupError> {
-        if let Some(r) = db
-            .backup_resume(vm_id)
+        self.s3
+            .put(
+                &self.tombstone(vm_id),
+                object_store::PutPayload::from_static(b"terminated\n"),
+            )
             .await
-            .map_err(BackupError::State)?
-            .and_then(|j| serde_json::from_str::<Resume>(&j).ok())
-        {
-            self.abort(vm_id, &r).await;
-        }
+            .map_err(store("put the terminated marker"))?;
+        let tomb = self.tombstone(vm_id);
         let names: Vec<ObjPath> = self
             .s3
             .list(Some(&ObjPath::from(self.names.vm(vm_id))))
             .map_ok(|o| o.location)
+            .try_filter(|p| futures::future::ready(*p != tomb))
             .try_collect()
             .await
             .map_err(store("list"))?;
-        for p in &names {
-            self.s3
-                .delete(p)
-                .await
-                .map_err(store(format!("delete {p}")))?;
-        }
+        let s3 = self.s3.clone();
+        futures::stream::iter(names.clone())
+            .map(move |p| {
+                let s3 = s3.clone();
+                async move { s3.delete(&p).await.map_err(store(format!("delete {p}"))) }
+            })
+            .buffer_unordered(8)
+            .try_collect::<Vec<()>>()
+            .await?;
         db.set_backup_resume(vm_id, None)
             .await
             .map_err(BackupError::State)?;
@@ -627,70 +406,9 @@ impl Backups {
     }
 }
 
-/// The disk's digest as the manifest records it: SHA-256 over every chunk's SHA-256 in disk
-/// order, a zero chunk's being that of its zeros. (Cheaper than hashing the disk again, and
-/// as binding.)
-fn root_of(m: &Manifest) -> Option<String> {
-    let mut h = Sha256::new();
-    let mut zero: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
-    for (i, c) in m.chunks.iter().enumerate() {
-        match c {
-            Some(c) => h.update(hex::decode(&c.sha256).ok()?),
-            None => {
-                let len = chunk_len(m.disk_bytes, m.chunk_bytes, i as u64);
-                let z = zero
-                    .entry(len)
-                    .or_insert_with(|| Sha256::digest(vec![0u8; len as usize]).into());
-                h.update(*z);
-            }
-        }
-    }
-    Some(hex::encode(h.finalize()))
-}
-
-/// Reads the whole disk once: its size, each chunk's hash (`None` for zeros) and the root.
-fn scan_disk(path: &Path, chunk: u64) -> Result<(u64, plan::Scan, [u8; 32]), BackupError> {
-    use std::io::Read as _;
-    let mut f = std::fs::File::open(path).map_err(disk(path))?;
-    let size = f.metadata().map_err(disk(path))?.len();
-    let n = plan::chunk_count(size, chunk)?;
-    let mut scan = Vec::with_capacity(n as usize);
-    let mut root = Sha256::new();
-    let mut buf = vec![0u8; chunk as usize];
-    let mut zero: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
-    for i in 0..n {
-        let len = chunk_len(size, chunk, i) as usize;
-        f.read_exact(&mut buf[..len]).map_err(disk(path))?;
-        let b = &buf[..len];
-        if b.iter().all(|x| *x == 0) {
-            scan.push(None);
-            let z = zero
-                .entry(len as u64)
-                .or_insert_with(|| Sha256::digest(&b[..len]).into());
-            root.update(*z);
-        } else {
-            let h: [u8; 32] = Sha256::digest(b).into();
-            root.update(h);
-            scan.push(Some(h));
-        }
-    }
-    Ok((size, scan, root.finalize().into()))
-}
-
-/// Chunk `i` of the disk.
-fn read_chunk(path: &Path, size: u64, chunk: u64, i: u64) -> Result<Vec<u8>, BackupError> {
-    use std::os::unix::fs::FileExt as _;
-    let f = std::fs::File::open(path).map_err(disk(path))?;
-    if f.metadata().map_err(disk(path))?.len() != size {
-        return Err(BackupError::Changed(i));
-    }
-    let mut buf = vec![0u8; chunk_len(size, chunk, i) as usize];
-    f.read_exact_at(&mut buf, i * chunk).map_err(disk(path))?;
-    Ok(buf)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::disk::{read_chunk, root_of, scan_disk};
     use super::*;
 
     fn cfg(endpoint: &str) -> BackupConfig {
@@ -714,6 +432,9 @@ mod tests {
         assert!(check_config(&cfg("http://localhost:3900/")).is_ok());
         assert!(check_config(&cfg("http://10.0.0.5:3900")).is_err());
         assert!(check_config(&cfg("http://127.0.0.1.evil.net")).is_err());
+        assert!(check_config(&cfg("http://127.0.0.1:80@evil.net/")).is_err());
+        assert!(check_config(&cfg("http://[::1]@evil.net")).is_err());
+        assert!(check_config(&cfg("https://user:pw@s3.example.net")).is_err());
         assert!(check_config(&cfg("ftp://x")).is_err());
         assert!(check_config(&cfg("https://")).is_err());
         for (f, ok) in [
@@ -721,6 +442,7 @@ mod tests {
             &|c| c.prefix = "a//b".into(),
             &|c| c.prefix = "../x".into(),
             &|c| c.chunk_mib = 4,
+            &|c| c.chunk_mib = 129,
             &|c| c.keep = 0,
             &|c| c.access_key_id = String::new(),
         ]
@@ -742,7 +464,7 @@ mod tests {
         bytes[3] = 1;
         bytes[(17 * mib) as usize] = 7;
         std::fs::write(&p, &bytes).unwrap();
-        let (size, scan, root) = scan_disk(&p, 8 * mib).unwrap();
+        let (size, scan, root) = scan_disk(&p, 8 * mib, &Default::default()).unwrap();
         assert_eq!(size, 21 * mib);
         assert!(scan[0].is_some() && scan[1].is_none() && scan[2].is_some());
         let m = plan::plan("vm", 1, 0, size, 8 * mib, root, &scan, None)

@@ -24,14 +24,16 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const VERSION: u32 = 1;
 /// Chunks smaller than S3's smallest multipart part (5 MiB) would not upload as parts.
 pub const MIN_CHUNK: u64 = 5 << 20;
-/// At most this many chunks per disk (a 64 TiB disk at 8 MiB chunks is 8 Mi chunks): bounds
-/// what a manifest read back from the bucket may make the agent allocate.
-pub const MAX_CHUNKS: u64 = 1 << 23;
-/// S3 allows 10,000 parts per upload: a pack with more changed chunks is refused (a larger
-/// `chunk_mib` fits more disk).
+/// The largest chunk (and so part): bounds the memory a backup or restore holds (four chunks
+/// in flight) and what a manifest from the bucket can make the agent allocate.
+pub const MAX_CHUNK: u64 = 512 << 20;
+/// S3 allows 10,000 parts per upload, and a pack is one upload: a disk has at most this many
+/// chunks ([`chunk_for`] grows the chunk for large disks), so even a first backup fits.
 pub const MAX_PARTS: usize = 10_000;
-/// Largest manifest read back (its JSON), 1 KiB per chunk and then some.
-pub const MAX_MANIFEST: usize = 1 << 30;
+/// At most this many chunks per disk, as [`MAX_PARTS`].
+pub const MAX_CHUNKS: u64 = MAX_PARTS as u64;
+/// Largest manifest read back (its JSON): about 150 bytes a chunk.
+pub const MAX_MANIFEST: u64 = 4 << 20;
 
 /// Where one chunk's bytes are.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,14 @@ pub struct ChunkRef {
     pub offset: u64,
     /// SHA-256 of the chunk, hex.
     pub sha256: String,
+}
+
+impl ChunkRef {
+    /// The bytes of the pack that hold a chunk of `len` bytes (checked: a manifest comes from
+    /// the bucket).
+    pub fn range(&self, len: u64) -> Option<std::ops::Range<u64>> {
+        Some(self.offset..self.offset.checked_add(len)?)
+    }
 }
 
 /// One backup of one VM's disk.
@@ -75,19 +85,26 @@ pub enum PlanError {
     OtherVm { wanted: String, found: String },
     #[error("manifest {0}")]
     Shape(String),
-    #[error("chunk size {0} bytes is not a multiple of 1 MiB of at least 5 MiB")]
+    #[error("chunk size {0} bytes is not a multiple of 1 MiB from 5 MiB to 512 MiB")]
     ChunkSize(u64),
     #[error("disk of {disk} bytes at {chunk}-byte chunks is more than {MAX_CHUNKS} chunks")]
     TooManyChunks { disk: u64, chunk: u64 },
-    #[error(
-        "{0} changed chunks are more than one upload's {MAX_PARTS} parts: use a larger chunk_mib"
-    )]
+    #[error("{0} changed chunks are more than one upload's {MAX_PARTS} parts")]
     TooManyParts(usize),
+}
+
+/// The chunk size for a disk of `disk` bytes: the configured one, or larger (whole MiB) where
+/// the disk would otherwise have more than [`MAX_CHUNKS`] chunks.
+pub fn chunk_for(disk: u64, configured: u64) -> Result<u64, PlanError> {
+    let least = disk.div_ceil(MAX_CHUNKS).div_ceil(1 << 20) << 20;
+    let chunk = configured.max(least);
+    chunk_count(disk, chunk)?;
+    Ok(chunk)
 }
 
 /// The number of chunks a disk of `disk` bytes has at `chunk` bytes each.
 pub fn chunk_count(disk: u64, chunk: u64) -> Result<u64, PlanError> {
-    if chunk < MIN_CHUNK || !chunk.is_multiple_of(1 << 20) {
+    if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk) || !chunk.is_multiple_of(1 << 20) {
         return Err(PlanError::ChunkSize(chunk));
     }
     let n = disk.div_ceil(chunk);
@@ -227,7 +244,7 @@ impl Manifest {
     /// disk consistently (every reference inside the disk's packs, in order, no overlap), so
     /// that a restore may follow it without further checks. Never panics.
     pub fn parse(bytes: &[u8], vm_id: &str) -> Result<Manifest, PlanError> {
-        if bytes.len() > MAX_MANIFEST {
+        if bytes.len() as u64 > MAX_MANIFEST {
             return Err(PlanError::Shape(format!(
                 "of {} bytes is too large",
                 bytes.len()
@@ -275,6 +292,10 @@ impl Manifest {
             if !is_sha256_hex(&c.sha256) {
                 return bad(format!("chunk {i} has a hash that is not SHA-256 hex"));
             }
+            let len = chunk_len(self.disk_bytes, self.chunk_bytes, i as u64);
+            let Some(end) = c.range(len).map(|r| r.end) else {
+                return bad(format!("chunk {i} ends beyond any pack"));
+            };
             let at = next.entry(c.pack).or_insert(0);
             let misplaced = if c.pack == self.seq {
                 c.offset != *at
@@ -287,9 +308,7 @@ impl Manifest {
                     c.offset, c.pack
                 ));
             }
-            *at = c
-                .offset
-                .saturating_add(chunk_len(self.disk_bytes, self.chunk_bytes, i as u64));
+            *at = end;
         }
         if next.get(&self.seq).copied().unwrap_or(0) != self.uploaded_bytes {
             return bad(format!(
@@ -324,7 +343,8 @@ fn is_sha256_hex(s: &str) -> bool {
 /// What retention removes: every backup but the newest `keep` (at least 1), and every pack no
 /// kept backup reads. `backups` maps each backup's sequence number to the packs it reads;
 /// `packs` are the packs found in the bucket (a pack without a manifest, from an upload that
-/// completed just before a crash, goes when it is older than the newest backup).
+/// completed just before a crash, goes once a newer backup exists; one numbered as the newest
+/// or later may be an upload still under way).
 pub fn retention(
     keep: usize,
     backups: &BTreeMap<u64, BTreeSet<u64>>,
@@ -342,7 +362,7 @@ pub fn retention(
     let newest = backups.keys().next_back().copied().unwrap_or(0);
     let orphans = packs
         .iter()
-        .filter(|p| !kept.contains(p) && **p <= newest)
+        .filter(|p| !kept.contains(p) && **p < newest)
         .copied()
         .collect();
     (drop, orphans)
@@ -431,6 +451,15 @@ mod tests {
             chunk_count(u64::MAX, 8 * MIB),
             Err(PlanError::TooManyChunks { .. })
         ));
+        assert_eq!(
+            chunk_count(MIB, 1024 * MIB),
+            Err(PlanError::ChunkSize(1024 * MIB))
+        );
+        // Large disks get larger chunks, so that a first backup fits one upload.
+        assert_eq!(chunk_for(20 << 30, 8 * MIB), Ok(8 * MIB));
+        assert_eq!(chunk_for(1 << 40, 8 * MIB), Ok(105 * MIB));
+        assert_eq!(chunk_count(1 << 40, 105 * MIB), Ok(9987));
+        assert!(chunk_for(64 << 40, 8 * MIB).is_err());
         assert!(matches!(
             plan("vm", 1, 0, 16 * MIB, 8 * MIB, [0; 32], &vec![h(1)], None),
             Err(PlanError::Shape(_))
@@ -472,6 +501,8 @@ mod tests {
         bad(&|m| m.disk_root = "00".into());
         bad(&|m| m.uploaded_bytes = 1);
         bad(&|m| m.chunk_bytes = 3 * MIB);
+        bad(&|m| m.chunk_bytes = 4096 * MIB);
+        bad(&|m| m.chunks[0].as_mut().unwrap().offset = u64::MAX - 1);
         assert!(matches!(
             Manifest::parse(b"{\"version\":1}", "vm"),
             Err(PlanError::Json(_))
@@ -516,6 +547,9 @@ mod tests {
         let (drop, orphans) = retention(1, &backups, &packs);
         assert_eq!(drop, vec![1, 2]);
         assert_eq!(orphans, vec![2]);
+        // Pack 3 unread by backup 3 (another host's upload of that number): not yet an orphan.
+        let (_, orphans) = retention(1, &BTreeMap::from([(3, BTreeSet::from([1]))]), &packs);
+        assert_eq!(orphans, vec![2]);
         let (drop, _) = retention(0, &backups, &packs);
         assert_eq!(drop, vec![1, 2]);
     }
@@ -558,6 +592,30 @@ mod tests {
         #[test]
         fn parse_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = Manifest::parse(&bytes, "vm");
+        }
+
+        /// A manifest from the bucket with any numbers in it: parsed without a panic, and if
+        /// accepted, every chunk's range is within u64 and its pack is an earlier backup's.
+        #[test]
+        fn a_hostile_manifests_numbers_never_overflow(
+            disk in any::<u64>(), chunk in any::<u64>(), seq in any::<u64>(),
+            refs in prop::collection::vec(prop::option::of((any::<u64>(), any::<u64>())), 0..8),
+        ) {
+            let m = Manifest {
+                version: VERSION, vm_id: "vm".into(), seq, created_at: 0, disk_bytes: disk,
+                chunk_bytes: chunk, disk_root: "00".repeat(32), uploaded_bytes: 0,
+                chunks: refs.iter().map(|r| r.map(|(pack, offset)| ChunkRef {
+                    pack, offset, sha256: "11".repeat(32),
+                })).collect(),
+            };
+            if let Ok(m) = Manifest::parse(&serde_json::to_vec(&m).unwrap(), "vm") {
+                for (i, c) in m.chunks.iter().enumerate() {
+                    if let Some(c) = c {
+                        prop_assert!(c.range(chunk_len(m.disk_bytes, m.chunk_bytes, i as u64)).is_some());
+                        prop_assert!(c.pack >= 1 && c.pack <= m.seq);
+                    }
+                }
+            }
         }
     }
 }

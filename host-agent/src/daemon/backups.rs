@@ -3,12 +3,14 @@
 //!
 //! - A backup runs outside the operation lock (it can take minutes), on a VM that is not
 //!   running; until it ends the VM cannot be started (its disk would change under it).
-//! - Terminate cancels a running backup and waits for it, then deletes every object of the
-//!   VM's. If the storage cannot be reached, the deletion is kept in the agent's database and
-//!   retried each tick; the journal records `backups_deleted` (with the number of objects)
+//! - Terminate commits the deletion with the termination, cancels a running backup and waits
+//!   for it (outside the operation lock), then deletes every object of the VM's. If the
+//!   storage cannot be reached, the deletion stays in the agent's database and is retried
+//!   after each poll; the journal records `backups_deleted` (with the number of objects)
 //!   when it is done, and that goes on chain with the rest of the lifecycle (`[chain]`).
-//! - A restore creates the VM through the same launch gate, chip and capacity checks as a
-//!   create, on the restored disk instead of a blank one.
+//! - A restore checks the backup's size and the launch gate and chip before it downloads,
+//!   then creates the VM through the same checks as a create, on the restored disk instead of
+//!   a blank one.
 
 use super::Daemon;
 use crate::lifecycle::State;
@@ -18,10 +20,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// One running backup: terminate sets `cancel` and waits on `done`.
+/// One running backup: terminate sets `cancel` and waits on `done` (held by the backup).
 struct Slot {
-    cancel: AtomicBool,
-    done: tokio::sync::Mutex<()>,
+    cancel: Arc<AtomicBool>,
+    done: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The backups running now, by VM.
@@ -64,7 +66,7 @@ impl Daemon {
     /// Backs the VM's disk up (see [`crate::backup`]).
     pub(super) async fn backup(&self, vm_id: &str) -> Result<serde_json::Value, String> {
         let store = self.storage()?;
-        let (slot, disk) = {
+        let (slot, _running, disk) = {
             let _g = self.ops.lock().await;
             let rec = self.record(vm_id).await?;
             let c = VmSpec::parse(&rec.spec).map_err(|e| format!("spec on record: {e}"))?;
@@ -75,9 +77,15 @@ impl Daemon {
                 ));
             }
             let slot = Arc::new(Slot {
-                cancel: AtomicBool::new(false),
-                done: tokio::sync::Mutex::new(()),
+                cancel: Arc::new(AtomicBool::new(false)),
+                done: Arc::new(tokio::sync::Mutex::new(())),
             });
+            // Held before the slot is visible, so a terminate always waits for this backup.
+            let running = slot
+                .done
+                .clone()
+                .try_lock_owned()
+                .map_err(|_| "backup bookkeeping".to_string())?;
             let mut m = self
                 .backing_up
                 .0
@@ -87,12 +95,11 @@ impl Daemon {
                 return Err(format!("VM {vm_id} is already being backed up"));
             }
             m.insert(vm_id.to_string(), slot.clone());
-            (slot, c.spec.disk.path)
+            (slot, running, c.spec.disk.path)
         };
         let _leave = Leave(&self.backing_up, vm_id.to_string());
-        let _running = slot.done.lock().await;
         let done = store
-            .backup(&self.db, vm_id, &disk, self.now(), &slot.cancel)
+            .backup(&self.db, vm_id, &disk, self.now(), slot.cancel.clone())
             .await
             .map_err(|e| format!("backup of {vm_id}: {e}"))?;
         serde_json::to_value(done).map_err(|e| e.to_string())
@@ -122,7 +129,7 @@ impl Daemon {
         let store = self.storage()?;
         let c = VmSpec::parse(spec).map_err(|e| format!("spec: {e}"))?;
         let vm_id = c.spec.vm_id.clone();
-        // Fail before the download where the create would fail anyway.
+        // Everything that would refuse the create, before the download.
         if self.db.vms().await?.iter().any(|v| v.vm_id == vm_id) {
             return Err(format!("VM id {vm_id} was used on this host before"));
         }
@@ -132,20 +139,25 @@ impl Daemon {
                 c.spec.disk.path.display()
             ));
         }
-        let mut prepared = c.spec.disk.path.clone().into_os_string();
-        prepared.push(".restoring");
-        let prepared = PathBuf::from(prepared);
         let m = store
-            .restore(&vm_id, seq, &prepared)
+            .pick(&vm_id, seq)
             .await
             .map_err(|e| format!("restore of {vm_id}: {e}"))?;
-        let _remove = RemoveOnDrop(prepared.clone());
         if m.disk_bytes != c.spec.disk.size_gib << 30 {
             return Err(format!(
                 "backup {} of {vm_id} is a disk of {} bytes; the spec's is {} GiB",
                 m.seq, m.disk_bytes, c.spec.disk.size_gib
             ));
         }
+        self.admissible(&c, order_b64)?;
+        let mut prepared = c.spec.disk.path.clone().into_os_string();
+        prepared.push(".restoring");
+        let prepared = PathBuf::from(prepared);
+        store
+            .restore(&vm_id, &m, &prepared)
+            .await
+            .map_err(|e| format!("restore of {vm_id}: {e}"))?;
+        let _remove = RemoveOnDrop(prepared.clone());
         let mut v = self
             .create_on(spec, order_b64, start, Some(&prepared))
             .await
@@ -154,6 +166,30 @@ impl Daemon {
         v["disk_bytes"] = serde_json::json!(m.disk_bytes);
         tracing::info!(vm_id, backup = m.seq, "VM restored from backup");
         Ok(v)
+    }
+
+    /// The launch gate and this host's chip, as the create will judge them (a restore asks
+    /// first, so that nothing is downloaded for a VM that may not run here).
+    fn admissible(&self, c: &crate::spec::Checked, order_b64: &str) -> Result<(), String> {
+        use base64::Engine as _;
+        let order = base64::engine::general_purpose::STANDARD
+            .decode(order_b64.trim())
+            .map_err(|_| "the order is not base64".to_string())?;
+        let ok = crate::gate::admit_with(c, &order, &self.keys, self.now(), self.firmware)
+            .map_err(|e| format!("launch gate: {e}"))?;
+        if let Some(p) = &self.platform
+            && !ok
+                .order
+                .chip_ids
+                .iter()
+                .any(|id| id.as_slice() == p.chip_id.as_slice())
+        {
+            return Err(format!(
+                "the order does not allow this host's chip {}",
+                hex::encode(&p.chip_id)
+            ));
+        }
+        Ok(())
     }
 
     /// Terminate's part: cancels a running backup, waits for it, deletes every backup of the
@@ -165,9 +201,6 @@ impl Daemon {
         if let Some(slot) = self.backing_up.get(vm_id) {
             slot.cancel.store(true, Ordering::SeqCst);
             let _ = slot.done.lock().await;
-        }
-        if let Err(e) = self.db.set_backup_deletion(vm_id, true, self.now()).await {
-            return format!("not deleted: {e}");
         }
         match self.delete_backups_now(vm_id).await {
             Ok(n) => format!("{n} objects deleted"),
@@ -181,17 +214,13 @@ impl Daemon {
             .delete_all(&self.db, vm_id)
             .await
             .map_err(|e| e.to_string())?;
-        let now = self.now();
-        self.db
-            .journal(vm_id, "backups_deleted", now, Some(&format!("{n} objects")))
-            .await?;
-        self.db.set_backup_deletion(vm_id, false, now).await?;
+        self.db.backups_deleted(vm_id, self.now(), n).await?;
         tracing::info!(vm_id, objects = n, "backups deleted");
         Ok(n)
     }
 
-    /// Each tick: deletions that could not be done at terminate.
-    pub(super) async fn retry_backup_deletions(&self) {
+    /// After each poll (and for tests): deletions that could not be done at terminate.
+    pub async fn retry_backup_deletions(&self) {
         if self.backups.is_none() {
             return;
         }
