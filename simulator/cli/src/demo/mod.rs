@@ -27,6 +27,7 @@ mod replicas;
 mod stack;
 mod summary;
 pub mod tenant;
+mod vm_host;
 
 pub use attacks::catalogue_live;
 use attacks::{Target, fleet_attacks, mesh_attacks};
