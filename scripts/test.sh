@@ -75,7 +75,7 @@ log "format"
 cargo fmt --all -- --check
 
 log "production binaries do not depend on the simulator"
-for p in kbs guest-agent host-agent mesh measure attesta-verify; do
+for p in kbs guest-agent host-agent mesh measure attesta-verify attesta-image; do
   if cargo tree -p "$p" -e normal --no-default-features --locked | grep -q '^[^ ]*simulator v\|[ ─]simulator v'; then
     echo "FAIL: $p depends on the simulator in a default build:" >&2
     cargo tree -p "$p" -e normal --no-default-features --locked -i simulator >&2 || true

@@ -42,7 +42,8 @@ impl Storage {
         self.garage.backup_toml(&home.join("s3.secret"), "")
     }
 
-    /// Objects of the VM's in the bucket, as the store lists them (not as the agent does).
+    /// Objects of the VM's in the bucket, as the store lists them (not as the agent does),
+    /// but the marker terminate leaves.
     pub async fn objects(&self, vm: &str) -> Result<usize, String> {
         use futures::TryStreamExt as _;
         use object_store::ObjectStore as _;
@@ -52,7 +53,8 @@ impl Storage {
             .try_collect()
             .await
             .map_err(|e| e.to_string())?;
-        Ok(all.len())
+        let marker = format!("attesta/{vm}/terminated");
+        Ok(all.iter().filter(|o| o.location.as_ref() != marker).count())
     }
 }
 
