@@ -559,18 +559,7 @@ impl Daemon {
             {
                 return Err(CreateError::BillingAccount(b.account.clone()));
             }
-            if let Some(p) = &self.platform
-                && !ok
-                    .order
-                    .chip_ids
-                    .iter()
-                    .any(|id| id.as_slice() == p.chip_id.as_slice())
-            {
-                return Err(CreateError::Chip {
-                    chip: hex::encode(&p.chip_id),
-                    count: ok.order.chip_ids.len(),
-                });
-            }
+            self.chip_allowed(&ok.order)?;
             self.cfg
                 .capacity
                 .admit(&holding(&vms)?, &shape(&c.spec, &ok.order.tenant))?;
@@ -622,6 +611,24 @@ impl Daemon {
             .map_err(CreateError::NotStarted)?;
         v["broker"] = serde_json::json!(registered);
         Ok(v)
+    }
+
+    /// This host's chip must be among the order's (where the platform is known).
+    fn chip_allowed(&self, order: &Order) -> Result<(), CreateError> {
+        match &self.platform {
+            Some(p)
+                if !order
+                    .chip_ids
+                    .iter()
+                    .any(|id| id.as_slice() == p.chip_id.as_slice()) =>
+            {
+                Err(CreateError::Chip {
+                    chip: hex::encode(&p.chip_id),
+                    count: order.chip_ids.len(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn start(&self, vm_id: &str) -> Result<serde_json::Value, String> {
@@ -704,6 +711,8 @@ impl Daemon {
             .map_err(|_| "the order is not base64".to_string())?;
         gate::terminate_order(vm_id, &order, &self.keys, self.now())
             .map_err(|e| format!("terminate refused: {e}"))?;
+        // A backup of it stops at its next chunk; its deletion waits for it below.
+        self.backing_up.cancel(vm_id);
         self.record(vm_id).await?;
         // The key first: a wiped disk whose key survives is not terminated.
         let broker = match self.relay(true, order).await {
@@ -837,10 +846,19 @@ impl Daemon {
                 if let Err(e) = d.tick().await {
                     tracing::error!(error = %e, "poll failed");
                 }
-                // Outside the operation lock: the store may be slow or down.
-                d.retry_backup_deletions().await;
             }
         });
+        // Deletions of terminated VMs' backups that could not be done then: a loop of their
+        // own, outside the operation lock, since the store may be slow or down.
+        if self.backups.is_some() {
+            let d = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(poll).await;
+                    d.retry_backup_deletions().await;
+                }
+            });
+        }
         if self.cfg.chain.is_some() {
             tokio::spawn(self.clone().follow_chain());
         }

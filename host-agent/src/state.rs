@@ -131,23 +131,27 @@ impl StateDb {
         tx.commit().await.map_err(e)
     }
 
-    /// Journals that the VM's backups are deleted and clears their pending deletion, at once.
+    /// Clears the VM's pending deletion and journals that its backups are deleted, at once;
+    /// only the first of two deletions that raced journals it.
     pub async fn backups_deleted(&self, vm_id: &str, at: u64, objects: u64) -> Result<(), String> {
         let mut tx = self.pool.begin().await.map_err(e)?;
-        sqlx::query(
-            "INSERT INTO lifecycle (vm_id, event, at, reason) VALUES (?, 'backups_deleted', ?, ?)",
-        )
-        .bind(vm_id)
-        .bind(i(at))
-        .bind(format!("{objects} objects"))
-        .execute(&mut *tx)
-        .await
-        .map_err(e)?;
-        sqlx::query("DELETE FROM backup_deletions WHERE vm_id = ?")
+        let cleared = sqlx::query("DELETE FROM backup_deletions WHERE vm_id = ?")
             .bind(vm_id)
             .execute(&mut *tx)
             .await
+            .map_err(e)?
+            .rows_affected();
+        if cleared == 1 {
+            sqlx::query(
+                "INSERT INTO lifecycle (vm_id, event, at, reason) VALUES (?, 'backups_deleted', ?, ?)",
+            )
+            .bind(vm_id)
+            .bind(i(at))
+            .bind(format!("{objects} objects"))
+            .execute(&mut *tx)
+            .await
             .map_err(e)?;
+        }
         tx.commit().await.map_err(e)
     }
 

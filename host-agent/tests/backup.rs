@@ -44,6 +44,26 @@ fn garage(dir: &Path) -> Option<Garage> {
     Some(Garage::start(dir, "backups").unwrap())
 }
 
+const VM: &str = "vm-b1";
+
+async fn backup(d: &Daemon) -> Result<serde_json::Value, String> {
+    ask(d, R::Backup { vm_id: VM.into() }).await
+}
+
+/// A restore of the newest backup on `d`.
+async fn restore(d: &Daemon, spec: &str, order: &[u8]) -> Result<serde_json::Value, String> {
+    ask(
+        d,
+        R::Restore {
+            spec: spec.into(),
+            order: b64(order),
+            backup: None,
+            start: false,
+        },
+    )
+    .await
+}
+
 async fn ask(d: &Daemon, r: R) -> Result<serde_json::Value, String> {
     let ControlResponse { ok, result, error } = d.handle(r).await;
     if ok {
@@ -102,15 +122,7 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     let port: u16 = g.endpoint.rsplit(':').next().unwrap().parse().unwrap();
     let cut = Cut::start(([127, 0, 0, 1], port).into()).unwrap();
     let via = format!("http://{}", cut.addr);
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&g.endpoint)
-        .with_allow_http(true)
-        .with_bucket_name(&g.bucket)
-        .with_region(&g.region)
-        .with_access_key_id(&g.key_id)
-        .with_secret_access_key(&g.secret)
-        .build()
-        .unwrap();
+    let s3 = g.client().unwrap();
     let objects = async || -> Vec<String> {
         let mut names: Vec<String> = futures::TryStreamExt::try_collect::<Vec<_>>(
             s3.list(Some(&ObjPath::from("attesta/vm-b1"))),
@@ -149,56 +161,21 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     for i in [0, 5, 100] {
         scribble(&disk_a, i);
     }
-    let first = ask(
-        &a,
-        R::Backup {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let first = backup(&a).await.unwrap();
     assert_eq!(first["backup"], 1);
     assert_eq!(first["chunks"], 128, "1 GiB in 8 MiB chunks");
     assert_eq!(first["chunks_uploaded"], 3, "zeros are not uploaded");
     assert_eq!(first["bytes_uploaded"], 24 * MIB);
 
     // Running: refused, nothing uploaded.
-    ask(
-        &a,
-        R::Start {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap();
-    let e = ask(
-        &a,
-        R::Backup {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap_err();
+    ask(&a, R::Start { vm_id: VM.into() }).await.unwrap();
+    let e = backup(&a).await.unwrap_err();
     assert!(e.contains("is running"), "{e}");
-    ask(
-        &a,
-        R::Stop {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap();
+    ask(&a, R::Stop { vm_id: VM.into() }).await.unwrap();
     assert_eq!(objects().await.len(), 2, "one pack, one manifest");
 
     scribble(&disk_a, 5);
-    let second = ask(
-        &a,
-        R::Backup {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let second = backup(&a).await.unwrap();
     assert_eq!(second["backup"], 2);
     assert_eq!(second["chunks_uploaded"], 1, "only the changed chunk");
     assert_eq!(second["bytes_uploaded"], 8 * MIB);
@@ -208,14 +185,7 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
         scribble(&disk_a, i);
     }
     cut.after(40 * MIB);
-    let e = ask(
-        &a,
-        R::Backup {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap_err();
+    let e = backup(&a).await.unwrap_err();
     assert!(cut.is_down(), "the upload was not cut: {e}");
     // What the agent committed before the cut: the upload and the parts done.
     let state_a = StateDb::open(&da.join("state").join("host.db"))
@@ -226,14 +196,7 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     let done_before = pending["parts"].as_array().unwrap().len() as u64;
     assert!(pending["upload_id"].is_string());
     cut.heal();
-    let third = ask(
-        &a,
-        R::Backup {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let third = backup(&a).await.unwrap();
     assert_eq!(third["backup"], 3, "the same backup, finished: {third}");
     assert_eq!(third["chunks_uploaded"], 10);
     assert!((1..10).contains(&done_before), "{pending}");
@@ -276,25 +239,11 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
         scribble(&disk_a, i);
     }
     cut.after(20 * MIB);
-    ask(
-        &a,
-        R::Backup {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap_err();
+    backup(&a).await.unwrap_err();
     assert!(cut.is_down());
     cut.heal();
     scribble(&disk_a, 46);
-    let fourth = ask(
-        &a,
-        R::Backup {
-            vm_id: "vm-b1".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let fourth = backup(&a).await.unwrap();
     assert_eq!(
         (
             &fourth["backup"],
@@ -310,52 +259,15 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     );
     assert_eq!(fourth["removed"], serde_json::json!([2]));
 
-    // Host B: a backup of another size is refused before anything is downloaded.
+    // Host B.
     let b = agent(&op, &db, 4, &g, &via).await;
-    let e = ask(
-        &b,
-        R::Restore {
-            spec: spec_b.replace("size_gib = 1", "size_gib = 2"),
-            order: b64(&order),
-            backup: None,
-            start: false,
-        },
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        e.contains("is a disk of 1073741824 bytes; the spec's is 2 GiB"),
-        "{e}"
-    );
-    // An order that does not allow B's chip: refused before the download too.
-    let only_a = common::register_order_on(&op, "vm-b1", &spec_a, &[&chip3], None);
-    let e = ask(
-        &b,
-        R::Restore {
-            spec: spec_b.clone(),
-            order: b64(&only_a),
-            backup: None,
-            start: false,
-        },
-    )
-    .await
-    .unwrap_err();
-    assert!(e.contains("does not allow this host's chip"), "{e}");
-    assert!(!disk_b.exists());
-
     // A chunk damaged in the bucket fails the restore and leaves nothing behind.
     let pack = ObjPath::from("attesta/vm-b1/packs/0000000004");
     let good = s3.get(&pack).await.unwrap().bytes().await.unwrap();
     let mut bad = good.to_vec();
     bad[4096] ^= 1;
     s3.put(&pack, bad.into()).await.unwrap();
-    let restore = R::Restore {
-        spec: spec_b.clone(),
-        order: b64(&order),
-        backup: None,
-        start: false,
-    };
-    let e = ask(&b, restore.clone()).await.unwrap_err();
+    let e = restore(&b, &spec_b, &order).await.unwrap_err();
     assert!(
         e.contains("chunk 40 from pack 4 does not match its SHA-256"),
         "{e}"
@@ -376,10 +288,24 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
             .any(|v| v["vm_id"] == "vm-b1"),
         "no VM was created: {listed}"
     );
+    // With the bucket still damaged: a backup of another size, and an order without B's
+    // chip, are refused for that, not for the damage: before anything is downloaded.
+    let e = restore(&b, &spec_b.replace("size_gib = 1", "size_gib = 2"), &order)
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("is a disk of 1073741824 bytes; the spec's is 2 GiB"),
+        "{e}"
+    );
+    let only_a = common::register_order_on(&op, "vm-b1", &spec_a, &[&chip3], None);
+    let e = restore(&b, &spec_b, &only_a).await.unwrap_err();
+    assert!(e.contains("not among the order"), "{e}");
+    assert!(!disk_b.exists());
+
     s3.put(&pack, good.into()).await.unwrap();
 
     // Restored on host B, byte for byte, through B's launch gate and chip check.
-    let v = ask(&b, restore).await.unwrap();
+    let v = restore(&b, &spec_b, &order).await.unwrap();
     assert_eq!(v["restored_from"], 4);
     assert_eq!(v["state"], "stopped");
     assert_eq!(sha256_file(&disk_b), sha256_file(&disk_a));
@@ -438,6 +364,18 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     .await
     .unwrap();
     assert_eq!(t["backups"], "0 objects deleted");
+    // On any other host, a terminated VM is not restored: terminate left its marker.
+    let dc = top.path().join("c");
+    std::fs::create_dir_all(&dc).unwrap();
+    let c = agent(&op, &dc, 4, &g, &via).await;
+    let e = restore(
+        &c,
+        &spec_b.replace(&db.display().to_string(), &dc.display().to_string()),
+        &order,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("VM vm-b1 was terminated"), "{e}");
     // A terminated VM is not restored from the bucket again.
     let c = ask(
         &b,
@@ -461,18 +399,7 @@ async fn backup_and_restore_throughput_against_plain_s3() {
     use object_store::multipart::MultipartStore as _;
     let top = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let g = garage(top.path()).expect("Garage");
-    let s3 = Arc::new(
-        object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(&g.endpoint)
-            .with_allow_http(true)
-            .with_bucket_name(&g.bucket)
-            .with_region(&g.region)
-            .with_access_key_id(&g.key_id)
-            .with_secret_access_key(&g.secret)
-            .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
-            .build()
-            .unwrap(),
-    );
+    let s3 = Arc::new(g.client().unwrap());
     let op = Ed25519KeyPair::generate().unwrap();
     let chips = [common::chip_id("milan", 3), common::chip_id("milan", 4)];
     let mb = |bytes: u64, s: f64| bytes as f64 / s / 1e6;
@@ -542,17 +469,7 @@ async fn backup_and_restore_throughput_against_plain_s3() {
 
         let b = agent(&op, &db, 4, &g, &g.endpoint).await;
         let t = std::time::Instant::now();
-        ask(
-            &b,
-            R::Restore {
-                spec: spec_b,
-                order: b64(&order),
-                backup: None,
-                start: false,
-            },
-        )
-        .await
-        .unwrap();
+        restore(&b, &spec_b, &order).await.unwrap();
         let restore = t.elapsed().as_secs_f64();
         println!(
             "round {round}: 512 MiB of ciphertext on a 1 GiB disk — plain multipart upload {:.1} MB/s, \

@@ -94,17 +94,7 @@ impl Garage {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(dir.join("garage.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .env("RUST_LOG", "garage=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let child = spawn(&bin, &config)?;
         let mut g = Garage {
             child,
             bin,
@@ -204,22 +194,23 @@ impl Garage {
             .next()
             .and_then(|p| p.parse().ok())
             .ok_or("endpoint without a port")?;
-        let dir = self.config.parent().ok_or("no folder")?.to_path_buf();
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.join("garage.log"))
-            .map_err(|e| e.to_string())?;
-        self.child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&self.config)
-            .arg("server")
-            .env("RUST_LOG", "garage=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| e.to_string())?;
+        self.child = spawn(&self.bin, &self.config)?;
         self.wait_for(port)
+    }
+
+    /// An S3 client of the bucket, with the key (what a test inspects or damages the bucket
+    /// with, around the agent).
+    pub fn client(&self) -> Result<object_store::aws::AmazonS3, String> {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(&self.bucket)
+            .with_region(&self.region)
+            .with_access_key_id(&self.key_id)
+            .with_secret_access_key(&self.secret)
+            .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
+            .build()
+            .map_err(|e| e.to_string())
     }
 
     /// A `[backup]` section for a host.toml using this server, its secret in `secret_file`.
@@ -235,6 +226,28 @@ impl Garage {
             secret_file.display()
         ))
     }
+}
+
+/// `garage -c CONFIG server`, its output appended to `garage.log` beside the configuration.
+fn spawn(bin: &Path, config: &Path) -> Result<Child, String> {
+    let dir = config
+        .parent()
+        .ok_or("a configuration outside any folder")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("garage.log"))
+        .map_err(|e| e.to_string())?;
+    Command::new(bin)
+        .arg("-c")
+        .arg(config)
+        .arg("server")
+        .env("RUST_LOG", "garage=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))
 }
 
 impl Drop for Garage {

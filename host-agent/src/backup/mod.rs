@@ -255,10 +255,19 @@ impl Backups {
     /// error if what was fetched is not a manifest of this VM's.
     pub async fn manifest(&self, vm_id: &str, seq: u64) -> Result<Manifest, BackupError> {
         let path = ObjPath::from(self.names.manifest(vm_id, seq));
-        // At most MAX_MANIFEST + 1 bytes are read, whatever the object's size.
+        // Its size first: an empty or oversized object is not a manifest (and is not read).
+        let size = self
+            .s3
+            .head(&path)
+            .await
+            .map_err(store(format!("head {path}")))?
+            .size;
+        if size == 0 || size > plan::MAX_MANIFEST {
+            return Err(PlanError::Shape(format!("object of {size} bytes")).into());
+        }
         let bytes = self
             .s3
-            .get_range(&path, 0..plan::MAX_MANIFEST + 1)
+            .get_range(&path, 0..size)
             .await
             .map_err(store(format!("get {path}")))?;
         Ok(Manifest::parse(&bytes, vm_id)?)

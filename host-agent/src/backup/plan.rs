@@ -93,6 +93,11 @@ pub enum PlanError {
     TooManyParts(usize),
 }
 
+/// Chunks in flight at once, up or down: four, or fewer so that at most 512 MiB are held.
+pub fn in_flight(chunk: u64) -> usize {
+    (MAX_CHUNK / chunk.max(1)).clamp(1, 4) as usize
+}
+
 /// The chunk size for a disk of `disk` bytes: the configured one, or larger (whole MiB) where
 /// the disk would otherwise have more than [`MAX_CHUNKS`] chunks.
 pub fn chunk_for(disk: u64, configured: u64) -> Result<u64, PlanError> {

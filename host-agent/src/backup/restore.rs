@@ -12,9 +12,6 @@ use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Chunks in flight at once.
-const IN_FLIGHT: usize = 4;
-
 /// Removes the file it names unless disarmed: a restore leaves nothing behind but a whole,
 /// verified disk (and never removes a file it did not create).
 struct Partial(Option<PathBuf>);
@@ -48,6 +45,15 @@ impl Backups {
     /// every chunk against the manifest; on any failure the file it created is removed.
     pub async fn restore(&self, vm_id: &str, m: &Manifest, out: &Path) -> Result<(), BackupError> {
         use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+        // Checked before anything is created or fetched: chunks no larger than this agent
+        // would cut for such a disk, and a digest that its chunks' hashes make.
+        let largest = super::plan::chunk_for(m.disk_bytes, 128 << 20)?;
+        if m.chunk_bytes > largest {
+            return Err(super::plan::PlanError::ChunkSize(m.chunk_bytes).into());
+        }
+        if root_of(m) != Some(m.disk_root.clone()) {
+            return Err(BackupError::Digest);
+        }
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -88,7 +94,7 @@ impl Backups {
                     Ok::<_, BackupError>((i, bytes))
                 }
             })
-            .buffered(IN_FLIGHT);
+            .buffered(super::plan::in_flight(m.chunk_bytes));
         let mut done = 0usize;
         while let Some((i, bytes)) = got.try_next().await? {
             let at = i.checked_mul(m.chunk_bytes).ok_or(BackupError::Digest)?;
@@ -101,9 +107,6 @@ impl Backups {
             if done.is_multiple_of(16) || done == total {
                 tracing::info!(vm_id, chunks = done, of = total, "restore: downloading");
             }
-        }
-        if root_of(m) != Some(m.disk_root.clone()) {
-            return Err(BackupError::Digest);
         }
         f.sync_all().map_err(disk(out))?;
         partial.0 = None;

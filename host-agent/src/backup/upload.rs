@@ -14,9 +14,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Parts in flight at once.
-const IN_FLIGHT: usize = 4;
-
 /// An error from the store that means it has forgotten the multipart upload (expired, aborted
 /// by a bucket rule, or already completed).
 fn forgotten(e: &object_store::Error) -> bool {
@@ -63,6 +60,10 @@ impl Backups {
             .copied()
             .unwrap_or(0)
             .saturating_add(1);
+        // Object names carry 10 digits: a number past them would be invisible to listing.
+        if next > 9_999_999_999 {
+            return Err(plan::PlanError::Shape(format!("numbers run out at backup {next}")).into());
+        }
         let size = std::fs::metadata(disk_path)
             .map_err(super::disk(disk_path))?
             .len();
@@ -87,6 +88,13 @@ impl Backups {
         };
         let recorded = match db.backup_resume(vm_id).await.map_err(BackupError::State)? {
             Some(j) => match serde_json::from_str::<Resume>(&j) {
+                // Finished but for forgetting it (a crash after its manifest was written).
+                Ok(r) if previous.as_ref() == Some(&r.manifest) => {
+                    db.set_backup_resume(vm_id, None)
+                        .await
+                        .map_err(BackupError::State)?;
+                    None
+                }
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(vm_id, error = %e, "backup: unfinished record unreadable; starting over");
@@ -133,6 +141,10 @@ impl Backups {
         uploaded?;
         if cancel.load(Ordering::SeqCst) {
             return Err(BackupError::Cancelled);
+        }
+        // Terminated meanwhile (by another host): no manifest is written after its deletion.
+        if self.terminated(vm_id).await? {
+            return Err(BackupError::Terminated(vm_id.into()));
         }
         let seq = r.manifest.seq;
         let json =
@@ -231,7 +243,7 @@ impl Backups {
                     }
                 }
             })
-            .buffered(IN_FLIGHT);
+            .buffered(super::plan::in_flight(chunk));
         while let Some(part) = parts.next().await {
             if cancel.load(Ordering::SeqCst) {
                 drop(parts);

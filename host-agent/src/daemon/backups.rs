@@ -26,11 +26,28 @@ struct Slot {
     done: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// The backups running now, by VM.
+/// The backups running now, by VM, and the VMs whose backups are being deleted.
 #[derive(Default)]
-pub(super) struct Running(Mutex<HashMap<String, Arc<Slot>>>);
+pub(super) struct Running(
+    Mutex<HashMap<String, Arc<Slot>>>,
+    Mutex<std::collections::HashSet<String>>,
+);
 
 impl Running {
+    /// Tells a running backup of the VM's to stop (terminate, as early as it can).
+    pub(super) fn cancel(&self, vm_id: &str) {
+        if let Some(slot) = self.get(vm_id) {
+            slot.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Claims the VM's deletion; None if another is under way.
+    fn deleting(&self, vm_id: &str) -> Option<Deleting<'_>> {
+        let mut d = self.1.lock().ok()?;
+        d.insert(vm_id.to_string())
+            .then(|| Deleting(self, vm_id.to_string()))
+    }
+
     pub(super) fn refuse_start(&self, vm_id: &str) -> Result<(), String> {
         match self.0.lock() {
             Ok(m) if m.contains_key(vm_id) => Err(format!(
@@ -43,6 +60,16 @@ impl Running {
 
     fn get(&self, vm_id: &str) -> Option<Arc<Slot>> {
         self.0.lock().ok()?.get(vm_id).cloned()
+    }
+}
+
+/// The claim on a VM's deletion, released when dropped.
+struct Deleting<'a>(&'a Running, String);
+impl Drop for Deleting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut d) = self.0.1.lock() {
+            d.remove(&self.1);
+        }
     }
 }
 
@@ -177,18 +204,7 @@ impl Daemon {
             .map_err(|_| "the order is not base64".to_string())?;
         let ok = crate::gate::admit_with(c, &order, &self.keys, self.now(), self.firmware)
             .map_err(|e| format!("launch gate: {e}"))?;
-        if let Some(p) = &self.platform
-            && !ok
-                .order
-                .chip_ids
-                .iter()
-                .any(|id| id.as_slice() == p.chip_id.as_slice())
-        {
-            return Err(format!(
-                "the order does not allow this host's chip {}",
-                hex::encode(&p.chip_id)
-            ));
-        }
+        self.chip_allowed(&ok.order).map_err(String::from)?;
         Ok(())
     }
 
@@ -204,11 +220,15 @@ impl Daemon {
         }
         match self.delete_backups_now(vm_id).await {
             Ok(n) => format!("{n} objects deleted"),
-            Err(e) => format!("deletion pending (retried each tick): {e}"),
+            Err(e) => format!("deletion pending (retried after each poll): {e}"),
         }
     }
 
     async fn delete_backups_now(&self, vm_id: &str) -> Result<u64, String> {
+        let _claim = self
+            .backing_up
+            .deleting(vm_id)
+            .ok_or("another deletion of them is under way")?;
         let n = self
             .storage()?
             .delete_all(&self.db, vm_id)
@@ -232,7 +252,17 @@ impl Daemon {
             }
         };
         for vm_id in pending {
-            if let Err(e) = self.delete_backups_now(&vm_id).await {
+            // A backup still stopping is waited for by its terminate, which deletes after it.
+            if self.backing_up.get(&vm_id).is_some() {
+                continue;
+            }
+            let attempt = tokio::time::timeout(
+                std::time::Duration::from_secs(120),
+                self.delete_backups_now(&vm_id),
+            )
+            .await
+            .unwrap_or_else(|_| Err("timed out after 120 s".into()));
+            if let Err(e) = attempt {
                 tracing::warn!(vm_id, error = %e, "backups still not deleted");
             }
         }

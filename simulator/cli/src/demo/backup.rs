@@ -25,15 +25,7 @@ impl Storage {
             return Ok(None);
         }
         let garage = Garage::start(dir, "attesta-backups")?;
-        let s3 = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(&garage.endpoint)
-            .with_allow_http(true)
-            .with_bucket_name(&garage.bucket)
-            .with_region(&garage.region)
-            .with_access_key_id(&garage.key_id)
-            .with_secret_access_key(&garage.secret)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let s3 = garage.client()?;
         Ok(Some(Storage { garage, s3 }))
     }
 

@@ -568,8 +568,8 @@ pub async fn run(
                 .map_err(|x| format!("{vm}: terminate: {x}"))?;
         }
         // The agent destroys, undefines and wipes it.
-        agent
-            .ask(host_agent::control::ControlRequest::Terminate {
+        let ended = agent
+            .answer(host_agent::control::ControlRequest::Terminate {
                 vm_id: vm.clone(),
                 order: b64(&terminate),
             })
@@ -579,7 +579,12 @@ pub async fn run(
             .domains
             .retain(|d| *d != host_agent::spec::domain_name(vm));
         if let (0, Some(s), Some(run)) = (i, &storage, &mut r.backup) {
-            run.deleted_on_terminate = s.objects(vm).await? == 0;
+            // The agent says it deleted some, and the bucket (listed around it) has none left.
+            let said = ended["backups"]
+                .as_str()
+                .and_then(|b| b.strip_suffix(" objects deleted"))
+                .and_then(|n| n.parse::<u64>().ok());
+            run.deleted_on_terminate = said.is_some_and(|n| n > 0) && s.objects(vm).await? == 0;
         }
     }
     progress("");
