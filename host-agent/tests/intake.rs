@@ -7,36 +7,13 @@
 
 use aws_lc_rs::signature::Ed25519KeyPair;
 use base64::Engine as _;
-use common::chain::{ALICE, BOB, Chain, remarked_hashes};
+use common::chain::{ALICE, BOB, Chain, remark, remarked_hashes};
 use host_agent::chain::Follower;
 use host_agent::control::ControlRequest as R;
 use host_agent::intake::assignment_remark;
 use std::sync::Arc;
 
 mod common;
-
-/// `signer` puts `remark` on chain (`System.remark_with_event`), finalized.
-async fn remark(url: &str, signer: &str, remark: &[u8]) {
-    let api = subxt::OnlineClient::<subxt::PolkadotConfig>::from_url(url)
-        .await
-        .unwrap();
-    let pair = subxt_signer::sr25519::Keypair::from_uri(&signer.parse().unwrap()).unwrap();
-    let call = subxt::dynamic::transaction(
-        "System",
-        "remark_with_event",
-        vec![subxt::dynamic::Value::from_bytes(remark)],
-    );
-    api.at_current_block()
-        .await
-        .unwrap()
-        .transactions()
-        .sign_and_submit_then_watch_default(&call, &pair)
-        .await
-        .unwrap()
-        .wait_for_finalized_success()
-        .await
-        .unwrap();
-}
 
 fn vms(list: &serde_json::Value) -> Vec<String> {
     let mut v: Vec<String> = list

@@ -23,16 +23,14 @@ pub struct Garage {
     pub bucket: String,
     pub key_id: String,
     pub secret: String,
-    _dir: Option<tempfile_dir::Dir>,
+    _dir: Option<Dir>,
 }
 
-mod tempfile_dir {
-    /// A folder removed on drop (std only, so the crate needs no dependency).
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+/// A folder removed on drop.
+pub(crate) struct Dir(pub(crate) PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -54,7 +52,7 @@ pub fn binary() -> Option<PathBuf> {
         .then(|| PathBuf::from(INSTALLED))
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -70,7 +68,7 @@ impl Garage {
         )?;
         let dir = parent.join(format!("garage-{}-{}", std::process::id(), free_port()?));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let guard = tempfile_dir::Dir(dir.clone());
+        let guard = Dir(dir.clone());
         let (rpc, s3, admin) = (free_port()?, free_port()?, free_port()?);
         let mut random = [0u8; 32];
         std::io::Read::read_exact(
