@@ -1,6 +1,8 @@
 //! The host agent's decoders: VM specs and its configuration (TOML), libvirt domain capabilities
-//! and domain metadata (XML), control-socket requests (JSON). Parsing never panics; an accepted
-//! spec gives XML that parses and carries its id.
+//! and domain metadata (XML), control-socket requests (JSON), chain remarks (a validator's
+//! assignment), backup manifests read from a bucket (JSON). Parsing never panics; an accepted
+//! spec gives XML that parses and carries its id; an accepted manifest's every chunk range is
+//! within u64 and its digest is computable.
 #![no_main]
 use host_agent::domain::{SevParams, domain_xml, vm_id_from_metadata};
 use host_agent::spec::VmSpec;
@@ -8,6 +10,20 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = host_agent::control::parse_request(data);
+    // A remark as if signed by the one validator, naming this miner (all-zero accounts).
+    let me = [0u8; 32];
+    let mut remark = b"attesta/v1 assign ".to_vec();
+    remark.extend_from_slice(data);
+    let _ = host_agent::intake::parse(&remark, Some(&me), &[me], &me, |_| Ok(me), |_| [1; 32]);
+    if let Ok(m) = host_agent::backup::plan::Manifest::parse(data, "vm") {
+        m.check().expect("a parsed manifest is consistent");
+        for (i, c) in m.chunks.iter().enumerate() {
+            if let Some(c) = c {
+                let len = host_agent::backup::plan::chunk_len(m.disk_bytes, m.chunk_bytes, i as u64);
+                assert!(c.range(len).is_some());
+            }
+        }
+    }
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
