@@ -19,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
         m.check().expect("a parsed manifest is consistent");
         for (i, c) in m.chunks.iter().enumerate() {
             if let Some(c) = c {
-                let len = host_agent::backup::plan::chunk_len(m.disk_bytes, m.chunk_bytes, i as u64);
+                let len =
+                    host_agent::backup::plan::chunk_len(m.disk_bytes, m.chunk_bytes, i as u64);
                 assert!(c.range(len).is_some());
             }
         }
@@ -27,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = host_agent::config::HostConfig::parse(text, std::path::Path::new("/etc/attesta-host/host.toml"));
+    let _ = host_agent::config::HostConfig::parse(
+        text,
+        std::path::Path::new("/etc/attesta-host/host.toml"),
+    );
     let _ = host_agent::caps::reported(text);
     let _ = vm_id_from_metadata(text);
     if let Ok(c) = VmSpec::parse(text) {

@@ -23,7 +23,13 @@ fuzz_target!(|data: &[u8]| {
             role: None,
             ip: "10.42.0.1".parse().ok(),
         };
-        let v = fw.decide(&peer, &Service::Packet { proto: Proto::Tcp, port: 22 });
+        let v = fw.decide(
+            &peer,
+            &Service::Packet {
+                proto: Proto::Tcp,
+                port: 22,
+            },
+        );
         if fw.rules() == 0 {
             assert_eq!(v, Verdict::Deny);
         }
