@@ -711,8 +711,6 @@ impl Daemon {
             .map_err(|_| "the order is not base64".to_string())?;
         gate::terminate_order(vm_id, &order, &self.keys, self.now())
             .map_err(|e| format!("terminate refused: {e}"))?;
-        // A backup of it stops at its next chunk; its deletion waits for it below.
-        self.backing_up.cancel(vm_id);
         self.record(vm_id).await?;
         // The key first: a wiped disk whose key survives is not terminated.
         let broker = match self.relay(true, order).await {
@@ -725,6 +723,9 @@ impl Daemon {
                 ));
             }
         };
+        // The key is gone: a backup of it stops at its next chunk, before the wipe (its
+        // deletion waits for it below).
+        self.backing_up.cancel(vm_id);
         let id = vm_id.to_string();
         let was = self.libvirt(move |h| h.state(&id)).await?;
         let id = vm_id.to_string();
@@ -743,7 +744,6 @@ impl Daemon {
         self.db
             .mark_terminated_deleting_backups(vm_id, now, self.backups.is_some())
             .await?;
-        self.db.journal(vm_id, "terminated", now, None).await?;
         drop(ops);
         let backups = self.delete_backups(vm_id).await;
         tracing::info!(

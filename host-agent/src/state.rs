@@ -105,8 +105,9 @@ impl StateDb {
         Ok(())
     }
 
-    /// Marks the VM terminated and, with `backups`, its backups to be deleted, in one
-    /// transaction: a crash cannot leave a terminated VM whose backups are forgotten.
+    /// Marks the VM terminated, journals it, and with `backups` marks its backups to be
+    /// deleted, in one transaction: a crash cannot leave a terminated VM whose backups are
+    /// forgotten, and their deletion is never journalled before the termination.
     pub async fn mark_terminated_deleting_backups(
         &self,
         vm_id: &str,
@@ -120,6 +121,14 @@ impl StateDb {
             .execute(&mut *tx)
             .await
             .map_err(e)?;
+        sqlx::query(
+            "INSERT INTO lifecycle (vm_id, event, at, reason) VALUES (?, 'terminated', ?, NULL)",
+        )
+        .bind(vm_id)
+        .bind(i(at))
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
         if backups {
             sqlx::query("INSERT OR IGNORE INTO backup_deletions (vm_id, since) VALUES (?, ?)")
                 .bind(vm_id)

@@ -79,7 +79,10 @@ impl Chopsticks {
             std::process::id(),
             crate::garage::free_port()?
         ));
-        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        // A new folder, the process's own (one already there is refused, not reused).
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
         let guard = crate::garage::Dir(tmp.clone());
         let spec = tmp.join("rah.json");
         let st = Command::new("node")

@@ -67,7 +67,10 @@ impl Garage {
             "no Garage binary: set ATTESTA_GARAGE, or run scripts/test.sh (it installs one)",
         )?;
         let dir = parent.join(format!("garage-{}-{}", std::process::id(), free_port()?));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // A new folder, the process's own (one already there is refused, not reused).
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let guard = Dir(dir.clone());
         let (rpc, s3, admin) = (free_port()?, free_port()?, free_port()?);
         let mut random = [0u8; 32];

@@ -142,11 +142,12 @@ impl Backups {
         if cancel.load(Ordering::SeqCst) {
             return Err(BackupError::Cancelled);
         }
-        // Terminated meanwhile (by another host): no manifest is written after its deletion.
-        if self.terminated(vm_id).await? {
-            return Err(BackupError::Terminated(vm_id.into()));
-        }
         let seq = r.manifest.seq;
+        // Terminated meanwhile (by another host, whose deletion listed the bucket before this
+        // pack existed): this backup's own objects go, and no manifest stays after the marker.
+        if self.terminated(vm_id).await? {
+            return Err(self.undo(db, vm_id, seq, false).await);
+        }
         let json =
             serde_json::to_vec(&r.manifest).map_err(|e| BackupError::State(e.to_string()))?;
         let mpath = ObjPath::from(self.names.manifest(vm_id, seq));
@@ -154,6 +155,9 @@ impl Backups {
             .put(&mpath, PutPayload::from(json))
             .await
             .map_err(store(format!("put {mpath}")))?;
+        if self.terminated(vm_id).await? {
+            return Err(self.undo(db, vm_id, seq, true).await);
+        }
         db.set_backup_resume(vm_id, None)
             .await
             .map_err(BackupError::State)?;
@@ -287,6 +291,25 @@ impl Backups {
         }
         r.completed = true;
         self.save(db, vm_id, r).await
+    }
+
+    /// Deletes this backup's pack (and its manifest, if written) and forgets it: the VM was
+    /// terminated while it ran. `Terminated`, or why the undoing failed.
+    async fn undo(&self, db: &StateDb, vm_id: &str, seq: u64, manifest: bool) -> BackupError {
+        let mut names = vec![ObjPath::from(self.names.pack(vm_id, seq))];
+        if manifest {
+            names.push(ObjPath::from(self.names.manifest(vm_id, seq)));
+        }
+        for p in names {
+            match self.s3.delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return store(format!("delete {p} (the VM was terminated)"))(e),
+            }
+        }
+        if let Err(e) = db.set_backup_resume(vm_id, None).await {
+            return BackupError::State(e);
+        }
+        BackupError::Terminated(vm_id.into())
     }
 
     async fn pack_size(&self, pack: &ObjPath) -> Result<Option<u64>, BackupError> {

@@ -218,17 +218,27 @@ impl Daemon {
             slot.cancel.store(true, Ordering::SeqCst);
             let _ = slot.done.lock().await;
         }
-        match self.delete_backups_now(vm_id).await {
+        // A retry of the same deletion may hold the claim: its outcome is this one's.
+        let claim = loop {
+            if let Some(c) = self.backing_up.deleting(vm_id) {
+                break c;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        let pending = match self.db.backup_deletions().await {
+            Ok(p) => p.iter().any(|v| v == vm_id),
+            Err(e) => return format!("deletion pending (retried after each poll): {e}"),
+        };
+        if !pending {
+            return "deleted (by the retry that ran meanwhile)".into();
+        }
+        match self.delete_backups_now(vm_id, claim).await {
             Ok(n) => format!("{n} objects deleted"),
             Err(e) => format!("deletion pending (retried after each poll): {e}"),
         }
     }
 
-    async fn delete_backups_now(&self, vm_id: &str) -> Result<u64, String> {
-        let _claim = self
-            .backing_up
-            .deleting(vm_id)
-            .ok_or("another deletion of them is under way")?;
+    async fn delete_backups_now(&self, vm_id: &str, _claim: Deleting<'_>) -> Result<u64, String> {
         let n = self
             .storage()?
             .delete_all(&self.db, vm_id)
@@ -256,9 +266,13 @@ impl Daemon {
             if self.backing_up.get(&vm_id).is_some() {
                 continue;
             }
+            // Terminate's own deletion of it holds the claim: not ours to try now.
+            let Some(claim) = self.backing_up.deleting(&vm_id) else {
+                continue;
+            };
             let attempt = tokio::time::timeout(
                 std::time::Duration::from_secs(120),
-                self.delete_backups_now(&vm_id),
+                self.delete_backups_now(&vm_id, claim),
             )
             .await
             .unwrap_or_else(|_| Err("timed out after 120 s".into()));
