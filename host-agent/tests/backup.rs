@@ -19,7 +19,7 @@ use host_agent::state::StateDb;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore as _, ObjectStoreExt as _};
 use std::os::unix::fs::FileExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use testkit::cut::Cut;
 use testkit::garage::Garage;
@@ -102,6 +102,60 @@ async fn agent(
         .unwrap()
 }
 
+/// One VM's two homes: host A (simulated chip 3), where it is created, stopped, and host B
+/// (chip 4), where it is restored; its register order allows both chips.
+struct Pair {
+    da: PathBuf,
+    db: PathBuf,
+    spec_a: String,
+    spec_b: String,
+    disk_a: PathBuf,
+    disk_b: PathBuf,
+    order: Vec<u8>,
+    a: Arc<Daemon>,
+}
+
+/// Host A for `vm` in `top/a{tag}` (B's folder `top/b{tag}`), the VM created there.
+async fn pair(
+    top: &Path,
+    tag: &str,
+    vm: &str,
+    op: &Ed25519KeyPair,
+    g: &Garage,
+    endpoint: &str,
+) -> Pair {
+    let (da, db) = (top.join(format!("a{tag}")), top.join(format!("b{tag}")));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let spec_a = common::spec(&da, vm);
+    let disk_a = da.join(format!("{vm}.img"));
+    let disk_b = db.join(format!("{vm}.img"));
+    let spec_b = spec_a.replace(&disk_a.display().to_string(), &disk_b.display().to_string());
+    let (chip3, chip4) = (common::chip_id("milan", 3), common::chip_id("milan", 4));
+    let order = common::register_order_on(op, vm, &spec_a, &[&chip3, &chip4], None);
+    let a = agent(op, &da, 3, g, endpoint).await;
+    ask(
+        &a,
+        R::Create {
+            spec: spec_a.clone(),
+            order: b64(&order),
+            start: false,
+        },
+    )
+    .await
+    .unwrap();
+    Pair {
+        da,
+        db,
+        spec_a,
+        spec_b,
+        disk_a,
+        disk_b,
+        order,
+        a,
+    }
+}
+
 /// Writes 8 MiB of random bytes (as ciphertext looks) at chunk `i`.
 fn scribble(disk: &Path, i: u64) {
     let mut b = vec![0u8; (8 * MIB) as usize];
@@ -137,27 +191,16 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
     };
 
     let op = Ed25519KeyPair::generate().unwrap();
-    let (da, db) = (top.path().join("a"), top.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
-    let spec_a = common::spec(&da, "vm-b1");
-    let disk_a = da.join("vm-b1.img");
-    let disk_b = db.join("vm-b1.img");
-    let spec_b = spec_a.replace(&disk_a.display().to_string(), &disk_b.display().to_string());
-    let (chip3, chip4) = (common::chip_id("milan", 3), common::chip_id("milan", 4));
-    let order = common::register_order_on(&op, "vm-b1", &spec_a, &[&chip3, &chip4], None);
-    let a = agent(&op, &da, 3, &g, &via).await;
-
-    ask(
-        &a,
-        R::Create {
-            spec: spec_a.clone(),
-            order: b64(&order),
-            start: false,
-        },
-    )
-    .await
-    .unwrap();
+    let Pair {
+        da,
+        db,
+        spec_a,
+        spec_b,
+        disk_a,
+        disk_b,
+        order,
+        a,
+    } = pair(top.path(), "", "vm-b1", &op, &g, &via).await;
     for i in [0, 5, 100] {
         scribble(&disk_a, i);
     }
@@ -297,7 +340,8 @@ async fn backups_are_incremental_resumable_verified_restored_elsewhere_and_delet
         e.contains("is a disk of 1073741824 bytes; the spec's is 2 GiB"),
         "{e}"
     );
-    let only_a = common::register_order_on(&op, "vm-b1", &spec_a, &[&chip3], None);
+    let only_a =
+        common::register_order_on(&op, "vm-b1", &spec_a, &[&common::chip_id("milan", 3)], None);
     let e = restore(&b, &spec_b, &only_a).await.unwrap_err();
     assert!(e.contains("not among the order"), "{e}");
     assert!(!disk_b.exists());
@@ -401,32 +445,17 @@ async fn backup_and_restore_throughput_against_plain_s3() {
     let g = garage(top.path()).expect("Garage");
     let s3 = Arc::new(g.client().unwrap());
     let op = Ed25519KeyPair::generate().unwrap();
-    let chips = [common::chip_id("milan", 3), common::chip_id("milan", 4)];
     let mb = |bytes: u64, s: f64| bytes as f64 / s / 1e6;
     for round in 0..2 {
         let vm = format!("vm-t{round}");
-        let (da, db) = (
-            top.path().join(format!("a{round}")),
-            top.path().join(format!("b{round}")),
-        );
-        std::fs::create_dir_all(&da).unwrap();
-        std::fs::create_dir_all(&db).unwrap();
-        let spec_a = common::spec(&da, &vm);
-        let disk_a = da.join(format!("{vm}.img"));
-        let disk_b = db.join(format!("{vm}.img"));
-        let spec_b = spec_a.replace(&disk_a.display().to_string(), &disk_b.display().to_string());
-        let order = common::register_order_on(&op, &vm, &spec_a, &[&chips[0], &chips[1]], None);
-        let a = agent(&op, &da, 3, &g, &g.endpoint).await;
-        ask(
-            &a,
-            R::Create {
-                spec: spec_a.clone(),
-                order: b64(&order),
-                start: false,
-            },
-        )
-        .await
-        .unwrap();
+        let Pair {
+            db,
+            spec_b,
+            disk_a,
+            order,
+            a,
+            ..
+        } = pair(top.path(), &round.to_string(), &vm, &op, &g, &g.endpoint).await;
         for i in 0..64 {
             scribble(&disk_a, i * 2);
         }
