@@ -69,7 +69,8 @@ pub struct BackupConfig {
     /// Object names begin `<prefix>/<vm_id>/`.
     #[serde(default = "default_backup_prefix")]
     pub prefix: String,
-    /// Chunk size: the unit of change between backups and one multipart part (5 MiB at least).
+    /// Chunk size in MiB (5–128): the unit of change between backups and one multipart part;
+    /// larger, automatically, for a disk of more than 10,000 chunks.
     #[serde(default = "default_chunk_mib")]
     pub chunk_mib: u64,
     /// Backups kept per VM: after each backup, older ones go (and every pack only they read).

@@ -149,20 +149,19 @@ impl Names {
         let rest = name
             .strip_prefix(&self.manifests(vm_id))?
             .strip_prefix('/')?;
-        let digits = rest.strip_suffix(".json")?;
-        (digits.len() == 10 && digits.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| digits.parse().ok())
-            .flatten()
+        ten_digits(rest.strip_suffix(".json")?)
     }
     /// The sequence number of a pack's object name, if it is one of this VM's.
     pub fn pack_seq(&self, vm_id: &str, name: &str) -> Option<u64> {
-        let rest = name
-            .strip_prefix(&format!("{}/{vm_id}/packs/", self.prefix))?
-            .to_string();
-        (rest.len() == 10 && rest.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| rest.parse().ok())
-            .flatten()
+        ten_digits(name.strip_prefix(&format!("{}/{vm_id}/packs/", self.prefix))?)
     }
+}
+
+/// A backup's number as object names carry it: exactly 10 digits.
+fn ten_digits(s: &str) -> Option<u64> {
+    (s.len() == 10 && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
 }
 
 /// What a disk's chunks are now, as read: `None` for all zeros, else the SHA-256.
